@@ -1,0 +1,1 @@
+"""The orchestrator: dispatch a round as a chord, select, publish to Redis."""

@@ -1,0 +1,300 @@
+"""``chronotick-ntp``: the command line, one sub-command per job.
+
+Exit codes: 0 success; 1 starvation or an unfinished round; 2 bad config or
+usage; 3 no worker serves the node's queue; 4 Redis (the broker) unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from workers import config as config_mod
+
+EXIT_OK, EXIT_STARVATION, EXIT_USAGE, EXIT_NO_WORKER, EXIT_NO_BROKER = 0, 1, 2, 3, 4
+
+
+class CliError(Exception):
+    """A failure to report in one line and exit with ``code``."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "loglevel", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except config_mod.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chronotick-ntp", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, func, help_text, *, config=True, node=True):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if config:
+            p.add_argument("--config", required=True, help="YAML configuration file")
+        if node:
+            p.add_argument("--node", help=f"node to measure (default ${config_mod.ENV_NODE}, else the host name)")
+        p.add_argument("--loglevel", default="WARNING", help="logging level (default WARNING)")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("measure", cmd_measure, "run one round through the workers now and print the result")
+    p.add_argument("--json", action="store_true", help="print the round record as JSON")
+    p = command("latest", cmd_latest, "print the node's latest published measurement")
+    p.add_argument("--json", action="store_true", help="print the raw JSON value")
+    p = sub.add_parser("check-config", help="validate a configuration file and summarise it")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check_config, loglevel="WARNING")
+    p = command("worker", cmd_worker, "start a Celery worker serving one node's queue")
+    p.add_argument("--concurrency", type=int, help="threads (default: one per server, plus two)")
+    p.add_argument("--events", action="store_true", help="send task events (for Flower)")
+    p = command("beat", cmd_beat, "run rounds for every configured node on the configured timing")
+    p = command("simulate", cmd_simulate, "serve the config's simulated NTP servers on loopback", node=False)
+    p = command("demo", cmd_demo, "offline demo: local Redis, simulated servers, a worker, a few rounds",
+                config=False)
+    p.add_argument("--config", default=None, help="demo config (default configs/config_local_demo.yaml)")
+    p.add_argument("--rounds", type=int, default=4, help="rounds to run (default 4)")
+    return parser
+
+
+# -- helpers ------------------------------------------------------------------
+
+def _load(args) -> config_mod.Config:
+    config = config_mod.load(args.config)
+    from workers.app import app, configure
+
+    configure(app, config.service)
+    return config
+
+
+def _node(args, config: config_mod.Config | None = None) -> str:
+    try:
+        return config_mod.resolve_node(getattr(args, "node", None))
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
+def _check_broker(config: config_mod.Config) -> None:
+    import redis
+
+    client = redis.Redis.from_url(config.service.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise CliError(f"cannot reach Redis at {config.service.redis_url_redacted}: {exc}. "
+                       f"Start it, or set ${config_mod.ENV_REDIS_URL}.", EXIT_NO_BROKER) from None
+    finally:
+        client.close()
+
+
+def workers_for_queue(queue: str, *, timeout_s: float = 1.0) -> list[str]:
+    """Names of the live workers consuming ``queue`` (asks them over the broker)."""
+    from workers.app import app
+
+    replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
+    return sorted(name for name, queues in replies.items() if any(q.get("name") == queue for q in queues))
+
+
+# -- commands -----------------------------------------------------------------
+
+def cmd_check_config(args) -> int:
+    config = config_mod.load(args.file)
+    ntp, timing, service = config.ntp, config.timing, config.service
+    print(f"{args.file}: OK")
+    print(f"  servers ({len(ntp.servers)}): {', '.join(s.name for s in ntp.servers)}")
+    print(f"  strict gate: delay <= {ntp.max_delay * 1e3:g} ms, uncertainty <= "
+          f"{ntp.max_acceptable_uncertainty * 1e3:g} ms, stratum {ntp.min_stratum}-{ntp.max_stratum}")
+    print(f"  fallback: {'on (2x delay, 2x uncertainty)' if ntp.enable_fallback else 'off'}")
+    print(f"  mode: {ntp.measurement_mode}, {'parallel' if ntp.parallel_queries else 'sequential'}, "
+          f"timeout {ntp.timeout_seconds:g} s")
+    starts = [0.0]
+    for wait in ntp.retry_waits_s:
+        starts.append(starts[-1] + wait)
+    print(f"  attempts per server: {ntp.attempts}, starting at {', '.join(f'{s:g}' for s in starts)} s")
+    print(f"  timing: warm-up {timing.warm_up_duration_s:g} s every {timing.warm_up_interval_s:g} s, "
+          f"then every {timing.normal_interval_s:g} s")
+    print(f"  redis: {service.redis_url_redacted}, key prefix {service.key_prefix!r}")
+    print(f"  nodes: {', '.join(service.nodes) or '(this host only)'}")
+    return EXIT_OK
+
+
+def cmd_measure(args) -> int:
+    config = _load(args)
+    node = _node(args)
+    from workers.app import queue_for
+
+    from . import rounds
+
+    _check_broker(config)
+    queue = queue_for(node)
+    if not workers_for_queue(queue):
+        raise CliError(f"no worker serves queue {queue!r} for node {node!r}. Start one on that node: "
+                       f"chronotick-ntp worker --config {args.config} --node {node}", EXIT_NO_WORKER)
+    handle = rounds.dispatch(config, node)
+    record = handle.wait()
+    if record is None:
+        raise CliError(f"round {handle.round_id} did not finish by its deadline", EXIT_STARVATION)
+    if args.json:
+        print(json.dumps(record, indent=2, sort_keys=True))
+    else:
+        print(format_round(record))
+    return EXIT_OK if record["latest"] is not None else EXIT_STARVATION
+
+
+def cmd_latest(args) -> int:
+    config = _load(args)
+    node = _node(args)
+    _check_broker(config)
+    import redis
+
+    from .store import Store
+
+    store = Store(redis.Redis.from_url(config.service.redis_url), prefix=config.service.key_prefix)
+    latest = store.latest(node)
+    if latest is None:
+        print(f"no measurement published for node {node!r} yet", file=sys.stderr)
+        return EXIT_STARVATION
+    if args.json:
+        print(json.dumps(latest, sort_keys=True))
+        return EXIT_OK
+    age = time.time() - latest["measured_at"]
+    print(f"node {latest['node']}: offset {latest['offset'] * 1e3:+.3f} ms "
+          f"± {latest['uncertainty'] * 1e3:.3f} ms ({latest['quality']}), from {latest['server']} "
+          f"(stratum {latest['stratum']}, delay {latest['delay'] * 1e3:.3f} ms), "
+          f"{latest['servers_used']}/{latest['servers_total']} servers, measured {age:.1f} s ago")
+    stats = store.stats(node)
+    print("stats: " + ", ".join(f"{k} {stats[k]}" for k in ("rounds", "strict", "relaxed", "starvation",
+                                                             "queries", "retries", "rejected")))
+    return EXIT_OK
+
+
+def worker_argv(config: config_mod.Config, node: str, *, concurrency: int | None = None,
+                events: bool = False, loglevel: str = "INFO") -> list[str]:
+    """The ``celery worker`` arguments for ``node`` (also shown in the README).
+
+    Threads, one per server: each query sleeps in ``recvmsg`` for most of its
+    life, so threads cost little (a prefork child is ~50 MB) and a round's
+    queries all start at once; two more serve the callback and retries.
+    """
+    from workers.app import queue_for
+
+    ntp = config.ntp
+    default = (ntp.max_workers or len(ntp.servers)) + 2
+    concurrency = concurrency or config.service.worker_concurrency or default
+    argv = ["worker", "--queues", queue_for(node), "--hostname", f"{node}@%h",
+            "--pool", "threads", "--concurrency", str(concurrency), "--loglevel", loglevel,
+            "--without-gossip", "--without-mingle"]
+    if events:
+        argv.append("--task-events")
+    return argv
+
+
+def cmd_worker(args) -> int:
+    config = _load(args)
+    node = _node(args)
+    os.environ[config_mod.ENV_CONFIG] = os.path.abspath(args.config)
+    os.environ[config_mod.ENV_NODE] = node
+    from workers.app import app
+
+    loglevel = args.loglevel if args.loglevel.upper() != "WARNING" else "INFO"
+    app.worker_main(worker_argv(config, node, concurrency=args.concurrency, events=args.events,
+                                loglevel=loglevel))
+    return EXIT_OK
+
+
+def cmd_beat(args) -> int:
+    config = _load(args)
+    nodes = list(config.service.nodes) or [_node(args)]
+    if args.node:
+        nodes = [_node(args)]
+    from .scheduler import Scheduler
+
+    logging.getLogger("orchestrator").setLevel(logging.INFO)
+    scheduler = Scheduler(config, nodes)
+    signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
+    print(f"beat: {len(nodes)} node(s) ({', '.join(nodes)}); warm-up every "
+          f"{config.timing.warm_up_interval_s:g} s for {config.timing.warm_up_duration_s:g} s, "
+          f"then every {config.timing.normal_interval_s:g} s", flush=True)
+    try:
+        scheduler.run()
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def cmd_simulate(args) -> int:
+    config = config_mod.load(args.config)
+    from simulator.server import from_config
+
+    section = config.extra.get("simulator")
+    if not isinstance(section, dict):
+        raise config_mod.ConfigError(args.config, "simulator", "missing section (ports and behaviours)")
+    try:
+        sim = from_config(section, source=args.config)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    with sim:
+        print(f"simulating {len(sim.behaviours)} NTP servers: {', '.join(sim.servers())}", flush=True)
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        try:
+            while not stop:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.config, rounds=args.rounds)
+
+
+def format_round(record: dict) -> str:
+    """A readable table of every server's outcome and the chosen measurement."""
+    lines = [f"round {record['round_id']}  quality {record['quality']}  "
+             f"{record['servers_used']}/{record['servers_total']} servers passed  "
+             f"{record['duration_s'] * 1e3:.0f} ms",
+             f"  {'server':<28} {'status':<9} {'tries':>5} {'offset ms':>11} {'delay ms':>9} "
+             f"{'uncert ms':>9} {'str':>3}  reason"]
+    for s in record["servers"]:
+        sample = s.get("sample") or {}
+        num = (lambda key, scale=1e3, fmt="{:+.3f}": fmt.format(sample[key] * scale) if key in sample else "-")
+        reason = s.get("reason") or ""
+        if s.get("detail") and reason:
+            reason = f"{reason} ({s['detail']})"
+        lines.append(f"  {s['server']:<28} {s['status']:<9} {s['attempts']:>5} {num('offset_s'):>11} "
+                     f"{num('delay_s', fmt='{:.3f}'):>9} {num('uncertainty_s', fmt='{:.3f}'):>9} "
+                     f"{sample.get('stratum', '-'):>3}  {reason}")
+    latest = record.get("latest")
+    if latest:
+        lines.append(f"chosen: {latest['server']}  offset {latest['offset'] * 1e3:+.3f} ms "
+                     f"± {latest['uncertainty'] * 1e3:.3f} ms  ({latest['quality']})")
+    else:
+        lines.append("chosen: nothing -- starvation; the previous latest (if any) stays, with its age")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

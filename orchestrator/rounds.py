@@ -1,0 +1,103 @@
+"""A round: one query task per server for one node, joined by a chord.
+
+Every task of node X's round goes to X's queue (``ntp.X``), callback
+included: an offset describes the clock of the machine that took it, so only
+X's worker may measure for X.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+from celery import chain, chord
+from celery.result import AsyncResult
+
+from workers import measure
+from workers.app import app, queue_for
+from workers.config import Config
+from workers.quality import Thresholds
+from workers.tasks import query_server
+
+from .tasks import finish_round
+
+#: Time allowed for messages to reach the worker and the callback to run,
+#: on top of the query schedule itself.
+DISPATCH_SLACK_S = 2.0
+
+
+@dataclass(frozen=True)
+class RoundHandle:
+    """A dispatched round: its id, node, deadline (Unix s) and callback result."""
+
+    round_id: str
+    node: str
+    deadline_at: float
+    result: AsyncResult
+
+    def wait(self, *, grace_s: float = 5.0) -> dict | None:
+        """The round record, or ``None`` if the callback has not run by the deadline (+ grace)."""
+        timeout = max(0.1, self.deadline_at + grace_s - time.time())
+        try:
+            return self.result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
+        except TimeoutError:
+            return None
+
+
+def new_round_id(node: str, now: float | None = None) -> str:
+    """A sortable, readable id: node, UTC time, and a random suffix."""
+    now = time.time() if now is None else now
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    return f"{node}-{stamp}-{secrets.token_hex(3)}"
+
+
+def round_budget_s(config: Config) -> float:
+    """How long a round may take before it is given up on (seconds).
+
+    Each server may use its whole retry schedule: the waits plus every
+    attempt's worst case.  In sequential mode the servers take turns.
+    """
+    ntp = config.ntp
+    sample_job = {"timeout_s": ntp.timeout_seconds,
+                  "samples": ntp.advanced_samples if ntp.measurement_mode == "advanced" else 1}
+    per_server = sum(ntp.retry_waits_s) + ntp.attempts * measure.attempt_budget_s(sample_job)
+    servers = 1 if ntp.parallel_queries else len(ntp.servers)
+    return per_server * servers + DISPATCH_SLACK_S
+
+
+def build_round(config: Config, node: str, *, now: float | None = None):
+    """The chord for one round of ``node`` and the metadata its callback gets."""
+    now = time.time() if now is None else now
+    round_id = new_round_id(node, now)
+    deadline_at = now + round_budget_s(config)
+    queue = queue_for(node)
+    jobs = [measure.make_job(server=s, node=node, round_id=round_id, ntp=config.ntp, deadline_at=deadline_at)
+            for s in config.ntp.servers]
+    meta = {
+        "round_id": round_id,
+        "node": node,
+        "dispatched_at": now,
+        "deadline_at": deadline_at,
+        "servers": [s.name for s in config.ntp.servers],
+        "strict": Thresholds.from_settings(config.ntp).as_dict(),
+        "enable_fallback": config.ntp.enable_fallback,
+        "mode": config.ntp.measurement_mode,
+        "parallel": config.ntp.parallel_queries,
+        "key_prefix": config.service.key_prefix,
+        "history_length": config.service.history_length,
+    }
+    if config.ntp.parallel_queries:
+        header = [query_server.signature(kwargs={"job": job}, queue=queue) for job in jobs]
+    else:
+        # ChronoTick's old behaviour, kept for comparison: one server after another.
+        header = [chain(*(query_server.signature(kwargs={"job": job}, queue=queue) for job in jobs))]
+    callback = finish_round.signature(args=(meta,), queue=queue)
+    return chord(header, callback), meta
+
+
+def dispatch(config: Config, node: str) -> RoundHandle:
+    """Send one round for ``node`` and return without waiting."""
+    canvas, meta = build_round(config, node)
+    result = canvas.apply_async()
+    return RoundHandle(round_id=meta["round_id"], node=node, deadline_at=meta["deadline_at"], result=result)

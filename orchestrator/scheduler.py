@@ -1,0 +1,79 @@
+"""Run rounds for every node on the configured timing (the ``beat`` command).
+
+One scheduler per cluster.  Each node's rounds come every warm-up interval for
+the warm-up period, then every normal interval.  Nodes are spread across the
+interval (node i of n starts i/n of an interval late) so that a cluster does
+not hit the public servers in the same second.  A node's next round is not
+sent while its previous one is still running and before its deadline: rounds
+never pile up behind a slow or dead worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from workers.config import Config
+
+from . import rounds
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Dispatch rounds for ``nodes`` until :meth:`stop`.
+
+    Parameters
+    ----------
+    config:
+        The validated configuration (timing and servers).
+    nodes:
+        The nodes to measure.
+    dispatch:
+        ``dispatch(config, node) -> RoundHandle``; :func:`orchestrator.rounds.dispatch`
+        by default (tests may wrap it to observe).
+    """
+
+    def __init__(self, config: Config, nodes: list[str], *, dispatch=rounds.dispatch):
+        if not nodes:
+            raise ValueError("no nodes to schedule: list them in ntp_service.nodes or pass --node")
+        self.config = config
+        self.nodes = list(nodes)
+        self._dispatch = dispatch
+        self._stop = threading.Event()
+        self.in_flight: dict[str, rounds.RoundHandle] = {}
+        self.dispatched: dict[str, int] = {node: 0 for node in self.nodes}
+        self.skipped: dict[str, int] = {node: 0 for node in self.nodes}
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        started = time.monotonic()
+        first = self.config.timing.interval_at(0.0)
+        due = {node: started + i * first / len(self.nodes) for i, node in enumerate(self.nodes)}
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for node in self.nodes:
+                if now >= due[node]:
+                    self._tick(node)
+                    interval = self.config.timing.interval_at(now - started)
+                    # Keep the phase: the next slot, never a burst of missed ones.
+                    while due[node] <= now:
+                        due[node] += interval
+            self._stop.wait(max(0.0, min(due.values()) - time.monotonic()))
+
+    def _tick(self, node: str) -> None:
+        previous = self.in_flight.get(node)
+        if previous is not None and not previous.result.ready() and time.time() < previous.deadline_at:
+            self.skipped[node] += 1
+            log.warning("[SKIP] %s: round %s still running; not starting another", node, previous.round_id)
+            return
+        try:
+            self.in_flight[node] = self._dispatch(self.config, node)
+            self.dispatched[node] += 1
+            log.info("[ROUND] %s: dispatched %s", node, self.in_flight[node].round_id)
+        except Exception as exc:  # broker down: say so, keep the schedule
+            log.error("[ROUND] %s: could not dispatch (%s: %s); will try at the next slot",
+                      node, type(exc).__name__, exc)

@@ -1,0 +1,138 @@
+"""The Redis contract consumers read (documented in the README).
+
+With prefix ``chronotick`` and node ``n1``:
+
+``chronotick:ntp:n1:latest``
+    JSON string: the node's current best measurement.
+``chronotick:ntp:n1:history``
+    Stream, one entry per round (starvation rounds too), field ``record``
+    holding the round record as JSON; capped at ``history_length`` entries.
+``chronotick:ntp:n1:updates``
+    Pub/sub channel: each new ``latest`` as it is published.
+``chronotick:ntp:n1:stats``
+    Hash of counters: rounds, strict, relaxed, starvation, queries, retries,
+    rejected, plus ``rejected:<reason>`` and ``failed:<reason>`` per reason.
+``chronotick:ntp:nodes``
+    Set of the node names seen.
+
+One round's writes go in one MULTI/EXEC transaction, so a reader never sees a
+``latest`` without its history entry and counters.
+"""
+
+from __future__ import annotations
+
+import json
+
+import redis
+
+#: Counters every node's stats hash has (zero until first counted).
+COUNTERS = ("rounds", "strict", "relaxed", "starvation", "queries", "retries", "rejected")
+
+
+class Keys:
+    """Key names under one prefix."""
+
+    def __init__(self, prefix: str = "chronotick"):
+        self.prefix = prefix
+
+    def _node(self, node: str, leaf: str) -> str:
+        return f"{self.prefix}:ntp:{node}:{leaf}"
+
+    def latest(self, node: str) -> str:
+        return self._node(node, "latest")
+
+    def history(self, node: str) -> str:
+        return self._node(node, "history")
+
+    def updates(self, node: str) -> str:
+        return self._node(node, "updates")
+
+    def stats(self, node: str) -> str:
+        return self._node(node, "stats")
+
+    def nodes(self) -> str:
+        return f"{self.prefix}:ntp:nodes"
+
+
+class Store:
+    """Reads and writes the contract for one prefix.
+
+    Parameters
+    ----------
+    client:
+        A ``redis.Redis`` (``decode_responses`` either way).
+    prefix:
+        The key prefix (``ntp_service.key_prefix``).
+    """
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "chronotick"):
+        self.client = client
+        self.keys = Keys(prefix)
+
+    def publish_round(self, record: dict, *, history_length: int) -> None:
+        """Store a finished round: its record always, its measurement if it has one.
+
+        ``record["latest"]`` is the new ``latest`` value, or ``None`` on
+        starvation -- then the previous ``latest`` stays untouched, with its
+        own timestamps, so a consumer can see how old it is.
+        """
+        node = record["node"]
+        latest = record.get("latest")
+        pipe = self.client.pipeline(transaction=True)
+        if latest is not None:
+            payload = json.dumps(latest, sort_keys=True)
+            pipe.set(self.keys.latest(node), payload)
+            pipe.publish(self.keys.updates(node), payload)
+        pipe.xadd(self.keys.history(node), {"record": json.dumps(record, sort_keys=True)},
+                  maxlen=history_length, approximate=False)
+        pipe.sadd(self.keys.nodes(), node)
+        for name, amount in round_counters(record).items():
+            pipe.hincrby(self.keys.stats(node), name, amount)
+        pipe.execute()
+
+    def latest(self, node: str) -> dict | None:
+        raw = self.client.get(self.keys.latest(node))
+        return json.loads(raw) if raw else None
+
+    def stats(self, node: str) -> dict[str, int]:
+        raw = self.client.hgetall(self.keys.stats(node))
+        counts = {_text(k): int(v) for k, v in raw.items()}
+        return {**{name: 0 for name in COUNTERS}, **counts}
+
+    def history(self, node: str, *, count: int = 10) -> list[dict]:
+        """The newest ``count`` round records, newest first."""
+        entries = self.client.xrevrange(self.keys.history(node), count=count)
+        return [json.loads(_text(fields.get(b"record", fields.get("record")))) for _, fields in entries]
+
+    def nodes(self) -> list[str]:
+        return sorted(_text(n) for n in self.client.smembers(self.keys.nodes()))
+
+
+def round_counters(record: dict) -> dict[str, int]:
+    """What one round adds to its node's stats hash."""
+    counts = {"rounds": 1, record["quality"]: 1, "queries": 0, "retries": 0, "rejected": 0}
+    for server in record["servers"]:
+        attempts = server["attempts"]
+        counts["queries"] += attempts
+        counts["retries"] += max(0, attempts - 1)
+        for attempt in server.get("history", []):
+            reason = attempt.get("reason")
+            if reason and reason not in _NO_REPLY_REASONS:
+                counts["rejected"] += 1
+                counts[f"rejected:{reason}"] = counts.get(f"rejected:{reason}", 0) + 1
+        if server["status"] == "rejected":
+            counts["rejected"] += 1
+            key = f"rejected:{server['reason']}"
+            counts[key] = counts.get(key, 0) + 1
+        if server["status"] == "failed":
+            key = f"failed:{server['reason']}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+#: Attempt failures that are not a reply we refused (nothing came back).
+_NO_REPLY_REASONS = frozenset({"timeout", "socket_error", "dns_error", "round_deadline"})
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value

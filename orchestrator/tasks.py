@@ -1,0 +1,98 @@
+"""The chord callback: select the round's measurement and publish it to Redis."""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+
+import redis
+from celery.utils.log import get_task_logger
+
+from workers.app import app
+from workers.quality import Thresholds
+
+from . import selection
+from .store import Store
+
+log = get_task_logger(__name__)
+
+#: The registered name (what Flower shows).
+FINISH_TASK = "chronotick.finish_round"
+
+
+@lru_cache(maxsize=8)
+def _redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)
+
+
+@app.task(bind=True, name=FINISH_TASK)
+def finish_round(self, results: list, meta: dict) -> dict:
+    """Select from a round's outcomes, publish, and return the round record.
+
+    Parameters
+    ----------
+    results:
+        The chord header's results: one outcome per server (or one list of
+        them in sequential mode).
+    meta:
+        From :func:`orchestrator.rounds.build_round`.
+    """
+    record = build_record(meta, selection.flatten(results), finished_at=time.time())
+    store = Store(_redis(self.app.conf.chronotick_redis_url), prefix=meta["key_prefix"])
+    store.publish_round(record, history_length=meta["history_length"])
+    chosen = record["latest"]
+    if chosen is None:
+        log.error("[NTP_STARVATION] %s round %s: no server passed any gate (%d servers)",
+                  meta["node"], meta["round_id"], record["servers_total"])
+    else:
+        log.info("[NTP_ACCEPTED] %s round %s: %s offset=%.6f s uncertainty=%.6f s (%s, %d/%d servers)",
+                 meta["node"], meta["round_id"], chosen["server"], chosen["offset"], chosen["uncertainty"],
+                 chosen["quality"], chosen["servers_used"], chosen["servers_total"])
+    return record
+
+
+def build_record(meta: dict, outcomes: list[dict], *, finished_at: float) -> dict:
+    """The round record (pure): every server's outcome, the choice, the new ``latest``."""
+    answered = {o["server"] for o in outcomes}
+    missing = [{"status": "failed", "server": name, "reason": "no_result",
+                "detail": "the task did not report before the round closed", "attempts": 0, "history": []}
+               for name in meta["servers"] if name not in answered]
+    picked = selection.select(outcomes + missing, Thresholds.from_dict(meta["strict"]),
+                              enable_fallback=meta["enable_fallback"])
+    servers_total = len(meta["servers"])
+    chosen = picked["chosen"]
+    latest = None
+    if chosen is not None:
+        latest = {
+            "node": meta["node"],
+            "round_id": meta["round_id"],
+            "offset": chosen["offset_s"],
+            "uncertainty": chosen["uncertainty_s"],
+            "delay": chosen["delay_s"],
+            "stratum": chosen["stratum"],
+            "leap": chosen["leap"],
+            "root_delay": chosen["root_delay_s"],
+            "root_dispersion": chosen["root_dispersion_s"],
+            "precision": chosen["precision_s"],
+            "server": chosen["server"],
+            "address": f"{chosen['address']}:{chosen['port']}",
+            "quality": picked["quality"],
+            "measured_at": chosen["measured_at"],
+            "published_at": finished_at,
+            "servers_used": picked["servers_used"],
+            "servers_total": servers_total,
+        }
+    return {
+        "round_id": meta["round_id"],
+        "node": meta["node"],
+        "quality": picked["quality"],
+        "dispatched_at": meta["dispatched_at"],
+        "finished_at": finished_at,
+        "duration_s": finished_at - meta["dispatched_at"],
+        "mode": meta["mode"],
+        "parallel": meta["parallel"],
+        "servers_used": picked["servers_used"],
+        "servers_total": servers_total,
+        "servers": picked["servers"],
+        "latest": latest,
+    }

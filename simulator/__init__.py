@@ -1,0 +1,1 @@
+"""A fault-injecting NTP server for tests and the offline demo."""

@@ -1,0 +1,1 @@
+"""Celery workers: measure one NTP server per task."""

@@ -1,0 +1,88 @@
+"""The Celery application: broker, backend and the settings every process shares.
+
+``celery -A workers.app worker ...`` works as it is: the broker comes from
+``$CHRONOTICK_REDIS_URL`` or from the file named by ``$CHRONOTICK_CONFIG``.
+The orchestrator's chord callback is registered through ``include`` (a name,
+not an import), so a worker runs it while this package never imports the
+orchestrator.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+from . import config as config_mod
+
+#: Task modules every worker registers.
+TASK_MODULES = ("workers.tasks", "orchestrator.tasks")
+
+#: Prefix of the per-node queues: a round for node X goes to ``ntp.X``.
+QUEUE_PREFIX = "ntp."
+
+#: Results and chord state only need to outlive a round (and a slow reader).
+RESULT_EXPIRES_S = 3600
+
+#: Redis redelivers an unacknowledged message after this long; retry
+#: countdowns (seconds) stay far below it so none is delivered twice.
+VISIBILITY_TIMEOUT_S = 3600
+
+
+def queue_for(node: str) -> str:
+    """The queue whose worker measures ``node``."""
+    return QUEUE_PREFIX + node
+
+
+def create_app(service: config_mod.ServiceSettings | None = None) -> Celery:
+    """Build the Celery app for a Redis broker and result backend.
+
+    Parameters
+    ----------
+    service:
+        The resolved ``ntp_service`` settings; default: from the environment.
+    """
+    app = Celery("chronotick_ntp", include=list(TASK_MODULES))
+    configure(app, service if service is not None else _service_from_environment())
+    return app
+
+
+def configure(app: Celery, service: config_mod.ServiceSettings) -> None:
+    """Point ``app`` at the Redis of ``service`` (before it first connects).
+
+    The CLI calls this after loading ``--config``, so one imported ``app`` --
+    the one the tasks are registered on -- serves every command.
+    """
+    transport = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    app.conf.update(
+        broker_url=service.redis_url,
+        result_backend=service.redis_url,
+        # JSON only: a pickle on the broker would be code run by every worker.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        result_expires=RESULT_EXPIRES_S,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        # A query is a few packets; results are small; nothing to track.
+        task_track_started=False,
+        worker_hijack_root_logger=False,
+        chronotick_redis_url=service.redis_url,
+    )
+
+
+def _service_from_environment() -> config_mod.ServiceSettings:
+    path = os.environ.get(config_mod.ENV_CONFIG)
+    if path:
+        return config_mod.load(path).service
+    url = os.environ.get(config_mod.ENV_REDIS_URL) or config_mod.DEFAULT_REDIS_URL
+    return config_mod.from_mapping(
+        {"clock_measurement": {"ntp": {"servers": ["localhost"]}}, "ntp_service": {}},
+        source="$" + config_mod.ENV_REDIS_URL if os.environ.get(config_mod.ENV_REDIS_URL) else "<defaults>",
+        environ={**os.environ, config_mod.ENV_REDIS_URL: url},
+    ).service
+
+
+app = create_app()

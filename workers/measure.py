@@ -1,0 +1,143 @@
+"""One measurement attempt against one server, as a query task performs it.
+
+A *job* is the plain-JSON description of what to measure (it is the query
+task's argument, so Flower shows it).  :func:`attempt` runs one attempt of a
+job: resolve the name within a bounded time, take one sample (``simple``) or a
+short burst keeping the minimum-delay sample (``advanced``: RFC 5905's
+clock-filter idea, since the lowest-delay exchange is the one least disturbed
+by queueing), and check the result against the loosest gate that could still
+publish it.  Retrying is the task's business, not this module's.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from .ntp import client, sanity
+from .ntp.client import QueryFailed
+from .ntp.sanity import Rejection
+from .quality import Thresholds
+
+#: Pause between the samples of an advanced-mode burst (ChronoTick used 0.1 s).
+ADVANCED_SAMPLE_SPACING_S = 0.1
+
+#: The reason for a sample that arrived fine but would not pass even the
+#: loosest gate in force; worth retrying because congestion passes.
+REASON_OVER_THRESHOLDS = "over_thresholds"
+
+#: The reason when the round's deadline leaves no time for another attempt.
+REASON_DEADLINE = "round_deadline"
+
+# getaddrinfo cannot be interrupted; it runs here so a hung resolver costs
+# a thread, not the task's time budget.
+_resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ntp-dns")
+
+
+def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float) -> dict:
+    """Describe one server's part of a round as plain JSON.
+
+    Parameters
+    ----------
+    server:
+        A :class:`workers.config.ServerAddress`.
+    node:
+        The node being measured (the queue the task goes to).
+    round_id:
+        The round this job belongs to.
+    ntp:
+        The :class:`workers.config.NtpSettings` in force.
+    deadline_at:
+        Unix time after which no attempt may start.
+    """
+    gate = Thresholds.from_settings(ntp)
+    if ntp.enable_fallback:
+        gate = gate.relaxed()
+    return {
+        "server": server.name,
+        "host": server.host,
+        "port": server.port,
+        "node": node,
+        "round_id": round_id,
+        "timeout_s": ntp.timeout_seconds,
+        "samples": ntp.advanced_samples if ntp.measurement_mode == "advanced" else 1,
+        "gate": gate.as_dict(),
+        "retry_waits_s": list(ntp.retry_waits_s),
+        "deadline_at": deadline_at,
+    }
+
+
+def attempt_budget_s(job: dict) -> float:
+    """The longest one attempt of ``job`` can take (DNS, samples, spacing)."""
+    samples = job["samples"]
+    return (job["timeout_s"] * (samples + 1)  # +1: the DNS look-up
+            + ADVANCED_SAMPLE_SPACING_S * (samples - 1))
+
+
+def attempt(job: dict) -> dict:
+    """Run one attempt; return the accepted sample as a dict.
+
+    Raises
+    ------
+    QueryFailed
+        With the named reason (DNS, timeout, a rejected reply, or
+        ``over_thresholds``).
+    """
+    family, sockaddr = _resolve(job["host"], job["port"], timeout_s=job["timeout_s"])
+    samples: list[client.Sample] = []
+    last_failure: QueryFailed | None = None
+    for i in range(job["samples"]):
+        if i:
+            time.sleep(ADVANCED_SAMPLE_SPACING_S)
+        try:
+            samples.append(client.exchange(job["server"], family, sockaddr, timeout_s=job["timeout_s"]))
+        except QueryFailed as exc:
+            if exc.rejection.kiss_code:
+                raise  # a server that kissed us off gets no more packets this attempt
+            last_failure = exc
+    if not samples:
+        assert last_failure is not None
+        raise last_failure
+    result = _best_of(samples)
+    violations = Thresholds.from_dict(job["gate"]).violations(result)
+    if violations:
+        raise QueryFailed(Rejection(REASON_OVER_THRESHOLDS, "; ".join(violations)))
+    return result
+
+
+def _best_of(samples: list[client.Sample]) -> dict:
+    """The minimum-delay sample, its uncertainty widened by the burst's jitter.
+
+    Jitter is RFC 5905's: the RMS of the other samples' offsets from the
+    chosen one.  ``spread_s`` (max - min offset) is reported as ChronoTick did.
+    """
+    best = min(samples, key=lambda s: s.delay_s)
+    result = best.as_dict()
+    others = [s.offset_s - best.offset_s for s in samples if s is not best]
+    jitter_s = math.sqrt(sum(d * d for d in others) / len(others)) if others else 0.0
+    offsets = [s.offset_s for s in samples]
+    result.update(
+        samples_taken=len(samples),
+        jitter_s=jitter_s,
+        spread_s=max(offsets) - min(offsets),
+        uncertainty_s=best.uncertainty_s + jitter_s,
+    )
+    return result
+
+
+def _resolve(host: str, port: int, *, timeout_s: float) -> tuple[int, tuple]:
+    try:  # an address literal needs no resolver and no thread
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, socket.IPPROTO_UDP,
+                                   socket.AI_NUMERICHOST)
+        return infos[0][0], infos[0][4]
+    except socket.gaierror:
+        pass
+    future = _resolver.submit(client.resolve, host, port)
+    try:
+        return future.result(timeout=timeout_s)
+    except FutureTimeout:
+        raise QueryFailed(Rejection(sanity.REASON_DNS_ERROR,
+                                    f"resolving {host!r} took longer than {timeout_s} s")) from None

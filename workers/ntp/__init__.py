@@ -1,0 +1,1 @@
+"""NTP wire format, sanity checks and a single client exchange."""

@@ -1,0 +1,234 @@
+"""One NTP exchange: send a request, wait for the reply, compute offset and delay.
+
+The four timestamps (RFC 5905 section 8)::
+
+    t1  our clock when the request left      t2  server clock when it arrived
+    t4  our clock when the reply arrived     t3  server clock when the reply left
+
+    offset = ((t2 - t1) + (t3 - t4)) / 2     server minus local: true = local + offset
+    delay  = (t4 - t1) - (t3 - t2)           round trip minus the server's hold time
+
+Two things make a Python client worse than it needs to be, and both are fixed
+here.  t4 read with ``time.time()`` after ``recvfrom`` includes however long the
+interpreter took to wake this thread -- with ten replies landing together, the
+last thread is woken milliseconds late -- so t4 comes from the kernel's receive
+timestamp (``SO_TIMESTAMPNS``) when Linux offers it.  And a wall-clock
+difference is corrupted when the host clock is stepped mid-exchange, so the
+interval t4 - t1 is measured on the monotonic clock; the kernel timestamp only
+trims the short wait between the packet's arrival and our read of it.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from . import packet, sanity
+from .sanity import Rejection
+
+#: ``SO_TIMESTAMPNS`` / ``SCM_TIMESTAMPNS`` on Linux (asm-generic and x86);
+#: Python's socket module does not export it.
+SO_TIMESTAMPNS = 35
+
+#: What reading our clock and crossing into the kernel costs, as the client's
+#: precision term (RFC 5905 rho_c).  A conservative microsecond.
+CLIENT_PRECISION_S = 1e-6
+
+#: RFC 5905 PHI: the frequency tolerance that makes dispersion grow with the
+#: time an exchange takes (15 ppm).
+PHI = 15e-6
+
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
+
+
+class QueryFailed(Exception):
+    """An exchange produced no usable sample; ``rejection`` says why."""
+
+    def __init__(self, rejection: Rejection):
+        super().__init__(f"{rejection.reason}: {rejection.detail}")
+        self.rejection = rejection
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One accepted exchange with one server (seconds unless the name says ns).
+
+    ``uncertainty_s`` is the root distance of RFC 5905 and chrony: the error
+    bound on ``offset_s`` from every cause this one exchange can see --
+    half the round trip (the worst path asymmetry), the server's own distance
+    to its reference (root delay / 2 + root dispersion), both clocks'
+    precision, and the frequency tolerance over the exchange.
+    """
+
+    server: str
+    address: str
+    port: int
+    offset_s: float
+    delay_s: float
+    uncertainty_s: float
+    stratum: int
+    leap: int
+    precision_s: float
+    root_delay_s: float
+    root_dispersion_s: float
+    ref_id: str
+    t1_ns: int
+    t4_ns: int
+    kernel_rx_timestamp: bool
+
+    @property
+    def measured_at(self) -> float:
+        """The instant the offset refers to: the midpoint of t1 and t4 (Unix s)."""
+        return (self.t1_ns + self.t4_ns) / 2 / packet.NS_PER_S
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["measured_at"] = self.measured_at
+        return data
+
+
+def root_distance_s(*, delay_s: float, root_delay_s: float, root_dispersion_s: float,
+                    server_precision_s: float) -> float:
+    """RFC 5905 root distance of one sample (see :class:`Sample`)."""
+    epsilon = server_precision_s + CLIENT_PRECISION_S + PHI * delay_s
+    return delay_s / 2 + root_delay_s / 2 + root_dispersion_s + epsilon
+
+
+def resolve(host: str, port: int) -> tuple[int, tuple]:
+    """Resolve ``host`` to one UDP address (the first the resolver prefers).
+
+    Raises :class:`QueryFailed` with reason ``dns_error``.  The caller bounds
+    the time this may take (see :mod:`workers.measure`).
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise QueryFailed(Rejection(sanity.REASON_DNS_ERROR, f"cannot resolve {host!r}: {exc}")) from None
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr
+
+
+def exchange(server: str, family: int, sockaddr: tuple, *, timeout_s: float,
+             max_root_delay_s: float = sanity.DEFAULT_MAX_ROOT_S,
+             max_root_dispersion_s: float = sanity.DEFAULT_MAX_ROOT_S) -> Sample:
+    """Do one request/reply exchange on a fresh UDP socket.
+
+    Parameters
+    ----------
+    server:
+        The name the configuration uses (kept in the sample and in errors).
+    family, sockaddr:
+        From :func:`resolve`.
+    timeout_s:
+        How long to wait for a valid reply, in total.  Packets from any other
+        address or port are ignored (and named if nothing valid follows).
+    max_root_delay_s, max_root_dispersion_s:
+        Passed to :func:`workers.ntp.sanity.check_reply`.
+
+    Raises
+    ------
+    QueryFailed
+        With the name of the first reason the exchange is unusable.
+    """
+    request, transmit = packet.make_request()
+    deadline = time.monotonic() + timeout_s
+    stray: str | None = None
+    try:
+        # A fresh, unconnected socket: a connected one would let the kernel
+        # drop replies from a wrong port silently, and we want to name them.
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            kernel_ts = _enable_kernel_timestamps(sock)
+            t1_ns = time.time_ns()
+            mono1_ns = time.monotonic_ns()
+            sock.sendto(request, sockaddr)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if stray:
+                        raise QueryFailed(Rejection(sanity.REASON_WRONG_SOURCE, stray))
+                    raise QueryFailed(Rejection(sanity.REASON_TIMEOUT, f"no reply within {timeout_s} s"))
+                sock.settimeout(remaining)
+                try:
+                    data, ancdata, _flags, source = sock.recvmsg(512, _ANCILLARY_SIZE)
+                except socket.timeout:
+                    continue
+                mono4_ns = time.monotonic_ns()
+                wall4_ns = time.time_ns()
+                if source[:2] != sockaddr[:2]:
+                    stray = f"reply from {source[0]}:{source[1]}, we asked {sockaddr[0]}:{sockaddr[1]}"
+                    continue
+                break
+    except OSError as exc:
+        raise QueryFailed(Rejection(sanity.REASON_SOCKET_ERROR, f"{type(exc).__name__}: {exc}")) from None
+
+    elapsed_ns = mono4_ns - mono1_ns
+    rx_ns = _kernel_rx_ns(ancdata) if kernel_ts else None
+    if rx_ns is not None:
+        # How long the reply sat in the socket before we read it.  A clock
+        # step in that window would make it nonsense; then trust nothing.
+        lag_ns = wall4_ns - rx_ns
+        if 0 <= lag_ns <= elapsed_ns:
+            elapsed_ns -= lag_ns
+        else:
+            rx_ns = None
+    t4_ns = t1_ns + elapsed_ns
+
+    try:
+        reply = packet.parse(data)
+    except packet.MalformedPacket as exc:
+        raise QueryFailed(Rejection(sanity.REASON_TRUNCATED, str(exc))) from None
+    rejection = sanity.check_reply(
+        reply, sent_transmit=transmit, sent_version=packet.NTP_VERSION,
+        max_root_delay_s=max_root_delay_s, max_root_dispersion_s=max_root_dispersion_s)
+    if rejection:
+        raise QueryFailed(rejection)
+
+    t2_ns = packet.ntp_to_unix_ns(reply.receive_ts, near_unix_ns=t1_ns)
+    t3_ns = packet.ntp_to_unix_ns(reply.transmit_ts, near_unix_ns=t1_ns)
+    delay_ns = (t4_ns - t1_ns) - (t3_ns - t2_ns)
+    rejection = sanity.check_delay(delay_ns)
+    if rejection:
+        raise QueryFailed(rejection)
+    offset_s = ((t2_ns - t1_ns) + (t3_ns - t4_ns)) / 2 / packet.NS_PER_S
+    delay_s = delay_ns / packet.NS_PER_S
+    return Sample(
+        server=server,
+        address=str(sockaddr[0]),
+        port=int(sockaddr[1]),
+        offset_s=offset_s,
+        delay_s=delay_s,
+        uncertainty_s=root_distance_s(delay_s=delay_s, root_delay_s=reply.root_delay_s,
+                                      root_dispersion_s=reply.root_dispersion_s,
+                                      server_precision_s=reply.precision_s),
+        stratum=reply.stratum,
+        leap=reply.leap,
+        precision_s=reply.precision_s,
+        root_delay_s=reply.root_delay_s,
+        root_dispersion_s=reply.root_dispersion_s,
+        ref_id=reply.ref_id_text,
+        t1_ns=t1_ns,
+        t4_ns=t4_ns,
+        kernel_rx_timestamp=rx_ns is not None,
+    )
+
+
+def _enable_kernel_timestamps(sock: socket.socket) -> bool:
+    if not sys.platform.startswith("linux") or not _ANCILLARY_SIZE:
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    except OSError:
+        return False
+    return True
+
+
+def _kernel_rx_ns(ancdata: list) -> int | None:
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(payload)
+            return sec * packet.NS_PER_S + nsec
+    return None

@@ -1,0 +1,144 @@
+"""Sanity checks on a server reply, before any number from it is believed.
+
+ntplib checks nothing but the source address.  These are the packet tests of
+RFC 5905 section 8 (tests 1-7 of chrony's ``ntp_core.c``), RFC 4330 section 5's
+list for SNTP clients, and beevik/ntp's ``Validate()``.  Every rejection has a
+stable name (the ``REASON_*`` constants): round records, counters and log lines
+use it, so an operator can grep for it and a test can assert on it.
+
+Order matters.  A reply that is not an answer to *our* request (wrong mode,
+wrong origin) is discarded before anything in it is read; only then is a
+Kiss-o'-Death acted upon, so a blind spoofer cannot silence a server with a
+forged RATE or DENY (CVE-2015-7704).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .packet import LEAP_UNSYNCHRONISED, MODE_SERVER, NS_PER_S, Reply
+
+REASON_TIMEOUT = "timeout"
+REASON_SOCKET_ERROR = "socket_error"
+REASON_DNS_ERROR = "dns_error"
+REASON_WRONG_SOURCE = "wrong_source"
+REASON_TRUNCATED = "truncated"
+REASON_BAD_MODE = "bad_mode"
+REASON_BOGUS_ORIGIN = "bogus_origin"
+REASON_BAD_VERSION = "bad_version"
+REASON_ZERO_TRANSMIT = "zero_transmit"
+REASON_ZERO_RECEIVE = "zero_receive"
+REASON_RECEIVE_AFTER_TRANSMIT = "receive_after_transmit"
+REASON_SLOW_SERVER = "server_processing_too_long"
+REASON_LEAP_ALARM = "unsynchronised_leap"
+REASON_BAD_STRATUM = "unsynchronised_stratum"
+REASON_ROOT_DELAY = "root_delay_out_of_range"
+REASON_ROOT_DISPERSION = "root_dispersion_out_of_range"
+REASON_REFERENCE_AFTER_TRANSMIT = "reference_after_transmit"
+REASON_STALE_REFERENCE = "stale_reference"
+REASON_NEGATIVE_DELAY = "negative_delay"
+#: A Kiss-o'-Death reason is this prefix plus the lower-case kiss code.
+REASON_KOD_PREFIX = "kod_"
+
+#: chrony's MAX_SERVER_INTERVAL: a server that held our request longer than
+#: this has timestamps we cannot pair up with any confidence.
+MAX_SERVER_PROCESSING_S = 4.0
+
+#: RFC 4330's "truly paranoid" bound on root delay and root dispersion.
+DEFAULT_MAX_ROOT_S = 1.0
+
+#: A reference time older than this (about 36 h, RFC 5905 MAXPOLL) means the
+#: server has not heard from its own source for too long.
+MAX_REFERENCE_AGE_S = 2 ** 17
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a reply (or an attempt) produced no usable sample.
+
+    Parameters
+    ----------
+    reason:
+        One of the ``REASON_*`` names.
+    detail:
+        A human sentence with the numbers involved.
+    kiss_code:
+        The four-letter code of a Kiss-o'-Death, else ``None``.
+    """
+
+    reason: str
+    detail: str
+    kiss_code: str | None = None
+
+
+def check_reply(
+    reply: Reply,
+    *,
+    sent_transmit: int,
+    sent_version: int,
+    max_root_delay_s: float = DEFAULT_MAX_ROOT_S,
+    max_root_dispersion_s: float = DEFAULT_MAX_ROOT_S,
+) -> Rejection | None:
+    """Judge a decoded reply; ``None`` means it may be used.
+
+    Parameters
+    ----------
+    reply:
+        The decoded header.
+    sent_transmit:
+        The transmit value of our request; the reply's origin must equal it.
+    sent_version:
+        The version of our request; the reply must echo it.
+    max_root_delay_s, max_root_dispersion_s:
+        Upper bounds (exclusive) for the server's root delay and dispersion.
+    """
+    if reply.mode != MODE_SERVER:
+        return Rejection(REASON_BAD_MODE, f"mode {reply.mode}, a server reply has mode {MODE_SERVER}")
+    if reply.origin_ts != sent_transmit:
+        return Rejection(REASON_BOGUS_ORIGIN,
+                         f"origin {reply.origin_ts:#018x} is not our transmit {sent_transmit:#018x}")
+    if reply.stratum == 0:
+        code = reply.kiss_code or "????"
+        return Rejection(REASON_KOD_PREFIX + code.lower(), f"Kiss-o'-Death {code}", kiss_code=code)
+    if reply.version != sent_version:
+        return Rejection(REASON_BAD_VERSION, f"version {reply.version}, we sent {sent_version}")
+    if reply.transmit_ts == 0:
+        return Rejection(REASON_ZERO_TRANSMIT, "transmit timestamp is zero")
+    if reply.receive_ts == 0:
+        return Rejection(REASON_ZERO_RECEIVE, "receive timestamp is zero")
+    if reply.receive_ts > reply.transmit_ts:
+        return Rejection(REASON_RECEIVE_AFTER_TRANSMIT,
+                         f"receive is {_ts_diff_s(reply.receive_ts, reply.transmit_ts):.6f} s after transmit")
+    processing_s = _ts_diff_s(reply.transmit_ts, reply.receive_ts)
+    if processing_s > MAX_SERVER_PROCESSING_S:
+        return Rejection(REASON_SLOW_SERVER,
+                         f"server held the request {processing_s:.3f} s (limit {MAX_SERVER_PROCESSING_S} s)")
+    if reply.leap == LEAP_UNSYNCHRONISED:
+        return Rejection(REASON_LEAP_ALARM, "leap indicator 3: server clock not synchronised")
+    if not 1 <= reply.stratum <= 15:
+        return Rejection(REASON_BAD_STRATUM, f"stratum {reply.stratum}: server not synchronised")
+    if not 0 <= reply.root_delay_s < max_root_delay_s:
+        return Rejection(REASON_ROOT_DELAY,
+                         f"root delay {reply.root_delay_s:.6f} s (limit {max_root_delay_s} s)")
+    if not 0 <= reply.root_dispersion_s < max_root_dispersion_s:
+        return Rejection(REASON_ROOT_DISPERSION,
+                         f"root dispersion {reply.root_dispersion_s:.6f} s (limit {max_root_dispersion_s} s)")
+    if reply.ref_ts > reply.transmit_ts:
+        return Rejection(REASON_REFERENCE_AFTER_TRANSMIT, "reference time is after transmit time")
+    age_s = _ts_diff_s(reply.transmit_ts, reply.ref_ts)
+    if age_s > MAX_REFERENCE_AGE_S:
+        return Rejection(REASON_STALE_REFERENCE,
+                         f"reference time is {age_s:.0f} s old (limit {MAX_REFERENCE_AGE_S} s)")
+    return None
+
+
+def _ts_diff_s(later: int, earlier: int) -> float:
+    """Difference of two raw NTP timestamps in seconds (same era assumed)."""
+    return (later - earlier) / float(1 << 32)
+
+
+def check_delay(delay_ns: int) -> Rejection | None:
+    """A negative round trip means the server's timestamps are inconsistent."""
+    if delay_ns < 0:
+        return Rejection(REASON_NEGATIVE_DELAY, f"delay {delay_ns / NS_PER_S:.6f} s is negative")
+    return None

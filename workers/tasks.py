@@ -1,0 +1,89 @@
+"""The query task: one NTP server, one measurement, retried by Celery.
+
+A failed attempt is retried with Celery's own machinery (``self.retry``) after
+the job's waits -- retry_delay, then twice that -- so attempts start at about
+0, 5 and 15 s with ChronoTick's defaults.  The explicit countdown table is
+deliberate: ``retry_backoff`` truncates fractional factors and adds random
+jitter, so it cannot give this schedule.
+
+After the last attempt the task *returns* a structured failure instead of
+raising: in a chord, one raising header task fails the whole round, and one
+dead server must never cost the others' measurements.
+"""
+
+from __future__ import annotations
+
+import time
+
+from celery.utils.log import get_task_logger
+
+from . import measure
+from .app import app
+from .ntp.client import QueryFailed
+
+log = get_task_logger(__name__)
+
+#: The registered name (what Flower shows).
+QUERY_TASK = "chronotick.query_server"
+
+
+@app.task(bind=True, name=QUERY_TASK)
+def query_server(self, *carried, job: dict, history: list | None = None):
+    """Measure ``job['server']`` for ``job['node']``; return an outcome dict.
+
+    Parameters
+    ----------
+    carried:
+        In sequential mode (``parallel_queries: false``) the tasks form a
+        chain and each receives the outcomes before it; it returns them with
+        its own appended.  Empty in the normal, parallel chord.
+    job:
+        From :func:`workers.measure.make_job`.
+    history:
+        The earlier attempts of this job (carried across retries).
+
+    Returns
+    -------
+    ``{"status": "ok", "server", "sample", "attempts", "history"}`` or
+    ``{"status": "failed", "server", "reason", "detail", "attempts", "history"}``.
+    """
+    history = list(history or [])
+    started_at = time.time()
+    attempt_no = len(history) + 1
+    if started_at > job["deadline_at"]:
+        outcome = _failed(job, history, measure.REASON_DEADLINE,
+                          f"attempt {attempt_no} would start after the round's deadline")
+        return _carry(carried, outcome)
+    try:
+        sample = measure.attempt(job)
+    except QueryFailed as exc:
+        rejection = exc.rejection
+        history.append({"attempt": attempt_no, "started_at": started_at, "reason": rejection.reason,
+                        "detail": rejection.detail, "kiss_code": rejection.kiss_code})
+        waits = job["retry_waits_s"]
+        if self.request.retries < len(waits) and not rejection.kiss_code:
+            wait_s = waits[self.request.retries]
+            if time.time() + wait_s + measure.attempt_budget_s(job) <= job["deadline_at"]:
+                log.info("[RETRY] %s for %s: attempt %d/%d failed (%s), next in %.3g s",
+                         job["server"], job["node"], attempt_no, len(waits) + 1, rejection.reason, wait_s)
+                raise self.retry(kwargs={"job": job, "history": history}, countdown=wait_s,
+                                 max_retries=len(waits))
+        log.warning("[FAILED] %s for %s after %d attempt(s): %s", job["server"], job["node"],
+                    attempt_no, rejection.reason)
+        return _carry(carried, _failed(job, history, rejection.reason, rejection.detail,
+                                       kiss_code=rejection.kiss_code))
+    history.append({"attempt": attempt_no, "started_at": started_at, "reason": None})
+    return _carry(carried, {"status": "ok", "server": job["server"], "sample": sample,
+                            "attempts": attempt_no, "history": history})
+
+
+def _failed(job: dict, history: list, reason: str, detail: str, *, kiss_code: str | None = None) -> dict:
+    return {"status": "failed", "server": job["server"], "reason": reason, "detail": detail,
+            "kiss_code": kiss_code, "attempts": len(history), "history": history}
+
+
+def _carry(carried: tuple, outcome: dict):
+    if not carried:
+        return outcome
+    before = carried[0]
+    return [*(before if isinstance(before, list) else [before]), outcome]
