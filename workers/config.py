@@ -14,6 +14,7 @@ come from YAML: the Redis URL and password come from the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field
@@ -285,7 +286,11 @@ def parse_server(value: Any, *, source: str = "<config>", key: str = "server") -
     elif text.count(":") == 1:
         host, port_text = text.split(":")
     elif text.count(":") > 1:
-        host = text  # a bare IPv6 address
+        try:
+            host = str(ipaddress.IPv6Address(text))  # a bare IPv6 address, default port
+        except ValueError:
+            raise ConfigError(source, key, f"bad address {value!r}: an IPv6 address with a port is "
+                                           "written [address]:port") from None
     if not host or any(c.isspace() for c in host):
         raise ConfigError(source, key, f"bad host in {value!r}")
     port = DEFAULT_NTP_PORT

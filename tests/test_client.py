@@ -1,0 +1,84 @@
+"""One exchange against real servers on loopback: the simulator and chronyd."""
+
+import socket
+
+import pytest
+
+from simulator.server import Behaviour
+from workers import measure
+from workers.ntp import client, sanity
+from workers.ntp.client import QueryFailed
+
+pytestmark = pytest.mark.integration
+
+
+def _exchange(address: str, timeout_s: float = 0.5):
+    host, port = address.rsplit(":", 1)
+    return client.exchange(address, socket.AF_INET, (host, int(port)), timeout_s=timeout_s)
+
+
+def test_offset_and_delay_match_the_simulated_truth(simulator):
+    _, servers = simulator({"sym": Behaviour(offset_s=0.250, delay_s=0.020),
+                            "asym": Behaviour(offset_s=-0.100, delay_s=0.030, asymmetry_s=0.010)})
+    sym = _exchange(servers["sym"])
+    assert sym.offset_s == pytest.approx(0.250, abs=0.0005)
+    assert sym.delay_s == pytest.approx(0.020, abs=0.002)
+    assert sym.kernel_rx_timestamp  # t4 came from the kernel, not from a woken thread
+    asym = _exchange(servers["asym"])
+    # The inbound leg is 10 ms longer: the estimate is off by exactly half of that,
+    # and the uncertainty (at least delay/2) still covers the truth.
+    assert asym.offset_s == pytest.approx(-0.100 + 0.005, abs=0.0005)
+    assert abs(asym.offset_s - (-0.100)) <= asym.uncertainty_s
+    assert asym.uncertainty_s >= asym.delay_s / 2
+
+
+def test_uncertainty_is_root_distance(simulator):
+    _, servers = simulator({"s": Behaviour(delay_s=0.010, root_delay_s=0.020, root_dispersion_s=0.003)})
+    sample = _exchange(servers["s"])
+    floor = sample.delay_s / 2 + 0.020 / 2 + 0.003
+    assert floor < sample.uncertainty_s < floor + 1e-5
+
+
+@pytest.mark.parametrize("behaviour, reason", [
+    (Behaviour(kod="RATE"), "kod_rate"),
+    (Behaviour(kod="DENY"), "kod_deny"),
+    (Behaviour(leap=3), sanity.REASON_LEAP_ALARM),
+    (Behaviour(stratum=16), sanity.REASON_BAD_STRATUM),
+    (Behaviour(bad_origin=True), sanity.REASON_BOGUS_ORIGIN),
+    (Behaviour(zero_transmit=True), sanity.REASON_ZERO_TRANSMIT),
+    (Behaviour(truncate=True), sanity.REASON_TRUNCATED),
+    (Behaviour(wrong_port=True), sanity.REASON_WRONG_SOURCE),
+    (Behaviour(mode=5), sanity.REASON_BAD_MODE),
+    (Behaviour(loss=1.0), sanity.REASON_TIMEOUT),
+])
+def test_misbehaving_server_is_rejected_with_its_reason(simulator, behaviour, reason):
+    _, servers = simulator({"bad": behaviour})
+    with pytest.raises(QueryFailed) as caught:
+        _exchange(servers["bad"], timeout_s=0.3)
+    assert caught.value.rejection.reason == reason
+
+
+def test_chronyd_answers_as_a_real_server(chronyd):
+    sample = _exchange(chronyd)
+    assert sample.stratum == 8  # `local stratum 8`
+    assert abs(sample.offset_s) < 0.001  # it serves this host's own clock
+    assert 0 <= sample.delay_s < 0.01
+
+
+def test_advanced_mode_keeps_the_minimum_delay_sample(simulator):
+    _, servers = simulator({"jittery": Behaviour(offset_s=0.01, delay_s=0.004, jitter_s=0.010)})
+    host, port = servers["jittery"].rsplit(":", 1)
+    job = {"server": servers["jittery"], "host": host, "port": int(port), "timeout_s": 0.5, "samples": 3,
+           "gate": {"max_delay_s": 1, "max_uncertainty_s": 1, "min_stratum": 1, "max_stratum": 15}}
+    result = measure.attempt(job)
+    assert result["samples_taken"] == 3
+    assert result["spread_s"] >= 0 and result["jitter_s"] >= 0
+    assert result["uncertainty_s"] >= result["delay_s"] / 2 + result["jitter_s"]
+
+
+def test_unresolvable_name_is_a_named_dns_error():
+    job = {"server": "no-such-host.invalid", "host": "no-such-host.invalid", "port": 123, "timeout_s": 2.0,
+           "samples": 1, "gate": {"max_delay_s": 1, "max_uncertainty_s": 1, "min_stratum": 1, "max_stratum": 15}}
+    with pytest.raises(QueryFailed) as caught:
+        measure.attempt(job)
+    assert caught.value.rejection.reason == sanity.REASON_DNS_ERROR

@@ -1,0 +1,149 @@
+"""Configuration: ChronoTick's own files load unchanged; bad files are refused with file, key and reason."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import cli
+from workers import config as config_mod
+from workers.config import ConfigError
+
+DATA = Path(__file__).parent / "data"
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["chronotick_homelab_2min_ntp.yaml", "chronotick_ares_2min_ntp.yaml"])
+def test_original_chronotick_files_load_unchanged(name):
+    config = config_mod.load(DATA / name, environ={})
+    ntp = config.ntp
+    assert len(ntp.servers) == 10
+    assert ntp.max_acceptable_uncertainty == 0.1
+    assert ntp.max_stratum == 16 and ntp.min_stratum == 1
+    assert ntp.max_delay == 0.100  # absent from the file: the documented default
+    assert ntp.measurement_mode == "advanced" and ntp.parallel_queries and ntp.max_workers == 10
+    assert ntp.retry_waits_s == (5.0, 10.0)  # attempts start at 0, 5, 15 s
+    assert config.timing.warm_up_duration_s == 60 and config.timing.warm_up_interval_s == 1
+    assert config.timing.normal_interval_s == 120
+    assert "models" in config.extra  # ChronoTick's own sections are kept, not refused
+    if "ares" in name:
+        assert ntp.servers[0] == config_mod.ServerAddress("172.20.1.1", 8123)
+        assert ntp.servers[-1].port == 8132
+
+
+@pytest.mark.parametrize("name", ["config_homelab_2min_ntp.yaml", "config_ares_2min_ntp.yaml",
+                                  "config_local_demo.yaml"])
+def test_shipped_configs_pass_check_config(name, capsys):
+    assert cli.main(["check-config", str(CONFIGS / name)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_defaults_where_keys_are_absent():
+    config = config_mod.from_mapping({"clock_measurement": {"ntp": {"servers": ["a.example"]}}}, environ={})
+    ntp = config.ntp
+    assert (ntp.max_delay, ntp.max_acceptable_uncertainty, ntp.min_stratum, ntp.max_stratum) == (0.1, 0.01, 1, 15)
+    assert (ntp.timeout_seconds, ntp.max_retries, ntp.retry_delay) == (2.0, 3, 5.0)
+    assert ntp.enable_fallback and ntp.parallel_queries
+    assert config.service.redis_url == config_mod.DEFAULT_REDIS_URL
+    assert config.service.key_prefix == "chronotick"
+
+
+@pytest.mark.parametrize("max_retries, waits", [(0, ()), (1, ()), (2, (0.5,)), (3, (0.5, 1.0)), (4, (0.5, 1.0, 2.0))])
+def test_max_retries_counts_attempts_and_fractional_delays_work(max_retries, waits):
+    ntp = {"servers": ["a"], "max_retries": max_retries, "retry_delay": 0.5}
+    config = config_mod.from_mapping({"clock_measurement": {"ntp": ntp}}, environ={})
+    assert config.ntp.retry_waits_s == waits
+    assert config.ntp.attempts == max(1, max_retries)
+
+
+@pytest.mark.parametrize("text, host, port", [
+    ("time.google.com", "time.google.com", 123), ("172.20.1.1:8123", "172.20.1.1", 8123),
+    ("[::1]:1234", "::1", 1234), ("[::1]", "::1", 123), ("::1", "::1", 123)])
+def test_server_notation(text, host, port):
+    assert config_mod.parse_server(text) == config_mod.ServerAddress(host, port)
+
+
+BAD_CASES = [
+    # (what to change in clock_measurement.ntp, key named in the error, words in the problem)
+    ({"colour": "blue"}, "clock_measurement.ntp.colour", "unknown key"),
+    ({"timeout_seconds": "2"}, "clock_measurement.ntp.timeout_seconds", "must be a number"),
+    ({"enable_fallback": "yes"}, "clock_measurement.ntp.enable_fallback", "true or false"),
+    ({"max_delay": True}, "clock_measurement.ntp.max_delay", "boolean"),
+    ({"max_delay": -0.1}, "clock_measurement.ntp.max_delay", "greater than 0"),
+    ({"max_acceptable_uncertainty": 0}, "clock_measurement.ntp.max_acceptable_uncertainty", "greater than 0"),
+    ({"retry_delay": 0}, "clock_measurement.ntp.retry_delay", "greater than 0"),
+    ({"servers": []}, "clock_measurement.ntp.servers", "empty"),
+    ({"servers": ["a:99999"]}, "clock_measurement.ntp.servers[0]", "bad port"),
+    ({"servers": ["a:b:c:"]}, "clock_measurement.ntp.servers[0]", "[address]:port"),
+    ({"servers": ["ok", "host:"]}, "clock_measurement.ntp.servers[1]", "bad port"),
+    ({"servers": ["a", "a:123"]}, "clock_measurement.ntp.servers", "listed twice"),
+    ({"min_stratum": 5, "max_stratum": 3}, "clock_measurement.ntp.max_stratum", "below min_stratum"),
+    ({"measurement_mode": "fast"}, "clock_measurement.ntp.measurement_mode", "'simple' or 'advanced'"),
+    ({"max_retries": -1}, "clock_measurement.ntp.max_retries", "between 0 and 10"),
+]
+
+
+@pytest.mark.parametrize("change, key, words", BAD_CASES)
+def test_bad_config_names_file_key_and_problem(tmp_path, change, key, words):
+    ntp = {"servers": ["127.0.0.1:123"], **change}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"clock_measurement": {"ntp": ntp}}))
+    with pytest.raises(ConfigError) as caught:
+        config_mod.load(path, environ={})
+    message = str(caught.value)
+    assert message.startswith(f"{path}: {key}: "), message
+    assert words in message
+
+
+@pytest.mark.parametrize("document, key", [
+    ({"clock_measurement": {"ntp": {"servers": ["a"]}, "timing": {"warm_up": {"duration_seconds": -1}}}},
+     "clock_measurement.timing.warm_up.duration_seconds"),
+    ({"clock_measurement": {"ntp": {"servers": ["a"]}, "timing": {"normal_operation": {"interval": 5}}}},
+     "clock_measurement.timing.normal_operation.interval"),
+    ({"clock_measurement": {"ntp": {"servers": ["a"]}}, "ntp_service": {"redis_url": "redis://:hunter2@h/0"}},
+     "ntp_service.redis_url"),
+    ({"clock_measurement": {"ntp": {"servers": ["a"]}}, "ntp_service": {"redis_url": "http://h"}},
+     "ntp_service.redis_url"),
+    ({"clock_measurement": {"ntp": {"servers": ["a"]}}, "ntp_service": {"nodes": ["a b"]}}, "ntp_service.nodes[0]"),
+    ({"clock_measurement": {}}, "clock_measurement.ntp"),
+    ({"clock_measurement": {"ntp": {}}}, "clock_measurement.ntp.servers"),
+])
+def test_bad_timing_and_service_sections(document, key):
+    with pytest.raises(ConfigError) as caught:
+        config_mod.from_mapping(document, source="f.yaml", environ={})
+    assert caught.value.key == key
+    assert "hunter2" not in str(caught.value)
+
+
+def test_password_never_in_yaml_but_from_environment():
+    env = {config_mod.ENV_REDIS_URL: "redis://10.0.0.5:6380/2", config_mod.ENV_REDIS_PASSWORD: "s3cret/+"}
+    config = config_mod.from_mapping({"clock_measurement": {"ntp": {"servers": ["a"]}},
+                                      "ntp_service": {"redis_url": "redis://127.0.0.1:6379/0"}}, environ=env)
+    assert config.service.redis_url == "redis://:s3cret%2F%2B@10.0.0.5:6380/2"
+    assert "s3cret" not in config.service.redis_url_redacted
+
+
+def test_cli_exits_2_on_bad_config_and_says_why(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("clock_measurement:\n  ntp:\n    servers: []\n")
+    assert cli.main(["check-config", str(path)]) == cli.EXIT_USAGE
+    assert cli.main(["measure", "--config", str(path), "--node", "n1"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"{path}: clock_measurement.ntp.servers: empty" in err
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        config_mod.load(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("clock_measurement: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config_mod.load(broken)
+
+
+def test_node_resolution_order():
+    assert config_mod.resolve_node("cli-node", environ={config_mod.ENV_NODE: "env-node"}) == "cli-node"
+    assert config_mod.resolve_node(None, environ={config_mod.ENV_NODE: "env-node"}) == "env-node"
+    assert config_mod.resolve_node(None, environ={})  # the host name
+    with pytest.raises(ValueError, match="bad node name"):
+        config_mod.resolve_node("no spaces please", environ={})

@@ -1,0 +1,175 @@
+"""The whole pipeline: CLI -> chord on a real worker -> selection -> Redis, read back by a consumer."""
+
+import json
+import re
+
+import pytest
+
+from orchestrator import cli, rounds
+from orchestrator.store import Store
+from simulator.server import Behaviour
+from workers import config as config_mod
+
+from .conftest import TEST_NODE, write_config
+
+pytestmark = pytest.mark.integration
+
+TRUE_OFFSET_S = 0.0125
+
+
+def _measure(path, capsys, *extra):
+    code = cli.main(["measure", "--config", str(path), "--node", TEST_NODE, "--json", *extra])
+    out = capsys.readouterr().out
+    return code, (json.loads(out) if out.strip() else None)
+
+
+def _by_server(record):
+    return {s["server"]: s for s in record["servers"]}
+
+
+def test_all_healthy_publishes_the_best_to_redis(worker, simulator, tmp_path, key_prefix, redis_client,
+                                                 capsys, chronyd):
+    _, servers = simulator({f"s{i}": Behaviour(offset_s=TRUE_OFFSET_S, delay_s=0.002 * (i + 1)) for i in range(4)})
+    path = write_config(tmp_path, [*servers.values()], key_prefix=key_prefix)
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(f"{key_prefix}:ntp:{TEST_NODE}:updates")
+    code, record = _measure(path, capsys)
+    assert code == cli.EXIT_OK
+    assert record["quality"] == "strict" and record["servers_used"] == 4
+    latest = Store(redis_client, prefix=key_prefix).latest(TEST_NODE)
+    assert latest == record["latest"]
+    assert latest["server"] == servers["s0"]  # the shortest path has the smallest root distance
+    assert abs(latest["offset"] - TRUE_OFFSET_S) < 0.0005
+    assert abs(latest["offset"] - TRUE_OFFSET_S) <= latest["uncertainty"]
+    for key in ("node", "round_id", "offset", "uncertainty", "delay", "stratum", "server", "quality",
+                "measured_at", "published_at", "servers_used", "servers_total"):
+        assert key in latest
+    assert latest["measured_at"] <= latest["published_at"]
+    # The update went out on the channel, and the round is in history and counted.
+    message = next(m for m in iter(lambda: pubsub.get_message(timeout=5), None) if m["type"] == "message")
+    assert json.loads(message["data"]) == latest
+    store = Store(redis_client, prefix=key_prefix)
+    assert store.history(TEST_NODE)[0]["round_id"] == record["round_id"]
+    assert store.stats(TEST_NODE)["rounds"] == 1 and store.stats(TEST_NODE)["strict"] == 1
+    assert TEST_NODE in store.nodes()
+
+
+def test_chronyd_takes_part_in_a_round(worker, simulator, tmp_path, key_prefix, capsys, chronyd):
+    _, servers = simulator({"sim": Behaviour(delay_s=0.030)})
+    path = write_config(tmp_path, [chronyd, servers["sim"]], key_prefix=key_prefix)
+    code, record = _measure(path, capsys)
+    assert code == cli.EXIT_OK
+    assert record["latest"]["server"] == chronyd and record["latest"]["stratum"] == 8
+
+
+def test_one_dead_server_does_not_fail_the_round(worker, simulator, tmp_path, key_prefix, capsys):
+    _, servers = simulator({"good": Behaviour(offset_s=TRUE_OFFSET_S, delay_s=0.004),
+                            "also": Behaviour(offset_s=TRUE_OFFSET_S, delay_s=0.006),
+                            "dead": Behaviour(loss=1.0)})
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix)
+    code, record = _measure(path, capsys)
+    assert code == cli.EXIT_OK and record["quality"] == "strict"
+    dead = _by_server(record)[servers["dead"]]
+    assert dead["status"] == "failed" and dead["reason"] == "timeout"
+    assert dead["attempts"] == 3 and [a["attempt"] for a in dead["history"]] == [1, 2, 3]
+
+
+def test_slow_servers_pass_only_the_relaxed_gate(worker, simulator, tmp_path, key_prefix, capsys):
+    _, servers = simulator({f"slow{i}": Behaviour(offset_s=TRUE_OFFSET_S, delay_s=0.060 + 0.005 * i)
+                            for i in range(3)})
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix,
+                        max_delay=0.050, max_acceptable_uncertainty=0.040)
+    code, record = _measure(path, capsys)
+    assert code == cli.EXIT_OK
+    assert record["quality"] == "relaxed" and record["latest"]["quality"] == "relaxed"
+    assert record["latest"]["server"] == servers["slow0"]
+    assert all(s["attempts"] == 1 for s in record["servers"])  # relaxed-passing samples are not retried
+
+
+def test_every_server_dead_is_starvation_and_latest_keeps_its_age(worker, simulator, tmp_path, key_prefix,
+                                                                   redis_client, capsys):
+    sim, servers = simulator({"a": Behaviour(offset_s=TRUE_OFFSET_S, delay_s=0.004),
+                              "b": Behaviour(offset_s=TRUE_OFFSET_S, delay_s=0.005)})
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix)
+    assert _measure(path, capsys)[0] == cli.EXIT_OK
+    store = Store(redis_client, prefix=key_prefix)
+    before, stats_before = store.latest(TEST_NODE), store.stats(TEST_NODE)
+    for port in sim.behaviours:
+        sim.set_behaviour(port, Behaviour(loss=1.0))
+    code, record = _measure(path, capsys)
+    assert code == cli.EXIT_STARVATION
+    assert record["quality"] == "starvation" and record["latest"] is None
+    assert store.latest(TEST_NODE) == before  # unchanged, with its own timestamps
+    after = store.stats(TEST_NODE)
+    assert after["starvation"] == stats_before["starvation"] + 1
+    assert after["rounds"] == stats_before["rounds"] + 1
+    assert store.history(TEST_NODE)[0]["quality"] == "starvation"
+
+
+def test_retry_schedule_follows_the_configured_waits(worker, simulator, tmp_path, key_prefix, capsys):
+    retry_delay = 0.4
+    _, servers = simulator({"flaky": Behaviour(offset_s=TRUE_OFFSET_S, delay_s=0.004, drop_first=2)})
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix, retry_delay=retry_delay,
+                        timeout_seconds=0.2)
+    code, record = _measure(path, capsys)
+    assert code == cli.EXIT_OK
+    flaky = record["servers"][0]
+    assert flaky["attempts"] == 3 and flaky["status"] == "chosen"
+    starts = [a["started_at"] for a in flaky["history"]]
+    # Attempt k+1 starts one timeout plus the k-th wait after attempt k: waits 0.4 s, then 0.8 s.
+    for gap, wait in zip((starts[1] - starts[0], starts[2] - starts[1]), (retry_delay, 2 * retry_delay)):
+        assert wait + 0.2 <= gap < wait + 0.2 + 0.3, (starts, gap, wait)
+
+
+def test_sequential_mode_queries_one_server_after_another(worker, simulator, tmp_path, key_prefix, capsys):
+    sim, servers = simulator({f"s{i}": Behaviour(offset_s=TRUE_OFFSET_S, delay_s=0.050) for i in range(3)})
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix, parallel_queries=False)
+    code, record = _measure(path, capsys)
+    assert code == cli.EXIT_OK and record["parallel"] is False
+    assert record["servers_used"] == 3
+    arrivals = sorted(t for stats in sim.stats.values() for t in stats.arrivals_ns)
+    # Each request went out only after the previous server's 50 ms reply.
+    assert all(b - a >= 0.045e9 for a, b in zip(arrivals, arrivals[1:])), arrivals
+
+
+def test_measure_without_a_worker_exits_3_and_says_so(redis_url, simulator, tmp_path, key_prefix, capsys):
+    _, servers = simulator({"s": Behaviour()})
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix)
+    code = cli.main(["measure", "--config", str(path), "--node", "nobody-serves-this"])
+    assert code == cli.EXIT_NO_WORKER
+    assert "no worker serves queue 'ntp.nobody-serves-this'" in capsys.readouterr().err
+
+
+def test_measure_with_redis_unreachable_exits_4(tmp_path, monkeypatch, capsys):
+    path = write_config(tmp_path, ["127.0.0.1:123"])
+    monkeypatch.setenv(config_mod.ENV_REDIS_URL, "redis://127.0.0.1:1/0")
+    try:
+        code = cli.main(["measure", "--config", str(path), "--node", TEST_NODE])
+    finally:
+        monkeypatch.undo()
+        from workers.app import app, configure
+
+        configure(app, config_mod.load(path).service)
+    assert code == cli.EXIT_NO_BROKER
+    assert "cannot reach Redis at redis://127.0.0.1:1/0" in capsys.readouterr().err
+
+
+def test_latest_command_reads_the_contract(worker, simulator, tmp_path, key_prefix, capsys):
+    _, servers = simulator({"s": Behaviour(offset_s=TRUE_OFFSET_S, delay_s=0.004)})
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix)
+    assert cli.main(["latest", "--config", str(path), "--node", TEST_NODE]) == cli.EXIT_STARVATION
+    capsys.readouterr()
+    _measure(path, capsys)
+    assert cli.main(["latest", "--config", str(path), "--node", TEST_NODE, "--json"]) == cli.EXIT_OK
+    assert json.loads(capsys.readouterr().out)["server"] == servers["s"]
+    assert cli.main(["latest", "--config", str(path), "--node", TEST_NODE]) == cli.EXIT_OK
+    assert re.match(r"node testnode: offset \+12\.[45]\d\d ms ± ", capsys.readouterr().out)
+
+
+def test_round_tasks_go_only_to_the_nodes_queue(simulator, tmp_path, key_prefix):
+    _, servers = simulator({"s": Behaviour()})
+    config = config_mod.load(write_config(tmp_path, list(servers.values()), key_prefix=key_prefix))
+    canvas, meta = rounds.build_round(config, "ares-comp-11")
+    assert {t.options["queue"] for t in canvas.tasks} == {"ntp.ares-comp-11"}
+    assert canvas.body.options["queue"] == "ntp.ares-comp-11"
+    assert meta["deadline_at"] > meta["dispatched_at"]

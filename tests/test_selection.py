@@ -1,0 +1,88 @@
+"""Selection is pure: strict, then relaxed from the same samples, then starvation."""
+
+from orchestrator import selection
+from orchestrator.store import round_counters
+from orchestrator.tasks import build_record
+from workers.quality import Thresholds
+
+STRICT = Thresholds(max_delay_s=0.100, max_uncertainty_s=0.010, min_stratum=1, max_stratum=15)
+
+
+def ok(server, *, delay, unc, stratum=2, offset=0.001):
+    sample = {"server": server, "offset_s": offset, "delay_s": delay, "uncertainty_s": unc, "stratum": stratum,
+              "leap": 0, "root_delay_s": 0.0, "root_dispersion_s": 0.0, "precision_s": 1e-7,
+              "address": "127.0.0.1", "port": 123, "measured_at": 1.0}
+    return {"status": "ok", "server": server, "sample": sample, "attempts": 1,
+            "history": [{"attempt": 1, "reason": None}]}
+
+
+def failed(server, reason="timeout", attempts=3):
+    return {"status": "failed", "server": server, "reason": reason, "detail": "", "attempts": attempts,
+            "history": [{"attempt": i + 1, "reason": reason} for i in range(attempts)]}
+
+
+def test_strict_picks_lowest_uncertainty_not_lowest_delay():
+    result = selection.select([ok("a", delay=0.010, unc=0.009), ok("b", delay=0.014, unc=0.007),
+                               ok("c", delay=0.2, unc=0.1)], STRICT, enable_fallback=True)
+    assert result["quality"] == selection.STRICT
+    assert result["chosen"]["server"] == "b"
+    assert result["servers_used"] == 2
+    status = {s["server"]: s["status"] for s in result["servers"]}
+    assert status == {"a": "accepted", "b": "chosen", "c": "rejected"}
+
+
+def test_ties_prefer_the_lower_stratum():
+    result = selection.select([ok("s3", delay=0.01, unc=0.005, stratum=3),
+                               ok("s1", delay=0.01, unc=0.005, stratum=1)], STRICT, enable_fallback=False)
+    assert result["chosen"]["server"] == "s1"
+
+
+def test_stratum_range_is_honoured_and_never_relaxed():
+    result = selection.select([ok("far", delay=0.01, unc=0.001, stratum=14)],
+                              Thresholds(0.1, 0.01, 1, 13), enable_fallback=True)
+    assert result["quality"] == selection.STARVATION
+    assert "stratum 14 outside 1-13" in result["servers"][0]["detail"]
+
+
+def test_relaxed_fallback_reuses_the_same_samples():
+    outcomes = [ok("a", delay=0.150, unc=0.012), ok("b", delay=0.120, unc=0.015), ok("c", delay=0.25, unc=0.01)]
+    result = selection.select(outcomes, STRICT, enable_fallback=True)
+    assert result["quality"] == selection.RELAXED
+    assert result["chosen"]["server"] == "a"
+    c = next(s for s in result["servers"] if s["server"] == "c")
+    assert c["status"] == "rejected" and c["reason"] == "over_relaxed_thresholds"
+
+
+def test_no_fallback_means_starvation():
+    result = selection.select([ok("a", delay=0.150, unc=0.012)], STRICT, enable_fallback=False)
+    assert result["quality"] == selection.STARVATION and result["chosen"] is None
+
+
+def test_all_failed_is_starvation_with_reasons():
+    result = selection.select([failed("a"), failed("b", "kod_rate", 1)], STRICT, enable_fallback=True)
+    assert result["quality"] == selection.STARVATION
+    assert [s["reason"] for s in result["servers"]] == ["timeout", "kod_rate"]
+
+
+def test_duplicate_outcomes_count_once():
+    outcomes = [ok("a", delay=0.01, unc=0.005), ok("a", delay=0.01, unc=0.004), failed("b"), ok("b", delay=0.02, unc=0.006)]
+    result = selection.select(outcomes, STRICT, enable_fallback=True)
+    assert len(result["servers"]) == 2
+    assert result["servers_used"] == 2  # b's success wins over its duplicate failure
+
+
+def test_sequential_chain_results_are_flattened():
+    assert len(selection.flatten([[ok("a", delay=0.01, unc=0.001), failed("b")]])) == 2
+
+
+def test_record_fills_in_servers_that_never_reported_and_counts():
+    meta = {"round_id": "r1", "node": "n", "dispatched_at": 0.0, "servers": ["a", "b", "c"],
+            "strict": STRICT.as_dict(), "enable_fallback": True, "mode": "simple", "parallel": True}
+    outcomes = [ok("a", delay=0.01, unc=0.005), failed("b", "bogus_origin", 3)]
+    record = build_record(meta, outcomes, finished_at=1.5)
+    assert record["latest"]["server"] == "a" and record["latest"]["servers_total"] == 3
+    assert {s["server"]: s.get("reason") for s in record["servers"]}["c"] == "no_result"
+    counts = round_counters(record)
+    assert counts["queries"] == 4 and counts["retries"] == 2
+    assert counts["rejected"] == 3 and counts["rejected:bogus_origin"] == 3
+    assert counts["strict"] == 1 and counts["failed:no_result"] == 1
