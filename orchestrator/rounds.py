@@ -20,6 +20,7 @@ from workers.config import Config
 from workers.quality import Thresholds
 from workers.tasks import query_server
 
+from .store import UNANSWERED_DELAY_S, Store, client_for
 from .tasks import finish_round
 
 #: Time allowed for messages to reach the worker and the callback to run,
@@ -66,8 +67,13 @@ def round_budget_s(config: Config) -> float:
     return per_server * servers + DISPATCH_SLACK_S
 
 
-def build_round(config: Config, node: str, *, now: float | None = None):
-    """The chord for one round of ``node`` and the metadata its callback gets."""
+def build_round(config: Config, node: str, *, now: float | None = None,
+                expected_delays: dict[str, float] | None = None):
+    """The chord for one round of ``node`` and the metadata its callback gets.
+
+    ``expected_delays`` (server -> seconds, from the previous round) orders the
+    queries slowest first; without it they go in config order.
+    """
     now = time.time() if now is None else now
     round_id = new_round_id(node, now)
     deadline_at = now + round_budget_s(config)
@@ -88,16 +94,30 @@ def build_round(config: Config, node: str, *, now: float | None = None):
         "history_length": config.service.history_length,
     }
     if config.ntp.parallel_queries:
-        header = [query_server.signature(kwargs={"job": job}, queue=queue) for job in jobs]
+        if expected_delays:
+            # Longest first: a worker starts tasks in the order they arrive,
+            # so the server that gates the round should not wait behind nine others.
+            jobs.sort(key=lambda job: -expected_delays.get(job["server"], UNANSWERED_DELAY_S))
+        header = [_query_signature(job, queue) for job in jobs]
     else:
         # ChronoTick's old behaviour, kept for comparison: one server after another.
-        header = [chain(*(query_server.signature(kwargs={"job": job}, queue=queue) for job in jobs))]
-    callback = finish_round.signature(args=(meta,), queue=queue)
+        header = [chain(*(_query_signature(job, queue) for job in jobs))]
+    callback = finish_round.signature(args=(meta,), queue=queue,
+                                      argsrepr=f"(<{len(jobs)} outcomes>, round={round_id})",
+                                      kwargsrepr="{}")
     return chord(header, callback), meta
+
+
+def _query_signature(job: dict, queue: str):
+    # A short, explicit repr: Flower shows the server and node at a glance,
+    # and Celery does not have to saferepr() the whole job for every message.
+    summary = f"{{server={job['server']}, node={job['node']}, round={job['round_id']}}}"
+    return query_server.signature(kwargs={"job": job}, queue=queue, argsrepr="()", kwargsrepr=summary)
 
 
 def dispatch(config: Config, node: str) -> RoundHandle:
     """Send one round for ``node`` and return without waiting."""
-    canvas, meta = build_round(config, node)
+    store = Store(client_for(config.service.redis_url), prefix=config.service.key_prefix)
+    canvas, meta = build_round(config, node, expected_delays=store.server_delays(node))
     result = canvas.apply_async()
     return RoundHandle(round_id=meta["round_id"], node=node, deadline_at=meta["deadline_at"], result=result)

@@ -14,6 +14,9 @@ With prefix ``chronotick`` and node ``n1``:
     rejected, plus ``rejected:<reason>`` and ``failed:<reason>`` per reason.
 ``chronotick:ntp:nodes``
     Set of the node names seen.
+``chronotick:ntp:n1:server_delay``
+    Internal (not part of the contract): each server's last delay, so the
+    next round sends its slowest query first.
 
 One round's writes go in one MULTI/EXEC transaction, so a reader never sees a
 ``latest`` without its history entry and counters.
@@ -22,6 +25,7 @@ One round's writes go in one MULTI/EXEC transaction, so a reader never sees a
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 
 import redis
 
@@ -52,6 +56,10 @@ class Keys:
 
     def nodes(self) -> str:
         return f"{self.prefix}:ntp:nodes"
+
+    def server_delay(self, node: str) -> str:
+        """Internal: each server's last round-trip delay, so the next round sends the slowest first."""
+        return self._node(node, "server_delay")
 
 
 class Store:
@@ -86,6 +94,9 @@ class Store:
         pipe.xadd(self.keys.history(node), {"record": json.dumps(record, sort_keys=True)},
                   maxlen=history_length, approximate=False)
         pipe.sadd(self.keys.nodes(), node)
+        delays = expected_delays(record)
+        if delays:
+            pipe.hset(self.keys.server_delay(node), mapping=delays)
         for name, amount in round_counters(record).items():
             pipe.hincrby(self.keys.stats(node), name, amount)
         pipe.execute()
@@ -106,6 +117,29 @@ class Store:
 
     def nodes(self) -> list[str]:
         return sorted(_text(n) for n in self.client.smembers(self.keys.nodes()))
+
+    def server_delays(self, node: str) -> dict[str, float]:
+        return {_text(k): float(v) for k, v in self.client.hgetall(self.keys.server_delay(node)).items()}
+
+
+def expected_delays(record: dict) -> dict[str, float]:
+    """How long each server of a round kept its query busy (s); a failure counts as very long."""
+    delays = {}
+    for server in record["servers"]:
+        sample = server.get("sample")
+        delays[server["server"]] = sample["delay_s"] if sample else UNANSWERED_DELAY_S
+    return delays
+
+
+#: The expected delay of a server that did not answer: it will hold its
+#: query for a whole timeout, so it is sent among the first.
+UNANSWERED_DELAY_S = 1e6
+
+
+@lru_cache(maxsize=8)
+def client_for(url: str) -> redis.Redis:
+    """One shared client (and connection pool) per Redis URL in this process."""
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)
 
 
 def round_counters(record: dict) -> dict[str, int]:

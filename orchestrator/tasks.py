@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import time
-from functools import lru_cache
-
-import redis
 from celery.utils.log import get_task_logger
 
 from workers.app import app
 from workers.quality import Thresholds
 
 from . import selection
-from .store import Store
+from .store import Store, client_for
 
 log = get_task_logger(__name__)
 
 #: The registered name (what Flower shows).
 FINISH_TASK = "chronotick.finish_round"
-
-
-@lru_cache(maxsize=8)
-def _redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)
 
 
 @app.task(bind=True, name=FINISH_TASK)
@@ -38,7 +30,7 @@ def finish_round(self, results: list, meta: dict) -> dict:
         From :func:`orchestrator.rounds.build_round`.
     """
     record = build_record(meta, selection.flatten(results), finished_at=time.time())
-    store = Store(_redis(self.app.conf.chronotick_redis_url), prefix=meta["key_prefix"])
+    store = Store(client_for(self.app.conf.chronotick_redis_url), prefix=meta["key_prefix"])
     store.publish_round(record, history_length=meta["history_length"])
     chosen = record["latest"]
     if chosen is None:

@@ -1,0 +1,166 @@
+"""How long one round takes: sequential, a thread pool (ChronoTick's old way), this pipeline.
+
+Ten simulated servers on loopback with round trips of 10, 20, ... 100 ms.  Each
+method runs a round per iteration, interleaved so that the machine's noise
+falls on all of them alike; the table shows medians and ratios from one run.
+
+* ``sequential``   -- ntplib, one server after another (the old default path)
+* ``threadpool``   -- ntplib in ``ThreadPoolExecutor(10)`` (the old parallel path)
+* ``pipeline``     -- ``rounds.dispatch`` -> chord on a real worker -> selection ->
+  ``latest`` in Redis, timed until the ``updates`` message reaches a subscriber
+  (what a consumer sees)
+
+Also reported: the |offset error| against the simulator's known truth, for
+the same set and for ten servers whose replies all land at once (50 ms each).
+
+Run:  python bench/round_latency.py [--rounds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ntplib
+import redis
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from orchestrator.demo import RedisProcess  # noqa: E402
+from simulator.server import Behaviour, NtpSimulator, free_udp_ports  # noqa: E402
+from workers import config as config_mod  # noqa: E402
+
+TRUE_OFFSET_S = 0.25
+NODE = "bench"
+
+
+def ntplib_round(servers, *, parallel: bool):
+    client = ntplib.NTPClient()
+
+    def one(address):
+        host, port = address.rsplit(":", 1)
+        return client.request(host, port=int(port), version=4, timeout=2).offset
+
+    if not parallel:
+        return [one(s) for s in servers]
+    with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+        return list(pool.map(one, servers))
+
+
+def pipeline_round(config, pubsub):
+    """Dispatch a round; return (seconds until its latest reached a subscriber, its record)."""
+    from orchestrator import rounds
+
+    start = time.perf_counter()
+    handle = rounds.dispatch(config, NODE)
+    while True:
+        message = pubsub.get_message(timeout=10)
+        if message is None:
+            raise RuntimeError(f"round {handle.round_id} published nothing within 10 s")
+        if message["type"] == "message" and json.loads(message["data"])["round_id"] == handle.round_id:
+            elapsed = time.perf_counter() - start
+            record = handle.wait()  # fetched after the clock stopped: not part of the round
+            handle.result.forget()
+            return elapsed, record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15, help="measured rounds per method (default 15)")
+    parser.add_argument("--events", action="store_true", help="worker sends task events (as with Flower)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="ct-bench-") as tmp, RedisProcess(Path(tmp)) as redis_proc:
+        os.environ[config_mod.ENV_REDIS_URL] = redis_proc.url
+        results = {}
+        for set_name, delays in (("stagger", [0.010 * (i + 1) for i in range(10)]), ("same50", [0.050] * 10)):
+            results[set_name] = run_set(Path(tmp), redis_proc.url, delays, args)
+    print_report(results, args)
+
+
+def run_set(tmp: Path, redis_url: str, delays, args):
+    ports = free_udp_ports(len(delays))
+    sim = NtpSimulator({p: Behaviour(offset_s=TRUE_OFFSET_S, delay_s=d) for p, d in zip(ports, delays)}).start()
+    servers = sim.servers()
+    path = tmp / "bench.yaml"
+    path.write_text(yaml.safe_dump({
+        "clock_measurement": {"ntp": {"servers": servers, "timeout_seconds": 2.0, "max_delay": 0.5,
+                                      "max_acceptable_uncertainty": 0.5, "max_retries": 1}},
+        "ntp_service": {"key_prefix": "bench", "history_length": 100}}))
+    config = config_mod.load(path)
+    from orchestrator.cli import worker_argv, workers_for_queue
+    from workers.app import app, configure
+
+    configure(app, config.service)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = worker_argv(config, NODE, events=args.events, loglevel="WARNING")
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", *argv], env=env,
+                              stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "ab"), cwd=str(REPO))
+    try:
+        deadline = time.monotonic() + 30
+        while not workers_for_queue(f"ntp.{NODE}", timeout_s=0.5):
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise SystemExit("bench worker did not start:\n" + (tmp / "worker.log").read_text()[-2000:])
+        client = redis.Redis.from_url(redis_url)
+        pubsub = client.pubsub()
+        pubsub.subscribe(f"bench:ntp:{NODE}:updates")
+        pubsub.get_message(timeout=1)
+        times = {"sequential": [], "threadpool": [], "pipeline": []}
+        errors = {"threadpool": [], "pipeline": []}
+        for i in range(args.rounds + 2):  # two warm-up rounds
+            for method in times:
+                if method == "pipeline":
+                    elapsed, record = pipeline_round(config, pubsub)
+                    offsets = [s["sample"]["offset_s"] for s in record["servers"] if s.get("sample")]
+                else:
+                    start = time.perf_counter()
+                    offsets = ntplib_round(servers, parallel=method == "threadpool")
+                    elapsed = time.perf_counter() - start
+                if i >= 2:
+                    times[method].append(elapsed)
+                    if method in errors:
+                        errors[method].extend(abs(o - TRUE_OFFSET_S) for o in offsets)
+        return {"times": times, "errors": errors}
+    finally:
+        worker.terminate()
+        worker.wait(timeout=15)
+        sim.stop()
+
+
+def _pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def print_report(results, args) -> None:
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"{args.rounds} rounds per method after 2 warm-up, worker events {'on' if args.events else 'off'}")
+    for set_name, data in results.items():
+        times = data["times"]
+        seq = statistics.median(times["sequential"])
+        pool = statistics.median(times["threadpool"])
+        print(f"\nset {set_name}: round wall time (ms)")
+        print(f"  {'method':<12} {'median':>8} {'p90':>8} {'vs threadpool':>14} {'vs sequential':>14}")
+        for method, values in times.items():
+            med = statistics.median(values)
+            print(f"  {method:<12} {med * 1e3:8.1f} {_pct(values, 0.9) * 1e3:8.1f} "
+                  f"{med / pool:13.2f}x {seq / med:13.2f}x faster")
+        print("  |offset error| per server sample (ms):   p50      p95      max")
+        for method, errs in data["errors"].items():
+            print(f"  {method:<40} {_pct(errs, .5) * 1e3:6.3f}   {_pct(errs, .95) * 1e3:6.3f}   "
+                  f"{max(errs) * 1e3:6.3f}")
+
+
+if __name__ == "__main__":
+    main()
