@@ -173,3 +173,14 @@ def test_round_tasks_go_only_to_the_nodes_queue(simulator, tmp_path, key_prefix)
     assert {t.options["queue"] for t in canvas.tasks} == {"ntp.ares-comp-11"}
     assert canvas.body.options["queue"] == "ntp.ares-comp-11"
     assert meta["deadline_at"] > meta["dispatched_at"]
+
+
+def test_slowest_known_server_is_sent_first(simulator, tmp_path, key_prefix):
+    _, servers = simulator({"fast": Behaviour(), "slow": Behaviour(), "new": Behaviour()})
+    config = config_mod.load(write_config(tmp_path, list(servers.values()), key_prefix=key_prefix))
+    expected = {servers["fast"]: 0.010, servers["slow"]: 0.090}
+    canvas, _ = rounds.build_round(config, "n1", expected_delays=expected)
+    order = [t.kwargs["job"]["server"] for t in canvas.tasks]
+    # A server with no history may be dead (a whole timeout): it goes first too.
+    assert order == [servers["new"], servers["slow"], servers["fast"]]
+    assert "server=" + servers["new"] in canvas.tasks[0].options["kwargsrepr"]
