@@ -37,6 +37,23 @@ class RoundHandle:
     deadline_at: float
     result: AsyncResult
 
+    def detach(self) -> None:
+        """Stop listening for this round's results in this process.
+
+        Celery's Redis backend subscribes the sender to every task's result
+        channel; a scheduler that never waits would collect subscriptions
+        forever.  :meth:`ready` still works (it reads the stored result).
+        """
+        results = [self.result]
+        parent = self.result.parent
+        if parent is not None:
+            results.extend(getattr(parent, "results", None) or [parent])
+        for result in results:
+            self.result.backend.remove_pending_result(result)
+
+    def ready(self) -> bool:
+        return self.result.ready()
+
     def wait(self, *, grace_s: float = 5.0) -> dict | None:
         """The round record, or ``None`` if the callback has not run by the deadline (+ grace)."""
         timeout = max(0.1, self.deadline_at + grace_s - time.time())

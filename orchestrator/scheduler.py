@@ -66,12 +66,15 @@ class Scheduler:
 
     def _tick(self, node: str) -> None:
         previous = self.in_flight.get(node)
-        if previous is not None and not previous.result.ready() and time.time() < previous.deadline_at:
+        if previous is not None and not previous.ready() and time.time() < previous.deadline_at:
             self.skipped[node] += 1
             log.warning("[SKIP] %s: round %s still running; not starting another", node, previous.round_id)
             return
         try:
-            self.in_flight[node] = self._dispatch(self.config, node)
+            handle = self._dispatch(self.config, node)
+            if hasattr(handle, "detach"):
+                handle.detach()
+            self.in_flight[node] = handle
             self.dispatched[node] += 1
             log.info("[ROUND] %s: dispatched %s", node, self.in_flight[node].round_id)
         except Exception as exc:  # broker down: say so, keep the schedule

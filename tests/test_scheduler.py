@@ -1,0 +1,76 @@
+"""The beat: rounds every warm-up interval, then every normal interval, published without anyone asking."""
+
+import threading
+
+import pytest
+import yaml
+
+from orchestrator import rounds
+from orchestrator.scheduler import Scheduler
+from orchestrator.store import Store
+from simulator.server import Behaviour
+from workers import config as config_mod
+
+from .conftest import TEST_NODE, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_beat_runs_warm_up_then_normal_rounds(worker, simulator, tmp_path, key_prefix, redis_client):
+    _, servers = simulator({"s": Behaviour(offset_s=0.002, delay_s=0.004)})
+    path = tmp_path / "beat.yaml"
+    path.write_text(yaml.safe_dump({
+        "clock_measurement": {
+            "ntp": {"servers": list(servers.values()), "timeout_seconds": 0.3, "retry_delay": 0.1},
+            "timing": {"warm_up": {"duration_seconds": 1.0, "measurement_interval": 0.25},
+                       "normal_operation": {"measurement_interval": 1.0}}},
+        "ntp_service": {"key_prefix": key_prefix, "nodes": [TEST_NODE]}}))
+    config = config_mod.load(path)
+    scheduler = Scheduler(config, list(config.service.nodes))
+    thread = threading.Thread(target=scheduler.run, daemon=True)
+    thread.start()
+    store = Store(redis_client, prefix=key_prefix)
+    try:
+        wait_for(lambda: store.stats(TEST_NODE)["rounds"] >= 7, timeout_s=20, what="seven scheduled rounds")
+    finally:
+        scheduler.stop()
+        thread.join(timeout=5)
+    records = sorted(store.history(TEST_NODE, count=50), key=lambda r: r["dispatched_at"])
+    starts = [r["dispatched_at"] - records[0]["dispatched_at"] for r in records]
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    warm = [g for s, g in zip(starts, gaps) if s < 0.9]
+    normal = [g for s, g in zip(starts, gaps) if s >= 1.1]
+    assert warm and all(0.2 <= g <= 0.45 for g in warm), gaps
+    assert normal and all(0.9 <= g <= 1.2 for g in normal), gaps
+    assert all(r["quality"] == "strict" for r in records)
+    assert store.latest(TEST_NODE)["round_id"] == records[-1]["round_id"]
+    assert scheduler.skipped[TEST_NODE] == 0
+
+
+def test_a_node_whose_round_is_still_running_is_skipped(tmp_path):
+    config = config_mod.from_mapping({"clock_measurement": {
+        "ntp": {"servers": ["127.0.0.1:9"]},
+        "timing": {"warm_up": {"duration_seconds": 0, "measurement_interval": 1},
+                   "normal_operation": {"measurement_interval": 0.05}}}}, environ={})
+
+    class PendingRound(rounds.RoundHandle):
+        def detach(self):
+            pass
+
+        def ready(self):
+            return False
+
+    sent = []
+
+    def fake_dispatch(cfg, node):
+        sent.append(node)
+        import time
+        return PendingRound(round_id=f"r{len(sent)}", node=node, deadline_at=time.time() + 60, result=None)
+
+    scheduler = Scheduler(config, ["a", "b"], dispatch=fake_dispatch)
+    thread = threading.Thread(target=scheduler.run, daemon=True)
+    thread.start()
+    wait_for(lambda: scheduler.skipped["a"] >= 3 and scheduler.skipped["b"] >= 3, what="skipped ticks")
+    scheduler.stop()
+    thread.join(timeout=5)
+    assert sent.count("a") == 1 and sent.count("b") == 1  # never a second round while one runs
