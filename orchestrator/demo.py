@@ -64,12 +64,19 @@ def run_demo(config_path: str | None, *, rounds: int = 4) -> int:
             print("\n--- what ChronoTick reads from Redis ---")
             return cli.main(["latest", "--config", path, "--node", node])
         finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            stop_process(worker)
             log.close()
+
+
+def stop_process(proc: subprocess.Popen, *, timeout_s: float = 15.0) -> None:
+    """SIGTERM, wait up to ``timeout_s``, then SIGKILL."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class RedisProcess:
@@ -102,13 +109,8 @@ class RedisProcess:
         return self
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            stop_process(self.process)
 
     def __enter__(self) -> "RedisProcess":
         return self.start()

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from celery import chain, chord
+from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
 from workers import measure
@@ -59,7 +60,8 @@ class RoundHandle:
         timeout = max(0.1, self.deadline_at + grace_s - time.time())
         try:
             return self.result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
-        except TimeoutError:
+        except CeleryTimeout:
+            self.detach()  # given up on: stop listening for it
             return None
 
 

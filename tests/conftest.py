@@ -22,7 +22,7 @@ import pytest
 import redis
 import yaml
 
-from orchestrator.demo import RedisProcess
+from orchestrator.demo import RedisProcess, stop_process
 from simulator.server import Behaviour, NtpSimulator, free_udp_ports
 from workers import config as config_mod
 
@@ -103,16 +103,6 @@ def start_worker(redis_url: str, node: str, log_path: Path, *, concurrency: int 
 
     wait_for(ready, what=f"a worker on ntp.{node}")
     return proc
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="session")

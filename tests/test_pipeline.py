@@ -184,3 +184,31 @@ def test_slowest_known_server_is_sent_first(simulator, tmp_path, key_prefix):
     # A server with no history may be dead (a whole timeout): it goes first too.
     assert order == [servers["new"], servers["slow"], servers["fast"]]
     assert "server=" + servers["new"] in canvas.tasks[0].options["kwargsrepr"]
+
+
+def test_a_round_that_never_finishes_is_reported_not_raised(redis_url, tmp_path, capsys, monkeypatch):
+    import time
+
+    from celery.result import AsyncResult
+
+    from workers.app import app
+
+    stuck = rounds.RoundHandle(round_id="stuck", node=TEST_NODE, deadline_at=time.time() - 1,
+                               result=AsyncResult("no-such-task", app=app))
+    assert stuck.wait(grace_s=1.2) is None
+    # ... and the CLI turns it into exit 1 with a sentence, not a traceback.
+    monkeypatch.setattr(rounds, "dispatch", lambda config, node: stuck)
+    monkeypatch.setattr(cli, "workers_for_queue", lambda queue, timeout_s=1.0: ["someone"])
+    path = write_config(tmp_path, ["127.0.0.1:9"])
+    assert cli.main(["measure", "--config", str(path), "--node", TEST_NODE]) == cli.EXIT_STARVATION
+    assert "round stuck did not finish by its deadline" in capsys.readouterr().err
+
+
+def test_plain_celery_process_takes_redis_from_the_environment(monkeypatch):
+    monkeypatch.setenv(config_mod.ENV_REDIS_URL, "redis://10.1.2.3:6390/4")
+    monkeypatch.setenv(config_mod.ENV_REDIS_PASSWORD, "pw")
+    from workers.app import create_app
+
+    app = create_app()
+    assert app.conf.broker_url == "redis://:pw@10.1.2.3:6390/4"
+    assert app.conf.accept_content == ["json"] and app.conf.task_serializer == "json"

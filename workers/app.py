@@ -77,12 +77,7 @@ def _service_from_environment() -> config_mod.ServiceSettings:
     path = os.environ.get(config_mod.ENV_CONFIG)
     if path:
         return config_mod.load(path).service
-    url = os.environ.get(config_mod.ENV_REDIS_URL) or config_mod.DEFAULT_REDIS_URL
-    return config_mod.from_mapping(
-        {"clock_measurement": {"ntp": {"servers": ["localhost"]}}, "ntp_service": {}},
-        source="$" + config_mod.ENV_REDIS_URL if os.environ.get(config_mod.ENV_REDIS_URL) else "<defaults>",
-        environ={**os.environ, config_mod.ENV_REDIS_URL: url},
-    ).service
+    return config_mod.service_from_environment()
 
 
 app = create_app()

@@ -378,6 +378,12 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def service_from_environment(environ: dict[str, str] | None = None) -> ServiceSettings:
+    """The ``ntp_service`` settings of a process given no config file: Redis from the environment."""
+    environ = os.environ if environ is None else environ
+    return _parse_service({}, "$" + ENV_REDIS_URL, environ)
+
+
 def is_valid_node_name(name: str) -> bool:
     """Node names become queue and key names: keep them to a safe alphabet."""
     return bool(name) and len(name) <= 64 and all(c.isalnum() or c in "-_." for c in name)
