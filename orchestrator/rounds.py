@@ -28,6 +28,10 @@ from .tasks import finish_round
 #: on top of the query schedule itself.
 DISPATCH_SLACK_S = 2.0
 
+#: A RATE kiss keeps a server unqueried for this many normal intervals
+#: (chrony adds four poll intervals).
+RATE_BACKOFF_INTERVALS = 4
+
 
 @dataclass(frozen=True)
 class RoundHandle:
@@ -97,7 +101,9 @@ def build_round(config: Config, node: str, *, now: float | None = None,
     round_id = new_round_id(node, now)
     deadline_at = now + round_budget_s(config)
     queue = queue_for(node)
-    jobs = [measure.make_job(server=s, node=node, round_id=round_id, ntp=config.ntp, deadline_at=deadline_at)
+    rate_backoff_s = RATE_BACKOFF_INTERVALS * config.timing.normal_interval_s
+    jobs = [measure.make_job(server=s, node=node, round_id=round_id, ntp=config.ntp, deadline_at=deadline_at,
+                             rate_backoff_s=rate_backoff_s)
             for s in config.ntp.servers]
     meta = {
         "round_id": round_id,
@@ -111,6 +117,10 @@ def build_round(config: Config, node: str, *, now: float | None = None,
         "parallel": config.ntp.parallel_queries,
         "key_prefix": config.service.key_prefix,
         "history_length": config.service.history_length,
+        "selection": config.ntp.selection,
+        "groups": [list(g) for g in config.ntp.server_groups],
+        "outlier_window_size": config.ntp.outlier_window_size,
+        "outlier_sigma_threshold": config.ntp.outlier_sigma_threshold,
     }
     if config.ntp.parallel_queries:
         if expected_delays:

@@ -1,18 +1,26 @@
 """Choosing a round's measurement from its servers' outcomes.  Pure: data in, data out.
 
-The gates, in order:
+In order, in the words of RFC 5905 and chrony's ``sources.c``:
 
-1. **strict** -- delay <= max_delay, uncertainty <= max_acceptable_uncertainty,
-   min_stratum <= stratum <= max_stratum;
-2. **relaxed** (if ``enable_fallback``) -- the same samples, not a new network
-   round, against 2x delay and 2x uncertainty; the result says ``relaxed``;
-3. otherwise **starvation**: nothing is chosen, and the caller must not
-   publish anything as fresh.
-
-Among the samples that pass, the best is the one with the lowest uncertainty
-(root distance: the bound on its error), then the lower stratum, then the lower
-delay.  ChronoTick's old key preferred the *higher* stratum number -- a server
-further from a reference clock -- by mistake.
+1. **Falsetickers out.**  Every valid sample says "the true offset lies in
+   [offset - uncertainty, offset + uncertainty]".  Marzullo's sweep finds the
+   interval covered by the most samples; servers declared correlated (a group,
+   such as Google's four leap-smearing servers) count as one vote.  Without a
+   majority of votes agreeing, nothing is published.  A sample whose interval
+   contains that best interval or lies wholly inside it is a **truechimer**;
+   any other is a **falseticker**, however small its delay.
+2. **Gates** on the truechimers: strict -- delay <= max_delay, uncertainty <=
+   max_acceptable_uncertainty, min_stratum <= stratum <= max_stratum; then, if
+   ``enable_fallback``, relaxed (2x delay and uncertainty, same samples, never
+   a new network round); else **starvation**.
+3. **Choice** among those that pass: ``best`` takes the lowest uncertainty
+   (root distance), then the lower stratum, then the lower delay.  ``combine``
+   averages the passing truechimers within :data:`COMBINE_LIMIT` times the best
+   one's uncertainty, each weighted by 1/uncertainty (chrony's
+   ``combine_sources``); the combined uncertainty is the same weighted mean of
+   their uncertainties -- a hard bound, since ``|sum w_i e_i| <= sum w_i u_i``
+   whenever each ``|e_i| <= u_i``, with no assumption that errors are
+   independent (asymmetric paths make them anything but).
 """
 
 from __future__ import annotations
@@ -23,11 +31,20 @@ STRICT = "strict"
 RELAXED = "relaxed"
 STARVATION = "starvation"
 
+BEST = "best"
+COMBINE = "combine"
+
 #: Per-server statuses in a round record.
-ACCEPTED = "accepted"   # passed the gate in force (a candidate)
-CHOSEN = "chosen"       # the one published
-REJECTED = "rejected"   # a reply arrived but failed the gate in force
-FAILED = "failed"       # no usable reply after every attempt
+CHOSEN = "chosen"             # the one published (``best``) or the primary of a combination
+COMBINED = "combined"         # part of a published combination
+ACCEPTED = "accepted"         # a truechimer that passed the gate in force, not used
+REJECTED = "rejected"         # a truechimer that failed the gate in force
+FALSETICKER = "falseticker"   # disagrees with the majority
+FAILED = "failed"             # no usable reply after every attempt
+
+#: chrony's ``combinelimit``: sources further than this many times the best
+#: one's distance are not combined.
+COMBINE_LIMIT = 3.0
 
 
 def best_key(sample: dict) -> tuple:
@@ -57,8 +74,89 @@ def flatten(results: list) -> list[dict]:
     return flat
 
 
-def select(outcomes: list[dict], strict: Thresholds, *, enable_fallback: bool) -> dict:
-    """Apply the strict gate, then the relaxed one, and pick the best sample.
+def intersect(samples: list[dict], groups: list[list[str]] | None = None) -> dict:
+    """Marzullo's sweep: the interval most votes agree on, and who agrees.
+
+    Parameters
+    ----------
+    samples:
+        Samples with ``server``, ``offset_s`` and ``uncertainty_s``.
+    groups:
+        Lists of server names that share a failure mode; each group votes once,
+        through its member with the lowest uncertainty.
+
+    Returns
+    -------
+    ``{"majority", "votes", "depth", "interval", "truechimers", "falsetickers"}``
+    (server names; ``interval`` is ``[low, high]`` in seconds or ``None``).
+    """
+    if not samples:
+        return {"majority": False, "votes": 0, "depth": 0, "interval": None, "truechimers": [],
+                "falsetickers": []}
+    group_of = {server: i for i, members in enumerate(groups or []) for server in members}
+    voters: dict[object, dict] = {}
+    for sample in samples:
+        key = ("group", group_of[sample["server"]]) if sample["server"] in group_of else sample["server"]
+        if key not in voters or sample["uncertainty_s"] < voters[key]["uncertainty_s"]:
+            voters[key] = sample
+
+    LOW, HIGH = 0, 1  # at equal offsets a start sorts first: touching intervals agree
+    edges = sorted([(s["offset_s"] - s["uncertainty_s"], LOW) for s in voters.values()]
+                   + [(s["offset_s"] + s["uncertainty_s"], HIGH) for s in voters.values()])
+    depth = best_depth = 0
+    best_low = best_high = None
+    for value, kind in edges:
+        if kind == LOW:
+            depth += 1
+            if depth > best_depth:
+                best_depth, best_low = depth, value
+        else:
+            if depth == best_depth:
+                best_high = value
+            depth -= 1
+    votes = len(voters)
+    if best_depth <= votes / 2:
+        return {"majority": False, "votes": votes, "depth": best_depth, "interval": None,
+                "truechimers": [], "falsetickers": sorted(s["server"] for s in samples)}
+    truechimers, falsetickers = [], []
+    for s in samples:
+        low, high = s["offset_s"] - s["uncertainty_s"], s["offset_s"] + s["uncertainty_s"]
+        agrees = (low <= best_low and high >= best_high) or (low >= best_low and high <= best_high)
+        (truechimers if agrees else falsetickers).append(s["server"])
+    return {"majority": True, "votes": votes, "depth": best_depth, "interval": [best_low, best_high],
+            "truechimers": sorted(truechimers), "falsetickers": sorted(falsetickers)}
+
+
+def combine(samples: list[dict]) -> dict:
+    """Weighted combination of ``samples`` (weights 1/uncertainty); see the module doc.
+
+    The result looks like a sample: ``server`` is the primary (lowest
+    uncertainty) member, ``combined`` lists every member.
+    """
+    primary = min(samples, key=best_key)
+    weights = [1.0 / s["uncertainty_s"] for s in samples]
+    total = sum(weights)
+
+    def mean(key: str) -> float:
+        return sum(w * s[key] for w, s in zip(weights, samples)) / total
+
+    result = dict(primary)
+    result.update(
+        offset_s=mean("offset_s"),
+        uncertainty_s=len(samples) / total,  # = sum(w_i * u_i) / sum(w_i)
+        delay_s=mean("delay_s"),
+        root_delay_s=mean("root_delay_s"),
+        root_dispersion_s=mean("root_dispersion_s"),
+        measured_at=mean("measured_at"),
+        stratum=min(s["stratum"] for s in samples),
+        combined=sorted(s["server"] for s in samples),
+    )
+    return result
+
+
+def select(outcomes: list[dict], strict: Thresholds, *, enable_fallback: bool, method: str = BEST,
+           groups: list[list[str]] | None = None) -> dict:
+    """Reject falsetickers, apply the strict then the relaxed gate, and choose.
 
     Parameters
     ----------
@@ -69,24 +167,45 @@ def select(outcomes: list[dict], strict: Thresholds, *, enable_fallback: bool) -
         The configured thresholds.
     enable_fallback:
         Whether the relaxed gate may be used.
+    method:
+        ``best`` or ``combine``.
+    groups:
+        Correlated servers (see :func:`intersect`).
 
     Returns
     -------
-    ``{"quality", "chosen", "servers", "servers_used", "servers_total"}``:
-    ``quality`` is ``strict``, ``relaxed`` or ``starvation``; ``chosen`` is the
-    published sample (``None`` on starvation); ``servers`` has one entry per
-    server with its status and reasons, in name order.
+    ``{"quality", "chosen", "servers", "servers_used", "servers_combined", "servers_total",
+    "agreement"}``: ``quality`` is ``strict``, ``relaxed`` or ``starvation``;
+    ``servers_used`` counts the truechimers that passed the gate in force;
+    ``chosen`` is the
+    sample (or combination) to publish, ``None`` on starvation; ``servers``
+    has one entry per server with its status and reasons, in name order;
+    ``agreement`` is :func:`intersect`'s answer.
     """
+    if method not in (BEST, COMBINE):
+        raise ValueError(f"unknown selection method {method!r}")
     outcomes = unique_by_server(outcomes)
     samples = [o["sample"] for o in outcomes if o["status"] == "ok"]
+    agreement = intersect(samples, groups)
+    truechimers = [s for s in samples if s["server"] in set(agreement["truechimers"])]
+
     gates = [(STRICT, strict)] + ([(RELAXED, strict.relaxed())] if enable_fallback else [])
     quality, gate, passing = STARVATION, gates[-1], []
     for name, thresholds in gates:
-        passing = [s for s in samples if not thresholds.violations(s)]
+        passing = [s for s in truechimers if not thresholds.violations(s)]
         if passing:
             quality, gate = name, (name, thresholds)
             break
-    chosen = min(passing, key=best_key) if passing else None
+
+    chosen, used = None, []
+    if passing:
+        best = min(passing, key=best_key)
+        if method == COMBINE:
+            used = [s for s in passing if s["uncertainty_s"] <= COMBINE_LIMIT * best["uncertainty_s"]]
+            chosen = combine(used) if len(used) > 1 else dict(best, combined=[best["server"]])
+        else:
+            used, chosen = [best], best
+    used_names = {s["server"] for s in used}
 
     servers = []
     for outcome in sorted(outcomes, key=lambda o: o["server"]):
@@ -95,11 +214,24 @@ def select(outcomes: list[dict], strict: Thresholds, *, enable_fallback: bool) -
         if outcome["status"] != "ok":
             entry.update(status=FAILED, reason=outcome["reason"], detail=outcome.get("detail"),
                          kiss_code=outcome.get("kiss_code"))
+            servers.append(entry)
+            continue
+        sample = outcome["sample"]
+        entry["sample"] = sample
+        if sample["server"] in agreement["falsetickers"]:
+            detail = ("no majority of servers agrees" if not agreement["majority"] else
+                      f"interval {sample['offset_s'] - sample['uncertainty_s']:+.6f}..."
+                      f"{sample['offset_s'] + sample['uncertainty_s']:+.6f} s disagrees with the majority's "
+                      f"{agreement['interval'][0]:+.6f}...{agreement['interval'][1]:+.6f} s")
+            entry.update(status=FALSETICKER, reason="falseticker", detail=detail)
         else:
-            sample = outcome["sample"]
             reasons = gate[1].violations(sample)
-            status = CHOSEN if sample is chosen else (REJECTED if reasons else ACCEPTED)
-            entry.update(status=status, sample=sample)
+            if sample["server"] == (chosen or {}).get("server") and sample["server"] in used_names:
+                entry["status"] = CHOSEN
+            elif sample["server"] in used_names:
+                entry["status"] = COMBINED
+            else:
+                entry["status"] = REJECTED if reasons else ACCEPTED
             if reasons:
                 entry.update(reason=f"over_{gate[0]}_thresholds", detail="; ".join(reasons))
         servers.append(entry)
@@ -108,5 +240,7 @@ def select(outcomes: list[dict], strict: Thresholds, *, enable_fallback: bool) -
         "chosen": chosen,
         "servers": servers,
         "servers_used": len(passing),
+        "servers_combined": len(used) if method == COMBINE else None,
         "servers_total": len(outcomes),
+        "agreement": agreement,
     }

@@ -10,13 +10,14 @@ With prefix ``chronotick`` and node ``n1``:
 ``chronotick:ntp:n1:updates``
     Pub/sub channel: each new ``latest`` as it is published.
 ``chronotick:ntp:n1:stats``
-    Hash of counters: rounds, strict, relaxed, starvation, queries, retries,
-    rejected, plus ``rejected:<reason>`` and ``failed:<reason>`` per reason.
+    Hash of counters: rounds, strict, relaxed, starvation, outlier, queries,
+    retries, rejected, falsetickers, plus ``rejected:<reason>`` and
+    ``failed:<reason>`` per reason.
 ``chronotick:ntp:nodes``
     Set of the node names seen.
-``chronotick:ntp:n1:server_delay``
+``chronotick:ntp:n1:server_delay``, ``...:filter_window``, ``...:filter_state``
     Internal (not part of the contract): each server's last delay, so the
-    next round sends its slowest query first.
+    next round sends its slowest query first; the temporal filter's state.
 
 One round's writes go in one MULTI/EXEC transaction, so a reader never sees a
 ``latest`` without its history entry and counters.
@@ -30,7 +31,8 @@ from functools import lru_cache
 import redis
 
 #: Counters every node's stats hash has (zero until first counted).
-COUNTERS = ("rounds", "strict", "relaxed", "starvation", "queries", "retries", "rejected")
+COUNTERS = ("rounds", "strict", "relaxed", "starvation", "outlier", "queries", "retries", "rejected",
+            "falsetickers")
 
 
 class Keys:
@@ -57,6 +59,14 @@ class Keys:
     def nodes(self) -> str:
         return f"{self.prefix}:ntp:nodes"
 
+    def filter_window(self, node: str) -> str:
+        """Internal: the temporal filter's recent accepted results, ``[measured_at, offset]`` JSON."""
+        return self._node(node, "filter_window")
+
+    def filter_state(self, node: str) -> str:
+        """Internal: the temporal filter's count of outliers in a row."""
+        return self._node(node, "filter_state")
+
     def server_delay(self, node: str) -> str:
         """Internal: each server's last round-trip delay, so the next round sends the slowest first."""
         return self._node(node, "server_delay")
@@ -77,7 +87,7 @@ class Store:
         self.client = client
         self.keys = Keys(prefix)
 
-    def publish_round(self, record: dict, *, history_length: int) -> None:
+    def publish_round(self, record: dict, *, history_length: int, window_size: int = 20) -> None:
         """Store a finished round: its record always, its measurement if it has one.
 
         ``record["latest"]`` is the new ``latest`` value, or ``None`` on
@@ -97,6 +107,15 @@ class Store:
         delays = expected_delays(record)
         if delays:
             pipe.hset(self.keys.server_delay(node), mapping=delays)
+        verdict = record.get("filter") or {}
+        if latest is not None:
+            if verdict.get("reset"):
+                pipe.delete(self.keys.filter_window(node))
+            pipe.rpush(self.keys.filter_window(node), json.dumps([latest["measured_at"], latest["offset"]]))
+            pipe.ltrim(self.keys.filter_window(node), -window_size, -1)
+            pipe.hset(self.keys.filter_state(node), "consecutive_outliers", 0)
+        elif verdict.get("outlier"):
+            pipe.hincrby(self.keys.filter_state(node), "consecutive_outliers", 1)
         for name, amount in round_counters(record).items():
             pipe.hincrby(self.keys.stats(node), name, amount)
         pipe.execute()
@@ -117,6 +136,14 @@ class Store:
 
     def nodes(self) -> list[str]:
         return sorted(_text(n) for n in self.client.smembers(self.keys.nodes()))
+
+    def filter_state(self, node: str) -> tuple[list[list[float]], int]:
+        """The temporal filter's window (oldest first) and its outliers-in-a-row count."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.lrange(self.keys.filter_window(node), 0, -1)
+        pipe.hget(self.keys.filter_state(node), "consecutive_outliers")
+        window, consecutive = pipe.execute()
+        return [json.loads(item) for item in window], int(consecutive or 0)
 
     def server_delays(self, node: str) -> dict[str, float]:
         return {_text(k): float(v) for k, v in self.client.hgetall(self.keys.server_delay(node)).items()}
@@ -154,6 +181,8 @@ def round_counters(record: dict) -> dict[str, int]:
             if reason and reason not in _NO_REPLY_REASONS:
                 counts["rejected"] += 1
                 counts[f"rejected:{reason}"] = counts.get(f"rejected:{reason}", 0) + 1
+        if server["status"] == "falseticker":
+            counts["falsetickers"] = counts.get("falsetickers", 0) + 1
         if server["status"] == "rejected":
             counts["rejected"] += 1
             key = f"rejected:{server['reason']}"
@@ -165,7 +194,8 @@ def round_counters(record: dict) -> dict[str, int]:
 
 
 #: Attempt failures that are not a reply we refused (nothing came back).
-_NO_REPLY_REASONS = frozenset({"timeout", "socket_error", "dns_error", "round_deadline"})
+_NO_REPLY_REASONS = frozenset({"timeout", "socket_error", "dns_error", "round_deadline", "no_result",
+                               "kod_backoff", "kod_demobilised"})
 
 
 def _text(value) -> str:

@@ -8,7 +8,7 @@ from celery.utils.log import get_task_logger
 from workers.app import app
 from workers.quality import Thresholds
 
-from . import selection
+from . import outliers, selection
 from .store import Store, client_for
 
 log = get_task_logger(__name__)
@@ -29,11 +29,17 @@ def finish_round(self, results: list, meta: dict) -> dict:
     meta:
         From :func:`orchestrator.rounds.build_round`.
     """
-    record = build_record(meta, selection.flatten(results), finished_at=time.time())
     store = Store(client_for(self.app.conf.chronotick_redis_url), prefix=meta["key_prefix"])
-    store.publish_round(record, history_length=meta["history_length"])
+    window, consecutive = store.filter_state(meta["node"])
+    record = build_record(meta, selection.flatten(results), finished_at=time.time(), window=window,
+                          consecutive_outliers=consecutive)
+    store.publish_round(record, history_length=meta["history_length"],
+                        window_size=meta.get("outlier_window_size", 20))
     chosen = record["latest"]
-    if chosen is None:
+    if record["quality"] == "outlier":
+        log.warning("[NTP_OUTLIER] %s round %s: %s is %.1f sigma from the recent results; not published",
+                    meta["node"], meta["round_id"], record["candidate"]["server"], record["filter"]["z"])
+    elif chosen is None:
         log.error("[NTP_STARVATION] %s round %s: no server passed any gate (%d servers)",
                   meta["node"], meta["round_id"], record["servers_total"])
     else:
@@ -43,18 +49,32 @@ def finish_round(self, results: list, meta: dict) -> dict:
     return record
 
 
-def build_record(meta: dict, outcomes: list[dict], *, finished_at: float) -> dict:
-    """The round record (pure): every server's outcome, the choice, the new ``latest``."""
+def build_record(meta: dict, outcomes: list[dict], *, finished_at: float, window: list | None = None,
+                 consecutive_outliers: int = 0) -> dict:
+    """The round record (pure): every server's outcome, the choice, the new ``latest``.
+
+    ``window`` and ``consecutive_outliers`` are the node's temporal-filter
+    state (see :mod:`orchestrator.outliers`).
+    """
     answered = {o["server"] for o in outcomes}
     missing = [{"status": "failed", "server": name, "reason": "no_result",
                 "detail": "the task did not report before the round closed", "attempts": 0, "history": []}
                for name in meta["servers"] if name not in answered]
     picked = selection.select(outcomes + missing, Thresholds.from_dict(meta["strict"]),
-                              enable_fallback=meta["enable_fallback"])
+                              enable_fallback=meta["enable_fallback"], method=meta.get("selection", "best"),
+                              groups=meta.get("groups"))
     servers_total = len(meta["servers"])
     chosen = picked["chosen"]
-    latest = None
+    quality = picked["quality"]
+    verdict = None
     if chosen is not None:
+        verdict = outliers.judge(chosen["offset_s"], chosen["uncertainty_s"], chosen["measured_at"],
+                                 window or [], sigma_threshold=meta.get("outlier_sigma_threshold", 5.0),
+                                 consecutive_outliers=consecutive_outliers)
+        if verdict["outlier"]:
+            quality = OUTLIER
+    latest = None
+    if chosen is not None and quality != OUTLIER:
         latest = {
             "node": meta["node"],
             "round_id": meta["round_id"],
@@ -73,11 +93,14 @@ def build_record(meta: dict, outcomes: list[dict], *, finished_at: float) -> dic
             "published_at": finished_at,
             "servers_used": picked["servers_used"],
             "servers_total": servers_total,
+            "selection": meta.get("selection", "best"),
         }
+        if len(chosen.get("combined", [])) > 1:
+            latest["combined"] = chosen["combined"]
     return {
         "round_id": meta["round_id"],
         "node": meta["node"],
-        "quality": picked["quality"],
+        "quality": quality,
         "dispatched_at": meta["dispatched_at"],
         "finished_at": finished_at,
         "duration_s": finished_at - meta["dispatched_at"],
@@ -86,5 +109,14 @@ def build_record(meta: dict, outcomes: list[dict], *, finished_at: float) -> dic
         "servers_used": picked["servers_used"],
         "servers_total": servers_total,
         "servers": picked["servers"],
+        "agreement": picked["agreement"],
+        "filter": None if verdict is None else {**verdict, "window": len(window or [])},
+        "candidate": None if chosen is None else {"server": chosen["server"], "offset": chosen["offset_s"],
+                                                  "uncertainty": chosen["uncertainty_s"],
+                                                  "measured_at": chosen["measured_at"]},
         "latest": latest,
     }
+
+
+#: The round quality when the temporal filter refused the chosen result.
+OUTLIER = "outlier"

@@ -73,6 +73,9 @@ class Behaviour:
         ``RSTR``): stratum 0, leap 3, correct origin.
     leap, stratum, version, mode, precision_log2, root_delay_s, root_dispersion_s:
         Header fields of the reply (``version`` None echoes the request's).
+        The default precision, 2^-14 s (61 us), is honest about this server:
+        its t3 is read in Python some tens of microseconds before the packet
+        leaves (measured: about 45 us median on this kind of machine).
     bad_origin:
         Put a wrong origin timestamp in the reply.
     zero_transmit:
@@ -101,7 +104,7 @@ class Behaviour:
     stratum: int = 2
     version: int | None = None
     mode: int = packet.MODE_SERVER
-    precision_log2: int = -23
+    precision_log2: int = -14
     root_delay_s: float = 0.0
     root_dispersion_s: float = 0.0
     bad_origin: bool = False

@@ -35,8 +35,12 @@ def test_offset_and_delay_match_the_simulated_truth(simulator):
 def test_uncertainty_is_root_distance(simulator):
     _, servers = simulator({"s": Behaviour(delay_s=0.010, root_delay_s=0.020, root_dispersion_s=0.003)})
     sample = _exchange(servers["s"])
-    floor = sample.delay_s / 2 + 0.020 / 2 + 0.003
-    assert floor < sample.uncertainty_s < floor + 1e-5
+    # delay/2 + root delay/2 + root dispersion + server precision + client precision + PHI * delay,
+    # plus half our own sendto() call (measured per exchange, microseconds).
+    floor = (sample.delay_s / 2 + 0.020 / 2 + 0.003 + sample.precision_s + client.CLIENT_PRECISION_S
+             + client.PHI * sample.delay_s)
+    assert sample.precision_s == 2.0 ** -14
+    assert floor < sample.uncertainty_s < floor + 200e-6
 
 
 @pytest.mark.parametrize("behaviour, reason", [

@@ -14,6 +14,7 @@ come from YAML: the Redis URL and password come from the environment.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import socket
@@ -87,6 +88,15 @@ class NtpSettings:
     enable_fallback: bool = True
     max_retries: int = 3
     retry_delay: float = 5.0
+    selection: str = "best"
+    server_groups: tuple[tuple[str, ...], ...] = ()
+    max_root_delay: float = 1.0
+    max_root_dispersion: float = 1.0
+
+    @property
+    def config_id(self) -> str:
+        """A short fingerprint of these settings: a change lifts DENY/RSTR demobilisation."""
+        return hashlib.sha256(repr(self).encode()).hexdigest()[:12]
 
     @property
     def attempts(self) -> int:
@@ -164,6 +174,10 @@ _NTP_KEYS: dict[str, tuple[tuple, Any, str]] = {
     "enable_fallback": ((bool,), None, ""),
     "max_retries": ((int,), lambda v: 0 <= v <= 10, "must be between 0 and 10"),
     "retry_delay": (_NUMBER, lambda v: v > 0, "must be greater than 0"),
+    "selection": ((str,), lambda v: v in ("best", "combine"), "must be 'best' or 'combine'"),
+    "server_groups": ((dict,), None, ""),
+    "max_root_delay": (_NUMBER, lambda v: v > 0, "must be greater than 0"),
+    "max_root_dispersion": (_NUMBER, lambda v: v > 0, "must be greater than 0"),
 }
 _TIMING_KEYS = {
     "warm_up": {"duration_seconds": lambda v: v >= 0, "measurement_interval": lambda v: v > 0},
@@ -265,11 +279,34 @@ def _parse_ntp(raw: dict, source: str) -> NtpSettings:
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise ConfigError(source, prefix + "servers", f"{duplicate} is listed twice")
-    settings = NtpSettings(servers=servers, **values)
+    groups = _parse_groups(values.pop("server_groups", {}), servers, source, prefix + "server_groups")
+    settings = NtpSettings(servers=servers, server_groups=groups, **values)
     if settings.max_stratum < settings.min_stratum:
         raise ConfigError(source, prefix + "max_stratum",
                           f"{settings.max_stratum} is below min_stratum {settings.min_stratum}")
     return settings
+
+
+def _parse_groups(raw: dict, servers: tuple[ServerAddress, ...], source: str, key: str):
+    """``{name: [server, ...]}``: servers that fail together and so vote once."""
+    known = {s.name: s for s in servers}
+    seen: dict[str, str] = {}
+    groups = []
+    for name, members in raw.items():
+        where = f"{key}.{name}"
+        if not isinstance(members, list) or len(members) < 2:
+            raise ConfigError(source, where, "must be a list of at least two of the configured servers")
+        names = []
+        for i, member in enumerate(members):
+            server = parse_server(member, source=source, key=f"{where}[{i}]")
+            if server.name not in known:
+                raise ConfigError(source, f"{where}[{i}]", f"{member!r} is not in clock_measurement.ntp.servers")
+            if server.name in seen:
+                raise ConfigError(source, f"{where}[{i}]", f"{member!r} is already in group {seen[server.name]!r}")
+            seen[server.name] = str(name)
+            names.append(server.name)
+        groups.append(tuple(names))
+    return tuple(groups)
 
 
 def parse_server(value: Any, *, source: str = "<config>", key: str = "server") -> ServerAddress:

@@ -37,7 +37,7 @@ REASON_DEADLINE = "round_deadline"
 _resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ntp-dns")
 
 
-def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float) -> dict:
+def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_backoff_s: float) -> dict:
     """Describe one server's part of a round as plain JSON.
 
     Parameters
@@ -52,6 +52,8 @@ def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float) -> di
         The :class:`workers.config.NtpSettings` in force.
     deadline_at:
         Unix time after which no attempt may start.
+    rate_backoff_s:
+        How long a server that sent a RATE kiss is left alone (see :mod:`workers.kod`).
     """
     gate = Thresholds.from_settings(ntp)
     if ntp.enable_fallback:
@@ -67,6 +69,10 @@ def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float) -> di
         "gate": gate.as_dict(),
         "retry_waits_s": list(ntp.retry_waits_s),
         "deadline_at": deadline_at,
+        "max_root_delay_s": ntp.max_root_delay,
+        "max_root_dispersion_s": ntp.max_root_dispersion,
+        "config_id": ntp.config_id,
+        "rate_backoff_s": rate_backoff_s,
     }
 
 
@@ -93,7 +99,10 @@ def attempt(job: dict) -> dict:
         if i:
             time.sleep(ADVANCED_SAMPLE_SPACING_S)
         try:
-            samples.append(client.exchange(job["server"], family, sockaddr, timeout_s=job["timeout_s"]))
+            samples.append(client.exchange(
+                job["server"], family, sockaddr, timeout_s=job["timeout_s"],
+                max_root_delay_s=job.get("max_root_delay_s", sanity.DEFAULT_MAX_ROOT_S),
+                max_root_dispersion_s=job.get("max_root_dispersion_s", sanity.DEFAULT_MAX_ROOT_S)))
         except QueryFailed as exc:
             if exc.rejection.kiss_code:
                 raise  # a server that kissed us off gets no more packets this attempt

@@ -6,6 +6,9 @@ the job's waits -- retry_delay, then twice that -- so attempts start at about
 deliberate: ``retry_backoff`` truncates fractional factors and adds random
 jitter, so it cannot give this schedule.
 
+A server that sent a RATE, DENY or RSTR Kiss-o'-Death is not retried and, while
+:mod:`workers.kod` says so, not even queried.
+
 After the last attempt the task *returns* a structured failure instead of
 raising: in a chord, one raising header task fails the whole round, and one
 dead server must never cost the others' measurements.
@@ -17,7 +20,7 @@ import time
 
 from celery.utils.log import get_task_logger
 
-from . import measure
+from . import kod, measure
 from .app import app
 from .ntp.client import QueryFailed
 
@@ -54,14 +57,21 @@ def query_server(self, *carried, job: dict, history: list | None = None):
         outcome = _failed(job, history, measure.REASON_DEADLINE,
                           f"attempt {attempt_no} would start after the round's deadline")
         return _carry(carried, outcome)
+    refusal = kod.memory.refusal(job["server"], config_id=job.get("config_id", ""))
+    if refusal:
+        # Not a packet to a server that told us to stay away; not an attempt either.
+        return _carry(carried, _failed(job, history, *refusal))
     try:
         sample = measure.attempt(job)
     except QueryFailed as exc:
         rejection = exc.rejection
         history.append({"attempt": attempt_no, "started_at": started_at, "reason": rejection.reason,
                         "detail": rejection.detail, "kiss_code": rejection.kiss_code})
+        kissed = rejection.kiss_code and kod.memory.record(
+            job["server"], rejection.kiss_code, config_id=job.get("config_id", ""),
+            rate_backoff_s=job.get("rate_backoff_s", 0.0))
         waits = job["retry_waits_s"]
-        if self.request.retries < len(waits) and not rejection.kiss_code:
+        if self.request.retries < len(waits) and not kissed:
             wait_s = waits[self.request.retries]
             if time.time() + wait_s + measure.attempt_budget_s(job) <= job["deadline_at"]:
                 log.info("[RETRY] %s for %s: attempt %d/%d failed (%s), next in %.3g s",

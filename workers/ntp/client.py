@@ -33,8 +33,9 @@ from .sanity import Rejection
 #: Python's socket module does not export it.
 SO_TIMESTAMPNS = 35
 
-#: What reading our clock and crossing into the kernel costs, as the client's
-#: precision term (RFC 5905 rho_c).  A conservative microsecond.
+#: Our clock's reading precision (RFC 5905 rho_c): ``time_ns`` resolves 1 ns
+#: but a read costs tens of ns; a microsecond is conservative.  The send
+#: time's own uncertainty is measured per exchange and added separately.
 CLIENT_PRECISION_S = 1e-6
 
 #: RFC 5905 PHI: the frequency tolerance that makes dispersion grow with the
@@ -92,9 +93,14 @@ class Sample:
 
 
 def root_distance_s(*, delay_s: float, root_delay_s: float, root_dispersion_s: float,
-                    server_precision_s: float) -> float:
-    """RFC 5905 root distance of one sample (see :class:`Sample`)."""
-    epsilon = server_precision_s + CLIENT_PRECISION_S + PHI * delay_s
+                    server_precision_s: float, client_error_s: float = 0.0) -> float:
+    """RFC 5905 root distance of one sample (see :class:`Sample`).
+
+    ``client_error_s`` is what our own send time's uncertainty does to the
+    offset (half the ``sendto`` call); the clock's reading precision is
+    :data:`CLIENT_PRECISION_S`.
+    """
+    epsilon = server_precision_s + CLIENT_PRECISION_S + client_error_s + PHI * delay_s
     return delay_s / 2 + root_delay_s / 2 + root_dispersion_s + epsilon
 
 
@@ -142,9 +148,14 @@ def exchange(server: str, family: int, sockaddr: tuple, *, timeout_s: float,
         # drop replies from a wrong port silently, and we want to name them.
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             kernel_ts = _enable_kernel_timestamps(sock)
-            t1_ns = time.time_ns()
-            mono1_ns = time.monotonic_ns()
+            # The packet leaves somewhere inside sendto().  t1 is read just
+            # before it -- a true lower bound, so delay can never come out
+            # negative -- and the call's duration bounds t1's error.  (Not
+            # the midpoint: on loopback delivery is synchronous and the
+            # woken server can answer before our sendto even returns.)
+            t1_ns, mono1_ns = time.time_ns(), time.monotonic_ns()
             sock.sendto(request, sockaddr)
+            send_ns = time.monotonic_ns() - mono1_ns
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -203,7 +214,8 @@ def exchange(server: str, family: int, sockaddr: tuple, *, timeout_s: float,
         delay_s=delay_s,
         uncertainty_s=root_distance_s(delay_s=delay_s, root_delay_s=reply.root_delay_s,
                                       root_dispersion_s=reply.root_dispersion_s,
-                                      server_precision_s=reply.precision_s),
+                                      server_precision_s=reply.precision_s,
+                                      client_error_s=send_ns / 2 / packet.NS_PER_S),
         stratum=reply.stratum,
         leap=reply.leap,
         precision_s=reply.precision_s,

@@ -79,16 +79,23 @@ class Reply:
         return 2.0 ** self.precision_log2
 
     @property
-    def kiss_code(self) -> str:
-        """The reference id read as four ASCII letters (meaningful at stratum 0)."""
-        raw = self.ref_id.to_bytes(4, "big")
-        return "".join(chr(b) if 32 < b < 127 else "" for b in raw)
+    def kiss_code(self) -> str | None:
+        """The kiss code of a stratum-0 reply: four ASCII capitals or digits, else ``None``.
+
+        Stratum 0 with anything else in the reference id is just an
+        unsynchronised server, not a Kiss-o'-Death.
+        """
+        raw = self.ref_id.to_bytes(4, "big").rstrip(b"\0")
+        if self.stratum != 0 or not raw or not all(48 <= b <= 57 or 65 <= b <= 90 for b in raw):
+            return None
+        return raw.decode("ascii")
 
     @property
     def ref_id_text(self) -> str:
         """The reference id as chronyc shows it: letters at stratum 0-1, an address above."""
         if self.stratum <= 1:
-            return self.kiss_code
+            raw = self.ref_id.to_bytes(4, "big")
+            return "".join(chr(b) for b in raw if 32 < b < 127)
         return ntplib.ref_id_to_text(self.ref_id, self.stratum)
 
 

@@ -97,8 +97,8 @@ def check_reply(
     if reply.origin_ts != sent_transmit:
         return Rejection(REASON_BOGUS_ORIGIN,
                          f"origin {reply.origin_ts:#018x} is not our transmit {sent_transmit:#018x}")
-    if reply.stratum == 0:
-        code = reply.kiss_code or "????"
+    code = reply.kiss_code
+    if code is not None:
         return Rejection(REASON_KOD_PREFIX + code.lower(), f"Kiss-o'-Death {code}", kiss_code=code)
     if reply.version != sent_version:
         return Rejection(REASON_BAD_VERSION, f"version {reply.version}, we sent {sent_version}")
