@@ -90,6 +90,12 @@ class Behaviour:
         Send the reply from another UDP port.
     stale_reference:
         Reference time 2^17 s + 1 h before the transmit time.
+    future_reference:
+        Reference time 1 h after the transmit time.
+    claimed_hold_s:
+        Move t3 this much later without waiting: a server that claims to
+        have held the request (over 4 s is refused; more than the round trip
+        makes the client's delay negative).
     """
 
     offset_s: float = 0.0
@@ -114,6 +120,8 @@ class Behaviour:
     garbage: bool = False
     wrong_port: bool = False
     stale_reference: bool = False
+    future_reference: bool = False
+    claimed_hold_s: float = 0.0
 
     def __post_init__(self):
         if self.delay_s < 0 or self.jitter_s < 0 or self.hold_s < 0:
@@ -279,6 +287,7 @@ class _Reply:
                 # Stamp t3 last, just before the send, so building the packet
                 # in Python does not count as network time.
                 t3_ns = max(time.time_ns() - int(self.leg_out * 1e9) + int(b.offset_s * 1e9), self._t2_ns())
+                t3_ns += int(b.claimed_hold_s * 1e9)
                 payload = payload[:40] + _NTP64.pack(packet.unix_ns_to_ntp(t3_ns))
             if b.truncate:
                 payload = payload[:40]
@@ -310,7 +319,7 @@ class _Reply:
             receive_ts, transmit_ts = transmit_ts + (1 << 30), receive_ts
         if b.zero_transmit:
             transmit_ts = 0
-        ref_age_s = 2 ** 17 + 3600 if b.stale_reference else 16
+        ref_age_s = 2 ** 17 + 3600 if b.stale_reference else (-3600 if b.future_reference else 16)
         ref_ts = packet.unix_ns_to_ntp(t3_ns - int(ref_age_s * 1e9))
         if b.kod:
             return packet.build_reply(leap=3, version=version, mode=b.mode, stratum=0,

@@ -1,0 +1,182 @@
+"""Servers that lie, stall and misbehave on purpose, through the whole pipeline.
+
+Each test runs real rounds on the real worker against the fault-injecting
+simulator and checks two things: the bad server's outcome carries the named
+reason, and nothing it said reached ``latest``.
+"""
+
+import json
+
+import pytest
+
+from orchestrator import cli
+from orchestrator.store import Store
+from simulator.server import Behaviour
+from workers.ntp import sanity
+
+from .conftest import TEST_NODE, write_config
+
+pytestmark = pytest.mark.integration
+
+TRUTH_S = 0.0125
+LIE_S = 0.300
+
+#: Every sanity check and kiss code, with the reason it must be refused for.
+FAULTS = {
+    "kod_rate": (Behaviour(kod="RATE"), {"kod_rate"}),
+    "kod_deny": (Behaviour(kod="DENY"), {"kod_deny"}),
+    "kod_rstr": (Behaviour(kod="RSTR"), {"kod_rstr"}),
+    "leap3": (Behaviour(leap=3), {sanity.REASON_LEAP_ALARM}),
+    "stratum0": (Behaviour(stratum=0), {sanity.REASON_BAD_STRATUM}),
+    "stratum16": (Behaviour(stratum=16), {sanity.REASON_BAD_STRATUM}),
+    "bad_origin": (Behaviour(bad_origin=True), {sanity.REASON_BOGUS_ORIGIN}),
+    "zero_transmit": (Behaviour(zero_transmit=True), {sanity.REASON_ZERO_TRANSMIT}),
+    "rx_after_tx": (Behaviour(receive_after_transmit=True), {sanity.REASON_RECEIVE_AFTER_TRANSMIT}),
+    "truncated": (Behaviour(truncate=True), {sanity.REASON_TRUNCATED}),
+    # Random bytes: almost always the wrong mode, else (1 in 8) a wrong origin.
+    "garbage": (Behaviour(garbage=True), {sanity.REASON_BAD_MODE, sanity.REASON_BOGUS_ORIGIN}),
+    "wrong_port": (Behaviour(wrong_port=True), {sanity.REASON_WRONG_SOURCE}),
+    "mode3": (Behaviour(mode=3), {sanity.REASON_BAD_MODE}),
+    "version3": (Behaviour(version=3), {sanity.REASON_BAD_VERSION}),
+    "long_hold": (Behaviour(claimed_hold_s=5.0), {sanity.REASON_SLOW_SERVER}),
+    "negative_delay": (Behaviour(delay_s=0.002, claimed_hold_s=0.5), {sanity.REASON_NEGATIVE_DELAY}),
+    "root_delay": (Behaviour(root_delay_s=2.0), {sanity.REASON_ROOT_DELAY}),
+    "root_dispersion": (Behaviour(root_dispersion_s=1.5), {sanity.REASON_ROOT_DISPERSION}),
+    "stale_reference": (Behaviour(stale_reference=True), {sanity.REASON_STALE_REFERENCE}),
+    "future_reference": (Behaviour(future_reference=True), {sanity.REASON_REFERENCE_AFTER_TRANSMIT}),
+    "dead": (Behaviour(loss=1.0), {sanity.REASON_TIMEOUT}),
+}
+
+
+def _lying(behaviour: Behaviour) -> Behaviour:
+    behaviour.offset_s = LIE_S  # whatever gets through would be visibly wrong
+    return behaviour
+
+
+def _round(path, capsys):
+    code = cli.main(["measure", "--config", str(path), "--node", TEST_NODE, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def _server(record, name):
+    return next(s for s in record["servers"] if s["server"] == name)
+
+
+def test_every_sanity_check_and_kiss_code_refuses_and_nothing_wrong_is_published(
+        worker, simulator, tmp_path, key_prefix, redis_client, capsys):
+    named = {name: _lying(b) for name, (b, _) in FAULTS.items()}
+    named["good"] = Behaviour(offset_s=TRUTH_S, delay_s=0.004)
+    _, servers = simulator(named)
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix, max_retries=2,
+                        retry_delay=0.1, timeout_seconds=0.3)
+    code, record = _round(path, capsys)
+    assert code == cli.EXIT_OK
+    for name, (_, reasons) in FAULTS.items():
+        outcome = _server(record, servers[name])
+        assert outcome["status"] == "failed", (name, outcome)
+        assert outcome["reason"] in reasons, (name, outcome["reason"], outcome["detail"])
+        if name.startswith("kod_"):
+            assert outcome["attempts"] == 1 and outcome["kiss_code"] == name[4:].upper()  # never retried
+    store = Store(redis_client, prefix=key_prefix)
+    latest = store.latest(TEST_NODE)
+    assert latest["server"] == servers["good"] and abs(latest["offset"] - TRUTH_S) < 0.001
+    stats = store.stats(TEST_NODE)
+    for name, (_, reasons) in FAULTS.items():
+        if name != "dead":
+            assert sum(stats.get(f"rejected:{r}", 0) for r in reasons) >= 1, name
+    assert stats["rejected:kod_rate"] == 1 and stats["failed:kod_rate"] == 1
+
+
+def test_rate_kiss_backs_the_server_off_for_later_rounds(worker, simulator, tmp_path, key_prefix, capsys):
+    sim, servers = simulator({"rate": Behaviour(kod="RATE"), "good": Behaviour(offset_s=TRUTH_S, delay_s=0.004)})
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix)
+    rate_port = int(servers["rate"].rsplit(":", 1)[1])
+    _, first = _round(path, capsys)
+    assert _server(first, servers["rate"])["reason"] == "kod_rate"
+    _, second = _round(path, capsys)
+    backed_off = _server(second, servers["rate"])
+    assert backed_off["reason"] == "kod_backoff" and backed_off["attempts"] == 0
+    assert "sent RATE" in backed_off["detail"]
+    assert sim.stats[rate_port].received == 1  # not a single packet since the kiss
+
+
+def test_deny_kiss_stops_queries_until_the_config_changes(worker, simulator, tmp_path, key_prefix, capsys):
+    sim, servers = simulator({"deny": Behaviour(kod="DENY"), "good": Behaviour(offset_s=TRUTH_S, delay_s=0.004)})
+    deny_port = int(servers["deny"].rsplit(":", 1)[1])
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix)
+    _round(path, capsys)
+    _, second = _round(path, capsys)
+    assert _server(second, servers["deny"])["reason"] == "kod_demobilised"
+    assert sim.stats[deny_port].received == 1
+    changed = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix, timeout_seconds=0.31,
+                           name="changed.yaml")
+    _, third = _round(changed, capsys)
+    assert _server(third, servers["deny"])["reason"] == "kod_deny"
+    assert sim.stats[deny_port].received == 2
+
+
+def test_a_spoofed_kiss_is_ignored(worker, simulator, tmp_path, key_prefix, capsys):
+    sim, servers = simulator({"spoof": Behaviour(kod="DENY", bad_origin=True),
+                              "good": Behaviour(offset_s=TRUTH_S, delay_s=0.004)})
+    port = int(servers["spoof"].rsplit(":", 1)[1])
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix, max_retries=2, retry_delay=0.1)
+    _, first = _round(path, capsys)
+    spoofed = _server(first, servers["spoof"])
+    assert spoofed["reason"] == sanity.REASON_BOGUS_ORIGIN and spoofed["attempts"] == 2  # retried as usual
+    _round(path, capsys)
+    assert sim.stats[port].received == 4  # and queried again next round
+
+
+def test_an_accurate_looking_liar_is_never_published(worker, simulator, tmp_path, key_prefix, redis_client, capsys):
+    named = {f"honest{i}": Behaviour(offset_s=TRUTH_S, delay_s=0.020 + 0.005 * i) for i in range(4)}
+    named["liar"] = Behaviour(offset_s=TRUTH_S + 0.5, delay_s=0.002)
+    _, servers = simulator(named)
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix)
+    for _ in range(5):
+        code, record = _round(path, capsys)
+        assert code == cli.EXIT_OK
+        assert record["latest"]["server"] != servers["liar"]
+        assert abs(record["latest"]["offset"] - TRUTH_S) < 0.001
+        assert _server(record, servers["liar"])["status"] == "falseticker"
+    assert Store(redis_client, prefix=key_prefix).stats(TEST_NODE)["falsetickers"] == 5
+
+
+def test_correlated_servers_vote_once(worker, simulator, tmp_path, key_prefix, capsys):
+    named = {f"smear{i}": Behaviour(offset_s=TRUTH_S + 0.4, delay_s=0.003) for i in range(3)}
+    named.update(cf=Behaviour(offset_s=TRUTH_S, delay_s=0.020), nist=Behaviour(offset_s=TRUTH_S, delay_s=0.030))
+    _, servers = simulator(named)
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix,
+                        server_groups={"google": [servers[f"smear{i}"] for i in range(3)]})
+    code, record = _round(path, capsys)
+    assert code == cli.EXIT_OK and record["latest"]["server"] == servers["cf"]
+    assert record["agreement"]["votes"] == 3
+
+
+def test_no_majority_is_recorded_and_not_published(worker, simulator, tmp_path, key_prefix, capsys):
+    _, servers = simulator({"a": Behaviour(offset_s=0.0, delay_s=0.004), "b": Behaviour(offset_s=0.2, delay_s=0.004)})
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix)
+    code, record = _round(path, capsys)
+    assert code == cli.EXIT_STARVATION and record["latest"] is None
+    assert record["agreement"]["majority"] is False
+
+
+def test_temporal_filter_refuses_a_jump_then_believes_a_lasting_one(worker, simulator, tmp_path, key_prefix,
+                                                                     redis_client, capsys):
+    sim, servers = simulator({f"s{i}": Behaviour(offset_s=TRUTH_S, delay_s=0.002 + 0.001 * i) for i in range(3)})
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix, outlier_sigma_threshold=5.0,
+                        outlier_window_size=10)
+    store = Store(redis_client, prefix=key_prefix)
+    for _ in range(6):
+        assert _round(path, capsys)[0] == cli.EXIT_OK
+    before = store.latest(TEST_NODE)
+    for port in sim.behaviours:  # the host clock is stepped by 50 ms
+        sim.set_behaviour(port, Behaviour(offset_s=TRUTH_S + 0.050, delay_s=sim.behaviours[port].delay_s))
+    qualities = []
+    for _ in range(4):
+        code, record = _round(path, capsys)
+        qualities.append(record["quality"])
+        if record["quality"] == "outlier":
+            assert code == cli.EXIT_STARVATION and store.latest(TEST_NODE) == before
+    assert qualities == ["outlier", "outlier", "outlier", "strict"]
+    assert abs(store.latest(TEST_NODE)["offset"] - (TRUTH_S + 0.050)) < 0.001
+    assert store.stats(TEST_NODE)["outlier"] == 3
