@@ -10,8 +10,10 @@ falls on all of them alike; the table shows medians and ratios from one run.
   ``latest`` in Redis, timed until the ``updates`` message reaches a subscriber
   (what a consumer sees)
 
-Also reported: the |offset error| against the simulator's known truth, for
-the same set and for ten servers whose replies all land at once (50 ms each).
+Also reported: the |offset error| of every sample against the simulator's
+known truth -- for a lone query and for a full round, with ntplib and with this
+project's client -- on the same set and on ten servers whose replies all land
+at once (50 ms each), where a thread woken late reads t4 late.
 
 Run:  python bench/round_latency.py [--rounds 15]
 """
@@ -56,6 +58,26 @@ def ntplib_round(servers, *, parallel: bool):
         return [one(s) for s in servers]
     with ThreadPoolExecutor(max_workers=len(servers)) as pool:
         return list(pool.map(one, servers))
+
+
+#: Rows of the precision table: (method that produces the samples, label).
+ERROR_ROWS = {
+    "ntplib, lone query": "sequential",
+    "ntplib, ThreadPoolExecutor round": "threadpool",
+    "chronotick client, lone query": "lone",
+    "chronotick pipeline round": "pipeline",
+}
+ERROR_ROW_OF = {method: row for row, method in ERROR_ROWS.items()}
+
+
+def lone_exchange(address):
+    """One exchange with this project's client, nothing else in flight."""
+    import socket
+
+    from workers.ntp import client
+
+    host, port = address.rsplit(":", 1)
+    return client.exchange(address, socket.AF_INET, (host, int(port)), timeout_s=2.0).offset_s
 
 
 def pipeline_round(config, pubsub):
@@ -117,20 +139,22 @@ def run_set(tmp: Path, redis_url: str, delays, args):
         pubsub.subscribe(f"bench:ntp:{NODE}:updates")
         pubsub.get_message(timeout=1)
         times = {"sequential": [], "threadpool": [], "pipeline": []}
-        errors = {"threadpool": [], "pipeline": []}
+        errors = {name: [] for name in ERROR_ROWS}
         for i in range(args.rounds + 2):  # two warm-up rounds
-            for method in times:
+            for method in (*times, "lone"):
                 if method == "pipeline":
                     elapsed, record = pipeline_round(config, pubsub)
                     offsets = [s["sample"]["offset_s"] for s in record["servers"] if s.get("sample")]
+                elif method == "lone":
+                    elapsed, offsets = None, [lone_exchange(s) for s in servers]
                 else:
                     start = time.perf_counter()
                     offsets = ntplib_round(servers, parallel=method == "threadpool")
                     elapsed = time.perf_counter() - start
                 if i >= 2:
-                    times[method].append(elapsed)
-                    if method in errors:
-                        errors[method].extend(abs(o - TRUE_OFFSET_S) for o in offsets)
+                    if elapsed is not None:
+                        times[method].append(elapsed)
+                    errors[ERROR_ROW_OF[method]].extend(abs(o - TRUE_OFFSET_S) for o in offsets)
         return {"times": times, "errors": errors}
     finally:
         worker.terminate()
@@ -156,10 +180,9 @@ def print_report(results, args) -> None:
             med = statistics.median(values)
             print(f"  {method:<12} {med * 1e3:8.1f} {_pct(values, 0.9) * 1e3:8.1f} "
                   f"{med / pool:13.2f}x {seq / med:13.2f}x faster")
-        print("  |offset error| per server sample (ms):   p50      p95      max")
-        for method, errs in data["errors"].items():
-            print(f"  {method:<40} {_pct(errs, .5) * 1e3:6.3f}   {_pct(errs, .95) * 1e3:6.3f}   "
-                  f"{max(errs) * 1e3:6.3f}")
+        print("  |offset error| per server sample (ms)       p50      p95      max")
+        for row, errs in data["errors"].items():
+            print(f"  {row:<40} {_pct(errs, .5) * 1e3:8.3f} {_pct(errs, .95) * 1e3:8.3f} {max(errs) * 1e3:8.3f}")
 
 
 if __name__ == "__main__":

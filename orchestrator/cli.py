@@ -125,6 +125,10 @@ def cmd_check_config(args) -> int:
     print(f"  strict gate: delay <= {ntp.max_delay * 1e3:g} ms, uncertainty <= "
           f"{ntp.max_acceptable_uncertainty * 1e3:g} ms, stratum {ntp.min_stratum}-{ntp.max_stratum}")
     print(f"  fallback: {'on (2x delay, 2x uncertainty)' if ntp.enable_fallback else 'off'}")
+    print(f"  selection: {ntp.selection}; falsetickers rejected by majority of "
+          f"{len(ntp.servers) - sum(len(g) - 1 for g in ntp.server_groups)} votes"
+          + "".join(f"; group of {len(g)} votes once ({', '.join(g)})" for g in ntp.server_groups))
+    print(f"  temporal filter: {ntp.outlier_window_size} results, {ntp.outlier_sigma_threshold:g} sigma")
     print(f"  mode: {ntp.measurement_mode}, {'parallel' if ntp.parallel_queries else 'sequential'}, "
           f"timeout {ntp.timeout_seconds:g} s")
     starts = [0.0]
@@ -276,7 +280,7 @@ def format_round(record: dict) -> str:
     lines = [f"round {record['round_id']}  quality {record['quality']}  "
              f"{record['servers_used']}/{record['servers_total']} servers passed  "
              f"{record['duration_s'] * 1e3:.0f} ms",
-             f"  {'server':<28} {'status':<9} {'tries':>5} {'offset ms':>11} {'delay ms':>9} "
+             f"  {'server':<28} {'status':<11} {'tries':>5} {'offset ms':>11} {'delay ms':>9} "
              f"{'uncert ms':>9} {'str':>3}  reason"]
     for s in record["servers"]:
         sample = s.get("sample") or {}
@@ -284,13 +288,26 @@ def format_round(record: dict) -> str:
         reason = s.get("reason") or ""
         if s.get("detail") and reason:
             reason = f"{reason} ({s['detail']})"
-        lines.append(f"  {s['server']:<28} {s['status']:<9} {s['attempts']:>5} {num('offset_s'):>11} "
+        lines.append(f"  {s['server']:<28} {s['status']:<11} {s['attempts']:>5} {num('offset_s'):>11} "
                      f"{num('delay_s', fmt='{:.3f}'):>9} {num('uncertainty_s', fmt='{:.3f}'):>9} "
                      f"{sample.get('stratum', '-'):>3}  {reason}")
+    agreement = record.get("agreement")
+    if agreement and agreement["majority"]:
+        low, high = agreement["interval"]
+        lines.append(f"agreement: {agreement['depth']} of {agreement['votes']} votes on "
+                     f"{low * 1e3:+.3f}..{high * 1e3:+.3f} ms"
+                     + (f"; falsetickers: {', '.join(agreement['falsetickers'])}" if agreement["falsetickers"] else ""))
+    elif agreement:
+        lines.append(f"agreement: none -- no majority of {agreement['votes']} votes agrees; nothing published")
     latest = record.get("latest")
     if latest:
+        combined = f", combining {len(latest['combined'])} servers" if latest.get("combined") else ""
         lines.append(f"chosen: {latest['server']}  offset {latest['offset'] * 1e3:+.3f} ms "
-                     f"± {latest['uncertainty'] * 1e3:.3f} ms  ({latest['quality']})")
+                     f"± {latest['uncertainty'] * 1e3:.3f} ms  ({latest['quality']}{combined})")
+    elif record["quality"] == "outlier":
+        filt = record["filter"]
+        lines.append(f"chosen: nothing -- {record['candidate']['server']} was {filt['z']:.1f} sigma from the "
+                     f"recent results (temporal filter); the previous latest stays")
     else:
         lines.append("chosen: nothing -- starvation; the previous latest (if any) stays, with its age")
     return "\n".join(lines)

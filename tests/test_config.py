@@ -23,6 +23,7 @@ def test_original_chronotick_files_load_unchanged(name):
     assert ntp.max_delay == 0.100  # absent from the file: the documented default
     assert ntp.measurement_mode == "advanced" and ntp.parallel_queries and ntp.max_workers == 10
     assert ntp.retry_waits_s == (5.0, 10.0)  # attempts start at 0, 5, 15 s
+    assert ntp.selection == "best" and ntp.server_groups == ()  # not in ChronoTick's files: defaults
     assert config.timing.warm_up_duration_s == 60 and config.timing.warm_up_interval_s == 1
     assert config.timing.normal_interval_s == 120
     assert "models" in config.extra  # ChronoTick's own sections are kept, not refused
@@ -36,6 +37,19 @@ def test_original_chronotick_files_load_unchanged(name):
 def test_shipped_configs_pass_check_config(name, capsys):
     assert cli.main(["check-config", str(CONFIGS / name)]) == 0
     assert "OK" in capsys.readouterr().out
+
+
+def test_shipped_homelab_config_groups_google():
+    ntp = config_mod.load(CONFIGS / "config_homelab_2min_ntp.yaml", environ={}).ntp
+    assert ntp.server_groups == (("time.google.com", "time1.google.com", "time2.google.com", "time3.google.com"),)
+    assert ntp.selection == "combine"
+
+
+def test_config_id_changes_with_the_settings():
+    one = config_mod.from_mapping({"clock_measurement": {"ntp": {"servers": ["a"]}}}, environ={}).ntp
+    two = config_mod.from_mapping({"clock_measurement": {"ntp": {"servers": ["a"], "timeout_seconds": 1}}},
+                                  environ={}).ntp
+    assert one.config_id != two.config_id and len(one.config_id) == 12
 
 
 def test_defaults_where_keys_are_absent():
@@ -80,6 +94,13 @@ BAD_CASES = [
     ({"min_stratum": 5, "max_stratum": 3}, "clock_measurement.ntp.max_stratum", "below min_stratum"),
     ({"measurement_mode": "fast"}, "clock_measurement.ntp.measurement_mode", "'simple' or 'advanced'"),
     ({"max_retries": -1}, "clock_measurement.ntp.max_retries", "between 0 and 10"),
+    ({"selection": "average"}, "clock_measurement.ntp.selection", "'best' or 'combine'"),
+    ({"server_groups": {"g": ["127.0.0.1:123"]}}, "clock_measurement.ntp.server_groups.g", "at least two"),
+    ({"servers": ["a", "b"], "server_groups": {"g": ["a", "c"]}}, "clock_measurement.ntp.server_groups.g[1]",
+     "not in clock_measurement.ntp.servers"),
+    ({"servers": ["a", "b", "c"], "server_groups": {"g": ["a", "b"], "h": ["b", "c"]}},
+     "clock_measurement.ntp.server_groups.h[0]", "already in group 'g'"),
+    ({"max_root_dispersion": 0}, "clock_measurement.ntp.max_root_dispersion", "greater than 0"),
 ]
 
 

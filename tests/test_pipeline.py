@@ -193,7 +193,7 @@ def test_a_round_that_never_finishes_is_reported_not_raised(redis_url, tmp_path,
 
     from workers.app import app
 
-    stuck = rounds.RoundHandle(round_id="stuck", node=TEST_NODE, deadline_at=time.time() - 1,
+    stuck = rounds.RoundHandle(round_id="stuck", node=TEST_NODE, deadline_at=time.time() - 10,
                                result=AsyncResult("no-such-task", app=app))
     assert stuck.wait(grace_s=1.2) is None
     # ... and the CLI turns it into exit 1 with a sentence, not a traceback.
