@@ -7,9 +7,11 @@ X's worker may measure for X.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 from celery import chain, chord
 from celery.exceptions import TimeoutError as CeleryTimeout
@@ -22,7 +24,10 @@ from workers.quality import Thresholds
 from workers.tasks import query_server
 
 from .store import UNANSWERED_DELAY_S, Store, client_for
-from .tasks import finish_round
+from .selection import flatten
+from .tasks import CLOSED_BY_DEADLINE, finish, finish_round
+
+log = logging.getLogger(__name__)
 
 #: Time allowed for messages to reach the worker and the callback to run,
 #: on top of the query schedule itself.
@@ -33,14 +38,31 @@ DISPATCH_SLACK_S = 2.0
 RATE_BACKOFF_INTERVALS = 4
 
 
+#: How long after its deadline a round's callback may still arrive before
+#: the round is closed with what it has (s).
+CLOSE_GRACE_S = 2.0
+
+
 @dataclass(frozen=True)
 class RoundHandle:
-    """A dispatched round: its id, node, deadline (Unix s) and callback result."""
+    """A dispatched round: its id, node, deadline (Unix s), callback result and metadata."""
 
     round_id: str
     node: str
     deadline_at: float
     result: AsyncResult
+    meta: dict | None = None
+
+    @property
+    def close_at(self) -> float:
+        """When to stop waiting for the callback and close the round (Unix s)."""
+        return self.deadline_at + CLOSE_GRACE_S
+
+    def header_results(self) -> list[AsyncResult]:
+        parent = self.result.parent
+        if parent is None:
+            return []
+        return list(getattr(parent, "results", None) or [parent])
 
     def detach(self) -> None:
         """Stop listening for this round's results in this process.
@@ -49,24 +71,65 @@ class RoundHandle:
         channel; a scheduler that never waits would collect subscriptions
         forever.  :meth:`ready` still works (it reads the stored result).
         """
-        results = [self.result]
-        parent = self.result.parent
-        if parent is not None:
-            results.extend(getattr(parent, "results", None) or [parent])
+        results = [self.result, *self.header_results()]
+        if self.result.parent is not None:
+            results.append(self.result.parent)
+        backend = self.result.backend
+        pending = getattr(backend, "_pending_results", None)
         for result in results:
-            self.result.backend.remove_pending_result(result)
+            backend.remove_pending_result(result)
+            # Celery 5.7 keys waiters by object identity, and the chord's group
+            # barrier registers waiters of its own that no public call reaches;
+            # drop every waiter on these ids so the subscription really ends.
+            if pending is not None:
+                for mapping in pending:
+                    mapping.pop(result.id, None)
+                backend.result_consumer.cancel_for(result.id)
 
     def ready(self) -> bool:
         return self.result.ready()
 
-    def wait(self, *, grace_s: float = 5.0) -> dict | None:
+    def wait(self, *, grace_s: float = CLOSE_GRACE_S) -> dict | None:
         """The round record, or ``None`` if the callback has not run by the deadline (+ grace)."""
         timeout = max(0.1, self.deadline_at + grace_s - time.time())
         try:
-            return self.result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
+            record = self.result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
         except CeleryTimeout:
             self.detach()  # given up on: stop listening for it
             return None
+        except Exception as exc:  # the chord failed (a header revoked or expired): close it instead
+            log.warning("round %s: callback failed (%s: %s)", self.round_id, type(exc).__name__, exc)
+            self.detach()
+            return None
+        if record.get("duplicate") and self.meta:
+            return _store(self.meta).round_record(self.node, self.round_id)
+        return record
+
+
+def close(handle: RoundHandle) -> dict | None:
+    """Finish a round whose callback never came, with whatever its tasks reported.
+
+    A worker killed mid-round, a lost message or an expired task leaves a
+    chord that will never fire; at its deadline the round is closed here from
+    the header results already in the backend (servers with none are recorded
+    as ``no_result``) and published like any other.  Returns the record, or
+    ``None`` if the callback (or another closer) finished the round first.
+    """
+    outcomes: list[dict] = []
+    for result in handle.header_results():
+        try:
+            if result.successful():
+                outcomes.extend(flatten([result.result]))
+        except Exception as exc:  # a backend hiccup must not stop the round being closed
+            log.warning("round %s: cannot read task %s (%s)", handle.round_id, result.id, exc)
+    record = finish(handle.meta, outcomes, _store(handle.meta), closed_by=CLOSED_BY_DEADLINE)
+    handle.detach()
+    return record
+
+
+def _store(meta: dict) -> Store:
+    return Store(client_for(app.conf.chronotick_redis_url), prefix=meta["key_prefix"])
+
 
 
 def new_round_id(node: str, now: float | None = None) -> str:
@@ -122,26 +185,31 @@ def build_round(config: Config, node: str, *, now: float | None = None,
         "outlier_window_size": config.ntp.outlier_window_size,
         "outlier_sigma_threshold": config.ntp.outlier_sigma_threshold,
     }
+    # Messages still queued at the deadline are dropped by the worker unread:
+    # a worker that comes back after an outage does not replay stale rounds.
+    expires = datetime.fromtimestamp(deadline_at, tz=timezone.utc)
     if config.ntp.parallel_queries:
         if expected_delays:
             # Longest first: a worker starts tasks in the order they arrive,
             # so the server that gates the round should not wait behind nine others.
             jobs.sort(key=lambda job: -expected_delays.get(job["server"], UNANSWERED_DELAY_S))
-        header = [_query_signature(job, queue) for job in jobs]
+        header = [_query_signature(job, queue, expires) for job in jobs]
     else:
         # ChronoTick's old behaviour, kept for comparison: one server after another.
-        header = [chain(*(_query_signature(job, queue) for job in jobs))]
+        header = [chain(*(_query_signature(job, queue, expires) for job in jobs))]
     callback = finish_round.signature(args=(meta,), queue=queue,
                                       argsrepr=f"(<{len(jobs)} outcomes>, round={round_id})",
-                                      kwargsrepr="{}")
+                                      kwargsrepr="{}",
+                                      expires=expires + timedelta(seconds=CLOSE_GRACE_S))
     return chord(header, callback), meta
 
 
-def _query_signature(job: dict, queue: str):
+def _query_signature(job: dict, queue: str, expires: datetime):
     # A short, explicit repr: Flower shows the server and node at a glance,
     # and Celery does not have to saferepr() the whole job for every message.
     summary = f"{{server={job['server']}, node={job['node']}, round={job['round_id']}}}"
-    return query_server.signature(kwargs={"job": job}, queue=queue, argsrepr="()", kwargsrepr=summary)
+    return query_server.signature(kwargs={"job": job}, queue=queue, argsrepr="()", kwargsrepr=summary,
+                                  expires=expires)
 
 
 def dispatch(config: Config, node: str) -> RoundHandle:
@@ -149,4 +217,5 @@ def dispatch(config: Config, node: str) -> RoundHandle:
     store = Store(client_for(config.service.redis_url), prefix=config.service.key_prefix)
     canvas, meta = build_round(config, node, expected_delays=store.server_delays(node))
     result = canvas.apply_async()
-    return RoundHandle(round_id=meta["round_id"], node=node, deadline_at=meta["deadline_at"], result=result)
+    return RoundHandle(round_id=meta["round_id"], node=node, deadline_at=meta["deadline_at"], result=result,
+                       meta=meta)

@@ -4,8 +4,10 @@ One scheduler per cluster.  Each node's rounds come every warm-up interval for
 the warm-up period, then every normal interval.  Nodes are spread across the
 interval (node i of n starts i/n of an interval late) so that a cluster does
 not hit the public servers in the same second.  A node's next round is not
-sent while its previous one is still running and before its deadline: rounds
-never pile up behind a slow or dead worker.
+sent while its previous one is still running; a round whose callback has not
+come by its deadline is closed with what its tasks reported
+(:func:`orchestrator.rounds.close`), so no chord is waited on forever and
+rounds never pile up behind a slow or dead worker.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Scheduler:
         self.in_flight: dict[str, rounds.RoundHandle] = {}
         self.dispatched: dict[str, int] = {node: 0 for node in self.nodes}
         self.skipped: dict[str, int] = {node: 0 for node in self.nodes}
+        self.closed: dict[str, int] = {node: 0 for node in self.nodes}
 
     def stop(self) -> None:
         self._stop.set()
@@ -55,6 +58,7 @@ class Scheduler:
         due = {node: started + i * first / len(self.nodes) for i, node in enumerate(self.nodes)}
         while not self._stop.is_set():
             now = time.monotonic()
+            self._close_overdue()
             for node in self.nodes:
                 if now >= due[node]:
                     self._tick(node)
@@ -62,11 +66,30 @@ class Scheduler:
                     # Keep the phase: the next slot, never a burst of missed ones.
                     while due[node] <= now:
                         due[node] += interval
-            self._stop.wait(max(0.0, min(due.values()) - time.monotonic()))
+            wake = min(due.values()) - time.monotonic()
+            if self.in_flight:
+                wake = min(wake, min(h.close_at for h in self.in_flight.values()) - time.time())
+            self._stop.wait(max(0.01, wake))
+
+    def _close_overdue(self) -> None:
+        """Forget finished rounds; close those whose callback is past its deadline."""
+        for node, handle in list(self.in_flight.items()):
+            try:
+                if handle.ready():
+                    del self.in_flight[node]
+                elif time.time() >= handle.close_at:
+                    del self.in_flight[node]
+                    record = rounds.close(handle)
+                    self.closed[node] += 1
+                    if record is not None:
+                        log.warning("[CLOSED] %s: round %s closed at its deadline (%s)", node,
+                                    handle.round_id, record["quality"])
+            except Exception as exc:  # Redis away: try again on the next pass
+                log.error("[CLOSE] %s: round %s (%s: %s)", node, handle.round_id, type(exc).__name__, exc)
 
     def _tick(self, node: str) -> None:
         previous = self.in_flight.get(node)
-        if previous is not None and not previous.ready() and time.time() < previous.deadline_at:
+        if previous is not None:
             self.skipped[node] += 1
             log.warning("[SKIP] %s: round %s still running; not starting another", node, previous.round_id)
             return

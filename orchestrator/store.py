@@ -15,9 +15,10 @@ With prefix ``chronotick`` and node ``n1``:
     ``failed:<reason>`` per reason.
 ``chronotick:ntp:nodes``
     Set of the node names seen.
-``chronotick:ntp:n1:server_delay``, ``...:filter_window``, ``...:filter_state``
+``chronotick:ntp:n1:server_delay``, ``...:filter_window``, ``...:filter_state``, ``...:round:<id>``
     Internal (not part of the contract): each server's last delay, so the
-    next round sends its slowest query first; the temporal filter's state.
+    next round sends its slowest query first; the temporal filter's state;
+    the mark that a round has been finished.
 
 One round's writes go in one MULTI/EXEC transaction, so a reader never sees a
 ``latest`` without its history entry and counters.
@@ -29,6 +30,10 @@ import json
 from functools import lru_cache
 
 import redis
+
+#: How long a round's "already finished" mark is kept: far longer than any
+#: redelivery or late callback (s).
+ROUND_CLAIM_TTL_S = 86_400
 
 #: Counters every node's stats hash has (zero until first counted).
 COUNTERS = ("rounds", "strict", "relaxed", "starvation", "outlier", "queries", "retries", "rejected",
@@ -66,6 +71,10 @@ class Keys:
     def filter_state(self, node: str) -> str:
         """Internal: the temporal filter's count of outliers in a row."""
         return self._node(node, "filter_state")
+
+    def round_claim(self, node: str, round_id: str) -> str:
+        """Internal: set once by whoever finishes the round (callback or deadline closer)."""
+        return self._node(node, f"round:{round_id}")
 
     def server_delay(self, node: str) -> str:
         """Internal: each server's last round-trip delay, so the next round sends the slowest first."""
@@ -119,6 +128,14 @@ class Store:
         for name, amount in round_counters(record).items():
             pipe.hincrby(self.keys.stats(node), name, amount)
         pipe.execute()
+
+    def claim_round(self, node: str, round_id: str) -> bool:
+        """True for the first caller only: the one that may publish this round."""
+        return bool(self.client.set(self.keys.round_claim(node, round_id), "1", nx=True, ex=ROUND_CLAIM_TTL_S))
+
+    def round_record(self, node: str, round_id: str, *, search: int = 50) -> dict | None:
+        """A recent round's record, looked up by id in the history stream."""
+        return next((r for r in self.history(node, count=search) if r["round_id"] == round_id), None)
 
     def latest(self, node: str) -> dict | None:
         raw = self.client.get(self.keys.latest(node))

@@ -30,9 +30,32 @@ def finish_round(self, results: list, meta: dict) -> dict:
         From :func:`orchestrator.rounds.build_round`.
     """
     store = Store(client_for(self.app.conf.chronotick_redis_url), prefix=meta["key_prefix"])
+    record = finish(meta, selection.flatten(results), store, closed_by=CLOSED_BY_CALLBACK)
+    if record is None:
+        log.warning("[DUPLICATE] %s round %s was already finished; this callback publishes nothing",
+                    meta["node"], meta["round_id"])
+        return {"round_id": meta["round_id"], "node": meta["node"], "duplicate": True}
+    return record
+
+
+#: Who finished a round (``closed_by`` in its record).
+CLOSED_BY_CALLBACK = "callback"
+CLOSED_BY_DEADLINE = "deadline"
+
+
+def finish(meta: dict, outcomes: list[dict], store: Store, *, closed_by: str) -> dict | None:
+    """Finish a round once: select, filter, publish, log.  ``None`` if it was already finished.
+
+    The chord callback and the deadline closer (:func:`orchestrator.rounds.close`)
+    both come here; whichever claims the round first publishes it, so a
+    redelivered callback or a late one after the closer counts nothing twice.
+    """
+    if not store.claim_round(meta["node"], meta["round_id"]):
+        return None
     window, consecutive = store.filter_state(meta["node"])
-    record = build_record(meta, selection.flatten(results), finished_at=time.time(), window=window,
+    record = build_record(meta, outcomes, finished_at=time.time(), window=window,
                           consecutive_outliers=consecutive)
+    record["closed_by"] = closed_by
     store.publish_round(record, history_length=meta["history_length"],
                         window_size=meta.get("outlier_window_size", 20))
     chosen = record["latest"]
@@ -43,9 +66,10 @@ def finish_round(self, results: list, meta: dict) -> dict:
         log.error("[NTP_STARVATION] %s round %s: no server passed any gate (%d servers)",
                   meta["node"], meta["round_id"], record["servers_total"])
     else:
-        log.info("[NTP_ACCEPTED] %s round %s: %s offset=%.6f s uncertainty=%.6f s (%s, %d/%d servers)",
+        log.info("[NTP_ACCEPTED] %s round %s: %s offset=%.6f s uncertainty=%.6f s (%s, %d/%d servers%s)",
                  meta["node"], meta["round_id"], chosen["server"], chosen["offset"], chosen["uncertainty"],
-                 chosen["quality"], chosen["servers_used"], chosen["servers_total"])
+                 chosen["quality"], chosen["servers_used"], chosen["servers_total"],
+                 ", closed at its deadline" if closed_by == CLOSED_BY_DEADLINE else "")
     return record
 
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 
 import pytest
 
@@ -186,22 +187,26 @@ def test_slowest_known_server_is_sent_first(simulator, tmp_path, key_prefix):
     assert "server=" + servers["new"] in canvas.tasks[0].options["kwargsrepr"]
 
 
-def test_a_round_that_never_finishes_is_reported_not_raised(redis_url, tmp_path, capsys, monkeypatch):
-    import time
-
-    from celery.result import AsyncResult
-
-    from workers.app import app
-
-    stuck = rounds.RoundHandle(round_id="stuck", node=TEST_NODE, deadline_at=time.time() - 10,
-                               result=AsyncResult("no-such-task", app=app))
-    assert stuck.wait(grace_s=1.2) is None
-    # ... and the CLI turns it into exit 1 with a sentence, not a traceback.
+def test_a_round_nobody_runs_is_closed_at_its_deadline(redis_url, tmp_path, key_prefix, redis_client, capsys,
+                                                        monkeypatch):
+    path = write_config(tmp_path, ["127.0.0.1:9", "127.0.0.1:10"], key_prefix=key_prefix)
+    config = config_mod.load(path)
+    canvas, meta = rounds.build_round(config, "nobody-runs-this", now=time.time() - 60)  # long overdue
+    stuck = rounds.RoundHandle(round_id=meta["round_id"], node="nobody-runs-this",
+                               deadline_at=meta["deadline_at"], result=canvas.apply_async(), meta=meta)
     monkeypatch.setattr(rounds, "dispatch", lambda config, node: stuck)
     monkeypatch.setattr(cli, "workers_for_queue", lambda queue, timeout_s=1.0: ["someone"])
-    path = write_config(tmp_path, ["127.0.0.1:9"])
-    assert cli.main(["measure", "--config", str(path), "--node", TEST_NODE]) == cli.EXIT_STARVATION
-    assert "round stuck did not finish by its deadline" in capsys.readouterr().err
+    code = cli.main(["measure", "--config", str(path), "--node", "nobody-runs-this", "--json"])
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_STARVATION  # closed, not hanging, not a traceback
+    assert "closing it with what it has" in captured.err
+    record = json.loads(captured.out)
+    assert record["closed_by"] == "deadline"
+    assert {s["reason"] for s in record["servers"]} == {"no_result"}
+    store = Store(redis_client, prefix=key_prefix)
+    assert store.history("nobody-runs-this")[0]["round_id"] == meta["round_id"]
+    assert rounds.close(stuck) is None  # finishing twice publishes nothing twice
+    assert store.stats("nobody-runs-this")["rounds"] == 1
 
 
 def test_plain_celery_process_takes_redis_from_the_environment(monkeypatch):

@@ -60,6 +60,10 @@ def test_a_node_whose_round_is_still_running_is_skipped(tmp_path):
         def ready(self):
             return False
 
+        @property
+        def close_at(self):
+            return self.deadline_at
+
     sent = []
 
     def fake_dispatch(cfg, node):
