@@ -117,8 +117,14 @@ def workers_for_queue(queue: str, *, timeout_s: float = 1.0) -> list[str]:
 
 # -- commands -----------------------------------------------------------------
 
+def _warn(config: config_mod.Config) -> None:
+    for warning in config_mod.warnings_for(config):
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def cmd_check_config(args) -> int:
     config = config_mod.load(args.file)
+    _warn(config)
     ntp, timing, service = config.ntp, config.timing, config.service
     print(f"{args.file}: OK")
     print(f"  servers ({len(ntp.servers)}): {', '.join(s.name for s in ntp.servers)}")
@@ -222,6 +228,13 @@ def worker_argv(config: config_mod.Config, node: str, *, concurrency: int | None
 def cmd_worker(args) -> int:
     config = _load(args)
     node = _node(args)
+    _warn(config)
+    try:
+        _check_broker(config)
+    except CliError:
+        # A worker waits for Redis (it may be starting too); say so once, plainly.
+        print(f"waiting for Redis at {config.service.redis_url_redacted}; the worker keeps trying",
+              file=sys.stderr, flush=True)
     os.environ[config_mod.ENV_CONFIG] = os.path.abspath(args.config)
     os.environ[config_mod.ENV_NODE] = node
     from workers.app import app
@@ -239,6 +252,7 @@ def cmd_beat(args) -> int:
         nodes = [_node(args)]
     from .scheduler import Scheduler
 
+    _warn(config)
     logging.getLogger("orchestrator").setLevel(logging.INFO)
     scheduler = Scheduler(config, nodes)
     signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())

@@ -101,6 +101,7 @@ class RoundHandle:
             log.warning("round %s: callback failed (%s: %s)", self.round_id, type(exc).__name__, exc)
             self.detach()
             return None
+        self.detach()  # done with this round: drop the header tasks' subscriptions too
         if record.get("duplicate") and self.meta:
             return _store(self.meta).round_record(self.node, self.round_id)
         return record

@@ -210,7 +210,7 @@ def select(outcomes: list[dict], strict: Thresholds, *, enable_fallback: bool, m
     servers = []
     for outcome in sorted(outcomes, key=lambda o: o["server"]):
         entry = {"server": outcome["server"], "attempts": outcome["attempts"],
-                 "history": outcome.get("history", [])}
+                 "history": outcome.get("history", []), "worker": outcome.get("worker")}
         if outcome["status"] != "ok":
             entry.update(status=FAILED, reason=outcome["reason"], detail=outcome.get("detail"),
                          kiss_code=outcome.get("kiss_code"))

@@ -86,3 +86,15 @@ def test_unresolvable_name_is_a_named_dns_error():
     with pytest.raises(QueryFailed) as caught:
         measure.attempt(job)
     assert caught.value.rejection.reason == sanity.REASON_DNS_ERROR
+
+
+def test_a_worker_armed_with_its_node_refuses_another_nodes_job(monkeypatch):
+    from workers import tasks
+
+    monkeypatch.setenv("CHRONOTICK_NODE", "ares-comp-11")
+    job = {"server": "127.0.0.1:9", "host": "127.0.0.1", "port": 9, "node": "ares-comp-12", "round_id": "r",
+           "timeout_s": 0.1, "samples": 1, "retry_waits_s": [], "deadline_at": 4e9,
+           "gate": {"max_delay_s": 1, "max_uncertainty_s": 1, "min_stratum": 1, "max_stratum": 15}}
+    outcome = tasks.query_server.apply(kwargs={"job": job}).get()
+    assert outcome["status"] == "failed" and outcome["reason"] == tasks.REASON_WRONG_NODE
+    assert outcome["attempts"] == 0  # not a packet sent

@@ -168,3 +168,19 @@ def test_node_resolution_order():
     assert config_mod.resolve_node(None, environ={})  # the host name
     with pytest.raises(ValueError, match="bad node name"):
         config_mod.resolve_node("no spaces please", environ={})
+
+
+def test_fast_polling_of_public_servers_warns_but_loads(capsys):
+    homelab = config_mod.load(DATA / "chronotick_homelab_2min_ntp.yaml", environ={})
+    warnings = config_mod.warnings_for(homelab)
+    assert len(warnings) == 1 and "warm_up.measurement_interval: 1 s polls 10 public server(s)" in warnings[0]
+    assert cli.main(["check-config", str(DATA / "chronotick_homelab_2min_ntp.yaml")]) == 0
+    assert "warning:" in capsys.readouterr().err
+    local = config_mod.load(CONFIGS / "config_local_demo.yaml", environ={})
+    assert config_mod.warnings_for(local) == []  # loopback servers: poll as fast as you like
+
+
+@pytest.mark.parametrize("host, public", [("time.google.com", True), ("216.239.35.0", True), ("127.0.0.1", False),
+                                          ("172.20.1.1", False), ("::1", False), ("ntp.lab.local", False)])
+def test_what_counts_as_a_public_server(host, public):
+    assert config_mod.is_public(host) is public

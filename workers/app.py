@@ -66,6 +66,8 @@ def configure(app: Celery, service: config_mod.ServiceSettings) -> None:
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
+        # A worker outlives Redis restarts: keep reconnecting, never give up.
+        broker_connection_max_retries=None,
         # A query is a few packets; results are small; nothing to track.
         task_track_started=False,
         worker_hijack_root_logger=False,

@@ -153,6 +153,33 @@ class Config:
     extra: dict = field(default_factory=dict)
 
 
+#: RFC 4330 asks clients not to poll a server more often than this (s).
+MIN_PUBLIC_POLL_S = 16.0
+
+
+def warnings_for(config: "Config") -> list[str]:
+    """Things that are allowed but unkind: polling public servers faster than RFC 4330 asks."""
+    public = [s.name for s in config.ntp.servers if is_public(s.host)]
+    found = []
+    for what, interval in (("timing.warm_up.measurement_interval", config.timing.warm_up_interval_s),
+                           ("timing.normal_operation.measurement_interval", config.timing.normal_interval_s)):
+        if public and interval < MIN_PUBLIC_POLL_S:
+            if what.startswith("timing.warm_up") and config.timing.warm_up_duration_s == 0:
+                continue
+            found.append(f"{config.source}: clock_measurement.{what}: {interval:g} s polls {len(public)} public "
+                         f"server(s) faster than once per {MIN_PUBLIC_POLL_S:g} s (RFC 4330); they may send "
+                         "Kiss-o'-Death RATE or block this host")
+    return found
+
+
+def is_public(host: str) -> bool:
+    """Whether ``host`` is someone else's server: a global address, or a name not obviously local."""
+    try:
+        return ipaddress.ip_address(host).is_global
+    except ValueError:
+        return not (host == "localhost" or host.endswith((".local", ".lan", ".internal", ".localhost")))
+
+
 # -- schema -----------------------------------------------------------------
 
 _NUMBER = (int, float)

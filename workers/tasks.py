@@ -16,18 +16,23 @@ dead server must never cost the others' measurements.
 
 from __future__ import annotations
 
+import os
 import time
 
 from celery.utils.log import get_task_logger
 
 from . import kod, measure
 from .app import app
+from .config import ENV_NODE
 from .ntp.client import QueryFailed
 
 log = get_task_logger(__name__)
 
 #: The registered name (what Flower shows).
 QUERY_TASK = "chronotick.query_server"
+
+#: A job for another node reached this worker (set ``CHRONOTICK_NODE`` to arm the check).
+REASON_WRONG_NODE = "wrong_node"
 
 
 @app.task(bind=True, name=QUERY_TASK)
@@ -53,14 +58,22 @@ def query_server(self, *carried, job: dict, history: list | None = None):
     history = list(history or [])
     started_at = time.time()
     attempt_no = len(history) + 1
+    own_node = os.environ.get(ENV_NODE)
+    if own_node and own_node != job["node"]:
+        # Routing sends a node's jobs only to its queue; if one strays here
+        # anyway, measuring it would describe the wrong machine's clock.
+        return _carry(carried, _failed(job, history, REASON_WRONG_NODE,
+                                       f"worker {self.request.hostname} measures node {own_node!r}",
+                                       worker=self.request.hostname))
     if started_at > job["deadline_at"]:
         outcome = _failed(job, history, measure.REASON_DEADLINE,
-                          f"attempt {attempt_no} would start after the round's deadline")
+                          f"attempt {attempt_no} would start after the round's deadline",
+                          worker=self.request.hostname)
         return _carry(carried, outcome)
     refusal = kod.memory.refusal(job["server"], config_id=job.get("config_id", ""))
     if refusal:
         # Not a packet to a server that told us to stay away; not an attempt either.
-        return _carry(carried, _failed(job, history, *refusal))
+        return _carry(carried, _failed(job, history, *refusal, worker=self.request.hostname))
     try:
         sample = measure.attempt(job)
     except QueryFailed as exc:
@@ -81,15 +94,16 @@ def query_server(self, *carried, job: dict, history: list | None = None):
         log.warning("[FAILED] %s for %s after %d attempt(s): %s", job["server"], job["node"],
                     attempt_no, rejection.reason)
         return _carry(carried, _failed(job, history, rejection.reason, rejection.detail,
-                                       kiss_code=rejection.kiss_code))
+                                       kiss_code=rejection.kiss_code, worker=self.request.hostname))
     history.append({"attempt": attempt_no, "started_at": started_at, "reason": None})
     return _carry(carried, {"status": "ok", "server": job["server"], "sample": sample,
-                            "attempts": attempt_no, "history": history})
+                            "attempts": attempt_no, "history": history, "worker": self.request.hostname})
 
 
-def _failed(job: dict, history: list, reason: str, detail: str, *, kiss_code: str | None = None) -> dict:
+def _failed(job: dict, history: list, reason: str, detail: str, *, kiss_code: str | None = None,
+            worker: str | None = None) -> dict:
     return {"status": "failed", "server": job["server"], "reason": reason, "detail": detail,
-            "kiss_code": kiss_code, "attempts": len(history), "history": history}
+            "kiss_code": kiss_code, "attempts": len(history), "history": history, "worker": worker}
 
 
 def _carry(carried: tuple, outcome: dict):

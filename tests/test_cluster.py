@@ -1,0 +1,236 @@
+"""Many nodes and real faults: worker processes per node, the beat, SIGKILL, Redis restarts.
+
+Every process here is real: ``chronotick-ntp worker`` per node, ``chronotick-ntp
+beat`` as the one scheduler, ``redis-server`` stopped and started again.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+
+from orchestrator.demo import RedisProcess, stop_process
+from orchestrator.store import Store
+from simulator.server import Behaviour
+from workers import config as config_mod
+
+from .conftest import REPO, wait_for
+
+pytestmark = pytest.mark.integration
+
+TRUTH_S = 0.0125
+
+
+def cli_process(args: list[str], redis_url: str, log: Path, **env) -> subprocess.Popen:
+    environ = {**os.environ, config_mod.ENV_REDIS_URL: redis_url, "PYTHONPATH": str(REPO), **env}
+    environ.pop(config_mod.ENV_NODE, None)
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], env=environ, cwd=str(REPO),
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+
+def cluster_config(tmp_path: Path, servers: list[str], nodes: list[str], *, prefix: str, interval_s: float,
+                   **ntp) -> Path:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({
+        "clock_measurement": {
+            "ntp": {"servers": servers, "timeout_seconds": 0.3, "retry_delay": 0.1, "max_retries": 2, **ntp},
+            "timing": {"warm_up": {"duration_seconds": 0, "measurement_interval": interval_s},
+                       "normal_operation": {"measurement_interval": interval_s}}},
+        "ntp_service": {"key_prefix": prefix, "nodes": nodes, "history_length": 200}}))
+    return path
+
+
+def queue_has_worker(url: str, node: str) -> bool:
+    """Ask the workers on ``url`` (not the tests' own app) who serves ``ntp.node``."""
+    from celery import Celery
+
+    probe = Celery(broker=url)
+    try:
+        replies = probe.control.inspect(timeout=0.5).active_queues() or {}
+        return any(q["name"] == f"ntp.{node}" for queues in replies.values() for q in queues)
+    finally:
+        probe.close()
+
+
+def test_three_nodes_one_beat_each_node_measured_by_its_own_worker(redis_url, simulator, tmp_path, key_prefix,
+                                                                    redis_client):
+    nodes = ["ares-comp-11", "ares-comp-12", "ares-comp-13"]
+    _, servers = simulator({f"s{i}": Behaviour(offset_s=TRUTH_S, delay_s=0.003 + 0.002 * i) for i in range(3)})
+    interval = 1.5
+    path = cluster_config(tmp_path, list(servers.values()), nodes, prefix=key_prefix, interval_s=interval)
+    workers = [cli_process(["worker", "--config", str(path), "--node", n], redis_url, tmp_path / f"{n}.log")
+               for n in nodes]
+    beat = None
+    try:
+        for n in nodes:
+            wait_for(lambda n=n: queue_has_worker(redis_url, n), what=f"worker for {n}")
+        beat = cli_process(["beat", "--config", str(path)], redis_url, tmp_path / "beat.log")
+        store = Store(redis_client, prefix=key_prefix)
+        wait_for(lambda: all(store.stats(n)["rounds"] >= 4 for n in nodes), timeout_s=40, what="4 rounds per node")
+    finally:
+        if beat:
+            stop_process(beat)
+        for w in workers:
+            stop_process(w)
+    firsts = {}
+    for node in nodes:
+        records = sorted(store.history(node, count=50), key=lambda r: r["dispatched_at"])
+        assert all(r["quality"] == "strict" for r in records)
+        for record in records:
+            # Every sample of node X's rounds was taken by node X's worker.
+            assert {s["worker"].split("@")[0] for s in record["servers"]} == {node}, record["servers"]
+        gaps = [b["dispatched_at"] - a["dispatched_at"] for a, b in zip(records, records[1:])]
+        assert all(interval - 0.25 <= g <= interval + 0.25 for g in gaps), (node, gaps)
+        assert store.latest(node)["round_id"] == records[-1]["round_id"]
+        firsts[node] = records[0]["dispatched_at"]
+    # The nodes are spread over the interval, not all in the same second.
+    phases = sorted(t - min(firsts.values()) for t in firsts.values())
+    assert phases[1] == pytest.approx(interval / 3, abs=0.25) and phases[2] == pytest.approx(2 * interval / 3, abs=0.25)
+
+
+def test_worker_killed_mid_round_round_closes_and_next_round_publishes(redis_url, simulator, tmp_path, key_prefix,
+                                                                      redis_client):
+    node = "killnode"
+    sim, servers = simulator({"fast": Behaviour(offset_s=TRUTH_S, delay_s=0.004),
+                              "slow1": Behaviour(offset_s=TRUTH_S, delay_s=1.2),
+                              "slow2": Behaviour(offset_s=TRUTH_S, delay_s=1.3)})
+    path = cluster_config(tmp_path, list(servers.values()), [node], prefix=key_prefix, interval_s=60,
+                          timeout_seconds=2.0, max_retries=1, max_delay=2.0, max_acceptable_uncertainty=2.0)
+    log = tmp_path / "worker.log"
+    worker = cli_process(["worker", "--config", str(path), "--node", node], redis_url, log)
+    wait_for(lambda: queue_has_worker(redis_url, node), what="the worker")
+    from orchestrator import rounds
+
+    config = config_mod.load(path)
+    handle = rounds.dispatch(config, node)
+    slow_ports = [int(servers[k].rsplit(":", 1)[1]) for k in ("slow1", "slow2")]
+    # Mid-round: the fast server has answered, the slow ones are still waiting for their replies.
+    wait_for(lambda: all(sim.stats[p].received for p in slow_ports), what="the slow queries to go out")
+    wait_for(lambda: handle.header_results() and any(r.ready() for r in handle.header_results()),
+             what="the fast server's result")
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert handle.wait() is None  # the chord will never fire ...
+    record = rounds.close(handle)  # ... so the round is closed with what it has
+    assert record["closed_by"] == "deadline" and record["quality"] == "strict"
+    assert record["latest"]["server"] == servers["fast"]
+    assert {s["server"]: s.get("reason") for s in record["servers"]}[servers["slow1"]] == "no_result"
+    # The node's worker comes back (a supervisor restarts it): the next round is normal.
+    worker = cli_process(["worker", "--config", str(path), "--node", node], redis_url, log)
+    try:
+        wait_for(lambda: queue_has_worker(redis_url, node), what="the restarted worker")
+        again = rounds.dispatch(config, node).wait()
+        assert again["closed_by"] == "callback" and again["servers_used"] == 3
+    finally:
+        stop_process(worker)
+
+
+def test_redis_restart_workers_and_beat_reconnect_and_rounds_resume(simulator, tmp_path, key_prefix):
+    node = "bouncenode"
+    _, servers = simulator({"s": Behaviour(offset_s=TRUTH_S, delay_s=0.003)})
+    interval = 2.0
+    with RedisProcess(tmp_path) as own:
+        path = cluster_config(tmp_path, list(servers.values()), [node], prefix=key_prefix, interval_s=interval)
+        worker = cli_process(["worker", "--config", str(path), "--node", node], own.url, tmp_path / "worker.log")
+        beat = None
+        client = redis.Redis.from_url(own.url)
+        store = Store(client, prefix=key_prefix)
+        try:
+            wait_for(lambda: queue_has_worker(own.url, node), what="the worker")
+            beat = cli_process(["beat", "--config", str(path)], own.url, tmp_path / "beat.log")
+            wait_for(lambda: store.stats(node)["rounds"] >= 2, what="rounds before the outage")
+            own.stop()
+            time.sleep(3.0)  # the outage itself: Redis is down for 3 s
+            own.start()  # same port, empty: nothing survived
+            back = time.time()
+
+            def published_after_restart():
+                try:
+                    latest = store.latest(node)
+                except redis.ConnectionError:
+                    return None
+                return latest and latest["published_at"] > back
+
+            wait_for(published_after_restart, timeout_s=30, what="a round published after the restart")
+            resumed_in = store.latest(node)["published_at"] - back
+            assert worker.poll() is None and beat.poll() is None  # nothing crashed for good
+        finally:
+            if beat:
+                stop_process(beat)
+            stop_process(worker)
+            client.close()
+    print(f"rounds resumed {resumed_in:.1f} s after Redis came back")
+    assert resumed_in < 15.0
+    log = (tmp_path / "worker.log").read_text()
+    assert "Traceback" not in (tmp_path / "beat.log").read_text()
+    assert "Cannot connect to redis" in log or "Connection" in log
+
+
+def test_servers_dark_for_several_rounds_then_back(worker, simulator, tmp_path, key_prefix, redis_client):
+    from orchestrator import rounds
+
+    sim, servers = simulator({f"s{i}": Behaviour(offset_s=TRUTH_S, delay_s=0.003) for i in range(2)})
+    path = cluster_config(tmp_path, list(servers.values()), ["testnode"], prefix=key_prefix, interval_s=60)
+    config = config_mod.load(path)
+    store = Store(redis_client, prefix=key_prefix)
+    assert rounds.dispatch(config, "testnode").wait()["latest"] is not None
+    before = store.latest("testnode")
+    saved = dict(sim.behaviours)
+    for port in saved:
+        sim.set_behaviour(port, Behaviour(loss=1.0))
+    for i in range(3):
+        record = rounds.dispatch(config, "testnode").wait()
+        assert record["quality"] == "starvation"
+        assert store.stats("testnode")["starvation"] == i + 1  # counted every round
+        assert store.latest("testnode") == before  # same value, same timestamps: its age shows
+    for port, behaviour in saved.items():
+        sim.set_behaviour(port, behaviour)
+    record = rounds.dispatch(config, "testnode").wait()
+    assert record["quality"] == "strict"
+    assert store.latest("testnode")["round_id"] == record["round_id"]
+
+
+def test_worker_waits_for_an_unreachable_broker_without_a_traceback_wall(tmp_path):
+    path = cluster_config(tmp_path, ["127.0.0.1:9"], ["lonely"], prefix="x", interval_s=60)
+    log = tmp_path / "worker.log"
+    worker = cli_process(["worker", "--config", str(path), "--node", "lonely"], "redis://127.0.0.1:1/0", log)
+    try:
+        wait_for(lambda: "Trying again" in log.read_text(), timeout_s=20, what="the worker to say it retries")
+        assert worker.poll() is None  # still trying, not dead
+    finally:
+        stop_process(worker)
+    text = log.read_text()
+    assert "waiting for Redis at redis://127.0.0.1:1/0; the worker keeps trying" in text
+    assert "Traceback" not in text
+
+
+def test_a_query_task_delivered_twice_is_counted_once(redis_url, simulator, tmp_path, key_prefix, redis_client):
+    from orchestrator import rounds
+
+    node = "dupnode"
+    _, servers = simulator({f"s{i}": Behaviour(offset_s=TRUTH_S, delay_s=0.003) for i in range(3)})
+    path = cluster_config(tmp_path, list(servers.values()), [node], prefix=key_prefix, interval_s=60)
+    config = config_mod.load(path)
+    handle = rounds.dispatch(config, node)  # no worker yet: the messages wait in the queue
+    queue = f"ntp.{node}"
+    # Three query messages; the callback is sent only when the last of them finishes.
+    wait_for(lambda: redis_client.llen(queue) == 3, what="the round's messages in the queue")
+    first_query = next(m for m in redis_client.lrange(queue, 0, -1)
+                       if json.loads(m)["headers"]["task"] == "chronotick.query_server")
+    redis_client.rpush(queue, first_query)  # the broker delivers this one twice
+    worker = cli_process(["worker", "--config", str(path), "--node", node], redis_url, tmp_path / "w.log")
+    try:
+        record = handle.wait()
+    finally:
+        stop_process(worker)
+    assert record is not None and record["servers_total"] == 3
+    assert sorted(s["server"] for s in record["servers"]) == sorted(servers.values())
+    stats = Store(redis_client, prefix=key_prefix).stats(node)
+    assert stats["rounds"] == 1 and stats["queries"] == 3
