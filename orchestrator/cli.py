@@ -69,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, help="threads (default: one per server, plus two)")
     p.add_argument("--events", action="store_true", help="send task events (for Flower)")
     p = command("beat", cmd_beat, "run rounds for every configured node on the configured timing")
+    p = command("flower", cmd_flower, "start Flower on this config's Redis, behind basic auth", node=False)
+    p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5555, help="port (default 5555)")
+    p.add_argument("--allow-control", action="store_true",
+                   help="let Flower users revoke, terminate and apply tasks (default: read-only)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="start without authentication (anyone who reaches the port sees and, with "
+                        "--allow-control, controls every task)")
     p = command("simulate", cmd_simulate, "serve the config's simulated NTP servers on loopback", node=False)
     p = command("demo", cmd_demo, "offline demo: local Redis, simulated servers, a worker, a few rounds",
                 config=False)
@@ -264,6 +272,34 @@ def cmd_beat(args) -> int:
     except KeyboardInterrupt:
         pass
     return EXIT_OK
+
+
+#: Flower's own variables: ``user:password`` pairs, or an OAuth e-mail regex.
+FLOWER_AUTH_VARIABLES = ("FLOWER_BASIC_AUTH", "FLOWER_AUTH")
+
+
+def flower_argv(args) -> list[str]:
+    """The ``celery flower`` arguments: never a secret among them (Flower reads its env)."""
+    argv = ["-A", "workers.app", "flower", f"--address={args.address}", f"--port={args.port}"]
+    if not args.allow_control:
+        argv.append("--read_only")
+    return argv
+
+
+def cmd_flower(args) -> int:
+    config = _load(args)
+    if not any(os.environ.get(name) for name in FLOWER_AUTH_VARIABLES) and not args.insecure_no_auth:
+        raise CliError("Flower will not start without authentication: set FLOWER_BASIC_AUTH=user:password in "
+                       "the environment (never in YAML or on the command line), or pass --insecure-no-auth",
+                       EXIT_USAGE)
+    _check_broker(config)
+    os.environ[config_mod.ENV_CONFIG] = os.path.abspath(args.config)
+    print(f"flower: http://{args.address}:{args.port}/ on {config.service.redis_url_redacted} "
+          f"({'read-only' if not args.allow_control else 'control allowed'}; "
+          f"{'NO AUTHENTICATION' if args.insecure_no_auth and not any(os.environ.get(n) for n in FLOWER_AUTH_VARIABLES) else 'basic auth'}; "
+          "/metrics and /healthcheck are open, as in every Flower)", flush=True)
+    os.execv(sys.executable, [sys.executable, "-m", "celery", *flower_argv(args)])
+    return EXIT_OK  # not reached
 
 
 def cmd_simulate(args) -> int:

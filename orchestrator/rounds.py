@@ -21,7 +21,7 @@ from workers import measure
 from workers.app import app, queue_for
 from workers.config import Config
 from workers.quality import Thresholds
-from workers.tasks import query_server
+from workers.tasks import describe, query_server
 
 from .store import UNANSWERED_DELAY_S, Store, client_for
 from .selection import flatten
@@ -206,10 +206,7 @@ def build_round(config: Config, node: str, *, now: float | None = None,
 
 
 def _query_signature(job: dict, queue: str, expires: datetime):
-    # A short, explicit repr: Flower shows the server and node at a glance,
-    # and Celery does not have to saferepr() the whole job for every message.
-    summary = f"{{server={job['server']}, node={job['node']}, round={job['round_id']}}}"
-    return query_server.signature(kwargs={"job": job}, queue=queue, argsrepr="()", kwargsrepr=summary,
+    return query_server.signature(kwargs={"job": job}, queue=queue, argsrepr="()", kwargsrepr=describe(job),
                                   expires=expires)
 
 

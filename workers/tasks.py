@@ -90,7 +90,8 @@ def query_server(self, *carried, job: dict, history: list | None = None):
                 log.info("[RETRY] %s for %s: attempt %d/%d failed (%s), next in %.3g s",
                          job["server"], job["node"], attempt_no, len(waits) + 1, rejection.reason, wait_s)
                 raise self.retry(kwargs={"job": job, "history": history}, countdown=wait_s,
-                                 max_retries=len(waits))
+                                 max_retries=len(waits), argsrepr="()",
+                                 kwargsrepr=describe(job, attempt=attempt_no + 1))
         log.warning("[FAILED] %s for %s after %d attempt(s): %s", job["server"], job["node"],
                     attempt_no, rejection.reason)
         return _carry(carried, _failed(job, history, rejection.reason, rejection.detail,
@@ -98,6 +99,16 @@ def query_server(self, *carried, job: dict, history: list | None = None):
     history.append({"attempt": attempt_no, "started_at": started_at, "reason": None})
     return _carry(carried, {"status": "ok", "server": job["server"], "sample": sample,
                             "attempts": attempt_no, "history": history, "worker": self.request.hostname})
+
+
+def describe(job: dict, *, attempt: int = 1) -> str:
+    """The task's arguments as Flower shows them: server, node, round (and attempt when retried).
+
+    Given to Celery as ``kwargsrepr`` so that nobody has to read the whole job,
+    and Celery does not have to ``saferepr`` it for every message.
+    """
+    text = f"{{server={job['server']}, node={job['node']}, round={job['round_id']}"
+    return text + (f", attempt={attempt}}}" if attempt > 1 else "}")
 
 
 def _failed(job: dict, history: list, reason: str, detail: str, *, kiss_code: str | None = None,

@@ -1,0 +1,63 @@
+"""Secure defaults: JSON only, loopback binds, no secrets in files or argv."""
+
+import os
+import uuid
+
+import pytest
+from kombu import Connection
+
+from orchestrator import cli
+from orchestrator.demo import stop_process
+from workers import config as config_mod
+
+from .conftest import REPO, wait_for, write_config
+from .test_cluster import cli_process, queue_has_worker
+
+pytestmark = pytest.mark.integration
+
+
+class _Exploit:
+    """Unpickling this runs a shell command: what a pickle-accepting worker would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickled_task_is_refused_unread(redis_url, tmp_path):
+    node = "picklenode"
+    path = write_config(tmp_path, ["127.0.0.1:9"])
+    log = tmp_path / "worker.log"
+    worker = cli_process(["worker", "--config", str(path), "--node", node], redis_url, log)
+    marker = tmp_path / "pwned"
+    try:
+        wait_for(lambda: queue_has_worker(redis_url, node), what="the worker")
+        task_id = str(uuid.uuid4())
+        with Connection(redis_url) as connection:
+            connection.Producer().publish(
+                [[_Exploit(marker)], {}, {}], routing_key=f"ntp.{node}", serializer="pickle",
+                headers={"lang": "py", "task": "chronotick.query_server", "id": task_id, "root_id": task_id,
+                         "parent_id": None, "group": None, "argsrepr": "()", "kwargsrepr": "{}"})
+        wait_for(lambda: "Refusing to deserialize untrusted content of type pickle" in log.read_text(),
+                 what="the worker to refuse the pickle")
+    finally:
+        stop_process(worker)
+    assert not marker.exists()
+
+
+def test_everything_listens_on_loopback_by_default():
+    parser = cli._parser()
+    assert parser.parse_args(["flower", "--config", "f"]).address == "127.0.0.1"
+    assert config_mod.DEFAULT_REDIS_URL.startswith("redis://127.0.0.1:")
+    from simulator.server import NtpSimulator
+
+    assert NtpSimulator({}).host == "127.0.0.1"
+
+
+def test_shipped_configs_hold_no_secrets():
+    for path in (REPO / "configs").glob("*.yaml"):
+        assert "password" not in path.read_text().lower()
+        config = config_mod.load(path, environ={})
+        assert ":***@" not in config.service.redis_url_redacted  # no credentials in the resolved URL either
