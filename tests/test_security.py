@@ -56,8 +56,23 @@ def test_everything_listens_on_loopback_by_default():
     assert NtpSimulator({}).host == "127.0.0.1"
 
 
+def _leaves(node, path=""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _leaves(value, f"{path}[{i}]")
+    else:
+        yield path, node
+
+
 def test_shipped_configs_hold_no_secrets():
+    import yaml
+    from urllib.parse import urlsplit
+
     for path in (REPO / "configs").glob("*.yaml"):
-        assert "password" not in path.read_text().lower()
-        config = config_mod.load(path, environ={})
-        assert ":***@" not in config.service.redis_url_redacted  # no credentials in the resolved URL either
+        for where, value in _leaves(yaml.safe_load(path.read_text())):
+            assert not any(word in where.lower() for word in ("password", "secret", "token")), (path, where)
+            if isinstance(value, str) and "://" in value:
+                assert urlsplit(value).password is None, (path, where)
