@@ -40,8 +40,12 @@ def test_beat_runs_warm_up_then_normal_rounds(worker, simulator, tmp_path, key_p
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     warm = [g for s, g in zip(starts, gaps) if s < 0.9]
     normal = [g for s, g in zip(starts, gaps) if s >= 1.1]
-    assert warm and all(0.2 <= g <= 0.45 for g in warm), gaps
-    assert normal and all(0.9 <= g <= 1.2 for g in normal), gaps
+    # The scheduler keeps its phase, so one late dispatch shortens the next gap: check each gap
+    # loosely and their mean tightly.
+    assert warm and all(0.05 <= g <= 0.5 for g in warm), gaps
+    assert sum(warm) / len(warm) == pytest.approx(0.25, abs=0.06), gaps
+    assert normal and all(0.7 <= g <= 1.3 for g in normal), gaps
+    assert sum(normal) / len(normal) == pytest.approx(1.0, abs=0.1), gaps
     assert all(r["quality"] == "strict" for r in records)
     assert store.latest(TEST_NODE)["round_id"] == records[-1]["round_id"]
     assert scheduler.skipped[TEST_NODE] == 0
