@@ -175,7 +175,7 @@ def cmd_measure(args) -> int:
         # round with what its tasks reported, as the scheduler would.
         print(f"round {handle.round_id}: no callback by its deadline; closing it with what it has",
               file=sys.stderr)
-        record = rounds.close(handle) or rounds.RoundHandle.wait(handle, grace_s=0)
+        record = rounds.close(handle) or handle.stored_record()  # or the callback won by a hair
     if record is None:
         raise CliError(f"round {handle.round_id} did not finish by its deadline", EXIT_STARVATION)
     if args.json:
@@ -288,15 +288,16 @@ def flower_argv(args) -> list[str]:
 
 def cmd_flower(args) -> int:
     config = _load(args)
-    if not any(os.environ.get(name) for name in FLOWER_AUTH_VARIABLES) and not args.insecure_no_auth:
+    authenticated = any(os.environ.get(name) for name in FLOWER_AUTH_VARIABLES)
+    if not authenticated and not args.insecure_no_auth:
         raise CliError("Flower will not start without authentication: set FLOWER_BASIC_AUTH=user:password in "
                        "the environment (never in YAML or on the command line), or pass --insecure-no-auth",
                        EXIT_USAGE)
     _check_broker(config)
     os.environ[config_mod.ENV_CONFIG] = os.path.abspath(args.config)
     print(f"flower: http://{args.address}:{args.port}/ on {config.service.redis_url_redacted} "
-          f"({'read-only' if not args.allow_control else 'control allowed'}; "
-          f"{'NO AUTHENTICATION' if args.insecure_no_auth and not any(os.environ.get(n) for n in FLOWER_AUTH_VARIABLES) else 'basic auth'}; "
+          f"({'control allowed' if args.allow_control else 'read-only'}; "
+          f"{'authenticated' if authenticated else 'NO AUTHENTICATION'}; "
           "/metrics and /healthcheck are open, as in every Flower)", flush=True)
     os.execv(sys.executable, [sys.executable, "-m", "celery", *flower_argv(args)])
     return EXIT_OK  # not reached

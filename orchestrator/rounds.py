@@ -102,9 +102,13 @@ class RoundHandle:
             self.detach()
             return None
         self.detach()  # done with this round: drop the header tasks' subscriptions too
-        if record.get("duplicate") and self.meta:
-            return _store(self.meta).round_record(self.node, self.round_id)
+        if record.get("duplicate"):
+            return self.stored_record()
         return record
+
+    def stored_record(self) -> dict | None:
+        """This round's record as published in the history stream (``None`` if not found)."""
+        return _store(self.meta).round_record(self.node, self.round_id) if self.meta else None
 
 
 def close(handle: RoundHandle) -> dict | None:
