@@ -136,7 +136,6 @@ def _store(meta: dict) -> Store:
     return Store(client_for(app.conf.chronotick_redis_url), prefix=meta["key_prefix"])
 
 
-
 def new_round_id(node: str, now: float | None = None) -> str:
     """A sortable, readable id: node, UTC time, and a random suffix."""
     now = time.time() if now is None else now

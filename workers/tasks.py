@@ -52,8 +52,9 @@ def query_server(self, *carried, job: dict, history: list | None = None):
 
     Returns
     -------
-    ``{"status": "ok", "server", "sample", "attempts", "history"}`` or
-    ``{"status": "failed", "server", "reason", "detail", "attempts", "history"}``.
+    ``{"status": "ok", "server", "sample", "attempts", "history", "worker"}`` or
+    ``{"status": "failed", "server", "reason", "detail", "kiss_code", "attempts", "history", "worker"}``
+    (``worker`` is the Celery hostname, ``<node>@<host>``, that ran it).
     """
     history = list(history or [])
     started_at = time.time()
