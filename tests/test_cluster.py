@@ -235,3 +235,24 @@ def test_a_query_task_delivered_twice_is_counted_once(redis_url, simulator, tmp_
     assert sorted(s["server"] for s in record["servers"]) == sorted(servers.values())
     stats = Store(redis_client, prefix=key_prefix).stats(node)
     assert stats["rounds"] == 1 and stats["queries"] == 3
+
+
+def test_a_round_nobody_ran_in_time_is_dropped_not_replayed(redis_url, simulator, tmp_path, key_prefix, redis_client):
+    from orchestrator import rounds
+
+    node = "latenode"
+    sim, servers = simulator({"s": Behaviour(offset_s=TRUTH_S, delay_s=0.003)})
+    path = cluster_config(tmp_path, list(servers.values()), [node], prefix=key_prefix, interval_s=60,
+                          max_retries=1)
+    handle = rounds.dispatch(config_mod.load(path), node)  # no worker for this node yet
+    assert handle.wait() is None  # nothing ran by the deadline ...
+    assert rounds.close(handle)["closed_by"] == "deadline"  # ... so it is closed, and counted once
+    worker = cli_process(["worker", "--config", str(path), "--node", node], redis_url, tmp_path / "w.log")
+    try:
+        wait_for(lambda: queue_has_worker(redis_url, node), what="the late worker")
+        wait_for(lambda: redis_client.llen(f"ntp.{node}") == 0, what="the stale messages to be consumed")
+    finally:
+        stop_process(worker)
+    assert sum(stats.received for stats in sim.stats.values()) == 0  # expired: no packet was sent
+    assert Store(redis_client, prefix=key_prefix).stats(node)["rounds"] == 1
+    assert "expired" in (tmp_path / "w.log").read_text().lower()
