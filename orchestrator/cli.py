@@ -258,15 +258,20 @@ def cmd_beat(args) -> int:
     nodes = list(config.service.nodes) or [_node(args)]
     if args.node:
         nodes = [_node(args)]
+    from .leader import Lease
     from .scheduler import Scheduler
+    from .store import Keys, client_for
 
     _warn(config)
     logging.getLogger("orchestrator").setLevel(logging.INFO)
-    scheduler = Scheduler(config, nodes)
+    lease = Lease(client_for(config.service.redis_url), Keys(config.service.key_prefix).beat(),
+                  ttl_s=config.service.beat_lease_seconds)
+    scheduler = Scheduler(config, nodes, lease=lease)
     signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
     print(f"beat: {len(nodes)} node(s) ({', '.join(nodes)}); warm-up every "
           f"{config.timing.warm_up_interval_s:g} s for {config.timing.warm_up_duration_s:g} s, "
-          f"then every {config.timing.normal_interval_s:g} s", flush=True)
+          f"then every {config.timing.normal_interval_s:g} s; dispatching while it holds {lease.key} "
+          f"(other beats stand by)", flush=True)
     try:
         scheduler.run()
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 """Run rounds for every node on the configured timing (the ``beat`` command).
 
-One scheduler per cluster.  Each node's rounds come every warm-up interval for
+One scheduler dispatches per cluster; more may run as standbys (see
+:mod:`orchestrator.leader`).  Each node's rounds come every warm-up interval for
 the warm-up period, then every normal interval.  Nodes are spread across the
 interval (node i of n starts i/n of an interval late) so that a cluster does
 not hit the public servers in the same second.  A node's next round is not
@@ -35,9 +36,12 @@ class Scheduler:
     dispatch:
         ``dispatch(config, node) -> RoundHandle``; :func:`orchestrator.rounds.dispatch`
         by default (tests may wrap it to observe).
+    lease:
+        An :class:`orchestrator.leader.Lease`: dispatch only while holding it,
+        so standby beats can run beside this one.  ``None``: always dispatch.
     """
 
-    def __init__(self, config: Config, nodes: list[str], *, dispatch=rounds.dispatch):
+    def __init__(self, config: Config, nodes: list[str], *, dispatch=rounds.dispatch, lease=None):
         if not nodes:
             raise ValueError("no nodes to schedule: list them in ntp_service.nodes or pass --node")
         self.config = config
@@ -48,16 +52,25 @@ class Scheduler:
         self.dispatched: dict[str, int] = {node: 0 for node in self.nodes}
         self.skipped: dict[str, int] = {node: 0 for node in self.nodes}
         self.closed: dict[str, int] = {node: 0 for node in self.nodes}
+        self.lease = lease
+        self.leading = lease is None
 
     def stop(self) -> None:
         self._stop.set()
 
     def run(self) -> None:
+        due: dict[str, float] = {}
         started = time.monotonic()
-        first = self.config.timing.interval_at(0.0)
-        due = {node: started + i * first / len(self.nodes) for i, node in enumerate(self.nodes)}
         while not self._stop.is_set():
+            if not self._lead():
+                due = {}  # a standby: when it takes over, it starts a fresh phase
+                self._stop.wait(self.lease.ttl_s / 3)
+                continue
             now = time.monotonic()
+            if not due:
+                started = now - self._schedule_age_s()
+                first = self.config.timing.interval_at(now - started)
+                due = {node: now + i * first / len(self.nodes) for i, node in enumerate(self.nodes)}
             self._close_overdue()
             for node in self.nodes:
                 if now >= due[node]:
@@ -69,7 +82,27 @@ class Scheduler:
             wake = min(due.values()) - time.monotonic()
             if self.in_flight:
                 wake = min(wake, min(h.close_at for h in self.in_flight.values()) - time.time())
+            if self.lease is not None:
+                wake = min(wake, self.lease.ttl_s / 3)  # renew well before the lease lapses
             self._stop.wait(max(0.01, wake))
+        if self.lease is not None and self.leading:
+            self.lease.release()  # hand over at once rather than after the time to live
+
+    def _lead(self) -> bool:
+        """Whether this beat dispatches now (always, without a lease)."""
+        if self.lease is None:
+            return True
+        holding = self.lease.hold()
+        if holding != self.leading:
+            log.warning("[BEAT] %s the lease %s", "took" if holding else "lost", self.lease.key)
+            self.leading = holding
+        return holding
+
+    def _schedule_age_s(self) -> float:
+        """How long the cluster's schedule has been running: a beat taking over skips a finished warm-up."""
+        if self.lease is None:
+            return 0.0
+        return self.lease.schedule_age_s()
 
     def _close_overdue(self) -> None:
         """Forget finished rounds; close those whose callback is past its deadline."""

@@ -64,6 +64,10 @@ class Keys:
     def nodes(self) -> str:
         return f"{self.prefix}:ntp:nodes"
 
+    def beat(self) -> str:
+        """Internal: the lease of the beat that dispatches (see :mod:`orchestrator.leader`)."""
+        return f"{self.prefix}:ntp:beat"
+
     def filter_window(self, node: str) -> str:
         """Internal: the temporal filter's recent accepted results, ``[measured_at, offset]`` JSON."""
         return self._node(node, "filter_window")

@@ -256,3 +256,40 @@ def test_a_round_nobody_ran_in_time_is_dropped_not_replayed(redis_url, simulator
     assert sum(stats.received for stats in sim.stats.values()) == 0  # expired: no packet was sent
     assert Store(redis_client, prefix=key_prefix).stats(node)["rounds"] == 1
     assert "expired" in (tmp_path / "w.log").read_text().lower()
+
+
+def test_two_beats_one_dispatches_and_the_standby_takes_over(worker, redis_url, simulator, tmp_path, key_prefix,
+                                                              redis_client):
+    _, servers = simulator({"s": Behaviour(offset_s=TRUTH_S, delay_s=0.003)})
+    interval, lease_s = 1.0, 2.0
+    path = cluster_config(tmp_path, list(servers.values()), ["testnode"], prefix=key_prefix, interval_s=interval)
+    document = yaml.safe_load(path.read_text())
+    document["ntp_service"]["beat_lease_seconds"] = lease_s
+    path.write_text(yaml.safe_dump(document))
+    store = Store(redis_client, prefix=key_prefix)
+    beats = [cli_process(["beat", "--config", str(path)], redis_url, tmp_path / "beat-a.log")]
+    try:
+        wait_for(lambda: store.stats("testnode")["rounds"] >= 2, what="the first beat's rounds")
+        beats.append(cli_process(["beat", "--config", str(path)], redis_url, tmp_path / "beat-b.log"))
+        both_from = time.time() + 1.0  # the second beat is up and standing by
+        wait_for(lambda: any(r["dispatched_at"] > both_from + 4 for r in store.history("testnode", count=50)),
+                 what="four seconds with both beats running")
+        holder = redis_client.get(f"{key_prefix}:ntp:beat").decode()
+        leader = next(b for b in beats if f":{b.pid}:" in holder)
+        standby = next(b for b in beats if b is not leader)
+        os.kill(leader.pid, signal.SIGKILL)
+        killed_at = time.time()
+        wait_for(lambda: any(r["dispatched_at"] > killed_at for r in store.history("testnode", count=50)),
+                 timeout_s=lease_s + interval + 10, what="the standby's first round")
+        took_over_in = min(r["dispatched_at"] for r in store.history("testnode", count=50)
+                           if r["dispatched_at"] > killed_at) - killed_at
+        assert f":{standby.pid}:" in redis_client.get(f"{key_prefix}:ntp:beat").decode()
+    finally:
+        for beat in beats:
+            stop_process(beat)
+    records = sorted(store.history("testnode", count=100), key=lambda r: r["dispatched_at"])
+    while_both = [r["dispatched_at"] for r in records if both_from <= r["dispatched_at"] <= killed_at]
+    gaps = [b - a for a, b in zip(while_both, while_both[1:])]
+    assert len(while_both) >= 3 and min(gaps) > 0.6 * interval, gaps  # one beat's rounds, not two
+    print(f"standby took over {took_over_in:.1f} s after the leader was killed (lease {lease_s:g} s)")
+    assert took_over_in < lease_s + interval + 1.0

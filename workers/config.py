@@ -134,6 +134,7 @@ class ServiceSettings:
     nodes: tuple[str, ...] = ()
     history_length: int = 10_000
     worker_concurrency: int | None = None
+    beat_lease_seconds: float = 10.0
 
     @property
     def redis_url_redacted(self) -> str:
@@ -217,6 +218,7 @@ _SERVICE_KEYS: dict[str, tuple[tuple, Any, str]] = {
     "nodes": ((list,), None, ""),
     "history_length": ((int,), lambda v: v >= 1, "must be at least 1"),
     "worker_concurrency": ((int, type(None)), lambda v: v is None or v >= 1, "must be at least 1 (or null)"),
+    "beat_lease_seconds": (_NUMBER, lambda v: v >= 1, "must be at least 1"),
 }
 
 
