@@ -77,10 +77,6 @@ class Lease:
         except (redis.RedisError, TypeError, ValueError):
             return 0.0
 
-    def holder(self) -> str | None:
-        value = self.client.get(self.key)
-        return value.decode() if isinstance(value, bytes) else value
-
     def release(self) -> None:
         try:
             self._release(keys=[self.key], args=[self.token])

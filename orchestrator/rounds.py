@@ -150,9 +150,8 @@ def round_budget_s(config: Config) -> float:
     attempt's worst case.  In sequential mode the servers take turns.
     """
     ntp = config.ntp
-    sample_job = {"timeout_s": ntp.timeout_seconds,
-                  "samples": ntp.advanced_samples if ntp.measurement_mode == "advanced" else 1}
-    per_server = sum(ntp.retry_waits_s) + ntp.attempts * measure.attempt_budget_s(sample_job)
+    attempt_s = measure.attempt_budget_s(timeout_s=ntp.timeout_seconds, samples=measure.samples_per_attempt(ntp))
+    per_server = sum(ntp.retry_waits_s) + ntp.attempts * attempt_s
     servers = 1 if ntp.parallel_queries else len(ntp.servers)
     return per_server * servers + DISPATCH_SLACK_S
 

@@ -65,7 +65,7 @@ def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_
         "node": node,
         "round_id": round_id,
         "timeout_s": ntp.timeout_seconds,
-        "samples": ntp.advanced_samples if ntp.measurement_mode == "advanced" else 1,
+        "samples": samples_per_attempt(ntp),
         "gate": gate.as_dict(),
         "retry_waits_s": list(ntp.retry_waits_s),
         "deadline_at": deadline_at,
@@ -76,11 +76,14 @@ def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_
     }
 
 
-def attempt_budget_s(job: dict) -> float:
-    """The longest one attempt of ``job`` can take (DNS, samples, spacing)."""
-    samples = job["samples"]
-    return (job["timeout_s"] * (samples + 1)  # +1: the DNS look-up
-            + ADVANCED_SAMPLE_SPACING_S * (samples - 1))
+def samples_per_attempt(ntp) -> int:
+    """Exchanges per attempt: ``advanced_samples`` in advanced mode, else one."""
+    return ntp.advanced_samples if ntp.measurement_mode == "advanced" else 1
+
+
+def attempt_budget_s(*, timeout_s: float, samples: int) -> float:
+    """The longest one attempt can take: a DNS look-up and ``samples`` exchanges, each up to ``timeout_s``."""
+    return timeout_s * (samples + 1) + ADVANCED_SAMPLE_SPACING_S * (samples - 1)
 
 
 def attempt(job: dict) -> dict:

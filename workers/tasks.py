@@ -87,7 +87,8 @@ def query_server(self, *carried, job: dict, history: list | None = None):
         waits = job["retry_waits_s"]
         if self.request.retries < len(waits) and not kissed:
             wait_s = waits[self.request.retries]
-            if time.time() + wait_s + measure.attempt_budget_s(job) <= job["deadline_at"]:
+            budget_s = measure.attempt_budget_s(timeout_s=job["timeout_s"], samples=job["samples"])
+            if time.time() + wait_s + budget_s <= job["deadline_at"]:
                 log.info("[RETRY] %s for %s: attempt %d/%d failed (%s), next in %.3g s",
                          job["server"], job["node"], attempt_no, len(waits) + 1, rejection.reason, wait_s)
                 raise self.retry(kwargs={"job": job, "history": history}, countdown=wait_s,
