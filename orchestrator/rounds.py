@@ -52,6 +52,8 @@ class RoundHandle:
     deadline_at: float
     result: AsyncResult
     meta: dict | None = None
+    #: Set when the handle was rebuilt from Redis (no ``result.parent`` then).
+    header_ids: tuple[str, ...] | None = None
 
     @property
     def close_at(self) -> float:
@@ -59,6 +61,8 @@ class RoundHandle:
         return self.deadline_at + CLOSE_GRACE_S
 
     def header_results(self) -> list[AsyncResult]:
+        if self.header_ids is not None:
+            return [AsyncResult(task_id, app=app) for task_id in self.header_ids]
         parent = self.result.parent
         if parent is None:
             return []
@@ -127,9 +131,25 @@ def close(handle: RoundHandle) -> dict | None:
                 outcomes.extend(flatten([result.result]))
         except Exception as exc:  # a backend hiccup must not stop the round being closed
             log.warning("round %s: cannot read task %s (%s)", handle.round_id, result.id, exc)
-    record = finish(handle.meta, outcomes, _store(handle.meta), closed_by=CLOSED_BY_DEADLINE)
+    store = _store(handle.meta)
+    record = finish(handle.meta, outcomes, store, closed_by=CLOSED_BY_DEADLINE)
+    if record is None:
+        store.forget_open_round(handle.node, handle.round_id)  # finished by someone else meanwhile
     handle.detach()
     return record
+
+
+def open_handles(config: Config, node: str) -> list[RoundHandle]:
+    """Every round of ``node`` dispatched but not finished, whoever dispatched it.
+
+    A beat that takes over from a dead one closes the rounds its predecessor
+    left open; ``measure`` killed mid-wait leaves one too.
+    """
+    store = Store(client_for(config.service.redis_url), prefix=config.service.key_prefix)
+    return [RoundHandle(round_id=round_id, node=node, deadline_at=entry["meta"]["deadline_at"],
+                        result=AsyncResult(entry["callback_id"], app=app), meta=entry["meta"],
+                        header_ids=tuple(entry["header_ids"]))
+            for round_id, entry in store.open_round_entries(node).items()]
 
 
 def _store(meta: dict) -> Store:
@@ -217,5 +237,10 @@ def dispatch(config: Config, node: str) -> RoundHandle:
     store = Store(client_for(config.service.redis_url), prefix=config.service.key_prefix)
     canvas, meta = build_round(config, node, expected_delays=store.server_delays(node))
     result = canvas.apply_async()
-    return RoundHandle(round_id=meta["round_id"], node=node, deadline_at=meta["deadline_at"], result=result,
-                       meta=meta)
+    handle = RoundHandle(round_id=meta["round_id"], node=node, deadline_at=meta["deadline_at"], result=result,
+                         meta=meta)
+    # After the send, so the round's packets are not held up by this write; a
+    # round that finishes first leaves an entry the next closer clears.
+    store.open_round(node, meta["round_id"], {"meta": meta, "callback_id": result.id,
+                                              "header_ids": [r.id for r in handle.header_results()]})
+    return handle

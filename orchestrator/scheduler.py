@@ -23,6 +23,9 @@ from . import rounds
 
 log = logging.getLogger(__name__)
 
+#: How often a leading beat looks for rounds other processes left open (s).
+ADOPT_EVERY_S = 1.0
+
 
 class Scheduler:
     """Dispatch rounds for ``nodes`` until :meth:`stop`.
@@ -39,9 +42,13 @@ class Scheduler:
     lease:
         An :class:`orchestrator.leader.Lease`: dispatch only while holding it,
         so standby beats can run beside this one.  ``None``: always dispatch.
+    open_handles:
+        ``open_handles(config, node) -> [RoundHandle]``: rounds left open in
+        Redis, closed here once overdue (:func:`orchestrator.rounds.open_handles`).
     """
 
-    def __init__(self, config: Config, nodes: list[str], *, dispatch=rounds.dispatch, lease=None):
+    def __init__(self, config: Config, nodes: list[str], *, dispatch=rounds.dispatch, lease=None,
+                 open_handles=rounds.open_handles):
         if not nodes:
             raise ValueError("no nodes to schedule: list them in ntp_service.nodes or pass --node")
         self.config = config
@@ -54,6 +61,8 @@ class Scheduler:
         self.closed: dict[str, int] = {node: 0 for node in self.nodes}
         self.lease = lease
         self.leading = lease is None
+        self._open_handles = open_handles
+        self._next_adoption = 0.0
 
     def stop(self) -> None:
         self._stop.set()
@@ -106,6 +115,7 @@ class Scheduler:
 
     def _close_overdue(self) -> None:
         """Forget finished rounds; close those whose callback is past its deadline."""
+        self._adopt_open_rounds()
         for node, handle in list(self.in_flight.items()):
             try:
                 if handle.ready():
@@ -119,6 +129,30 @@ class Scheduler:
                                     handle.round_id, record["quality"])
             except Exception as exc:  # Redis away: try again on the next pass
                 log.error("[CLOSE] %s: round %s (%s: %s)", node, handle.round_id, type(exc).__name__, exc)
+
+    def _adopt_open_rounds(self) -> None:
+        """Take over rounds another beat (or an interrupted ``measure``) left open, once a second."""
+        now = time.monotonic()
+        if now < self._next_adoption:
+            return
+        self._next_adoption = now + ADOPT_EVERY_S
+        for node in self.nodes:
+            try:
+                orphans = [h for h in self._open_handles(self.config, node)
+                           if h.round_id != getattr(self.in_flight.get(node), "round_id", None)]
+            except Exception as exc:
+                log.error("[ADOPT] %s: cannot list open rounds (%s: %s)", node, type(exc).__name__, exc)
+                continue
+            for handle in orphans:
+                if time.time() >= handle.close_at:
+                    try:
+                        record = rounds.close(handle)
+                    except Exception as exc:
+                        log.error("[ADOPT] %s: round %s (%s: %s)", node, handle.round_id, type(exc).__name__, exc)
+                        continue
+                    self.closed[node] += 1
+                    log.warning("[CLOSED] %s: round %s, left open by another process, closed at its deadline",
+                                node, handle.round_id if record else handle.round_id + " (already finished)")
 
     def _tick(self, node: str) -> None:
         previous = self.in_flight.get(node)

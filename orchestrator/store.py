@@ -15,10 +15,10 @@ With prefix ``chronotick`` and node ``n1``:
     ``failed:<reason>`` per reason.
 ``chronotick:ntp:nodes``
     Set of the node names seen.
-``chronotick:ntp:n1:server_delay``, ``...:filter_window``, ``...:filter_state``, ``...:round:<id>``
+``chronotick:ntp:n1:server_delay``, ``...:filter_window``, ``...:filter_state``, ``...:round:<id>``, ``...:open``
     Internal (not part of the contract): each server's last delay, so the
     next round sends its slowest query first; the temporal filter's state;
-    the mark that a round has been finished.
+    the mark that a round has been finished; the rounds still open.
 
 One round's writes go in one MULTI/EXEC transaction, so a reader never sees a
 ``latest`` without its history entry and counters.
@@ -63,6 +63,10 @@ class Keys:
 
     def nodes(self) -> str:
         return f"{self.prefix}:ntp:nodes"
+
+    def open_rounds(self, node: str) -> str:
+        """Internal: rounds dispatched and not yet finished, so any beat can close them."""
+        return self._node(node, "open")
 
     def beat(self) -> str:
         """Internal: the lease of the beat that dispatches (see :mod:`orchestrator.leader`)."""
@@ -117,6 +121,7 @@ class Store:
         pipe.xadd(self.keys.history(node), {"record": json.dumps(record, sort_keys=True)},
                   maxlen=history_length, approximate=False)
         pipe.sadd(self.keys.nodes(), node)
+        pipe.hdel(self.keys.open_rounds(node), record["round_id"])
         delays = expected_delays(record)
         if delays:
             pipe.hset(self.keys.server_delay(node), mapping=delays)
@@ -132,6 +137,16 @@ class Store:
         for name, amount in round_counters(record).items():
             pipe.hincrby(self.keys.stats(node), name, amount)
         pipe.execute()
+
+    def open_round(self, node: str, round_id: str, entry: dict) -> None:
+        """Remember a dispatched round until it is finished (see :func:`orchestrator.rounds.close`)."""
+        self.client.hset(self.keys.open_rounds(node), round_id, json.dumps(entry))
+
+    def open_round_entries(self, node: str) -> dict[str, dict]:
+        return {_text(k): json.loads(v) for k, v in self.client.hgetall(self.keys.open_rounds(node)).items()}
+
+    def forget_open_round(self, node: str, round_id: str) -> None:
+        self.client.hdel(self.keys.open_rounds(node), round_id)
 
     def claim_round(self, node: str, round_id: str) -> bool:
         """True for the first caller only: the one that may publish this round."""

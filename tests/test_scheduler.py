@@ -75,10 +75,41 @@ def test_a_node_whose_round_is_still_running_is_skipped(tmp_path):
         import time
         return PendingRound(round_id=f"r{len(sent)}", node=node, deadline_at=time.time() + 60, result=None)
 
-    scheduler = Scheduler(config, ["a", "b"], dispatch=fake_dispatch)
+    scheduler = Scheduler(config, ["a", "b"], dispatch=fake_dispatch, open_handles=lambda config, node: [])
     thread = threading.Thread(target=scheduler.run, daemon=True)
     thread.start()
     wait_for(lambda: scheduler.skipped["a"] >= 3 and scheduler.skipped["b"] >= 3, what="skipped ticks")
     scheduler.stop()
     thread.join(timeout=5)
     assert sent.count("a") == 1 and sent.count("b") == 1  # never a second round while one runs
+
+
+def test_a_round_left_open_by_another_process_is_closed_by_the_beat(redis_url, simulator, tmp_path, key_prefix,
+                                                                    redis_client):
+    node = "orphannode"  # no worker serves it: nothing will ever fire these chords
+    _, servers = simulator({"s": Behaviour()})
+    path = tmp_path / "orphan.yaml"
+    path.write_text(yaml.safe_dump({
+        "clock_measurement": {"ntp": {"servers": list(servers.values()), "timeout_seconds": 0.3,
+                                      "max_retries": 1},
+                              "timing": {"warm_up": {"duration_seconds": 0, "measurement_interval": 60},
+                                         "normal_operation": {"measurement_interval": 60}}},
+        "ntp_service": {"key_prefix": key_prefix, "nodes": [node]}}))
+    config = config_mod.load(path)
+    orphan = rounds.dispatch(config, node)  # "another process": a beat that then died
+    orphan.detach()
+    store = Store(redis_client, prefix=key_prefix)
+    assert list(store.open_round_entries(node)) == [orphan.round_id]
+    scheduler = Scheduler(config, [node])
+    thread = threading.Thread(target=scheduler.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: orphan.round_id in {r["round_id"] for r in store.history(node)}, timeout_s=20,
+                 what="the orphaned round to be closed")
+        wait_for(lambda: not store.open_round_entries(node), timeout_s=20, what="no round left open")
+    finally:
+        scheduler.stop()
+        thread.join(timeout=5)
+    record = store.round_record(node, orphan.round_id)
+    assert record["closed_by"] == "deadline" and record["finished_at"] >= orphan.close_at
+    assert store.stats(node)["rounds"] == 2  # the orphan and the scheduler's own round, each once
