@@ -1,0 +1,99 @@
+"""Where a round's time goes: dispatch, task starts, the last reply, the callback, the consumer.
+
+Ten simulated servers with round trips 10, 20, ... 100 ms, a real worker, a
+private Redis.  For each round it takes, relative to the moment dispatch began:
+when ``dispatch`` returned, when the first and the last query task started,
+when the slowest server's task started, the last t4, when the callback
+finished, and when the ``updates`` message reached a subscriber.  Medians over
+the rounds after two warm-up rounds.
+
+Run:  python bench/round_breakdown.py [--rounds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from orchestrator.demo import RedisProcess, stop_process  # noqa: E402
+from simulator.server import Behaviour, NtpSimulator, free_udp_ports  # noqa: E402
+from workers import config as config_mod  # noqa: E402
+
+NODE = "breakdown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ct-breakdown-") as tmp, RedisProcess(Path(tmp)) as redis_proc:
+        os.environ[config_mod.ENV_REDIS_URL] = redis_proc.url
+        ports = free_udp_ports(10)
+        sim = NtpSimulator({p: Behaviour(offset_s=0.25, delay_s=0.010 * (i + 1)) for i, p in enumerate(ports)})
+        sim.start()
+        path = Path(tmp) / "breakdown.yaml"
+        path.write_text(yaml.safe_dump({
+            "clock_measurement": {"ntp": {"servers": sim.servers(), "max_delay": 0.5,
+                                          "max_acceptable_uncertainty": 0.5, "max_retries": 1}},
+            "ntp_service": {"key_prefix": "breakdown"}}))
+        config = config_mod.load(path)
+        from orchestrator import rounds
+        from orchestrator.cli import worker_argv, workers_for_queue
+        from workers.app import app, configure
+
+        configure(app, config.service)
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app",
+                                   *worker_argv(config, NODE, loglevel="WARNING")],
+                                  env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=str(REPO),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while not workers_for_queue(f"ntp.{NODE}", timeout_s=0.5):
+                pass
+            pubsub = redis.Redis.from_url(redis_proc.url).pubsub()
+            pubsub.subscribe(f"breakdown:ntp:{NODE}:updates")
+            pubsub.get_message(timeout=1)
+            rows = []
+            for i in range(args.rounds + 2):
+                t0 = time.time()
+                handle = rounds.dispatch(config, NODE)
+                dispatched = time.time()
+                while True:
+                    message = pubsub.get_message(timeout=10)
+                    if message and message["type"] == "message" and \
+                            json.loads(message["data"])["round_id"] == handle.round_id:
+                        break
+                received = time.time()
+                record = handle.wait()
+                starts = sorted(s["history"][0]["started_at"] for s in record["servers"])
+                slowest = max(record["servers"], key=lambda s: s["sample"]["delay_s"])
+                last_t4 = max(s["sample"]["t4_ns"] for s in record["servers"]) / 1e9
+                if i >= 2:
+                    rows.append({"dispatch returned": dispatched, "first task started": starts[0],
+                                 "last task started": starts[-1],
+                                 "slowest server's task started": slowest["history"][0]["started_at"],
+                                 "last reply (t4)": last_t4, "callback finished": record["finished_at"],
+                                 "consumer got the update": received, "_t0": t0})
+        finally:
+            stop_process(worker)
+            sim.stop()
+    print(f"median over {args.rounds} rounds, ms after dispatch began (RTTs 10..100 ms, slowest first):")
+    for name in rows[0]:
+        if name != "_t0":
+            print(f"  {name:<32} {statistics.median((r[name] - r['_t0']) * 1e3 for r in rows):7.1f}")
+
+
+if __name__ == "__main__":
+    main()
