@@ -95,7 +95,7 @@ def _load(args) -> config_mod.Config:
     return config
 
 
-def _node(args, config: config_mod.Config | None = None) -> str:
+def _node(args) -> str:
     try:
         return config_mod.resolve_node(getattr(args, "node", None))
     except ValueError as exc:

@@ -39,7 +39,7 @@ def run_demo(config_path: str | None, *, rounds: int = 4) -> int:
             from_config(config.extra["simulator"], source=path) as sim:
         env = {**os.environ, config_mod.ENV_REDIS_URL: redis_proc.url, config_mod.ENV_NODE: node}
         os.environ.update({config_mod.ENV_REDIS_URL: redis_proc.url})
-        config = config_mod.load(path)
+        config = config_mod.load(path)  # again: the Redis URL is resolved from the environment at load
         from workers.app import app, configure, queue_for
 
         configure(app, config.service)
@@ -84,7 +84,7 @@ class RedisProcess:
 
     def __init__(self, directory: Path, *, port: int | None = None):
         self.directory = directory
-        self.port = port or _free_tcp_port()
+        self.port = port or free_tcp_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
 
@@ -119,7 +119,8 @@ class RedisProcess:
         self.stop()
 
 
-def _free_tcp_port() -> int:
+def free_tcp_port() -> int:
+    """A TCP port free on loopback right now."""
     import socket
 
     with socket.socket() as s:

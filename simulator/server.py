@@ -34,11 +34,8 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 
-from workers.ntp import packet
+from workers.ntp import client, packet
 
-#: ``SO_TIMESTAMPNS`` on Linux; see :mod:`workers.ntp.client`.
-SO_TIMESTAMPNS = 35
-_TIMESPEC = struct.Struct("@qq")
 _NTP64 = struct.Struct("!Q")
 
 #: Kiss codes the simulator knows how to send.
@@ -189,10 +186,7 @@ class NtpSimulator:
         for port in self.behaviours:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            except OSError:
-                pass
+            client.enable_kernel_timestamps(sock)
             sock.bind((self.host, port))
             sock.setblocking(False)
             self._sockets[port] = sock
@@ -244,11 +238,11 @@ class NtpSimulator:
     def _receive(self, sock: socket.socket, port: int) -> None:
         while True:
             try:
-                data, ancdata, _, client = sock.recvmsg(512, socket.CMSG_SPACE(_TIMESPEC.size))
+                data, ancdata, _, peer = sock.recvmsg(512, client.ANCILLARY_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             wall_ns, mono_ns = time.time_ns(), time.monotonic_ns()
-            rx_ns = _kernel_ns(ancdata)
+            rx_ns = client.kernel_rx_ns(ancdata)
             # Age of the request in the socket, from the kernel's arrival stamp.
             age_ns = max(0, wall_ns - rx_ns) if rx_ns else 0
             arrived_ns = wall_ns - age_ns
@@ -264,7 +258,7 @@ class NtpSimulator:
             leg_out = (behaviour.delay_s - behaviour.asymmetry_s) / 2 + self._random.uniform(0, behaviour.jitter_s)
             due_ns = mono_ns - age_ns + int((leg_in + behaviour.hold_s + leg_out) * 1e9)
             self._seq += 1
-            send = _Reply(self, sock, port, behaviour, data, client, arrived_ns, leg_in, leg_out)
+            send = _Reply(self, sock, port, behaviour, data, peer, arrived_ns, leg_in, leg_out)
             heapq.heappush(self._pending, (due_ns, self._seq, send))
 
 
@@ -331,14 +325,6 @@ class _Reply:
             stratum=b.stratum, precision_log2=b.precision_log2, root_delay_s=b.root_delay_s,
             root_dispersion_s=b.root_dispersion_s, ref_id=0x7F7F0101, ref_ts=ref_ts,
             origin_ts=origin, receive_ts=receive_ts, transmit_ts=transmit_ts)
-
-
-def _kernel_ns(ancdata) -> int | None:
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
-            sec, nsec = _TIMESPEC.unpack_from(payload)
-            return sec * 1_000_000_000 + nsec
-    return None
 
 
 def free_udp_ports(count: int, *, host: str = "127.0.0.1") -> list[int]:

@@ -3,7 +3,6 @@
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -12,7 +11,7 @@ import urllib.request
 import pytest
 
 from orchestrator import cli, rounds
-from orchestrator.demo import stop_process
+from orchestrator.demo import free_tcp_port, stop_process
 from simulator.server import Behaviour
 from workers import config as config_mod
 
@@ -21,12 +20,6 @@ from .conftest import REPO, TEST_NODE, wait_for, write_config
 pytestmark = pytest.mark.integration
 
 USER, PASSWORD = "ops", "correct-horse"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, *, auth: bool = True):
@@ -54,7 +47,7 @@ def test_flower_refuses_to_start_without_auth(tmp_path, capsys, monkeypatch):
 def test_flower_shows_a_rounds_tasks_behind_auth(worker, redis_url, simulator, tmp_path, key_prefix):
     sim, servers = simulator({"a": Behaviour(delay_s=0.003), "b": Behaviour(delay_s=0.004)})
     path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix, retry_delay=0.2)
-    port = _free_port()
+    port = free_tcp_port()
     env = {**os.environ, config_mod.ENV_REDIS_URL: redis_url, "PYTHONPATH": str(REPO),
            "FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}
     log = tmp_path / "flower.log"

@@ -43,7 +43,7 @@ CLIENT_PRECISION_S = 1e-6
 PHI = 15e-6
 
 _TIMESPEC = struct.Struct("@qq")
-_ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
+ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
 
 
 class QueryFailed(Exception):
@@ -147,7 +147,7 @@ def exchange(server: str, family: int, sockaddr: tuple, *, timeout_s: float,
         # A fresh, unconnected socket: a connected one would let the kernel
         # drop replies from a wrong port silently, and we want to name them.
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
-            kernel_ts = _enable_kernel_timestamps(sock)
+            kernel_ts = enable_kernel_timestamps(sock)
             # The packet leaves somewhere inside sendto().  t1 is read just
             # before it -- a true lower bound, so delay can never come out
             # negative -- and the call's duration bounds t1's error.  (Not
@@ -164,7 +164,7 @@ def exchange(server: str, family: int, sockaddr: tuple, *, timeout_s: float,
                     raise QueryFailed(Rejection(sanity.REASON_TIMEOUT, f"no reply within {timeout_s} s"))
                 sock.settimeout(remaining)
                 try:
-                    data, ancdata, _flags, source = sock.recvmsg(512, _ANCILLARY_SIZE)
+                    data, ancdata, _flags, source = sock.recvmsg(512, ANCILLARY_SIZE)
                 except socket.timeout:
                     continue
                 mono4_ns = time.monotonic_ns()
@@ -177,7 +177,7 @@ def exchange(server: str, family: int, sockaddr: tuple, *, timeout_s: float,
         raise QueryFailed(Rejection(sanity.REASON_SOCKET_ERROR, f"{type(exc).__name__}: {exc}")) from None
 
     elapsed_ns = mono4_ns - mono1_ns
-    rx_ns = _kernel_rx_ns(ancdata) if kernel_ts else None
+    rx_ns = kernel_rx_ns(ancdata) if kernel_ts else None
     if rx_ns is not None:
         # How long the reply sat in the socket before we read it.  A clock
         # step in that window would make it nonsense; then trust nothing.
@@ -228,8 +228,9 @@ def exchange(server: str, family: int, sockaddr: tuple, *, timeout_s: float,
     )
 
 
-def _enable_kernel_timestamps(sock: socket.socket) -> bool:
-    if not sys.platform.startswith("linux") or not _ANCILLARY_SIZE:
+def enable_kernel_timestamps(sock: socket.socket) -> bool:
+    """Ask Linux to stamp every received datagram (``SO_TIMESTAMPNS``); False where it cannot."""
+    if not sys.platform.startswith("linux") or not ANCILLARY_SIZE:
         return False
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
@@ -238,7 +239,8 @@ def _enable_kernel_timestamps(sock: socket.socket) -> bool:
     return True
 
 
-def _kernel_rx_ns(ancdata: list) -> int | None:
+def kernel_rx_ns(ancdata: list) -> int | None:
+    """The kernel's receive time (Unix ns) from ``recvmsg`` ancillary data, if present."""
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
             sec, nsec = _TIMESPEC.unpack_from(payload)
