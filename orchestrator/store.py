@@ -10,9 +10,15 @@ With prefix ``chronotick`` and node ``n1``:
 ``chronotick:ntp:n1:updates``
     Pub/sub channel: each new ``latest`` as it is published.
 ``chronotick:ntp:n1:stats``
-    Hash of counters: rounds, strict, relaxed, starvation, outlier, queries,
-    retries, rejected, falsetickers, plus ``rejected:<reason>`` and
+    Hash of counters: rounds, strict, relaxed, starvation, outlier, queries
+    (requests sent, retries included), retries, replies (replies received),
+    rejected (replies refused), falsetickers, plus ``rejected:<reason>`` and
     ``failed:<reason>`` per reason.
+``chronotick:ntp:n1:round_duration``
+    Hash: a cumulative histogram of round times (dispatch to finish) --
+    ``le:<bound>`` counts per bound of :data:`ROUND_DURATION_BUCKETS_S`,
+    ``count`` and ``sum`` (s) -- so an exporter can serve a Prometheus
+    histogram without keeping state of its own.
 ``chronotick:ntp:nodes``
     Set of the node names seen.
 ``chronotick:ntp:n1:server_delay``, ``...:filter_window``, ``...:filter_state``, ``...:round:<id>``, ``...:open``
@@ -36,8 +42,12 @@ import redis
 ROUND_CLAIM_TTL_S = 86_400
 
 #: Counters every node's stats hash has (zero until first counted).
-COUNTERS = ("rounds", "strict", "relaxed", "starvation", "outlier", "queries", "retries", "rejected",
-            "falsetickers")
+COUNTERS = ("rounds", "strict", "relaxed", "starvation", "outlier", "queries", "retries", "replies",
+            "rejected", "falsetickers")
+
+#: Upper bounds of the round-time histogram (s): around ChronoTick's targets,
+#: 500 ms on average and 2 s at p99, and up to a whole retry schedule.
+ROUND_DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
 class Keys:
@@ -83,6 +93,10 @@ class Keys:
     def round_claim(self, node: str, round_id: str) -> str:
         """Internal: set once by whoever finishes the round (callback or deadline closer)."""
         return self._node(node, f"round:{round_id}")
+
+    def round_duration(self, node: str) -> str:
+        """The round-time histogram: ``le:<bound>`` (cumulative), ``count``, ``sum``."""
+        return self._node(node, "round_duration")
 
     def server_delay(self, node: str) -> str:
         """Internal: each server's last round-trip delay, so the next round sends the slowest first."""
@@ -136,6 +150,10 @@ class Store:
             pipe.hincrby(self.keys.filter_state(node), "consecutive_outliers", 1)
         for name, amount in round_counters(record).items():
             pipe.hincrby(self.keys.stats(node), name, amount)
+        duration_key = self.keys.round_duration(node)
+        for field in duration_fields(record["duration_s"]):
+            pipe.hincrby(duration_key, field, 1)
+        pipe.hincrbyfloat(duration_key, "sum", record["duration_s"])
         pipe.execute()
 
     def open_round(self, node: str, round_id: str, entry: dict) -> None:
@@ -181,6 +199,27 @@ class Store:
         window, consecutive = pipe.execute()
         return [json.loads(item) for item in window], int(consecutive or 0)
 
+    def round_durations(self, node: str) -> dict[str, float]:
+        """The round-time histogram hash as numbers (empty before the first round)."""
+        return {_text(k): float(v) for k, v in self.client.hgetall(self.keys.round_duration(node)).items()}
+
+    def history_since(self, node: str, since: float | None = None, *, limit: int | None = None) -> list[dict]:
+        """Round records finished at or after ``since`` (Unix s), oldest first.
+
+        With ``limit``, the newest ``limit`` of them.  Stream ids are the Redis
+        host's milliseconds; the scan starts a minute early so a Redis clock a
+        little behind ours loses nothing, and ``finished_at`` decides.
+        """
+        low = "-" if since is None else str(max(0, int((since - _STREAM_CLOCK_SLACK_S) * 1000)))
+        if limit is None:
+            entries = self.client.xrange(self.keys.history(node), min=low)
+        else:
+            entries = list(reversed(self.client.xrevrange(self.keys.history(node), min=low, count=limit)))
+        records = [json.loads(_text(fields.get(b"record", fields.get("record")))) for _, fields in entries]
+        if since is not None:
+            records = [r for r in records if r["finished_at"] >= since]
+        return records
+
     def server_delays(self, node: str) -> dict[str, float]:
         return {_text(k): float(v) for k, v in self.client.hgetall(self.keys.server_delay(node)).items()}
 
@@ -205,15 +244,28 @@ def client_for(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)
 
 
+def duration_fields(duration_s: float) -> list[str]:
+    """The round-time histogram fields one round of ``duration_s`` increments (cumulative)."""
+    return [f"le:{bound:g}" for bound in ROUND_DURATION_BUCKETS_S if duration_s <= bound] + ["count"]
+
+
 def round_counters(record: dict) -> dict[str, int]:
-    """What one round adds to its node's stats hash."""
-    counts = {"rounds": 1, record["quality"]: 1, "queries": 0, "retries": 0, "rejected": 0}
+    """What one round adds to its node's stats hash.
+
+    ``queries`` counts requests sent (every attempt), ``retries`` the attempts
+    after a first, ``replies`` the replies received (refused ones included),
+    ``rejected`` the replies refused -- by a sanity check, or by the gate in
+    force in selection.  ``status`` and the exporter's rates use exactly these.
+    """
+    counts = {"rounds": 1, record["quality"]: 1, "queries": 0, "retries": 0, "replies": 0, "rejected": 0}
     for server in record["servers"]:
         attempts = server["attempts"]
         counts["queries"] += attempts
         counts["retries"] += max(0, attempts - 1)
         for attempt in server.get("history", []):
             reason = attempt.get("reason")
+            if reason not in _NO_REPLY_REASONS:
+                counts["replies"] += 1
             if reason and reason not in _NO_REPLY_REASONS:
                 counts["rejected"] += 1
                 counts[f"rejected:{reason}"] = counts.get(f"rejected:{reason}", 0) + 1
@@ -230,6 +282,9 @@ def round_counters(record: dict) -> dict[str, int]:
 
 
 #: Attempt failures that are not a reply we refused (nothing came back).
+#: How far the history scan starts before ``since``, for a Redis clock behind ours (s).
+_STREAM_CLOCK_SLACK_S = 60.0
+
 _NO_REPLY_REASONS = frozenset({"timeout", "socket_error", "dns_error", "round_deadline", "no_result",
                                "kod_backoff", "kod_demobilised"})
 

@@ -85,4 +85,5 @@ def test_record_fills_in_servers_that_never_reported_and_counts():
     counts = round_counters(record)
     assert counts["queries"] == 4 and counts["retries"] == 2
     assert counts["rejected"] == 3 and counts["rejected:bogus_origin"] == 3
+    assert counts["replies"] == 4  # a's reply and b's three refused ones
     assert counts["strict"] == 1 and counts["failed:no_result"] == 1
