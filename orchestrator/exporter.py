@@ -1,0 +1,188 @@
+"""A Prometheus exporter for the Redis contract: one process serves every node, and keeps no state.
+
+Each scrape runs :meth:`NtpCollector.collect`, which reads every node's
+``latest``, ``stats``, ``round_duration`` and newest history record from
+Redis in one pipeline and turns them into fresh metric families
+(``prometheus_client``'s custom-collector pattern, as chrony_exporter does
+for chronyd).  The counters are Redis' own, so they only ever go up -- unless
+Redis is reset -- however many exporters run and however often they restart.
+
+Names follow node_exporter and chrony_exporter: namespace ``chronotick_ntp``,
+base units, ``_seconds``, ``_total``, ``_timestamp_seconds`` for event times.
+Redis being unreachable is ``chronotick_ntp_redis_up 0`` (and no other
+series), not a failed scrape: alert on it, and on Prometheus' own ``up``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import redis
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from .store import COUNTERS, ROUND_DURATION_BUCKETS_S, Keys
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "chronotick_ntp"
+
+#: Default port of ``chronotick-ntp exporter`` (chrony_exporter's 9123, plus one).
+DEFAULT_PORT = 9124
+
+#: The round qualities ``rounds_total`` is split by.
+QUALITIES = ("strict", "relaxed", "starvation", "outlier")
+
+
+class NtpCollector(Collector):
+    """Reads the contract on each scrape.
+
+    Parameters
+    ----------
+    client:
+        A ``redis.Redis`` on the service's Redis.
+    prefix:
+        ``ntp_service.key_prefix``.
+    nodes:
+        Nodes to export even before their first round (``ntp_service.nodes``);
+        every node in Redis' node set is exported too.
+    stale_after_s:
+        Exported as ``chronotick_ntp_stale_after_seconds`` so the stale-node
+        alert needs no number of its own.
+    """
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "chronotick", nodes: tuple[str, ...] = (),
+                 stale_after_s: float = 360.0):
+        self.client = client
+        self.keys = Keys(prefix)
+        self.configured_nodes = tuple(nodes)
+        self.stale_after_s = stale_after_s
+
+    def collect(self):
+        up = GaugeMetricFamily(f"{NAMESPACE}_redis_up", "1 if the service's Redis answered this scrape, else 0")
+        try:
+            snapshot = self._read()
+        except redis.RedisError as exc:
+            log.warning("scrape: Redis unreachable (%s: %s)", type(exc).__name__, exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from self._families(snapshot)
+
+    def _read(self) -> dict[str, dict]:
+        nodes = sorted({*self.configured_nodes, *(_text(n) for n in self.client.smembers(self.keys.nodes()))})
+        pipe = self.client.pipeline(transaction=False)
+        for node in nodes:
+            pipe.get(self.keys.latest(node))
+            pipe.hgetall(self.keys.stats(node))
+            pipe.hgetall(self.keys.round_duration(node))
+            pipe.xrevrange(self.keys.history(node), count=1)
+        replies = pipe.execute()
+        snapshot = {}
+        for i, node in enumerate(nodes):
+            latest, stats, durations, newest = replies[4 * i:4 * i + 4]
+            snapshot[node] = {
+                "latest": json.loads(latest) if latest else None,
+                "stats": {_text(k): int(v) for k, v in stats.items()},
+                "durations": {_text(k): float(v) for k, v in durations.items()},
+                "record": json.loads(_text(_field(newest[0][1], "record"))) if newest else None,
+            }
+        return snapshot
+
+    def _families(self, snapshot: dict[str, dict]):
+        def gauge(name, doc, labels=("node",)):
+            return GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, labels=list(labels))
+
+        def counter(name, doc, labels=("node",)):
+            return CounterMetricFamily(f"{NAMESPACE}_{name}", doc, labels=list(labels))
+
+        offset = gauge("offset_seconds", "Latest published offset, server minus local (true = local + offset)")
+        uncertainty = gauge("uncertainty_seconds", "Latest published uncertainty (root distance bound)")
+        delay = gauge("delay_seconds", "Round-trip delay of the latest published measurement")
+        stratum = gauge("stratum", "Stratum of the server behind the latest published measurement")
+        published = gauge("last_publish_timestamp_seconds", "When the latest measurement was published (Unix s)")
+        measured = gauge("last_measurement_timestamp_seconds",
+                         "The local instant the latest offset refers to (Unix s)")
+        stale_after = gauge("stale_after_seconds", "A node whose latest measurement is older than this is stale")
+        info = gauge("latest_info", "The server and quality of the latest published measurement",
+                     ("node", "server", "quality"))
+        rounds = counter("rounds", "Rounds finished, by quality", ("node", "quality"))
+        queries = counter("queries", "NTP requests sent, retries included")
+        retries = counter("retries", "NTP requests that were retries")
+        replies = counter("replies", "NTP replies received, refused ones included")
+        rejections = counter("rejections", "Replies refused, by reason (sanity checks and gates)",
+                             ("node", "reason"))
+        failures = counter("failures", "Servers that gave no usable reply in a round, by final reason",
+                           ("node", "reason"))
+        falsetickers = counter("falsetickers", "Samples outvoted as falsetickers")
+        duration = HistogramMetricFamily(f"{NAMESPACE}_round_duration_seconds",
+                                         "Round time, dispatch to finish", labels=["node"])
+        server_offset = gauge("server_offset_seconds", "Each server's offset in the node's last round",
+                              ("node", "server"))
+        server_delay = gauge("server_delay_seconds", "Each server's round-trip delay in the node's last round",
+                             ("node", "server"))
+        server_stratum = gauge("server_stratum", "Each server's stratum in the node's last round",
+                               ("node", "server"))
+        server_uncertainty = gauge("server_uncertainty_seconds", "Each server's uncertainty in the node's last round",
+                                   ("node", "server"))
+
+        for node, data in snapshot.items():
+            stale_after.add_metric([node], self.stale_after_s)
+            latest = data["latest"]
+            if latest is not None:
+                offset.add_metric([node], latest["offset"])
+                uncertainty.add_metric([node], latest["uncertainty"])
+                delay.add_metric([node], latest["delay"])
+                stratum.add_metric([node], latest["stratum"])
+                published.add_metric([node], latest["published_at"])
+                measured.add_metric([node], latest["measured_at"])
+                info.add_metric([node, latest["server"], latest["quality"]], 1)
+            stats = {**{name: 0 for name in COUNTERS}, **data["stats"]}
+            for quality in QUALITIES:
+                rounds.add_metric([node, quality], stats[quality])
+            queries.add_metric([node], stats["queries"])
+            retries.add_metric([node], stats["retries"])
+            replies.add_metric([node], stats["replies"])
+            falsetickers.add_metric([node], stats["falsetickers"])
+            for name, value in sorted(stats.items()):
+                kind, _, reason = name.partition(":")
+                if reason and kind == "rejected":
+                    rejections.add_metric([node, reason], value)
+                elif reason and kind == "failed":
+                    failures.add_metric([node, reason], value)
+            hist = data["durations"]
+            if hist:
+                count = hist.get("count", 0.0)
+                buckets = [(f"{bound:g}", hist.get(f"le:{bound:g}", 0.0)) for bound in ROUND_DURATION_BUCKETS_S]
+                duration.add_metric([node], buckets + [("+Inf", count)], sum_value=hist.get("sum", 0.0))
+            record = data["record"]
+            for server in (record or {}).get("servers", []):
+                sample = server.get("sample")
+                if not sample:
+                    continue
+                labels = [node, server["server"]]
+                server_offset.add_metric(labels, sample["offset_s"])
+                server_delay.add_metric(labels, sample["delay_s"])
+                server_stratum.add_metric(labels, sample["stratum"])
+                server_uncertainty.add_metric(labels, sample["uncertainty_s"])
+        yield from (offset, uncertainty, delay, stratum, published, measured, stale_after, info, rounds, queries,
+                    retries, replies, rejections, failures, falsetickers, duration, server_offset, server_delay,
+                    server_stratum, server_uncertainty)
+
+
+def registry_for(collector: NtpCollector) -> CollectorRegistry:
+    """A registry with only this collector (no process metrics of the exporter itself)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def _field(fields: dict, name: str):
+    return fields.get(name.encode(), fields.get(name))
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
