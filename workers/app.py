@@ -14,6 +14,7 @@ import os
 from celery import Celery
 
 from . import config as config_mod
+from . import heartbeat  # noqa: F401  (connects the worker's heartbeat to Celery's signals)
 
 #: Task modules every worker registers.
 TASK_MODULES = ("workers.tasks", "orchestrator.tasks")
