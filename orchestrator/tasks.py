@@ -34,8 +34,20 @@ def finish_round(self, results: list, meta: dict) -> dict:
     if record is None:
         log.warning("[DUPLICATE] %s round %s was already finished; this callback publishes nothing",
                     meta["node"], meta["round_id"])
-        return {"round_id": meta["round_id"], "node": meta["node"], "duplicate": True}
-    return record
+        return {"summary": "duplicate: already finished", "round_id": meta["round_id"], "node": meta["node"],
+                "duplicate": True}
+    # The summary first, so Flower's result column shows it (not stored in the history).
+    return {"summary": summarise_round(record), **record}
+
+
+def summarise_round(record: dict) -> str:
+    """One line: the quality, and the choice or why there is none."""
+    latest = record["latest"]
+    used = f"{record['servers_used']}/{record['servers_total']} servers"
+    if latest is not None:
+        return (f"{record['quality']}: {latest['server']} {latest['offset'] * 1e3:+.3f} ms "
+                f"±{latest['uncertainty'] * 1e3:.3f} ms, {used}")
+    return f"{record['quality']}: nothing published, {used}"
 
 
 #: Who finished a round (``closed_by`` in its record).

@@ -52,9 +52,11 @@ def query_server(self, *carried, job: dict, history: list | None = None):
 
     Returns
     -------
-    ``{"status": "ok", "server", "sample", "attempts", "history", "worker"}`` or
-    ``{"status": "failed", "server", "reason", "detail", "kiss_code", "attempts", "history", "worker"}``
-    (``worker`` is the Celery hostname, ``<node>@<host>``, that ran it).
+    ``{"summary", "status": "ok", "server", "sample", "attempts", "history", "worker"}`` or
+    ``{"summary", "status": "failed", "server", "reason", "detail", "kiss_code", "attempts", "history",
+    "worker"}`` (``worker`` is the Celery hostname, ``<node>@<host>``, that ran it; ``summary`` is one
+    line, ``ok +1.234 ms ±5.100 ms`` or ``failed: timeout x3``, first so that Flower's result column
+    shows it).
     """
     history = list(history or [])
     started_at = time.time()
@@ -99,8 +101,19 @@ def query_server(self, *carried, job: dict, history: list | None = None):
         return _carry(carried, _failed(job, history, rejection.reason, rejection.detail,
                                        kiss_code=rejection.kiss_code, worker=self.request.hostname))
     history.append({"attempt": attempt_no, "started_at": started_at, "reason": None})
-    return _carry(carried, {"status": "ok", "server": job["server"], "sample": sample,
-                            "attempts": attempt_no, "history": history, "worker": self.request.hostname})
+    return _carry(carried, {"summary": summarise_ok(sample, attempt_no), "status": "ok", "server": job["server"],
+                            "sample": sample, "attempts": attempt_no, "history": history,
+                            "worker": self.request.hostname})
+
+
+def summarise_ok(sample: dict, attempts: int) -> str:
+    """The outcome at a glance (first in the result, so Flower's result column starts with it)."""
+    text = f"ok {sample['offset_s'] * 1e3:+.3f} ms ±{sample['uncertainty_s'] * 1e3:.3f} ms"
+    return text + (f" (attempt {attempts})" if attempts > 1 else "")
+
+
+def summarise_failure(reason: str, attempts: int) -> str:
+    return f"failed: {reason}" + (f" x{attempts}" if attempts > 1 else "")
 
 
 def describe(job: dict, *, attempt: int = 1) -> str:
@@ -115,7 +128,8 @@ def describe(job: dict, *, attempt: int = 1) -> str:
 
 def _failed(job: dict, history: list, reason: str, detail: str, *, kiss_code: str | None = None,
             worker: str | None = None) -> dict:
-    return {"status": "failed", "server": job["server"], "reason": reason, "detail": detail,
+    return {"summary": summarise_failure(reason, len(history)), "status": "failed", "server": job["server"],
+            "reason": reason, "detail": detail,
             "kiss_code": kiss_code, "attempts": len(history), "history": history, "worker": worker}
 
 
