@@ -14,6 +14,8 @@ import signal
 import sys
 import time
 
+import redis
+
 from workers import config as config_mod
 
 EXIT_OK, EXIT_STARVATION, EXIT_USAGE, EXIT_NO_WORKER, EXIT_NO_BROKER = 0, 1, 2, 3, 4
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
+    except redis.RedisError as exc:  # Redis went away after the first check
+        print(f"error: Redis: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_NO_BROKER
     except KeyboardInterrupt:
         return 130
 
@@ -62,6 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the round record as JSON")
     p = command("latest", cmd_latest, "print the node's latest published measurement")
     p.add_argument("--json", action="store_true", help="print the raw JSON value")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="then print each new measurement as it is published (until interrupted)")
+    p = command("status", cmd_status, "each node's figures over the last hours against ChronoTick's targets")
+    p.add_argument("--hours", type=_positive_float, default=24.0, help="window (default 24)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p = command("exporter", cmd_exporter, "serve Prometheus metrics for every node from Redis", node=False)
+    p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 9124)")
+    p = command("plot", cmd_plot, "draw a node's offsets, servers and round times to a PNG")
+    p.add_argument("--hours", type=_positive_float, default=24.0, help="window (default 24)")
+    p.add_argument("-o", "--output", required=True, help="PNG file to write")
     p = sub.add_parser("check-config", help="validate a configuration file and summarise it")
     p.add_argument("file")
     p.set_defaults(func=cmd_check_config, loglevel="WARNING")
@@ -87,6 +103,16 @@ def _parser() -> argparse.ArgumentParser:
 
 # -- helpers ------------------------------------------------------------------
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
+    return value
+
+
 def _load(args) -> config_mod.Config:
     config = config_mod.load(args.config)
     from workers.app import app, configure
@@ -103,8 +129,6 @@ def _node(args) -> str:
 
 
 def _check_broker(config: config_mod.Config) -> None:
-    import redis
-
     client = redis.Redis.from_url(config.service.redis_url, socket_connect_timeout=2, socket_timeout=2)
     try:
         client.ping()
@@ -116,9 +140,20 @@ def _check_broker(config: config_mod.Config) -> None:
 
 
 def workers_for_queue(queue: str, *, timeout_s: float = 1.0) -> list[str]:
-    """Names of the live workers consuming ``queue`` (asks them over the broker)."""
+    """Names of the live workers consuming ``queue``.
+
+    Their heartbeats first (one Redis round trip, :mod:`workers.heartbeat`);
+    only when none is there, the broadcast that waits out ``timeout_s``, for
+    a worker that does not beat (another version, another Celery app).
+    """
+    from workers import heartbeat
     from workers.app import app
 
+    from .store import client_for
+
+    alive = heartbeat.live_workers(client_for(app.conf.chronotick_redis_url), queue)
+    if alive:
+        return alive
     replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
     return sorted(name for name, queues in replies.items() if any(q.get("name") == queue for q in queues))
 
@@ -189,26 +224,164 @@ def cmd_latest(args) -> int:
     config = _load(args)
     node = _node(args)
     _check_broker(config)
-    import redis
 
     from .store import Store
 
     store = Store(redis.Redis.from_url(config.service.redis_url), prefix=config.service.key_prefix)
     latest = store.latest(node)
-    if latest is None:
+    if latest is None and not args.follow:
         print(f"no measurement published for node {node!r} yet", file=sys.stderr)
         return EXIT_STARVATION
+    if latest is not None:
+        if args.json:
+            print(json.dumps(latest, sort_keys=True), flush=True)
+        else:
+            print(format_latest(latest, now=time.time()))
+            stats = store.stats(node)
+            print("stats: " + ", ".join(f"{k} {stats[k]}" for k in ("rounds", "strict", "relaxed", "starvation",
+                                                                     "queries", "retries", "rejected")), flush=True)
+    if args.follow:
+        return _follow(config, node, as_json=args.json)
+    return EXIT_OK
+
+
+def _follow(config: config_mod.Config, node: str, *, as_json: bool) -> int:
+    """Print each measurement published for ``node`` until interrupted (or SIGTERM)."""
+    from .consumer import NtpReader, ServiceUnavailable
+
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    print(f"following {node!r}: each new measurement as it is published (Ctrl-C to stop)",
+          file=sys.stderr, flush=True)
+    with NtpReader(config.service.redis_url, prefix=config.service.key_prefix) as reader:
+        try:
+            for m in reader.updates(node):
+                print(json.dumps(m.raw, sort_keys=True) if as_json else format_latest(m.raw, now=time.time()),
+                      flush=True)
+        except ServiceUnavailable as exc:
+            raise CliError(str(exc), EXIT_NO_BROKER) from None
+    return EXIT_OK
+
+
+def format_latest(latest: dict, *, now: float) -> str:
+    """One line for a ``latest`` value: offset, bound, source, age."""
+    age = now - latest["measured_at"]
+    return (f"node {latest['node']}: offset {latest['offset'] * 1e3:+.3f} ms "
+            f"± {latest['uncertainty'] * 1e3:.3f} ms ({latest['quality']}), from {latest['server']} "
+            f"(stratum {latest['stratum']}, delay {latest['delay'] * 1e3:.3f} ms), "
+            f"{latest['servers_used']}/{latest['servers_total']} servers, measured {age:.1f} s ago")
+
+
+def _nodes_to_report(args, config: config_mod.Config, store) -> list[str]:
+    if args.node:
+        return [_node(args)]
+    nodes = sorted({*config.service.nodes, *store.nodes()})
+    return nodes or [_node(args)]
+
+
+def cmd_status(args) -> int:
+    config = _load(args)
+    _check_broker(config)
+    from . import report
+    from .consumer import STALE_INTERVALS
+    from .store import Store, client_for
+
+    store = Store(client_for(config.service.redis_url), prefix=config.service.key_prefix)
+    now = time.time()
+    since = now - args.hours * 3600
+    stale_after_s = STALE_INTERVALS * config.timing.normal_interval_s
+    nodes = {node: report.node_report(store.history_since(node, since), store.latest(node), now=now,
+                                      stale_after_s=stale_after_s)
+             for node in _nodes_to_report(args, config, store)}
+    ok = all(n["ok"] for n in nodes.values())
     if args.json:
-        print(json.dumps(latest, sort_keys=True))
-        return EXIT_OK
-    age = time.time() - latest["measured_at"]
-    print(f"node {latest['node']}: offset {latest['offset'] * 1e3:+.3f} ms "
-          f"± {latest['uncertainty'] * 1e3:.3f} ms ({latest['quality']}), from {latest['server']} "
-          f"(stratum {latest['stratum']}, delay {latest['delay'] * 1e3:.3f} ms), "
-          f"{latest['servers_used']}/{latest['servers_total']} servers, measured {age:.1f} s ago")
-    stats = store.stats(node)
-    print("stats: " + ", ".join(f"{k} {stats[k]}" for k in ("rounds", "strict", "relaxed", "starvation",
-                                                             "queries", "retries", "rejected")))
+        print(json.dumps({"ok": ok, "hours": args.hours, "generated_at": now, "nodes": nodes}, indent=2,
+                         sort_keys=True))
+    else:
+        print(format_status(nodes, hours=args.hours, color=sys.stdout.isatty()))
+    return EXIT_OK if ok else EXIT_STARVATION
+
+
+def format_status(nodes: dict[str, dict], *, hours: float, color: bool = False) -> str:
+    """The ``status`` table: every target of every node, a miss marked so the eye finds it."""
+    from .report import TARGETS
+
+    def mark(ok: bool) -> str:
+        text = "ok" if ok else "MISS"
+        return text if not color else (f"\033[32m{text}\033[0m" if ok else f"\033[1;31m{text}\033[0m")
+
+    def show(value, unit: str) -> str:
+        if value is None:
+            return "-"
+        if unit == "s":
+            return f"{value * 1e3:.0f} ms"
+        if unit == "rate":
+            return f"{value * 100:.1f} %"
+        return f"{value:g}"
+
+    lines = []
+    for node, n in nodes.items():
+        age = "never published" if n["latest_age_s"] is None else f"latest {n['latest_age_s']:.0f} s old"
+        lines.append(f"{node}: {mark(n['ok'])}  {n['rounds']} rounds in {hours:g} h; {age} "
+                     f"(stale after {n['stale_after_s']:g} s){'  STALE' if n['stale'] else ''}")
+        lines.append(f"  {'target':<28} {'value':>10} {'limit':>10}")
+        for target in TARGETS:
+            t = n["targets"][target.name]
+            lines.append(f"  {target.doc:<28} {show(t['value'], target.unit):>10} "
+                         f"{'<= ' + show(t['limit'], target.unit):>10}  {mark(t['ok'])}")
+    held = sum(n["ok"] for n in nodes.values())
+    lines.append(f"{held} of {len(nodes)} node(s) meet every target")
+    return "\n".join(lines)
+
+
+def cmd_exporter(args) -> int:
+    config = _load(args)
+    from prometheus_client import start_http_server
+
+    from .consumer import STALE_INTERVALS
+    from .exporter import DEFAULT_PORT, NtpCollector, registry_for
+    from .store import client_for
+
+    collector = NtpCollector(client_for(config.service.redis_url), prefix=config.service.key_prefix,
+                             nodes=config.service.nodes,
+                             stale_after_s=STALE_INTERVALS * config.timing.normal_interval_s)
+    port = args.port if args.port is not None else DEFAULT_PORT
+    try:
+        server, thread = start_http_server(port, addr=args.address, registry=registry_for(collector))
+    except OSError as exc:
+        raise CliError(f"cannot serve metrics on {args.address}:{port}: {exc.strerror or exc}", EXIT_USAGE) from None
+    print(f"exporter: http://{args.address}:{port}/metrics for {config.service.redis_url_redacted} "
+          f"(prefix {config.service.key_prefix!r}); each scrape reads Redis", flush=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop and thread.is_alive():
+            thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        pass
+    server.shutdown()
+    return EXIT_OK
+
+
+def cmd_plot(args) -> int:
+    config = _load(args)
+    node = _node(args)
+    _check_broker(config)
+    try:
+        from .plot import plot_node
+    except ImportError as exc:
+        raise CliError(f"plot needs matplotlib ({exc}); pip install 'chronotick-ntp[plot]'", EXIT_USAGE) from None
+    from .store import Store, client_for
+
+    store = Store(client_for(config.service.redis_url), prefix=config.service.key_prefix)
+    now = time.time()
+    records = store.history_since(node, now - args.hours * 3600)
+    if not records:
+        raise CliError(f"no rounds for node {node!r} in the last {args.hours:g} h: nothing to plot", EXIT_STARVATION)
+    try:
+        plot_node(records, node=node, output=args.output, hours=args.hours)
+    except OSError as exc:
+        raise CliError(f"cannot write {args.output}: {exc.strerror or exc}", EXIT_USAGE) from None
+    print(f"{args.output}: {len(records)} rounds of {node} over {args.hours:g} h")
     return EXIT_OK
 
 
@@ -285,7 +458,10 @@ FLOWER_AUTH_VARIABLES = ("FLOWER_BASIC_AUTH", "FLOWER_AUTH")
 
 def flower_argv(args) -> list[str]:
     """The ``celery flower`` arguments: never a secret among them (Flower reads its env)."""
-    argv = ["-A", "workers.app", "flower", f"--address={args.address}", f"--port={args.port}"]
+    from . import flowerconfig
+
+    argv = ["-A", "workers.app", "flower", f"--address={args.address}", f"--port={args.port}",
+            f"--conf={flowerconfig.__file__}"]
     if not args.allow_control:
         argv.append("--read_only")
     return argv
