@@ -35,6 +35,17 @@ TEST_NODE = "testnode"
 WAIT_S = 30.0
 
 
+def tool(name: str, *, package: str) -> str:
+    """The path of a program the tests run: the copy scripts/bootstrap unpacked into .venv, else PATH."""
+    for unpacked in (REPO / ".venv" / package / "usr" / "bin" / name, REPO / ".venv" / package / "usr" / "sbin" / name):
+        if unpacked.is_file():
+            return str(unpacked)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed (Debian package {package}); run scripts/bootstrap")
+    return found
+
+
 def wait_for(predicate, *, timeout_s: float = WAIT_S, what: str = "condition", interval_s: float = 0.05):
     """Poll ``predicate`` until it returns something truthy; fail the test at the deadline."""
     deadline = time.monotonic() + timeout_s

@@ -1,7 +1,6 @@
 """The Prometheus exporter over real rounds, scraped by a real Prometheus; the alert rules under promtool."""
 
 import json
-import shutil
 import subprocess
 import sys
 import urllib.parse
@@ -19,17 +18,14 @@ from orchestrator.store import Store
 from simulator.server import Behaviour
 from workers import config as config_mod
 
-from .conftest import REPO, TEST_NODE, wait_for, write_config
+from .conftest import REPO, TEST_NODE, tool, wait_for, write_config
 
 ALERTS = REPO / "configs" / "prometheus" / "alerts.yml"
 ALERT_TESTS = REPO / "tests" / "data" / "alerts_test.yml"
 
 
 def _promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail("promtool is not installed (Debian: prometheus); scripts/bootstrap installs it")
-    return path
+    return tool("promtool", package="prometheus")
 
 
 def test_promtool_accepts_the_alert_rules():
@@ -114,9 +110,7 @@ def _http_json(url: str):
 
 @pytest.mark.integration
 def test_a_real_prometheus_scrapes_the_exporter(worker, simulator, tmp_path, key_prefix, redis_url):
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("prometheus is not installed (Debian: prometheus); scripts/bootstrap installs it")
+    binary = tool("prometheus", package="prometheus")
     _, servers = simulator({"a": Behaviour(delay_s=0.002, offset_s=-0.0031), "b": Behaviour(delay_s=0.004)})
     path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix)
     config = config_mod.load(path)
