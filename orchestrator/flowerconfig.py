@@ -12,7 +12,7 @@ left untouched (the whole result, summary first).
 import re
 
 #: The columns of Flower's tasks page, in order.
-tasks_columns = "name,state,result,kwargs,received,runtime,worker,retries"
+tasks_columns = "name,state,result,kwargs,received,runtime,worker,retries,args"
 
 _SUMMARY = re.compile(r"""^\{['"]summary['"]: (['"])(?P<summary>.*?)\1""")
 

@@ -1,12 +1,17 @@
 """Flower: refuses to start open, shows a round's tasks with their server and node, behind auth."""
 
 import base64
+import contextlib
+import html
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +104,69 @@ def test_flower_shows_a_rounds_tasks_behind_auth(worker, redis_url, simulator, t
     finally:
         stop_process(flower)
     assert PASSWORD not in log.read_text()
+
+
+@contextlib.contextmanager
+def _flower(path, redis_url, tmp_path):
+    """Flower through ``chronotick-ntp flower`` with the password, once it knows the test worker."""
+    port = free_tcp_port()
+    env = {**os.environ, config_mod.ENV_REDIS_URL: redis_url, "PYTHONPATH": str(REPO),
+           "FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}
+    flower = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "flower", "--config", str(path),
+                               "--port", str(port)], env=env, cwd=str(REPO), stdout=open(tmp_path / "flower.log", "wb"),
+                              stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _get(f"{base}/healthcheck", auth=False)[0] == 200, what="Flower to answer")
+        wait_for(lambda: TEST_NODE in _get(f"{base}/api/workers?refresh=1")[1].decode(), what="the worker in Flower")
+        yield base, port
+    finally:
+        stop_process(flower)
+
+
+def _chromium(*args, cwd):
+    binary = shutil.which("chromium")
+    if binary is None:
+        pytest.fail("chromium is not installed (Debian: chromium); scripts/bootstrap installs it")
+    # --no-sandbox: CI runs as root, where Chromium's sandbox cannot start.
+    return subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--virtual-time-budget=8000", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd)
+
+
+def _rows(dom: str) -> list[str]:
+    """The text of each table row of a dumped page."""
+    return [html.unescape(re.sub(r"<[^>]+>", " ", row)) for row in re.findall(r"<tr.*?</tr>", dom, flags=re.S)]
+
+
+def test_flower_in_a_browser_shows_which_server_failed(worker, redis_url, simulator, tmp_path, key_prefix):
+    """A person opens the tasks page: every query is SUCCESS to Celery, yet the dead one reads "failed"."""
+    _, servers = simulator({"good": Behaviour(delay_s=0.003), "dead": Behaviour(loss=1.0)})
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix, timeout_seconds=0.2,
+                        retry_delay=0.1, max_retries=2)
+    config = config_mod.load(path)
+    with _flower(path, redis_url, tmp_path) as (base, port):
+        def round_in_flower():
+            record = rounds.dispatch(config, TEST_NODE).wait()
+            tasks = json.loads(_get(f"{base}/api/tasks?limit=1000")[1] or b"{}")
+            mine = [t for t in tasks.values() if record["round_id"] in (t.get("kwargs") or "") + (t.get("args") or "")
+                    and t["state"] == "SUCCESS"]
+            return record if len(mine) == 3 else None
+
+        record = wait_for(round_in_flower, timeout_s=40, interval_s=0.5, what="a whole round in Flower")
+        url = f"http://{USER}:{PASSWORD}@127.0.0.1:{port}/tasks"
+        dumped = _chromium("--dump-dom", url, cwd=tmp_path)
+        rows = [r for r in _rows(dumped.stdout) if record["round_id"] in r]
+        assert len(rows) == 3, "\n".join(_rows(dumped.stdout))
+        dead = next(r for r in rows if f"server={servers['dead']}," in r)
+        good = next(r for r in rows if f"server={servers['good']}," in r)
+        callback = next(r for r in rows if "chronotick.finish_round" in r)
+        assert "chronotick.query_server" in dead and "SUCCESS" in dead
+        assert "failed: timeout x2" in dead  # what a person needs to see, in the result column
+        assert re.search(r"ok [+-]\d+\.\d{3} ms ±\d+\.\d{3} ms", good)
+        assert f"strict: {servers['good']}" in callback and "1/2 servers" in callback
+        shot = _chromium("--window-size=1400,700", f"--screenshot={tmp_path / 'flower-tasks.png'}", url, cwd=tmp_path)
+        assert (tmp_path / "flower-tasks.png").stat().st_size > 10_000, shot.stderr[-2000:]
+        docs = os.environ.get("CHRONOTICK_DOCS_DIR")  # to refresh the README's picture
+        if docs:
+            shutil.copy(tmp_path / "flower-tasks.png", Path(docs) / "flower-tasks.png")
