@@ -1,0 +1,124 @@
+"""What a person waits for at the terminal: ``measure``, ``latest``, ``status`` as whole processes.
+
+A private Redis, ten simulated servers (round trips 10, 20, ... 100 ms) and a
+real worker.  Each command runs as a fresh process, as a person or a cron job
+runs it, timed from spawn to exit; ``measure``'s own round (``duration_s`` in
+its record) is subtracted to show what the command itself costs.  Target:
+``measure`` wall time <= its round's time + 0.5 s, process start included.
+
+Also, in the same run: how long finding a live worker takes by its heartbeat
+(one Redis round trip) against the broadcast ``inspect().active_queues()``
+that ``measure`` used before (it waits out its whole timeout).
+
+Run:  python bench/cli_latency.py [--runs 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from orchestrator.demo import RedisProcess, stop_process  # noqa: E402
+from simulator.server import Behaviour, NtpSimulator, free_udp_ports  # noqa: E402
+from workers import config as config_mod  # noqa: E402
+
+NODE = "bench"
+
+
+def timed(argv: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=str(REPO))
+    return time.perf_counter() - start, done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=9, help="runs per command (default 9)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ct-bench-") as tmp, RedisProcess(Path(tmp)) as redis_proc:
+        os.environ[config_mod.ENV_REDIS_URL] = redis_proc.url
+        ports = free_udp_ports(10)
+        sim = NtpSimulator({p: Behaviour(delay_s=0.010 * (i + 1)) for i, p in enumerate(ports)}).start()
+        path = Path(tmp) / "bench.yaml"
+        path.write_text(yaml.safe_dump({
+            "clock_measurement": {"ntp": {"servers": sim.servers(), "timeout_seconds": 2.0, "max_delay": 0.5,
+                                          "max_acceptable_uncertainty": 0.5, "max_retries": 1}},
+            "ntp_service": {"key_prefix": "bench", "history_length": 100}}))
+        config = config_mod.load(path)
+        from orchestrator.cli import worker_argv, workers_for_queue
+        from workers import heartbeat
+        from workers.app import app, configure, queue_for
+
+        configure(app, config.service)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app",
+                                   *worker_argv(config, NODE, loglevel="WARNING")], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "worker.log", "ab"),
+                                  cwd=str(REPO))
+        try:
+            deadline = time.monotonic() + 30
+            while not workers_for_queue(queue_for(NODE), timeout_s=0.5):
+                if time.monotonic() > deadline or worker.poll() is not None:
+                    raise SystemExit("bench worker did not start:\n" + (Path(tmp) / "worker.log").read_text()[-2000:])
+            cli = [sys.executable, "-m", "orchestrator.cli"]
+            rows = {"measure": [], "measure minus its round": [], "round (duration_s)": [], "latest": [],
+                    "status": [], "python -c 'import orchestrator.cli'": []}
+            checks = {"heartbeat": [], "inspect broadcast": []}
+            from orchestrator.store import client_for
+
+            client = client_for(redis_proc.url)
+            for i in range(args.runs + 1):  # one warm-up
+                wall, done = timed([*cli, "measure", "--config", str(path), "--node", NODE, "--json"], env)
+                if done.returncode != 0:
+                    raise SystemExit(f"measure failed ({done.returncode}): {done.stderr}")
+                record = json.loads(done.stdout)
+                others = {name: timed([*cli, name, "--config", str(path), "--node", NODE], env)[0]
+                          for name in ("latest", "status")}
+                imported = timed([sys.executable, "-c", "import orchestrator.cli"], env)[0]
+                start = time.perf_counter()
+                assert heartbeat.live_workers(client, queue_for(NODE))
+                beat_s = time.perf_counter() - start
+                start = time.perf_counter()
+                assert app.control.inspect(timeout=1.0).active_queues()
+                inspect_s = time.perf_counter() - start
+                if i == 0:
+                    continue
+                rows["measure"].append(wall)
+                rows["round (duration_s)"].append(record["duration_s"])
+                rows["measure minus its round"].append(wall - record["duration_s"])
+                rows["latest"].append(others["latest"])
+                rows["status"].append(others["status"])
+                rows["python -c 'import orchestrator.cli'"].append(imported)
+                checks["heartbeat"].append(beat_s)
+                checks["inspect broadcast"].append(inspect_s)
+        finally:
+            stop_process(worker)
+            sim.stop()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+          f"{args.runs} runs per command after 1 warm-up, 10 simulated servers (10..100 ms), each command a fresh process")
+    print(f"\n  {'command (wall time, spawn to exit)':<40} {'median':>9} {'max':>9}")
+    for name, values in rows.items():
+        print(f"  {name:<40} {statistics.median(values) * 1e3:7.0f} ms {max(values) * 1e3:7.0f} ms")
+    over = statistics.median(rows["measure minus its round"])
+    print(f"\n  measure costs its round + {over * 1e3:.0f} ms (target: + 500 ms at most) -> "
+          f"{'OK' if over <= 0.5 else 'MISSED'}")
+    beat, inspect = statistics.median(checks["heartbeat"]), statistics.median(checks["inspect broadcast"])
+    print(f"  finding a live worker: heartbeat {beat * 1e3:.2f} ms, inspect broadcast {inspect * 1e3:.0f} ms "
+          f"({inspect / beat:.0f}x)")
+
+
+if __name__ == "__main__":
+    main()
