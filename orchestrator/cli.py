@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
                 config=False)
     p.add_argument("--config", default=None, help="demo config (default configs/config_local_demo.yaml)")
     p.add_argument("--rounds", type=int, default=4, help="rounds to run (default 4)")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the demo's rounds to this PNG")
     return parser
 
 
@@ -510,7 +511,7 @@ def cmd_simulate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.config, rounds=args.rounds)
+    return run_demo(args.config, rounds=args.rounds, plot=args.plot)
 
 
 def format_round(record: dict) -> str:

@@ -24,7 +24,7 @@ DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "conf
 STARTUP_TIMEOUT_S = 30.0
 
 
-def run_demo(config_path: str | None, *, rounds: int = 4) -> int:
+def run_demo(config_path: str | None, *, rounds: int = 4, plot: str | None = None) -> int:
     from simulator.server import from_config
 
     from . import cli
@@ -62,7 +62,13 @@ def run_demo(config_path: str | None, *, rounds: int = 4) -> int:
                 print(f"\n--- round {i + 1} of {rounds} ---")
                 print(cli.format_round(record) if record else f"round {handle.round_id} did not finish")
             print("\n--- what ChronoTick reads from Redis ---")
-            return cli.main(["latest", "--config", path, "--node", node])
+            code = cli.main(["latest", "--config", path, "--node", node])
+            print("\n--- chronotick-ntp status: ChronoTick's targets (the demo's servers are faulty on purpose) ---")
+            cli.main(["status", "--config", path, "--node", node, "--hours", "1"])
+            if plot:
+                print()
+                cli.main(["plot", "--config", path, "--node", node, "--hours", "1", "-o", plot])
+            return code
         finally:
             stop_process(worker)
             log.close()

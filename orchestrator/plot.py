@@ -20,11 +20,16 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: files only, never a window
 import matplotlib.dates as mdates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
 
 from .report import ROUND_TIME_AVG, ROUND_TIME_P99, TARGETS  # noqa: E402
 
 #: Colours by round quality.
 QUALITY_COLOURS = {"strict": "#1b7837", "relaxed": "#e08214", "starvation": "#b2182b", "outlier": "#762a83"}
+
+
+#: The servers' panel is linear within this many ms of zero, logarithmic beyond.
+SERVER_LINEAR_RANGE_MS = 50.0
 
 
 def _time(unix_s: float) -> datetime:
@@ -70,7 +75,11 @@ def plot_node(records: list[dict], *, node: str, output: str, hours: float | Non
                 ys.append(sample["offset_s"] * 1e3)
     for server, (xs, ys) in sorted(per_server.items()):
         ax_servers.plot(xs, ys, ".-", ms=3, lw=0.6, label=server)
-    ax_servers.set_ylabel("offset (ms)")
+    # Linear near zero, logarithmic beyond: a liar half a second off does not flatten the honest servers.
+    ax_servers.set_yscale("symlog", linthresh=SERVER_LINEAR_RANGE_MS)
+    ax_servers.yaxis.set_major_formatter(mticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax_servers.axhspan(-SERVER_LINEAR_RANGE_MS, SERVER_LINEAR_RANGE_MS, color="0.95", zorder=0)
+    ax_servers.set_ylabel(f"offset (ms; linear within ±{SERVER_LINEAR_RANGE_MS:g})")
     ax_servers.set_title("each server's offset (falsetickers and refused samples included)")
     if per_server:
         ax_servers.legend(loc="best", fontsize=7, ncol=2)
@@ -81,7 +90,9 @@ def plot_node(records: list[dict], *, node: str, output: str, hours: float | Non
 
     # 3. Round times against the targets.
     durations = [r["duration_s"] * 1e3 for r in records]
-    ax_time.hist(durations, bins=min(40, max(5, len(durations) // 3)), color="#4393c3", edgecolor="white")
+    # Bins over a range that shows both targets, whatever the rounds took.
+    top = max(limits[ROUND_TIME_P99] * 1e3 * 1.1, max(durations) * 1.05)
+    ax_time.hist(durations, bins=[top * i / 60 for i in range(61)], color="#4393c3", edgecolor="white")
     for name, style in ((ROUND_TIME_AVG, "--"), (ROUND_TIME_P99, ":")):
         ax_time.axvline(limits[name] * 1e3, color="#b2182b", ls=style,
                         label=f"target {'mean' if name == ROUND_TIME_AVG else 'p99'} {limits[name] * 1e3:.0f} ms")
