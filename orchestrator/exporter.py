@@ -156,7 +156,7 @@ class NtpCollector(Collector):
             hist = data["durations"]
             if hist:
                 count = hist.get("count", 0.0)
-                buckets = [(f"{bound:g}", hist.get(f"le:{bound:g}", 0.0)) for bound in ROUND_DURATION_BUCKETS_S]
+                buckets = [(str(float(bound)), hist.get(f"le:{bound:g}", 0.0)) for bound in ROUND_DURATION_BUCKETS_S]
                 duration.add_metric([node], buckets + [("+Inf", count)], sum_value=hist.get("sum", 0.0))
             record = data["record"]
             for server in (record or {}).get("servers", []):

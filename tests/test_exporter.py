@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from orchestrator import rounds
 from orchestrator.demo import RedisProcess, free_tcp_port, stop_process
 from orchestrator.exporter import NtpCollector, registry_for
-from orchestrator.store import Store
+from orchestrator.store import ROUND_DURATION_BUCKETS_S, Store
 from simulator.server import Behaviour
 from workers import config as config_mod
 
@@ -77,6 +77,10 @@ def test_collector_exports_the_contract_and_counters_only_grow(worker, simulator
     assert get("chronotick_ntp_round_duration_seconds_count") == 2
     assert get("chronotick_ntp_round_duration_seconds_sum") == pytest.approx(sum(r["duration_s"] for r in records))
     assert get("chronotick_ntp_round_duration_seconds_bucket", le="+Inf") == 2
+    for bound in ROUND_DURATION_BUCKETS_S:  # cumulative, as Prometheus reads a histogram
+        within = sum(r["duration_s"] <= bound for r in records)
+        assert get("chronotick_ntp_round_duration_seconds_bucket", le=f"{float(bound)}") == within
+    assert get("chronotick_ntp_round_duration_seconds_bucket", le="5.0") == 2  # rounds here take < 1 s
     for s in records[-1]["servers"]:  # per server, from the last round
         if s.get("sample"):
             assert get("chronotick_ntp_server_offset_seconds", server=s["server"]) == s["sample"]["offset_s"]
