@@ -261,3 +261,45 @@ class NtpReader:
             return function(*args, **kwargs)
         except redis.RedisError as exc:
             raise ServiceUnavailable(self.url, f"{type(exc).__name__}: {exc}") from exc
+
+
+class ClockMeasurementSource:
+    """The methods ChronoTick's ``ClockMeasurementCollector`` offers, fed by this service.
+
+    ChronoTick's pipeline calls ``get_latest_offset()`` and
+    ``get_recent_measurements(window_seconds)``; this class answers both from
+    Redis, so swapping the in-process client is a change of constructor.
+    ``start_collection``/``stop_collection`` exist for the same reason: the
+    service measures, there is nothing to start.
+    """
+
+    def __init__(self, reader: NtpReader, node: str):
+        self.reader = reader
+        self.node = node
+
+    @classmethod
+    def from_config(cls, path: str, node: str, **kwargs) -> "ClockMeasurementSource":
+        return cls(NtpReader.from_config(path, **kwargs), node)
+
+    def start_collection(self) -> None:
+        """Nothing to start: the node's worker and the beat measure."""
+
+    def stop_collection(self) -> None:
+        self.reader.close()
+
+    def get_latest_measurement(self) -> dict | None:
+        """The latest as ChronoTick's ``NTPMeasurement`` fields; ``None`` if none, or stale."""
+        m = self.reader.latest(self.node)
+        return None if m is None or m.stale else m.as_chronotick()
+
+    def get_latest_offset(self) -> float | None:
+        """The latest offset (s); ``None`` if nothing fresh was published (never a stale value)."""
+        m = self.reader.latest(self.node)
+        return None if m is None or m.stale else m.offset
+
+    def get_recent_measurements(self, window_seconds: float = 300) -> list[tuple[float, float, float]]:
+        """``(timestamp, offset, uncertainty)`` of every measurement published in the window, oldest first."""
+        since = time.time() - window_seconds
+        return [(r["latest"]["measured_at"], r["latest"]["offset"], r["latest"]["uncertainty"])
+                for r in self.reader.history(self.node, since=since)
+                if r.get("latest") and r["latest"]["measured_at"] >= since]

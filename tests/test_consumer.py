@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from orchestrator import rounds
-from orchestrator.consumer import NtpReader, ServiceUnavailable
+from orchestrator.consumer import ClockMeasurementSource, NtpReader, ServiceUnavailable
 from orchestrator.demo import RedisProcess, free_tcp_port
 from simulator.server import Behaviour
 from workers import config as config_mod
@@ -122,3 +122,25 @@ def test_latest_follow_prints_each_new_measurement(worker, simulator, tmp_path, 
     finally:
         follower.terminate()
         follower.wait(timeout=10)
+
+
+def test_chronotick_collector_surface(worker, simulator, tmp_path, key_prefix):
+    _, servers = simulator({"a": Behaviour(delay_s=0.002, offset_s=0.0071)})
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix)
+    config = config_mod.load(path)
+    source = ClockMeasurementSource.from_config(str(path), TEST_NODE)
+    source.start_collection()
+    assert source.get_latest_offset() is None and source.get_recent_measurements() == []
+    records = [_round(config) for _ in range(2)]
+    assert source.get_latest_offset() == records[-1]["latest"]["offset"]
+    assert source.get_latest_measurement() == {
+        "offset": records[-1]["latest"]["offset"], "delay": records[-1]["latest"]["delay"],
+        "stratum": records[-1]["latest"]["stratum"], "precision": records[-1]["latest"]["precision"],
+        "server": servers["a"], "timestamp": records[-1]["latest"]["measured_at"],
+        "uncertainty": records[-1]["latest"]["uncertainty"]}
+    assert source.get_recent_measurements(300) == [
+        (r["latest"]["measured_at"], r["latest"]["offset"], r["latest"]["uncertainty"]) for r in records]
+    # A reader that considers everything stale hands ChronoTick nothing, never an old value.
+    strict = ClockMeasurementSource(NtpReader.from_config(str(path), stale_after_s=1e-6), TEST_NODE)
+    assert strict.get_latest_offset() is None and strict.get_latest_measurement() is None
+    source.stop_collection()
