@@ -15,7 +15,10 @@ known truth -- for a lone query and for a full round, with ntplib and with this
 project's client -- on the same set and on ten servers whose replies all land
 at once (50 ms each), where a thread woken late reads t4 late.
 
-Run:  python bench/round_latency.py [--rounds 15]
+It also draws the round times of every method and set to a PNG (``--png``,
+default ``docs/round_latency.png``), beside the table.
+
+Run:  python bench/round_latency.py [--rounds 15] [--png FILE]
 """
 
 from __future__ import annotations
@@ -101,6 +104,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15, help="measured rounds per method (default 15)")
     parser.add_argument("--events", action="store_true", help="worker sends task events (as with Flower)")
+    parser.add_argument("--png", default=str(REPO / "docs" / "round_latency.png"),
+                        help="where to draw the comparison (default docs/round_latency.png)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="ct-bench-") as tmp, RedisProcess(Path(tmp)) as redis_proc:
@@ -109,6 +114,38 @@ def main() -> None:
         for set_name, delays in (("stagger", [0.010 * (i + 1) for i in range(10)]), ("same50", [0.050] * 10)):
             results[set_name] = run_set(Path(tmp), redis_proc.url, delays, args)
     print_report(results, args)
+    write_png(results, args)
+
+
+def write_png(results, args) -> None:
+    """Each method's rounds per set: every round as a dot, the median as a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"sequential": "#b2182b", "threadpool": "#4393c3", "pipeline": "#1b7837"}
+    labels = {"sequential": "sequential (ntplib)", "threadpool": "ThreadPoolExecutor + ntplib",
+              "pipeline": "chronotick-ntp pipeline"}
+    fig, axes = plt.subplots(1, len(results), figsize=(11, 4.5), constrained_layout=True)
+    for ax, (set_name, data) in zip(axes, results.items()):
+        for x, (method, values) in enumerate(data["times"].items()):
+            ms = [v * 1e3 for v in values]
+            med = statistics.median(ms)
+            ax.bar(x, med, color=colours[method], alpha=0.35, width=0.6)
+            ax.scatter([x] * len(ms), ms, s=10, color=colours[method], zorder=3)
+            ax.annotate(f"{med:.0f} ms", (x, med), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=9)
+        ax.set_xticks(range(len(data["times"])), [labels[m] for m in data["times"]], fontsize=8, rotation=10)
+        ax.set_ylabel("round wall time (ms)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"set {set_name}: {'RTT 10..100 ms' if set_name == 'stagger' else '10 servers at 50 ms'}")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"One round of 10 servers, {args.rounds} rounds per method, medians as bars "
+                 f"({platform.machine()}, {os.cpu_count()} cores)")
+    Path(args.png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.png, dpi=100)
+    plt.close(fig)
+    print(f"\nwrote {args.png}")
 
 
 def run_set(tmp: Path, redis_url: str, delays, args):
