@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from orchestrator.demo import RedisProcess, stop_process  # noqa: E402
-from simulator.server import Behaviour, NtpSimulator, free_udp_ports  # noqa: E402
+from simulator.server import Behaviour, NtpSimulator  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 
 NODE = "bench"
@@ -50,8 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ct-bench-") as tmp, RedisProcess(Path(tmp)) as redis_proc:
         os.environ[config_mod.ENV_REDIS_URL] = redis_proc.url
-        ports = free_udp_ports(10)
-        sim = NtpSimulator({p: Behaviour(delay_s=0.010 * (i + 1)) for i, p in enumerate(ports)}).start()
+        sim = NtpSimulator.on_free_ports([Behaviour(delay_s=0.010 * (i + 1)) for i in range(10)]).start()
         path = Path(tmp) / "bench.yaml"
         path.write_text(yaml.safe_dump({
             "clock_measurement": {"ntp": {"servers": sim.servers(), "timeout_seconds": 2.0, "max_delay": 0.5,

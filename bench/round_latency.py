@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from orchestrator.demo import RedisProcess  # noqa: E402
-from simulator.server import Behaviour, NtpSimulator, free_udp_ports  # noqa: E402
+from simulator.server import Behaviour, NtpSimulator  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 
 TRUE_OFFSET_S = 0.25
@@ -149,8 +149,7 @@ def write_png(results, args) -> None:
 
 
 def run_set(tmp: Path, redis_url: str, delays, args):
-    ports = free_udp_ports(len(delays))
-    sim = NtpSimulator({p: Behaviour(offset_s=TRUE_OFFSET_S, delay_s=d) for p, d in zip(ports, delays)}).start()
+    sim = NtpSimulator.on_free_ports([Behaviour(offset_s=TRUE_OFFSET_S, delay_s=d) for d in delays]).start()
     servers = sim.servers()
     path = tmp / "bench.yaml"
     path.write_text(yaml.safe_dump({

@@ -24,6 +24,7 @@ ChronoTick's ARES relay, which served each port one request at a time).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import os
 import random
@@ -76,6 +77,9 @@ class Behaviour:
         by about 0.02 ms median: half that lag).
     bad_origin:
         Put a wrong origin timestamp in the reply.
+    bad_origin_first:
+        Put a wrong origin in the replies to this many requests, then answer
+        honestly (a refusal inside an advanced-mode burst).
     zero_transmit:
         Send a zero transmit timestamp.
     receive_after_transmit:
@@ -112,6 +116,7 @@ class Behaviour:
     root_delay_s: float = 0.0
     root_dispersion_s: float = 0.0
     bad_origin: bool = False
+    bad_origin_first: int = 0
     zero_transmit: bool = False
     receive_after_transmit: bool = False
     truncate: bool = False
@@ -179,15 +184,36 @@ class NtpSimulator:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._stray = socket.socket(family, socket.SOCK_DGRAM)  # for wrong_port replies
         self._stray.bind((host, 0))
+        self._bound: dict[int, socket.socket] = {}
+
+    @classmethod
+    def on_free_ports(cls, behaviours: list[Behaviour], *, host: str = "127.0.0.1",
+                      seed: int | None = None) -> "NtpSimulator":
+        """Servers on ports the kernel picks, kept bound from the start (not started yet).
+
+        Unlike :func:`free_udp_ports`, there is no moment between choosing a
+        port and binding it in which another socket can take it.
+        """
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sockets = []
+        for _ in behaviours:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        sim = cls({sock.getsockname()[1]: b for sock, b in zip(sockets, behaviours)}, host=host, seed=seed)
+        sim._bound = {sock.getsockname()[1]: sock for sock in sockets}
+        return sim
 
     # -- life cycle -------------------------------------------------------
     def start(self) -> "NtpSimulator":
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         for port in self.behaviours:
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock = self._bound.pop(port, None)
+            if sock is None:
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((self.host, port))
             client.enable_kernel_timestamps(sock)
-            sock.bind((self.host, port))
             sock.setblocking(False)
             self._sockets[port] = sock
             self._selector.register(sock, selectors.EVENT_READ, port)
@@ -254,6 +280,8 @@ class NtpSimulator:
             if stats.received <= behaviour.drop_first or (behaviour.loss and self._random.random() < behaviour.loss):
                 stats.dropped += 1
                 continue
+            if stats.received <= behaviour.bad_origin_first:
+                behaviour = dataclasses.replace(behaviour, bad_origin=True)
             leg_in = (behaviour.delay_s + behaviour.asymmetry_s) / 2 + self._random.uniform(0, behaviour.jitter_s)
             leg_out = (behaviour.delay_s - behaviour.asymmetry_s) / 2 + self._random.uniform(0, behaviour.jitter_s)
             due_ns = mono_ns - age_ns + int((leg_in + behaviour.hold_s + leg_out) * 1e9)

@@ -144,10 +144,9 @@ def simulator():
     started = []
 
     def start(named: dict[str, Behaviour]):
-        ports = free_udp_ports(len(named))
-        sim = NtpSimulator(dict(zip(ports, named.values())), seed=1).start()
+        sim = NtpSimulator.on_free_ports(list(named.values()), seed=1).start()
         started.append(sim)
-        return sim, {name: f"127.0.0.1:{port}" for name, port in zip(named, ports)}
+        return sim, {name: f"127.0.0.1:{port}" for name, port in zip(named, sim.behaviours)}
 
     yield start
     for sim in started:
