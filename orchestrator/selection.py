@@ -3,24 +3,31 @@
 In order, in the words of RFC 5905 and chrony's ``sources.c``:
 
 1. **Falsetickers out.**  Every valid sample says "the true offset lies in
-   [offset - uncertainty, offset + uncertainty]".  Marzullo's sweep finds the
-   interval covered by the most samples; servers declared correlated (a group,
-   such as Google's four leap-smearing servers) count as one vote.  Without a
-   majority of votes agreeing, nothing is published.  A sample whose interval
-   contains that best interval or lies wholly inside it is a **truechimer**;
-   any other is a **falseticker**, however small its delay.
+   [offset - uncertainty, offset + uncertainty]"; servers declared correlated
+   (a group, such as Google's four leap-smearing servers) count as one vote.
+   Marzullo's sweep finds the **agreed interval**: the hull of every point a
+   majority of the votes covers, where the truth lies whenever a majority is
+   honest (:func:`intersect`).  Without one, nothing is published.  A sample
+   whose interval misses it is a **falseticker**, however small its delay.
 2. **Gates** on the truechimers: strict -- delay <= max_delay, uncertainty <=
    max_acceptable_uncertainty, min_stratum <= stratum <= max_stratum; then, if
    ``enable_fallback``, relaxed (2x delay and uncertainty, same samples, never
    a new network round); else **starvation**.
-3. **Choice** among those that pass: ``best`` takes the lowest uncertainty
-   (root distance), then the lower stratum, then the lower delay.  ``combine``
-   averages the passing truechimers within :data:`COMBINE_LIMIT` times the best
-   one's uncertainty, each weighted by 1/uncertainty (chrony's
-   ``combine_sources``); the combined uncertainty is the same weighted mean of
-   their uncertainties -- a hard bound, since ``|sum w_i e_i| <= sum w_i u_i``
-   whenever each ``|e_i| <= u_i``, with no assumption that errors are
-   independent (asymmetric paths make them anything but).
+3. **Choice** among those that pass: ``best`` takes the lowest *published*
+   uncertainty -- the sample's root distance widened to cover the agreed
+   interval (:func:`covering_uncertainty`) -- then its own, the lower stratum,
+   the lower delay.  ``combine`` averages the passing truechimers within
+   :data:`COMBINE_LIMIT` times the tightest one's uncertainty, each weighted by
+   1/uncertainty (chrony's ``combine_sources``); the combined uncertainty is
+   the same weighted mean of their uncertainties -- a hard bound, since
+   ``|sum w_i e_i| <= sum w_i u_i`` whenever each ``|e_i| <= u_i``, with no
+   assumption that errors are independent (asymmetric paths make them
+   anything but) -- widened likewise.
+
+Whatever is published therefore holds the truth whenever a majority of the
+votes is honest, even when the deepest region of the sweep is ambiguous or
+sits on a tight liar that agrees with wide honest intervals: a case where
+publishing the tightest interval would publish a confident wrong value.
 """
 
 from __future__ import annotations
@@ -75,56 +82,81 @@ def flatten(results: list) -> list[dict]:
 
 
 def intersect(samples: list[dict], groups: list[list[str]] | None = None) -> dict:
-    """Marzullo's sweep: the interval most votes agree on, and who agrees.
+    """The interval a majority of votes agrees on, and who can be honest.
 
-    Parameters
-    ----------
-    samples:
-        Samples with ``server``, ``offset_s`` and ``uncertainty_s``.
-    groups:
-        Lists of server names that share a failure mode; each group votes once,
-        through its member with the lowest uncertainty.
+    Each sample says "the true offset lies in [offset - uncertainty, offset +
+    uncertainty]".  With V votes (servers declared correlated in ``groups``
+    vote once, through their member with the lowest uncertainty), a majority
+    is m = V // 2 + 1.  If a majority of the votes is honest, the truth is
+    covered by at least m intervals, so it lies in the **agreed interval**:
+    the hull of every point that m or more intervals cover (Marzullo's sweep,
+    as chrony's ``sources.c`` runs it, with RFC 5905's ``n - f`` threshold at
+    its largest ``f``).  Nothing narrower is safe: any point of that hull could
+    be the truth with a majority honest.  A sample whose interval misses the
+    agreed interval cannot be honest if a majority is: a **falseticker**.
+    Every other sample is a truechimer.
+
+    ``depth`` is the greatest number of intervals covering one point and
+    ``deepest`` the separate regions that reach it; ``ambiguous`` says there
+    are several -- the case where the deepest region alone would point at a
+    liar.
 
     Returns
     -------
-    ``{"majority", "votes", "depth", "interval", "truechimers", "falsetickers"}``
-    (server names; ``interval`` is ``[low, high]`` in seconds or ``None``).
+    ``{"majority", "votes", "needed", "depth", "interval", "deepest", "ambiguous", "truechimers",
+    "falsetickers"}`` (server names; ``interval`` is ``[low, high]`` in seconds, or ``None`` without a
+    majority).
     """
     if not samples:
-        return {"majority": False, "votes": 0, "depth": 0, "interval": None, "truechimers": [],
-                "falsetickers": []}
+        return {"majority": False, "votes": 0, "needed": 1, "depth": 0, "interval": None, "deepest": [],
+                "ambiguous": False, "truechimers": [], "falsetickers": []}
     group_of = {server: i for i, members in enumerate(groups or []) for server in members}
     voters: dict[object, dict] = {}
     for sample in samples:
         key = ("group", group_of[sample["server"]]) if sample["server"] in group_of else sample["server"]
         if key not in voters or sample["uncertainty_s"] < voters[key]["uncertainty_s"]:
             voters[key] = sample
+    votes = len(voters)
+    needed = votes // 2 + 1
 
     LOW, HIGH = 0, 1  # at equal offsets a start sorts first: touching intervals agree
     edges = sorted([(s["offset_s"] - s["uncertainty_s"], LOW) for s in voters.values()]
                    + [(s["offset_s"] + s["uncertainty_s"], HIGH) for s in voters.values()])
     depth = best_depth = 0
-    best_low = best_high = None
+    agreed_low = agreed_high = None
+    deepest: list[list[float]] = []
     for value, kind in edges:
         if kind == LOW:
             depth += 1
+            if depth >= needed and agreed_low is None:
+                agreed_low = value
             if depth > best_depth:
-                best_depth, best_low = depth, value
+                best_depth, deepest = depth, [[value, None]]
+            elif depth == best_depth:  # back up to the greatest depth: a separate region
+                deepest.append([value, None])
         else:
+            if depth >= needed:
+                agreed_high = value
             if depth == best_depth:
-                best_high = value
+                deepest[-1][1] = value
             depth -= 1
-    votes = len(voters)
-    if best_depth <= votes / 2:
-        return {"majority": False, "votes": votes, "depth": best_depth, "interval": None,
-                "truechimers": [], "falsetickers": sorted(s["server"] for s in samples)}
+    if agreed_low is None:
+        return {"majority": False, "votes": votes, "needed": needed, "depth": best_depth, "interval": None,
+                "deepest": deepest, "ambiguous": len(deepest) > 1, "truechimers": [],
+                "falsetickers": sorted(s["server"] for s in samples)}
     truechimers, falsetickers = [], []
     for s in samples:
         low, high = s["offset_s"] - s["uncertainty_s"], s["offset_s"] + s["uncertainty_s"]
-        agrees = (low <= best_low and high >= best_high) or (low >= best_low and high <= best_high)
-        (truechimers if agrees else falsetickers).append(s["server"])
-    return {"majority": True, "votes": votes, "depth": best_depth, "interval": [best_low, best_high],
+        (truechimers if low <= agreed_high and high >= agreed_low else falsetickers).append(s["server"])
+    return {"majority": True, "votes": votes, "needed": needed, "depth": best_depth,
+            "interval": [agreed_low, agreed_high], "deepest": deepest, "ambiguous": len(deepest) > 1,
             "truechimers": sorted(truechimers), "falsetickers": sorted(falsetickers)}
+
+
+def covering_uncertainty(sample: dict, interval: list[float]) -> float:
+    """The sample's uncertainty, widened so that offset ± it covers ``interval`` (the agreed one)."""
+    low, high = interval
+    return max(sample["uncertainty_s"], sample["offset_s"] - low, high - sample["offset_s"])
 
 
 def combine(samples: list[dict]) -> dict:
@@ -199,12 +231,21 @@ def select(outcomes: list[dict], strict: Thresholds, *, enable_fallback: bool, m
 
     chosen, used = None, []
     if passing:
-        best = min(passing, key=best_key)
+        interval = agreement["interval"]
+
+        def published_key(sample: dict) -> tuple:
+            return (covering_uncertainty(sample, interval), *best_key(sample))
+
         if method == COMBINE:
-            used = [s for s in passing if s["uncertainty_s"] <= COMBINE_LIMIT * best["uncertainty_s"]]
-            chosen = combine(used) if len(used) > 1 else dict(best, combined=[best["server"]])
+            tightest = min(passing, key=best_key)
+            used = [s for s in passing if s["uncertainty_s"] <= COMBINE_LIMIT * tightest["uncertainty_s"]]
+            chosen = combine(used) if len(used) > 1 else dict(tightest, combined=[tightest["server"]])
         else:
+            best = min(passing, key=published_key)
             used, chosen = [best], best
+        # Published: a bound that holds whenever a majority of the votes is honest.
+        chosen = dict(chosen, sample_uncertainty_s=chosen["uncertainty_s"],
+                      uncertainty_s=covering_uncertainty(chosen, interval))
     used_names = {s["server"] for s in used}
 
     servers = []
@@ -221,8 +262,8 @@ def select(outcomes: list[dict], strict: Thresholds, *, enable_fallback: bool, m
         if sample["server"] in agreement["falsetickers"]:
             detail = ("no majority of servers agrees" if not agreement["majority"] else
                       f"interval {sample['offset_s'] - sample['uncertainty_s']:+.6f}..."
-                      f"{sample['offset_s'] + sample['uncertainty_s']:+.6f} s disagrees with the majority's "
-                      f"{agreement['interval'][0]:+.6f}...{agreement['interval'][1]:+.6f} s")
+                      f"{sample['offset_s'] + sample['uncertainty_s']:+.6f} s misses the interval a majority "
+                      f"agrees on, {agreement['interval'][0]:+.6f}...{agreement['interval'][1]:+.6f} s")
             entry.update(status=FALSETICKER, reason="falseticker", detail=detail)
         else:
             reasons = gate[1].violations(sample)

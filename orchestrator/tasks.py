@@ -116,6 +116,7 @@ def build_record(meta: dict, outcomes: list[dict], *, finished_at: float, window
             "round_id": meta["round_id"],
             "offset": chosen["offset_s"],
             "uncertainty": chosen["uncertainty_s"],
+            "sample_uncertainty": chosen.get("sample_uncertainty_s", chosen["uncertainty_s"]),
             "delay": chosen["delay_s"],
             "stratum": chosen["stratum"],
             "leap": chosen["leap"],

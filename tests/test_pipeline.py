@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from orchestrator import cli, rounds
+from orchestrator import cli, rounds, selection
 from orchestrator.store import Store
 from simulator.server import Behaviour
 from workers import config as config_mod
@@ -28,8 +28,15 @@ def _by_server(record):
     return {s["server"]: s for s in record["servers"]}
 
 
-def test_all_healthy_publishes_the_best_to_redis(worker, simulator, tmp_path, key_prefix, redis_client,
-                                                 capsys, chronyd):
+def _expected_choice(record):
+    """The documented rule, from the record: the passing truechimer whose bound, widened to the agreed
+    interval, is smallest (then its own bound, stratum, delay)."""
+    interval = record["agreement"]["interval"]
+    passing = [s["sample"] for s in record["servers"] if s["status"] in ("chosen", "accepted")]
+    return min(passing, key=lambda x: (selection.covering_uncertainty(x, interval), *selection.best_key(x)))
+
+
+def test_all_healthy_publishes_the_best_to_redis(worker, simulator, tmp_path, key_prefix, redis_client, capsys):
     _, servers = simulator({f"s{i}": Behaviour(offset_s=TRUE_OFFSET_S, delay_s=0.002 * (i + 1)) for i in range(4)})
     path = write_config(tmp_path, [*servers.values()], key_prefix=key_prefix)
     pubsub = redis_client.pubsub()
@@ -39,7 +46,10 @@ def test_all_healthy_publishes_the_best_to_redis(worker, simulator, tmp_path, ke
     assert record["quality"] == "strict" and record["servers_used"] == 4
     latest = Store(redis_client, prefix=key_prefix).latest(TEST_NODE)
     assert latest == record["latest"]
-    assert latest["server"] == servers["s0"]  # the shortest path has the smallest root distance
+    assert latest["server"] == _expected_choice(record)["server"]
+    low, high = record["agreement"]["interval"]
+    assert latest["offset"] - latest["uncertainty"] <= low and latest["offset"] + latest["uncertainty"] >= high
+    assert latest["sample_uncertainty"] == _by_server(record)[latest["server"]]["sample"]["uncertainty_s"]
     assert abs(latest["offset"] - TRUE_OFFSET_S) < 0.0005
     assert abs(latest["offset"] - TRUE_OFFSET_S) <= latest["uncertainty"]
     for key in ("node", "round_id", "offset", "uncertainty", "delay", "stratum", "server", "quality",
@@ -83,7 +93,7 @@ def test_slow_servers_pass_only_the_relaxed_gate(worker, simulator, tmp_path, ke
     code, record = _measure(path, capsys)
     assert code == cli.EXIT_OK
     assert record["quality"] == "relaxed" and record["latest"]["quality"] == "relaxed"
-    assert record["latest"]["server"] == servers["slow0"]
+    assert record["latest"]["server"] == _expected_choice(record)["server"]
     assert all(s["attempts"] == 1 for s in record["servers"])  # relaxed-passing samples are not retried
 
 
