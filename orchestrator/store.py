@@ -263,12 +263,15 @@ def round_counters(record: dict) -> dict[str, int]:
         counts["queries"] += attempts
         counts["retries"] += max(0, attempts - 1)
         for attempt in server.get("history", []):
-            reason = attempt.get("reason")
-            if reason not in _NO_REPLY_REASONS:
-                counts["replies"] += 1
-            if reason and reason not in _NO_REPLY_REASONS:
-                counts["rejected"] += 1
-                counts[f"rejected:{reason}"] = counts.get(f"rejected:{reason}", 0) + 1
+            # An attempt's own outcome, then (advanced mode) the samples of its burst refused before it.
+            for reason in [attempt.get("reason"), *(r["reason"] for r in attempt.get("refusals", ()))]:
+                if reason in _NO_REPLY_REASONS:
+                    continue
+                # The attempt that produced the sample received samples_taken replies (advanced mode: a burst).
+                counts["replies"] += (server.get("sample") or {}).get("samples_taken", 1) if reason is None else 1
+                if reason:
+                    counts["rejected"] += 1
+                    counts[f"rejected:{reason}"] = counts.get(f"rejected:{reason}", 0) + 1
         if server["status"] == "falseticker":
             counts["falsetickers"] = counts.get("falsetickers", 0) + 1
         if server["status"] == "rejected":

@@ -69,15 +69,38 @@ def test_chronyd_answers_as_a_real_server(chronyd):
     assert 0 <= sample.delay_s < 0.01
 
 
+def _advanced_job(address, samples=3):
+    host, port = address.rsplit(":", 1)
+    return {"server": address, "host": host, "port": int(port), "timeout_s": 0.5, "samples": samples,
+            "gate": {"max_delay_s": 1, "max_uncertainty_s": 1, "min_stratum": 1, "max_stratum": 15}}
+
+
 def test_advanced_mode_keeps_the_minimum_delay_sample(simulator):
     _, servers = simulator({"jittery": Behaviour(offset_s=0.01, delay_s=0.004, jitter_s=0.010)})
-    host, port = servers["jittery"].rsplit(":", 1)
-    job = {"server": servers["jittery"], "host": host, "port": int(port), "timeout_s": 0.5, "samples": 3,
-           "gate": {"max_delay_s": 1, "max_uncertainty_s": 1, "min_stratum": 1, "max_stratum": 15}}
-    result = measure.attempt(job)
-    assert result["samples_taken"] == 3
-    assert result["spread_s"] >= 0 and result["jitter_s"] >= 0
-    assert result["uncertainty_s"] >= result["delay_s"] / 2 + result["jitter_s"]
+    spread = []
+    for _ in range(5):
+        result = measure.attempt(_advanced_job(servers["jittery"]))
+        delays = result["burst_delays_s"]
+        assert result["samples_taken"] == len(delays) == 3
+        assert result["delay_s"] == min(delays)  # the kept sample is the least-delayed one
+        spread.append(max(delays) - min(delays))
+        assert result["jitter_s"] >= 0 and result["uncertainty_s"] >= result["delay_s"] / 2 + result["jitter_s"]
+    assert max(spread) > 0.002  # the delays really differ, so keeping another sample would show
+
+
+def test_advanced_mode_records_a_refused_sample_of_a_burst_that_succeeds(simulator):
+    _, servers = simulator({"lies_once": Behaviour(delay_s=0.004, bad_origin_first=1)})
+    result = measure.attempt(_advanced_job(servers["lies_once"]))
+    assert result["samples_taken"] == 2
+    assert [r["reason"] for r in result["refusals"]] == [sanity.REASON_BOGUS_ORIGIN]
+
+
+def test_advanced_mode_keeps_every_refusal_of_a_burst_that_fails(simulator):
+    _, servers = simulator({"liar": Behaviour(delay_s=0.004, bad_origin=True)})
+    with pytest.raises(measure.BurstFailed) as caught:
+        measure.attempt(_advanced_job(servers["liar"]))
+    assert caught.value.rejection.reason == sanity.REASON_BOGUS_ORIGIN
+    assert [r.reason for r in caught.value.earlier] == [sanity.REASON_BOGUS_ORIGIN] * 2
 
 
 def test_unresolvable_name_is_a_named_dns_error():

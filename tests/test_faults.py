@@ -9,9 +9,10 @@ import json
 
 import pytest
 
-from orchestrator import cli
+from orchestrator import cli, rounds
 from orchestrator.store import Store
 from simulator.server import Behaviour
+from workers import config as config_mod
 from workers.ntp import sanity
 
 from .conftest import TEST_NODE, write_config
@@ -180,3 +181,19 @@ def test_temporal_filter_refuses_a_jump_then_believes_a_lasting_one(worker, simu
     assert qualities == ["outlier", "outlier", "outlier", "strict"]
     assert abs(store.latest(TEST_NODE)["offset"] - (TRUTH_S + 0.050)) < 0.001
     assert store.stats(TEST_NODE)["outlier"] == 3
+
+
+def test_advanced_mode_records_and_counts_a_refusal_inside_a_burst(worker, simulator, tmp_path, key_prefix,
+                                                                   redis_client):
+    """bogus_origin on the first sample of a 3-sample burst whose other samples succeed: not lost."""
+    _, servers = simulator({"lies_once": Behaviour(delay_s=0.004, bad_origin_first=1),
+                            "honest": Behaviour(delay_s=0.006)})
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix, measurement_mode="advanced",
+                        advanced_samples=3)
+    record = rounds.dispatch(config_mod.load(path), TEST_NODE).wait()
+    entry = next(s for s in record["servers"] if s["server"] == servers["lies_once"])
+    assert entry["attempts"] == 1 and entry["sample"]["samples_taken"] == 2
+    assert [r["reason"] for r in entry["history"][0]["refusals"]] == [sanity.REASON_BOGUS_ORIGIN]
+    stats = Store(redis_client, prefix=key_prefix).stats(TEST_NODE)
+    assert stats["rejected:bogus_origin"] == 1 and stats["rejected"] == 1
+    assert stats["replies"] == 2 + 1 + 3  # lies_once: 2 kept and 1 refused; honest: 3

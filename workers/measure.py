@@ -32,6 +32,14 @@ REASON_OVER_THRESHOLDS = "over_thresholds"
 #: The reason when the round's deadline leaves no time for another attempt.
 REASON_DEADLINE = "round_deadline"
 
+class BurstFailed(QueryFailed):
+    """An attempt failed; ``earlier`` are the refusals of its burst before the last one (advanced mode)."""
+
+    def __init__(self, rejection: Rejection, earlier: list[Rejection]):
+        super().__init__(rejection)
+        self.earlier = list(earlier)
+
+
 # getaddrinfo cannot be interrupted; it runs here so a hung resolver costs
 # a thread, not the task's time budget.
 _resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ntp-dns")
@@ -97,7 +105,7 @@ def attempt(job: dict) -> dict:
     """
     family, sockaddr = _resolve(job["host"], job["port"], timeout_s=job["timeout_s"])
     samples: list[client.Sample] = []
-    last_failure: QueryFailed | None = None
+    refusals: list[Rejection] = []
     for i in range(job["samples"]):
         if i:
             time.sleep(ADVANCED_SAMPLE_SPACING_S)
@@ -108,12 +116,14 @@ def attempt(job: dict) -> dict:
                 max_root_dispersion_s=job.get("max_root_dispersion_s", sanity.DEFAULT_MAX_ROOT_S)))
         except QueryFailed as exc:
             if exc.rejection.kiss_code:
-                raise  # a server that kissed us off gets no more packets this attempt
-            last_failure = exc
+                raise BurstFailed(exc.rejection, refusals) from None  # a kiss: no more packets this attempt
+            refusals.append(exc.rejection)
     if not samples:
-        assert last_failure is not None
-        raise last_failure
+        raise BurstFailed(refusals[-1], refusals[:-1])
     result = _best_of(samples)
+    if refusals:
+        # Refused samples of a burst that still produced one: on the record, and counted.
+        result["refusals"] = [{"reason": r.reason, "detail": r.detail} for r in refusals]
     violations = Thresholds.from_dict(job["gate"]).violations(result)
     if violations:
         raise QueryFailed(Rejection(REASON_OVER_THRESHOLDS, "; ".join(violations)))
@@ -133,6 +143,7 @@ def _best_of(samples: list[client.Sample]) -> dict:
     offsets = [s.offset_s for s in samples]
     result.update(
         samples_taken=len(samples),
+        burst_delays_s=[s.delay_s for s in samples],
         jitter_s=jitter_s,
         spread_s=max(offsets) - min(offsets),
         uncertainty_s=best.uncertainty_s + jitter_s,

@@ -81,8 +81,11 @@ def query_server(self, *carried, job: dict, history: list | None = None):
         sample = measure.attempt(job)
     except QueryFailed as exc:
         rejection = exc.rejection
-        history.append({"attempt": attempt_no, "started_at": started_at, "reason": rejection.reason,
-                        "detail": rejection.detail, "kiss_code": rejection.kiss_code})
+        entry = {"attempt": attempt_no, "started_at": started_at, "reason": rejection.reason,
+                 "detail": rejection.detail, "kiss_code": rejection.kiss_code}
+        if isinstance(exc, measure.BurstFailed) and exc.earlier:
+            entry["refusals"] = [{"reason": r.reason, "detail": r.detail} for r in exc.earlier]
+        history.append(entry)
         kissed = rejection.kiss_code and kod.memory.record(
             job["server"], rejection.kiss_code, config_id=job.get("config_id", ""),
             rate_backoff_s=job.get("rate_backoff_s", 0.0))
@@ -100,7 +103,11 @@ def query_server(self, *carried, job: dict, history: list | None = None):
                     attempt_no, rejection.reason)
         return _carry(carried, _failed(job, history, rejection.reason, rejection.detail,
                                        kiss_code=rejection.kiss_code, worker=self.request.hostname))
-    history.append({"attempt": attempt_no, "started_at": started_at, "reason": None})
+    entry = {"attempt": attempt_no, "started_at": started_at, "reason": None}
+    refusals = sample.pop("refusals", None)
+    if refusals:  # advanced mode: samples of this burst refused before one was kept
+        entry["refusals"] = refusals
+    history.append(entry)
     return _carry(carried, {"summary": summarise_ok(sample, attempt_no), "status": "ok", "server": job["server"],
                             "sample": sample, "attempts": attempt_no, "history": history,
                             "worker": self.request.hostname})
