@@ -31,7 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from orchestrator.demo import RedisProcess, stop_process  # noqa: E402
+from simulator.local import RedisProcess, stop_process  # noqa: E402
 from simulator.server import Behaviour, NtpSimulator  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 
@@ -57,7 +57,7 @@ def main() -> None:
                                           "max_acceptable_uncertainty": 0.5, "max_retries": 1}},
             "ntp_service": {"key_prefix": "bench", "history_length": 100}}))
         config = config_mod.load(path)
-        from orchestrator.cli import worker_argv, workers_for_queue
+        from workers.app import worker_argv, workers_for_queue
         from workers import heartbeat
         from workers.app import app, configure, queue_for
 

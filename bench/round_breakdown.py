@@ -28,7 +28,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from orchestrator.demo import RedisProcess, stop_process  # noqa: E402
+from simulator.local import RedisProcess, stop_process  # noqa: E402
 from simulator.server import Behaviour, NtpSimulator  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 
@@ -50,7 +50,7 @@ def main() -> None:
             "ntp_service": {"key_prefix": "breakdown"}}))
         config = config_mod.load(path)
         from orchestrator import rounds
-        from orchestrator.cli import worker_argv, workers_for_queue
+        from workers.app import worker_argv, workers_for_queue
         from workers.app import app, configure
 
         configure(app, config.service)

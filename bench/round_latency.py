@@ -42,7 +42,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from orchestrator.demo import RedisProcess  # noqa: E402
+from simulator.local import RedisProcess  # noqa: E402
 from simulator.server import Behaviour, NtpSimulator  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 
@@ -157,7 +157,7 @@ def run_set(tmp: Path, redis_url: str, delays, args):
                                       "max_acceptable_uncertainty": 0.5, "max_retries": 1}},
         "ntp_service": {"key_prefix": "bench", "history_length": 100}}))
     config = config_mod.load(path)
-    from orchestrator.cli import worker_argv, workers_for_queue
+    from workers.app import worker_argv, workers_for_queue
     from workers.app import app, configure
 
     configure(app, config.service)

@@ -18,6 +18,8 @@ import redis
 
 from workers import config as config_mod
 
+from . import display
+
 EXIT_OK, EXIT_STARVATION, EXIT_USAGE, EXIT_NO_WORKER, EXIT_NO_BROKER = 0, 1, 2, 3, 4
 
 
@@ -140,25 +142,6 @@ def _check_broker(config: config_mod.Config) -> None:
         client.close()
 
 
-def workers_for_queue(queue: str, *, timeout_s: float = 1.0) -> list[str]:
-    """Names of the live workers consuming ``queue``.
-
-    Their heartbeats first (one Redis round trip, :mod:`workers.heartbeat`);
-    only when none is there, the broadcast that waits out ``timeout_s``, for
-    a worker that does not beat (another version, another Celery app).
-    """
-    from workers import heartbeat
-    from workers.app import app
-
-    from .store import client_for
-
-    alive = heartbeat.live_workers(client_for(app.conf.chronotick_redis_url), queue)
-    if alive:
-        return alive
-    replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
-    return sorted(name for name, queues in replies.items() if any(q.get("name") == queue for q in queues))
-
-
 # -- commands -----------------------------------------------------------------
 
 def _warn(config: config_mod.Config) -> None:
@@ -195,7 +178,7 @@ def cmd_check_config(args) -> int:
 def cmd_measure(args) -> int:
     config = _load(args)
     node = _node(args)
-    from workers.app import queue_for
+    from workers.app import queue_for, workers_for_queue
 
     from . import rounds
 
@@ -217,7 +200,7 @@ def cmd_measure(args) -> int:
     if args.json:
         print(json.dumps(record, indent=2, sort_keys=True))
     else:
-        print(format_round(record))
+        print(display.format_round(record))
     return EXIT_OK if record["latest"] is not None else EXIT_STARVATION
 
 
@@ -237,7 +220,7 @@ def cmd_latest(args) -> int:
         if args.json:
             print(json.dumps(latest, sort_keys=True), flush=True)
         else:
-            print(format_latest(latest, now=time.time()))
+            print(display.format_latest(latest, now=time.time()))
             stats = store.stats(node)
             print("stats: " + ", ".join(f"{k} {stats[k]}" for k in ("rounds", "strict", "relaxed", "starvation",
                                                                      "queries", "retries", "rejected")), flush=True)
@@ -256,20 +239,11 @@ def _follow(config: config_mod.Config, node: str, *, as_json: bool) -> int:
     with NtpReader(config.service.redis_url, prefix=config.service.key_prefix) as reader:
         try:
             for m in reader.updates(node):
-                print(json.dumps(m.raw, sort_keys=True) if as_json else format_latest(m.raw, now=time.time()),
+                print(json.dumps(m.raw, sort_keys=True) if as_json else display.format_latest(m.raw, now=time.time()),
                       flush=True)
         except ServiceUnavailable as exc:
             raise CliError(str(exc), EXIT_NO_BROKER) from None
     return EXIT_OK
-
-
-def format_latest(latest: dict, *, now: float) -> str:
-    """One line for a ``latest`` value: offset, bound, source, age."""
-    age = now - latest["measured_at"]
-    return (f"node {latest['node']}: offset {latest['offset'] * 1e3:+.3f} ms "
-            f"± {latest['uncertainty'] * 1e3:.3f} ms ({latest['quality']}), from {latest['server']} "
-            f"(stratum {latest['stratum']}, delay {latest['delay'] * 1e3:.3f} ms), "
-            f"{latest['servers_used']}/{latest['servers_total']} servers, measured {age:.1f} s ago")
 
 
 def _nodes_to_report(args, config: config_mod.Config, store) -> list[str]:
@@ -298,40 +272,8 @@ def cmd_status(args) -> int:
         print(json.dumps({"ok": ok, "hours": args.hours, "generated_at": now, "nodes": nodes}, indent=2,
                          sort_keys=True))
     else:
-        print(format_status(nodes, hours=args.hours, color=sys.stdout.isatty()))
+        print(display.format_status(nodes, hours=args.hours, color=sys.stdout.isatty()))
     return EXIT_OK if ok else EXIT_STARVATION
-
-
-def format_status(nodes: dict[str, dict], *, hours: float, color: bool = False) -> str:
-    """The ``status`` table: every target of every node, a miss marked so the eye finds it."""
-    from .report import TARGETS
-
-    def mark(ok: bool) -> str:
-        text = "ok" if ok else "MISS"
-        return text if not color else (f"\033[32m{text}\033[0m" if ok else f"\033[1;31m{text}\033[0m")
-
-    def show(value, unit: str) -> str:
-        if value is None:
-            return "-"
-        if unit == "s":
-            return f"{value * 1e3:.0f} ms"
-        if unit == "rate":
-            return f"{value * 100:.1f} %"
-        return f"{value:g}"
-
-    lines = []
-    for node, n in nodes.items():
-        age = "never published" if n["latest_age_s"] is None else f"latest {n['latest_age_s']:.0f} s old"
-        lines.append(f"{node}: {mark(n['ok'])}  {n['rounds']} rounds in {hours:g} h; {age} "
-                     f"(stale after {n['stale_after_s']:g} s){'  STALE' if n['stale'] else ''}")
-        lines.append(f"  {'target':<28} {'value':>10} {'limit':>10}")
-        for target in TARGETS:
-            t = n["targets"][target.name]
-            lines.append(f"  {target.doc:<28} {show(t['value'], target.unit):>10} "
-                         f"{'<= ' + show(t['limit'], target.unit):>10}  {mark(t['ok'])}")
-    held = sum(n["ok"] for n in nodes.values())
-    lines.append(f"{held} of {len(nodes)} node(s) meet every target")
-    return "\n".join(lines)
 
 
 def cmd_exporter(args) -> int:
@@ -386,27 +328,6 @@ def cmd_plot(args) -> int:
     return EXIT_OK
 
 
-def worker_argv(config: config_mod.Config, node: str, *, concurrency: int | None = None,
-                events: bool = False, loglevel: str = "INFO") -> list[str]:
-    """The ``celery worker`` arguments for ``node`` (also shown in the README).
-
-    Threads, one per server: each query sleeps in ``recvmsg`` for most of its
-    life, so threads cost little (a prefork child is ~50 MB) and a round's
-    queries all start at once; two more serve the callback and retries.
-    """
-    from workers.app import queue_for
-
-    ntp = config.ntp
-    default = (ntp.max_workers or len(ntp.servers)) + 2
-    concurrency = concurrency or config.service.worker_concurrency or default
-    argv = ["worker", "--queues", queue_for(node), "--hostname", f"{node}@%h",
-            "--pool", "threads", "--concurrency", str(concurrency), "--loglevel", loglevel,
-            "--without-gossip", "--without-mingle"]
-    if events:
-        argv.append("--task-events")
-    return argv
-
-
 def cmd_worker(args) -> int:
     config = _load(args)
     node = _node(args)
@@ -419,7 +340,7 @@ def cmd_worker(args) -> int:
               file=sys.stderr, flush=True)
     os.environ[config_mod.ENV_CONFIG] = os.path.abspath(args.config)
     os.environ[config_mod.ENV_NODE] = node
-    from workers.app import app
+    from workers.app import app, worker_argv
 
     loglevel = args.loglevel if args.loglevel.upper() != "WARNING" else "INFO"
     app.worker_main(worker_argv(config, node, concurrency=args.concurrency, events=args.events,
@@ -509,47 +430,13 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from simulator.demo import DemoError, run_demo  # development tooling: only when asked for
 
-    return run_demo(args.config, rounds=args.rounds, plot=args.plot)
-
-
-def format_round(record: dict) -> str:
-    """A readable table of every server's outcome and the chosen measurement."""
-    lines = [f"round {record['round_id']}  quality {record['quality']}  "
-             f"{record['servers_used']}/{record['servers_total']} servers passed  "
-             f"{record['duration_s'] * 1e3:.0f} ms",
-             f"  {'server':<28} {'status':<11} {'tries':>5} {'offset ms':>11} {'delay ms':>9} "
-             f"{'uncert ms':>9} {'str':>3}  reason"]
-    for s in record["servers"]:
-        sample = s.get("sample") or {}
-        num = (lambda key, scale=1e3, fmt="{:+.3f}": fmt.format(sample[key] * scale) if key in sample else "-")
-        reason = s.get("reason") or ""
-        if s.get("detail") and reason:
-            reason = f"{reason} ({s['detail']})"
-        lines.append(f"  {s['server']:<28} {s['status']:<11} {s['attempts']:>5} {num('offset_s'):>11} "
-                     f"{num('delay_s', fmt='{:.3f}'):>9} {num('uncertainty_s', fmt='{:.3f}'):>9} "
-                     f"{sample.get('stratum', '-'):>3}  {reason}")
-    agreement = record.get("agreement")
-    if agreement and agreement["majority"]:
-        low, high = agreement["interval"]
-        lines.append(f"agreement: {agreement['depth']} of {agreement['votes']} votes on "
-                     f"{low * 1e3:+.3f}..{high * 1e3:+.3f} ms"
-                     + (f"; falsetickers: {', '.join(agreement['falsetickers'])}" if agreement["falsetickers"] else ""))
-    elif agreement:
-        lines.append(f"agreement: none -- no majority of {agreement['votes']} votes agrees; nothing published")
-    latest = record.get("latest")
-    if latest:
-        combined = f", combining {len(latest['combined'])} servers" if latest.get("combined") else ""
-        lines.append(f"chosen: {latest['server']}  offset {latest['offset'] * 1e3:+.3f} ms "
-                     f"± {latest['uncertainty'] * 1e3:.3f} ms  ({latest['quality']}{combined})")
-    elif record["quality"] == "outlier":
-        filt = record["filter"]
-        lines.append(f"chosen: nothing -- {record['candidate']['server']} was {filt['z']:.1f} sigma from the "
-                     f"recent results (temporal filter); the previous latest stays")
-    else:
-        lines.append("chosen: nothing -- starvation; the previous latest (if any) stays, with its age")
-    return "\n".join(lines)
+    try:
+        published = run_demo(args.config, rounds_to_run=args.rounds, plot=args.plot)
+    except DemoError as exc:
+        raise CliError(str(exc), EXIT_USAGE if exc.missing_tool else EXIT_NO_WORKER) from None
+    return EXIT_OK if published else EXIT_STARVATION
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import pytest
 import redis
 import yaml
 
-from orchestrator.demo import RedisProcess, stop_process
+from simulator.local import RedisProcess, stop_process
 from simulator.server import Behaviour, NtpSimulator, free_udp_ports
 from workers import config as config_mod
 
@@ -95,24 +95,24 @@ def _point_app_at_test_redis(request):
 
 
 def start_worker(redis_url: str, node: str, log_path: Path, *, concurrency: int = 16) -> subprocess.Popen:
-    """A real ``celery worker`` subprocess serving ``node``'s queue."""
+    """A real ``celery worker`` subprocess serving ``node``'s queue, started as the README and benches start one."""
+    from workers.app import queue_for, worker_argv, workers_for_queue
+
     env = {**os.environ, config_mod.ENV_REDIS_URL: redis_url, "PYTHONPATH": str(REPO)}
     env.pop(config_mod.ENV_CONFIG, None)
+    config = config_mod.from_mapping({"clock_measurement": {"ntp": {"servers": ["127.0.0.1"]}}}, environ=env)
     log = open(log_path, "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--queues", f"ntp.{node}",
-         "--hostname", f"{node}@%h", "--pool", "threads", "--concurrency", str(concurrency),
-         "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app",
+                             *worker_argv(config, node, concurrency=concurrency, loglevel="INFO")],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
     log.close()
-    from orchestrator.cli import workers_for_queue
 
     def ready():
         if proc.poll() is not None:
             pytest.fail(f"worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        return workers_for_queue(f"ntp.{node}", timeout_s=0.5)
+        return workers_for_queue(queue_for(node), timeout_s=0.5)
 
-    wait_for(ready, what=f"a worker on ntp.{node}")
+    wait_for(ready, what=f"a worker on {queue_for(node)}")
     return proc
 
 

@@ -16,7 +16,7 @@ import pytest
 import redis
 import yaml
 
-from orchestrator.demo import RedisProcess, stop_process
+from simulator.local import RedisProcess, stop_process
 from orchestrator.store import Store
 from simulator.server import Behaviour
 from workers import config as config_mod

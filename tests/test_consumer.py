@@ -9,7 +9,7 @@ import pytest
 
 from orchestrator import rounds
 from orchestrator.consumer import ClockMeasurementSource, NtpReader, ServiceUnavailable
-from orchestrator.demo import RedisProcess, free_tcp_port
+from simulator.local import RedisProcess, free_tcp_port
 from simulator.server import Behaviour
 from workers import config as config_mod
 

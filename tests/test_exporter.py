@@ -12,7 +12,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import rounds
-from orchestrator.demo import RedisProcess, free_tcp_port, stop_process
+from simulator.local import RedisProcess, free_tcp_port, stop_process
 from orchestrator.exporter import NtpCollector, registry_for
 from orchestrator.store import ROUND_DURATION_BUCKETS_S, Store
 from simulator.server import Behaviour

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import cli, rounds
-from orchestrator.demo import free_tcp_port, stop_process
+from simulator.local import free_tcp_port, stop_process
 from simulator.server import Behaviour
 from workers import config as config_mod
 

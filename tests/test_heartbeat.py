@@ -5,8 +5,8 @@ import signal
 import pytest
 import redis
 
-from orchestrator.cli import workers_for_queue
-from orchestrator.demo import stop_process
+from workers.app import workers_for_queue
+from simulator.local import stop_process
 from workers import heartbeat
 from workers.app import queue_for
 

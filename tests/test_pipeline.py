@@ -9,6 +9,7 @@ import pytest
 from orchestrator import cli, rounds, selection
 from orchestrator.store import Store
 from simulator.server import Behaviour
+import workers.app
 from workers import config as config_mod
 
 from .conftest import TEST_NODE, write_config
@@ -206,7 +207,7 @@ def test_a_round_nobody_runs_is_closed_at_its_deadline(redis_url, tmp_path, key_
     stuck = rounds.RoundHandle(round_id=meta["round_id"], node="nobody-runs-this",
                                deadline_at=meta["deadline_at"], result=canvas.apply_async(), meta=meta)
     monkeypatch.setattr(rounds, "dispatch", lambda config, node: stuck)
-    monkeypatch.setattr(cli, "workers_for_queue", lambda queue, timeout_s=1.0: ["someone"])
+    monkeypatch.setattr(workers.app, "workers_for_queue", lambda queue, timeout_s=1.0: ["someone"])
     code = cli.main(["measure", "--config", str(path), "--node", "nobody-runs-this", "--json"])
     captured = capsys.readouterr()
     assert code == cli.EXIT_STARVATION  # closed, not hanging, not a traceback

@@ -7,7 +7,7 @@ import pytest
 from kombu import Connection
 
 from orchestrator import cli
-from orchestrator.demo import stop_process
+from simulator.local import stop_process
 from workers import config as config_mod
 
 from .conftest import REPO, wait_for, write_config

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from orchestrator import cli, rounds
-from orchestrator.demo import free_tcp_port
+from simulator.local import free_tcp_port
 from simulator.server import Behaviour
 from workers import config as config_mod
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import redis
 from celery import Celery
 
 from . import config as config_mod
@@ -33,6 +34,43 @@ VISIBILITY_TIMEOUT_S = 3600
 def queue_for(node: str) -> str:
     """The queue whose worker measures ``node``."""
     return QUEUE_PREFIX + node
+
+
+def workers_for_queue(queue: str, *, timeout_s: float = 1.0) -> list[str]:
+    """Names of the live workers consuming ``queue``.
+
+    Their heartbeats first (one Redis round trip, :mod:`workers.heartbeat`);
+    only when none is there, the broadcast that waits out ``timeout_s``, for
+    a worker that does not beat (another version, another Celery app).
+    """
+    client = redis.Redis.from_url(app.conf.chronotick_redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        alive = heartbeat.live_workers(client, queue)
+    finally:
+        client.close()
+    if alive:
+        return alive
+    replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
+    return sorted(name for name, queues in replies.items() if any(q.get("name") == queue for q in queues))
+
+
+def worker_argv(config: config_mod.Config, node: str, *, concurrency: int | None = None,
+                events: bool = False, loglevel: str = "INFO") -> list[str]:
+    """The ``celery worker`` arguments for ``node`` (also shown in the README).
+
+    Threads, one per server: each query sleeps in ``recvmsg`` for most of its
+    life, so threads cost little (a prefork child is ~50 MB) and a round's
+    queries all start at once; two more serve the callback and retries.
+    """
+    ntp = config.ntp
+    default = (ntp.max_workers or len(ntp.servers)) + 2
+    concurrency = concurrency or config.service.worker_concurrency or default
+    argv = ["worker", "--queues", queue_for(node), "--hostname", f"{node}@%h",
+            "--pool", "threads", "--concurrency", str(concurrency), "--loglevel", loglevel,
+            "--without-gossip", "--without-mingle"]
+    if events:
+        argv.append("--task-events")
+    return argv
 
 
 def create_app(service: config_mod.ServiceSettings | None = None) -> Celery:

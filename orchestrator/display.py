@@ -1,0 +1,85 @@
+"""What a person reads: a round, a ``latest``, a ``status`` report, as text.
+
+Shared by the command line and the demo, so both print the same tables.
+"""
+
+from __future__ import annotations
+
+from .report import TARGETS
+
+
+def format_round(record: dict) -> str:
+    """A readable table of every server's outcome and the chosen measurement."""
+    lines = [f"round {record['round_id']}  quality {record['quality']}  "
+             f"{record['servers_used']}/{record['servers_total']} servers passed  "
+             f"{record['duration_s'] * 1e3:.0f} ms",
+             f"  {'server':<28} {'status':<11} {'tries':>5} {'offset ms':>11} {'delay ms':>9} "
+             f"{'uncert ms':>9} {'str':>3}  reason"]
+    for s in record["servers"]:
+        sample = s.get("sample") or {}
+        num = (lambda key, scale=1e3, fmt="{:+.3f}": fmt.format(sample[key] * scale) if key in sample else "-")
+        reason = s.get("reason") or ""
+        if s.get("detail") and reason:
+            reason = f"{reason} ({s['detail']})"
+        lines.append(f"  {s['server']:<28} {s['status']:<11} {s['attempts']:>5} {num('offset_s'):>11} "
+                     f"{num('delay_s', fmt='{:.3f}'):>9} {num('uncertainty_s', fmt='{:.3f}'):>9} "
+                     f"{sample.get('stratum', '-'):>3}  {reason}")
+    agreement = record.get("agreement")
+    if agreement and agreement["majority"]:
+        low, high = agreement["interval"]
+        lines.append(f"agreement: {agreement['depth']} of {agreement['votes']} votes on "
+                     f"{low * 1e3:+.3f}..{high * 1e3:+.3f} ms"
+                     + (f"; falsetickers: {', '.join(agreement['falsetickers'])}" if agreement["falsetickers"] else ""))
+    elif agreement:
+        lines.append(f"agreement: none -- no majority of {agreement['votes']} votes agrees; nothing published")
+    latest = record.get("latest")
+    if latest:
+        combined = f", combining {len(latest['combined'])} servers" if latest.get("combined") else ""
+        lines.append(f"chosen: {latest['server']}  offset {latest['offset'] * 1e3:+.3f} ms "
+                     f"± {latest['uncertainty'] * 1e3:.3f} ms  ({latest['quality']}{combined})")
+    elif record["quality"] == "outlier":
+        filt = record["filter"]
+        lines.append(f"chosen: nothing -- {record['candidate']['server']} was {filt['z']:.1f} sigma from the "
+                     f"recent results (temporal filter); the previous latest stays")
+    else:
+        lines.append("chosen: nothing -- starvation; the previous latest (if any) stays, with its age")
+    return "\n".join(lines)
+
+
+def format_latest(latest: dict, *, now: float) -> str:
+    """One line for a ``latest`` value: offset, bound, source, age."""
+    age = now - latest["measured_at"]
+    return (f"node {latest['node']}: offset {latest['offset'] * 1e3:+.3f} ms "
+            f"± {latest['uncertainty'] * 1e3:.3f} ms ({latest['quality']}), from {latest['server']} "
+            f"(stratum {latest['stratum']}, delay {latest['delay'] * 1e3:.3f} ms), "
+            f"{latest['servers_used']}/{latest['servers_total']} servers, measured {age:.1f} s ago")
+
+
+def format_status(nodes: dict[str, dict], *, hours: float, color: bool = False) -> str:
+    """The ``status`` table: every target of every node, a miss marked so the eye finds it."""
+    def mark(ok: bool) -> str:
+        text = "ok" if ok else "MISS"
+        return text if not color else (f"\033[32m{text}\033[0m" if ok else f"\033[1;31m{text}\033[0m")
+
+    def show(value, unit: str) -> str:
+        if value is None:
+            return "-"
+        if unit == "s":
+            return f"{value * 1e3:.0f} ms"
+        if unit == "rate":
+            return f"{value * 100:.1f} %"
+        return f"{value:g}"
+
+    lines = []
+    for node, n in nodes.items():
+        age = "never published" if n["latest_age_s"] is None else f"latest {n['latest_age_s']:.0f} s old"
+        lines.append(f"{node}: {mark(n['ok'])}  {n['rounds']} rounds in {hours:g} h; {age} "
+                     f"(stale after {n['stale_after_s']:g} s){'  STALE' if n['stale'] else ''}")
+        lines.append(f"  {'target':<28} {'value':>10} {'limit':>10}")
+        for target in TARGETS:
+            t = n["targets"][target.name]
+            lines.append(f"  {target.doc:<28} {show(t['value'], target.unit):>10} "
+                         f"{'<= ' + show(t['limit'], target.unit):>10}  {mark(t['ok'])}")
+    held = sum(n["ok"] for n in nodes.values())
+    lines.append(f"{held} of {len(nodes)} node(s) meet every target")
+    return "\n".join(lines)

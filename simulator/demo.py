@@ -1,0 +1,94 @@
+"""The offline demo: everything on this machine, nothing from the Internet.
+
+Starts a private ``redis-server`` on a free loopback port (never touching a
+Redis someone else runs), the config's simulated NTP servers, and a worker for
+this node; runs a few rounds and prints each one, then what a consumer reads
+and the node's figures against ChronoTick's targets.
+
+Development tooling: it drives the service from outside, as a user would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from orchestrator import display, report, rounds
+from orchestrator.consumer import STALE_INTERVALS
+from orchestrator.store import Store, client_for
+from workers import config as config_mod
+from workers.app import app, configure, queue_for, workers_for_queue
+
+from .local import RedisProcess, stop_process
+from .server import from_config
+
+#: The demo's configuration, relative to the repository.
+DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config_local_demo.yaml"
+
+#: How long to wait for the worker to come up (s).
+STARTUP_TIMEOUT_S = 30.0
+
+
+class DemoError(Exception):
+    """The demo could not run; ``missing_tool`` when something must be installed first."""
+
+    def __init__(self, message: str, *, missing_tool: bool = False):
+        super().__init__(message)
+        self.missing_tool = missing_tool
+
+
+def run_demo(config_path: str | None, *, rounds_to_run: int = 4, plot: str | None = None) -> bool:
+    """Run the demo; True if the last round published a measurement."""
+    path = str(config_path or DEFAULT_DEMO_CONFIG)
+    config = config_mod.load(path)
+    if shutil.which("redis-server") is None:
+        raise DemoError("redis-server is not installed (Debian: apt-get install redis-server)", missing_tool=True)
+    node = config_mod.resolve_node(None)
+    with tempfile.TemporaryDirectory(prefix="chronotick-demo-") as tmp, \
+            RedisProcess(Path(tmp)) as redis_proc, \
+            from_config(config.extra["simulator"], source=path) as sim:
+        env = {**os.environ, config_mod.ENV_REDIS_URL: redis_proc.url, config_mod.ENV_NODE: node}
+        os.environ.update({config_mod.ENV_REDIS_URL: redis_proc.url})
+        config = config_mod.load(path)  # again: the Redis URL is resolved from the environment at load
+        configure(app, config.service)
+        print(f"demo: Redis at {redis_proc.url}; {len(sim.behaviours)} simulated servers; node {node!r}")
+        log = open(Path(tmp) / "worker.log", "w")
+        worker = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker", "--config", path,
+                                   "--node", node], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while not workers_for_queue(queue_for(node), timeout_s=0.5):
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    print((Path(tmp) / "worker.log").read_text(), file=sys.stderr)
+                    raise DemoError("the demo worker did not start")
+            record = None
+            for i in range(rounds_to_run):
+                handle = rounds.dispatch(config, node)
+                record = handle.wait()
+                print(f"\n--- round {i + 1} of {rounds_to_run} ---")
+                print(display.format_round(record) if record else f"round {handle.round_id} did not finish")
+            store = Store(client_for(config.service.redis_url), prefix=config.service.key_prefix)
+            print("\n--- what ChronoTick reads from Redis (chronotick-ntp latest) ---")
+            latest = store.latest(node)
+            print(display.format_latest(latest, now=time.time()) if latest else "nothing published")
+            print("\n--- chronotick-ntp status: ChronoTick's targets (the demo's servers are faulty on purpose) ---")
+            now = time.time()
+            records = store.history_since(node, now - 3600)
+            figures = report.node_report(records, latest, now=now,
+                                         stale_after_s=STALE_INTERVALS * config.timing.normal_interval_s)
+            print(display.format_status({node: figures}, hours=1, color=sys.stdout.isatty()))
+            if plot:
+                from orchestrator.plot import plot_node
+
+                plot_node(records, node=node, output=plot, hours=1)
+                print(f"\n{plot}: {len(records)} rounds of {node}")
+            return bool(record and record["latest"])
+        finally:
+            stop_process(worker)
+            log.close()
