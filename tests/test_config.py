@@ -184,3 +184,31 @@ def test_fast_polling_of_public_servers_warns_but_loads(capsys):
                                           ("172.20.1.1", False), ("::1", False), ("ntp.lab.local", False)])
 def test_what_counts_as_a_public_server(host, public):
     assert config_mod.is_public(host) is public
+
+
+def test_the_readme_tables_are_the_option_declarations():
+    """Each option is declared once; the README's tables must be exactly what the declarations say."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for settings in (config_mod.NtpSettings, config_mod.TimingSettings, config_mod.ServiceSettings):
+        assert config_mod.options_table(settings) in readme, f"README table of {settings.__name__} is stale"
+    assert len(config_mod.options_of(config_mod.NtpSettings)) == 19
+
+
+def test_a_negative_warm_up_duration_is_refused_with_the_right_words(tmp_path):
+    document = {"clock_measurement": {"ntp": {"servers": ["127.0.0.1"]},
+                                      "timing": {"warm_up": {"duration_seconds": -1}}}}
+    with pytest.raises(config_mod.ConfigError) as refused:
+        config_mod.from_mapping(document, source="f.yaml")
+    assert str(refused.value) == ("f.yaml: clock_measurement.timing.warm_up.duration_seconds: must be 0 or more "
+                                  "(got -1)")
+    zero = {"clock_measurement": {"ntp": {"servers": ["127.0.0.1"]}, "timing": {"warm_up": {"duration_seconds": 0}}}}
+    assert config_mod.from_mapping(zero).timing.warm_up_duration_s == 0
+
+
+def test_ntp_settings_survive_the_trip_through_a_round():
+    ntp = config_mod.from_mapping({"clock_measurement": {"ntp": {
+        "servers": ["a.example", "b.example:124", "[::1]:125"], "selection": "combine", "max_retries": 2,
+        "server_groups": {"g": ["a.example", "b.example:124"]}}}}).ntp
+    import json
+    again = config_mod.ntp_from_mapping(json.loads(json.dumps(ntp.as_mapping())))
+    assert again == ntp

@@ -18,7 +18,8 @@ import hashlib
 import ipaddress
 import os
 import socket
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit, quote
@@ -64,6 +65,48 @@ class ServerAddress:
         return host if self.port == DEFAULT_NTP_PORT else f"{host}:{self.port}"
 
 
+_NUMBER = (int, float)
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one YAML key is read: its type(s), its check and what it must be, and a line of doc.
+
+    Each settings field declares its option once, with :func:`option`; the
+    parsers, the key tables, the README's configuration tables (a test holds
+    them to it) and the round metadata all come from these declarations.
+    """
+
+    #: Path of the key inside its section (``warm_up.duration_seconds``); default: the field's name.
+    key: str | None
+    types: tuple
+    check: Callable[[Any], bool] | None
+    problem: str
+    doc: str
+
+
+def option(default: Any, *, types: tuple, doc: str, check: Callable[[Any], bool] | None = None,
+           problem: str = "", key: str | None = None, default_factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field that is a configuration option (see :class:`Option`)."""
+    meta = {"option": Option(key, types, check, problem, doc)}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def options_of(settings_class) -> dict[str, tuple[str, Option]]:
+    """``{yaml key: (field name, Option)}`` of a settings dataclass, in declaration order."""
+    return {(f.metadata["option"].key or f.name): (f.name, f.metadata["option"])
+            for f in fields(settings_class) if "option" in f.metadata}
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+_GREATER_THAN_0 = "must be greater than 0"
+
+
 @dataclass(frozen=True)
 class NtpSettings:
     """``clock_measurement.ntp``: what to query and how good a sample must be.
@@ -73,25 +116,60 @@ class NtpSettings:
     ``retry_delay`` is the first wait, doubled after each further failure.
     """
 
-    servers: tuple[ServerAddress, ...]
-    timeout_seconds: float = 2.0
-    max_acceptable_uncertainty: float = 0.010
-    min_stratum: int = 1
-    max_stratum: int = 15
-    max_delay: float = 0.100
-    measurement_mode: str = "simple"
-    advanced_samples: int = 3
-    outlier_window_size: int = 20
-    outlier_sigma_threshold: float = 5.0
-    parallel_queries: bool = True
-    max_workers: int | None = None
-    enable_fallback: bool = True
-    max_retries: int = 3
-    retry_delay: float = 5.0
-    selection: str = "best"
-    server_groups: tuple[tuple[str, ...], ...] = ()
-    max_root_delay: float = 1.0
-    max_root_dispersion: float = 1.0
+    servers: tuple[ServerAddress, ...] = option(
+        (), types=(list,), doc="`host`, `host:port`, `[v6]:port`")
+    timeout_seconds: float = option(
+        2.0, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0, doc="per exchange, and per DNS look-up (s)")
+    max_acceptable_uncertainty: float = option(
+        0.010, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0, doc="strict gate (s)")
+    min_stratum: int = option(
+        1, types=(int,), check=lambda v: 1 <= v <= 16, problem="must be between 1 and 16", doc="strict gate")
+    max_stratum: int = option(
+        15, types=(int,), check=lambda v: 1 <= v <= 16, problem="must be between 1 and 16",
+        doc="strict gate, never relaxed (the old client ignored it; stratum 16 is always unsynchronised)")
+    max_delay: float = option(
+        0.100, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0,
+        doc="strict gate (s; the old client ignored it)")
+    measurement_mode: str = option(
+        "simple", types=(str,), check=lambda v: v in ("simple", "advanced"),
+        problem="must be 'simple' or 'advanced'", doc="`advanced`: a burst of `advanced_samples`, minimum delay kept")
+    advanced_samples: int = option(
+        3, types=(int,), check=lambda v: 1 <= v <= 8, problem="must be between 1 and 8",
+        doc="samples per attempt in advanced mode (new key)")
+    outlier_window_size: int = option(
+        20, types=(int,), check=lambda v: v >= 1, problem="must be at least 1",
+        doc="the temporal filter's window (results)")
+    outlier_sigma_threshold: float = option(
+        5.0, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0,
+        doc="the temporal filter's threshold (ChronoTick's homelab 10000 effectively disables it)")
+    parallel_queries: bool = option(True, types=(bool,), doc="false: one server after another")
+    max_workers: int | None = option(
+        None, types=(int, type(None)), check=lambda v: v is None or v >= 1, problem="must be at least 1 (or null)",
+        doc="the worker's thread count (+2); default: one per server")
+    enable_fallback: bool = option(True, types=(bool,), doc="the relaxed gate at 2x")
+    max_retries: int = option(
+        3, types=(int,), check=lambda v: 0 <= v <= 10, problem="must be between 0 and 10",
+        doc="attempts in total per server")
+    retry_delay: float = option(
+        5.0, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0, doc="first wait; then doubled (s)")
+    selection: str = option(
+        "best", types=(str,), check=lambda v: v in ("best", "combine"), problem="must be 'best' or 'combine'",
+        doc="`best` or `combine` (new key)")
+    server_groups: tuple[tuple[str, ...], ...] = option(
+        (), types=(dict,), doc="`{name: [server, ...]}`: correlated servers, one vote (new key)")
+    max_root_delay: float = option(
+        1.0, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0,
+        doc="sanity limit on the server's root delay (s, new key)")
+    max_root_dispersion: float = option(
+        1.0, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0,
+        doc="sanity limit on the server's root dispersion (s, new key)")
+
+    def as_mapping(self) -> dict:
+        """These settings as the YAML section they come from (plain JSON: what a round carries)."""
+        values = {key: getattr(self, name) for key, (name, _) in options_of(NtpSettings).items()}
+        values["servers"] = [s.name for s in self.servers]
+        values["server_groups"] = {f"group{i}": list(g) for i, g in enumerate(self.server_groups)}
+        return values
 
     @property
     def config_id(self) -> str:
@@ -112,9 +190,15 @@ class NtpSettings:
 class TimingSettings:
     """``clock_measurement.timing``: how often rounds run (seconds)."""
 
-    warm_up_duration_s: float = 60.0
-    warm_up_interval_s: float = 1.0
-    normal_interval_s: float = 120.0
+    warm_up_duration_s: float = option(
+        60.0, key="warm_up.duration_seconds", types=_NUMBER, check=lambda v: v >= 0, problem="must be 0 or more",
+        doc="how long rounds run at the warm-up interval (s)")
+    warm_up_interval_s: float = option(
+        1.0, key="warm_up.measurement_interval", types=_NUMBER, check=_positive, problem=_GREATER_THAN_0,
+        doc="interval between rounds during the warm-up (s)")
+    normal_interval_s: float = option(
+        120.0, key="normal_operation.measurement_interval", types=_NUMBER, check=_positive,
+        problem=_GREATER_THAN_0, doc="interval between rounds afterwards (s)")
 
     def interval_at(self, elapsed_s: float) -> float:
         """The interval in force ``elapsed_s`` after the schedule started."""
@@ -129,12 +213,22 @@ class ServiceSettings:
     a password: never log it; use :attr:`redis_url_redacted`.
     """
 
-    redis_url: str = DEFAULT_REDIS_URL
-    key_prefix: str = "chronotick"
-    nodes: tuple[str, ...] = ()
-    history_length: int = 10_000
-    worker_concurrency: int | None = None
-    beat_lease_seconds: float = 10.0
+    redis_url: str = option(
+        DEFAULT_REDIS_URL, types=(str,),
+        doc="no password allowed here; `CHRONOTICK_REDIS_URL` overrides, `CHRONOTICK_REDIS_PASSWORD` is added")
+    key_prefix: str = option(
+        "chronotick", types=(str,), check=lambda v: bool(v) and not any(c.isspace() for c in v),
+        problem="must be a non-empty word without spaces", doc="first part of every key")
+    nodes: tuple[str, ...] = option((), types=(list,), doc="the nodes `beat` runs rounds for")
+    history_length: int = option(
+        10_000, types=(int,), check=lambda v: v >= 1, problem="must be at least 1",
+        doc="round records kept per node")
+    worker_concurrency: int | None = option(
+        None, types=(int, type(None)), check=lambda v: v is None or v >= 1, problem="must be at least 1 (or null)",
+        doc="a worker's threads; default: one per server, plus two")
+    beat_lease_seconds: float = option(
+        10.0, types=_NUMBER, check=lambda v: v >= 1, problem="must be at least 1",
+        doc="how long a beat's lease lasts; a standby takes over after it (s)")
 
     @property
     def redis_url_redacted(self) -> str:
@@ -179,47 +273,6 @@ def is_public(host: str) -> bool:
         return ipaddress.ip_address(host).is_global
     except ValueError:
         return not (host == "localhost" or host.endswith((".local", ".lan", ".internal", ".localhost")))
-
-
-# -- schema -----------------------------------------------------------------
-
-_NUMBER = (int, float)
-
-# key -> (types, check, problem) ; check(value) True means fine.
-_NTP_KEYS: dict[str, tuple[tuple, Any, str]] = {
-    "servers": ((list,), None, ""),
-    "timeout_seconds": (_NUMBER, lambda v: v > 0, "must be greater than 0"),
-    "max_acceptable_uncertainty": (_NUMBER, lambda v: v > 0, "must be greater than 0"),
-    "min_stratum": ((int,), lambda v: 1 <= v <= 16, "must be between 1 and 16"),
-    "max_stratum": ((int,), lambda v: 1 <= v <= 16, "must be between 1 and 16"),
-    "max_delay": (_NUMBER, lambda v: v > 0, "must be greater than 0"),
-    "measurement_mode": ((str,), lambda v: v in ("simple", "advanced"), "must be 'simple' or 'advanced'"),
-    "advanced_samples": ((int,), lambda v: 1 <= v <= 8, "must be between 1 and 8"),
-    "outlier_window_size": ((int,), lambda v: v >= 1, "must be at least 1"),
-    "outlier_sigma_threshold": (_NUMBER, lambda v: v > 0, "must be greater than 0"),
-    "parallel_queries": ((bool,), None, ""),
-    "max_workers": ((int, type(None)), lambda v: v is None or v >= 1, "must be at least 1 (or null)"),
-    "enable_fallback": ((bool,), None, ""),
-    "max_retries": ((int,), lambda v: 0 <= v <= 10, "must be between 0 and 10"),
-    "retry_delay": (_NUMBER, lambda v: v > 0, "must be greater than 0"),
-    "selection": ((str,), lambda v: v in ("best", "combine"), "must be 'best' or 'combine'"),
-    "server_groups": ((dict,), None, ""),
-    "max_root_delay": (_NUMBER, lambda v: v > 0, "must be greater than 0"),
-    "max_root_dispersion": (_NUMBER, lambda v: v > 0, "must be greater than 0"),
-}
-_TIMING_KEYS = {
-    "warm_up": {"duration_seconds": lambda v: v >= 0, "measurement_interval": lambda v: v > 0},
-    "normal_operation": {"measurement_interval": lambda v: v > 0},
-}
-_SERVICE_KEYS: dict[str, tuple[tuple, Any, str]] = {
-    "redis_url": ((str,), None, ""),
-    "key_prefix": ((str,), lambda v: bool(v) and not any(c.isspace() for c in v),
-                   "must be a non-empty word without spaces"),
-    "nodes": ((list,), None, ""),
-    "history_length": ((int,), lambda v: v >= 1, "must be at least 1"),
-    "worker_concurrency": ((int, type(None)), lambda v: v is None or v >= 1, "must be at least 1 (or null)"),
-    "beat_lease_seconds": (_NUMBER, lambda v: v >= 1, "must be at least 1"),
-}
 
 
 def load(path: str | os.PathLike, *, environ: dict[str, str] | None = None) -> Config:
@@ -276,28 +329,46 @@ def _section(parent: dict, name: str, source: str, *, prefix: str = "", required
     return value
 
 
-def _check_keys(raw: dict, schema: dict, source: str, prefix: str) -> dict:
+def _check_keys(raw: dict, settings_class, source: str, prefix: str) -> dict:
+    """``{field name: value}`` for the keys of a flat section, each checked against its option."""
+    schema = options_of(settings_class)
     unknown = sorted(set(raw) - set(schema))
     if unknown:
         raise ConfigError(source, prefix + str(unknown[0]),
                           f"unknown key (known: {', '.join(sorted(schema))})")
-    values = {}
-    for key, value in raw.items():
-        types, check, problem = schema[key]
-        if isinstance(value, bool) and bool not in types:
-            # YAML's true/false are ints to Python; never accept them as numbers.
-            raise ConfigError(source, prefix + key, f"must be {_types_text(types)}, not a boolean")
-        if not isinstance(value, types):
-            raise ConfigError(source, prefix + key, f"must be {_types_text(types)}, not {_type_name(value)}")
-        if check is not None and not check(value):
-            raise ConfigError(source, prefix + key, f"{problem} (got {value!r})")
-        values[key] = float(value) if types == _NUMBER else value
-    return values
+    return {schema[key][0]: _checked(value, schema[key][1], source, prefix + key) for key, value in raw.items()}
+
+
+def _checked(value: Any, opt: Option, source: str, key: str) -> Any:
+    if isinstance(value, bool) and bool not in opt.types:
+        # YAML's true/false are ints to Python; never accept them as numbers.
+        raise ConfigError(source, key, f"must be {_types_text(opt.types)}, not a boolean")
+    if not isinstance(value, opt.types):
+        raise ConfigError(source, key, f"must be {_types_text(opt.types)}, not {_type_name(value)}")
+    if opt.check is not None and not opt.check(value):
+        raise ConfigError(source, key, f"{opt.problem} (got {value!r})")
+    return float(value) if opt.types == _NUMBER else value
+
+
+def ntp_from_mapping(raw: dict, *, source: str = "<settings>") -> NtpSettings:
+    """Validate a ``clock_measurement.ntp`` mapping (the inverse of :meth:`NtpSettings.as_mapping`)."""
+    return _parse_ntp(raw, source)
+
+
+def options_table(settings_class, *, prefix: str = "") -> str:
+    """The README's table of a section's options, from their declarations."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, (name, opt) in options_of(settings_class).items():
+        default = next(f for f in fields(settings_class) if f.name == name).default
+        shown = "—" if default in ((), None) or name == "servers" else (
+            "null" if default is None else str(default).lower() if isinstance(default, bool) else f"{default}")
+        rows.append(f"| `{prefix}{key}` | {shown} | {opt.doc} |")
+    return "\n".join(rows)
 
 
 def _parse_ntp(raw: dict, source: str) -> NtpSettings:
     prefix = "clock_measurement.ntp."
-    values = _check_keys(raw, _NTP_KEYS, source, prefix)
+    values = _check_keys(raw, NtpSettings, source, prefix)
     if "servers" not in values:
         raise ConfigError(source, prefix + "servers", "missing (a list of host or host:port)")
     servers = tuple(parse_server(s, source=source, key=f"{prefix}servers[{i}]")
@@ -368,37 +439,32 @@ def parse_server(value: Any, *, source: str = "<config>", key: str = "server") -
 
 
 def _parse_timing(raw: dict, source: str) -> TimingSettings:
+    """``warm_up.*`` and ``normal_operation.*``: two levels, each key checked against its option."""
     prefix = "clock_measurement.timing."
-    unknown = sorted(set(raw) - set(_TIMING_KEYS))
+    schema = options_of(TimingSettings)
+    groups: dict[str, list[str]] = {}
+    for key in schema:
+        group, leaf = key.split(".")
+        groups.setdefault(group, []).append(leaf)
+    unknown = sorted(set(raw) - set(groups))
     if unknown:
-        raise ConfigError(source, prefix + str(unknown[0]), f"unknown key (known: {', '.join(_TIMING_KEYS)})")
-    found: dict[str, float] = {}
-    for group, keys in _TIMING_KEYS.items():
+        raise ConfigError(source, prefix + str(unknown[0]), f"unknown key (known: {', '.join(groups)})")
+    values = {}
+    for group, leaves in groups.items():
         sub = _section(raw, group, source, prefix=prefix)
-        extra = sorted(set(sub) - set(keys))
+        extra = sorted(set(sub) - set(leaves))
         if extra:
-            raise ConfigError(source, f"{prefix}{group}.{extra[0]}", f"unknown key (known: {', '.join(keys)})")
-        for key, check in keys.items():
-            if key not in sub:
-                continue
-            value = sub[key]
-            where = f"{prefix}{group}.{key}"
-            if isinstance(value, bool) or not isinstance(value, _NUMBER):
-                raise ConfigError(source, where, f"must be a number of seconds, not {_type_name(value)}")
-            if not check(value):
-                raise ConfigError(source, where, f"must be greater than 0 (got {value!r})")
-            found[f"{group}.{key}"] = float(value)
-    defaults = TimingSettings()
-    return TimingSettings(
-        warm_up_duration_s=found.get("warm_up.duration_seconds", defaults.warm_up_duration_s),
-        warm_up_interval_s=found.get("warm_up.measurement_interval", defaults.warm_up_interval_s),
-        normal_interval_s=found.get("normal_operation.measurement_interval", defaults.normal_interval_s),
-    )
+            raise ConfigError(source, f"{prefix}{group}.{extra[0]}", f"unknown key (known: {', '.join(leaves)})")
+        for leaf in leaves:
+            if leaf in sub:
+                name, opt = schema[f"{group}.{leaf}"]
+                values[name] = _checked(sub[leaf], opt, source, f"{prefix}{group}.{leaf}")
+    return TimingSettings(**values)
 
 
 def _parse_service(raw: dict, source: str, environ) -> ServiceSettings:
     prefix = "ntp_service."
-    values = _check_keys(raw, _SERVICE_KEYS, source, prefix)
+    values = _check_keys(raw, ServiceSettings, source, prefix)
     file_url = values.pop("redis_url", None)
     if file_url is not None:
         _check_redis_url(file_url, source, prefix + "redis_url")
