@@ -5,6 +5,7 @@ Shared by the command line and the demo, so both print the same tables.
 
 from __future__ import annotations
 
+from .contracts import Quality
 from .report import TARGETS
 
 
@@ -37,7 +38,7 @@ def format_round(record: dict) -> str:
         combined = f", combining {len(latest['combined'])} servers" if latest.get("combined") else ""
         lines.append(f"chosen: {latest['server']}  offset {latest['offset'] * 1e3:+.3f} ms "
                      f"± {latest['uncertainty'] * 1e3:.3f} ms  ({latest['quality']}{combined})")
-    elif record["quality"] == "outlier":
+    elif record["quality"] == Quality.OUTLIER:
         filt = record["filter"]
         lines.append(f"chosen: nothing -- {record['candidate']['server']} was {filt['z']:.1f} sigma from the "
                      f"recent results (temporal filter); the previous latest stays")

@@ -22,6 +22,7 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from .contracts import Quality
 from .store import COUNTERS, ROUND_DURATION_BUCKETS_S, Keys
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ NAMESPACE = "chronotick_ntp"
 DEFAULT_PORT = 9124
 
 #: The round qualities ``rounds_total`` is split by.
-QUALITIES = ("strict", "relaxed", "starvation", "outlier")
+QUALITIES = tuple(Quality)
 
 
 class NtpCollector(Collector):

@@ -22,6 +22,7 @@ import matplotlib.dates as mdates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker as mticker  # noqa: E402
 
+from .contracts import Quality  # noqa: E402
 from .report import ROUND_TIME_AVG, ROUND_TIME_P99, TARGETS  # noqa: E402
 
 #: Colours by round quality.
@@ -45,7 +46,7 @@ def plot_node(records: list[dict], *, node: str, output: str, hours: float | Non
     fig.suptitle(f"chronotick-ntp: node {node}, {len(records)} rounds ({window})")
 
     # 1. Published offsets by quality, with the uncertainty band.
-    for quality in ("strict", "relaxed"):
+    for quality in (Quality.STRICT, Quality.RELAXED):
         points = [r["latest"] for r in records if r.get("latest") and r["latest"]["quality"] == quality]
         if not points:
             continue
@@ -54,7 +55,7 @@ def plot_node(records: list[dict], *, node: str, output: str, hours: float | Non
         err = [p["uncertainty"] * 1e3 for p in points]
         ax_offset.errorbar(xs, ys, yerr=err, fmt="o", ms=3, capsize=2, lw=0.8, color=QUALITY_COLOURS[quality],
                            label=f"{quality} ({len(points)})")
-    for quality in ("starvation", "outlier"):
+    for quality in (Quality.STARVATION, Quality.OUTLIER):
         times = [_time(r["finished_at"]) for r in records if r["quality"] == quality]
         for i, t in enumerate(times):
             ax_offset.axvline(t, color=QUALITY_COLOURS[quality], lw=1, ls="--", alpha=0.7,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .contracts import Quality
 from .store import round_counters
 
 ROUND_TIME_AVG = "round_time_avg_s"
@@ -75,12 +76,12 @@ def node_report(records: list[dict], latest: dict | None, *, now: float, stale_a
         for name, amount in round_counters(record).items():
             counts[name] = counts.get(name, 0) + amount
     durations = [r["duration_s"] for r in records]
-    published = counts.get("strict", 0) + counts.get("relaxed", 0)
+    published = counts.get(Quality.STRICT, 0) + counts.get(Quality.RELAXED, 0)
     values = {
         ROUND_TIME_AVG: sum(durations) / len(durations) if durations else None,
         ROUND_TIME_P99: percentile(durations, 99) if durations else None,
-        STARVATION_EVENTS: counts.get("starvation", 0),
-        FALLBACK_RATE: _ratio(counts.get("relaxed", 0), published),
+        STARVATION_EVENTS: counts.get(Quality.STARVATION, 0),
+        FALLBACK_RATE: _ratio(counts.get(Quality.RELAXED, 0), published),
         RETRY_RATE: _ratio(counts.get("retries", 0), counts.get("queries", 0)),
         REJECTION_RATE: _ratio(counts.get("rejected", 0), counts.get("replies", 0)),
     }

@@ -20,9 +20,9 @@ from celery.result import AsyncResult
 from workers import measure
 from workers.app import app, queue_for
 from workers.config import Config
-from workers.quality import Thresholds
 from workers.tasks import describe, query_server
 
+from .contracts import RoundMeta
 from .store import UNANSWERED_DELAY_S, Store, client_for
 from .selection import flatten
 from .tasks import CLOSED_BY_DEADLINE, finish, finish_round
@@ -51,7 +51,7 @@ class RoundHandle:
     node: str
     deadline_at: float
     result: AsyncResult
-    meta: dict | None = None
+    meta: RoundMeta | None = None
     #: Set when the handle was rebuilt from Redis (no ``result.parent`` then).
     header_ids: tuple[str, ...] | None = None
 
@@ -146,14 +146,17 @@ def open_handles(config: Config, node: str) -> list[RoundHandle]:
     left open; ``measure`` killed mid-wait leaves one too.
     """
     store = Store(client_for(config.service.redis_url), prefix=config.service.key_prefix)
-    return [RoundHandle(round_id=round_id, node=node, deadline_at=entry["meta"]["deadline_at"],
-                        result=AsyncResult(entry["callback_id"], app=app), meta=entry["meta"],
-                        header_ids=tuple(entry["header_ids"]))
-            for round_id, entry in store.open_round_entries(node).items()]
+    handles = []
+    for round_id, entry in store.open_round_entries(node).items():
+        meta = RoundMeta.from_dict(entry["meta"])
+        handles.append(RoundHandle(round_id=round_id, node=node, deadline_at=meta.deadline_at,
+                                   result=AsyncResult(entry["callback_id"], app=app), meta=meta,
+                                   header_ids=tuple(entry["header_ids"])))
+    return handles
 
 
-def _store(meta: dict) -> Store:
-    return Store(client_for(app.conf.chronotick_redis_url), prefix=meta["key_prefix"])
+def _store(meta: RoundMeta) -> Store:
+    return Store(client_for(app.conf.chronotick_redis_url), prefix=meta.key_prefix)
 
 
 def new_round_id(node: str, now: float | None = None) -> str:
@@ -191,23 +194,9 @@ def build_round(config: Config, node: str, *, now: float | None = None,
     jobs = [measure.make_job(server=s, node=node, round_id=round_id, ntp=config.ntp, deadline_at=deadline_at,
                              rate_backoff_s=rate_backoff_s)
             for s in config.ntp.servers]
-    meta = {
-        "round_id": round_id,
-        "node": node,
-        "dispatched_at": now,
-        "deadline_at": deadline_at,
-        "servers": [s.name for s in config.ntp.servers],
-        "strict": Thresholds.from_settings(config.ntp).as_dict(),
-        "enable_fallback": config.ntp.enable_fallback,
-        "mode": config.ntp.measurement_mode,
-        "parallel": config.ntp.parallel_queries,
-        "key_prefix": config.service.key_prefix,
-        "history_length": config.service.history_length,
-        "selection": config.ntp.selection,
-        "groups": [list(g) for g in config.ntp.server_groups],
-        "outlier_window_size": config.ntp.outlier_window_size,
-        "outlier_sigma_threshold": config.ntp.outlier_sigma_threshold,
-    }
+    meta = RoundMeta(round_id=round_id, node=node, dispatched_at=now, deadline_at=deadline_at,
+                     key_prefix=config.service.key_prefix, history_length=config.service.history_length,
+                     ntp=config.ntp)
     # Messages still queued at the deadline are dropped by the worker unread:
     # a worker that comes back after an outage does not replay stale rounds.
     expires = datetime.fromtimestamp(deadline_at, tz=timezone.utc)
@@ -220,7 +209,7 @@ def build_round(config: Config, node: str, *, now: float | None = None,
     else:
         # ChronoTick's old behaviour, kept for comparison: one server after another.
         header = [chain(*(_query_signature(job, queue, expires) for job in jobs))]
-    callback = finish_round.signature(args=(meta,), queue=queue,
+    callback = finish_round.signature(args=(meta.as_dict(),), queue=queue,
                                       argsrepr=f"(<{len(jobs)} outcomes>, round={round_id})",
                                       kwargsrepr="{}",
                                       expires=expires + timedelta(seconds=CLOSE_GRACE_S))
@@ -237,10 +226,10 @@ def dispatch(config: Config, node: str) -> RoundHandle:
     store = Store(client_for(config.service.redis_url), prefix=config.service.key_prefix)
     canvas, meta = build_round(config, node, expected_delays=store.server_delays(node))
     result = canvas.apply_async()
-    handle = RoundHandle(round_id=meta["round_id"], node=node, deadline_at=meta["deadline_at"], result=result,
+    handle = RoundHandle(round_id=meta.round_id, node=node, deadline_at=meta.deadline_at, result=result,
                          meta=meta)
     # After the send, so the round's packets are not held up by this write; a
     # round that finishes first leaves an entry the next closer clears.
-    store.open_round(node, meta["round_id"], {"meta": meta, "callback_id": result.id,
+    store.open_round(node, meta.round_id, {"meta": meta.as_dict(), "callback_id": result.id,
                                               "header_ids": [r.id for r in handle.header_results()]})
     return handle

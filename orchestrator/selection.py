@@ -32,22 +32,19 @@ publishing the tightest interval would publish a confident wrong value.
 
 from __future__ import annotations
 
+from workers.contracts import OutcomeStatus
 from workers.quality import Thresholds
 
-STRICT = "strict"
-RELAXED = "relaxed"
-STARVATION = "starvation"
+from .contracts import Quality, ServerStatus
+
+STRICT, RELAXED, STARVATION = Quality.STRICT, Quality.RELAXED, Quality.STARVATION
 
 BEST = "best"
 COMBINE = "combine"
 
-#: Per-server statuses in a round record.
-CHOSEN = "chosen"             # the one published (``best``) or the primary of a combination
-COMBINED = "combined"         # part of a published combination
-ACCEPTED = "accepted"         # a truechimer that passed the gate in force, not used
-REJECTED = "rejected"         # a truechimer that failed the gate in force
-FALSETICKER = "falseticker"   # disagrees with the majority
-FAILED = "failed"             # no usable reply after every attempt
+#: Per-server statuses in a round record (see :class:`ServerStatus`).
+CHOSEN, COMBINED, ACCEPTED = ServerStatus.CHOSEN, ServerStatus.COMBINED, ServerStatus.ACCEPTED
+REJECTED, FALSETICKER, FAILED = ServerStatus.REJECTED, ServerStatus.FALSETICKER, ServerStatus.FAILED
 
 #: chrony's ``combinelimit``: sources further than this many times the best
 #: one's distance are not combined.
@@ -68,7 +65,8 @@ def unique_by_server(outcomes: list[dict]) -> list[dict]:
     chosen: dict[str, dict] = {}
     for outcome in outcomes:
         server = outcome["server"]
-        if server not in chosen or (chosen[server]["status"] != "ok" and outcome["status"] == "ok"):
+        if server not in chosen or (chosen[server]["status"] != OutcomeStatus.OK
+                                    and outcome["status"] == OutcomeStatus.OK):
             chosen[server] = outcome
     return list(chosen.values())
 
@@ -217,7 +215,7 @@ def select(outcomes: list[dict], strict: Thresholds, *, enable_fallback: bool, m
     if method not in (BEST, COMBINE):
         raise ValueError(f"unknown selection method {method!r}")
     outcomes = unique_by_server(outcomes)
-    samples = [o["sample"] for o in outcomes if o["status"] == "ok"]
+    samples = [o["sample"] for o in outcomes if o["status"] == OutcomeStatus.OK]
     agreement = intersect(samples, groups)
     truechimers = [s for s in samples if s["server"] in set(agreement["truechimers"])]
 
@@ -252,7 +250,7 @@ def select(outcomes: list[dict], strict: Thresholds, *, enable_fallback: bool, m
     for outcome in sorted(outcomes, key=lambda o: o["server"]):
         entry = {"server": outcome["server"], "attempts": outcome["attempts"],
                  "history": outcome.get("history", []), "worker": outcome.get("worker")}
-        if outcome["status"] != "ok":
+        if outcome["status"] != OutcomeStatus.OK:
             entry.update(status=FAILED, reason=outcome["reason"], detail=outcome.get("detail"),
                          kiss_code=outcome.get("kiss_code"))
             servers.append(entry)

@@ -37,6 +37,12 @@ from functools import lru_cache
 
 import redis
 
+from workers.kod import REASON_KOD_BACKOFF, REASON_KOD_DEMOBILISED
+from workers.measure import REASON_ROUND_DEADLINE
+from workers.ntp import sanity
+
+from .contracts import REASON_NO_RESULT, ServerStatus
+
 #: How long a round's "already finished" mark is kept: far longer than any
 #: redelivery or late callback (s).
 ROUND_CLAIM_TTL_S = 86_400
@@ -118,7 +124,7 @@ class Store:
         self.client = client
         self.keys = Keys(prefix)
 
-    def publish_round(self, record: dict, *, history_length: int, window_size: int = 20) -> None:
+    def publish_round(self, record: dict, *, history_length: int, window_size: int) -> None:
         """Store a finished round: its record always, its measurement if it has one.
 
         ``record["latest"]`` is the new ``latest`` value, or ``None`` on
@@ -272,13 +278,13 @@ def round_counters(record: dict) -> dict[str, int]:
                 if reason:
                     counts["rejected"] += 1
                     counts[f"rejected:{reason}"] = counts.get(f"rejected:{reason}", 0) + 1
-        if server["status"] == "falseticker":
+        if server["status"] == ServerStatus.FALSETICKER:
             counts["falsetickers"] = counts.get("falsetickers", 0) + 1
-        if server["status"] == "rejected":
+        if server["status"] == ServerStatus.REJECTED:
             counts["rejected"] += 1
             key = f"rejected:{server['reason']}"
             counts[key] = counts.get(key, 0) + 1
-        if server["status"] == "failed":
+        if server["status"] == ServerStatus.FAILED:
             key = f"failed:{server['reason']}"
             counts[key] = counts.get(key, 0) + 1
     return counts
@@ -288,8 +294,9 @@ def round_counters(record: dict) -> dict[str, int]:
 #: How far the history scan starts before ``since``, for a Redis clock behind ours (s).
 _STREAM_CLOCK_SLACK_S = 60.0
 
-_NO_REPLY_REASONS = frozenset({"timeout", "socket_error", "dns_error", "round_deadline", "no_result",
-                               "kod_backoff", "kod_demobilised"})
+_NO_REPLY_REASONS = frozenset({sanity.REASON_TIMEOUT, sanity.REASON_SOCKET_ERROR, sanity.REASON_DNS_ERROR,
+                               REASON_ROUND_DEADLINE, REASON_NO_RESULT, REASON_KOD_BACKOFF,
+                               REASON_KOD_DEMOBILISED})
 
 
 def _text(value) -> str:

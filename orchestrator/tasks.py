@@ -6,9 +6,10 @@ import time
 from celery.utils.log import get_task_logger
 
 from workers.app import app
-from workers.quality import Thresholds
+from workers.contracts import OutcomeStatus
 
 from . import outliers, selection
+from .contracts import REASON_NO_RESULT, Quality, RoundMeta
 from .store import Store, client_for
 
 log = get_task_logger(__name__)
@@ -29,13 +30,14 @@ def finish_round(self, results: list, meta: dict) -> dict:
     meta:
         From :func:`orchestrator.rounds.build_round`.
     """
-    store = Store(client_for(self.app.conf.chronotick_redis_url), prefix=meta["key_prefix"])
-    record = finish(meta, selection.flatten(results), store, closed_by=CLOSED_BY_CALLBACK)
+    round_meta = RoundMeta.from_dict(meta)
+    store = Store(client_for(self.app.conf.chronotick_redis_url), prefix=round_meta.key_prefix)
+    record = finish(round_meta, selection.flatten(results), store, closed_by=CLOSED_BY_CALLBACK)
     if record is None:
         log.warning("[DUPLICATE] %s round %s was already finished; this callback publishes nothing",
-                    meta["node"], meta["round_id"])
-        return {"summary": "duplicate: already finished", "round_id": meta["round_id"], "node": meta["node"],
-                "duplicate": True}
+                    round_meta.node, round_meta.round_id)
+        return {"summary": "duplicate: already finished", "round_id": round_meta.round_id,
+                "node": round_meta.node, "duplicate": True}
     # The summary first, so Flower's result column shows it (not stored in the history).
     return {"summary": summarise_round(record), **record}
 
@@ -55,37 +57,36 @@ CLOSED_BY_CALLBACK = "callback"
 CLOSED_BY_DEADLINE = "deadline"
 
 
-def finish(meta: dict, outcomes: list[dict], store: Store, *, closed_by: str) -> dict | None:
+def finish(meta: RoundMeta, outcomes: list[dict], store: Store, *, closed_by: str) -> dict | None:
     """Finish a round once: select, filter, publish, log.  ``None`` if it was already finished.
 
     The chord callback and the deadline closer (:func:`orchestrator.rounds.close`)
     both come here; whichever claims the round first publishes it, so a
     redelivered callback or a late one after the closer counts nothing twice.
     """
-    if not store.claim_round(meta["node"], meta["round_id"]):
+    if not store.claim_round(meta.node, meta.round_id):
         return None
-    window, consecutive = store.filter_state(meta["node"])
+    window, consecutive = store.filter_state(meta.node)
     record = build_record(meta, outcomes, finished_at=time.time(), window=window,
                           consecutive_outliers=consecutive)
     record["closed_by"] = closed_by
-    store.publish_round(record, history_length=meta["history_length"],
-                        window_size=meta.get("outlier_window_size", 20))
+    store.publish_round(record, history_length=meta.history_length, window_size=meta.ntp.outlier_window_size)
     chosen = record["latest"]
     if record["quality"] == "outlier":
         log.warning("[NTP_OUTLIER] %s round %s: %s is %.1f sigma from the recent results; not published",
-                    meta["node"], meta["round_id"], record["candidate"]["server"], record["filter"]["z"])
+                    meta.node, meta.round_id, record["candidate"]["server"], record["filter"]["z"])
     elif chosen is None:
         log.error("[NTP_STARVATION] %s round %s: no server passed any gate (%d servers)",
-                  meta["node"], meta["round_id"], record["servers_total"])
+                  meta.node, meta.round_id, record["servers_total"])
     else:
         log.info("[NTP_ACCEPTED] %s round %s: %s offset=%.6f s uncertainty=%.6f s (%s, %d/%d servers%s)",
-                 meta["node"], meta["round_id"], chosen["server"], chosen["offset"], chosen["uncertainty"],
+                 meta.node, meta.round_id, chosen["server"], chosen["offset"], chosen["uncertainty"],
                  chosen["quality"], chosen["servers_used"], chosen["servers_total"],
                  ", closed at its deadline" if closed_by == CLOSED_BY_DEADLINE else "")
     return record
 
 
-def build_record(meta: dict, outcomes: list[dict], *, finished_at: float, window: list | None = None,
+def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, window: list | None = None,
                  consecutive_outliers: int = 0) -> dict:
     """The round record (pure): every server's outcome, the choice, the new ``latest``.
 
@@ -93,27 +94,27 @@ def build_record(meta: dict, outcomes: list[dict], *, finished_at: float, window
     state (see :mod:`orchestrator.outliers`).
     """
     answered = {o["server"] for o in outcomes}
-    missing = [{"status": "failed", "server": name, "reason": "no_result",
+    missing = [{"status": OutcomeStatus.FAILED, "server": name, "reason": REASON_NO_RESULT,
                 "detail": "the task did not report before the round closed", "attempts": 0, "history": []}
-               for name in meta["servers"] if name not in answered]
-    picked = selection.select(outcomes + missing, Thresholds.from_dict(meta["strict"]),
-                              enable_fallback=meta["enable_fallback"], method=meta.get("selection", "best"),
-                              groups=meta.get("groups"))
-    servers_total = len(meta["servers"])
+               for name in meta.servers if name not in answered]
+    ntp = meta.ntp
+    picked = selection.select(outcomes + missing, meta.strict, enable_fallback=ntp.enable_fallback,
+                              method=ntp.selection, groups=[list(g) for g in ntp.server_groups])
+    servers_total = len(meta.servers)
     chosen = picked["chosen"]
     quality = picked["quality"]
     verdict = None
     if chosen is not None:
         verdict = outliers.judge(chosen["offset_s"], chosen["uncertainty_s"], chosen["measured_at"],
-                                 window or [], sigma_threshold=meta.get("outlier_sigma_threshold", 5.0),
+                                 window or [], sigma_threshold=ntp.outlier_sigma_threshold,
                                  consecutive_outliers=consecutive_outliers)
         if verdict["outlier"]:
             quality = OUTLIER
     latest = None
     if chosen is not None and quality != OUTLIER:
         latest = {
-            "node": meta["node"],
-            "round_id": meta["round_id"],
+            "node": meta.node,
+            "round_id": meta.round_id,
             "offset": chosen["offset_s"],
             "uncertainty": chosen["uncertainty_s"],
             "sample_uncertainty": chosen.get("sample_uncertainty_s", chosen["uncertainty_s"]),
@@ -130,19 +131,19 @@ def build_record(meta: dict, outcomes: list[dict], *, finished_at: float, window
             "published_at": finished_at,
             "servers_used": picked["servers_used"],
             "servers_total": servers_total,
-            "selection": meta.get("selection", "best"),
+            "selection": ntp.selection,
         }
         if len(chosen.get("combined", [])) > 1:
             latest["combined"] = chosen["combined"]
     return {
-        "round_id": meta["round_id"],
-        "node": meta["node"],
+        "round_id": meta.round_id,
+        "node": meta.node,
         "quality": quality,
-        "dispatched_at": meta["dispatched_at"],
+        "dispatched_at": meta.dispatched_at,
         "finished_at": finished_at,
-        "duration_s": finished_at - meta["dispatched_at"],
-        "mode": meta["mode"],
-        "parallel": meta["parallel"],
+        "duration_s": finished_at - meta.dispatched_at,
+        "mode": ntp.measurement_mode,
+        "parallel": ntp.parallel_queries,
         "servers_used": picked["servers_used"],
         "servers_total": servers_total,
         "servers": picked["servers"],
@@ -156,4 +157,4 @@ def build_record(meta: dict, outcomes: list[dict], *, finished_at: float, window
 
 
 #: The round quality when the temporal filter refused the chosen result.
-OUTLIER = "outlier"
+OUTLIER = Quality.OUTLIER

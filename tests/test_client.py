@@ -46,8 +46,8 @@ def test_uncertainty_is_root_distance(simulator):
 @pytest.mark.parametrize("behaviour, reason", [
     (Behaviour(kod="RATE"), "kod_rate"),
     (Behaviour(kod="DENY"), "kod_deny"),
-    (Behaviour(leap=3), sanity.REASON_LEAP_ALARM),
-    (Behaviour(stratum=16), sanity.REASON_BAD_STRATUM),
+    (Behaviour(leap=3), sanity.REASON_UNSYNCHRONISED_LEAP),
+    (Behaviour(stratum=16), sanity.REASON_UNSYNCHRONISED_STRATUM),
     (Behaviour(bad_origin=True), sanity.REASON_BOGUS_ORIGIN),
     (Behaviour(zero_transmit=True), sanity.REASON_ZERO_TRANSMIT),
     (Behaviour(truncate=True), sanity.REASON_TRUNCATED),

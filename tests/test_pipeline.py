@@ -185,7 +185,7 @@ def test_round_tasks_go_only_to_the_nodes_queue(simulator, tmp_path, key_prefix)
     canvas, meta = rounds.build_round(config, "ares-comp-11")
     assert {t.options["queue"] for t in canvas.tasks} == {"ntp.ares-comp-11"}
     assert canvas.body.options["queue"] == "ntp.ares-comp-11"
-    assert meta["deadline_at"] > meta["dispatched_at"]
+    assert meta.deadline_at > meta.dispatched_at
 
 
 def test_slowest_known_server_is_sent_first(simulator, tmp_path, key_prefix):
@@ -204,8 +204,8 @@ def test_a_round_nobody_runs_is_closed_at_its_deadline(redis_url, tmp_path, key_
     path = write_config(tmp_path, ["127.0.0.1:9", "127.0.0.1:10"], key_prefix=key_prefix)
     config = config_mod.load(path)
     canvas, meta = rounds.build_round(config, "nobody-runs-this", now=time.time() - 60)  # long overdue
-    stuck = rounds.RoundHandle(round_id=meta["round_id"], node="nobody-runs-this",
-                               deadline_at=meta["deadline_at"], result=canvas.apply_async(), meta=meta)
+    stuck = rounds.RoundHandle(round_id=meta.round_id, node="nobody-runs-this",
+                               deadline_at=meta.deadline_at, result=canvas.apply_async(), meta=meta)
     monkeypatch.setattr(rounds, "dispatch", lambda config, node: stuck)
     monkeypatch.setattr(workers.app, "workers_for_queue", lambda queue, timeout_s=1.0: ["someone"])
     code = cli.main(["measure", "--config", str(path), "--node", "nobody-runs-this", "--json"])
@@ -216,7 +216,7 @@ def test_a_round_nobody_runs_is_closed_at_its_deadline(redis_url, tmp_path, key_
     assert record["closed_by"] == "deadline"
     assert {s["reason"] for s in record["servers"]} == {"no_result"}
     store = Store(redis_client, prefix=key_prefix)
-    assert store.history("nobody-runs-this")[0]["round_id"] == meta["round_id"]
+    assert store.history("nobody-runs-this")[0]["round_id"] == meta.round_id
     assert rounds.close(stuck) is None  # finishing twice publishes nothing twice
     assert store.stats("nobody-runs-this")["rounds"] == 1
 

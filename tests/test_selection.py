@@ -1,8 +1,12 @@
 """Selection is pure: strict, then relaxed from the same samples, then starvation."""
 
+import json
+
 from orchestrator import selection
+from orchestrator.contracts import RoundMeta
 from orchestrator.store import round_counters
 from orchestrator.tasks import build_record
+from workers import config as config_mod
 from workers.quality import Thresholds
 
 STRICT = Thresholds(max_delay_s=0.100, max_uncertainty_s=0.010, min_stratum=1, max_stratum=15)
@@ -76,8 +80,11 @@ def test_sequential_chain_results_are_flattened():
 
 
 def test_record_fills_in_servers_that_never_reported_and_counts():
-    meta = {"round_id": "r1", "node": "n", "dispatched_at": 0.0, "servers": ["a", "b", "c"],
-            "strict": STRICT.as_dict(), "enable_fallback": True, "mode": "simple", "parallel": True}
+    ntp = config_mod.ntp_from_mapping({"servers": ["a", "b", "c"], "max_delay": STRICT.max_delay_s,
+                                       "max_acceptable_uncertainty": STRICT.max_uncertainty_s})
+    meta = RoundMeta(round_id="r1", node="n", dispatched_at=0.0, deadline_at=10.0, key_prefix="t",
+                     history_length=10, ntp=ntp)
+    assert RoundMeta.from_dict(json.loads(json.dumps(meta.as_dict()))) == meta  # what crosses Celery
     outcomes = [ok("a", delay=0.01, unc=0.005), failed("b", "bogus_origin", 3)]
     record = build_record(meta, outcomes, finished_at=1.5)
     assert record["latest"]["server"] == "a" and record["latest"]["servers_total"] == 3

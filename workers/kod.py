@@ -32,8 +32,8 @@ ACTED_ON = DEMOBILISING | {RATE}
 MAX_RATE_BACKOFF_S = 86_400.0
 
 #: Reasons a query task gives for not sending a packet at all.
-REASON_BACKOFF = "kod_backoff"
-REASON_DEMOBILISED = "kod_demobilised"
+REASON_KOD_BACKOFF = "kod_backoff"
+REASON_KOD_DEMOBILISED = "kod_demobilised"
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,11 @@ class KissMemory:
                 if kiss.config_id != config_id:
                     del self._kisses[server]  # the configuration changed: start afresh
                     return None
-                return REASON_DEMOBILISED, (f"sent {kiss.code} at {_clock_text(kiss.received_at)}; not queried "
+                return REASON_KOD_DEMOBILISED, (f"sent {kiss.code} at {_clock_text(kiss.received_at)}; not queried "
                                             "until the worker restarts or the configuration changes")
             if now >= kiss.until:
                 return None  # back-off over; the count stays in case it kisses again
-            return REASON_BACKOFF, (f"sent RATE at {_clock_text(kiss.received_at)} ({kiss.count} in a row); "
+            return REASON_KOD_BACKOFF, (f"sent RATE at {_clock_text(kiss.received_at)} ({kiss.count} in a row); "
                                     f"not queried for another {kiss.until - now:.0f} s")
 
 

@@ -30,7 +30,7 @@ ADVANCED_SAMPLE_SPACING_S = 0.1
 REASON_OVER_THRESHOLDS = "over_thresholds"
 
 #: The reason when the round's deadline leaves no time for another attempt.
-REASON_DEADLINE = "round_deadline"
+REASON_ROUND_DEADLINE = "round_deadline"
 
 class BurstFailed(QueryFailed):
     """An attempt failed; ``earlier`` are the refusals of its burst before the last one (advanced mode)."""

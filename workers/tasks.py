@@ -24,6 +24,7 @@ from celery.utils.log import get_task_logger
 from . import kod, measure
 from .app import app
 from .config import ENV_NODE
+from .contracts import OutcomeDict, OutcomeStatus
 from .ntp.client import QueryFailed
 
 log = get_task_logger(__name__)
@@ -69,7 +70,7 @@ def query_server(self, *carried, job: dict, history: list | None = None):
                                        f"worker {self.request.hostname} measures node {own_node!r}",
                                        worker=self.request.hostname))
     if started_at > job["deadline_at"]:
-        outcome = _failed(job, history, measure.REASON_DEADLINE,
+        outcome = _failed(job, history, measure.REASON_ROUND_DEADLINE,
                           f"attempt {attempt_no} would start after the round's deadline",
                           worker=self.request.hostname)
         return _carry(carried, outcome)
@@ -108,7 +109,7 @@ def query_server(self, *carried, job: dict, history: list | None = None):
     if refusals:  # advanced mode: samples of this burst refused before one was kept
         entry["refusals"] = refusals
     history.append(entry)
-    return _carry(carried, {"summary": summarise_ok(sample, attempt_no), "status": "ok", "server": job["server"],
+    return _carry(carried, {"summary": summarise_ok(sample, attempt_no), "status": OutcomeStatus.OK, "server": job["server"],
                             "sample": sample, "attempts": attempt_no, "history": history,
                             "worker": self.request.hostname})
 
@@ -135,7 +136,7 @@ def describe(job: dict, *, attempt: int = 1) -> str:
 
 def _failed(job: dict, history: list, reason: str, detail: str, *, kiss_code: str | None = None,
             worker: str | None = None) -> dict:
-    return {"summary": summarise_failure(reason, len(history)), "status": "failed", "server": job["server"],
+    return {"summary": summarise_failure(reason, len(history)), "status": OutcomeStatus.FAILED, "server": job["server"],
             "reason": reason, "detail": detail,
             "kiss_code": kiss_code, "attempts": len(history), "history": history, "worker": worker}
 

@@ -29,11 +29,11 @@ REASON_BAD_VERSION = "bad_version"
 REASON_ZERO_TRANSMIT = "zero_transmit"
 REASON_ZERO_RECEIVE = "zero_receive"
 REASON_RECEIVE_AFTER_TRANSMIT = "receive_after_transmit"
-REASON_SLOW_SERVER = "server_processing_too_long"
-REASON_LEAP_ALARM = "unsynchronised_leap"
-REASON_BAD_STRATUM = "unsynchronised_stratum"
-REASON_ROOT_DELAY = "root_delay_out_of_range"
-REASON_ROOT_DISPERSION = "root_dispersion_out_of_range"
+REASON_SERVER_PROCESSING_TOO_LONG = "server_processing_too_long"
+REASON_UNSYNCHRONISED_LEAP = "unsynchronised_leap"
+REASON_UNSYNCHRONISED_STRATUM = "unsynchronised_stratum"
+REASON_ROOT_DELAY_OUT_OF_RANGE = "root_delay_out_of_range"
+REASON_ROOT_DISPERSION_OUT_OF_RANGE = "root_dispersion_out_of_range"
 REASON_REFERENCE_AFTER_TRANSMIT = "reference_after_transmit"
 REASON_STALE_REFERENCE = "stale_reference"
 REASON_NEGATIVE_DELAY = "negative_delay"
@@ -111,17 +111,17 @@ def check_reply(
                          f"receive is {_ts_diff_s(reply.receive_ts, reply.transmit_ts):.6f} s after transmit")
     processing_s = _ts_diff_s(reply.transmit_ts, reply.receive_ts)
     if processing_s > MAX_SERVER_PROCESSING_S:
-        return Rejection(REASON_SLOW_SERVER,
+        return Rejection(REASON_SERVER_PROCESSING_TOO_LONG,
                          f"server held the request {processing_s:.3f} s (limit {MAX_SERVER_PROCESSING_S} s)")
     if reply.leap == LEAP_UNSYNCHRONISED:
-        return Rejection(REASON_LEAP_ALARM, "leap indicator 3: server clock not synchronised")
+        return Rejection(REASON_UNSYNCHRONISED_LEAP, "leap indicator 3: server clock not synchronised")
     if not 1 <= reply.stratum <= 15:
-        return Rejection(REASON_BAD_STRATUM, f"stratum {reply.stratum}: server not synchronised")
+        return Rejection(REASON_UNSYNCHRONISED_STRATUM, f"stratum {reply.stratum}: server not synchronised")
     if not 0 <= reply.root_delay_s < max_root_delay_s:
-        return Rejection(REASON_ROOT_DELAY,
+        return Rejection(REASON_ROOT_DELAY_OUT_OF_RANGE,
                          f"root delay {reply.root_delay_s:.6f} s (limit {max_root_delay_s} s)")
     if not 0 <= reply.root_dispersion_s < max_root_dispersion_s:
-        return Rejection(REASON_ROOT_DISPERSION,
+        return Rejection(REASON_ROOT_DISPERSION_OUT_OF_RANGE,
                          f"root dispersion {reply.root_dispersion_s:.6f} s (limit {max_root_dispersion_s} s)")
     if reply.ref_ts > reply.transmit_ts:
         return Rejection(REASON_REFERENCE_AFTER_TRANSMIT, "reference time is after transmit time")

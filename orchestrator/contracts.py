@@ -1,0 +1,76 @@
+"""What the orchestrator writes and passes through Celery: round qualities, server statuses, round metadata.
+
+``str`` enums (see :class:`workers.contracts.StrEnum`): JSON as plain strings,
+equal to the strings they decode back to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.config import NtpSettings, ntp_from_mapping
+from workers.contracts import StrEnum
+from workers.quality import Thresholds
+
+
+class Quality(StrEnum):
+    """How a round ended: which gate its measurement passed, or why there is none."""
+
+    STRICT = "strict"          # passed the configured thresholds
+    RELAXED = "relaxed"        # passed only the 2x fallback
+    STARVATION = "starvation"  # nothing passed any gate (or no majority agreed)
+    OUTLIER = "outlier"        # the temporal filter refused the candidate
+
+
+class ServerStatus(StrEnum):
+    """One server's part in a round record."""
+
+    CHOSEN = "chosen"             # the one published (``best``) or the primary of a combination
+    COMBINED = "combined"         # part of a published combination
+    ACCEPTED = "accepted"         # a truechimer that passed the gate in force, not used
+    REJECTED = "rejected"         # a truechimer that failed the gate in force
+    FALSETICKER = "falseticker"   # its interval misses the one a majority agrees on
+    FAILED = "failed"             # no usable reply after every attempt
+
+
+#: A server that reported nothing before its round was closed at the deadline.
+REASON_NO_RESULT = "no_result"
+
+
+@dataclass(frozen=True)
+class RoundMeta:
+    """What finishing a round needs: sent to the chord callback, kept with the round while it is open.
+
+    It carries the whole ``clock_measurement.ntp`` section as its YAML mapping
+    (:meth:`workers.config.NtpSettings.as_mapping`), validated again on arrival,
+    so an option the callback uses needs no key of its own here and no default
+    copied by hand.
+    """
+
+    round_id: str
+    node: str
+    dispatched_at: float
+    deadline_at: float
+    key_prefix: str
+    history_length: int
+    ntp: NtpSettings
+
+    @property
+    def servers(self) -> list[str]:
+        return [s.name for s in self.ntp.servers]
+
+    @property
+    def strict(self) -> Thresholds:
+        return Thresholds.from_settings(self.ntp)
+
+    def as_dict(self) -> dict:
+        return {"round_id": self.round_id, "node": self.node, "dispatched_at": self.dispatched_at,
+                "deadline_at": self.deadline_at, "key_prefix": self.key_prefix,
+                "history_length": self.history_length, "ntp": self.ntp.as_mapping()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RoundMeta":
+        return cls(round_id=data["round_id"], node=data["node"], dispatched_at=data["dispatched_at"],
+                   deadline_at=data["deadline_at"], key_prefix=data["key_prefix"],
+                   history_length=data["history_length"],
+                   ntp=ntp_from_mapping(data["ntp"], source=f"round {data['round_id']}"))

@@ -1,0 +1,26 @@
+"""The names that cross Celery and Redis: reasons say their value, enums are their strings."""
+
+import json
+
+from orchestrator import contracts as orchestrator_contracts
+from workers import kod, measure, tasks
+from workers.contracts import OutcomeStatus
+from workers.ntp import sanity
+from orchestrator.contracts import Quality, ServerStatus
+
+
+def test_every_reason_constant_is_named_after_its_value():
+    modules = (sanity, kod, measure, tasks, orchestrator_contracts)
+    reasons = {f"{m.__name__}.{name}": value for m in modules for name, value in vars(m).items()
+               if name.startswith("REASON_") and name != "REASON_KOD_PREFIX"}
+    assert len(reasons) >= 25
+    for where, value in reasons.items():
+        assert where.rsplit(".", 1)[1] == "REASON_" + value.upper(), where
+
+
+def test_enums_are_their_strings_in_json_and_back():
+    for member in (*OutcomeStatus, *Quality, *ServerStatus):
+        assert json.loads(json.dumps({"v": member}))["v"] == member == member.value
+        assert f"{member}" == str(member) == member.value
+        assert {member.value: 1}[member] == 1
+    assert [q.value for q in Quality] == ["strict", "relaxed", "starvation", "outlier"]
