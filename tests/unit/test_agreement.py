@@ -1,15 +1,14 @@
-"""Falsetickers, groups, combining, the temporal filter and the kiss memory: pure logic."""
+"""The agreement (falsetickers, groups, the published bound) and combining: pure logic, against a brute force."""
 
 import math
 import random
 
 import pytest
 
-from orchestrator import outliers, selection
-from workers.kod import REASON_KOD_BACKOFF, REASON_KOD_DEMOBILISED, KissMemory
+from orchestrator import selection
 from workers.quality import Thresholds
 
-from .test_selection import ok
+from .samples import ok
 
 LOOSE = Thresholds(max_delay_s=1.0, max_uncertainty_s=1.0, min_stratum=1, max_stratum=15)
 
@@ -113,82 +112,6 @@ def test_the_combined_bound_holds_for_any_errors_within_each_members_bound():
 def test_combine_of_one_is_that_one():
     result = selection.select([honest("only")], LOOSE, enable_fallback=True, method=selection.COMBINE)
     assert result["chosen"]["server"] == "only" and result["chosen"]["combined"] == ["only"]
-
-
-# -- the temporal filter ---------------------------------------------------------
-
-def _window(n=10, *, drift=0.0, start=0.001, spacing=120.0, noise=(0.0,)):
-    return [[i * spacing, start + drift * i * spacing + noise[i % len(noise)]] for i in range(n)]
-
-
-def test_filter_waits_for_five_results():
-    assert not outliers.judge(1.0, 1e-4, 0.0, _window(4), sigma_threshold=5)["outlier"]
-
-
-def test_filter_follows_a_steady_drift():
-    window = _window(10, drift=10e-6, noise=(2e-5, -2e-5, 1e-5))  # 10 ppm: 1.2 ms a round
-    next_t = 10 * 120.0
-    on_trend = 0.001 + 10e-6 * next_t
-    assert not outliers.judge(on_trend, 1e-4, next_t, window, sigma_threshold=5)["outlier"]
-    assert outliers.judge(on_trend + 0.005, 1e-4, next_t, window, sigma_threshold=5)["outlier"]
-
-
-def test_filter_does_not_refuse_a_result_whose_interval_reaches_the_prediction():
-    window = _window(10, noise=(1e-5, -1e-5))
-    assert not outliers.judge(0.006, 0.0049999, 1200.0, window, sigma_threshold=5)["outlier"]
-
-
-def test_filter_believes_a_new_level_after_three_outliers():
-    window = _window(10, noise=(1e-5, -1e-5))
-    first = outliers.judge(0.05, 1e-4, 1200.0, window, sigma_threshold=5, consecutive_outliers=0)
-    assert first["outlier"] and not first["reset"]
-    fourth = outliers.judge(0.05, 1e-4, 1200.0, window, sigma_threshold=5, consecutive_outliers=3)
-    assert not fourth["outlier"] and fourth["reset"]
-
-
-def test_the_homelab_sigma_lets_what_the_default_refuses_through():
-    window = _window(10, noise=(1e-5, -1e-5))  # residual scale ~15 us
-    assert outliers.judge(0.1, 1e-4, 1200.0, window, sigma_threshold=5.0)["outlier"]
-    assert not outliers.judge(0.1, 1e-4, 1200.0, window, sigma_threshold=10000.0)["outlier"]
-
-
-# -- the kiss memory -------------------------------------------------------------
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
-def test_rate_backs_off_and_doubles():
-    clock = Clock()
-    memory = KissMemory(clock=clock)
-    memory.record("s", "RATE", config_id="c1", rate_backoff_s=480)
-    assert memory.refusal("s", config_id="c1")[0] == REASON_KOD_BACKOFF
-    clock.now += 481
-    assert memory.refusal("s", config_id="c1") is None
-    memory.record("s", "RATE", config_id="c1", rate_backoff_s=480)  # again: twice as long
-    clock.now += 900
-    assert memory.refusal("s", config_id="c1")[0] == REASON_KOD_BACKOFF
-    clock.now += 61
-    assert memory.refusal("s", config_id="c1") is None
-
-
-def test_deny_and_rstr_last_until_the_config_changes():
-    memory = KissMemory(clock=Clock())
-    memory.record("d", "DENY", config_id="c1", rate_backoff_s=1)
-    memory.record("r", "RSTR", config_id="c1", rate_backoff_s=1)
-    assert memory.refusal("d", config_id="c1")[0] == REASON_KOD_DEMOBILISED
-    assert memory.refusal("r", config_id="c1")[0] == REASON_KOD_DEMOBILISED
-    assert memory.refusal("d", config_id="c2") is None  # a new configuration: try again
-
-
-def test_other_kiss_codes_are_not_acted_on():
-    memory = KissMemory(clock=Clock())
-    assert memory.record("s", "INIT", config_id="c1", rate_backoff_s=1) is None
-    assert memory.refusal("s", config_id="c1") is None
 
 
 # -- the agreement against a brute-force reference (chrony's test/unit/sources.c runs 1,000 random sets) --

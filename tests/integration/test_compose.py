@@ -12,7 +12,7 @@ import yaml
 
 from orchestrator import cli
 
-from .conftest import REPO
+from ..conftest import REPO
 
 COMPOSE = REPO / "docker-compose.yml"
 SECRETS = {"REDIS_PASSWORD": "compose-test-pw", "FLOWER_BASIC_AUTH": "ops:compose-test-flower"}

@@ -7,7 +7,7 @@ import pytest
 
 from workers import config as config_mod
 
-from .conftest import REPO
+from ..conftest import REPO
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ from simulator.server import Behaviour
 from workers import config as config_mod
 from workers.ntp import sanity
 
-from .conftest import TEST_NODE, write_config
+from ..conftest import TEST_NODE, write_config
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from orchestrator import cli
 from simulator.local import stop_process
 from workers import config as config_mod
 
-from .conftest import REPO, wait_for, write_config
+from ..conftest import REPO, wait_for, write_config
 from .test_cluster import cli_process, queue_has_worker
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ from simulator.local import stop_process
 from workers import heartbeat
 from workers.app import queue_for
 
-from .conftest import TEST_NODE, start_worker, wait_for
+from ..conftest import TEST_NODE, start_worker, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ from orchestrator import cli
 from workers import config as config_mod
 from workers.config import ConfigError
 
-DATA = Path(__file__).parent / "data"
-CONFIGS = Path(__file__).parent.parent / "configs"
+DATA = Path(__file__).resolve().parent.parent / "data"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("name", ["chronotick_homelab_2min_ntp.yaml", "chronotick_ares_2min_ntp.yaml"])
@@ -188,7 +188,7 @@ def test_what_counts_as_a_public_server(host, public):
 
 def test_the_readme_tables_are_the_option_declarations():
     """Each option is declared once; the README's tables must be exactly what the declarations say."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for settings in (config_mod.NtpSettings, config_mod.TimingSettings, config_mod.ServiceSettings):
         assert config_mod.options_table(settings) in readme, f"README table of {settings.__name__} is stale"
     assert len(config_mod.options_of(config_mod.NtpSettings)) == 19

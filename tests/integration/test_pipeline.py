@@ -12,7 +12,7 @@ from simulator.server import Behaviour
 import workers.app
 from workers import config as config_mod
 
-from .conftest import TEST_NODE, write_config
+from ..conftest import TEST_NODE, write_config
 
 pytestmark = pytest.mark.integration
 

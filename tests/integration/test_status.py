@@ -9,7 +9,7 @@ from simulator.local import free_tcp_port
 from simulator.server import Behaviour
 from workers import config as config_mod
 
-from .conftest import TEST_NODE, write_config
+from ..conftest import TEST_NODE, write_config
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from orchestrator.store import ROUND_DURATION_BUCKETS_S, Store
 from simulator.server import Behaviour
 from workers import config as config_mod
 
-from .conftest import REPO, TEST_NODE, tool, wait_for, write_config
+from ..conftest import REPO, TEST_NODE, tool, wait_for, write_config
 
 ALERTS = REPO / "configs" / "prometheus" / "alerts.yml"
 ALERT_TESTS = REPO / "tests" / "data" / "alerts_test.yml"

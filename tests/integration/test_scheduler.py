@@ -11,7 +11,7 @@ from orchestrator.store import Store
 from simulator.server import Behaviour
 from workers import config as config_mod
 
-from .conftest import TEST_NODE, wait_for
+from ..conftest import TEST_NODE, wait_for
 
 pytestmark = pytest.mark.integration
 

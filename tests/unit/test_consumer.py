@@ -5,7 +5,6 @@ import time
 import pytest
 
 from orchestrator.consumer import CHRONOTICK_FIELDS, DRIFT_BOUND, Measurement, NtpReader
-from orchestrator.flowerconfig import format_task
 
 LATEST = {"node": "n1", "round_id": "r", "offset": 0.0125, "uncertainty": 0.004, "delay": 0.02, "stratum": 2,
           "leap": 0, "root_delay": 0.001, "root_dispersion": 0.0005, "precision": 2 ** -20, "server": "a:123",
@@ -46,17 +45,3 @@ def test_reader_refuses_nonsense_settings():
         NtpReader("redis://127.0.0.1:1/0", stale_after_s=0)
     with pytest.raises(ValueError, match="drift_bound"):
         NtpReader("redis://127.0.0.1:1/0", drift_bound=-1)
-
-
-class _Task:
-    def __init__(self, result):
-        self.result = result
-
-
-def test_flower_cell_shows_the_summary_only():
-    assert format_task(_Task("{'summary': 'failed: timeout x3', 'status': 'failed', ...}")).result \
-        == "failed: timeout x3"
-    assert format_task(_Task("{'summary': 'ok +1.234 ms ±5.100 ms', 'status': 'ok'}")).result \
-        == "ok +1.234 ms ±5.100 ms"
-    assert format_task(_Task("42")).result == "42"
-    assert format_task(_Task(None)).result is None

@@ -12,7 +12,7 @@ from orchestrator import rounds
 from simulator.server import Behaviour
 from workers import config as config_mod
 
-from .conftest import TEST_NODE, write_config
+from ..conftest import TEST_NODE, write_config
 
 pytestmark = pytest.mark.integration
 

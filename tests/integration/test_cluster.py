@@ -21,7 +21,7 @@ from orchestrator.store import Store
 from simulator.server import Behaviour
 from workers import config as config_mod
 
-from .conftest import REPO, wait_for
+from ..conftest import REPO, wait_for
 
 pytestmark = pytest.mark.integration
 

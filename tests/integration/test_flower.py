@@ -20,7 +20,7 @@ from simulator.local import free_tcp_port, stop_process
 from simulator.server import Behaviour
 from workers import config as config_mod
 
-from .conftest import REPO, TEST_NODE, wait_for, write_config
+from ..conftest import REPO, TEST_NODE, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,42 @@
+"""The temporal filter (orchestrator/outliers.py): pure logic."""
+
+import pytest
+
+from orchestrator import outliers
+
+
+def _window(n=10, *, drift=0.0, start=0.001, spacing=120.0, noise=(0.0,)):
+    return [[i * spacing, start + drift * i * spacing + noise[i % len(noise)]] for i in range(n)]
+
+
+def test_filter_waits_for_five_results():
+    assert not outliers.judge(1.0, 1e-4, 0.0, _window(4), sigma_threshold=5)["outlier"]
+
+
+def test_filter_follows_a_steady_drift():
+    window = _window(10, drift=10e-6, noise=(2e-5, -2e-5, 1e-5))  # 10 ppm: 1.2 ms a round
+    next_t = 10 * 120.0
+    on_trend = 0.001 + 10e-6 * next_t
+    assert not outliers.judge(on_trend, 1e-4, next_t, window, sigma_threshold=5)["outlier"]
+    assert outliers.judge(on_trend + 0.005, 1e-4, next_t, window, sigma_threshold=5)["outlier"]
+
+
+def test_filter_does_not_refuse_a_result_whose_interval_reaches_the_prediction():
+    window = _window(10, noise=(1e-5, -1e-5))
+    assert not outliers.judge(0.006, 0.0049999, 1200.0, window, sigma_threshold=5)["outlier"]
+
+
+def test_filter_believes_a_new_level_after_three_outliers():
+    window = _window(10, noise=(1e-5, -1e-5))
+    first = outliers.judge(0.05, 1e-4, 1200.0, window, sigma_threshold=5, consecutive_outliers=0)
+    assert first["outlier"] and not first["reset"]
+    fourth = outliers.judge(0.05, 1e-4, 1200.0, window, sigma_threshold=5, consecutive_outliers=3)
+    assert not fourth["outlier"] and fourth["reset"]
+
+
+def test_the_homelab_sigma_lets_what_the_default_refuses_through():
+    window = _window(10, noise=(1e-5, -1e-5))  # residual scale ~15 us
+    assert outliers.judge(0.1, 1e-4, 1200.0, window, sigma_threshold=5.0)["outlier"]
+    assert not outliers.judge(0.1, 1e-4, 1200.0, window, sigma_threshold=10000.0)["outlier"]
+
+
