@@ -49,8 +49,11 @@ def deepest_rule(samples: list[dict]) -> dict | None:
             depth -= 1
     if best <= len(samples) / 2:
         return None
-    true = [s for s in samples if (s["offset_s"] - s["uncertainty_s"] <= low and s["offset_s"] + s["uncertainty_s"] >= high)
-            or (s["offset_s"] - s["uncertainty_s"] >= low and s["offset_s"] + s["uncertainty_s"] <= high)]
+    def bounds(s):
+        return s["offset_s"] - s["uncertainty_s"], s["offset_s"] + s["uncertainty_s"]
+
+    true = [s for s in samples if (bounds(s)[0] <= low and bounds(s)[1] >= high)
+            or (bounds(s)[0] >= low and bounds(s)[1] <= high)]
     return min(true, key=selection.best_key) if true else None
 
 
@@ -94,8 +97,10 @@ def main() -> None:
                     counts[name][0] += 1
                     counts[name][1] += abs(chosen["offset_s"] - truth) > chosen["uncertainty_s"]
         for name, (published, wrong) in counts.items():
-            print(f"  {n:2d} servers, {name:<8} rule{'':<23} {published:>10} {wrong:>10} ({wrong / max(1, published):6.2%})")
-    print(f"\n  {'all honest, internet-like (RTT 10..100 ms)':<46} {'uncertainty majority/deepest':>29} {'|error| deepest':>16} {'|error| majority':>17}")
+            share = wrong / max(1, published)
+            print(f"  {n:2d} servers, {name:<8} rule{'':<23} {published:>10} {wrong:>10} ({share:6.2%})")
+    print(f"\n  {'all honest, internet-like (RTT 10..100 ms)':<46} {'uncertainty majority/deepest':>29} "
+          f"{'|error| deepest':>16} {'|error| majority':>17}")
     for n in (4, 6, 10):
         ratios, err_deep, err_major = [], [], []
         for _ in range(args.rounds):
@@ -105,7 +110,8 @@ def main() -> None:
             err_deep.append(abs(deep["offset_s"]))
             err_major.append(abs(major["offset_s"]))
         ratios.sort()
-        print(f"  {n:2d} servers{'':<37} median {statistics.median(ratios):5.2f}x, p90 {ratios[int(.9 * len(ratios))]:5.2f}x"
+        p90 = ratios[int(.9 * len(ratios))]
+        print(f"  {n:2d} servers{'':<37} median {statistics.median(ratios):5.2f}x, p90 {p90:5.2f}x"
               f" {statistics.median(err_deep) * 1e3:11.2f} ms {statistics.median(err_major) * 1e3:12.2f} ms")
 
 

@@ -57,9 +57,8 @@ def main() -> None:
                                           "max_acceptable_uncertainty": 0.5, "max_retries": 1}},
             "ntp_service": {"key_prefix": "bench", "history_length": 100}}))
         config = config_mod.load(path)
-        from workers.app import worker_argv, workers_for_queue
         from workers import heartbeat
-        from workers.app import app, configure, queue_for
+        from workers.app import app, configure, queue_for, worker_argv, workers_for_queue
 
         configure(app, config.service)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -107,7 +106,8 @@ def main() -> None:
             stop_process(worker)
             sim.stop()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-          f"{args.runs} runs per command after 1 warm-up, 10 simulated servers (10..100 ms), each command a fresh process")
+          f"{args.runs} runs per command after 1 warm-up, 10 simulated servers (10..100 ms), "
+          "each command a fresh process")
     print(f"\n  {'command (wall time, spawn to exit)':<40} {'median':>9} {'max':>9}")
     for name, values in rows.items():
         print(f"  {name:<40} {statistics.median(values) * 1e3:7.0f} ms {max(values) * 1e3:7.0f} ms")

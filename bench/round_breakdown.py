@@ -50,8 +50,7 @@ def main() -> None:
             "ntp_service": {"key_prefix": "breakdown"}}))
         config = config_mod.load(path)
         from orchestrator import rounds
-        from workers.app import worker_argv, workers_for_queue
-        from workers.app import app, configure
+        from workers.app import app, configure, worker_argv, workers_for_queue
 
         configure(app, config.service)
         worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app",

@@ -128,7 +128,7 @@ def write_png(results, args) -> None:
     labels = {"sequential": "sequential (ntplib)", "threadpool": "ThreadPoolExecutor + ntplib",
               "pipeline": "chronotick-ntp pipeline"}
     fig, axes = plt.subplots(1, len(results), figsize=(11, 4.5), constrained_layout=True)
-    for ax, (set_name, data) in zip(axes, results.items()):
+    for ax, (set_name, data) in zip(axes, results.items(), strict=True):
         for x, (method, values) in enumerate(data["times"].items()):
             ms = [v * 1e3 for v in values]
             med = statistics.median(ms)
@@ -157,8 +157,7 @@ def run_set(tmp: Path, redis_url: str, delays, args):
                                       "max_acceptable_uncertainty": 0.5, "max_retries": 1}},
         "ntp_service": {"key_prefix": "bench", "history_length": 100}}))
     config = config_mod.load(path)
-    from workers.app import worker_argv, workers_for_queue
-    from workers.app import app, configure
+    from workers.app import app, configure, worker_argv, workers_for_queue
 
     configure(app, config.service)
     env = {**os.environ, "PYTHONPATH": str(REPO)}

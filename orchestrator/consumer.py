@@ -101,7 +101,7 @@ class Measurement:
 
     @classmethod
     def from_latest(cls, value: dict, *, stale_after_s: float = DEFAULT_STALE_AFTER_S,
-                    drift_bound: float = DRIFT_BOUND) -> "Measurement":
+                    drift_bound: float = DRIFT_BOUND) -> Measurement:
         """From a ``latest`` value as the service publishes it."""
         return cls(node=value["node"], offset=float(value["offset"]), uncertainty=float(value["uncertainty"]),
                    delay=float(value["delay"]), stratum=int(value["stratum"]), precision=float(value["precision"]),
@@ -179,7 +179,7 @@ class NtpReader:
         self._store = Store(self._client, prefix=prefix)
 
     @classmethod
-    def from_config(cls, path: str, **kwargs) -> "NtpReader":
+    def from_config(cls, path: str, **kwargs) -> NtpReader:
         """A reader for the service a config file describes (the environment's Redis URL wins)."""
         config = config_mod.load(path)
         kwargs.setdefault("stale_after_s", STALE_INTERVALS * config.timing.normal_interval_s)
@@ -188,7 +188,7 @@ class NtpReader:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "NtpReader":
+    def __enter__(self) -> NtpReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -278,7 +278,7 @@ class ClockMeasurementSource:
         self.node = node
 
     @classmethod
-    def from_config(cls, path: str, node: str, **kwargs) -> "ClockMeasurementSource":
+    def from_config(cls, path: str, node: str, **kwargs) -> ClockMeasurementSource:
         return cls(NtpReader.from_config(path, **kwargs), node)
 
     def start_collection(self) -> None:

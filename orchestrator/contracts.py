@@ -1,15 +1,15 @@
 """What the orchestrator writes and passes through Celery: round qualities, server statuses, round metadata.
 
-``str`` enums (see :class:`workers.contracts.StrEnum`): JSON as plain strings,
-equal to the strings they decode back to.
+``StrEnum``: JSON as plain strings, equal to the strings they decode back to.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
 
 from workers.config import NtpSettings, ntp_from_mapping
-from workers.contracts import StrEnum
 from workers.quality import Thresholds
 
 
@@ -63,13 +63,13 @@ class RoundMeta:
     def strict(self) -> Thresholds:
         return Thresholds.from_settings(self.ntp)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"round_id": self.round_id, "node": self.node, "dispatched_at": self.dispatched_at,
                 "deadline_at": self.deadline_at, "key_prefix": self.key_prefix,
                 "history_length": self.history_length, "ntp": self.ntp.as_mapping()}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RoundMeta":
+    def from_dict(cls, data: dict[str, Any]) -> RoundMeta:
         return cls(round_id=data["round_id"], node=data["node"], dispatched_at=data["dispatched_at"],
                    deadline_at=data["deadline_at"], key_prefix=data["key_prefix"],
                    history_length=data["history_length"],

@@ -9,6 +9,11 @@ from .contracts import Quality
 from .report import TARGETS
 
 
+def _ms(sample: dict, key: str, fmt: str = "{:.3f}") -> str:
+    """A sample's value in milliseconds, or ``-`` when the server gave none."""
+    return fmt.format(sample[key] * 1e3) if key in sample else "-"
+
+
 def format_round(record: dict) -> str:
     """A readable table of every server's outcome and the chosen measurement."""
     lines = [f"round {record['round_id']}  quality {record['quality']}  "
@@ -18,12 +23,12 @@ def format_round(record: dict) -> str:
              f"{'uncert ms':>9} {'str':>3}  reason"]
     for s in record["servers"]:
         sample = s.get("sample") or {}
-        num = (lambda key, scale=1e3, fmt="{:+.3f}": fmt.format(sample[key] * scale) if key in sample else "-")
         reason = s.get("reason") or ""
         if s.get("detail") and reason:
             reason = f"{reason} ({s['detail']})"
-        lines.append(f"  {s['server']:<28} {s['status']:<11} {s['attempts']:>5} {num('offset_s'):>11} "
-                     f"{num('delay_s', fmt='{:.3f}'):>9} {num('uncertainty_s', fmt='{:.3f}'):>9} "
+        offset = _ms(sample, "offset_s", "{:+.3f}")
+        lines.append(f"  {s['server']:<28} {s['status']:<11} {s['attempts']:>5} {offset:>11} "
+                     f"{_ms(sample, 'delay_s'):>9} {_ms(sample, 'uncertainty_s'):>9} "
                      f"{sample.get('stratum', '-'):>3}  {reason}")
     agreement = record.get("agreement")
     if agreement and agreement["majority"]:

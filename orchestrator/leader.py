@@ -73,7 +73,8 @@ class Lease:
         now = time.time()
         try:
             self.client.set(self.key + ":started_at", repr(now), nx=True)
-            return max(0.0, now - float(self.client.get(self.key + ":started_at")))
+            started = self.client.get(self.key + ":started_at")
+            return 0.0 if started is None else max(0.0, now - float(started))
         except (redis.RedisError, TypeError, ValueError):
             return 0.0
 

@@ -21,6 +21,7 @@ row the next result is accepted and the window starts again from it.
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 #: Below this many remembered results the filter accepts everything (as ChronoTick did).
 MIN_SAMPLES = 5
@@ -55,13 +56,13 @@ def judge(offset_s: float, uncertainty_s: float, measured_at: float, window: lis
     ``{"outlier": bool, "reset": bool, "predicted_s", "scale_s", "z"}`` --
     ``reset`` means the window should restart from this result.
     """
-    verdict = {"outlier": False, "reset": False, "predicted_s": None, "scale_s": None, "z": None}
+    verdict: dict[str, Any] = {"outlier": False, "reset": False, "predicted_s": None, "scale_s": None, "z": None}
     if len(window) < MIN_SAMPLES:
         return verdict
     times = [t for t, _ in window]
     offsets = [o for _, o in window]
     slope, intercept = _line(times, offsets)
-    residuals = [o - (slope * t + intercept) for t, o in zip(times, offsets)]
+    residuals = [o - (slope * t + intercept) for t, o in zip(times, offsets, strict=True)]
     centre = statistics.median(residuals)
     scale = max(MAD_TO_SIGMA * statistics.median(abs(r - centre) for r in residuals), SCALE_FLOOR_S)
     predicted = slope * measured_at + intercept + centre
@@ -82,5 +83,5 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     sxx = sum((x - mean_x) ** 2 for x in xs)
     if sxx == 0:
         return 0.0, mean_y
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx
     return slope, mean_y - slope * mean_x

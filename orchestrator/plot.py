@@ -13,7 +13,7 @@ Three panels from the round records of a window:
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import matplotlib
 
@@ -34,7 +34,7 @@ SERVER_LINEAR_RANGE_MS = 50.0
 
 
 def _time(unix_s: float) -> datetime:
-    return datetime.fromtimestamp(unix_s, tz=timezone.utc)
+    return datetime.fromtimestamp(unix_s, tz=UTC)
 
 
 def plot_node(records: list[dict], *, node: str, output: str, hours: float | None = None) -> None:
@@ -86,7 +86,7 @@ def plot_node(records: list[dict], *, node: str, output: str, hours: float | Non
         ax_servers.legend(loc="best", fontsize=7, ncol=2)
     ax_servers.grid(alpha=0.3)
     for ax in (ax_offset, ax_servers):
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=timezone.utc))
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=UTC))
         ax.set_xlabel("UTC")
 
     # 3. Round times against the targets.

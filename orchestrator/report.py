@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from .contracts import Quality
 from .store import round_counters
@@ -65,7 +66,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def node_report(records: list[dict], latest: dict | None, *, now: float, stale_after_s: float) -> dict:
+def node_report(records: list[dict[str, Any]], latest: dict[str, Any] | None, *, now: float,
+                stale_after_s: float) -> dict[str, Any]:
     """One node's figures against :data:`TARGETS`.
 
     Returns ``{"rounds", "latest_age_s", "stale", "ok", "targets": {name: {"value", "limit", "ok"}},
@@ -85,14 +87,18 @@ def node_report(records: list[dict], latest: dict | None, *, now: float, stale_a
         RETRY_RATE: _ratio(counts.get("retries", 0), counts.get("queries", 0)),
         REJECTION_RATE: _ratio(counts.get("rejected", 0), counts.get("replies", 0)),
     }
-    targets = {t.name: {"value": values[t.name], "limit": t.limit,
-                        "ok": values[t.name] is not None and values[t.name] <= t.limit} for t in TARGETS}
+    targets = {t.name: {"value": values[t.name], "limit": t.limit, "ok": _holds(values[t.name], t.limit)}
+               for t in TARGETS}
     age = None if latest is None else now - latest["measured_at"]
     stale = age is None or age > stale_after_s
     return {"rounds": len(records), "latest_age_s": age, "stale": stale, "stale_after_s": stale_after_s,
             "ok": not stale and all(t["ok"] for t in targets.values()), "targets": targets,
             "counts": {k: counts.get(k, 0) for k in ("strict", "relaxed", "starvation", "outlier", "queries",
                                                      "retries", "replies", "rejected")}}
+
+
+def _holds(value: float | None, limit: float) -> bool:
+    return value is not None and value <= limit
 
 
 def _ratio(part: int, whole: int) -> float:

@@ -11,7 +11,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from celery import chain, chord
 from celery.exceptions import TimeoutError as CeleryTimeout
@@ -23,8 +23,8 @@ from workers.config import Config
 from workers.tasks import describe, query_server
 
 from .contracts import RoundMeta
-from .store import UNANSWERED_DELAY_S, Store, client_for
 from .selection import flatten
+from .store import UNANSWERED_DELAY_S, Store, client_for
 from .tasks import CLOSED_BY_DEADLINE, finish, finish_round
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ def close(handle: RoundHandle) -> dict | None:
                 outcomes.extend(flatten([result.result]))
         except Exception as exc:  # a backend hiccup must not stop the round being closed
             log.warning("round %s: cannot read task %s (%s)", handle.round_id, result.id, exc)
+    assert handle.meta is not None, "a round is closed from its metadata"
     store = _store(handle.meta)
     record = finish(handle.meta, outcomes, store, closed_by=CLOSED_BY_DEADLINE)
     if record is None:
@@ -199,7 +200,7 @@ def build_round(config: Config, node: str, *, now: float | None = None,
                      ntp=config.ntp)
     # Messages still queued at the deadline are dropped by the worker unread:
     # a worker that comes back after an outage does not replay stale rounds.
-    expires = datetime.fromtimestamp(deadline_at, tz=timezone.utc)
+    expires = datetime.fromtimestamp(deadline_at, tz=UTC)
     if config.ntp.parallel_queries:
         if expected_delays:
             # Longest first: a worker starts tasks in the order they arrive,

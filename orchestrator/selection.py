@@ -32,10 +32,15 @@ publishing the tightest interval would publish a confident wrong value.
 
 from __future__ import annotations
 
+from typing import Any
+
 from workers.contracts import OutcomeStatus
 from workers.quality import Thresholds
 
 from .contracts import Quality, ServerStatus
+
+#: A sample, an outcome or a round's part of one, as the JSON it travels as.
+Json = dict[str, Any]
 
 STRICT, RELAXED, STARVATION = Quality.STRICT, Quality.RELAXED, Quality.STARVATION
 
@@ -51,18 +56,18 @@ REJECTED, FALSETICKER, FAILED = ServerStatus.REJECTED, ServerStatus.FALSETICKER,
 COMBINE_LIMIT = 3.0
 
 
-def best_key(sample: dict) -> tuple:
+def best_key(sample: Json) -> tuple[float, int, float, str]:
     """Sort key of the documented rule: uncertainty, then stratum, then delay."""
     return (sample["uncertainty_s"], sample["stratum"], sample["delay_s"], sample["server"])
 
 
-def unique_by_server(outcomes: list[dict]) -> list[dict]:
+def unique_by_server(outcomes: list[Json]) -> list[Json]:
     """One outcome per server: a redelivered task must not vote twice.
 
     A successful outcome wins over a failed one for the same server; among
     equals the first is kept.
     """
-    chosen: dict[str, dict] = {}
+    chosen: dict[str, Json] = {}
     for outcome in outcomes:
         server = outcome["server"]
         if server not in chosen or (chosen[server]["status"] != OutcomeStatus.OK
@@ -71,15 +76,15 @@ def unique_by_server(outcomes: list[dict]) -> list[dict]:
     return list(chosen.values())
 
 
-def flatten(results: list) -> list[dict]:
+def flatten(results: list[Any]) -> list[Json]:
     """Chord results: outcome dicts, or lists of them from a sequential chain."""
-    flat: list[dict] = []
+    flat: list[Json] = []
     for item in results:
         flat.extend(item if isinstance(item, list) else [item])
     return flat
 
 
-def intersect(samples: list[dict], groups: list[list[str]] | None = None) -> dict:
+def intersect(samples: list[Json], groups: list[list[str]] | None = None) -> Json:
     """The interval a majority of votes agrees on, and who can be honest.
 
     Each sample says "the true offset lies in [offset - uncertainty, offset +
@@ -109,7 +114,7 @@ def intersect(samples: list[dict], groups: list[list[str]] | None = None) -> dic
         return {"majority": False, "votes": 0, "needed": 1, "depth": 0, "interval": None, "deepest": [],
                 "ambiguous": False, "truechimers": [], "falsetickers": []}
     group_of = {server: i for i, members in enumerate(groups or []) for server in members}
-    voters: dict[object, dict] = {}
+    voters: dict[object, Json] = {}
     for sample in samples:
         key = ("group", group_of[sample["server"]]) if sample["server"] in group_of else sample["server"]
         if key not in voters or sample["uncertainty_s"] < voters[key]["uncertainty_s"]:
@@ -122,7 +127,7 @@ def intersect(samples: list[dict], groups: list[list[str]] | None = None) -> dic
                    + [(s["offset_s"] + s["uncertainty_s"], HIGH) for s in voters.values()])
     depth = best_depth = 0
     agreed_low = agreed_high = None
-    deepest: list[list[float]] = []
+    deepest: list[list[float | None]] = []
     for value, kind in edges:
         if kind == LOW:
             depth += 1
@@ -142,7 +147,8 @@ def intersect(samples: list[dict], groups: list[list[str]] | None = None) -> dic
         return {"majority": False, "votes": votes, "needed": needed, "depth": best_depth, "interval": None,
                 "deepest": deepest, "ambiguous": len(deepest) > 1, "truechimers": [],
                 "falsetickers": sorted(s["server"] for s in samples)}
-    truechimers, falsetickers = [], []
+    truechimers: list[str] = []
+    falsetickers: list[str] = []
     for s in samples:
         low, high = s["offset_s"] - s["uncertainty_s"], s["offset_s"] + s["uncertainty_s"]
         (truechimers if low <= agreed_high and high >= agreed_low else falsetickers).append(s["server"])
@@ -151,13 +157,13 @@ def intersect(samples: list[dict], groups: list[list[str]] | None = None) -> dic
             "truechimers": sorted(truechimers), "falsetickers": sorted(falsetickers)}
 
 
-def covering_uncertainty(sample: dict, interval: list[float]) -> float:
+def covering_uncertainty(sample: Json, interval: list[float]) -> float:
     """The sample's uncertainty, widened so that offset ± it covers ``interval`` (the agreed one)."""
     low, high = interval
-    return max(sample["uncertainty_s"], sample["offset_s"] - low, high - sample["offset_s"])
+    return float(max(sample["uncertainty_s"], sample["offset_s"] - low, high - sample["offset_s"]))
 
 
-def combine(samples: list[dict]) -> dict:
+def combine(samples: list[Json]) -> Json:
     """Weighted combination of ``samples`` (weights 1/uncertainty); see the module doc.
 
     The result looks like a sample: ``server`` is the primary (lowest
@@ -168,7 +174,7 @@ def combine(samples: list[dict]) -> dict:
     total = sum(weights)
 
     def mean(key: str) -> float:
-        return sum(w * s[key] for w, s in zip(weights, samples)) / total
+        return float(sum(w * s[key] for w, s in zip(weights, samples, strict=True)) / total)
 
     result = dict(primary)
     result.update(
@@ -184,8 +190,8 @@ def combine(samples: list[dict]) -> dict:
     return result
 
 
-def select(outcomes: list[dict], strict: Thresholds, *, enable_fallback: bool, method: str = BEST,
-           groups: list[list[str]] | None = None) -> dict:
+def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, method: str = BEST,
+           groups: list[list[str]] | None = None) -> Json:
     """Reject falsetickers, apply the strict then the relaxed gate, and choose.
 
     Parameters
@@ -231,7 +237,7 @@ def select(outcomes: list[dict], strict: Thresholds, *, enable_fallback: bool, m
     if passing:
         interval = agreement["interval"]
 
-        def published_key(sample: dict) -> tuple:
+        def published_key(sample: Json) -> tuple[float, float, int, float, str]:
             return (covering_uncertainty(sample, interval), *best_key(sample))
 
         if method == COMBINE:

@@ -33,7 +33,9 @@ One round's writes go in one MULTI/EXEC transaction, so a reader never sees a
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from functools import lru_cache
+from typing import Any, cast
 
 import redis
 
@@ -144,7 +146,7 @@ class Store:
         pipe.hdel(self.keys.open_rounds(node), record["round_id"])
         delays = expected_delays(record)
         if delays:
-            pipe.hset(self.keys.server_delay(node), mapping=delays)
+            pipe.hset(self.keys.server_delay(node), mapping=cast("Mapping[Any, Any]", delays))
         verdict = record.get("filter") or {}
         if latest is not None:
             if verdict.get("reset"):
@@ -191,8 +193,7 @@ class Store:
 
     def history(self, node: str, *, count: int = 10) -> list[dict]:
         """The newest ``count`` round records, newest first."""
-        entries = self.client.xrevrange(self.keys.history(node), count=count)
-        return [json.loads(_text(fields.get(b"record", fields.get("record")))) for _, fields in entries]
+        return _records(self.client.xrevrange(self.keys.history(node), count=count))
 
     def nodes(self) -> list[str]:
         return sorted(_text(n) for n in self.client.smembers(self.keys.nodes()))
@@ -218,10 +219,9 @@ class Store:
         """
         low = "-" if since is None else str(max(0, int((since - _STREAM_CLOCK_SLACK_S) * 1000)))
         if limit is None:
-            entries = self.client.xrange(self.keys.history(node), min=low)
+            records = _records(self.client.xrange(self.keys.history(node), min=low))
         else:
-            entries = list(reversed(self.client.xrevrange(self.keys.history(node), min=low, count=limit)))
-        records = [json.loads(_text(fields.get(b"record", fields.get("record")))) for _, fields in entries]
+            records = list(reversed(_records(self.client.xrevrange(self.keys.history(node), min=low, count=limit))))
         if since is not None:
             records = [r for r in records if r["finished_at"] >= since]
         return records
@@ -297,6 +297,11 @@ _STREAM_CLOCK_SLACK_S = 60.0
 _NO_REPLY_REASONS = frozenset({sanity.REASON_TIMEOUT, sanity.REASON_SOCKET_ERROR, sanity.REASON_DNS_ERROR,
                                REASON_ROUND_DEADLINE, REASON_NO_RESULT, REASON_KOD_BACKOFF,
                                REASON_KOD_DEMOBILISED})
+
+
+def _records(entries: Any) -> list[dict[str, Any]]:
+    """The round records of stream entries (``[(id, {"record": json})]``)."""
+    return [json.loads(_text(fields.get(b"record", fields.get("record")))) for _, fields in entries or ()]
 
 
 def _text(value) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+
 from celery.utils.log import get_task_logger
 
 from workers.app import app

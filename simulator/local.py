@@ -34,7 +34,7 @@ class RedisProcess:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "RedisProcess":
+    def start(self) -> RedisProcess:
         import redis
 
         self.process = subprocess.Popen(
@@ -58,7 +58,7 @@ class RedisProcess:
         if self.process:
             stop_process(self.process)
 
-    def __enter__(self) -> "RedisProcess":
+    def __enter__(self) -> RedisProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -137,7 +137,7 @@ class Behaviour:
             raise ValueError(f"kod {self.kod!r} is not one of {', '.join(KISS_CODES)}")
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Behaviour":
+    def from_dict(cls, data: dict) -> Behaviour:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - {"port"})
         if unknown:
@@ -188,7 +188,7 @@ class NtpSimulator:
 
     @classmethod
     def on_free_ports(cls, behaviours: list[Behaviour], *, host: str = "127.0.0.1",
-                      seed: int | None = None) -> "NtpSimulator":
+                      seed: int | None = None) -> NtpSimulator:
         """Servers on ports the kernel picks, kept bound from the start (not started yet).
 
         Unlike :func:`free_udp_ports`, there is no moment between choosing a
@@ -200,12 +200,12 @@ class NtpSimulator:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             sock.bind((host, 0))
             sockets.append(sock)
-        sim = cls({sock.getsockname()[1]: b for sock, b in zip(sockets, behaviours)}, host=host, seed=seed)
+        sim = cls({sock.getsockname()[1]: b for sock, b in zip(sockets, behaviours, strict=True)}, host=host, seed=seed)
         sim._bound = {sock.getsockname()[1]: sock for sock in sockets}
         return sim
 
     # -- life cycle -------------------------------------------------------
-    def start(self) -> "NtpSimulator":
+    def start(self) -> NtpSimulator:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         for port in self.behaviours:
             sock = self._bound.pop(port, None)
@@ -232,7 +232,7 @@ class NtpSimulator:
         self._stray.close()
         self._selector.close()
 
-    def __enter__(self) -> "NtpSimulator":
+    def __enter__(self) -> NtpSimulator:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -255,6 +255,7 @@ class NtpSimulator:
             if self._pending:
                 timeout = max(0.0, min(timeout, (self._pending[0][0] - time.monotonic_ns()) / 1e9))
             for key, _ in self._selector.select(timeout):
+                assert isinstance(key.fileobj, socket.socket)
                 self._receive(key.fileobj, key.data)
             now = time.monotonic_ns()
             while self._pending and self._pending[0][0] <= now:

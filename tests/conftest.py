@@ -146,7 +146,7 @@ def simulator():
     def start(named: dict[str, Behaviour]):
         sim = NtpSimulator.on_free_ports(list(named.values()), seed=1).start()
         started.append(sim)
-        return sim, {name: f"127.0.0.1:{port}" for name, port in zip(named, sim.behaviours)}
+        return sim, {name: f"127.0.0.1:{port}" for name, port in zip(named, sim.behaviours, strict=True)}
 
     yield start
     for sim in started:
@@ -185,8 +185,9 @@ def chronyd(tmp_path_factory):
     proc = subprocess.Popen([binary, "-x", "-d", *user, "-f", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=open(tmp / "chronyd.log", "wb"))
     address = f"127.0.0.1:{port}"
-    from workers.ntp.client import QueryFailed, exchange
     import socket
+
+    from workers.ntp.client import QueryFailed, exchange
 
     def answers():
         if proc.poll() is not None:

@@ -18,11 +18,11 @@ import hashlib
 import ipaddress
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit, quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
 
@@ -252,7 +252,7 @@ class Config:
 MIN_PUBLIC_POLL_S = 16.0
 
 
-def warnings_for(config: "Config") -> list[str]:
+def warnings_for(config: Config) -> list[str]:
     """Things that are allowed but unkind: polling public servers faster than RFC 4330 asks."""
     public = [s.name for s in config.ntp.servers if is_public(s.host)]
     found = []
@@ -275,7 +275,7 @@ def is_public(host: str) -> bool:
         return not (host == "localhost" or host.endswith((".local", ".lan", ".internal", ".localhost")))
 
 
-def load(path: str | os.PathLike, *, environ: dict[str, str] | None = None) -> Config:
+def load(path: str | os.PathLike, *, environ: Mapping[str, str] | None = None) -> Config:
     """Read, validate and resolve a configuration file.
 
     Parameters
@@ -304,7 +304,7 @@ def load(path: str | os.PathLike, *, environ: dict[str, str] | None = None) -> C
 
 
 def from_mapping(document: Any, *, source: str = "<config>",
-                 environ: dict[str, str] | None = None) -> Config:
+                 environ: Mapping[str, str] | None = None) -> Config:
     """Validate an already-parsed document (see :func:`load`)."""
     environ = os.environ if environ is None else environ
     if not isinstance(document, dict):
@@ -510,7 +510,7 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def service_from_environment(environ: dict[str, str] | None = None) -> ServiceSettings:
+def service_from_environment(environ: Mapping[str, str] | None = None) -> ServiceSettings:
     """The ``ntp_service`` settings of a process given no config file: Redis from the environment."""
     environ = os.environ if environ is None else environ
     return _parse_service({}, "$" + ENV_REDIS_URL, environ)
@@ -521,7 +521,7 @@ def is_valid_node_name(name: str) -> bool:
     return bool(name) and len(name) <= 64 and all(c.isalnum() or c in "-_." for c in name)
 
 
-def resolve_node(cli_value: str | None = None, *, environ: dict[str, str] | None = None) -> str:
+def resolve_node(cli_value: str | None = None, *, environ: Mapping[str, str] | None = None) -> str:
     """The node this process measures: ``--node``, else ``$CHRONOTICK_NODE``, else the host name.
 
     Raises ``ValueError`` for a name that cannot be a queue or key name.

@@ -1,25 +1,15 @@
 """What crosses Celery from a query task: its outcome, its sample, its attempts.
 
 Everything here travels as JSON, so the types are ``TypedDict`` (the dicts
-themselves, named) and ``str`` enums (rq's ``JobStatus`` style: a member *is*
+themselves, named) and ``StrEnum`` (rq's ``JobStatus`` style: a member *is*
 its string, so ``json.dumps`` writes ``"ok"`` and a decoded ``"ok"`` compares
 equal to :attr:`OutcomeStatus.OK`).
 """
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import NotRequired, TypedDict
-
-
-class StrEnum(str, Enum):
-    """A ``str`` enum whose ``str()`` and f-string form are its value (``"ok"``, not ``"OutcomeStatus.OK"``)."""
-
-    def __str__(self) -> str:
-        return str.__str__(self)
-
-    def __format__(self, spec: str) -> str:
-        return str.__format__(str.__str__(self), spec)
 
 
 class OutcomeStatus(StrEnum):

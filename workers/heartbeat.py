@@ -63,10 +63,10 @@ def live_workers(client: redis.Redis, queue: str) -> list[str]:
     for hostname in members:
         pipe.exists(worker_key(queue, hostname))
     alive = pipe.execute()
-    gone = [h for h, ok in zip(members, alive) if not ok]
+    gone = [h for h, ok in zip(members, alive, strict=True) if not ok]
     if gone:
         client.srem(index_key(queue), *gone)
-    return [h for h, ok in zip(members, alive) if ok]
+    return [h for h, ok in zip(members, alive, strict=True) if ok]
 
 
 class Heartbeat:
@@ -79,7 +79,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="chronotick-heartbeat", daemon=True)
 
-    def start(self) -> "Heartbeat":
+    def start(self) -> Heartbeat:
         self._thread.start()
         return self
 

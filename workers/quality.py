@@ -26,7 +26,7 @@ class Thresholds:
     min_stratum: int
     max_stratum: int
 
-    def relaxed(self, factor: float = RELAXED_FACTOR) -> "Thresholds":
+    def relaxed(self, factor: float = RELAXED_FACTOR) -> Thresholds:
         return Thresholds(self.max_delay_s * factor, self.max_uncertainty_s * factor,
                           self.min_stratum, self.max_stratum)
 
@@ -46,10 +46,10 @@ class Thresholds:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Thresholds":
+    def from_dict(cls, data: dict) -> Thresholds:
         return cls(**data)
 
     @classmethod
-    def from_settings(cls, ntp) -> "Thresholds":
+    def from_settings(cls, ntp) -> Thresholds:
         """The strict gate of a :class:`workers.config.NtpSettings`."""
         return cls(ntp.max_delay, ntp.max_acceptable_uncertainty, ntp.min_stratum, ntp.max_stratum)

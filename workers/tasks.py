@@ -24,7 +24,7 @@ from celery.utils.log import get_task_logger
 from . import kod, measure
 from .app import app
 from .config import ENV_NODE
-from .contracts import OutcomeDict, OutcomeStatus
+from .contracts import OutcomeStatus
 from .ntp.client import QueryFailed
 
 log = get_task_logger(__name__)
@@ -99,7 +99,7 @@ def query_server(self, *carried, job: dict, history: list | None = None):
                          job["server"], job["node"], attempt_no, len(waits) + 1, rejection.reason, wait_s)
                 raise self.retry(kwargs={"job": job, "history": history}, countdown=wait_s,
                                  max_retries=len(waits), argsrepr="()",
-                                 kwargsrepr=describe(job, attempt=attempt_no + 1))
+                                 kwargsrepr=describe(job, attempt=attempt_no + 1)) from None
         log.warning("[FAILED] %s for %s after %d attempt(s): %s", job["server"], job["node"],
                     attempt_no, rejection.reason)
         return _carry(carried, _failed(job, history, rejection.reason, rejection.detail,
@@ -109,9 +109,9 @@ def query_server(self, *carried, job: dict, history: list | None = None):
     if refusals:  # advanced mode: samples of this burst refused before one was kept
         entry["refusals"] = refusals
     history.append(entry)
-    return _carry(carried, {"summary": summarise_ok(sample, attempt_no), "status": OutcomeStatus.OK, "server": job["server"],
-                            "sample": sample, "attempts": attempt_no, "history": history,
-                            "worker": self.request.hostname})
+    return _carry(carried, {"summary": summarise_ok(sample, attempt_no), "status": OutcomeStatus.OK,
+                            "server": job["server"], "sample": sample, "attempts": attempt_no,
+                            "history": history, "worker": self.request.hostname})
 
 
 def summarise_ok(sample: dict, attempts: int) -> str:

@@ -16,8 +16,8 @@ import pytest
 import redis
 import yaml
 
-from simulator.local import RedisProcess, stop_process
 from orchestrator.store import Store
+from simulator.local import RedisProcess, stop_process
 from simulator.server import Behaviour
 from workers import config as config_mod
 
@@ -86,7 +86,7 @@ def test_three_nodes_one_beat_each_node_measured_by_its_own_worker(redis_url, si
         for record in records:
             # Every sample of node X's rounds was taken by node X's worker.
             assert {s["worker"].split("@")[0] for s in record["servers"]} == {node}, record["servers"]
-        gaps = [b["dispatched_at"] - a["dispatched_at"] for a, b in zip(records, records[1:])]
+        gaps = [b["dispatched_at"] - a["dispatched_at"] for a, b in zip(records, records[1:], strict=False)]
         assert all(interval - 0.4 <= g <= interval + 0.4 for g in gaps), (node, gaps)
         assert sum(gaps) / len(gaps) == pytest.approx(interval, abs=0.15), (node, gaps)
         assert store.latest(node)["round_id"] == records[-1]["round_id"]
@@ -289,7 +289,7 @@ def test_two_beats_one_dispatches_and_the_standby_takes_over(worker, redis_url, 
             stop_process(beat)
     records = sorted(store.history("testnode", count=100), key=lambda r: r["dispatched_at"])
     while_both = [r["dispatched_at"] for r in records if both_from <= r["dispatched_at"] <= killed_at]
-    gaps = [b - a for a, b in zip(while_both, while_both[1:])]
+    gaps = [b - a for a, b in zip(while_both, while_both[1:], strict=False)]
     assert len(while_both) >= 3 and min(gaps) > 0.6 * interval, gaps  # one beat's rounds, not two
     print(f"standby took over {took_over_in:.1f} s after the leader was killed (lease {lease_s:g} s)")
     assert took_over_in < lease_s + interval + 1.0

@@ -58,7 +58,8 @@ def test_secure_defaults(rendered):
     assert "--maxmemory-policy noeviction" in " ".join(rendered["redis"]["command"])
     assert [str(p) for p in rendered["flower"]["ports"]] == ["127.0.0.1:5555:5555/tcp"]  # loopback only
     assert rendered["flower"]["environment"]["FLOWER_BASIC_AUTH"] == SECRETS["FLOWER_BASIC_AUTH"]
-    assert "--allow-control" not in rendered["flower"]["command"] and "--insecure-no-auth" not in rendered["flower"]["command"]
+    command = rendered["flower"]["command"]
+    assert "--allow-control" not in command and "--insecure-no-auth" not in command
     text = COMPOSE.read_text()
     assert all(secret not in text for secret in SECRETS.values())
     # The Redis password reaches redis-server through a private file, never its argv.

@@ -5,10 +5,9 @@ import signal
 import pytest
 import redis
 
-from workers.app import workers_for_queue
 from simulator.local import stop_process
 from workers import heartbeat
-from workers.app import queue_for
+from workers.app import queue_for, workers_for_queue
 
 from ..conftest import TEST_NODE, start_worker, wait_for
 

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
+import workers.app
 from orchestrator import cli, rounds, selection
 from orchestrator.store import Store
 from simulator.server import Behaviour
-import workers.app
 from workers import config as config_mod
 
 from ..conftest import TEST_NODE, write_config
@@ -130,7 +130,7 @@ def test_retry_schedule_follows_the_configured_waits(worker, simulator, tmp_path
     starts = [a["started_at"] for a in flaky["history"]]
     # Attempt k+1 starts one timeout plus the k-th wait after attempt k: waits 0.4 s, then 0.8 s.
     # Late by up to 0.4 s on a busy machine, never early: 0.4 s vs 0.8 s stays distinguishable.
-    for gap, wait in zip((starts[1] - starts[0], starts[2] - starts[1]), (retry_delay, 2 * retry_delay)):
+    for gap, wait in zip((starts[1] - starts[0], starts[2] - starts[1]), (retry_delay, 2 * retry_delay), strict=True):
         assert wait + 0.2 <= gap < wait + 0.2 + 0.4, (starts, gap, wait)
 
 
@@ -142,7 +142,7 @@ def test_sequential_mode_queries_one_server_after_another(worker, simulator, tmp
     assert record["servers_used"] == 3
     arrivals = sorted(t for stats in sim.stats.values() for t in stats.arrivals_ns)
     # Each request went out only after the previous server's 50 ms reply.
-    assert all(b - a >= 0.045e9 for a, b in zip(arrivals, arrivals[1:])), arrivals
+    assert all(b - a >= 0.045e9 for a, b in zip(arrivals, arrivals[1:], strict=False)), arrivals
 
 
 def test_measure_without_a_worker_exits_3_and_says_so(redis_url, simulator, tmp_path, key_prefix, capsys):

@@ -37,9 +37,9 @@ def test_beat_runs_warm_up_then_normal_rounds(worker, simulator, tmp_path, key_p
         thread.join(timeout=5)
     records = sorted(store.history(TEST_NODE, count=50), key=lambda r: r["dispatched_at"])
     starts = [r["dispatched_at"] - records[0]["dispatched_at"] for r in records]
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
-    warm = [g for s, g in zip(starts, gaps) if s < 0.9]
-    normal = [g for s, g in zip(starts, gaps) if s >= 1.1]
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    warm = [g for s, g in zip(starts, gaps, strict=False) if s < 0.9]
+    normal = [g for s, g in zip(starts, gaps, strict=False) if s >= 1.1]
     # The scheduler keeps its phase, so one late dispatch shortens the next gap: check each gap
     # loosely and their mean tightly.
     assert warm and all(0.05 <= g <= 0.5 for g in warm), gaps

@@ -68,8 +68,9 @@ def _leaves(node, path=""):
 
 
 def test_shipped_configs_hold_no_secrets():
-    import yaml
     from urllib.parse import urlsplit
+
+    import yaml
 
     for path in (REPO / "configs").glob("*.yaml"):
         for where, value in _leaves(yaml.safe_load(path.read_text())):

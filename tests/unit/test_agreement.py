@@ -1,6 +1,5 @@
 """The agreement (falsetickers, groups, the published bound) and combining: pure logic, against a brute force."""
 
-import math
 import random
 
 import pytest

@@ -3,10 +3,10 @@
 import json
 
 from orchestrator import contracts as orchestrator_contracts
+from orchestrator.contracts import Quality, ServerStatus
 from workers import kod, measure, tasks
 from workers.contracts import OutcomeStatus
 from workers.ntp import sanity
-from orchestrator.contracts import Quality, ServerStatus
 
 
 def test_every_reason_constant_is_named_after_its_value():

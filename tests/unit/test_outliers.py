@@ -1,6 +1,5 @@
 """The temporal filter (orchestrator/outliers.py): pure logic."""
 
-import pytest
 
 from orchestrator import outliers
 

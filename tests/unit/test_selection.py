@@ -58,7 +58,8 @@ def test_all_failed_is_starvation_with_reasons():
 
 
 def test_duplicate_outcomes_count_once():
-    outcomes = [ok("a", delay=0.01, unc=0.005), ok("a", delay=0.01, unc=0.004), failed("b"), ok("b", delay=0.02, unc=0.006)]
+    outcomes = [ok("a", delay=0.01, unc=0.005), ok("a", delay=0.01, unc=0.004), failed("b"),
+                ok("b", delay=0.02, unc=0.006)]
     result = selection.select(outcomes, STRICT, enable_fallback=True)
     assert len(result["servers"]) == 2
     assert result["servers_used"] == 2  # b's success wins over its duplicate failure

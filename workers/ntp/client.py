@@ -25,6 +25,7 @@ import struct
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from . import packet, sanity
 from .sanity import Rejection
@@ -86,7 +87,7 @@ class Sample:
         """The instant the offset refers to: the midpoint of t1 and t4 (Unix s)."""
         return (self.t1_ns + self.t4_ns) / 2 / packet.NS_PER_S
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["measured_at"] = self.measured_at
         return data
@@ -104,7 +105,7 @@ def root_distance_s(*, delay_s: float, root_delay_s: float, root_dispersion_s: f
     return delay_s / 2 + root_delay_s / 2 + root_dispersion_s + epsilon
 
 
-def resolve(host: str, port: int) -> tuple[int, tuple]:
+def resolve(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
     """Resolve ``host`` to one UDP address (the first the resolver prefers).
 
     Raises :class:`QueryFailed` with reason ``dns_error``.  The caller bounds
@@ -118,7 +119,7 @@ def resolve(host: str, port: int) -> tuple[int, tuple]:
     return family, sockaddr
 
 
-def exchange(server: str, family: int, sockaddr: tuple, *, timeout_s: float,
+def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: float,
              max_root_delay_s: float = sanity.DEFAULT_MAX_ROOT_S,
              max_root_dispersion_s: float = sanity.DEFAULT_MAX_ROOT_S) -> Sample:
     """Do one request/reply exchange on a fresh UDP socket.
@@ -165,7 +166,7 @@ def exchange(server: str, family: int, sockaddr: tuple, *, timeout_s: float,
                 sock.settimeout(remaining)
                 try:
                     data, ancdata, _flags, source = sock.recvmsg(512, ANCILLARY_SIZE)
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 mono4_ns = time.monotonic_ns()
                 wall4_ns = time.time_ns()
@@ -239,10 +240,10 @@ def enable_kernel_timestamps(sock: socket.socket) -> bool:
     return True
 
 
-def kernel_rx_ns(ancdata: list) -> int | None:
+def kernel_rx_ns(ancdata: list[tuple[int, int, bytes]]) -> int | None:
     """The kernel's receive time (Unix ns) from ``recvmsg`` ancillary data, if present."""
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
             sec, nsec = _TIMESPEC.unpack_from(payload)
-            return sec * packet.NS_PER_S + nsec
+            return int(sec) * packet.NS_PER_S + int(nsec)
     return None

@@ -96,7 +96,7 @@ class Reply:
         if self.stratum <= 1:
             raw = self.ref_id.to_bytes(4, "big")
             return "".join(chr(b) for b in raw if 32 < b < 127)
-        return ntplib.ref_id_to_text(self.ref_id, self.stratum)
+        return str(ntplib.ref_id_to_text(self.ref_id, self.stratum))
 
 
 class MalformedPacket(ValueError):
