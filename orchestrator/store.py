@@ -33,7 +33,7 @@ One round's writes go in one MULTI/EXEC transaction, so a reader never sees a
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any, cast
 
@@ -126,8 +126,48 @@ class Store:
         self.client = client
         self.keys = Keys(prefix)
 
+    def finish_round(self, node: str, round_id: str, build: Callable[[list[list[float]], int], dict], *,
+                     history_length: int, window_size: int) -> dict | None:
+        """Finish a round once, atomically: claim it and publish it in one transaction.
+
+        ``build(window, consecutive_outliers)`` makes the record from the
+        node's temporal-filter state.  The claim key is WATCHed: if anyone
+        claims the round first (a redelivered callback, the deadline closer),
+        this returns ``None`` and writes nothing.  Otherwise the claim,
+        ``latest``, the history entry, the counters and the ``updates``
+        message go in one MULTI/EXEC -- all of them or none, so a connection
+        lost on the way leaves the round unclaimed for the closer to publish.
+        """
+        claim = self.keys.round_claim(node, round_id)
+        with self.client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(claim)
+                if pipe.exists(claim):
+                    return None
+                window = [json.loads(item) for item in pipe.lrange(self.keys.filter_window(node), 0, -1)]
+                consecutive = int(pipe.hget(self.keys.filter_state(node), "consecutive_outliers") or 0)
+                record = build(window, consecutive)
+                pipe.multi()
+                pipe.set(claim, "1", ex=ROUND_CLAIM_TTL_S)
+                self._queue_publish(pipe, record, history_length=history_length, window_size=window_size)
+                pipe.execute()
+            except redis.WatchError:
+                # Someone claimed it first -- or the connection broke while watching (redis-py says
+                # WatchError for both).  Only the claim tells them apart.
+                if self.client.exists(claim):
+                    return None
+                raise redis.ConnectionError(f"lost Redis while finishing round {round_id}; nothing was "
+                                            "written, the round stays open for the closer") from None
+        return record
+
     def publish_round(self, record: dict, *, history_length: int, window_size: int) -> None:
-        """Store a finished round: its record always, its measurement if it has one.
+        """Store a round's record (and measurement) without a claim: for tools and tests."""
+        pipe = self.client.pipeline(transaction=True)
+        self._queue_publish(pipe, record, history_length=history_length, window_size=window_size)
+        pipe.execute()
+
+    def _queue_publish(self, pipe, record: dict, *, history_length: int, window_size: int) -> None:
+        """Queue a finished round's writes: its record always, its measurement if it has one.
 
         ``record["latest"]`` is the new ``latest`` value, or ``None`` on
         starvation -- then the previous ``latest`` stays untouched, with its
@@ -135,7 +175,6 @@ class Store:
         """
         node = record["node"]
         latest = record.get("latest")
-        pipe = self.client.pipeline(transaction=True)
         if latest is not None:
             payload = json.dumps(latest, sort_keys=True)
             pipe.set(self.keys.latest(node), payload)
@@ -162,7 +201,6 @@ class Store:
         for field in duration_fields(record["duration_s"]):
             pipe.hincrby(duration_key, field, 1)
         pipe.hincrbyfloat(duration_key, "sum", record["duration_s"])
-        pipe.execute()
 
     def open_round(self, node: str, round_id: str, entry: dict) -> None:
         """Remember a dispatched round until it is finished (see :func:`orchestrator.rounds.close`)."""
@@ -174,9 +212,9 @@ class Store:
     def forget_open_round(self, node: str, round_id: str) -> None:
         self.client.hdel(self.keys.open_rounds(node), round_id)
 
-    def claim_round(self, node: str, round_id: str) -> bool:
-        """True for the first caller only: the one that may publish this round."""
-        return bool(self.client.set(self.keys.round_claim(node, round_id), "1", nx=True, ex=ROUND_CLAIM_TTL_S))
+    def round_finished(self, node: str, round_id: str) -> bool:
+        """Whether someone finished this round (its claim is set in the same transaction as its record)."""
+        return bool(self.client.exists(self.keys.round_claim(node, round_id)))
 
     def round_record(self, node: str, round_id: str, *, search: int = 50) -> dict | None:
         """A recent round's record, looked up by id in the history stream."""

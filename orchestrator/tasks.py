@@ -65,13 +65,16 @@ def finish(meta: RoundMeta, outcomes: list[dict], store: Store, *, closed_by: st
     both come here; whichever claims the round first publishes it, so a
     redelivered callback or a late one after the closer counts nothing twice.
     """
-    if not store.claim_round(meta.node, meta.round_id):
+    def build(window: list[list[float]], consecutive: int) -> dict:
+        record = build_record(meta, outcomes, finished_at=time.time(), window=window,
+                              consecutive_outliers=consecutive)
+        record["closed_by"] = closed_by
+        return record
+
+    record = store.finish_round(meta.node, meta.round_id, build, history_length=meta.history_length,
+                                window_size=meta.ntp.outlier_window_size)
+    if record is None:
         return None
-    window, consecutive = store.filter_state(meta.node)
-    record = build_record(meta, outcomes, finished_at=time.time(), window=window,
-                          consecutive_outliers=consecutive)
-    record["closed_by"] = closed_by
-    store.publish_round(record, history_length=meta.history_length, window_size=meta.ntp.outlier_window_size)
     chosen = record["latest"]
     if record["quality"] == "outlier":
         log.warning("[NTP_OUTLIER] %s round %s: %s is %.1f sigma from the recent results; not published",

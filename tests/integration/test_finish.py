@@ -1,0 +1,116 @@
+"""Finishing a round is one atomic Redis step: a connection lost at the worst moment loses nothing."""
+
+import socket
+import threading
+import uuid
+
+import pytest
+import redis
+from celery.result import AsyncResult
+
+from orchestrator import rounds
+from orchestrator.store import Store
+from orchestrator.tasks import CLOSED_BY_CALLBACK, CLOSED_BY_DEADLINE, finish
+from workers import config as config_mod
+from workers.app import app
+
+from ..conftest import write_config
+from ..unit.samples import ok
+
+pytestmark = pytest.mark.integration
+
+
+class CuttingProxy:
+    """A TCP proxy to Redis on loopback that cuts the connection instead of forwarding an ``EXEC``."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source, sink, from_client):
+        try:
+            while data := source.recv(65536):
+                if from_client and b"\r\nEXEC\r\n" in data:
+                    self.cut.set()
+                    break  # the commands queued after MULTI never run
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_connection_lost_at_exec_leaves_the_round_for_the_closer(redis_server, redis_client, tmp_path,
+                                                                    key_prefix):
+    node = f"cut-{uuid.uuid4().hex[:6]}"
+    path = write_config(tmp_path, ["127.0.0.1:9", "127.0.0.1:10"], key_prefix=key_prefix)
+    _, meta = rounds.build_round(config_mod.load(path), node)
+    outcomes = [ok("127.0.0.1:9", delay=0.01, unc=0.005), ok("127.0.0.1:10", delay=0.02, unc=0.006)]
+    proxy = CuttingProxy(redis_server.port)
+    try:
+        cut_store = Store(redis.Redis(port=proxy.port, socket_timeout=5), prefix=key_prefix)
+        with pytest.raises(redis.ConnectionError):
+            finish(meta, outcomes, cut_store, closed_by=CLOSED_BY_CALLBACK)
+        assert proxy.cut.is_set()
+    finally:
+        proxy.close()
+    store = Store(redis_client, prefix=key_prefix)
+    # Nothing half-written: no claim that would stop the closer, no latest, no history, no counts.
+    assert not redis_client.exists(store.keys.round_claim(node, meta.round_id))
+    assert store.latest(node) is None and store.history(node) == [] and store.stats(node)["rounds"] == 0
+
+    handle = rounds.RoundHandle(round_id=meta.round_id, node=node, deadline_at=meta.deadline_at,
+                                result=AsyncResult(str(uuid.uuid4()), app=app), meta=meta, header_ids=())
+    record = rounds.close(handle)
+    assert record is not None and record["closed_by"] == CLOSED_BY_DEADLINE
+    assert [r["round_id"] for r in store.history(node)] == [meta.round_id]
+    assert store.stats(node)["rounds"] == 1
+    # And once finished, nobody finishes it again.
+    assert finish(meta, outcomes, store, closed_by=CLOSED_BY_CALLBACK) is None
+    assert len(store.history(node)) == 1
+
+
+def test_celery_results_are_gone_or_expiring_soon_after_a_round(worker, simulator, tmp_path, key_prefix,
+                                                                redis_client):
+    from simulator.server import Behaviour
+    from workers.app import RESULT_EXPIRES_S
+
+    from ..conftest import TEST_NODE, wait_for
+
+    _, servers = simulator({"a": Behaviour(delay_s=0.002), "b": Behaviour(delay_s=0.003)})
+    config = config_mod.load(write_config(tmp_path, list(servers.values()), key_prefix=key_prefix))
+    waited = rounds.dispatch(config, TEST_NODE)
+    ids = [r.id for r in waited.header_results()] + [waited.result.id]
+    assert waited.wait() is not None
+    # Whoever waited for the round forgot its results: the record in history replaces them.
+    assert not any(redis_client.exists(f"celery-task-meta-{i}") for i in ids)
+
+    unwatched = rounds.dispatch(config, TEST_NODE)
+    ids = [r.id for r in unwatched.header_results()] + [unwatched.result.id]
+    wait_for(unwatched.ready, what="the round to finish")
+    wait_for(lambda: all(redis_client.exists(f"celery-task-meta-{i}") for i in ids), what="results stored")
+    # Nobody forgot these: they expire within RESULT_EXPIRES_S (10 minutes), not a day or an hour.
+    ttls = [redis_client.ttl(f"celery-task-meta-{i}") for i in ids]
+    assert all(0 < ttl <= RESULT_EXPIRES_S <= 600 for ttl in ttls), ttls
+    unwatched.detach()
+    assert not any(redis_client.exists(f"celery-task-meta-{i}") for i in ids)
