@@ -69,43 +69,58 @@ class RoundHandle:
         return list(getattr(parent, "results", None) or [parent])
 
     def detach(self) -> None:
-        """Stop listening for this round's results in this process.
+        """Forget this round's Celery results: call it once the round is finished or closed.
 
-        Celery's Redis backend subscribes the sender to every task's result
-        channel; a scheduler that never waits would collect subscriptions
-        forever.  :meth:`ready` still works (it reads the stored result).
+        Celery's Redis backend subscribes the sending process to every task's
+        result channel; a beat that never waited would collect subscriptions
+        forever.  ``AsyncResult.forget()`` (public) ends them and deletes the
+        stored results, which the round's record in history has replaced --
+        so only after :meth:`ready`, :meth:`wait` or :func:`close`: a closer
+        reads the header results first.
         """
-        results = [self.result, *self.header_results()]
-        if self.result.parent is not None:
-            results.append(self.result.parent)
+        self.result.forget()  # the callback's result, and through .parent the header group's
+        for result in self.header_results():  # a handle rebuilt from Redis has no .parent
+            result.forget()
+
+    def release(self) -> None:
+        """Stop listening for this round's results without forgetting them: it may still be closed.
+
+        For a process that stops with rounds in flight.  Celery keeps waiters
+        of its own on these ids (the chord's group barrier) and would
+        unsubscribe from their finalisers while the interpreter shuts down;
+        ``cancel_for`` ends each subscription now, by id, so they find
+        nothing left to do.
+        """
         backend = self.result.backend
-        pending = getattr(backend, "_pending_results", None)
-        for result in results:
-            backend.remove_pending_result(result)
-            # Celery 5.7 keys waiters by object identity, and the chord's group
-            # barrier registers waiters of its own that no public call reaches;
-            # drop every waiter on these ids so the subscription really ends.
-            if pending is not None:
-                for mapping in pending:
-                    mapping.pop(result.id, None)
+        for result in (self.result, self.result.parent, *self.header_results()):
+            if result is None:
+                continue
+            try:
+                backend.remove_pending_result(result)
                 backend.result_consumer.cancel_for(result.id)
+            except Exception as exc:  # Redis away: the subscription dies with the connection
+                log.debug("round %s: %s", self.round_id, exc)
 
     def ready(self) -> bool:
-        return self.result.ready()
+        """Whether the round is finished (by its callback or a closer): its claim key, one EXISTS."""
+        if self.meta is None:
+            return bool(self.result.ready())
+        return _store(self.meta).round_finished(self.node, self.round_id)
 
     def wait(self, *, grace_s: float = CLOSE_GRACE_S) -> dict | None:
-        """The round record, or ``None`` if the callback has not run by the deadline (+ grace)."""
+        """The round record, or ``None`` if the callback has not run by the deadline (+ grace).
+
+        On ``None`` the caller should :func:`close` the round.
+        """
         timeout = max(0.1, self.deadline_at + grace_s - time.time())
         try:
             record = self.result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
         except CeleryTimeout:
-            self.detach()  # given up on: stop listening for it
-            return None
+            return None  # the caller closes it (close() reads the header results, then detaches)
         except Exception as exc:  # the chord failed (a header revoked or expired): close it instead
             log.warning("round %s: callback failed (%s: %s)", self.round_id, type(exc).__name__, exc)
-            self.detach()
             return None
-        self.detach()  # done with this round: drop the header tasks' subscriptions too
+        self.detach()  # done with this round: its results are in history now
         if record.get("duplicate"):
             return self.stored_record()
         return record

@@ -94,6 +94,8 @@ class Scheduler:
             if self.lease is not None:
                 wake = min(wake, self.lease.ttl_s / 3)  # renew well before the lease lapses
             self._stop.wait(max(0.01, wake))
+        for handle in self.in_flight.values():
+            handle.release()  # still open in Redis for whoever closes it; just stop listening
         if self.lease is not None and self.leading:
             self.lease.release()  # hand over at once rather than after the time to live
 
@@ -119,10 +121,11 @@ class Scheduler:
         for node, handle in list(self.in_flight.items()):
             try:
                 if handle.ready():
+                    handle.detach()
                     del self.in_flight[node]
                 elif time.time() >= handle.close_at:
+                    record = rounds.close(handle)  # on a Redis error it stays in flight, to try again
                     del self.in_flight[node]
-                    record = rounds.close(handle)
                     self.closed[node] += 1
                     if record is not None:
                         log.warning("[CLOSED] %s: round %s closed at its deadline (%s)", node,
@@ -162,8 +165,6 @@ class Scheduler:
             return
         try:
             handle = self._dispatch(self.config, node)
-            if hasattr(handle, "detach"):
-                handle.detach()
             self.in_flight[node] = handle
             self.dispatched[node] += 1
             log.info("[ROUND] %s: dispatched %s", node, self.in_flight[node].round_id)

@@ -58,7 +58,7 @@ def test_a_node_whose_round_is_still_running_is_skipped(tmp_path):
                    "normal_operation": {"measurement_interval": 0.05}}}}, environ={})
 
     class PendingRound(rounds.RoundHandle):
-        def detach(self):
+        def release(self):
             pass
 
         def ready(self):
@@ -113,3 +113,33 @@ def test_a_round_left_open_by_another_process_is_closed_by_the_beat(redis_url, s
     record = store.round_record(node, orphan.round_id)
     assert record["closed_by"] == "deadline" and record["finished_at"] >= orphan.close_at
     assert store.stats(node)["rounds"] == 2  # the orphan and the scheduler's own round, each once
+
+
+def test_the_beat_does_not_collect_result_subscriptions(worker, simulator, tmp_path, key_prefix, redis_client):
+    """Every round a process sends subscribes it to 3 result channels; the beat forgets them when the round ends."""
+    _, servers = simulator({"s": Behaviour(delay_s=0.002), "t": Behaviour(delay_s=0.003)})
+    path = tmp_path / "beat.yaml"
+    path.write_text(yaml.safe_dump({
+        "clock_measurement": {
+            "ntp": {"servers": list(servers.values()), "timeout_seconds": 0.3, "retry_delay": 0.1},
+            "timing": {"warm_up": {"duration_seconds": 0, "measurement_interval": 1},
+                       "normal_operation": {"measurement_interval": 0.2}}},
+        "ntp_service": {"key_prefix": key_prefix, "nodes": [TEST_NODE]}}))
+    config = config_mod.load(path)
+
+    def subscriptions():
+        return sum(int(c.get("sub", 0)) for c in redis_client.client_list())
+
+    before = subscriptions()
+    scheduler = Scheduler(config, list(config.service.nodes))
+    thread = threading.Thread(target=scheduler.run, daemon=True)
+    thread.start()
+    store = Store(redis_client, prefix=key_prefix)
+    try:
+        wait_for(lambda: store.stats(TEST_NODE)["rounds"] >= 12, timeout_s=30, what="twelve scheduled rounds")
+        during = subscriptions()
+    finally:
+        scheduler.stop()
+        thread.join(timeout=5)
+    # At most the round in flight (3 channels); without forgetting it would be 3 per round sent (36+).
+    assert during - before <= 3, (before, during)
