@@ -5,7 +5,7 @@ Shared by the command line and the demo, so both print the same tables.
 
 from __future__ import annotations
 
-from .contracts import Quality
+from .contracts import Quality, ServerStatus
 from .report import TARGETS
 
 
@@ -31,11 +31,12 @@ def format_round(record: dict) -> str:
                      f"{_ms(sample, 'delay_s'):>9} {_ms(sample, 'uncertainty_s'):>9} "
                      f"{sample.get('stratum', '-'):>3}  {reason}")
     agreement = record.get("agreement")
+    falsetickers = [s["server"] for s in record["servers"] if s["status"] == ServerStatus.FALSETICKER]
     if agreement and agreement["majority"]:
         low, high = agreement["interval"]
         lines.append(f"agreement: {agreement['depth']} of {agreement['votes']} votes on "
                      f"{low * 1e3:+.3f}..{high * 1e3:+.3f} ms"
-                     + (f"; falsetickers: {', '.join(agreement['falsetickers'])}" if agreement["falsetickers"] else ""))
+                     + (f"; falsetickers: {', '.join(falsetickers)}" if falsetickers else ""))
     elif agreement:
         lines.append(f"agreement: none -- no majority of {agreement['votes']} votes agrees; nothing published")
     latest = record.get("latest")

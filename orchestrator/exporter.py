@@ -22,6 +22,7 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from . import records
 from .contracts import Quality
 from .store import COUNTERS, ROUND_DURATION_BUCKETS_S, Keys
 
@@ -89,7 +90,7 @@ class NtpCollector(Collector):
                 "latest": json.loads(latest) if latest else None,
                 "stats": {_text(k): int(v) for k, v in stats.items()},
                 "durations": {_text(k): float(v) for k, v in durations.items()},
-                "record": json.loads(_text(_field(newest[0][1], "record"))) if newest else None,
+                "record": records.expand(json.loads(_text(_field(newest[0][1], "record")))) if newest else None,
             }
         return snapshot
 

@@ -72,7 +72,7 @@ def plot_node(records: list[dict], *, node: str, output: str, hours: float | Non
             sample = s.get("sample")
             if sample:
                 xs, ys = per_server.setdefault(s["server"], ([], []))
-                xs.append(_time(sample["measured_at"]))
+                xs.append(_time(sample.get("measured_at", r["dispatched_at"])))  # compact: the round's time
                 ys.append(sample["offset_s"] * 1e3)
     for server, (xs, ys) in sorted(per_server.items()):
         ax_servers.plot(xs, ys, ".-", ms=3, lw=0.6, label=server)

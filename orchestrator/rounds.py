@@ -212,6 +212,7 @@ def build_round(config: Config, node: str, *, now: float | None = None,
             for s in config.ntp.servers]
     meta = RoundMeta(round_id=round_id, node=node, dispatched_at=now, deadline_at=deadline_at,
                      key_prefix=config.service.key_prefix, history_length=config.service.history_length,
+                     history_hours=config.service.history_hours, record_detail=config.service.record_detail,
                      ntp=config.ntp)
     # Messages still queued at the deadline are dropped by the worker unread:
     # a worker that comes back after an outage does not replay stale rounds.

@@ -43,11 +43,16 @@ from workers.kod import REASON_KOD_BACKOFF, REASON_KOD_DEMOBILISED
 from workers.measure import REASON_ROUND_DEADLINE
 from workers.ntp import sanity
 
+from . import records
 from .contracts import REASON_NO_RESULT, ServerStatus
 
-#: How long a round's "already finished" mark is kept: far longer than any
-#: redelivery or late callback (s).
-ROUND_CLAIM_TTL_S = 86_400
+#: How long round records are kept by default (h): ``ntp_service.history_hours``.
+DEFAULT_HISTORY_HOURS = 24.0
+
+#: How long a round's "already finished" mark is kept (s): twice the broker's
+#: visibility timeout (workers.app.VISIBILITY_TIMEOUT_S, 1 h), after which an
+#: unacknowledged callback could at the latest be delivered again.
+ROUND_CLAIM_TTL_S = 7_200
 
 #: Counters every node's stats hash has (zero until first counted).
 COUNTERS = ("rounds", "strict", "relaxed", "starvation", "outlier", "queries", "retries", "replies",
@@ -127,7 +132,8 @@ class Store:
         self.keys = Keys(prefix)
 
     def finish_round(self, node: str, round_id: str, build: Callable[[list[list[float]], int], dict], *,
-                     history_length: int, window_size: int) -> dict | None:
+                     history_length: int, window_size: int, history_hours: float = DEFAULT_HISTORY_HOURS,
+                     detail: str = records.COMPACT) -> dict | None:
         """Finish a round once, atomically: claim it and publish it in one transaction.
 
         ``build(window, consecutive_outliers)`` makes the record from the
@@ -149,7 +155,8 @@ class Store:
                 record = build(window, consecutive)
                 pipe.multi()
                 pipe.set(claim, "1", ex=ROUND_CLAIM_TTL_S)
-                self._queue_publish(pipe, record, history_length=history_length, window_size=window_size)
+                self._queue_publish(pipe, record, history_length=history_length, window_size=window_size,
+                                    history_hours=history_hours, detail=detail)
                 pipe.execute()
             except redis.WatchError:
                 # Someone claimed it first -- or the connection broke while watching (redis-py says
@@ -160,13 +167,16 @@ class Store:
                                             "written, the round stays open for the closer") from None
         return record
 
-    def publish_round(self, record: dict, *, history_length: int, window_size: int) -> None:
+    def publish_round(self, record: dict, *, history_length: int, window_size: int,
+                      history_hours: float = DEFAULT_HISTORY_HOURS, detail: str = records.COMPACT) -> None:
         """Store a round's record (and measurement) without a claim: for tools and tests."""
         pipe = self.client.pipeline(transaction=True)
-        self._queue_publish(pipe, record, history_length=history_length, window_size=window_size)
+        self._queue_publish(pipe, record, history_length=history_length, window_size=window_size,
+                            history_hours=history_hours, detail=detail)
         pipe.execute()
 
-    def _queue_publish(self, pipe, record: dict, *, history_length: int, window_size: int) -> None:
+    def _queue_publish(self, pipe, record: dict, *, history_length: int, window_size: int,
+                       history_hours: float, detail: str) -> None:
         """Queue a finished round's writes: its record always, its measurement if it has one.
 
         ``record["latest"]`` is the new ``latest`` value, or ``None`` on
@@ -179,8 +189,13 @@ class Store:
             payload = json.dumps(latest, sort_keys=True)
             pipe.set(self.keys.latest(node), payload)
             pipe.publish(self.keys.updates(node), payload)
-        pipe.xadd(self.keys.history(node), {"record": json.dumps(record, sort_keys=True)},
-                  maxlen=history_length, approximate=False)
+        stored = record if detail == records.VERBOSE else records.compact(record)
+        history = self.keys.history(node)
+        # Bounded by age (MINID: stream ids are the Redis host's milliseconds) and by count.
+        oldest_ms = max(0, int((record["finished_at"] - history_hours * 3600) * 1000))
+        pipe.xadd(history, {"record": json.dumps(stored, sort_keys=True, separators=(",", ":"))},
+                  minid=oldest_ms, approximate=False)
+        pipe.xtrim(history, maxlen=history_length, approximate=False)
         pipe.sadd(self.keys.nodes(), node)
         pipe.hdel(self.keys.open_rounds(node), record["round_id"])
         delays = expected_delays(record)
@@ -339,7 +354,8 @@ _NO_REPLY_REASONS = frozenset({sanity.REASON_TIMEOUT, sanity.REASON_SOCKET_ERROR
 
 def _records(entries: Any) -> list[dict[str, Any]]:
     """The round records of stream entries (``[(id, {"record": json})]``)."""
-    return [json.loads(_text(fields.get(b"record", fields.get("record")))) for _, fields in entries or ()]
+    return [records.expand(json.loads(_text(fields.get(b"record", fields.get("record")))))
+            for _, fields in entries or ()]
 
 
 def _text(value) -> str:

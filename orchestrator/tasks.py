@@ -72,6 +72,7 @@ def finish(meta: RoundMeta, outcomes: list[dict], store: Store, *, closed_by: st
         return record
 
     record = store.finish_round(meta.node, meta.round_id, build, history_length=meta.history_length,
+                                history_hours=meta.history_hours, detail=meta.record_detail,
                                 window_size=meta.ntp.outlier_window_size)
     if record is None:
         return None

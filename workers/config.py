@@ -222,7 +222,13 @@ class ServiceSettings:
     nodes: tuple[str, ...] = option((), types=(list,), doc="the nodes `beat` runs rounds for")
     history_length: int = option(
         10_000, types=(int,), check=lambda v: v >= 1, problem="must be at least 1",
-        doc="round records kept per node")
+        doc="round records kept per node, at most")
+    history_hours: float = option(
+        24.0, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0,
+        doc="round records older than this are trimmed (the stream's MINID), so memory stays flat (h)")
+    record_detail: str = option(
+        "compact", types=(str,), check=lambda v: v in ("compact", "verbose"), problem="must be 'compact' or 'verbose'",
+        doc="`compact`: about 2.4 kB per 10-server round; `verbose`: every attempt's detail and the whole sample")
     worker_concurrency: int | None = option(
         None, types=(int, type(None)), check=lambda v: v is None or v >= 1, problem="must be at least 1 (or null)",
         doc="a worker's threads; default: one per server, plus two")

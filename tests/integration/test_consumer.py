@@ -138,8 +138,12 @@ def test_chronotick_collector_surface(worker, simulator, tmp_path, key_prefix):
         "stratum": records[-1]["latest"]["stratum"], "precision": records[-1]["latest"]["precision"],
         "server": servers["a"], "timestamp": records[-1]["latest"]["measured_at"],
         "uncertainty": records[-1]["latest"]["uncertainty"]}
-    assert source.get_recent_measurements(300) == [
-        (r["latest"]["measured_at"], r["latest"]["offset"], r["latest"]["uncertainty"]) for r in records]
+    recent = source.get_recent_measurements(300)
+    assert len(recent) == len(records)
+    for (at, offset, bound), r in zip(recent, records, strict=True):  # from history: compact, rounded
+        assert at == r["latest"]["measured_at"]
+        assert offset == pytest.approx(r["latest"]["offset"], abs=0.5e-7)
+        assert 0 <= bound - r["latest"]["uncertainty"] < 1e-6  # a bound rounded up
     # A reader that considers everything stale hands ChronoTick nothing, never an old value.
     strict = ClockMeasurementSource(NtpReader.from_config(str(path), stale_after_s=1e-6), TEST_NODE)
     assert strict.get_latest_offset() is None and strict.get_latest_measurement() is None

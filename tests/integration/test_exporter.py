@@ -83,8 +83,11 @@ def test_collector_exports_the_contract_and_counters_only_grow(worker, simulator
     assert get("chronotick_ntp_round_duration_seconds_bucket", le="5.0") == 2  # rounds here take < 1 s
     for s in records[-1]["servers"]:  # per server, from the last round
         if s.get("sample"):
-            assert get("chronotick_ntp_server_offset_seconds", server=s["server"]) == s["sample"]["offset_s"]
-            assert get("chronotick_ntp_server_delay_seconds", server=s["server"]) == s["sample"]["delay_s"]
+            # From the compact history record: offsets to 100 ns, delays to the microsecond.
+            assert get("chronotick_ntp_server_offset_seconds", server=s["server"]) == pytest.approx(
+                s["sample"]["offset_s"], abs=0.5e-7)
+            assert get("chronotick_ntp_server_delay_seconds", server=s["server"]) == pytest.approx(
+                s["sample"]["delay_s"], abs=0.5e-6)
             assert get("chronotick_ntp_server_stratum", server=s["server"]) == s["sample"]["stratum"]
     assert ("chronotick_ntp_server_offset_seconds", frozenset({*node, ("server", servers["liar"])})) not in m
     # A configured node that never ran is exported (so "stale" can fire) with no offset.

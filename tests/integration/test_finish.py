@@ -114,3 +114,30 @@ def test_celery_results_are_gone_or_expiring_soon_after_a_round(worker, simulato
     assert all(0 < ttl <= RESULT_EXPIRES_S <= 600 for ttl in ttls), ttls
     unwatched.detach()
     assert not any(redis_client.exists(f"celery-task-meta-{i}") for i in ids)
+
+
+def test_history_is_trimmed_by_age_and_capped_by_count(redis_client, key_prefix):
+    import time
+
+    from ..conftest import wait_for
+
+    store = Store(redis_client, prefix=key_prefix)
+
+    def record(i):
+        now = time.time()
+        return {"round_id": f"r{i}", "node": "aged", "quality": "starvation", "dispatched_at": now - 0.1,
+                "finished_at": now, "duration_s": 0.1, "servers_used": 0, "servers_total": 0, "servers": [],
+                "agreement": None, "filter": None, "candidate": None, "latest": None}
+
+    window_h = 1.5 / 3600  # a window of 1.5 s
+    for i in range(3):
+        store.publish_round(record(i), history_length=100, window_size=20, history_hours=window_h)
+    assert redis_client.xlen(store.keys.history("aged")) == 3
+    first_written = time.time()
+    wait_for(lambda: time.time() > first_written + 2.0, what="the first records to age out of the window")
+    store.publish_round(record(3), history_length=100, window_size=20, history_hours=window_h)
+    assert [r["round_id"] for r in store.history("aged")] == ["r3"]  # older than the window: trimmed (MINID)
+    for i in range(4, 10):
+        store.publish_round(record(i), history_length=4, window_size=20, history_hours=24)
+    assert [r["round_id"] for r in store.history("aged")] == ["r9", "r8", "r7", "r6"]  # and capped by count
+    assert store.history("aged")[0]["detail"] == "compact"

@@ -1,0 +1,181 @@
+"""Round records as the history stream keeps them: compact by default, verbose on request.
+
+A node publishes 720 rounds a day at ChronoTick's 2-minute interval, and the
+history keeps a day of them, so a record's size is the service's memory.
+Redis packs stream entries of up to about 2,000 bytes two to a 4 KiB node
+(``stream-node-max-bytes``), 2.3 kB each in memory; a larger entry takes a node
+alone, 3.1 kB (``bench/redis_memory.py`` shows both).  So the compact form
+(``ntp_service.record_detail: compact``) aims under :data:`RECORD_BUDGET_BYTES`
+for ten servers.
+
+It keeps what a person, ``status``, ``plot`` and the exporter read -- every
+server's status, final reason, attempts and each attempt's reason (and any
+refused sample of a burst), offset, delay, uncertainty and stratum, and the
+worker that took it (once, when one worker took them all) -- and drops
+what only the moment of measurement needed: the reasons' details, wire
+addresses, raw t1/t4, reference ids, each attempt's start time, the agreement's
+member lists (the statuses say them).  A sample's time is its round's.
+Offsets keep 100 ns; delays, durations and bounds a microsecond (bounds
+rounded up: a bound stays a bound); times stay exact, since readers compare
+them.  Each server entry uses short keys (:data:`SHORT`), and values equal to
+their default are left out.
+
+Readers never see that encoding: :func:`expand` turns a stored record back into
+the usual shape (``Store.history``, the reader API and the exporter all call it),
+and :func:`orchestrator.store.round_counters` gives the same numbers for a
+record and its stored form (a unit test holds it to that).  ``verbose`` stores
+the callback's record whole.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+COMPACT = "compact"
+VERBOSE = "verbose"
+
+#: Who finished a round when a record does not say (see orchestrator.tasks.CLOSED_BY_CALLBACK).
+CLOSED_BY_CALLBACK = "callback"
+
+#: Redis keeps a stream entry of up to about 2,000 bytes two to a node: see the module doc.
+RECORD_BUDGET_BYTES = 2000
+
+#: A compact server entry's keys: long name -> stored name.
+SHORT = {"server": "s", "status": "st", "attempts": "n", "reason": "r", "history": "h", "offset_s": "o",
+         "delay_s": "d", "uncertainty_s": "u", "stratum": "k", "samples_taken": "m", "worker": "w"}
+LONG = {short: long for long, short in SHORT.items()}
+
+#: What a sample keeps in a compact record (its time is the round's).
+SAMPLE_FIELDS = ("offset_s", "delay_s", "uncertainty_s", "stratum", "samples_taken")
+
+#: What the published measurement keeps: what ChronoTick's recent-measurements reader needs (the
+#: ``latest`` key has every field; server, delay, stratum and its own bound are in the chosen
+#: server's entry, the quality is the record's, ``published_at`` is its ``finished_at``).
+LATEST_FIELDS = ("offset", "uncertainty", "precision", "measured_at")
+
+#: Digits kept: 100 ns for offsets, microseconds for delays, bounds (rounded up) and durations.
+OFFSET_DIGITS = 7
+US_DIGITS = 6
+
+#: Fields whose value is a bound: rounded up, never down.
+BOUNDS = frozenset({"uncertainty_s", "uncertainty"})
+
+
+def compact(record: dict[str, Any]) -> dict[str, Any]:
+    """The stored form of a round record (pure)."""
+    kept = ("round_id", "node", "quality", "servers_used", "servers_total")
+    out: dict[str, Any] = {key: record[key] for key in kept if key in record}
+    if record.get("mode", "simple") != "simple" or not record.get("parallel", True):
+        out["mode"], out["parallel"] = record["mode"], record["parallel"]  # only when not the default
+    out["dispatched_at"], out["finished_at"] = record["dispatched_at"], record["finished_at"]
+    out["duration_s"] = round(record["duration_s"], US_DIGITS)
+    if record.get("closed_by", CLOSED_BY_CALLBACK) != CLOSED_BY_CALLBACK:
+        out["closed_by"] = record["closed_by"]
+    workers = {s.get("worker") for s in record["servers"]}
+    shared = workers.pop() if len(workers) == 1 else None
+    if shared is not None:
+        out["worker"] = shared  # the worker that took every server (the node's own, normally)
+    out["servers"] = [_server(s, shared) for s in record["servers"]]
+    agreement = record.get("agreement")
+    if agreement:
+        out["agreement"] = {key: agreement[key] for key in ("majority", "votes", "depth") if key in agreement}
+        out["agreement"]["interval"] = _offsets(agreement.get("interval"))
+        if agreement.get("ambiguous"):
+            out["agreement"]["ambiguous"] = True
+            out["agreement"]["deepest"] = [_offsets(region) for region in agreement["deepest"]]
+    verdict = record.get("filter")
+    if verdict is not None:
+        out["filter"] = {k: (_number("offset", v) if isinstance(v, float) else v)
+                         for k, v in verdict.items() if v not in (None, False)}
+    if record.get("latest") is None and record.get("candidate") is not None:
+        out["candidate"] = record["candidate"]  # refused by the filter: what it refused
+    latest = record.get("latest")
+    out["latest"] = None if latest is None else {key: _number(key, latest[key]) for key in LATEST_FIELDS
+                                                 if key in latest}
+    out["detail"] = COMPACT
+    return out
+
+
+def expand(stored: dict[str, Any]) -> dict[str, Any]:
+    """A record as readers expect it, from either stored form (pure; a verbose record is returned as is)."""
+    if stored.get("detail") != COMPACT:
+        return stored
+    record = dict(stored)
+    record.setdefault("mode", "simple")
+    record.setdefault("parallel", True)
+    record.setdefault("closed_by", CLOSED_BY_CALLBACK)
+    record.setdefault("filter", None)
+    record.setdefault("candidate", None)
+    agreement = record.get("agreement")
+    if agreement:
+        record["agreement"] = {"ambiguous": False, "deepest": [], "needed": agreement.get("votes", 0) // 2 + 1,
+                               **agreement}
+    if record["filter"] is not None:
+        record["filter"] = {"outlier": False, "reset": False, **record["filter"]}
+    shared = record.pop("worker", None)
+    record["servers"] = [_expand_server(s, shared) for s in stored["servers"]]
+    if record.get("latest") is not None:  # what the stored measurement left to its record and chosen server
+        chosen = next((s for s in record["servers"] if s["status"] == "chosen"), None)
+        sample = (chosen or {}).get("sample", {})
+        record["latest"] = {"node": record["node"], "round_id": record["round_id"], "quality": record["quality"],
+                            "published_at": record["finished_at"], "servers_used": record.get("servers_used"),
+                            "servers_total": record.get("servers_total"),
+                            **({"server": chosen["server"], "delay": sample.get("delay_s"),
+                                "stratum": sample.get("stratum"), "sample_uncertainty": sample.get("uncertainty_s")}
+                               if chosen else {}),
+                            **record["latest"]}
+    return record
+
+
+def _server(entry: dict[str, Any], shared_worker: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"s": entry["server"], "st": entry["status"]}
+    if entry.get("worker") != shared_worker:
+        out["w"] = entry.get("worker")
+    if entry["attempts"] != 1:
+        out["n"] = entry["attempts"]  # absent: one
+    if entry.get("reason"):
+        out["r"] = entry["reason"]  # the detail ("origin 0x... is not ...") is verbose-only
+    attempts = entry.get("history", [])
+    if any(a.get("refusals") for a in attempts):  # advanced mode: refused samples of a burst, kept by reason
+        out["h"] = [{"reason": a.get("reason"),
+                     **({"refusals": [{"reason": r["reason"]} for r in a["refusals"]]} if a.get("refusals")
+                        else {})} for a in attempts]
+    elif [a.get("reason") for a in attempts] != [None]:  # a lone attempt that succeeded says nothing
+        out["h"] = [a.get("reason") for a in attempts]  # each attempt's reason (null: it succeeded)
+    sample = entry.get("sample")
+    if sample:
+        out.update({SHORT[key]: _number(key, sample[key]) for key in SAMPLE_FIELDS if key in sample})
+    return out
+
+
+def _expand_server(stored: dict[str, Any], shared_worker: str | None) -> dict[str, Any]:
+    long = {LONG.get(key, key): value for key, value in stored.items()}
+    entry: dict[str, Any] = {"server": long["server"], "status": long["status"], "attempts": long.get("attempts", 1),
+                             "worker": long.get("worker", shared_worker)}
+    if "reason" in long:
+        entry["reason"] = long["reason"]
+    sample = {key: long[key] for key in SAMPLE_FIELDS if key in long}
+    history = long.get("history")
+    if history is None:
+        history = [None] if sample else []
+    entry["history"] = [a if isinstance(a, dict) else {"reason": a} for a in history]
+    if sample:
+        entry["sample"] = sample
+    return entry
+
+
+def _number(key: str, value: Any) -> Any:
+    """A value as compact records keep it: see the module doc."""
+    if not isinstance(value, float) or key in ("measured_at", "precision"):
+        return value  # a time (compared by readers) or a power of two: exactly
+    if key in BOUNDS:
+        return math.ceil(value * 10 ** US_DIGITS) / 10 ** US_DIGITS
+    if key in ("offset_s", "offset"):
+        return round(value, OFFSET_DIGITS)
+    return round(value, US_DIGITS)
+
+
+def _offsets(values: list[float | None] | None) -> list[float | None] | None:
+    """An interval's ends, as offsets are kept."""
+    return None if values is None else [None if v is None else round(v, OFFSET_DIGITS) for v in values]

@@ -1,0 +1,103 @@
+"""Compact round records (orchestrator/records.py): small, and every count survives."""
+
+import json
+import random
+
+from orchestrator.contracts import RoundMeta
+from orchestrator.display import format_round
+from orchestrator.records import RECORD_BUDGET_BYTES, compact, expand
+from orchestrator.store import round_counters
+from orchestrator.tasks import build_record
+from workers import config as config_mod
+
+REAL_NAMES = ["time.google.com", "time1.google.com", "time2.google.com", "time3.google.com", "time.cloudflare.com",
+              "time.nist.gov", "pool.ntp.org", "0.pool.ntp.org", "1.pool.ntp.org", "time.apple.com"]
+
+
+def _meta(servers):
+    ntp = config_mod.ntp_from_mapping({"servers": servers})
+    return RoundMeta(round_id="ares-comp-11-20261130T002642.123Z-abcdef", node="ares-comp-11",
+                     dispatched_at=1795998582.1234567, deadline_at=1795998612.0, key_prefix="chronotick",
+                     history_length=10000, ntp=ntp)
+
+
+def _sample(name, rng):
+    delay = rng.uniform(0.005, 0.09)
+    return {"server": name, "address": f"203.0.113.{rng.randint(1, 254)}", "port": 123,
+            "offset_s": rng.uniform(-0.004, 0.004), "delay_s": delay,
+            "uncertainty_s": delay / 2 + rng.uniform(0, 0.003),
+            "stratum": rng.randint(1, 3), "leap": 0, "precision_s": 2 ** -20, "root_delay_s": rng.uniform(0, 0.01),
+            "root_dispersion_s": rng.uniform(0, 0.002), "ref_id": "GPS", "t1_ns": 1795998582123456789,
+            "t4_ns": 1795998582146913578, "kernel_rx_timestamp": True, "measured_at": 1795998582.1234567}
+
+
+def _outcome(name, rng, *, fail_first=0, failed=False, refusals=0):
+    reasons = ["timeout", "bogus_origin", "unsynchronised_leap", "over_thresholds"]
+    history = [{"attempt": i + 1, "started_at": 1795998582.0 + 5 * i, "reason": rng.choice(reasons),
+                "detail": "no reply within 2 s", "kiss_code": None} for i in range(fail_first)]
+    if failed:
+        return {"summary": "failed", "status": "failed", "server": name, "reason": history[-1]["reason"],
+                "detail": "origin 0x42d64f3f56d88deb is not our transmit 0x42d64f3f0c82d7b1", "kiss_code": None,
+                "attempts": len(history), "history": history, "worker": "ares-comp-11@ares-comp-11"}
+    sample = _sample(name, rng)
+    last = {"attempt": fail_first + 1, "started_at": 1795998582.0, "reason": None}
+    if refusals:
+        last["refusals"] = [{"reason": "bogus_origin", "detail": "origin ..."}] * refusals
+        sample["samples_taken"] = 3 - refusals
+    return {"summary": "ok", "status": "ok", "server": name, "sample": sample, "attempts": fail_first + 1,
+            "history": history + [last], "worker": "ares-comp-11@ares-comp-11"}
+
+
+def test_a_ten_server_round_fits_two_to_a_redis_stream_node():
+    """Under 2,000 bytes a stream entry costs Redis 2.3 kB; over it, 3.1 kB (bench/redis_memory.py)."""
+    rng = random.Random(3)
+    for dead in (0, 2, 5):
+        outcomes = [_outcome(n, rng) for n in REAL_NAMES[:10 - dead]]
+        outcomes += [_outcome(n, rng, fail_first=3, failed=True) for n in REAL_NAMES[10 - dead:]]
+        record = build_record(_meta(REAL_NAMES), outcomes, finished_at=1795998582.2234567)
+        record["closed_by"] = "callback"
+        record["filter"] = {"outlier": False, "reset": False, "predicted_s": 0.0012345678901, "scale_s": 1.23456789e-4,
+                            "z": 0.123456789, "window": 20}  # a steady-state round carries the filter's figures
+        stored = json.dumps(compact(record), sort_keys=True, separators=(",", ":"))
+        assert len(stored) <= RECORD_BUDGET_BYTES == 2000, (dead, len(stored))
+        assert len(json.dumps(record)) > 2.5 * len(stored)  # the verbose one is far larger
+
+
+def test_every_count_survives_compaction_on_random_rounds():
+    rng = random.Random(11)
+    for _ in range(1000):
+        names = rng.sample(REAL_NAMES, rng.randint(1, 10))
+        outcomes = []
+        for name in names:
+            kind = rng.random()
+            if kind < 0.15:
+                outcomes.append(_outcome(name, rng, fail_first=rng.randint(1, 3), failed=True))
+            else:
+                outcomes.append(_outcome(name, rng, fail_first=rng.choice([0, 0, 0, 1, 2]),
+                                         refusals=rng.choice([0, 0, 0, 1, 2])))
+        if rng.random() < 0.2:  # a server taken by another worker: its entry says so
+            outcomes[rng.randrange(len(outcomes))]["worker"] = "ares-comp-12@ares-comp-12"
+        record = build_record(_meta(names), outcomes, finished_at=1795998582.3)
+        small = expand(json.loads(json.dumps(compact(record))))  # as a reader gets it back from Redis
+        assert round_counters(small) == round_counters(record)
+        assert small["detail"] == "compact" and small["quality"] == record["quality"]
+        assert [(s["status"], s["worker"]) for s in small["servers"]] == \
+            [(s["status"], s["worker"]) for s in record["servers"]]
+        if record["latest"]:
+            full, kept = record["latest"], small["latest"]
+            assert abs(kept["offset"] - full["offset"]) <= 0.5e-7  # 100 ns
+            assert 0 <= kept["uncertainty"] - full["uncertainty"] < 1e-6  # a bound: rounded up, never down
+            assert kept["measured_at"] == full["measured_at"]  # times stay exact: readers compare them
+            for key in ("server", "quality", "node", "round_id", "stratum", "servers_used", "servers_total"):
+                assert kept[key] == full[key], key
+            assert kept["published_at"] == full["published_at"]
+        for small_entry, entry in zip(small["servers"], record["servers"], strict=True):
+            if entry.get("sample"):
+                assert small_entry["sample"]["uncertainty_s"] >= entry["sample"]["uncertainty_s"]
+        assert format_round(small)  # a person can still read it
+
+
+def test_a_verbose_record_is_read_back_as_it_was():
+    rng = random.Random(5)
+    record = build_record(_meta(REAL_NAMES[:3]), [_outcome(n, rng) for n in REAL_NAMES[:3]], finished_at=1.0)
+    assert expand(json.loads(json.dumps(record))) == json.loads(json.dumps(record))
