@@ -1,0 +1,174 @@
+"""A soak: a thousand rounds and more, unattended -- memory, Redis, and every round recorded exactly once.
+
+One ``chronotick-ntp beat`` dispatches rounds for a few nodes at a short
+interval; one plain ``celery -A workers.app worker`` consumes all their queues
+(as the README documents); three loopback servers answer.  While it runs, the
+worker's and the beat's RSS and Redis' ``used_memory`` are sampled.  With
+``--restarts K`` Redis (append-only file, ``appendfsync always``) is SIGKILLed
+and restarted K times at random moments.
+
+At the end, every round the beat reports as dispatched (its log) and whose
+deadline has passed must be in history exactly once -- published, or closed at
+its deadline -- and no round twice.
+
+Run:  python bench/soak.py --rounds 1000                      (memory: history trimmed to --history-s)
+      python bench/soak.py --rounds 1000 --restarts 5         (exactly once through Redis restarts)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from orchestrator.store import Keys  # noqa: E402
+from simulator.local import RedisProcess, stop_process  # noqa: E402
+from simulator.server import Behaviour, NtpSimulator  # noqa: E402
+from workers import config as config_mod  # noqa: E402
+
+PREFIX = "soak"
+DISPATCHED = re.compile(r"\[ROUND\] (\S+): dispatched (\S+)")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_soak(tmp: Path, *, rounds: int, nodes: int = 2, interval_s: float = 0.2, restarts: int = 0,
+             history_s: float | None = None, seed: int = 1, log=print) -> dict:
+    """Run the soak in ``tmp``; return its figures (see the module doc)."""
+    rng = random.Random(seed)
+    names = [f"soak{i}" for i in range(nodes)]
+    with RedisProcess(tmp, append_only=restarts > 0) as redis_proc:
+        sim = NtpSimulator.on_free_ports([Behaviour(delay_s=0.002 * (i + 1)) for i in range(3)]).start()
+        service = {"key_prefix": PREFIX, "nodes": names, "history_length": 1_000_000}
+        if history_s is not None:
+            service["history_hours"] = history_s / 3600
+        path = tmp / "soak.yaml"
+        path.write_text(yaml.safe_dump({
+            "clock_measurement": {
+                "ntp": {"servers": sim.servers(), "timeout_seconds": 0.3, "retry_delay": 0.1, "max_retries": 2},
+                "timing": {"warm_up": {"duration_seconds": 0, "measurement_interval": interval_s},
+                           "normal_operation": {"measurement_interval": interval_s}}},
+            "ntp_service": service}))
+        config = config_mod.load(path, environ={config_mod.ENV_REDIS_URL: redis_proc.url})
+        from orchestrator.rounds import CLOSE_GRACE_S, round_budget_s
+        from workers.app import queue_for, worker_argv
+
+        env = {**os.environ, config_mod.ENV_REDIS_URL: redis_proc.url, "PYTHONPATH": str(REPO)}
+        env.pop(config_mod.ENV_NODE, None)
+        argv = worker_argv(config, names[0], concurrency=4 * nodes + 2, loglevel="WARNING")
+        argv[argv.index("--queues") + 1] = ",".join(queue_for(n) for n in names)
+        argv[argv.index("--hostname") + 1] = "soak@%h"
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", *argv], env=env,
+                                  cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "ab"))
+        beat = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "beat", "--config", str(path)], env=env,
+                                cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=open(tmp / "beat.log", "ab"))
+        client = redis.Redis(port=redis_proc.port, socket_timeout=2, socket_connect_timeout=2)
+        keys = Keys(PREFIX)
+        samples: list[dict] = []
+        restart_at = sorted(rng.uniform(0.15, 0.85) * rounds for _ in range(restarts))
+        budget_s = round_budget_s(config) + CLOSE_GRACE_S
+        expected_s = rounds * interval_s / nodes
+        deadline = time.monotonic() + 3 * expected_s + 60
+        done = 0
+        try:
+            while done < rounds:
+                if time.monotonic() > deadline or worker.poll() is not None or beat.poll() is not None:
+                    raise RuntimeError(f"soak stalled at {done} of {rounds} rounds; see {tmp}")
+                try:
+                    done = sum(int(client.hget(keys.stats(n), "rounds") or 0) for n in names)
+                    samples.append({"rounds": done, "worker_mb": rss_mb(worker.pid), "beat_mb": rss_mb(beat.pid),
+                                    "redis_bytes": client.info("memory")["used_memory"]})
+                except redis.RedisError:
+                    pass  # restarting
+                if restart_at and done >= restart_at[0]:
+                    restart_at.pop(0)
+                    log(f"  round {done}: SIGKILL Redis and restart it from its append-only file")
+                    redis_proc.kill_and_restart()
+                time.sleep(0.5)  # the sampling period of a soak, not a synchronisation
+            cut = time.time() - budget_s  # rounds dispatched before this have had their deadline
+            settle = time.monotonic() + budget_s + 2
+            while time.monotonic() < settle:
+                time.sleep(0.2)  # let the beat close what is overdue, as it would in production
+        finally:
+            stop_process(beat)
+            stop_process(worker)
+            sim.stop()
+        dispatched = [(node, rid) for node, rid in DISPATCHED.findall((tmp / "beat.log").read_text())
+                      if _dispatched_at(rid) < cut]
+        history: dict[str, list[str]] = {}
+        for node in names:
+            entries = client.xrange(keys.history(node))
+            history[node] = [json.loads(f[b"record"])["round_id"] for _, f in entries]
+        stats_rounds = sum(int(client.hget(keys.stats(n), "rounds") or 0) for n in names)
+    ids = [rid for node in names for rid in history[node]]
+    missing = [rid for node, rid in dispatched if rid not in history[node]]
+    if history_s is not None:  # trimmed by age: only rounds young enough to still be kept can be checked
+        keep_from = time.time() - history_s + 5
+        missing = [rid for rid in missing if _dispatched_at(rid) > keep_from]
+    warm = next(s for s in samples if s["rounds"] >= rounds * 0.2)
+    half = next(s for s in samples if s["rounds"] >= rounds * 0.6)
+    end = samples[-1]
+    return {"rounds": stats_rounds, "dispatched_checked": len(dispatched), "missing": missing,
+            "duplicates": len(ids) - len(set(ids)), "restarts": restarts,
+            "worker_mb": (warm["worker_mb"], end["worker_mb"]), "beat_mb": (warm["beat_mb"], end["beat_mb"]),
+            "redis_bytes": (warm["redis_bytes"], half["redis_bytes"], end["redis_bytes"]),
+            "history_entries": sum(len(v) for v in history.values())}
+
+
+def _dispatched_at(round_id: str) -> float:
+    """A round's dispatch time from its id (``node-YYYYmmddTHHMMSS.mmmZ-xxxxxx``)."""
+    stamp = round_id.rsplit("-", 2)[-2]
+    return time.mktime(time.strptime(stamp[:15], "%Y%m%dT%H%M%S")) - time.timezone + int(stamp[16:19]) / 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=1000)
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--interval", type=float, default=0.2, help="each node's interval (s)")
+    parser.add_argument("--restarts", type=int, default=0, help="SIGKILL and restart Redis this many times")
+    parser.add_argument("--history-s", type=float, default=None,
+                        help="history kept (s; default: the soak's length / 3, without restarts)")
+    args = parser.parse_args()
+    history_s = args.history_s
+    if history_s is None and args.restarts == 0:
+        history_s = args.rounds * args.interval / args.nodes / 3
+    with tempfile.TemporaryDirectory(prefix="ct-soak-") as tmp:
+        started = time.monotonic()
+        r = run_soak(Path(tmp), rounds=args.rounds, nodes=args.nodes, interval_s=args.interval,
+                     restarts=args.restarts, history_s=history_s)
+    took = time.monotonic() - started
+    w0, w1 = r["worker_mb"]
+    b0, b1 = r["beat_mb"]
+    m0, m1, m2 = r["redis_bytes"]
+    print(f"\n{r['rounds']} rounds, {args.nodes} nodes every {args.interval:g} s, {args.restarts} Redis restarts, "
+          f"history {'kept whole' if history_s is None else f'{history_s:.0f} s'}; {took:.0f} s")
+    print(f"  {'worker RSS after warm-up (20 %) -> end':<44} {w0:6.1f} -> {w1:6.1f} MB ({w1 - w0:+.1f}; target <= +5)")
+    print(f"  {'beat RSS after warm-up -> end':<44} {b0:6.1f} -> {b1:6.1f} MB ({b1 - b0:+.1f}; target <= +5)")
+    print(f"  {'Redis used_memory at 20 %, 60 %, 100 %':<44} {m0 / 1e6:6.2f}, {m1 / 1e6:.2f}, {m2 / 1e6:.2f} MB")
+    print(f"  {'history entries at the end':<44} {r['history_entries']:6}")
+    print(f"  {'dispatched rounds checked':<44} {r['dispatched_checked']:6}")
+    print(f"  {'  missing from history':<44} {len(r['missing']):6}")
+    print(f"  {'  recorded twice':<44} {r['duplicates']:6}")
+
+
+if __name__ == "__main__":
+    main()
