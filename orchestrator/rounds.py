@@ -79,8 +79,20 @@ class RoundHandle:
         reads the header results first.
         """
         self.result.forget()  # the callback's result, and through .parent the header group's
-        for result in self.header_results():  # a handle rebuilt from Redis has no .parent
-            result.forget()
+        backend = self.result.backend
+        for result in (self.result, self.result.parent, *self.header_results()):
+            if result is None:
+                continue
+            result.forget()  # a handle rebuilt from Redis has no .parent: its headers one by one
+            backend.remove_pending_result(result)
+        # The chord's group barrier registers waiters of its own on every header id, on AsyncResult
+        # instances no public call reaches; forget() leaves them, and a beat would keep every round it
+        # ever sent (about 3.5 kB each: bench/soak.py).  Celery 5.7 (pinned) keys them by id in
+        # _pending_results: the one private attribute this project touches, until Celery offers a way.
+        for mapping in getattr(backend, "_pending_results", ()):
+            for result in (self.result, self.result.parent, *self.header_results()):
+                if result is not None:
+                    mapping.pop(result.id, None)
 
     def release(self) -> None:
         """Stop listening for this round's results without forgetting them: it may still be closed.
