@@ -69,30 +69,33 @@ class RoundHandle:
         return list(getattr(parent, "results", None) or [parent])
 
     def detach(self) -> None:
-        """Forget this round's Celery results: call it once the round is finished or closed.
+        """Drop this round's Celery results: call it once the round is finished or closed.
 
         Celery's Redis backend subscribes the sending process to every task's
-        result channel; a beat that never waited would collect subscriptions
-        forever.  ``AsyncResult.forget()`` (public) ends them and deletes the
-        stored results, which the round's record in history has replaced --
-        so only after :meth:`ready`, :meth:`wait` or :func:`close`: a closer
-        reads the header results first.
+        result channel and keeps a waiter for each; a beat that never waited
+        would collect both forever.  This ends the subscriptions
+        (``result_consumer.cancel_for``), drops the waiters and deletes the
+        stored results -- which the round's record in history has replaced --
+        in one pipelined DEL, not one round trip per task.  So only after
+        :meth:`ready`, :meth:`wait` or :func:`close`: a closer reads the header
+        results first.
         """
-        self.result.forget()  # the callback's result, and through .parent the header group's
         backend = self.result.backend
-        for result in (self.result, self.result.parent, *self.header_results()):
-            if result is None:
-                continue
-            result.forget()  # a handle rebuilt from Redis has no .parent: its headers one by one
+        results = [r for r in (self.result, self.result.parent, *self.header_results()) if r is not None]
+        with client_for(app.conf.chronotick_redis_url).pipeline(transaction=False) as pipe:
+            for result in results:
+                pipe.delete(backend.get_key_for_task(result.id))
+            pipe.execute()
+        for result in results:
             backend.remove_pending_result(result)
+            backend.result_consumer.cancel_for(result.id)
         # The chord's group barrier registers waiters of its own on every header id, on AsyncResult
-        # instances no public call reaches; forget() leaves them, and a beat would keep every round it
-        # ever sent (about 3.5 kB each: bench/soak.py).  Celery 5.7 (pinned) keys them by id in
-        # _pending_results: the one private attribute this project touches, until Celery offers a way.
+        # instances no public call reaches, and a beat would keep every round it ever sent (about
+        # 3.5 kB each: bench/soak.py).  Celery 5.7 (pinned) keys them by id in _pending_results: the
+        # one private attribute this project touches, until Celery offers a way.
         for mapping in getattr(backend, "_pending_results", ()):
-            for result in (self.result, self.result.parent, *self.header_results()):
-                if result is not None:
-                    mapping.pop(result.id, None)
+            for result in results:
+                mapping.pop(result.id, None)
 
     def release(self) -> None:
         """Stop listening for this round's results without forgetting them: it may still be closed.
