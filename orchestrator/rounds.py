@@ -82,7 +82,7 @@ class RoundHandle:
         """
         backend = self.result.backend
         results = [r for r in (self.result, self.result.parent, *self.header_results()) if r is not None]
-        with client_for(app.conf.chronotick_redis_url).pipeline(transaction=False) as pipe:
+        with backend.client.pipeline(transaction=False) as pipe:  # the Redis that holds the results
             for result in results:
                 pipe.delete(backend.get_key_for_task(result.id))
             pipe.execute()

@@ -94,6 +94,21 @@ def _point_app_at_test_redis(request):
         os.environ[config_mod.ENV_REDIS_URL] = old
 
 
+@pytest.fixture(autouse=True)
+def _restore_app_redis(request):
+    """A test that points the CLI at another Redis (a dead one, say) leaves the shared app there: undo it."""
+    if request.node.get_closest_marker("integration") is None:
+        yield
+        return
+    url = request.getfixturevalue("redis_url")
+    yield
+    from workers.app import app, configure
+
+    if app.conf.chronotick_redis_url != url:
+        configure(app, config_mod.from_mapping({"clock_measurement": {"ntp": {"servers": ["127.0.0.1"]}}},
+                                               environ={config_mod.ENV_REDIS_URL: url}).service)
+
+
 def start_worker(redis_url: str, node: str, log_path: Path, *, concurrency: int = 16) -> subprocess.Popen:
     """A real ``celery worker`` subprocess serving ``node``'s queue, started as the README and benches start one."""
     from workers.app import queue_for, worker_argv, workers_for_queue
