@@ -16,16 +16,21 @@ from ..conftest import TEST_NODE, wait_for
 pytestmark = pytest.mark.integration
 
 
-def test_beat_runs_warm_up_then_normal_rounds(worker, simulator, tmp_path, key_prefix, redis_client):
-    _, servers = simulator({"s": Behaviour(offset_s=0.002, delay_s=0.004)})
+def _beat_config(tmp_path, servers, key_prefix, *, warm_up_s, warm_up_every_s, every_s):
+    """A config for the test node's beat: fast queries, the given schedule."""
     path = tmp_path / "beat.yaml"
     path.write_text(yaml.safe_dump({
         "clock_measurement": {
             "ntp": {"servers": list(servers.values()), "timeout_seconds": 0.3, "retry_delay": 0.1},
-            "timing": {"warm_up": {"duration_seconds": 1.0, "measurement_interval": 0.25},
-                       "normal_operation": {"measurement_interval": 1.0}}},
+            "timing": {"warm_up": {"duration_seconds": warm_up_s, "measurement_interval": warm_up_every_s},
+                       "normal_operation": {"measurement_interval": every_s}}},
         "ntp_service": {"key_prefix": key_prefix, "nodes": [TEST_NODE]}}))
-    config = config_mod.load(path)
+    return config_mod.load(path)
+
+
+def test_beat_runs_warm_up_then_normal_rounds(worker, simulator, tmp_path, key_prefix, redis_client):
+    _, servers = simulator({"s": Behaviour(offset_s=0.002, delay_s=0.004)})
+    config = _beat_config(tmp_path, servers, key_prefix, warm_up_s=1.0, warm_up_every_s=0.25, every_s=1.0)
     scheduler = Scheduler(config, list(config.service.nodes))
     thread = threading.Thread(target=scheduler.run, daemon=True)
     thread.start()
@@ -118,14 +123,7 @@ def test_a_round_left_open_by_another_process_is_closed_by_the_beat(redis_url, s
 def test_the_beat_does_not_collect_result_subscriptions(worker, simulator, tmp_path, key_prefix, redis_client):
     """Every round a process sends subscribes it to 3 result channels; the beat forgets them when the round ends."""
     _, servers = simulator({"s": Behaviour(delay_s=0.002), "t": Behaviour(delay_s=0.003)})
-    path = tmp_path / "beat.yaml"
-    path.write_text(yaml.safe_dump({
-        "clock_measurement": {
-            "ntp": {"servers": list(servers.values()), "timeout_seconds": 0.3, "retry_delay": 0.1},
-            "timing": {"warm_up": {"duration_seconds": 0, "measurement_interval": 1},
-                       "normal_operation": {"measurement_interval": 0.2}}},
-        "ntp_service": {"key_prefix": key_prefix, "nodes": [TEST_NODE]}}))
-    config = config_mod.load(path)
+    config = _beat_config(tmp_path, servers, key_prefix, warm_up_s=0, warm_up_every_s=1, every_s=0.2)
 
     def subscriptions():
         return sum(int(c.get("sub", 0)) for c in redis_client.client_list())
