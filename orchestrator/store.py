@@ -251,18 +251,6 @@ class Store:
     def nodes(self) -> list[str]:
         return sorted(_text(n) for n in self.client.smembers(self.keys.nodes()))
 
-    def filter_state(self, node: str) -> tuple[list[list[float]], int]:
-        """The temporal filter's window (oldest first) and its outliers-in-a-row count."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.lrange(self.keys.filter_window(node), 0, -1)
-        pipe.hget(self.keys.filter_state(node), "consecutive_outliers")
-        window, consecutive = pipe.execute()
-        return [json.loads(item) for item in window], int(consecutive or 0)
-
-    def round_durations(self, node: str) -> dict[str, float]:
-        """The round-time histogram hash as numbers (empty before the first round)."""
-        return {_text(k): float(v) for k, v in self.client.hgetall(self.keys.round_duration(node)).items()}
-
     def history_since(self, node: str, since: float | None = None, *, limit: int | None = None) -> list[dict]:
         """Round records finished at or after ``since`` (Unix s), oldest first.
 

@@ -1,5 +1,6 @@
 """The beat: rounds every warm-up interval, then every normal interval, published without anyone asking."""
 
+import contextlib
 import threading
 
 import pytest
@@ -14,6 +15,18 @@ from workers import config as config_mod
 from ..conftest import TEST_NODE, wait_for
 
 pytestmark = pytest.mark.integration
+
+
+@contextlib.contextmanager
+def _running(scheduler):
+    """The scheduler's loop in a thread for the duration of the block, stopped and joined after."""
+    thread = threading.Thread(target=scheduler.run, daemon=True)
+    thread.start()
+    try:
+        yield scheduler
+    finally:
+        scheduler.stop()
+        thread.join(timeout=5)
 
 
 def _beat_config(tmp_path, servers, key_prefix, *, warm_up_s, warm_up_every_s, every_s):
@@ -31,15 +44,9 @@ def _beat_config(tmp_path, servers, key_prefix, *, warm_up_s, warm_up_every_s, e
 def test_beat_runs_warm_up_then_normal_rounds(worker, simulator, tmp_path, key_prefix, redis_client):
     _, servers = simulator({"s": Behaviour(offset_s=0.002, delay_s=0.004)})
     config = _beat_config(tmp_path, servers, key_prefix, warm_up_s=1.0, warm_up_every_s=0.25, every_s=1.0)
-    scheduler = Scheduler(config, list(config.service.nodes))
-    thread = threading.Thread(target=scheduler.run, daemon=True)
-    thread.start()
     store = Store(redis_client, prefix=key_prefix)
-    try:
+    with _running(Scheduler(config, list(config.service.nodes))) as scheduler:
         wait_for(lambda: store.stats(TEST_NODE)["rounds"] >= 7, timeout_s=20, what="seven scheduled rounds")
-    finally:
-        scheduler.stop()
-        thread.join(timeout=5)
     records = sorted(store.history(TEST_NODE, count=50), key=lambda r: r["dispatched_at"])
     starts = [r["dispatched_at"] - records[0]["dispatched_at"] for r in records]
     gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
@@ -129,15 +136,9 @@ def test_the_beat_does_not_collect_result_subscriptions(worker, simulator, tmp_p
         return sum(int(c.get("sub", 0)) for c in redis_client.client_list())
 
     before = subscriptions()
-    scheduler = Scheduler(config, list(config.service.nodes))
-    thread = threading.Thread(target=scheduler.run, daemon=True)
-    thread.start()
     store = Store(redis_client, prefix=key_prefix)
-    try:
+    with _running(Scheduler(config, list(config.service.nodes))):
         wait_for(lambda: store.stats(TEST_NODE)["rounds"] >= 12, timeout_s=30, what="twelve scheduled rounds")
         during = subscriptions()
-    finally:
-        scheduler.stop()
-        thread.join(timeout=5)
     # At most the round in flight (3 channels); without forgetting it would be 3 per round sent (36+).
     assert during - before <= 3, (before, during)
