@@ -17,6 +17,7 @@ import time
 import redis
 
 from workers import config as config_mod
+from workers import redisurl
 
 from . import display
 
@@ -132,7 +133,7 @@ def _node(args) -> str:
 
 
 def _check_broker(config: config_mod.Config) -> None:
-    client = redis.Redis.from_url(config.service.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    client = redisurl.connect(config.service.redis_url, config.service.redis_master_name, timeout_s=2)
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -211,7 +212,8 @@ def cmd_latest(args) -> int:
 
     from .store import Store
 
-    store = Store(redis.Redis.from_url(config.service.redis_url), prefix=config.service.key_prefix)
+    store = Store(redisurl.connect(config.service.redis_url, config.service.redis_master_name),
+                  prefix=config.service.key_prefix)
     latest = store.latest(node)
     if latest is None and not args.follow:
         print(f"no measurement published for node {node!r} yet", file=sys.stderr)
@@ -236,7 +238,8 @@ def _follow(config: config_mod.Config, node: str, *, as_json: bool) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"following {node!r}: each new measurement as it is published (Ctrl-C to stop)",
           file=sys.stderr, flush=True)
-    with NtpReader(config.service.redis_url, prefix=config.service.key_prefix) as reader:
+    with NtpReader(config.service.redis_url, prefix=config.service.key_prefix,
+                   master_name=config.service.redis_master_name) as reader:
         try:
             for m in reader.updates(node):
                 print(json.dumps(m.raw, sort_keys=True) if as_json else display.format_latest(m.raw, now=time.time()),
@@ -258,9 +261,9 @@ def cmd_status(args) -> int:
     _check_broker(config)
     from . import report
     from .consumer import STALE_INTERVALS
-    from .store import Store, client_for
+    from .store import store_for
 
-    store = Store(client_for(config.service.redis_url), prefix=config.service.key_prefix)
+    store = store_for(config.service)
     now = time.time()
     since = now - args.hours * 3600
     stale_after_s = STALE_INTERVALS * config.timing.normal_interval_s
@@ -282,9 +285,9 @@ def cmd_exporter(args) -> int:
 
     from .consumer import STALE_INTERVALS
     from .exporter import DEFAULT_PORT, NtpCollector, registry_for
-    from .store import client_for
+    from .store import service_client
 
-    collector = NtpCollector(client_for(config.service.redis_url), prefix=config.service.key_prefix,
+    collector = NtpCollector(service_client(config.service), prefix=config.service.key_prefix,
                              nodes=config.service.nodes,
                              stale_after_s=STALE_INTERVALS * config.timing.normal_interval_s)
     port = args.port if args.port is not None else DEFAULT_PORT
@@ -313,9 +316,9 @@ def cmd_plot(args) -> int:
         from .plot import plot_node
     except ImportError as exc:
         raise CliError(f"plot needs matplotlib ({exc}); pip install 'chronotick-ntp[plot]'", EXIT_USAGE) from None
-    from .store import Store, client_for
+    from .store import store_for
 
-    store = Store(client_for(config.service.redis_url), prefix=config.service.key_prefix)
+    store = store_for(config.service)
     now = time.time()
     records = store.history_since(node, now - args.hours * 3600)
     if not records:
@@ -355,11 +358,11 @@ def cmd_beat(args) -> int:
         nodes = [_node(args)]
     from .leader import Lease
     from .scheduler import Scheduler
-    from .store import Keys, client_for
+    from .store import Keys, service_client
 
     _warn(config)
     logging.getLogger("orchestrator").setLevel(logging.INFO)
-    lease = Lease(client_for(config.service.redis_url), Keys(config.service.key_prefix).beat(),
+    lease = Lease(service_client(config.service), Keys(config.service.key_prefix).beat(),
                   ttl_s=config.service.beat_lease_seconds)
     scheduler = Scheduler(config, nodes, lease=lease)
     signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())

@@ -30,6 +30,7 @@ from datetime import datetime
 import redis
 
 from workers import config as config_mod
+from workers import redisurl
 
 from .store import Store
 
@@ -154,7 +155,9 @@ class NtpReader:
     Parameters
     ----------
     url:
-        The Redis URL (``redis://[:password@]host:port/db``).
+        The Redis URL (``redis://[:password@]host:port/db``), or the
+        Sentinels' (``sentinel://host:26379;sentinel://host2:26379``): the
+        reader then follows the master they name through a failover.
     prefix:
         ``ntp_service.key_prefix``.
     stale_after_s:
@@ -165,17 +168,17 @@ class NtpReader:
     """
 
     def __init__(self, url: str, prefix: str = "chronotick", stale_after_s: float = DEFAULT_STALE_AFTER_S, *,
-                 drift_bound: float = DRIFT_BOUND, socket_timeout_s: float = SOCKET_TIMEOUT_S):
+                 drift_bound: float = DRIFT_BOUND, socket_timeout_s: float = SOCKET_TIMEOUT_S,
+                 master_name: str = redisurl.DEFAULT_MASTER_NAME):
         if stale_after_s <= 0:
             raise ValueError(f"stale_after_s must be positive, not {stale_after_s!r}")
         if drift_bound < 0:
             raise ValueError(f"drift_bound must not be negative, not {drift_bound!r}")
-        self.url = config_mod.redact_url(url)
+        self.url = redisurl.redact(url)
         self.prefix = prefix
         self.stale_after_s = float(stale_after_s)
         self.drift_bound = float(drift_bound)
-        self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout_s,
-                                            socket_connect_timeout=socket_timeout_s)
+        self._client = redisurl.connect(url, master_name, timeout_s=socket_timeout_s)
         self._store = Store(self._client, prefix=prefix)
 
     @classmethod
@@ -183,6 +186,7 @@ class NtpReader:
         """A reader for the service a config file describes (the environment's Redis URL wins)."""
         config = config_mod.load(path)
         kwargs.setdefault("stale_after_s", STALE_INTERVALS * config.timing.normal_interval_s)
+        kwargs.setdefault("master_name", config.service.redis_master_name)
         return cls(config.service.redis_url, prefix=config.service.key_prefix, **kwargs)
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ from workers.tasks import describe, query_server
 
 from .contracts import RoundMeta
 from .selection import flatten
-from .store import UNANSWERED_DELAY_S, Store, client_for
+from .store import UNANSWERED_DELAY_S, Store, client_for, store_for
 from .tasks import CLOSED_BY_DEADLINE, finish, finish_round
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def open_handles(config: Config, node: str) -> list[RoundHandle]:
     A beat that takes over from a dead one closes the rounds its predecessor
     left open; ``measure`` killed mid-wait leaves one too.
     """
-    store = Store(client_for(config.service.redis_url), prefix=config.service.key_prefix)
+    store = store_for(config.service)
     handles = []
     for round_id, entry in store.open_round_entries(node).items():
         meta = RoundMeta.from_dict(entry["meta"])
@@ -187,7 +187,8 @@ def open_handles(config: Config, node: str) -> list[RoundHandle]:
 
 
 def _store(meta: RoundMeta) -> Store:
-    return Store(client_for(app.conf.chronotick_redis_url), prefix=meta.key_prefix)
+    return Store(client_for(app.conf.chronotick_redis_url, app.conf.chronotick_redis_master_name),
+                 prefix=meta.key_prefix)
 
 
 def new_round_id(node: str, now: float | None = None) -> str:
@@ -255,7 +256,7 @@ def _query_signature(job: dict, queue: str, expires: datetime):
 
 def dispatch(config: Config, node: str) -> RoundHandle:
     """Send one round for ``node`` and return without waiting."""
-    store = Store(client_for(config.service.redis_url), prefix=config.service.key_prefix)
+    store = store_for(config.service)
     canvas, meta = build_round(config, node, expected_delays=store.server_delays(node))
     result = canvas.apply_async()
     handle = RoundHandle(round_id=meta.round_id, node=node, deadline_at=meta.deadline_at, result=result,

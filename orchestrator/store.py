@@ -39,6 +39,8 @@ from typing import Any, cast
 
 import redis
 
+from workers import redisurl
+from workers.config import ServiceSettings
 from workers.kod import REASON_KOD_BACKOFF, REASON_KOD_DEMOBILISED
 from workers.measure import REASON_ROUND_DEADLINE
 from workers.ntp import sanity
@@ -286,9 +288,23 @@ UNANSWERED_DELAY_S = 1e6
 
 
 @lru_cache(maxsize=8)
-def client_for(url: str) -> redis.Redis:
-    """One shared client (and connection pool) per Redis URL in this process."""
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)
+def client_for(url: str, master_name: str = redisurl.DEFAULT_MASTER_NAME) -> redis.Redis:
+    """One shared client (and connection pool) per Redis location in this process.
+
+    ``url`` may list Sentinels (:mod:`workers.redisurl`); the client then
+    follows the master they name.
+    """
+    return redisurl.connect(url, master_name, health_check_interval_s=30)
+
+
+def service_client(service: ServiceSettings) -> redis.Redis:
+    """The shared client for the Redis ``ntp_service`` names."""
+    return client_for(service.redis_url, service.redis_master_name)
+
+
+def store_for(service: ServiceSettings) -> Store:
+    """The contract store of the service ``ntp_service`` describes."""
+    return Store(service_client(service), prefix=service.key_prefix)
 
 
 def duration_fields(duration_s: float) -> list[str]:

@@ -32,7 +32,9 @@ def finish_round(self, results: list, meta: dict) -> dict:
         From :func:`orchestrator.rounds.build_round`.
     """
     round_meta = RoundMeta.from_dict(meta)
-    store = Store(client_for(self.app.conf.chronotick_redis_url), prefix=round_meta.key_prefix)
+    conf = self.app.conf
+    client = client_for(conf.chronotick_redis_url, conf.chronotick_redis_master_name)
+    store = Store(client, prefix=round_meta.key_prefix)
     record = finish(round_meta, selection.flatten(results), store, closed_by=CLOSED_BY_CALLBACK)
     if record is None:
         log.warning("[DUPLICATE] %s round %s was already finished; this callback publishes nothing",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from orchestrator import display, report, rounds
 from orchestrator.consumer import STALE_INTERVALS
-from orchestrator.store import Store, client_for
+from orchestrator.store import store_for
 from workers import config as config_mod
 from workers.app import app, configure, queue_for, workers_for_queue
 
@@ -73,7 +73,7 @@ def run_demo(config_path: str | None, *, rounds_to_run: int = 4, plot: str | Non
                 record = handle.wait()
                 print(f"\n--- round {i + 1} of {rounds_to_run} ---")
                 print(display.format_round(record) if record else f"round {handle.round_id} did not finish")
-            store = Store(client_for(config.service.redis_url), prefix=config.service.key_prefix)
+            store = store_for(config.service)
             print("\n--- what ChronoTick reads from Redis (chronotick-ntp latest) ---")
             latest = store.latest(node)
             print(display.format_latest(latest, now=time.time()) if latest else "nothing published")

@@ -1,4 +1,4 @@
-"""Local processes for the demo, the tests and the benchmarks: a private Redis, stopping a child.
+"""Local processes for the demo, the tests and the benchmarks: a private Redis, Sentinels, stopping a child.
 
 Development tooling: the service never imports this module.
 """
@@ -33,11 +33,14 @@ class RedisProcess:
     always``), so :meth:`kill_and_restart` loses nothing that was acknowledged.
     """
 
-    def __init__(self, directory: Path, *, port: int | None = None, append_only: bool = False):
+    def __init__(self, directory: Path, *, port: int | None = None, append_only: bool = False,
+                 replica_of: int | None = None):
         self.directory = directory
         self.port = port or free_tcp_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.append_only = append_only
+        #: The loopback port of the primary this server replicates, if any.
+        self.replica_of = replica_of
         self.process: subprocess.Popen | None = None
 
     def start(self) -> RedisProcess:
@@ -45,9 +48,13 @@ class RedisProcess:
 
         persistence = (["--appendonly", "yes", "--appendfsync", "always"] if self.append_only
                        else ["--appendonly", "no"])
+        if self.replica_of:
+            persistence += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
-             "--dir", str(self.directory), "--maxmemory-policy", "noeviction"],
+             "--dir", str(self.directory), "--maxmemory-policy", "noeviction",
+             "--dbfilename", f"dump-{self.port}.rdb", "--appendfilename", f"appendonly-{self.port}.aof",
+             "--appenddirname", f"aof-{self.port}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -74,6 +81,103 @@ class RedisProcess:
         self.start()
 
     def __enter__(self) -> RedisProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class SentinelGroup:
+    """Redis Sentinel on loopback: a primary, a replica and three Sentinels watching them.
+
+    The Sentinels are ``redis-server <conf> --sentinel``, each with its own
+    throwaway config file (Sentinel rewrites it).  They call the primary down
+    after ``down_after_ms`` without an answer and elect one of them to
+    promote the replica: a majority (two of three) must agree.
+    """
+
+    def __init__(self, directory: Path, *, master_name: str = "mymaster", down_after_ms: int = 1000,
+                 failover_timeout_ms: int = 5000):
+        self.directory = directory
+        self.master_name = master_name
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.primary = RedisProcess(directory)
+        self.replica = RedisProcess(directory, replica_of=self.primary.port)
+        self.sentinel_ports = [free_tcp_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen] = []
+
+    @property
+    def url(self) -> str:
+        """The service's ``redis_url`` for this group: every Sentinel, Celery's form."""
+        return ";".join(f"sentinel://127.0.0.1:{port}/0" for port in self.sentinel_ports)
+
+    def start(self) -> SentinelGroup:
+        self.primary.start()
+        self.replica.start()
+        for port in self.sentinel_ports:
+            conf = self.directory / f"sentinel-{port}.conf"
+            conf.write_text("\n".join([
+                f"port {port}", "bind 127.0.0.1", f"dir {self.directory}",
+                f"sentinel monitor {self.master_name} 127.0.0.1 {self.primary.port} 2",
+                f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
+                f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
+                f"sentinel parallel-syncs {self.master_name} 1", ""]))
+            self.sentinels.append(subprocess.Popen(["redis-server", str(conf), "--sentinel"],
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self._wait(self._ready, "the Sentinels to find the replica and each other")
+        return self
+
+    def master_port(self) -> int | None:
+        """The master's port as a majority of the Sentinels name it, or ``None``."""
+        import redis
+
+        named: dict[int, int] = {}
+        for port in self.sentinel_ports:
+            try:
+                address = redis.Redis(port=port, socket_timeout=0.5).sentinel_get_master_addr_by_name(
+                    self.master_name)
+            except redis.RedisError:
+                continue
+            if address:
+                named[int(address[1])] = named.get(int(address[1]), 0) + 1
+        best = max(named.items(), key=lambda item: item[1], default=None)
+        return best[0] if best and best[1] >= 2 else None
+
+    def kill_primary(self) -> None:
+        """SIGKILL the primary: no shutdown, no goodbye to the replica."""
+        if self.primary.process and self.primary.process.poll() is None:
+            self.primary.process.kill()
+            self.primary.process.wait()
+
+    def stop(self) -> None:
+        for proc in self.sentinels:
+            stop_process(proc)
+        self.replica.stop()
+        self.primary.stop()
+
+    def _ready(self) -> bool:
+        import redis
+
+        for port in self.sentinel_ports:
+            try:
+                client = redis.Redis(port=port, socket_timeout=0.5)
+                if not client.sentinel_slaves(self.master_name) or len(
+                        client.sentinel_sentinels(self.master_name)) < 2:
+                    return False
+            except redis.RedisError:
+                return False
+        return True
+
+    def _wait(self, predicate, what: str) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not predicate():
+            if any(p.poll() is not None for p in self.sentinels) or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"timed out waiting for {what}")
+            time.sleep(0.1)
+
+    def __enter__(self) -> SentinelGroup:
         return self.start()
 
     def __exit__(self, *exc) -> None:

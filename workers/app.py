@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 
-import redis
 from celery import Celery
 
 from . import config as config_mod
-from . import heartbeat  # noqa: F401  (connects the worker's heartbeat to Celery's signals)
+from . import (
+    heartbeat,  # noqa: F401  (connects the worker's heartbeat to Celery's signals)
+    redisurl,
+)
 
 #: Task modules every worker registers.
 TASK_MODULES = ("workers.tasks", "orchestrator.tasks")
@@ -45,7 +47,7 @@ def workers_for_queue(queue: str, *, timeout_s: float = 1.0) -> list[str]:
     only when none is there, the broadcast that waits out ``timeout_s``, for
     a worker that does not beat (another version, another Celery app).
     """
-    client = redis.Redis.from_url(app.conf.chronotick_redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = redisurl.connect(app.conf.chronotick_redis_url, app.conf.chronotick_redis_master_name)
     try:
         alive = heartbeat.live_workers(client, queue)
     finally:
@@ -94,7 +96,10 @@ def configure(app: Celery, service: config_mod.ServiceSettings) -> None:
     The CLI calls this after loading ``--config``, so one imported ``app`` --
     the one the tasks are registered on -- serves every command.
     """
-    transport = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    # A Sentinel URL (``sentinel://...;...``) needs the master's name, in both
+    # option sets: Celery's result backend reads only its own.
+    transport = {"visibility_timeout": VISIBILITY_TIMEOUT_S,
+                 **redisurl.celery_transport_options(service.redis_url, service.redis_master_name)}
     app.conf.update(
         broker_url=service.redis_url,
         result_backend=service.redis_url,
@@ -113,6 +118,7 @@ def configure(app: Celery, service: config_mod.ServiceSettings) -> None:
         task_track_started=False,
         worker_hijack_root_logger=False,
         chronotick_redis_url=service.redis_url,
+        chronotick_redis_master_name=service.redis_master_name,
     )
 
 

@@ -22,9 +22,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
+
+from . import redisurl
 
 #: Overrides ``ntp_service.redis_url``.
 ENV_REDIS_URL = "CHRONOTICK_REDIS_URL"
@@ -215,7 +216,12 @@ class ServiceSettings:
 
     redis_url: str = option(
         DEFAULT_REDIS_URL, types=(str,),
-        doc="no password allowed here; `CHRONOTICK_REDIS_URL` overrides, `CHRONOTICK_REDIS_PASSWORD` is added")
+        doc="`redis://host:port/db`, or Sentinels: `sentinel://h1:26379;sentinel://h2:26379`; no password allowed "
+            "here; `CHRONOTICK_REDIS_URL` overrides, `CHRONOTICK_REDIS_PASSWORD` is added")
+    redis_master_name: str = option(
+        redisurl.DEFAULT_MASTER_NAME, types=(str,), check=lambda v: bool(v) and not any(c.isspace() for c in v),
+        problem="must be a non-empty word without spaces",
+        doc="with `sentinel://` URLs: the name the Sentinels monitor the master under")
     key_prefix: str = option(
         "chronotick", types=(str,), check=lambda v: bool(v) and not any(c.isspace() for c in v),
         problem="must be a non-empty word without spaces", doc="first part of every key")
@@ -238,7 +244,7 @@ class ServiceSettings:
 
     @property
     def redis_url_redacted(self) -> str:
-        return redact_url(self.redis_url)
+        return redisurl.redact(self.redis_url)
 
 
 @dataclass(frozen=True)
@@ -474,14 +480,14 @@ def _parse_service(raw: dict, source: str, environ) -> ServiceSettings:
     file_url = values.pop("redis_url", None)
     if file_url is not None:
         _check_redis_url(file_url, source, prefix + "redis_url")
-        if urlsplit(file_url).password:
+        if redisurl.has_password(file_url):
             raise ConfigError(source, prefix + "redis_url",
                               f"holds a password: secrets stay out of YAML, set {ENV_REDIS_PASSWORD}")
     url = environ.get(ENV_REDIS_URL) or file_url or DEFAULT_REDIS_URL
     _check_redis_url(url, f"${ENV_REDIS_URL}" if environ.get(ENV_REDIS_URL) else source, prefix + "redis_url")
     password = environ.get(ENV_REDIS_PASSWORD)
-    if password and not urlsplit(url).password:
-        url = _with_password(url, password)
+    if password and not redisurl.has_password(url):
+        url = redisurl.with_password(url, password)
     nodes = values.pop("nodes", [])
     for i, node in enumerate(nodes):
         if not isinstance(node, str) or not is_valid_node_name(node):
@@ -493,27 +499,14 @@ def _parse_service(raw: dict, source: str, environ) -> ServiceSettings:
 
 
 def _check_redis_url(url: str, source: str, key: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(source, key, f"must be a redis://, rediss:// or unix:// URL, not {redact_url(url)!r}")
-
-
-def _with_password(url: str, password: str) -> str:
-    parts = urlsplit(url)
-    user = quote(parts.username or "", safe="")
-    netloc = f"{user}:{quote(password, safe='')}@{parts.hostname or ''}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    problem = redisurl.check(url)
+    if problem:
+        raise ConfigError(source, key, problem)
 
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced by ``***`` (safe to print)."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return redisurl.redact(url)
 
 
 def service_from_environment(environ: Mapping[str, str] | None = None) -> ServiceSettings:

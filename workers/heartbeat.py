@@ -25,6 +25,8 @@ import threading
 import redis
 from celery import signals
 
+from . import redisurl
+
 log = logging.getLogger(__name__)
 
 #: How often a worker renews its heartbeat (s).
@@ -112,7 +114,7 @@ def _start(sender=None, **_):
     """Start beating for the queues this worker consumes (``sender`` is its consumer)."""
     _stop()  # the consumer restarts after a lost broker connection: one thread, current queues
     queues = sorted(q.name for q in sender.task_consumer.queues)
-    client = redis.Redis.from_url(sender.app.conf.chronotick_redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = redisurl.connect(sender.app.conf.chronotick_redis_url, sender.app.conf.chronotick_redis_master_name)
     _running.append(Heartbeat(client, sender.hostname, queues).start())
 
 
