@@ -139,7 +139,7 @@ class SentinelGroup:
                     self.master_name)
             except redis.RedisError:
                 continue
-            if address:
+            if isinstance(address, tuple | list):
                 named[int(address[1])] = named.get(int(address[1]), 0) + 1
         best = max(named.items(), key=lambda item: item[1], default=None)
         return best[0] if best and best[1] >= 2 else None
@@ -162,8 +162,9 @@ class SentinelGroup:
         for port in self.sentinel_ports:
             try:
                 client = redis.Redis(port=port, socket_timeout=0.5)
-                if not client.sentinel_slaves(self.master_name) or len(
-                        client.sentinel_sentinels(self.master_name)) < 2:
+                replicas = client.sentinel_slaves(self.master_name)
+                peers = client.sentinel_sentinels(self.master_name)
+                if not isinstance(replicas, list) or not replicas or not isinstance(peers, list) or len(peers) < 2:
                     return False
             except redis.RedisError:
                 return False
