@@ -56,6 +56,8 @@ class RoundMeta:
     ntp: NtpSettings
     history_hours: float = 24.0
     record_detail: str = "compact"
+    #: The query tasks' ids: the callback forgets their results once the round is published.
+    header_ids: tuple[str, ...] = ()
 
     @property
     def servers(self) -> list[str]:
@@ -69,12 +71,13 @@ class RoundMeta:
         return {"round_id": self.round_id, "node": self.node, "dispatched_at": self.dispatched_at,
                 "deadline_at": self.deadline_at, "key_prefix": self.key_prefix,
                 "history_length": self.history_length, "history_hours": self.history_hours,
-                "record_detail": self.record_detail, "ntp": self.ntp.as_mapping()}
+                "record_detail": self.record_detail, "header_ids": list(self.header_ids),
+                "ntp": self.ntp.as_mapping()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RoundMeta:
         return cls(round_id=data["round_id"], node=data["node"], dispatched_at=data["dispatched_at"],
                    deadline_at=data["deadline_at"], key_prefix=data["key_prefix"],
                    history_length=data["history_length"], history_hours=data["history_hours"],
-                   record_detail=data["record_detail"],
+                   record_detail=data["record_detail"], header_ids=tuple(data.get("header_ids", ())),
                    ntp=ntp_from_mapping(data["ntp"], source=f"round {data['round_id']}"))

@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from celery import chain, chord
+from celery import Signature, chain, chord
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
+from celery.utils import uuid
 
-from workers import measure
+from workers import chords, measure
 from workers.app import app, queue_for
 from workers.config import Config
 from workers.tasks import describe, query_server
@@ -52,7 +53,8 @@ class RoundHandle:
     deadline_at: float
     result: AsyncResult
     meta: RoundMeta | None = None
-    #: Set when the handle was rebuilt from Redis (no ``result.parent`` then).
+    #: The query tasks' ids (from :func:`send_chord`, or from Redis for an adopted round);
+    #: ``None``: take them from ``result.parent`` (a chord sent by ``chord.apply_async``).
     header_ids: tuple[str, ...] | None = None
 
     @property
@@ -61,6 +63,7 @@ class RoundHandle:
         return self.deadline_at + CLOSE_GRACE_S
 
     def header_results(self) -> list[AsyncResult]:
+        """The round's query tasks' results (not subscribed: reading them is a GET each)."""
         if self.header_ids is not None:
             return [AsyncResult(task_id, app=app) for task_id in self.header_ids]
         parent = self.result.parent
@@ -71,50 +74,36 @@ class RoundHandle:
     def detach(self) -> None:
         """Drop this round's Celery results: call it once the round is finished or closed.
 
-        Celery's Redis backend subscribes the sending process to every task's
-        result channel and keeps a waiter for each; a beat that never waited
-        would collect both forever.  This ends the subscriptions
-        (``result_consumer.cancel_for``), drops the waiters and deletes the
-        stored results -- which the round's record in history has replaced --
-        in one pipelined DEL, not one round trip per task.  So only after
+        The round's record in history has replaced them, so they are deleted in
+        one pipelined DEL (not one round trip per task) rather than left to
+        expire, and this process stops listening for them.  So only after
         :meth:`ready`, :meth:`wait` or :func:`close`: a closer reads the header
-        results first.
+        results first.  (A round the beat sent needs none of this: its worker
+        forgets the results, and the beat never listened.)
         """
         backend = self.result.backend
-        results = [r for r in (self.result, self.result.parent, *self.header_results()) if r is not None]
+        results = [r for r in (self.result, *self.header_results()) if r is not None]
         with backend.client.pipeline(transaction=False) as pipe:  # the Redis that holds the results
             for result in results:
                 pipe.delete(backend.get_key_for_task(result.id))
             pipe.execute()
-        for result in results:
-            backend.remove_pending_result(result)
-            backend.result_consumer.cancel_for(result.id)
-        # The chord's group barrier registers waiters of its own on every header id, on AsyncResult
-        # instances no public call reaches, and a beat would keep every round it ever sent (about
-        # 3.5 kB each: bench/soak.py).  Celery 5.7 (pinned) keys them by id in _pending_results: the
-        # one private attribute this project touches, until Celery offers a way.
-        for mapping in getattr(backend, "_pending_results", ()):
-            for result in results:
-                mapping.pop(result.id, None)
+        self.release()
 
     def release(self) -> None:
         """Stop listening for this round's results without forgetting them: it may still be closed.
 
-        For a process that stops with rounds in flight.  Celery keeps waiters
-        of its own on these ids (the chord's group barrier) and would
-        unsubscribe from their finalisers while the interpreter shuts down;
-        ``cancel_for`` ends each subscription now, by id, so they find
-        nothing left to do.
+        Celery's Redis backend subscribes a sending process to each task's
+        result channel as it sends it; :func:`workers.chords.send` adds no
+        waiter of its own, so ending those subscriptions, by id, through the
+        backend's public calls is all there is to drop.
         """
         backend = self.result.backend
-        for result in (self.result, self.result.parent, *self.header_results()):
-            if result is None:
-                continue
-            try:
-                backend.remove_pending_result(result)
+        try:
+            backend.remove_pending_result(self.result)
+            for result in (self.result, *self.header_results()):
                 backend.result_consumer.cancel_for(result.id)
-            except Exception as exc:  # Redis away: the subscription dies with the connection
-                log.debug("round %s: %s", self.round_id, exc)
+        except Exception as exc:  # Redis away: the subscriptions die with the connection
+            log.debug("round %s: %s", self.round_id, exc)
 
     def ready(self) -> bool:
         """Whether the round is finished (by its callback or a closer): its claim key, one EXISTS."""
@@ -179,11 +168,30 @@ def open_handles(config: Config, node: str) -> list[RoundHandle]:
     store = store_for(config.service)
     handles = []
     for round_id, entry in store.open_round_entries(node).items():
-        meta = RoundMeta.from_dict(entry["meta"])
-        handles.append(RoundHandle(round_id=round_id, node=node, deadline_at=meta.deadline_at,
-                                   result=AsyncResult(entry["callback_id"], app=app), meta=meta,
-                                   header_ids=tuple(entry["header_ids"])))
+        handles.append(_handle_from_entry(node, round_id, entry))
     return handles
+
+
+def overdue_handles(config: Config, now: float | None = None) -> list[RoundHandle]:
+    """Every open round of any node under the config's prefix that is due to be closed, whoever dispatched it.
+
+    One index read, whatever the number of nodes (:meth:`Store.overdue_open_rounds`).
+    """
+    store = store_for(config.service)
+    handles = []
+    for node, round_id, entry in store.overdue_open_rounds(time.time() if now is None else now):
+        if entry is None:  # finished meanwhile; only its index entry was left
+            store.forget_open_round(node, round_id)
+            continue
+        handles.append(_handle_from_entry(node, round_id, entry))
+    return handles
+
+
+def _handle_from_entry(node: str, round_id: str, entry: dict) -> RoundHandle:
+    meta = RoundMeta.from_dict(entry["meta"])
+    return RoundHandle(round_id=round_id, node=node, deadline_at=meta.deadline_at,
+                       result=AsyncResult(entry["callback_id"], app=app), meta=meta,
+                       header_ids=tuple(entry["header_ids"]))
 
 
 def _store(meta: RoundMeta) -> Store:
@@ -218,6 +226,17 @@ def build_round(config: Config, node: str, *, now: float | None = None,
     ``expected_delays`` (server -> seconds, from the previous round) orders the
     queries slowest first; without it they go in config order.
     """
+    header, callback, meta = plan_round(config, node, now=now, expected_delays=expected_delays)
+    return chord(header, callback), meta
+
+
+def plan_round(config: Config, node: str, *, now: float | None = None,
+               expected_delays: dict[str, float] | None = None) -> tuple[list, Signature, RoundMeta]:
+    """:func:`build_round`'s parts -- the header's signatures, the callback, the metadata -- without the chord.
+
+    The dispatcher sends these itself (:mod:`workers.chords`); a ``chord``
+    object would only copy every signature once more.
+    """
     now = time.time() if now is None else now
     round_id = new_round_id(node, now)
     deadline_at = now + round_budget_s(config)
@@ -226,43 +245,63 @@ def build_round(config: Config, node: str, *, now: float | None = None,
     jobs = [measure.make_job(server=s, node=node, round_id=round_id, ntp=config.ntp, deadline_at=deadline_at,
                              rate_backoff_s=rate_backoff_s)
             for s in config.ntp.servers]
+    if config.ntp.parallel_queries and expected_delays:
+        # Longest first: a worker starts tasks in the order they arrive,
+        # so the server that gates the round should not wait behind nine others.
+        jobs.sort(key=lambda job: -expected_delays.get(job["server"], UNANSWERED_DELAY_S))
+    # Every task's id is fixed here, so the callback knows whose results to forget.
+    task_ids = [uuid() for _ in jobs]
     meta = RoundMeta(round_id=round_id, node=node, dispatched_at=now, deadline_at=deadline_at,
                      key_prefix=config.service.key_prefix, history_length=config.service.history_length,
                      history_hours=config.service.history_hours, record_detail=config.service.record_detail,
-                     ntp=config.ntp)
+                     ntp=config.ntp, header_ids=tuple(task_ids) if config.ntp.parallel_queries else ())
     # Messages still queued at the deadline are dropped by the worker unread:
     # a worker that comes back after an outage does not replay stale rounds.
     expires = datetime.fromtimestamp(deadline_at, tz=UTC)
     if config.ntp.parallel_queries:
-        if expected_delays:
-            # Longest first: a worker starts tasks in the order they arrive,
-            # so the server that gates the round should not wait behind nine others.
-            jobs.sort(key=lambda job: -expected_delays.get(job["server"], UNANSWERED_DELAY_S))
-        header = [_query_signature(job, queue, expires) for job in jobs]
+        header = [_query_signature(job, queue, expires, task_id) for job, task_id in zip(jobs, task_ids, strict=True)]
     else:
         # ChronoTick's old behaviour, kept for comparison: one server after another.
-        header = [chain(*(_query_signature(job, queue, expires) for job in jobs))]
+        header = [chain(*(_query_signature(job, queue, expires, task_id)
+                          for job, task_id in zip(jobs, task_ids, strict=True)))]
     callback = finish_round.signature(args=(meta.as_dict(),), queue=queue,
                                       argsrepr=f"(<{len(jobs)} outcomes>, round={round_id})",
                                       kwargsrepr="{}",
                                       expires=expires + timedelta(seconds=CLOSE_GRACE_S))
-    return chord(header, callback), meta
+    return header, callback, meta
 
 
-def _query_signature(job: dict, queue: str, expires: datetime):
+def _query_signature(job: dict, queue: str, expires: datetime, task_id: str):
     return query_server.signature(kwargs={"job": job}, queue=queue, argsrepr="()", kwargsrepr=describe(job),
-                                  expires=expires)
+                                  expires=expires, task_id=task_id)
 
 
-def dispatch(config: Config, node: str) -> RoundHandle:
-    """Send one round for ``node`` and return without waiting."""
+def dispatch(config: Config, node: str, *, fan_out: bool = False) -> RoundHandle:
+    """Send one round for ``node`` and return without waiting.
+
+    ``fan_out``: send the round as one message that ``node``'s worker fans
+    out into the chord (:func:`workers.chords.send_via_queue`): what the beat
+    does, so that its cost per round does not grow with the servers.
+    Otherwise every task is sent from here, a little sooner (``measure``).
+    """
     store = store_for(config.service)
-    canvas, meta = build_round(config, node, expected_delays=store.server_delays(node))
-    result = canvas.apply_async()
-    handle = RoundHandle(round_id=meta.round_id, node=node, deadline_at=meta.deadline_at, result=result,
-                         meta=meta)
+    header, body, meta = plan_round(config, node, expected_delays=store.server_delays(node))
+    if fan_out:
+        # Nobody waits for this callback's return value (the record is in history): not stored.
+        body.set(ignore_result=True)
+        sent = chords.send_via_queue(header, body, queue=queue_for(node),
+                                     expires=datetime.fromtimestamp(meta.deadline_at, tz=UTC))
+    else:
+        sent = chords.send(header, body)
+    handle = RoundHandle(round_id=meta.round_id, node=node, deadline_at=meta.deadline_at,
+                         result=AsyncResult(sent.callback_id, app=app), meta=meta, header_ids=sent.header_ids)
     # After the send, so the round's packets are not held up by this write; a
     # round that finishes first leaves an entry the next closer clears.
-    store.open_round(node, meta.round_id, {"meta": meta.as_dict(), "callback_id": result.id,
-                                              "header_ids": [r.id for r in handle.header_results()]})
+    store.open_round(node, meta.round_id, {"meta": meta.as_dict(), "callback_id": sent.callback_id,
+                                              "header_ids": list(sent.header_ids)}, close_at=handle.close_at)
     return handle
+
+
+def dispatch_fanned_out(config: Config, node: str) -> RoundHandle:
+    """:func:`dispatch` as the beat sends: one message per round, fanned out by the node's worker."""
+    return dispatch(config, node, fan_out=True)

@@ -13,6 +13,7 @@ rounds never pile up behind a slow or dead worker.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -37,18 +38,19 @@ class Scheduler:
     nodes:
         The nodes to measure.
     dispatch:
-        ``dispatch(config, node) -> RoundHandle``; :func:`orchestrator.rounds.dispatch`
+        ``dispatch(config, node) -> RoundHandle``; :func:`orchestrator.rounds.dispatch_fanned_out`
         by default (tests may wrap it to observe).
     lease:
         An :class:`orchestrator.leader.Lease`: dispatch only while holding it,
         so standby beats can run beside this one.  ``None``: always dispatch.
-    open_handles:
-        ``open_handles(config, node) -> [RoundHandle]``: rounds left open in
-        Redis, closed here once overdue (:func:`orchestrator.rounds.open_handles`).
+    overdue_handles:
+        ``overdue_handles(config, now) -> [RoundHandle]``: rounds of any node
+        left open in Redis and due to be closed, closed here
+        (:func:`orchestrator.rounds.overdue_handles`).
     """
 
-    def __init__(self, config: Config, nodes: list[str], *, dispatch=rounds.dispatch, lease=None,
-                 open_handles=rounds.open_handles):
+    def __init__(self, config: Config, nodes: list[str], *, dispatch=rounds.dispatch_fanned_out, lease=None,
+                 overdue_handles=rounds.overdue_handles):
         if not nodes:
             raise ValueError("no nodes to schedule: list them in ntp_service.nodes or pass --node")
         self.config = config
@@ -61,36 +63,44 @@ class Scheduler:
         self.closed: dict[str, int] = {node: 0 for node in self.nodes}
         self.lease = lease
         self.leading = lease is None
-        self._open_handles = open_handles
+        self._overdue_handles = overdue_handles
         self._next_adoption = 0.0
+        self._lease_renewed_at = float("-inf")
+        #: (close_at Unix s, round_id, node) of every round this beat dispatched.
+        self._closing: list[tuple[float, str, str]] = []
 
     def stop(self) -> None:
         self._stop.set()
 
     def run(self) -> None:
-        due: dict[str, float] = {}
+        # Two heaps keep each pass's cost independent of the number of nodes:
+        # when each node is next due (monotonic s), and when each dispatched
+        # round may be closed (Unix s).
+        due: list[tuple[float, int, str]] = []
         started = time.monotonic()
         while not self._stop.is_set():
             if not self._lead():
-                due = {}  # a standby: when it takes over, it starts a fresh phase
+                due = []  # a standby: when it takes over, it starts a fresh phase
                 self._stop.wait(self.lease.ttl_s / 3)
                 continue
             now = time.monotonic()
             if not due:
                 started = now - self._schedule_age_s()
                 first = self.config.timing.interval_at(now - started)
-                due = {node: now + i * first / len(self.nodes) for i, node in enumerate(self.nodes)}
+                due = [(now + i * first / len(self.nodes), i, node) for i, node in enumerate(self.nodes)]
+                heapq.heapify(due)
             self._close_overdue()
-            for node in self.nodes:
-                if now >= due[node]:
-                    self._tick(node)
-                    interval = self.config.timing.interval_at(now - started)
-                    # Keep the phase: the next slot, never a burst of missed ones.
-                    while due[node] <= now:
-                        due[node] += interval
-            wake = min(due.values()) - time.monotonic()
-            if self.in_flight:
-                wake = min(wake, min(h.close_at for h in self.in_flight.values()) - time.time())
+            while due and due[0][0] <= now:
+                at, i, node = heapq.heappop(due)
+                self._tick(node)
+                interval = self.config.timing.interval_at(now - started)
+                # Keep the phase: the next slot, never a burst of missed ones.
+                while at <= now:
+                    at += interval
+                heapq.heappush(due, (at, i, node))
+            wake = due[0][0] - time.monotonic()
+            if self._closing:
+                wake = min(wake, self._closing[0][0] - time.time())
             if self.lease is not None:
                 wake = min(wake, self.lease.ttl_s / 3)  # renew well before the lease lapses
             self._stop.wait(max(0.01, wake))
@@ -100,10 +110,20 @@ class Scheduler:
             self.lease.release()  # hand over at once rather than after the time to live
 
     def _lead(self) -> bool:
-        """Whether this beat dispatches now (always, without a lease)."""
+        """Whether this beat dispatches now (always, without a lease).
+
+        The lease is renewed every third of its time to live, not on every
+        pass: a beat wakes once per round, and a renewal each time would cost
+        Redis as much as a small round.
+        """
         if self.lease is None:
             return True
+        now = time.monotonic()
+        if self.leading and now - self._lease_renewed_at < self.lease.ttl_s / 3:
+            return True
         holding = self.lease.hold()
+        if holding:
+            self._lease_renewed_at = now
         if holding != self.leading:
             log.warning("[BEAT] %s the lease %s", "took" if holding else "lost", self.lease.key)
             self.leading = holding
@@ -116,49 +136,60 @@ class Scheduler:
         return self.lease.schedule_age_s()
 
     def _close_overdue(self) -> None:
-        """Forget finished rounds; close those whose callback is past its deadline."""
+        """Close this beat's rounds whose callback is past its deadline, and any others left open.
+
+        A round's finish is only looked for when it matters -- at its node's
+        next slot (:meth:`_tick`) or at its closing time -- so the cost per
+        round stays one EXISTS, whatever else is in flight.
+        """
         self._adopt_open_rounds()
-        for node, handle in list(self.in_flight.items()):
+        now = time.time()
+        while self._closing and self._closing[0][0] <= now:
+            _, round_id, node = heapq.heappop(self._closing)
+            handle = self.in_flight.get(node)
+            if handle is None or handle.round_id != round_id:
+                continue  # finished and dropped at its node's next slot
             try:
                 if handle.ready():
-                    handle.detach()
                     del self.in_flight[node]
-                elif time.time() >= handle.close_at:
-                    record = rounds.close(handle)  # on a Redis error it stays in flight, to try again
-                    del self.in_flight[node]
-                    self.closed[node] += 1
-                    if record is not None:
-                        log.warning("[CLOSED] %s: round %s closed at its deadline (%s)", node,
-                                    handle.round_id, record["quality"])
-            except Exception as exc:  # Redis away: try again on the next pass
+                    continue
+                record = rounds.close(handle)
+                del self.in_flight[node]
+                self.closed[node] += 1
+                if record is not None:
+                    log.warning("[CLOSED] %s: round %s closed at its deadline (%s)", node,
+                                handle.round_id, record["quality"])
+            except Exception as exc:  # Redis away: stays in flight, tried again on the next pass
                 log.error("[CLOSE] %s: round %s (%s: %s)", node, handle.round_id, type(exc).__name__, exc)
+                heapq.heappush(self._closing, (now + 1.0, round_id, node))
 
     def _adopt_open_rounds(self) -> None:
-        """Take over rounds another beat (or an interrupted ``measure``) left open, once a second."""
+        """Close rounds another beat (or an interrupted ``measure``) left open, once a second: one index read."""
         now = time.monotonic()
         if now < self._next_adoption:
             return
         self._next_adoption = now + ADOPT_EVERY_S
-        for node in self.nodes:
+        own = {h.round_id for h in self.in_flight.values()}
+        try:
+            orphans = [h for h in self._overdue_handles(self.config, time.time()) if h.round_id not in own]
+        except Exception as exc:
+            log.error("[ADOPT] cannot list open rounds (%s: %s)", type(exc).__name__, exc)
+            return
+        for handle in orphans:
             try:
-                orphans = [h for h in self._open_handles(self.config, node)
-                           if h.round_id != getattr(self.in_flight.get(node), "round_id", None)]
+                record = rounds.close(handle)
             except Exception as exc:
-                log.error("[ADOPT] %s: cannot list open rounds (%s: %s)", node, type(exc).__name__, exc)
+                log.error("[ADOPT] %s: round %s (%s: %s)", handle.node, handle.round_id, type(exc).__name__, exc)
                 continue
-            for handle in orphans:
-                if time.time() >= handle.close_at:
-                    try:
-                        record = rounds.close(handle)
-                    except Exception as exc:
-                        log.error("[ADOPT] %s: round %s (%s: %s)", node, handle.round_id, type(exc).__name__, exc)
-                        continue
-                    self.closed[node] += 1
-                    log.warning("[CLOSED] %s: round %s, left open by another process, closed at its deadline",
-                                node, handle.round_id if record else handle.round_id + " (already finished)")
+            self.closed[handle.node] = self.closed.get(handle.node, 0) + 1
+            log.warning("[CLOSED] %s: round %s, left open by another process, closed at its deadline",
+                        handle.node, handle.round_id if record else handle.round_id + " (already finished)")
 
     def _tick(self, node: str) -> None:
         previous = self.in_flight.get(node)
+        if previous is not None and self._finished(previous):
+            del self.in_flight[node]  # its callback forgot its results; nothing else to drop
+            previous = None
         if previous is not None:
             self.skipped[node] += 1
             log.warning("[SKIP] %s: round %s still running; not starting another", node, previous.round_id)
@@ -166,8 +197,18 @@ class Scheduler:
         try:
             handle = self._dispatch(self.config, node)
             self.in_flight[node] = handle
+            heapq.heappush(self._closing, (handle.close_at, handle.round_id, node))
             self.dispatched[node] += 1
-            log.info("[ROUND] %s: dispatched %s", node, self.in_flight[node].round_id)
+            log.info("[ROUND] %s: dispatched %s", node, handle.round_id)
         except Exception as exc:  # broker down: say so, keep the schedule
             log.error("[ROUND] %s: could not dispatch (%s: %s); will try at the next slot",
                       node, type(exc).__name__, exc)
+
+    @staticmethod
+    def _finished(handle) -> bool:
+        try:
+            return bool(handle.ready())
+        except Exception as exc:  # Redis away: treat it as running; the dispatch would fail too
+            log.error("[ROUND] %s: cannot check round %s (%s: %s)", handle.node, handle.round_id,
+                      type(exc).__name__, exc)
+            return False

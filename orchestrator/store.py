@@ -93,6 +93,13 @@ class Keys:
         """Internal: rounds dispatched and not yet finished, so any beat can close them."""
         return self._node(node, "open")
 
+    def open_by_close_time(self) -> str:
+        """Internal: every open round of every node (``<node> <round_id>``), scored by when to close it.
+
+        A beat finds the overdue ones in one ZRANGEBYSCORE, whatever the number of nodes.
+        """
+        return f"{self.prefix}:ntp:open_by_close_time"
+
     def beat(self) -> str:
         """Internal: the lease of the beat that dispatches (see :mod:`orchestrator.leader`)."""
         return f"{self.prefix}:ntp:beat"
@@ -200,6 +207,7 @@ class Store:
         pipe.xtrim(history, maxlen=history_length, approximate=False)
         pipe.sadd(self.keys.nodes(), node)
         pipe.hdel(self.keys.open_rounds(node), record["round_id"])
+        pipe.zrem(self.keys.open_by_close_time(), _open_member(node, record["round_id"]))
         delays = expected_delays(record)
         if delays:
             pipe.hset(self.keys.server_delay(node), mapping=cast("Mapping[Any, Any]", delays))
@@ -219,15 +227,41 @@ class Store:
             pipe.hincrby(duration_key, field, 1)
         pipe.hincrbyfloat(duration_key, "sum", record["duration_s"])
 
-    def open_round(self, node: str, round_id: str, entry: dict) -> None:
-        """Remember a dispatched round until it is finished (see :func:`orchestrator.rounds.close`)."""
-        self.client.hset(self.keys.open_rounds(node), round_id, json.dumps(entry))
+    def open_round(self, node: str, round_id: str, entry: dict, *, close_at: float) -> None:
+        """Remember a dispatched round until it is finished (see :func:`orchestrator.rounds.close`).
+
+        ``close_at`` (Unix s): when a closer may close it if nobody finished it.
+        """
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.open_rounds(node), round_id, json.dumps(entry))
+            pipe.zadd(self.keys.open_by_close_time(), {_open_member(node, round_id): close_at})
+            pipe.execute()
 
     def open_round_entries(self, node: str) -> dict[str, dict]:
         return {_text(k): json.loads(v) for k, v in self.client.hgetall(self.keys.open_rounds(node)).items()}
 
+    def overdue_open_rounds(self, now: float) -> list[tuple[str, str, dict | None]]:
+        """``(node, round_id, entry)`` of every open round of any node due to be closed by ``now``.
+
+        One ZRANGEBYSCORE and one pipelined read of the entries that are due:
+        a beat asks this every second whatever the number of nodes.  ``entry``
+        is ``None`` for a round finished meanwhile.
+        """
+        due = [_text(m).split(" ", 1) for m in self.client.zrangebyscore(self.keys.open_by_close_time(), "-inf", now)]
+        if not due:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for node, round_id in due:
+                pipe.hget(self.keys.open_rounds(node), round_id)
+            raw = pipe.execute()
+        return [(node, round_id, json.loads(value) if value else None)
+                for (node, round_id), value in zip(due, raw, strict=True)]
+
     def forget_open_round(self, node: str, round_id: str) -> None:
-        self.client.hdel(self.keys.open_rounds(node), round_id)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.keys.open_rounds(node), round_id)
+            pipe.zrem(self.keys.open_by_close_time(), _open_member(node, round_id))
+            pipe.execute()
 
     def round_finished(self, node: str, round_id: str) -> bool:
         """Whether someone finished this round (its claim is set in the same transaction as its record)."""
@@ -305,6 +339,11 @@ def service_client(service: ServiceSettings) -> redis.Redis:
 def store_for(service: ServiceSettings) -> Store:
     """The contract store of the service ``ntp_service`` describes."""
     return Store(service_client(service), prefix=service.key_prefix)
+
+
+def _open_member(node: str, round_id: str) -> str:
+    """A round's member in :meth:`Keys.open_by_close_time` (node names hold no spaces)."""
+    return f"{node} {round_id}"
 
 
 def duration_fields(duration_s: float) -> list[str]:

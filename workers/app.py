@@ -20,7 +20,7 @@ from . import (
 )
 
 #: Task modules every worker registers.
-TASK_MODULES = ("workers.tasks", "orchestrator.tasks")
+TASK_MODULES = ("workers.tasks", "workers.chords", "orchestrator.tasks")
 
 #: Prefix of the per-node queues: a round for node X goes to ``ntp.X``.
 QUEUE_PREFIX = "ntp."
@@ -98,7 +98,10 @@ def configure(app: Celery, service: config_mod.ServiceSettings) -> None:
     """
     # A Sentinel URL (``sentinel://...;...``) needs the master's name, in both
     # option sets: Celery's result backend reads only its own.
-    transport = {"visibility_timeout": VISIBILITY_TIMEOUT_S,
+    # No ack emulation: kombu would keep every message in an "unacked" hash (six more Redis commands a
+    # message) to redeliver it after the visibility timeout -- long after the round's deadline, when
+    # the worker drops it as expired anyway.  A round whose messages are lost is closed at its deadline.
+    transport = {"visibility_timeout": VISIBILITY_TIMEOUT_S, "ack_emulation": False,
                  **redisurl.celery_transport_options(service.redis_url, service.redis_master_name)}
     app.conf.update(
         broker_url=service.redis_url,

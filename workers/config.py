@@ -20,6 +20,7 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,7 @@ class NtpSettings:
         values["server_groups"] = {f"group{i}": list(g) for i, g in enumerate(self.server_groups)}
         return values
 
-    @property
+    @cached_property
     def config_id(self) -> str:
         """A short fingerprint of these settings: a change lifts DENY/RSTR demobilisation."""
         return hashlib.sha256(repr(self).encode()).hexdigest()[:12]

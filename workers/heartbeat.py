@@ -29,11 +29,12 @@ from . import redisurl
 
 log = logging.getLogger(__name__)
 
-#: How often a worker renews its heartbeat (s).
-HEARTBEAT_INTERVAL_S = 2.0
+#: How often a worker renews its heartbeat (s).  Every node's worker does, so
+#: this is a fixed load on the central Redis: two commands per node per interval.
+HEARTBEAT_INTERVAL_S = 5.0
 
 #: How long a heartbeat outlives its last renewal (s): three missed renewals.
-HEARTBEAT_TTL_S = 6
+HEARTBEAT_TTL_S = 15
 
 #: Key names' first part.
 NAMESPACE = "chronotick-ntp"

@@ -10,6 +10,7 @@ import workers.app
 from orchestrator import cli, rounds, selection
 from orchestrator.store import Store
 from simulator.server import Behaviour
+from workers import chords
 from workers import config as config_mod
 
 from ..conftest import TEST_NODE, write_config
@@ -229,3 +230,18 @@ def test_plain_celery_process_takes_redis_from_the_environment(monkeypatch):
     app = create_app()
     assert app.conf.broker_url == "redis://:pw@10.1.2.3:6390/4"
     assert app.conf.accept_content == ["json"] and app.conf.task_serializer == "json"
+
+
+def test_the_beat_sends_one_message_a_round_and_the_node_fans_it_out(simulator, tmp_path, key_prefix, redis_client):
+    """Dispatch cost must not grow with the servers: one message to the node's queue, whatever their number."""
+    _, servers = simulator({f"s{i}": Behaviour() for i in range(5)})
+    config = config_mod.load(write_config(tmp_path, list(servers.values()), key_prefix=key_prefix))
+    node = f"idle-{key_prefix}"  # no worker: the messages stay queued for counting
+    queue = workers.app.queue_for(node)
+    rounds.dispatch(config, node, fan_out=True)
+    assert redis_client.llen(queue) == 1
+    message = json.loads(redis_client.lindex(queue, 0))
+    assert message["headers"]["task"] == chords.FAN_OUT_TASK
+    rounds.dispatch(config, node)  # measure's way: every query task sent from here
+    assert redis_client.llen(queue) == 1 + 5
+    redis_client.delete(queue)

@@ -1,0 +1,98 @@
+"""Sending a chord the way Celery's own chord does, minus the sender's waiters, and in one message if asked.
+
+``chord(header, body).apply_async()`` makes the *sender* a waiter: a group
+barrier over every header result, each one a result-channel subscription in
+Redis.  A dispatcher that never waits (the beat learns that a round finished
+from the round's claim key) must then undo all of it.  The worker side of a
+chord needs none of it -- only what each header message carries (its group
+id, its index, the callback) and the chord size in the result backend.  The
+Redis backend then joins the header results and sends the callback exactly as
+for ``chord.apply_async`` (``on_chord_part_return``).  Only public calls are
+used: ``Signature.freeze``, ``Backend.set_chord_size`` and one producer for
+every message.
+
+Two ways to send one:
+
+:func:`send`
+    Every header message from this process.
+:func:`send_via_queue`
+    One message, :data:`FAN_OUT_TASK`, to the queue the header goes to; the
+    worker that takes it sends the header messages (:func:`fan_out`).  A
+    dispatcher sending rounds for thousands of nodes then pays Celery's
+    per-message cost once per round instead of once per server: each node
+    fans its own round out.
+
+Either way every id is fixed by the sender before anything is sent, so the
+sender knows the callback's and each header task's id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from celery.canvas import Signature, signature
+from celery.utils import uuid
+
+from .app import app
+
+#: The registered name of the node-side fan-out task.
+FAN_OUT_TASK = "chronotick.fan_out"
+
+
+@dataclass(frozen=True)
+class SentChord:
+    """Ids of a chord that was sent: its group, its callback and its header tasks (in order)."""
+
+    group_id: str
+    callback_id: str
+    header_ids: tuple[str, ...]
+
+
+def freeze(header: list[Signature], body: Signature) -> SentChord:
+    """Give the chord its group id and every task its id, in place; send nothing."""
+    group_id = uuid()
+    callback = body.freeze(group_id=group_id)
+    return SentChord(group_id, callback.id, tuple(s.freeze().id for s in header))
+
+
+def send(header: list[Signature], body: Signature) -> SentChord:
+    """Send the chord from this process; return its ids.
+
+    No waiter is registered; Celery's Redis backend still subscribes this
+    process to each task's result channel as it sends it (``on_task_call``),
+    which whoever waits ends by id afterwards.
+    """
+    ids = freeze(header, body)
+    _send_frozen(ids.group_id, header, body)
+    return ids
+
+
+def send_via_queue(header: list[Signature], body: Signature, *, queue: str, expires=None) -> SentChord:
+    """Send one :data:`FAN_OUT_TASK` message to ``queue``; its worker sends the chord.
+
+    Nothing is subscribed in this process (the message's own result is
+    ignored).  ``expires``: past it, the worker drops the message unread
+    (and so the whole chord).
+    """
+    ids = freeze(header, body)
+    app.send_task(FAN_OUT_TASK, kwargs={"group_id": ids.group_id, "header": [dict(s) for s in header],
+                                        "body": dict(body)},
+                  queue=queue, expires=expires, ignore_result=True, declare=[],
+                  argsrepr="()", kwargsrepr=f"{{<{len(header)} tasks>, callback={ids.callback_id}}}")
+    return ids
+
+
+@app.task(name=FAN_OUT_TASK, ignore_result=True)
+def fan_out(group_id: str, header: list[dict], body: dict) -> None:
+    """Send a chord frozen by :func:`send_via_queue` (runs on the worker of the header's queue)."""
+    _send_frozen(group_id, [signature(d, app=app) for d in header], signature(body, app=app))
+
+
+def _send_frozen(group_id: str, header: list[Signature], body: Signature) -> None:
+    app.backend.set_chord_size(group_id, len(header))
+    with app.producer_or_acquire() as producer:
+        for index, task in enumerate(header):
+            task.freeze(group_id=group_id, chord=body, group_index=index)
+            # declare=[]: the worker declared its queue when it began consuming it, and a
+            # publish to the default exchange needs no binding: no SADD per message.
+            task.apply_async(producer=producer, add_to_parent=False, declare=[])
