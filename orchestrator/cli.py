@@ -96,6 +96,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="start without authentication (anyone who reaches the port sees and, with "
                         "--allow-control, controls every task)")
+    p = command("relay", cmd_relay, "relay NTP for nodes without Internet (ChronoTick's ntp_proxy_config.yaml)",
+                config=False, node=False)
+    p.add_argument("--config", required=True, help="ChronoTick's proxy file (proxy_mappings)")
+    p.add_argument("--bind", default=None, help="the one address to listen on (default 127.0.0.1)")
+    p.add_argument("--allow", nargs="+", metavar="CIDR", help="clients answered (default: loopback only)")
+    p.add_argument("--timeout", type=_positive_float, default=None,
+                   help="seconds a request waits for its reply (default 4)")
+    p.add_argument("--client-interval", type=_positive_float, default=None,
+                   help="per client and port, at most one request per this many seconds, sustained (default 2)")
+    p.add_argument("--client-burst", type=int, default=None, help="... after a burst of this many (default 4)")
+    p.add_argument("--key-prefix", default="chronotick",
+                   help="first part of the Redis keys the counts go to (with $CHRONOTICK_REDIS_URL)")
     p = command("simulate", cmd_simulate, "serve the config's simulated NTP servers on loopback", node=False)
     p = command("demo", cmd_demo, "offline demo: local Redis, simulated servers, a worker, a few rounds",
                 config=False)
@@ -407,6 +419,64 @@ def cmd_flower(args) -> int:
           "/metrics and /healthcheck are open, as in every Flower)", flush=True)
     os.execv(sys.executable, [sys.executable, "-m", "celery", *flower_argv(args)])
     return EXIT_OK  # not reached
+
+
+def cmd_relay(args) -> int:
+    import asyncio
+    import dataclasses
+    import ipaddress
+    import socket
+
+    from relay import config as relay_config
+    from relay.report import RedisReport
+    from relay.server import Relay
+
+    try:
+        mappings = relay_config.load_mappings(args.config)
+        allow = relay_config.parse_allow(args.allow)
+    except (relay_config.RelayConfigError, ValueError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    bind = args.bind or relay_config.DEFAULT_BIND
+    try:
+        bind_ip = ipaddress.ip_address(bind)
+    except ValueError:
+        raise CliError(f"--bind {bind!r}: not an IP address (the relay binds one address)", EXIT_USAGE) from None
+    if not bind_ip.is_loopback and not args.allow:
+        raise CliError(f"--bind {bind} without --allow would answer only loopback clients, which cannot reach "
+                       "it: give the nodes' network, e.g. --allow 172.20.0.0/16", EXIT_USAGE)
+    settings = relay_config.RelaySettings(mappings=mappings, bind=bind, allow=allow)
+    overrides = {"timeout_s": args.timeout, "client_interval_s": args.client_interval,
+                 "client_burst": args.client_burst}
+    settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    if settings.client_burst < 1:
+        raise CliError("--client-burst must be at least 1", EXIT_USAGE)
+    report = None
+    url = os.environ.get(config_mod.ENV_REDIS_URL)
+    if url:
+        service = config_mod.service_from_environment()
+        report = RedisReport(redisurl.connect(service.redis_url, service.redis_master_name, timeout_s=2),
+                             prefix=args.key_prefix, name=socket.gethostname().split(".")[0])
+    logging.getLogger("relay").setLevel(logging.INFO)
+    relay = Relay(settings, report=report)
+    for m in mappings:
+        cap = f", at most one request per {m.min_interval_s:g} s upstream" if m.min_interval_s else ""
+        print(f"relay: {bind}:{m.listen_port} -> {m.upstream}{cap}", flush=True)
+    print(f"relay: answering {', '.join(str(n) for n in allow)}"
+          + (f"; counts to Redis at {redisurl.redact(url)}" if url else ""), flush=True)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, relay.stop)
+        try:
+            await relay.run()
+        except OSError as exc:
+            raise CliError(f"cannot listen on {bind}: {exc.strerror or exc}", EXIT_USAGE) from None
+
+    asyncio.run(serve())
+    for port in relay.ports:
+        print(f"relay: {port.stats.summary()}", flush=True)
+    return EXIT_OK
 
 
 def cmd_simulate(args) -> int:

@@ -22,6 +22,9 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from relay.report import read_all as read_relays
+from relay.stats import COUNTERS as RELAY_COUNTERS
+
 from . import records
 from .contracts import Quality
 from .store import COUNTERS, ROUND_DURATION_BUCKETS_S, Keys
@@ -73,6 +76,32 @@ class NtpCollector(Collector):
         up.add_metric([], 1)
         yield up
         yield from self._families(snapshot)
+        try:
+            yield from self._relay_families(read_relays(self.client, self.keys.prefix))
+        except redis.RedisError as exc:
+            log.warning("scrape: relay reports unreadable (%s: %s)", type(exc).__name__, exc)
+
+    def _relay_families(self, reports: list[dict]):
+        """Each relay port's counts (``chronotick-ntp relay`` with ``CHRONOTICK_REDIS_URL``)."""
+        if not reports:
+            return
+        labels = ["relay", "port", "upstream"]
+        for name in RELAY_COUNTERS:
+            family = CounterMetricFamily(f"{NAMESPACE}_relay_{name}", f"Relay port: {name.replace('_', ' ')}",
+                                         labels=labels)
+            for r in reports:
+                family.add_metric([r.get("relay", ""), r.get("port", ""), r.get("upstream", "")],
+                                  float(r.get(name) or 0))
+            yield family
+        delay = GaugeMetricFamily(f"{NAMESPACE}_relay_added_delay_seconds",
+                                  "Delay the relay's hop adds to a round trip, by quantile",
+                                  labels=[*labels, "quantile"])
+        for r in reports:
+            for quantile, field in (("0.5", "added_delay_p50_s"), ("0.99", "added_delay_p99_s")):
+                if r.get(field):
+                    delay.add_metric([r.get("relay", ""), r.get("port", ""), r.get("upstream", ""), quantile],
+                                     float(r[field]))
+        yield delay
 
     def _read(self) -> dict[str, dict]:
         nodes = sorted({*self.configured_nodes, *(_text(n) for n in self.client.smembers(self.keys.nodes()))})

@@ -62,6 +62,9 @@ class Behaviour:
         Each leg gets an extra uniform random delay in ``[0, jitter]``.
     hold_s:
         How long the server holds the request (t3 - t2).
+    hold_first_s:
+        Hold the first request this long instead (a reply that comes late),
+        then answer the others with ``hold_s``.
     loss:
         Probability of silently dropping a request.
     drop_first:
@@ -105,6 +108,7 @@ class Behaviour:
     asymmetry_s: float = 0.0
     jitter_s: float = 0.0
     hold_s: float = 0.0
+    hold_first_s: float = 0.0
     loss: float = 0.0
     drop_first: int = 0
     kod: str | None = None
@@ -127,8 +131,8 @@ class Behaviour:
     claimed_hold_s: float = 0.0
 
     def __post_init__(self):
-        if self.delay_s < 0 or self.jitter_s < 0 or self.hold_s < 0:
-            raise ValueError("delay_s, jitter_s and hold_s must not be negative")
+        if self.delay_s < 0 or self.jitter_s < 0 or self.hold_s < 0 or self.hold_first_s < 0:
+            raise ValueError("delay_s, jitter_s, hold_s and hold_first_s must not be negative")
         if abs(self.asymmetry_s) > self.delay_s:
             raise ValueError(f"|asymmetry_s| {self.asymmetry_s} exceeds delay_s {self.delay_s}")
         if not 0 <= self.loss <= 1:
@@ -283,6 +287,8 @@ class NtpSimulator:
                 continue
             if stats.received <= behaviour.bad_origin_first:
                 behaviour = dataclasses.replace(behaviour, bad_origin=True)
+            if stats.received == 1 and behaviour.hold_first_s:
+                behaviour = dataclasses.replace(behaviour, hold_s=behaviour.hold_first_s)
             leg_in = (behaviour.delay_s + behaviour.asymmetry_s) / 2 + self._random.uniform(0, behaviour.jitter_s)
             leg_out = (behaviour.delay_s - behaviour.asymmetry_s) / 2 + self._random.uniform(0, behaviour.jitter_s)
             due_ns = mono_ns - age_ns + int((leg_in + behaviour.hold_s + leg_out) * 1e9)

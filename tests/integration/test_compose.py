@@ -35,8 +35,9 @@ def rendered():
 
 
 def test_services_and_health_checks(rendered):
-    assert set(rendered) == {"redis", "worker", "beat", "flower"}
+    assert set(rendered) == {"redis", "worker", "beat", "flower", "relay"}
     assert all("healthcheck" in service for service in rendered.values())
+    assert rendered["relay"]["profiles"] == ["relay"]  # only on a head node that relays, when asked
     for name in ("worker", "beat", "flower"):
         assert rendered[name]["depends_on"]["redis"]["condition"] == "service_healthy"
 
@@ -50,6 +51,8 @@ def test_services_run_the_documented_commands(rendered):
         args = parser.parse_args(argv[1:])  # a real, valid chronotick-ntp command line
         assert args.config == "/app/configs/config_homelab_2min_ntp.yaml"
     assert parser.parse_args(rendered["worker"]["command"][1:]).node == "ares-comp-11"
+    relay = parser.parse_args(rendered["relay"]["command"][1:])
+    assert (relay.config, relay.bind) == ("/app/configs/ntp_proxy_config.yaml", "127.0.0.1")  # loopback unless told
     assert rendered["worker"]["environment"]["CHRONOTICK_NODE"] == "ares-comp-11"
 
 

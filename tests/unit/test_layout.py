@@ -1,6 +1,7 @@
 """The import rules of the layout, read from the source with ``ast``.
 
-- ``workers`` never imports ``orchestrator`` (the worker registers the callback by name);
+- ``workers`` never imports ``orchestrator`` (the worker registers the callback by name) or ``relay``;
+- ``relay`` (the head node's NTP relay) never imports ``orchestrator``: it runs on its own;
 - the service (``workers``, ``orchestrator``) never imports the tooling (``simulator``) at module level;
 - no module imports the CLI, which imports downward only;
 - no cycle among module-level imports.
@@ -10,7 +11,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("workers", "orchestrator", "simulator")
+PACKAGES = ("workers", "orchestrator", "relay", "simulator")
 
 
 def _module_name(path: Path) -> str:
@@ -47,15 +48,21 @@ def _graph():
     return {_module_name(p): _imports(p) for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))}
 
 
-def test_workers_never_import_the_orchestrator():
+def test_workers_never_import_the_orchestrator_or_the_relay():
     for module, (_, everything) in _graph().items():
         if module.startswith("workers"):
+            assert not any(n.startswith(("orchestrator", "relay")) for n in everything), module
+
+
+def test_the_relay_never_imports_the_orchestrator():
+    for module, (_, everything) in _graph().items():
+        if module.startswith("relay"):
             assert not any(n.startswith("orchestrator") for n in everything), module
 
 
 def test_the_service_never_imports_tooling_at_module_level():
     for module, (top, _) in _graph().items():
-        if module.startswith(("workers", "orchestrator")):
+        if module.startswith(("workers", "orchestrator", "relay")):
             assert not any(n.startswith("simulator") for n in top), module
 
 

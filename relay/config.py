@@ -1,0 +1,173 @@
+"""The relay's configuration: ChronoTick's ``ntp_proxy_config.yaml``, unchanged, plus optional keys.
+
+ChronoTick's file::
+
+    proxy_mappings:
+      - listen_port: 8123
+        ntp_server: time.google.com
+        ntp_port: 123
+
+Each mapping may also carry (this project's, optional):
+
+``min_interval_s``
+    The least time between two requests the relay sends that upstream, all
+    clients together: the head node is *one* client to a public server,
+    however many nodes stand behind it.  Requests over it get nothing.
+    Absent: no cap.
+``rate_backoff_s``
+    How long the relay leaves the upstream alone after it sent a RATE kiss
+    (default :data:`DEFAULT_RATE_BACKOFF_S`).
+
+Every problem is one :class:`RelayConfigError` naming the file, the key and
+what is wrong, found before any socket is opened.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: After a RATE kiss, forward nothing to that upstream for this long (s): chrony's
+#: default minimum poll interval, 2^6 s.
+DEFAULT_RATE_BACKOFF_S = 64.0
+#: Per client and port, a sustained request rate above one per this many seconds is refused (s).
+DEFAULT_CLIENT_INTERVAL_S = 2.0
+#: ... after a burst of this many requests.
+DEFAULT_CLIENT_BURST = 4
+#: A request whose reply has not come by then is given up (its reply, if it comes, is dropped) (s).
+DEFAULT_TIMEOUT_S = 4.0
+#: Upstream names are resolved again this often (s): the Pool rotates its addresses.
+DEFAULT_RESOLVE_EVERY_S = 300.0
+#: What the relay binds, unless told: loopback only.
+DEFAULT_BIND = "127.0.0.1"
+#: Who it answers, unless told: loopback only.
+DEFAULT_ALLOW = ("127.0.0.0/8", "::1/128")
+
+_MAPPING_KEYS = ("listen_port", "ntp_server", "ntp_port", "min_interval_s", "rate_backoff_s")
+
+
+class RelayConfigError(ValueError):
+    """A relay configuration that must not be used, with where and why."""
+
+    def __init__(self, source: str, key: str, problem: str):
+        super().__init__(f"{source}: {key}: {problem}")
+        self.source, self.key, self.problem = source, key, problem
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One listening port and the upstream server it relays to."""
+
+    listen_port: int
+    ntp_server: str
+    ntp_port: int = 123
+    min_interval_s: float | None = None
+    rate_backoff_s: float = DEFAULT_RATE_BACKOFF_S
+
+    @property
+    def upstream(self) -> str:
+        return f"{self.ntp_server}:{self.ntp_port}"
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """What ``chronotick-ntp relay`` runs with."""
+
+    mappings: tuple[Mapping, ...]
+    bind: str = DEFAULT_BIND
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
+        ipaddress.ip_network(n) for n in DEFAULT_ALLOW)
+    client_interval_s: float = DEFAULT_CLIENT_INTERVAL_S
+    client_burst: int = DEFAULT_CLIENT_BURST
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    resolve_every_s: float = DEFAULT_RESOLVE_EVERY_S
+
+    def allows(self, address: str) -> bool:
+        """Whether a client at ``address`` may use the relay."""
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip.version == net.version and ip in net for net in self.allow)
+
+
+def load_mappings(path: str | Path) -> tuple[Mapping, ...]:
+    """Read the ``proxy_mappings`` of a ChronoTick proxy file."""
+    source = str(path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise RelayConfigError(source, "(file)", f"cannot read it: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise RelayConfigError(source, "(file)", f"not valid YAML: {exc}") from None
+    if not isinstance(raw, dict) or "proxy_mappings" not in raw:
+        raise RelayConfigError(source, "proxy_mappings", "missing: the file must have a proxy_mappings list")
+    items = raw["proxy_mappings"]
+    if not isinstance(items, list) or not items:
+        raise RelayConfigError(source, "proxy_mappings", "must be a non-empty list")
+    mappings: list[Mapping] = []
+    for i, item in enumerate(items):
+        where = f"proxy_mappings[{i}]"
+        if not isinstance(item, dict):
+            raise RelayConfigError(source, where, "must be a mapping with listen_port, ntp_server, ntp_port")
+        unknown = sorted(set(item) - set(_MAPPING_KEYS))
+        if unknown:
+            raise RelayConfigError(source, f"{where}.{unknown[0]}", f"unknown key (known: {', '.join(_MAPPING_KEYS)})")
+        mappings.append(Mapping(
+            listen_port=_port(item, "listen_port", source, where, required=True),
+            ntp_server=_server(item, source, where),
+            ntp_port=_port(item, "ntp_port", source, where, required=False),
+            min_interval_s=_seconds(item, "min_interval_s", source, where, None),
+            rate_backoff_s=_seconds(item, "rate_backoff_s", source, where, DEFAULT_RATE_BACKOFF_S),
+        ))
+    ports = [m.listen_port for m in mappings]
+    for i, port in enumerate(ports):
+        if port in ports[:i]:
+            raise RelayConfigError(source, f"proxy_mappings[{i}].listen_port", f"port {port} is listed twice")
+    return tuple(mappings)
+
+
+def parse_allow(values: list[str] | None) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``--allow`` CIDRs (default: loopback only); a bad one raises ValueError naming it."""
+    if not values:
+        return tuple(ipaddress.ip_network(n) for n in DEFAULT_ALLOW)
+    nets = []
+    for value in values:
+        try:
+            nets.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            raise ValueError(f"--allow {value!r}: not an address or CIDR (e.g. 172.20.0.0/16)") from None
+    return tuple(nets)
+
+
+def _port(item: dict, key: str, source: str, where: str, *, required: bool) -> int:
+    if key not in item:
+        if required:
+            raise RelayConfigError(source, f"{where}.{key}", "missing")
+        return 123
+    value = item[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise RelayConfigError(source, f"{where}.{key}", f"must be a port number 1-65535, not {value!r}")
+    return value
+
+
+def _server(item: dict, source: str, where: str) -> str:
+    value = item.get("ntp_server")
+    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value.strip()):
+        raise RelayConfigError(source, f"{where}.ntp_server", f"must be a host name or address, not {value!r}")
+    return value.strip()
+
+
+def _seconds(item: dict, key: str, source: str, where: str, default: Any) -> Any:
+    if key not in item or item[key] is None:
+        return default
+    value = item[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise RelayConfigError(source, f"{where}.{key}", f"must be a number of seconds > 0, not {value!r}")
+    return float(value)

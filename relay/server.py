@@ -1,0 +1,281 @@
+"""The relay: each listening port forwards NTP client requests to one upstream server, concurrently and matched.
+
+What ChronoTick's ``ntp_proxy.py`` did wrong, and what happens here instead:
+
+- It forwarded one request per port and blocked up to 5 s for the answer.
+  Here every port has any number of requests in flight: a request is sent
+  upstream as it arrives, and its entry waits in a table.
+- It handed whatever came back to whoever asked next.  Here a reply goes
+  to the client whose request it answers, matched by the echoed transmit
+  timestamp (the reply's *origin*, RFC 5905 section 8), and only if it
+  comes from the upstream's own address and port: the upstream socket is
+  connected, so the kernel delivers nothing else, and the source is checked
+  again.  A reply that matches nothing pending, or comes after its
+  request's deadline, is dropped and counted.  The relay never rewrites a
+  packet: extension fields (NTS) pass untouched, and a request whose
+  transmit timestamp is already pending is refused rather than confused.
+- It bound 0.0.0.0 and forwarded anything of 48 bytes or more (mode 6/7
+  control queries included: an amplification vector).  Here it binds one
+  address (loopback unless told), answers only ``--allow`` networks, and
+  forwards only client requests (mode 3, version 1-4, 48 bytes or more).
+- Nothing limited a client.  Here each client has a token bucket per port
+  (one request every 2 s sustained, a burst of 4, as chrony's
+  ``ratelimit``); a mapping's ``min_interval_s`` caps what all of them
+  together send upstream, so the head node stays *one* polite client.
+- A RATE kiss (RFC 5905 section 7.4) goes to the client that asked; for the
+  mapping's back-off the relay then sends nothing upstream and answers each
+  request with a RATE kiss of its own, carrying the requester's origin, so
+  the whole cluster backs off as the upstream sees it: as one client.
+
+Upstream names are resolved at start and again every ``resolve_every_s`` in
+a thread (the Pool rotates), never per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+from workers.ntp import packet
+
+from .config import Mapping, RelaySettings
+from .limits import ClientLimits, TokenBucket
+from .stats import PortStats
+
+log = logging.getLogger(__name__)
+
+_ORIGIN = slice(24, 32)
+_TRANSMIT = slice(40, 48)
+_NO_TIMESTAMP = bytes(8)
+_RATE = packet.kiss_code_to_ref_id("RATE")
+_REF_ID = struct.Struct("!I")
+
+#: How often pending requests are expired and idle client buckets pruned (s).
+SWEEP_EVERY_S = 0.25
+#: How long an expired request is remembered, so that its reply counts as late, not unmatched (s).
+LATE_MEMORY_S = 60.0
+
+
+@dataclass
+class _Pending:
+    client: tuple
+    deadline: float
+    received_ns: int
+    forwarded_ns: int
+
+
+class PortRelay:
+    """One mapping: a listening socket for the clients, a connected socket to the upstream."""
+
+    def __init__(self, mapping: Mapping, settings: RelaySettings):
+        self.mapping = mapping
+        self.settings = settings
+        self.stats = PortStats(port=mapping.listen_port, upstream=mapping.upstream)
+        self.clients = ClientLimits(settings.client_interval_s, settings.client_burst)
+        self.upstream_budget = (TokenBucket(mapping.min_interval_s, 1) if mapping.min_interval_s else None)
+        self.backoff_until = 0.0
+        self.upstream_address: tuple | None = None
+        self._pending: dict[bytes, _Pending] = {}
+        self._expired: dict[bytes, float] = {}
+        self._listener: asyncio.DatagramTransport | None = None
+        self._upstream: asyncio.DatagramTransport | None = None
+
+    # -- life cycle ---------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self.settings.bind else socket.AF_INET
+        self._listener, _ = await loop.create_datagram_endpoint(
+            lambda: _Protocol(self.from_client), local_addr=(self.settings.bind, self.mapping.listen_port),
+            family=family)
+        await self.resolve()
+
+    async def resolve(self) -> None:
+        """Look the upstream name up (in a thread) and point the upstream socket at it if it moved."""
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(self.mapping.ntp_server, self.mapping.ntp_port, type=socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as exc:
+            log.warning("relay port %d: cannot resolve %s (%s); keeping %s", self.mapping.listen_port,
+                        self.mapping.upstream, exc, self.upstream_address)
+            return
+        family, _, _, _, sockaddr = infos[0]
+        address = (str(sockaddr[0]), int(sockaddr[1]))
+        if address == (self.upstream_address or ())[:2]:
+            return
+        old = self._upstream
+        self._upstream, _ = await loop.create_datagram_endpoint(
+            lambda: _Protocol(self.from_upstream), remote_addr=address, family=family)
+        self.upstream_address = self._upstream.get_extra_info("peername")
+        if old is not None:  # replies still on their way to the old address get their deadline's worth
+            loop.call_later(self.settings.timeout_s, old.close)
+        log.info("relay port %d -> %s at %s", self.mapping.listen_port, self.mapping.upstream,
+                 self.upstream_address)
+
+    def close(self) -> None:
+        for transport in (self._listener, self._upstream):
+            if transport is not None:
+                transport.close()
+
+    # -- the two directions ---------------------------------------------------
+    def from_client(self, data: bytes, client: tuple) -> None:
+        received_ns = time.monotonic_ns()
+        now = received_ns / 1e9
+        stats = self.stats
+        stats.requests += 1
+        if not self.settings.allows(client[0]):
+            stats.refused_allow += 1
+            return
+        if len(data) < packet.HEADER_LEN:
+            stats.refused_size += 1
+            return
+        version, mode = (data[0] >> 3) & 0x7, data[0] & 0x7
+        if mode != packet.MODE_CLIENT or not 1 <= version <= 4:
+            stats.refused_mode += 1  # control (6), private (7), broadcast ... : never forwarded
+            return
+        if not self.clients.allow(client[0], now):
+            stats.refused_rate += 1
+            return
+        transmit = data[_TRANSMIT]
+        if now < self.backoff_until:
+            self._kiss(data, client)
+            return
+        if transmit == _NO_TIMESTAMP or transmit in self._pending:
+            stats.refused_duplicate += 1  # a reply could not tell these requests apart
+            return
+        if self._upstream is None:
+            stats.refused_unresolved += 1
+            return
+        if self.upstream_budget is not None and not self.upstream_budget.take(now):
+            stats.refused_upstream_rate += 1
+            return
+        forwarded_ns = time.monotonic_ns()
+        self._pending[transmit] = _Pending(client, now + self.settings.timeout_s, received_ns, forwarded_ns)
+        self._upstream.sendto(data)
+        stats.forwarded += 1
+
+    def from_upstream(self, data: bytes, source: tuple) -> None:
+        arrived_ns = time.monotonic_ns()
+        stats = self.stats
+        if source[:2] != (self.upstream_address or ())[:2] or len(data) < packet.HEADER_LEN:
+            stats.unmatched += 1
+            return
+        origin = data[_ORIGIN]
+        pending = self._pending.pop(origin, None)
+        if pending is None:
+            if self._expired.pop(origin, None) is not None:
+                stats.late += 1
+            else:
+                stats.unmatched += 1
+            return
+        if data[1] == 0 and _REF_ID.unpack_from(data, 12)[0] == _RATE:
+            stats.kisses_received += 1
+            self.backoff_until = arrived_ns / 1e9 + self.mapping.rate_backoff_s
+            log.warning("relay port %d: RATE kiss from %s; sending it nothing for %g s", self.mapping.listen_port,
+                        self.mapping.upstream, self.mapping.rate_backoff_s)
+        assert self._listener is not None
+        self._listener.sendto(data, pending.client)
+        stats.answered += 1
+        sent_ns = time.monotonic_ns()
+        stats.add_delay(((pending.forwarded_ns - pending.received_ns) + (sent_ns - arrived_ns)) / 1e9)
+
+    def _kiss(self, request: bytes, client: tuple) -> None:
+        """Answer a request with a RATE kiss of the relay's own, carrying its origin."""
+        now_ntp = packet.unix_ns_to_ntp(time.time_ns())
+        reply = packet.build_reply(leap=3, version=(request[0] >> 3) & 0x7, stratum=0, poll=request[2],
+                                   precision_log2=0, ref_id=_RATE, origin_ts=int.from_bytes(request[_TRANSMIT]),
+                                   receive_ts=now_ntp, transmit_ts=now_ntp)
+        assert self._listener is not None
+        self._listener.sendto(reply, client)
+        self.stats.kisses_sent += 1
+
+    # -- housekeeping --------------------------------------------------------
+    def sweep(self, now: float) -> None:
+        """Expire requests past their deadline; forget clients idle long enough."""
+        for transmit in [t for t, p in self._pending.items() if p.deadline <= now]:
+            del self._pending[transmit]
+            self._expired[transmit] = now
+            self.stats.timeouts += 1
+        for transmit in [t for t, at in self._expired.items() if now - at > LATE_MEMORY_S]:
+            del self._expired[transmit]
+        self.clients.prune(now)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, handler):
+        self.handler = handler
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.handler(data, addr)
+
+    def error_received(self, exc: Exception) -> None:  # e.g. ICMP port unreachable from an upstream
+        log.debug("relay socket error: %s", exc)
+
+
+class Relay:
+    """Every port of a :class:`RelaySettings`, their housekeeping, and their reports."""
+
+    def __init__(self, settings: RelaySettings, *, report=None, report_every_s: float = 10.0,
+                 summary_every_s: float = 60.0):
+        self.settings = settings
+        self.ports = [PortRelay(m, settings) for m in settings.mappings]
+        self.report = report
+        self.report_every_s = report_every_s
+        self.summary_every_s = summary_every_s
+        self._stop: asyncio.Event | None = None
+        self.ready: asyncio.Event | None = None
+
+    async def run(self) -> None:
+        self._stop, self.ready = asyncio.Event(), asyncio.Event()
+        for port in self.ports:
+            await port.start()
+        self.ready.set()
+        loop = asyncio.get_running_loop()
+        next_resolve = next_report = next_summary = loop.time()
+        next_resolve += self.settings.resolve_every_s
+        next_summary += self.summary_every_s
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                for port in self.ports:
+                    port.sweep(now)
+                if loop.time() >= next_resolve:
+                    next_resolve += self.settings.resolve_every_s
+                    for port in self.ports:
+                        await port.resolve()
+                if self.report is not None and loop.time() >= next_report:
+                    next_report += self.report_every_s
+                    await loop.run_in_executor(None, self._report)
+                if loop.time() >= next_summary:
+                    next_summary += self.summary_every_s
+                    for port in self.ports:
+                        log.info("[RELAY] %s", port.stats.summary())
+                try:
+                    await asyncio.wait_for(self._stop.wait(), SWEEP_EVERY_S)
+                except TimeoutError:
+                    pass
+        finally:
+            if self.report is not None:
+                await loop.run_in_executor(None, self._report)
+            for port in self.ports:
+                port.close()
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    def snapshots(self) -> list[dict]:
+        return [port.stats.snapshot() for port in self.ports]
+
+    def _report(self) -> None:
+        try:
+            self.report(self.snapshots())
+        except Exception as exc:  # Redis away: the counts are in memory and in the log
+            log.warning("relay counts not written (%s: %s)", type(exc).__name__, exc)

@@ -1,0 +1,61 @@
+"""relay.config: ChronoTick's proxy file loads unchanged; bad input names the key."""
+
+from pathlib import Path
+
+import pytest
+
+from relay.config import DEFAULT_RATE_BACKOFF_S, RelayConfigError, RelaySettings, load_mappings, parse_allow
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def test_chronoticks_own_file_loads_unchanged_with_no_cap():
+    mappings = load_mappings(DATA / "ntp_proxy_config.yaml")
+    assert [m.listen_port for m in mappings] == list(range(8123, 8133))
+    assert mappings[0].upstream == "time.google.com:123"
+    assert mappings[-1].ntp_server == "3.pool.ntp.org"
+    assert all(m.min_interval_s is None and m.rate_backoff_s == DEFAULT_RATE_BACKOFF_S for m in mappings)
+
+
+def test_the_shipped_file_is_chronoticks_with_comments_only():
+    shipped = load_mappings(DATA.parent.parent / "configs" / "ntp_proxy_config.yaml")
+    assert shipped == load_mappings(DATA / "ntp_proxy_config.yaml")
+
+
+def test_the_optional_keys_are_read(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("proxy_mappings:\n  - {listen_port: 8129, ntp_server: 0.pool.ntp.org, min_interval_s: 16,"
+                    " rate_backoff_s: 256}\n")
+    (mapping,) = load_mappings(path)
+    assert (mapping.ntp_port, mapping.min_interval_s, mapping.rate_backoff_s) == (123, 16.0, 256.0)
+
+
+@pytest.mark.parametrize("body, key, words", [
+    ("{}", "proxy_mappings", "missing"),
+    ("proxy_mappings: []", "proxy_mappings", "non-empty"),
+    ("proxy_mappings: [{ntp_server: a}]", "proxy_mappings[0].listen_port", "missing"),
+    ("proxy_mappings: [{listen_port: 0, ntp_server: a}]", "proxy_mappings[0].listen_port", "1-65535"),
+    ("proxy_mappings: [{listen_port: 8123, ntp_server: ''}]", "proxy_mappings[0].ntp_server", "host"),
+    ("proxy_mappings: [{listen_port: 8123, ntp_server: a, min_interval_s: -1}]",
+     "proxy_mappings[0].min_interval_s", "> 0"),
+    ("proxy_mappings: [{listen_port: 8123, ntp_server: a, colour: red}]", "proxy_mappings[0].colour", "unknown"),
+    ("proxy_mappings: [{listen_port: 8123, ntp_server: a}, {listen_port: 8123, ntp_server: b}]",
+     "proxy_mappings[1].listen_port", "twice"),
+])
+def test_a_bad_file_names_the_key(tmp_path, body, key, words):
+    path = tmp_path / "p.yaml"
+    path.write_text(body)
+    with pytest.raises(RelayConfigError) as caught:
+        load_mappings(path)
+    assert caught.value.key == key and words in caught.value.problem
+    assert str(path) in str(caught.value)
+
+
+def test_allow_is_loopback_by_default_and_networks_when_given():
+    settings = RelaySettings(mappings=())
+    assert settings.allows("127.0.0.1") and settings.allows("::1")
+    assert not settings.allows("172.20.3.4")
+    ares = RelaySettings(mappings=(), allow=parse_allow(["172.20.0.0/16"]))
+    assert ares.allows("172.20.3.4") and ares.allows("::ffff:172.20.3.4") and not ares.allows("10.0.0.1")
+    with pytest.raises(ValueError, match="not-a-net"):
+        parse_allow(["not-a-net"])
