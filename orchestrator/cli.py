@@ -168,6 +168,11 @@ def cmd_check_config(args) -> int:
     ntp, timing, service = config.ntp, config.timing, config.service
     print(f"{args.file}: OK")
     print(f"  servers ({len(ntp.servers)}): {', '.join(s.name for s in ntp.servers)}")
+    secured = [s.name for s in ntp.servers if s.nts]
+    print(f"  NTS (RFC 8915): {len(secured)} of {len(ntp.servers)} servers"
+          + (f" ({', '.join(secured)})" if secured else "")
+          + f"; auth_select: {ntp.auth_select}"
+          + (f"; extra CA file {ntp.nts_ca_file}" if ntp.nts_ca_file else ""))
     print(f"  strict gate: delay <= {ntp.max_delay * 1e3:g} ms, uncertainty <= "
           f"{ntp.max_acceptable_uncertainty * 1e3:g} ms, stratum {ntp.min_stratum}-{ntp.max_stratum}")
     print(f"  fallback: {'on (2x delay, 2x uncertainty)' if ntp.enable_fallback else 'off'}")

@@ -20,7 +20,7 @@ def format_round(record: dict) -> str:
              f"{record['servers_used']}/{record['servers_total']} servers passed  "
              f"{record['duration_s'] * 1e3:.0f} ms",
              f"  {'server':<28} {'status':<11} {'tries':>5} {'offset ms':>11} {'delay ms':>9} "
-             f"{'uncert ms':>9} {'str':>3}  reason"]
+             f"{'uncert ms':>9} {'str':>3} {'auth':<4}  reason"]
     for s in record["servers"]:
         sample = s.get("sample") or {}
         reason = s.get("reason") or ""
@@ -29,7 +29,7 @@ def format_round(record: dict) -> str:
         offset = _ms(sample, "offset_s", "{:+.3f}")
         lines.append(f"  {s['server']:<28} {s['status']:<11} {s['attempts']:>5} {offset:>11} "
                      f"{_ms(sample, 'delay_s'):>9} {_ms(sample, 'uncertainty_s'):>9} "
-                     f"{sample.get('stratum', '-'):>3}  {reason}")
+                     f"{sample.get('stratum', '-'):>3} {_auth(sample):<4}  {reason}")
     agreement = record.get("agreement")
     falsetickers = [s["server"] for s in record["servers"] if s["status"] == ServerStatus.FALSETICKER]
     if agreement and agreement["majority"]:
@@ -42,8 +42,9 @@ def format_round(record: dict) -> str:
     latest = record.get("latest")
     if latest:
         combined = f", combining {len(latest['combined'])} servers" if latest.get("combined") else ""
+        auth = ", NTS-authenticated" if latest.get("nts") else ""
         lines.append(f"chosen: {latest['server']}  offset {latest['offset'] * 1e3:+.3f} ms "
-                     f"± {latest['uncertainty'] * 1e3:.3f} ms  ({latest['quality']}{combined})")
+                     f"± {latest['uncertainty'] * 1e3:.3f} ms  ({latest['quality']}{combined}{auth})")
     elif record["quality"] == Quality.OUTLIER:
         filt = record["filter"]
         lines.append(f"chosen: nothing -- {record['candidate']['server']} was {filt['z']:.1f} sigma from the "
@@ -51,6 +52,11 @@ def format_round(record: dict) -> str:
     else:
         lines.append("chosen: nothing -- starvation; the previous latest (if any) stays, with its age")
     return "\n".join(lines)
+
+
+def _auth(sample: dict) -> str:
+    """The authentication column: ``NTS`` for an authenticated reply, ``-`` for a plain one or none."""
+    return "NTS" if sample.get("nts") else "-"
 
 
 def format_latest(latest: dict, *, now: float) -> str:

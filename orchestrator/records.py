@@ -43,7 +43,7 @@ RECORD_BUDGET_BYTES = 2000
 
 #: A compact server entry's keys: long name -> stored name.
 SHORT = {"server": "s", "status": "st", "attempts": "n", "reason": "r", "history": "h", "offset_s": "o",
-         "delay_s": "d", "uncertainty_s": "u", "stratum": "k", "samples_taken": "m", "worker": "w"}
+         "delay_s": "d", "uncertainty_s": "u", "stratum": "k", "samples_taken": "m", "worker": "w", "nts": "a"}
 LONG = {short: long for long, short in SHORT.items()}
 
 #: What a sample keeps in a compact record (its time is the round's).
@@ -52,7 +52,7 @@ SAMPLE_FIELDS = ("offset_s", "delay_s", "uncertainty_s", "stratum", "samples_tak
 #: What the published measurement keeps: what ChronoTick's recent-measurements reader needs (the
 #: ``latest`` key has every field; server, delay, stratum and its own bound are in the chosen
 #: server's entry, the quality is the record's, ``published_at`` is its ``finished_at``).
-LATEST_FIELDS = ("offset", "uncertainty", "precision", "measured_at")
+LATEST_FIELDS = ("offset", "uncertainty", "precision", "measured_at", "nts")
 
 #: Digits kept: 100 ns for offsets, microseconds for delays, bounds (rounded up) and durations.
 OFFSET_DIGITS = 7
@@ -146,6 +146,8 @@ def _server(entry: dict[str, Any], shared_worker: str | None) -> dict[str, Any]:
     sample = entry.get("sample")
     if sample:
         out.update({SHORT[key]: _number(key, sample[key]) for key in SAMPLE_FIELDS if key in sample})
+        if sample.get("nts"):
+            out["a"] = True  # NTS-authenticated (absent: not)
     return out
 
 
@@ -156,6 +158,8 @@ def _expand_server(stored: dict[str, Any], shared_worker: str | None) -> dict[st
     if "reason" in long:
         entry["reason"] = long["reason"]
     sample = {key: long[key] for key in SAMPLE_FIELDS if key in long}
+    if sample:
+        sample["nts"] = bool(long.get("nts"))
     history = long.get("history")
     if history is None:
         history = [None] if sample else []

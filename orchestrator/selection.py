@@ -190,8 +190,15 @@ def combine(samples: list[Json]) -> Json:
     return result
 
 
+#: ``auth_select`` (chrony's ``authselectmode``): how NTS authentication counts in selection.
+AUTH_REQUIRE, AUTH_PREFER, AUTH_MIX, AUTH_IGNORE = "require", "prefer", "mix", "ignore"
+
+#: Why a plain sample was not used under ``auth_select: require``.
+REASON_NOT_AUTHENTICATED = "not_authenticated"
+
+
 def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, method: str = BEST,
-           groups: list[list[str]] | None = None) -> Json:
+           groups: list[list[str]] | None = None, auth_select: str = AUTH_MIX) -> Json:
     """Reject falsetickers, apply the strict then the relaxed gate, and choose.
 
     Parameters
@@ -207,6 +214,11 @@ def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, m
         ``best`` or ``combine``.
     groups:
         Correlated servers (see :func:`intersect`).
+    auth_select:
+        ``require``: only NTS-authenticated samples vote and may be chosen
+        (the others are refused, ``not_authenticated``); ``prefer``: all vote,
+        and plain samples are chosen only when no authenticated truechimer
+        passes a gate; ``mix`` and ``ignore``: authentication does not count.
 
     Returns
     -------
@@ -222,15 +234,23 @@ def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, m
         raise ValueError(f"unknown selection method {method!r}")
     outcomes = unique_by_server(outcomes)
     samples = [o["sample"] for o in outcomes if o["status"] == OutcomeStatus.OK]
-    agreement = intersect(samples, groups)
+    unauthenticated = {s["server"] for s in samples if not s.get("nts")} if auth_select == AUTH_REQUIRE else set()
+    agreement = intersect([s for s in samples if s["server"] not in unauthenticated], groups)
     truechimers = [s for s in samples if s["server"] in set(agreement["truechimers"])]
 
     gates = [(STRICT, strict)] + ([(RELAXED, strict.relaxed())] if enable_fallback else [])
+    # Under "prefer", first the authenticated truechimers alone, through every gate; then all of them.
+    pools = [truechimers]
+    if auth_select == AUTH_PREFER:
+        pools = [[s for s in truechimers if s.get("nts")], truechimers]
     quality, gate, passing = STARVATION, gates[-1], []
-    for name, thresholds in gates:
-        passing = [s for s in truechimers if not thresholds.violations(s)]
+    for pool in pools:
+        for name, thresholds in gates:
+            passing = [s for s in pool if not thresholds.violations(s)]
+            if passing:
+                quality, gate = name, (name, thresholds)
+                break
         if passing:
-            quality, gate = name, (name, thresholds)
             break
 
     chosen, used = None, []
@@ -263,7 +283,10 @@ def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, m
             continue
         sample = outcome["sample"]
         entry["sample"] = sample
-        if sample["server"] in agreement["falsetickers"]:
+        if sample["server"] in unauthenticated:
+            entry.update(status=REJECTED, reason=REASON_NOT_AUTHENTICATED,
+                         detail="auth_select: require, and this reply was not NTS-authenticated")
+        elif sample["server"] in agreement["falsetickers"]:
             detail = ("no majority of servers agrees" if not agreement["majority"] else
                       f"interval {sample['offset_s'] - sample['uncertainty_s']:+.6f}..."
                       f"{sample['offset_s'] + sample['uncertainty_s']:+.6f} s misses the interval a majority "

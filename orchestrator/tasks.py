@@ -121,7 +121,8 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
                for name in meta.servers if name not in answered]
     ntp = meta.ntp
     picked = selection.select(outcomes + missing, meta.strict, enable_fallback=ntp.enable_fallback,
-                              method=ntp.selection, groups=[list(g) for g in ntp.server_groups])
+                              method=ntp.selection, groups=[list(g) for g in ntp.server_groups],
+                              auth_select=ntp.auth_select)
     servers_total = len(meta.servers)
     chosen = picked["chosen"]
     quality = picked["quality"]
@@ -154,6 +155,7 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
             "servers_used": picked["servers_used"],
             "servers_total": servers_total,
             "selection": ntp.selection,
+            "nts": bool(chosen.get("nts")),
         }
         if len(chosen.get("combined", [])) > 1:
             latest["combined"] = chosen["combined"]

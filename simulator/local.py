@@ -190,3 +190,100 @@ def free_tcp_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def make_certificate(directory: Path, *, name: str = "localhost", address: str = "127.0.0.1",
+                     stem: str = "server") -> tuple[Path, Path]:
+    """A self-signed EC certificate for ``name`` and ``address`` (its own CA): ``(cert, key)`` PEM files.
+
+    World-readable, in a world-readable directory: chronyd reads them after
+    dropping its privileges.  A throwaway key for loopback tests only.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name),
+                                                        x509.IPAddress(ipaddress.ip_address(address))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    for path in (cert_path, key_path):
+        path.chmod(0o644)
+    return cert_path, key_path
+
+
+class ChronydNts:
+    """``chronyd -x`` on loopback as an NTP and NTS server; it never touches the clock.
+
+    NTP on ``127.0.0.1:ntp_port``, NTS-KE on ``ke_port``.  With ``ntp_server``
+    set, NTS-KE tells clients to send NTP there instead (``ntsntpserver``):
+    where a test puts something on the NTP path.
+    """
+
+    def __init__(self, binary: str, *, ntp_server: str | None = None):
+        import os
+        import tempfile
+
+        self.binary = binary
+        self.directory = Path(tempfile.mkdtemp(prefix="ct-chronyd-nts-"))
+        self.directory.chmod(0o755)
+        dump = self.directory / "dump"
+        dump.mkdir()
+        dump.chmod(0o777)
+        self.cert, self.key = make_certificate(self.directory)
+        self.ntp_port, self.ke_port = free_tcp_port(), free_tcp_port()
+        self.ntp_server = ntp_server
+        self.conf = self.directory / "chrony.conf"
+        self.conf.write_text("\n".join([
+            f"port {self.ntp_port}", "bindaddress 127.0.0.1", "allow 127.0.0.0/8", "local stratum 8",
+            "cmdport 0", f"ntsport {self.ke_port}", f"ntsserverkey {self.key}", f"ntsservercert {self.cert}",
+            f"ntsdumpdir {dump}", f"pidfile {self.directory}/chronyd.pid", f"driftfile {dump}/drift",
+            f"logdir {dump}", *([f"ntsntpserver {ntp_server}"] if ntp_server else []), ""]))
+        self._as_root = os.geteuid() == 0
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> ChronydNts:
+        # As root, drop to nobody: an unpacked chronyd (scripts/bootstrap) has no _chrony user to drop to.
+        user = ["-u", "nobody"] if self._as_root else []
+        self.process = subprocess.Popen([self.binary, "-x", "-d", "-4", *user, "-f", str(self.conf)],
+                                        stdout=subprocess.DEVNULL, stderr=open(self.directory / "chronyd.log", "wb"))
+        from workers.ntp import nts
+
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            try:
+                nts.key_exchange("127.0.0.1", self.ke_port, ca_file=str(self.cert), timeout_s=1.0)
+                return self
+            except nts.NtsError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    log = (self.directory / "chronyd.log").read_text()
+                    self.stop()
+                    raise RuntimeError(f"chronyd did not serve NTS-KE on {self.ke_port}:\n{log}") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        import shutil
+
+        if self.process:
+            stop_process(self.process)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> ChronydNts:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

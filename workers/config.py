@@ -41,6 +41,9 @@ ENV_CONFIG = "CHRONOTICK_CONFIG"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 DEFAULT_NTP_PORT = 123
+#: NTS-KE's port (RFC 8915), for ``nts://host`` servers.
+DEFAULT_NTS_KE_PORT = 4460
+NTS_SCHEME = "nts://"
 
 
 class ConfigError(ValueError):
@@ -55,19 +58,28 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ServerAddress:
-    """One configured NTP server: ``host`` or ``host:port`` (``[v6]:port``)."""
+    """One configured NTP server: ``host`` or ``host:port`` (``[v6]:port``), or ``nts://host[:ke_port]``.
+
+    For an NTS server ``port`` is the NTS-KE port; NTS-KE names the NTP one.
+    """
 
     host: str
     port: int = DEFAULT_NTP_PORT
+    nts: bool = False
 
     @property
     def name(self) -> str:
-        """The spelling used in records and logs: the config's, with the port if not 123."""
+        """The spelling used in records and logs: the config's, with the port if not the default."""
         host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.nts:
+            return f"{NTS_SCHEME}{host}" + ("" if self.port == DEFAULT_NTS_KE_PORT else f":{self.port}")
         return host if self.port == DEFAULT_NTP_PORT else f"{host}:{self.port}"
 
 
 _NUMBER = (int, float)
+
+#: ``auth_select`` values, chrony's ``authselectmode``.
+AUTH_SELECT_MODES = ("require", "prefer", "mix", "ignore")
 
 
 @dataclass(frozen=True)
@@ -119,7 +131,7 @@ class NtpSettings:
     """
 
     servers: tuple[ServerAddress, ...] = option(
-        (), types=(list,), doc="`host`, `host:port`, `[v6]:port`")
+        (), types=(list,), doc="`host`, `host:port`, `[v6]:port`; `nts://host[:ke_port]` for NTS (RFC 8915)")
     timeout_seconds: float = option(
         2.0, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0, doc="per exchange, and per DNS look-up (s)")
     max_acceptable_uncertainty: float = option(
@@ -165,6 +177,15 @@ class NtpSettings:
     max_root_dispersion: float = option(
         1.0, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0,
         doc="sanity limit on the server's root dispersion (s, new key)")
+    nts_ca_file: str | None = option(
+        None, types=(str, type(None)), check=lambda v: v is None or os.path.isfile(v),
+        problem="must name a readable PEM file (or be null)",
+        doc="extra trust anchors (PEM) for NTS servers' certificates; default: the system store (new key)")
+    auth_select: str = option(
+        "mix", types=(str,), check=lambda v: v in AUTH_SELECT_MODES,
+        problem="must be one of " + ", ".join(AUTH_SELECT_MODES),
+        doc="as chrony's `authselectmode`: `require` only NTS may be published; `prefer` plain only when no NTS "
+            "sample passes; `mix` both alike; `ignore` authentication does not count (new key)")
 
     def as_mapping(self) -> dict:
         """These settings as the YAML section they come from (plain JSON: what a round carries)."""
@@ -423,10 +444,15 @@ def _parse_groups(raw: dict, servers: tuple[ServerAddress, ...], source: str, ke
 
 
 def parse_server(value: Any, *, source: str = "<config>", key: str = "server") -> ServerAddress:
-    """Parse ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``."""
+    """Parse ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``, each optionally after ``nts://``."""
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(source, key, f"must be 'host' or 'host:port', not {value!r}")
     text = value.strip()
+    nts = text.lower().startswith(NTS_SCHEME)
+    if nts:
+        text = text[len(NTS_SCHEME):]
+    elif "://" in text:
+        raise ConfigError(source, key, f"bad server {value!r}: the only scheme is {NTS_SCHEME}")
     host, port_text = text, None
     if text.startswith("["):
         end = text.find("]")
@@ -443,12 +469,12 @@ def parse_server(value: Any, *, source: str = "<config>", key: str = "server") -
                                            "written [address]:port") from None
     if not host or any(c.isspace() for c in host):
         raise ConfigError(source, key, f"bad host in {value!r}")
-    port = DEFAULT_NTP_PORT
+    port = DEFAULT_NTS_KE_PORT if nts else DEFAULT_NTP_PORT
     if port_text is not None:
         if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
             raise ConfigError(source, key, f"bad port in {value!r}: must be 1-65535")
         port = int(port_text)
-    return ServerAddress(host=host, port=port)
+    return ServerAddress(host=host, port=port, nts=nts)
 
 
 def _parse_timing(raw: dict, source: str) -> TimingSettings:

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from .ntp import client, sanity
+from .ntp import client, packet, sanity
 from .ntp.client import QueryFailed
 from .ntp.sanity import Rejection
 from .quality import Thresholds
@@ -80,6 +80,8 @@ def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_
         "max_root_delay_s": ntp.max_root_delay,
         "max_root_dispersion_s": ntp.max_root_dispersion,
         "config_id": ntp.config_id,
+        "nts": server.nts,
+        "nts_ca_file": ntp.nts_ca_file if server.nts else None,
         "rate_backoff_s": rate_backoff_s,
     }
 
@@ -103,17 +105,28 @@ def attempt(job: dict) -> dict:
         With the named reason (DNS, timeout, a rejected reply, or
         ``over_thresholds``).
     """
-    family, sockaddr = _resolve(job["host"], job["port"], timeout_s=job["timeout_s"])
+    association = None
+    if job.get("nts"):
+        from .ntp import nts  # cryptography and pyOpenSSL only where NTS is used
+
+        association = nts.association(job["host"], job["port"], ca_file=job.get("nts_ca_file"))
+    else:
+        family, sockaddr = _resolve(job["host"], job["port"], timeout_s=job["timeout_s"])
     samples: list[client.Sample] = []
     refusals: list[Rejection] = []
     for i in range(job["samples"]):
         if i:
             time.sleep(ADVANCED_SAMPLE_SPACING_S)
         try:
+            protected = None
+            if association is not None:
+                protected = _nts_request(association, job["timeout_s"])
+                family, sockaddr = _resolve(*protected[1], timeout_s=job["timeout_s"])
             samples.append(client.exchange(
                 job["server"], family, sockaddr, timeout_s=job["timeout_s"],
                 max_root_delay_s=job.get("max_root_delay_s", sanity.DEFAULT_MAX_ROOT_S),
-                max_root_dispersion_s=job.get("max_root_dispersion_s", sanity.DEFAULT_MAX_ROOT_S)))
+                max_root_dispersion_s=job.get("max_root_dispersion_s", sanity.DEFAULT_MAX_ROOT_S),
+                nts=protected[0] if protected else None))
         except QueryFailed as exc:
             if exc.rejection.kiss_code:
                 raise BurstFailed(exc.rejection, refusals) from None  # a kiss: no more packets this attempt
@@ -128,6 +141,18 @@ def attempt(job: dict) -> dict:
     if violations:
         raise QueryFailed(Rejection(REASON_OVER_THRESHOLDS, "; ".join(violations)))
     return result
+
+
+def _nts_request(association, timeout_s: float) -> tuple[client.NtsRequest, tuple[str, int]]:
+    """A protected request and where NTS-KE said to send it; ``nts_ke_failed`` as a refusal."""
+    from .ntp import nts
+
+    header, transmit = packet.make_request()
+    try:
+        request, unique_id, s2c, ntp_address = association.prepare(header, timeout_s=timeout_s)
+    except nts.NtsError as exc:
+        raise QueryFailed(Rejection(exc.reason, exc.detail)) from None
+    return client.NtsRequest(request, transmit, unique_id, s2c, association), ntp_address
 
 
 def _best_of(samples: list[client.Sample]) -> dict:

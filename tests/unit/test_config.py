@@ -33,6 +33,7 @@ def test_original_chronotick_files_load_unchanged(name):
 
 
 @pytest.mark.parametrize("name", ["config_homelab_2min_ntp.yaml", "config_ares_2min_ntp.yaml",
+                                  "config_homelab_nts.yaml",
                                   "config_local_demo.yaml"])
 def test_shipped_configs_pass_check_config(name, capsys):
     assert cli.main(["check-config", str(CONFIGS / name)]) == 0
@@ -191,7 +192,7 @@ def test_the_readme_tables_are_the_option_declarations():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for settings in (config_mod.NtpSettings, config_mod.TimingSettings, config_mod.ServiceSettings):
         assert config_mod.options_table(settings) in readme, f"README table of {settings.__name__} is stale"
-    assert len(config_mod.options_of(config_mod.NtpSettings)) == 19
+    assert len(config_mod.options_of(config_mod.NtpSettings)) == 21
 
 
 def test_a_negative_warm_up_duration_is_refused_with_the_right_words(tmp_path):
@@ -212,3 +213,35 @@ def test_ntp_settings_survive_the_trip_through_a_round():
     import json
     again = config_mod.ntp_from_mapping(json.loads(json.dumps(ntp.as_mapping())))
     assert again == ntp
+
+
+def test_nts_servers_parse_and_name_themselves():
+    server = config_mod.parse_server("nts://time.cloudflare.com")
+    assert (server.host, server.port, server.nts, server.name) == ("time.cloudflare.com", 4460, True,
+                                                                  "nts://time.cloudflare.com")
+    assert config_mod.parse_server("nts://127.0.0.1:14460").name == "nts://127.0.0.1:14460"
+    assert config_mod.parse_server("nts://[::1]:14460").host == "::1"
+    with pytest.raises(config_mod.ConfigError, match="the only scheme"):
+        config_mod.parse_server("ntp://time.google.com")
+
+
+def test_the_shipped_nts_config_uses_nts_for_three_servers(capsys):
+    ntp = config_mod.load(CONFIGS / "config_homelab_nts.yaml", environ={}).ntp
+    assert [s.name for s in ntp.servers if s.nts] == ["nts://time.cloudflare.com", "nts://nts.netnod.se",
+                                                      "nts://ptbtime1.ptb.de"]
+    assert ntp.auth_select == "prefer"
+    from orchestrator import cli
+
+    assert cli.main(["check-config", str(CONFIGS / "config_homelab_nts.yaml")]) == 0
+    assert "NTS (RFC 8915): 3 of 13 servers" in capsys.readouterr().out
+
+
+def test_bad_nts_options_name_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("clock_measurement:\n  ntp:\n    servers: [nts://a]\n    nts_ca_file: /nonexistent.pem\n")
+    with pytest.raises(config_mod.ConfigError) as caught:
+        config_mod.load(path, environ={})
+    assert caught.value.key == "clock_measurement.ntp.nts_ca_file"
+    path.write_text("clock_measurement:\n  ntp:\n    servers: [nts://a]\n    auth_select: always\n")
+    with pytest.raises(config_mod.ConfigError, match="require, prefer, mix, ignore"):
+        config_mod.load(path, environ={})

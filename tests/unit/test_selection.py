@@ -84,3 +84,30 @@ def test_record_fills_in_servers_that_never_reported_and_counts():
     assert counts["rejected"] == 3 and counts["rejected:bogus_origin"] == 3
     assert counts["replies"] == 4  # a's reply and b's three refused ones
     assert counts["strict"] == 1 and counts["failed:no_result"] == 1
+
+
+def _nts(outcome):
+    outcome["sample"]["nts"] = True
+    return outcome
+
+
+def test_auth_select_require_prefer_mix():
+    from orchestrator.selection import select
+    from workers.quality import Thresholds
+
+    strict = Thresholds(max_delay_s=0.1, max_uncertainty_s=0.01, min_stratum=1, max_stratum=15)
+    plain_tight = ok("plain", delay=0.002, unc=0.001)
+    nts_wide = _nts(ok("nts", delay=0.004, unc=0.005))
+    nts_wider = _nts(ok("nts2", delay=0.006, unc=0.006))
+    outcomes = [plain_tight, nts_wide, nts_wider]
+    assert select(outcomes, strict, enable_fallback=True)["chosen"]["server"] == "plain"  # mix: alike
+    assert select(outcomes, strict, enable_fallback=True, auth_select="ignore")["chosen"]["server"] == "plain"
+    assert select(outcomes, strict, enable_fallback=True, auth_select="prefer")["chosen"]["server"] == "nts"
+    required = select(outcomes, strict, enable_fallback=True, auth_select="require")
+    assert required["chosen"]["server"] == "nts"
+    plain = next(s for s in required["servers"] if s["server"] == "plain")
+    assert (plain["status"], plain["reason"]) == ("rejected", "not_authenticated")
+    # prefer: plain samples when no authenticated one passes; require: never.
+    only_plain = [plain_tight, failed("nts")]
+    assert select(only_plain, strict, enable_fallback=True, auth_select="prefer")["chosen"]["server"] == "plain"
+    assert select(only_plain, strict, enable_fallback=True, auth_select="require")["quality"] == "starvation"

@@ -44,6 +44,8 @@ CLIENT_PRECISION_S = 1e-6
 PHI = 15e-6
 
 _TIMESPEC = struct.Struct("@qq")
+#: Bytes read per reply: an NTS reply is as long as its request (up to about 1 kB with 7 placeholders).
+MAX_REPLY_BYTES = 4096
 ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
 
 
@@ -81,6 +83,8 @@ class Sample:
     t1_ns: int
     t4_ns: int
     kernel_rx_timestamp: bool
+    #: Whether the reply was NTS-authenticated (RFC 8915).
+    nts: bool = False
 
     @property
     def measured_at(self) -> float:
@@ -119,9 +123,20 @@ def resolve(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
     return family, sockaddr
 
 
+@dataclass(frozen=True)
+class NtsRequest:
+    """A request prepared by :meth:`workers.ntp.nts.Association.prepare`, and how to check its reply."""
+
+    packet: bytes
+    transmit: int
+    unique_id: bytes
+    s2c: bytes
+    association: Any  # workers.ntp.nts.Association
+
+
 def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: float,
              max_root_delay_s: float = sanity.DEFAULT_MAX_ROOT_S,
-             max_root_dispersion_s: float = sanity.DEFAULT_MAX_ROOT_S) -> Sample:
+             max_root_dispersion_s: float = sanity.DEFAULT_MAX_ROOT_S, nts: NtsRequest | None = None) -> Sample:
     """Do one request/reply exchange on a fresh UDP socket.
 
     Parameters
@@ -135,15 +150,24 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
         address or port are ignored (and named if nothing valid follows).
     max_root_delay_s, max_root_dispersion_s:
         Passed to :func:`workers.ntp.sanity.check_reply`.
+    nts:
+        Send this NTS-protected request instead of a plain one.  A reply then
+        counts only if :func:`workers.ntp.nts.open_reply` accepts it; one that
+        does not is set aside, as RFC 8915 asks, in case a genuine one follows,
+        and named if none does.  An NTS NAK drops the association's keys.
 
     Raises
     ------
     QueryFailed
         With the name of the first reason the exchange is unusable.
     """
-    request, transmit = packet.make_request()
+    if nts is None:
+        request, transmit = packet.make_request()
+    else:
+        request, transmit = nts.packet, nts.transmit
     deadline = time.monotonic() + timeout_s
     stray: str | None = None
+    refused: Rejection | None = None
     try:
         # A fresh, unconnected socket: a connected one would let the kernel
         # drop replies from a wrong port silently, and we want to name them.
@@ -160,12 +184,14 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    if refused:
+                        raise QueryFailed(refused)
                     if stray:
                         raise QueryFailed(Rejection(sanity.REASON_WRONG_SOURCE, stray))
                     raise QueryFailed(Rejection(sanity.REASON_TIMEOUT, f"no reply within {timeout_s} s"))
                 sock.settimeout(remaining)
                 try:
-                    data, ancdata, _flags, source = sock.recvmsg(512, ANCILLARY_SIZE)
+                    data, ancdata, _flags, source = sock.recvmsg(MAX_REPLY_BYTES, ANCILLARY_SIZE)
                 except TimeoutError:
                     continue
                 mono4_ns = time.monotonic_ns()
@@ -173,6 +199,19 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
                 if source[:2] != sockaddr[:2]:
                     stray = f"reply from {source[0]}:{source[1]}, we asked {sockaddr[0]}:{sockaddr[1]}"
                     continue
+                if nts is not None:
+                    from . import nts as nts_mod  # cryptography and pyOpenSSL only where NTS is used
+
+                    if nts_mod.is_nak(data, nts.unique_id):
+                        nts.association.forget()
+                        raise QueryFailed(Rejection(nts_mod.REASON_NTS_NAK, "NTS NAK: the server cannot use the "
+                                                    "cookie; new keys at the next attempt"))
+                    try:
+                        cookies = nts_mod.open_reply(data, unique_id=nts.unique_id, s2c=nts.s2c)
+                    except nts_mod.NtsError as exc:
+                        refused = Rejection(exc.reason, exc.detail)
+                        continue
+                    nts.association.accept(cookies, nts.s2c)
                 break
     except OSError as exc:
         raise QueryFailed(Rejection(sanity.REASON_SOCKET_ERROR, f"{type(exc).__name__}: {exc}")) from None
@@ -226,6 +265,7 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
         t1_ns=t1_ns,
         t4_ns=t4_ns,
         kernel_rx_timestamp=rx_ns is not None,
+        nts=nts is not None,
     )
 
 
