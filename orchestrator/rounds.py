@@ -23,7 +23,7 @@ from workers.app import app, queue_for
 from workers.config import Config
 from workers.tasks import describe, query_server
 
-from .contracts import RoundMeta
+from .contracts import RoundMeta, query_task_id
 from .selection import flatten
 from .store import UNANSWERED_DELAY_S, Store, client_for, store_for
 from .tasks import CLOSED_BY_DEADLINE, finish, finish_round
@@ -250,11 +250,12 @@ def plan_round(config: Config, node: str, *, now: float | None = None,
         # so the server that gates the round should not wait behind nine others.
         jobs.sort(key=lambda job: -expected_delays.get(job["server"], UNANSWERED_DELAY_S))
     # Every task's id is fixed here, so the callback knows whose results to forget.
-    task_ids = [uuid() for _ in jobs]
+    prefix = uuid() if config.ntp.parallel_queries else ""
+    task_ids = [query_task_id(prefix, i) if prefix else uuid() for i in range(len(jobs))]
     meta = RoundMeta(round_id=round_id, node=node, dispatched_at=now, deadline_at=deadline_at,
                      key_prefix=config.service.key_prefix, history_length=config.service.history_length,
                      history_hours=config.service.history_hours, record_detail=config.service.record_detail,
-                     ntp=config.ntp, header_ids=tuple(task_ids) if config.ntp.parallel_queries else ())
+                     ntp=config.ntp, task_id_prefix=prefix)
     # Messages still queued at the deadline are dropped by the worker unread:
     # a worker that comes back after an outage does not replay stale rounds.
     expires = datetime.fromtimestamp(deadline_at, tz=UTC)

@@ -9,9 +9,10 @@ orchestrator.
 
 from __future__ import annotations
 
+import logging
 import os
 
-from celery import Celery
+from celery import Celery, signals
 
 from . import config as config_mod
 from . import (
@@ -123,6 +124,22 @@ def configure(app: Celery, service: config_mod.ServiceSettings) -> None:
         chronotick_redis_url=service.redis_url,
         chronotick_redis_master_name=service.redis_master_name,
     )
+
+
+#: Celery's loggers that write a line for every task received and finished.
+PER_TASK_LOGGERS = ("celery.app.trace", "celery.worker.strategy")
+
+
+@signals.worker_ready.connect
+def _per_task_lines_at_debug_only(sender=None, **_) -> None:
+    """At INFO, Celery logs two lines per task -- ten servers, twenty lines a round -- with each result's repr.
+
+    Those lines cost the worker CPU on every task; Flower and the round
+    records show the same.  They stay available at ``--loglevel DEBUG``.
+    """
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        for name in PER_TASK_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _service_from_environment() -> config_mod.ServiceSettings:

@@ -1,0 +1,205 @@
+"""A round costs its slowest server, or its number of servers?  The sweep N = 5, 10, 20, 40, in one run.
+
+For each N and two sets of loopback servers -- all equal (20 ms), and
+staggered (round trips spread over 2..40 ms) -- it times:
+
+pipeline    a real round: ``rounds.dispatch`` (as ``measure`` sends it) until its
+            callback has published, seen from here (dispatch to ``get()``)
+noop chord  a chord of N no-op tasks (Celery's built-in ``celery.accumulate``)
+            and a no-op callback, sent and awaited the same way, on the same
+            worker: Celery's own floor, measured in the same run
+thread pool ``ThreadPoolExecutor(N)`` + ntplib, one query per server
+
+and the worker's CPU per task (from /proc, pipeline rounds only) and its RSS.
+Medians of ``--rounds`` rounds.  The ratios are the issue's targets:
+pipeline / thread pool; the per-server marginal cost (the slope from N = 5 to
+40) against the no-op chord's; N = 40 equal against the no-op chord of 40 plus
+the servers' 20 ms.  A PNG of the sweep is written beside the table.
+
+Run:  python bench/round_scaling.py [--rounds 7] [--png docs/round_scaling.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ntplib
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from simulator.local import RedisProcess, stop_process  # noqa: E402
+from simulator.server import Behaviour, NtpSimulator  # noqa: E402
+from workers import config as config_mod  # noqa: E402
+
+NODE = "scaling"
+SIZES = (5, 10, 20, 40)
+EQUAL_DELAY_S = 0.020
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def delays_for(kind: str, n: int) -> list[float]:
+    if kind == "equal":
+        return [EQUAL_DELAY_S] * n
+    return [0.002 + 0.038 * i / max(1, n - 1) for i in range(n)]  # 2 .. 40 ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--png", default=str(REPO / "docs" / "round_scaling.png"))
+    args = parser.parse_args()
+    results: dict[tuple[str, int], dict] = {}
+    with tempfile.TemporaryDirectory(prefix="ct-scaling-") as tmp_name, RedisProcess(Path(tmp_name)) as redis_proc:
+        tmp = Path(tmp_name)
+        os.environ[config_mod.ENV_REDIS_URL] = redis_proc.url
+        sims = {(kind, n): NtpSimulator.on_free_ports([Behaviour(delay_s=d) for d in delays_for(kind, n)]).start()
+                for kind in ("equal", "stagger") for n in SIZES}
+        configs = {}
+        for (kind, n), sim in sims.items():
+            path = tmp / f"{kind}{n}.yaml"
+            path.write_text(yaml.safe_dump({
+                "clock_measurement": {"ntp": {"servers": sim.servers(), "timeout_seconds": 2.0, "max_delay": 0.5,
+                                              "max_acceptable_uncertainty": 0.5, "max_retries": 1}},
+                "ntp_service": {"key_prefix": "scaling", "nodes": [NODE]}}))
+            configs[(kind, n)] = config_mod.load(path)
+        from celery.result import AsyncResult
+
+        from orchestrator import rounds
+        from workers import chords
+        from workers.app import app, configure, queue_for, worker_argv, workers_for_queue
+
+        first = configs[("equal", max(SIZES))]
+        configure(app, first.service)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app",
+                                   *worker_argv(first, NODE, loglevel="WARNING")], env=env, cwd=str(REPO),
+                                  stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "ab"))
+        try:
+            deadline = time.monotonic() + 60
+            while not workers_for_queue(queue_for(NODE), timeout_s=0.5):
+                if time.monotonic() > deadline or worker.poll() is not None:
+                    raise SystemExit("the worker did not start")
+
+            def pipeline(config) -> float:
+                started = time.perf_counter()
+                handle = rounds.dispatch(config, NODE)
+                record = handle.wait()
+                took = time.perf_counter() - started
+                assert record and record["latest"], record
+                return took
+
+            def noop(n: int) -> float:
+                queue = queue_for(NODE)
+                header = [app.signature("celery.accumulate", args=(i,), queue=queue) for i in range(n)]
+                body = app.signature("celery.accumulate", queue=queue)
+                started = time.perf_counter()
+                sent = chords.send(header, body)
+                result = AsyncResult(sent.callback_id, app=app)
+                result.get(timeout=30, disable_sync_subtasks=False)
+                took = time.perf_counter() - started
+                result.forget()
+                return took
+
+            def threadpool(servers: list[str]) -> float:
+                ntp = ntplib.NTPClient()
+                started = time.perf_counter()
+                with ThreadPoolExecutor(len(servers)) as pool:
+                    list(pool.map(lambda s: ntp.request(s.split(":")[0], port=int(s.split(":")[1]),
+                                                        version=4, timeout=2), servers))
+                return time.perf_counter() - started
+
+            for key in configs:
+                pipeline(configs[key])  # warm-up: first round of each set (slowest-first order learnt)
+            for key, config in configs.items():
+                n = key[1]
+                servers = [s.name for s in config.ntp.servers]
+                times = {"pipeline": [], "noop": [], "threadpool": []}
+                cpu = 0.0
+                for _ in range(args.rounds):
+                    before = cpu_s(worker.pid)
+                    times["pipeline"].append(pipeline(config))
+                    cpu += cpu_s(worker.pid) - before
+                    times["noop"].append(noop(n))
+                    times["threadpool"].append(threadpool(servers))
+                results[key] = {name: statistics.median(v) for name, v in times.items()}
+                results[key]["cpu_per_task_ms"] = cpu / (args.rounds * n) * 1e3
+            worker_rss = rss_mb(worker.pid)
+        finally:
+            stop_process(worker)
+            for sim in sims.values():
+                sim.stop()
+    report(results, worker_rss, args)
+
+
+def report(results: dict, worker_rss: float, args) -> None:
+    print(f"round time vs number of servers, medians of {args.rounds} rounds; worker RSS at the end "
+          f"{worker_rss:.0f} MB (target <= 100)\n")
+    for kind in ("equal", "stagger"):
+        label = "all servers 20 ms" if kind == "equal" else "staggered 2..40 ms"
+        print(f"set {kind} ({label})")
+        print(f"  {'N':>3} {'pipeline':>9} {'noop chord':>11} {'thread pool':>12} {'pipe/pool':>10} "
+              f"{'pipe/(noop+slowest)':>20} {'worker CPU/task':>16}")
+        for n in SIZES:
+            r = results[(kind, n)]
+            slowest = EQUAL_DELAY_S if kind == "equal" else 0.040
+            print(f"  {n:>3} {r['pipeline'] * 1e3:>6.1f} ms {r['noop'] * 1e3:>8.1f} ms "
+                  f"{r['threadpool'] * 1e3:>9.1f} ms "
+                  f"{r['pipeline'] / r['threadpool']:>9.2f}x {r['pipeline'] / (r['noop'] + slowest):>19.2f}x "
+                  f"{r['cpu_per_task_ms']:>13.2f} ms")
+        lo, hi = results[(kind, SIZES[0])], results[(kind, SIZES[-1])]
+        span = SIZES[-1] - SIZES[0]
+        pipe_slope = (hi["pipeline"] - lo["pipeline"]) / span * 1e3
+        noop_slope = (hi["noop"] - lo["noop"]) / span * 1e3
+        print(f"  per-server marginal cost (N {SIZES[0]} -> {SIZES[-1]}): pipeline {pipe_slope:.2f} ms, "
+              f"noop chord {noop_slope:.2f} ms, ratio {pipe_slope / noop_slope:.2f}x (target <= 1.2x)\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib missing: no PNG)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, kind in zip(axes, ("equal", "stagger"), strict=True):
+        slowest = EQUAL_DELAY_S if kind == "equal" else 0.040
+        for name, style in (("pipeline", "o-"), ("noop", "s--"), ("threadpool", "^:")):
+            ax.plot(SIZES, [results[(kind, n)][name] * 1e3 for n in SIZES], style, label=name)
+        ax.plot(SIZES, [(results[(kind, n)]["noop"] + slowest) * 1e3 for n in SIZES], "-", color="grey",
+                alpha=0.5, label="noop chord + slowest server")
+        ax.set_title("all servers 20 ms" if kind == "equal" else "staggered 2..40 ms")
+        ax.set_xlabel("servers in the round")
+        ax.set_xticks(SIZES)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("round time, median (ms)")
+    axes[0].legend()
+    fig.tight_layout()
+    Path(args.png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.png, dpi=110)
+    print(f"plot: {args.png}")
+
+
+if __name__ == "__main__":
+    main()
