@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from simulator.local import ChronydNts, RedisProcess, stop_process  # noqa: E402
+from simulator.local import ChronydNts, RedisProcess, start_node_worker, stop_process  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 from workers.ntp import client, nts, packet  # noqa: E402
 
@@ -62,19 +61,9 @@ def main() -> None:
         secured = write(tmp, "nts", [f"nts://127.0.0.1:{chronyd.ke_port}"], chronyd.cert)
         plain = write(tmp, "plain", [f"127.0.0.1:{chronyd.ntp_port}"], chronyd.cert)
         from orchestrator import rounds
-        from workers.app import app, configure, worker_argv, workers_for_queue
 
-        configure(app, secured.service)
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app",
-                                   *worker_argv(secured, NODE, loglevel="WARNING")], env=env, cwd=str(REPO),
-                                  stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "ab"))
+        worker = start_node_worker(secured, NODE, tmp / "worker.log")
         try:
-            deadline = time.monotonic() + 60
-            while not workers_for_queue(f"ntp.{NODE}", timeout_s=0.5):
-                if time.monotonic() > deadline or worker.poll() is not None:
-                    raise SystemExit("the worker did not start")
-
             def round_s(config) -> float:
                 record = rounds.dispatch(config, NODE).wait()
                 assert record and record["latest"], record

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from simulator.local import RedisProcess, stop_process  # noqa: E402
+from simulator.local import RedisProcess, start_node_worker, stop_process  # noqa: E402
 from simulator.server import Behaviour, NtpSimulator  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 
@@ -88,20 +87,10 @@ def main() -> None:
 
         from orchestrator import rounds
         from workers import chords
-        from workers.app import app, configure, queue_for, worker_argv, workers_for_queue
+        from workers.app import app, queue_for
 
-        first = configs[("equal", max(SIZES))]
-        configure(app, first.service)
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app",
-                                   *worker_argv(first, NODE, loglevel="WARNING")], env=env, cwd=str(REPO),
-                                  stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "ab"))
+        worker = start_node_worker(configs[("equal", max(SIZES))], NODE, tmp / "worker.log")
         try:
-            deadline = time.monotonic() + 60
-            while not workers_for_queue(queue_for(NODE), timeout_s=0.5):
-                if time.monotonic() > deadline or worker.poll() is not None:
-                    raise SystemExit("the worker did not start")
-
             def pipeline(config) -> float:
                 started = time.perf_counter()
                 handle = rounds.dispatch(config, NODE)
