@@ -68,8 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--png", default=str(REPO / "docs" / "round_scaling.png"))
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2],
+                        help="worker processes on the node's queue, one sweep each (the PNG shows the first)")
     args = parser.parse_args()
-    results: dict[tuple[str, int], dict] = {}
     with tempfile.TemporaryDirectory(prefix="ct-scaling-") as tmp_name, RedisProcess(Path(tmp_name)) as redis_proc:
         tmp = Path(tmp_name)
         os.environ[config_mod.ENV_REDIS_URL] = redis_proc.url
@@ -89,62 +90,72 @@ def main() -> None:
         from workers import chords
         from workers.app import app, queue_for
 
-        worker = start_node_worker(configs[("equal", max(SIZES))], NODE, tmp / "worker.log")
+        def sweep(processes: int) -> tuple[dict, list[float]]:
+            workers = [start_node_worker(configs[("equal", max(SIZES))], NODE, tmp / f"worker{i}.log", instance=i)
+                       for i in range(processes)]
+            found: dict[tuple[str, int], dict] = {}
+            try:
+                for key in configs:
+                    pipeline(configs[key])  # warm-up: first round of each set (slowest-first order learnt)
+                for key, config in configs.items():
+                    n = key[1]
+                    servers = [s.name for s in config.ntp.servers]
+                    times: dict[str, list[float]] = {"pipeline": [], "noop": [], "threadpool": []}
+                    cpu = 0.0
+                    for _ in range(args.rounds):
+                        before = sum(cpu_s(w.pid) for w in workers)
+                        times["pipeline"].append(pipeline(config))
+                        cpu += sum(cpu_s(w.pid) for w in workers) - before
+                        times["noop"].append(noop(n))
+                        times["threadpool"].append(threadpool(servers))
+                    found[key] = {name: statistics.median(v) for name, v in times.items()}
+                    found[key]["cpu_per_task_ms"] = cpu / (args.rounds * n) * 1e3
+                return found, [rss_mb(w.pid) for w in workers]
+            finally:
+                for w in workers:
+                    stop_process(w)
+
+        def pipeline(config) -> float:
+            started = time.perf_counter()
+            handle = rounds.dispatch(config, NODE)
+            record = handle.wait()
+            took = time.perf_counter() - started
+            assert record and record["latest"], record
+            return took
+
+        def noop(n: int) -> float:
+            queue = queue_for(NODE)
+            header = [app.signature("celery.accumulate", args=(i,), queue=queue) for i in range(n)]
+            body = app.signature("celery.accumulate", queue=queue)
+            started = time.perf_counter()
+            sent = chords.send(header, body)
+            result = AsyncResult(sent.callback_id, app=app)
+            result.get(timeout=30, disable_sync_subtasks=False)
+            took = time.perf_counter() - started
+            result.forget()
+            return took
+
+        def threadpool(servers: list[str]) -> float:
+            ntp = ntplib.NTPClient()
+            started = time.perf_counter()
+            with ThreadPoolExecutor(len(servers)) as pool:
+                list(pool.map(lambda s: ntp.request(s.split(":")[0], port=int(s.split(":")[1]),
+                                                    version=4, timeout=2), servers))
+            return time.perf_counter() - started
+
         try:
-            def pipeline(config) -> float:
-                started = time.perf_counter()
-                handle = rounds.dispatch(config, NODE)
-                record = handle.wait()
-                took = time.perf_counter() - started
-                assert record and record["latest"], record
-                return took
-
-            def noop(n: int) -> float:
-                queue = queue_for(NODE)
-                header = [app.signature("celery.accumulate", args=(i,), queue=queue) for i in range(n)]
-                body = app.signature("celery.accumulate", queue=queue)
-                started = time.perf_counter()
-                sent = chords.send(header, body)
-                result = AsyncResult(sent.callback_id, app=app)
-                result.get(timeout=30, disable_sync_subtasks=False)
-                took = time.perf_counter() - started
-                result.forget()
-                return took
-
-            def threadpool(servers: list[str]) -> float:
-                ntp = ntplib.NTPClient()
-                started = time.perf_counter()
-                with ThreadPoolExecutor(len(servers)) as pool:
-                    list(pool.map(lambda s: ntp.request(s.split(":")[0], port=int(s.split(":")[1]),
-                                                        version=4, timeout=2), servers))
-                return time.perf_counter() - started
-
-            for key in configs:
-                pipeline(configs[key])  # warm-up: first round of each set (slowest-first order learnt)
-            for key, config in configs.items():
-                n = key[1]
-                servers = [s.name for s in config.ntp.servers]
-                times = {"pipeline": [], "noop": [], "threadpool": []}
-                cpu = 0.0
-                for _ in range(args.rounds):
-                    before = cpu_s(worker.pid)
-                    times["pipeline"].append(pipeline(config))
-                    cpu += cpu_s(worker.pid) - before
-                    times["noop"].append(noop(n))
-                    times["threadpool"].append(threadpool(servers))
-                results[key] = {name: statistics.median(v) for name, v in times.items()}
-                results[key]["cpu_per_task_ms"] = cpu / (args.rounds * n) * 1e3
-            worker_rss = rss_mb(worker.pid)
+            sweeps = {p: sweep(p) for p in args.processes}
         finally:
-            stop_process(worker)
             for sim in sims.values():
                 sim.stop()
-    report(results, worker_rss, args)
+    for p, (results, rss) in sweeps.items():
+        report(results, rss, args, processes=p, png=args.png if p == args.processes[0] else None)
 
 
-def report(results: dict, worker_rss: float, args) -> None:
-    print(f"round time vs number of servers, medians of {args.rounds} rounds; worker RSS at the end "
-          f"{worker_rss:.0f} MB (target <= 100)\n")
+def report(results: dict, rss: list[float], args, *, processes: int, png: str | None) -> None:
+    print(f"{processes} worker process(es) on the node's queue; round time vs number of servers, medians of "
+          f"{args.rounds} rounds; worker RSS at the end {' + '.join(f'{r:.0f}' for r in rss)} MB "
+          "(target <= 100 per process)\n")
     for kind in ("equal", "stagger"):
         label = "all servers 20 ms" if kind == "equal" else "staggered 2..40 ms"
         print(f"set {kind} ({label})")
@@ -163,6 +174,8 @@ def report(results: dict, worker_rss: float, args) -> None:
         noop_slope = (hi["noop"] - lo["noop"]) / span * 1e3
         print(f"  per-server marginal cost (N {SIZES[0]} -> {SIZES[-1]}): pipeline {pipe_slope:.2f} ms, "
               f"noop chord {noop_slope:.2f} ms, ratio {pipe_slope / noop_slope:.2f}x (target <= 1.2x)\n")
+    if png is None:
+        return
     try:
         import matplotlib
 
@@ -185,9 +198,9 @@ def report(results: dict, worker_rss: float, args) -> None:
     axes[0].set_ylabel("round time, median (ms)")
     axes[0].legend()
     fig.tight_layout()
-    Path(args.png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.png, dpi=110)
-    print(f"plot: {args.png}")
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print(f"plot: {png}\n")
 
 
 if __name__ == "__main__":

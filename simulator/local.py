@@ -290,10 +290,11 @@ class ChronydNts:
 
 
 def start_node_worker(config, node: str, log_path: Path, *, loglevel: str = "WARNING",
-                      timeout_s: float = 60.0) -> subprocess.Popen:
+                      timeout_s: float = 60.0, instance: int = 0) -> subprocess.Popen:
     """A plain ``celery -A workers.app worker`` for ``node``'s queue, as the README starts one; returns once it beats.
 
     Points this process's Celery app at the config's Redis too, so rounds can be sent from here.
+    ``instance`` > 0 starts another process on the same queue, under its own name.
     """
     import os
     import sys
@@ -303,11 +304,13 @@ def start_node_worker(config, node: str, log_path: Path, *, loglevel: str = "WAR
     configure(app, config.service)
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(repo)}
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app",
-                               *worker_argv(config, node, loglevel=loglevel)], env=env, cwd=str(repo),
+    argv = worker_argv(config, node, loglevel=loglevel)
+    if instance:
+        argv[argv.index("--hostname") + 1] = f"{node}-{instance}@%h"
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", *argv], env=env, cwd=str(repo),
                               stdout=subprocess.DEVNULL, stderr=open(log_path, "ab"))
     deadline = time.monotonic() + timeout_s
-    while not workers_for_queue(queue_for(node), timeout_s=0.5):
+    while len(workers_for_queue(queue_for(node), timeout_s=0.5)) < instance + 1:
         if time.monotonic() > deadline or worker.poll() is not None:
             stop_process(worker)
             raise RuntimeError(f"the worker for {node} did not start; see {log_path}")
