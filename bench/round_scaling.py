@@ -16,7 +16,7 @@ pipeline / thread pool; the per-server marginal cost (the slope from N = 5 to
 40) against the no-op chord's; N = 40 equal against the no-op chord of 40 plus
 the servers' 20 ms.  A PNG of the sweep is written beside the table.
 
-Run:  python bench/round_scaling.py [--rounds 7] [--png docs/round_scaling.png]
+Run:  python bench/round_scaling.py [--rounds 11] [--processes 1 2] [--png docs/round_scaling.png]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def delays_for(kind: str, n: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--png", default=str(REPO / "docs" / "round_scaling.png"))
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2],
                         help="worker processes on the node's queue, one sweep each (the PNG shows the first)")

@@ -287,20 +287,29 @@ def dispatch(config: Config, node: str, *, fan_out: bool = False) -> RoundHandle
     """
     store = store_for(config.service)
     header, body, meta = plan_round(config, node, expected_delays=store.server_delays(node))
+    # The callback gets a reference, not the metadata: every query message carries the callback, and
+    # the round's metadata (the whole ntp section, every server's name) would make each of them grow
+    # with the servers.  It waits in Redis with the open round, written before anything is sent.
+    body = body.replace(args=(round_reference(meta),))
     if fan_out:
         # Nobody waits for this callback's return value (the record is in history): not stored.
         body.set(ignore_result=True)
-        sent = chords.send_via_queue(header, body, queue=queue_for(node),
-                                     expires=datetime.fromtimestamp(meta.deadline_at, tz=UTC))
-    else:
-        sent = chords.send(header, body)
-    handle = RoundHandle(round_id=meta.round_id, node=node, deadline_at=meta.deadline_at,
-                         result=AsyncResult(sent.callback_id, app=app), meta=meta, header_ids=sent.header_ids)
-    # After the send, so the round's packets are not held up by this write; a
-    # round that finishes first leaves an entry the next closer clears.
+    sent = chords.freeze(header, body)
+    close_at = meta.deadline_at + CLOSE_GRACE_S
     store.open_round(node, meta.round_id, {"meta": meta.as_dict(), "callback_id": sent.callback_id,
-                                              "header_ids": list(sent.header_ids)}, close_at=handle.close_at)
-    return handle
+                                              "header_ids": list(sent.header_ids)}, close_at=close_at)
+    if fan_out:
+        chords.send_via_queue(header, body, queue=queue_for(node), frozen=sent,
+                              expires=datetime.fromtimestamp(meta.deadline_at, tz=UTC))
+    else:
+        chords.send(header, body, frozen=sent)
+    return RoundHandle(round_id=meta.round_id, node=node, deadline_at=meta.deadline_at,
+                       result=AsyncResult(sent.callback_id, app=app), meta=meta, header_ids=sent.header_ids)
+
+
+def round_reference(meta: RoundMeta) -> dict:
+    """What the callback needs to find a round's metadata in Redis (:meth:`Store.open_round_entry`)."""
+    return {"round_id": meta.round_id, "node": meta.node, "key_prefix": meta.key_prefix}
 
 
 def dispatch_fanned_out(config: Config, node: str) -> RoundHandle:

@@ -238,6 +238,11 @@ class Store:
             pipe.zadd(self.keys.open_by_close_time(), {_open_member(node, round_id): close_at})
             pipe.execute()
 
+    def open_round_entry(self, node: str, round_id: str) -> dict | None:
+        """One open round's entry (``None`` once it is finished: finishing removes it)."""
+        raw = self.client.hget(self.keys.open_rounds(node), round_id)
+        return json.loads(raw) if raw else None
+
     def open_round_entries(self, node: str) -> dict[str, dict]:
         return {_text(k): json.loads(v) for k, v in self.client.hgetall(self.keys.open_rounds(node)).items()}
 

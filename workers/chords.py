@@ -55,26 +55,27 @@ def freeze(header: list[Signature], body: Signature) -> SentChord:
     return SentChord(group_id, callback.id, tuple(s.freeze().id for s in header))
 
 
-def send(header: list[Signature], body: Signature) -> SentChord:
-    """Send the chord from this process; return its ids.
+def send(header: list[Signature], body: Signature, *, frozen: SentChord | None = None) -> SentChord:
+    """Send the chord from this process; return its ids (``frozen``: from :func:`freeze`, already called).
 
     No waiter is registered; Celery's Redis backend still subscribes this
     process to each task's result channel as it sends it (``on_task_call``),
     which whoever waits ends by id afterwards.
     """
-    ids = freeze(header, body)
+    ids = frozen or freeze(header, body)
     _send_frozen(ids.group_id, header, body)
     return ids
 
 
-def send_via_queue(header: list[Signature], body: Signature, *, queue: str, expires=None) -> SentChord:
+def send_via_queue(header: list[Signature], body: Signature, *, queue: str, expires=None,
+                   frozen: SentChord | None = None) -> SentChord:
     """Send one :data:`FAN_OUT_TASK` message to ``queue``; its worker sends the chord.
 
     Nothing is subscribed in this process (the message's own result is
     ignored).  ``expires``: past it, the worker drops the message unread
     (and so the whole chord).
     """
-    ids = freeze(header, body)
+    ids = frozen or freeze(header, body)
     app.send_task(FAN_OUT_TASK, kwargs={"group_id": ids.group_id, "header": [dict(s) for s in header],
                                         "body": dict(body)},
                   queue=queue, expires=expires, ignore_result=True, declare=[],

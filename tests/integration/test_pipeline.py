@@ -1,5 +1,6 @@
 """The whole pipeline: CLI -> chord on a real worker -> selection -> Redis, read back by a consumer."""
 
+import base64
 import json
 import re
 import time
@@ -244,4 +245,10 @@ def test_the_beat_sends_one_message_a_round_and_the_node_fans_it_out(simulator, 
     assert message["headers"]["task"] == chords.FAN_OUT_TASK
     rounds.dispatch(config, node)  # measure's way: every query task sent from here
     assert redis_client.llen(queue) == 1 + 5
+    # Each query message carries the callback, with a reference to the round, not its metadata
+    # (which waits in Redis with the open round): messages do not grow with the number of servers.
+    for raw in redis_client.lrange(queue, 0, 4):
+        message = json.loads(raw)
+        _, _, embed = json.loads(base64.b64decode(message["body"]))
+        assert embed["chord"]["args"][0].keys() == {"round_id", "node", "key_prefix"}
     redis_client.delete(queue)
