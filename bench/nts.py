@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import socket
 import statistics
 import sys
@@ -27,18 +26,11 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from simulator.local import ChronydNts, RedisProcess, start_node_worker, stop_process  # noqa: E402
+from simulator.local import ChronydNts, RedisProcess, chronyd_binary, start_node_worker, stop_process  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 from workers.ntp import client, nts, packet  # noqa: E402
 
 NODE = "ntsbench"
-
-
-def chronyd_binary() -> str:
-    for candidate in (shutil.which("chronyd"), "/usr/sbin/chronyd", str(REPO / ".venv/chrony/usr/sbin/chronyd")):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    raise SystemExit("no chronyd: run scripts/bootstrap")
 
 
 def write(tmp: Path, name: str, servers: list[str], ca: Path) -> config_mod.Config:
@@ -54,8 +46,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
+    binary = chronyd_binary()
+    if binary is None:
+        raise SystemExit("no chronyd: run scripts/bootstrap (it unpacks one into .venv/chrony)")
     with tempfile.TemporaryDirectory(prefix="ct-nts-") as tmp_name, RedisProcess(Path(tmp_name)) as redis_proc, \
-            ChronydNts(chronyd_binary()) as chronyd:
+            ChronydNts(binary) as chronyd:
         tmp = Path(tmp_name)
         os.environ[config_mod.ENV_REDIS_URL] = redis_proc.url
         secured = write(tmp, "nts", [f"nts://127.0.0.1:{chronyd.ke_port}"], chronyd.cert)

@@ -428,7 +428,6 @@ def cmd_flower(args) -> int:
 
 def cmd_relay(args) -> int:
     import asyncio
-    import dataclasses
     import ipaddress
     import socket
 
@@ -449,10 +448,9 @@ def cmd_relay(args) -> int:
     if not bind_ip.is_loopback and not args.allow:
         raise CliError(f"--bind {bind} without --allow would answer only loopback clients, which cannot reach "
                        "it: give the nodes' network, e.g. --allow 172.20.0.0/16", EXIT_USAGE)
-    settings = relay_config.RelaySettings(mappings=mappings, bind=bind, allow=allow)
-    overrides = {"timeout_s": args.timeout, "client_interval_s": args.client_interval,
-                 "client_burst": args.client_burst}
-    settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    given = {"timeout_s": args.timeout, "client_interval_s": args.client_interval, "client_burst": args.client_burst}
+    settings = relay_config.RelaySettings(mappings=mappings, bind=bind, allow=allow,
+                                          **{k: v for k, v in given.items() if v is not None})
     if settings.client_burst < 1:
         raise CliError("--client-burst must be at least 1", EXIT_USAGE)
     report = None

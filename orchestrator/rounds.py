@@ -53,7 +53,7 @@ class RoundHandle:
     deadline_at: float
     result: AsyncResult
     meta: RoundMeta | None = None
-    #: The query tasks' ids (from :func:`send_chord`, or from Redis for an adopted round);
+    #: The query tasks' ids (from :func:`workers.chords.freeze`, or from Redis for an adopted round);
     #: ``None``: take them from ``result.parent`` (a chord sent by ``chord.apply_async``).
     header_ids: tuple[str, ...] | None = None
 
@@ -159,19 +159,6 @@ def close(handle: RoundHandle) -> dict | None:
     return record
 
 
-def open_handles(config: Config, node: str) -> list[RoundHandle]:
-    """Every round of ``node`` dispatched but not finished, whoever dispatched it.
-
-    A beat that takes over from a dead one closes the rounds its predecessor
-    left open; ``measure`` killed mid-wait leaves one too.
-    """
-    store = store_for(config.service)
-    handles = []
-    for round_id, entry in store.open_round_entries(node).items():
-        handles.append(_handle_from_entry(node, round_id, entry))
-    return handles
-
-
 def overdue_handles(config: Config, now: float | None = None) -> list[RoundHandle]:
     """Every open round of any node under the config's prefix that is due to be closed, whoever dispatched it.
 
@@ -265,7 +252,10 @@ def plan_round(config: Config, node: str, *, now: float | None = None,
         # ChronoTick's old behaviour, kept for comparison: one server after another.
         header = [chain(*(_query_signature(job, queue, expires, task_id)
                           for job, task_id in zip(jobs, task_ids, strict=True)))]
-    callback = finish_round.signature(args=(meta.as_dict(),), queue=queue,
+    # The callback gets a reference, not the metadata: every query message carries the callback, and
+    # the round's metadata (the whole ntp section, every server's name) would make each of them grow
+    # with the servers.  It waits in Redis with the open round (:func:`dispatch`).
+    callback = finish_round.signature(args=(round_reference(meta),), queue=queue,
                                       argsrepr=f"(<{len(jobs)} outcomes>, round={round_id})",
                                       kwargsrepr="{}",
                                       expires=expires + timedelta(seconds=CLOSE_GRACE_S))
@@ -287,14 +277,11 @@ def dispatch(config: Config, node: str, *, fan_out: bool = False) -> RoundHandle
     """
     store = store_for(config.service)
     header, body, meta = plan_round(config, node, expected_delays=store.server_delays(node))
-    # The callback gets a reference, not the metadata: every query message carries the callback, and
-    # the round's metadata (the whole ntp section, every server's name) would make each of them grow
-    # with the servers.  It waits in Redis with the open round, written before anything is sent.
-    body = body.replace(args=(round_reference(meta),))
     if fan_out:
         # Nobody waits for this callback's return value (the record is in history): not stored.
         body.set(ignore_result=True)
     sent = chords.freeze(header, body)
+    # Written before anything is sent: the callback reads the round's metadata from it.
     close_at = meta.deadline_at + CLOSE_GRACE_S
     store.open_round(node, meta.round_id, {"meta": meta.as_dict(), "callback_id": sent.callback_id,
                                               "header_ids": list(sent.header_ids)}, close_at=close_at)

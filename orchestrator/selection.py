@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.contracts import OutcomeStatus
+from workers.contracts import AuthSelect, OutcomeStatus
 from workers.quality import Thresholds
 
 from .contracts import Quality, ServerStatus
@@ -190,15 +190,12 @@ def combine(samples: list[Json]) -> Json:
     return result
 
 
-#: ``auth_select`` (chrony's ``authselectmode``): how NTS authentication counts in selection.
-AUTH_REQUIRE, AUTH_PREFER, AUTH_MIX, AUTH_IGNORE = "require", "prefer", "mix", "ignore"
-
 #: Why a plain sample was not used under ``auth_select: require``.
 REASON_NOT_AUTHENTICATED = "not_authenticated"
 
 
 def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, method: str = BEST,
-           groups: list[list[str]] | None = None, auth_select: str = AUTH_MIX) -> Json:
+           groups: list[list[str]] | None = None, auth_select: str = AuthSelect.MIX) -> Json:
     """Reject falsetickers, apply the strict then the relaxed gate, and choose.
 
     Parameters
@@ -234,14 +231,14 @@ def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, m
         raise ValueError(f"unknown selection method {method!r}")
     outcomes = unique_by_server(outcomes)
     samples = [o["sample"] for o in outcomes if o["status"] == OutcomeStatus.OK]
-    unauthenticated = {s["server"] for s in samples if not s.get("nts")} if auth_select == AUTH_REQUIRE else set()
+    unauthenticated = {s["server"] for s in samples if not s.get("nts")} if auth_select == AuthSelect.REQUIRE else set()
     agreement = intersect([s for s in samples if s["server"] not in unauthenticated], groups)
     truechimers = [s for s in samples if s["server"] in set(agreement["truechimers"])]
 
     gates = [(STRICT, strict)] + ([(RELAXED, strict.relaxed())] if enable_fallback else [])
     # Under "prefer", first the authenticated truechimers alone, through every gate; then all of them.
     pools = [truechimers]
-    if auth_select == AUTH_PREFER:
+    if auth_select == AuthSelect.PREFER:
         pools = [[s for s in truechimers if s.get("nts")], truechimers]
     quality, gate, passing = STARVATION, gates[-1], []
     for pool in pools:

@@ -44,7 +44,6 @@ from workers.config import ServiceSettings
 from workers.kod import REASON_KOD_BACKOFF, REASON_KOD_DEMOBILISED
 from workers.measure import REASON_ROUND_DEADLINE
 from workers.ntp import sanity
-from workers.ntp.nts import REASON_NTS_KE_FAILED
 
 from . import records
 from .contracts import REASON_NO_RESULT, ServerStatus
@@ -398,7 +397,7 @@ _STREAM_CLOCK_SLACK_S = 60.0
 
 _NO_REPLY_REASONS = frozenset({sanity.REASON_TIMEOUT, sanity.REASON_SOCKET_ERROR, sanity.REASON_DNS_ERROR,
                                REASON_ROUND_DEADLINE, REASON_NO_RESULT, REASON_KOD_BACKOFF,
-                               REASON_KOD_DEMOBILISED, REASON_NTS_KE_FAILED})
+                               REASON_KOD_DEMOBILISED, sanity.REASON_NTS_KE_FAILED})
 
 
 def _records(entries: Any) -> list[dict[str, Any]]:

@@ -29,23 +29,19 @@ def finish_round(self, results: list, meta: dict) -> dict:
         The chord header's results: one outcome per server (or one list of
         them in sequential mode).
     meta:
-        The round's metadata (:func:`orchestrator.rounds.build_round`), or a
-        reference to it (:func:`orchestrator.rounds.round_reference`): then it
-        is read from the round's open entry in Redis.
+        A reference to the round (:func:`orchestrator.rounds.round_reference`):
+        its metadata is read from the round's open entry in Redis.
     """
     conf = self.app.conf
     client = client_for(conf.chronotick_redis_url, conf.chronotick_redis_master_name)
     store = Store(client, prefix=meta["key_prefix"])
-    if "ntp" in meta:
-        round_meta = RoundMeta.from_dict(meta)
-    else:
-        entry = store.open_round_entry(meta["node"], meta["round_id"])
-        if entry is None:  # finished already (finishing removes the entry): by a closer, or a redelivery
-            log.warning("[DUPLICATE] %s round %s is no longer open; this callback publishes nothing",
-                        meta["node"], meta["round_id"])
-            return {"summary": "duplicate: no longer open", "round_id": meta["round_id"], "node": meta["node"],
-                    "duplicate": True}
-        round_meta = RoundMeta.from_dict(entry["meta"])
+    entry = store.open_round_entry(meta["node"], meta["round_id"])
+    if entry is None:  # finished already (finishing removes the entry): by a closer, or a redelivery
+        log.warning("[DUPLICATE] %s round %s is no longer open; this callback publishes nothing",
+                    meta["node"], meta["round_id"])
+        return {"summary": "duplicate: no longer open", "round_id": meta["round_id"], "node": meta["node"],
+                "duplicate": True}
+    round_meta = RoundMeta.from_dict(entry["meta"])
     record = finish(round_meta, selection.flatten(results), store, closed_by=CLOSED_BY_CALLBACK)
     forget_results(self.app.backend, round_meta.header_ids)
     if record is None:

@@ -203,10 +203,6 @@ class PortRelay:
             del self._expired[transmit]
         self.clients.prune(now)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending)
-
 
 class _Protocol(asyncio.DatagramProtocol):
     def __init__(self, handler):

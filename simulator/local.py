@@ -5,10 +5,16 @@ Development tooling: the service never imports this module.
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 #: How long to wait for a private Redis to come up (s).
 STARTUP_TIMEOUT_S = 30.0
@@ -192,6 +198,12 @@ def free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
+def chronyd_binary() -> str | None:
+    """chronyd on PATH, Debian's, or the copy scripts/bootstrap unpacks into .venv/chrony (``None``: none)."""
+    candidates = (shutil.which("chronyd"), "/usr/sbin/chronyd", str(REPO / ".venv/chrony/usr/sbin/chronyd"))
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
 def make_certificate(directory: Path, *, name: str = "localhost", address: str = "127.0.0.1",
                      stem: str = "server") -> tuple[Path, Path]:
     """A self-signed EC certificate for ``name`` and ``address`` (its own CA): ``(cert, key)`` PEM files.
@@ -235,9 +247,6 @@ class ChronydNts:
     """
 
     def __init__(self, binary: str, *, ntp_server: str | None = None):
-        import os
-        import tempfile
-
         self.binary = binary
         self.directory = Path(tempfile.mkdtemp(prefix="ct-chronyd-nts-"))
         self.directory.chmod(0o755)
@@ -276,8 +285,6 @@ class ChronydNts:
                 time.sleep(0.1)
 
     def stop(self) -> None:
-        import shutil
-
         if self.process:
             stop_process(self.process)
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -296,18 +303,14 @@ def start_node_worker(config, node: str, log_path: Path, *, loglevel: str = "WAR
     Points this process's Celery app at the config's Redis too, so rounds can be sent from here.
     ``instance`` > 0 starts another process on the same queue, under its own name.
     """
-    import os
-    import sys
-
     from workers.app import app, configure, queue_for, worker_argv, workers_for_queue
 
     configure(app, config.service)
-    repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     argv = worker_argv(config, node, loglevel=loglevel)
     if instance:
         argv[argv.index("--hostname") + 1] = f"{node}-{instance}@%h"
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", *argv], env=env, cwd=str(repo),
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", *argv], env=env, cwd=str(REPO),
                               stdout=subprocess.DEVNULL, stderr=open(log_path, "ab"))
     deadline = time.monotonic() + timeout_s
     while len(workers_for_queue(queue_for(node), timeout_s=0.5)) < instance + 1:

@@ -22,7 +22,7 @@ import pytest
 import redis
 import yaml
 
-from simulator.local import RedisProcess, stop_process
+from simulator.local import RedisProcess, chronyd_binary, stop_process
 from simulator.server import Behaviour, NtpSimulator, free_udp_ports
 from workers import config as config_mod
 
@@ -183,8 +183,7 @@ def write_config(tmp_path: Path, servers: list[str], *, key_prefix: str = "chron
 @pytest.fixture(scope="session")
 def chronyd(tmp_path_factory):
     """A real chronyd serving NTP on a loopback port; it never touches the clock (-x)."""
-    candidates = [shutil.which("chronyd"), "/usr/sbin/chronyd", str(REPO / ".venv/chrony/usr/sbin/chronyd")]
-    binary = next((c for c in candidates if c and Path(c).is_file()), None)
+    binary = chronyd_binary()
     if binary is None:
         pytest.fail("no chronyd: run scripts/bootstrap (it unpacks one into .venv/chrony)")
     tmp = tmp_path_factory.mktemp("chronyd")

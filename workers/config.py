@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from . import redisurl
+from .contracts import AuthSelect
 
 #: Overrides ``ntp_service.redis_url``.
 ENV_REDIS_URL = "CHRONOTICK_REDIS_URL"
@@ -78,8 +79,15 @@ class ServerAddress:
 
 _NUMBER = (int, float)
 
-#: ``auth_select`` values, chrony's ``authselectmode``.
-AUTH_SELECT_MODES = ("require", "prefer", "mix", "ignore")
+_A_WORD = "must be a non-empty word without spaces"
+
+
+def _is_word(value: str) -> bool:
+    return bool(value) and not any(c.isspace() for c in value)
+
+
+#: ``auth_select`` values (:class:`workers.contracts.AuthSelect`).
+AUTH_SELECT_MODES = tuple(mode.value for mode in AuthSelect)
 
 
 @dataclass(frozen=True)
@@ -182,7 +190,7 @@ class NtpSettings:
         problem="must name a readable PEM file (or be null)",
         doc="extra trust anchors (PEM) for NTS servers' certificates; default: the system store (new key)")
     auth_select: str = option(
-        "mix", types=(str,), check=lambda v: v in AUTH_SELECT_MODES,
+        AuthSelect.MIX.value, types=(str,), check=lambda v: v in AUTH_SELECT_MODES,
         problem="must be one of " + ", ".join(AUTH_SELECT_MODES),
         doc="as chrony's `authselectmode`: `require` only NTS may be published; `prefer` plain only when no NTS "
             "sample passes; `mix` both alike; `ignore` authentication does not count (new key)")
@@ -241,12 +249,10 @@ class ServiceSettings:
         doc="`redis://host:port/db`, or Sentinels: `sentinel://h1:26379;sentinel://h2:26379`; no password allowed "
             "here; `CHRONOTICK_REDIS_URL` overrides, `CHRONOTICK_REDIS_PASSWORD` is added")
     redis_master_name: str = option(
-        redisurl.DEFAULT_MASTER_NAME, types=(str,), check=lambda v: bool(v) and not any(c.isspace() for c in v),
-        problem="must be a non-empty word without spaces",
+        redisurl.DEFAULT_MASTER_NAME, types=(str,), check=_is_word, problem=_A_WORD,
         doc="with `sentinel://` URLs: the name the Sentinels monitor the master under")
     key_prefix: str = option(
-        "chronotick", types=(str,), check=lambda v: bool(v) and not any(c.isspace() for c in v),
-        problem="must be a non-empty word without spaces", doc="first part of every key")
+        "chronotick", types=(str,), check=_is_word, problem=_A_WORD, doc="first part of every key")
     nodes: tuple[str, ...] = option((), types=(list,), doc="the nodes `beat` runs rounds for")
     history_length: int = option(
         10_000, types=(int,), check=lambda v: v >= 1, problem="must be at least 1",

@@ -19,6 +19,15 @@ class OutcomeStatus(StrEnum):
     FAILED = "failed"
 
 
+class AuthSelect(StrEnum):
+    """``clock_measurement.ntp.auth_select``: how NTS authentication counts (chrony's ``authselectmode``)."""
+
+    REQUIRE = "require"  # only authenticated samples vote and may be published
+    PREFER = "prefer"    # plain samples only when no authenticated one passes
+    MIX = "mix"          # both vote and are chosen alike
+    IGNORE = "ignore"    # authentication does not count
+
+
 class SampleDict(TypedDict):
     """One accepted exchange (:meth:`workers.ntp.client.Sample.as_dict`), seconds and Unix seconds."""
 
@@ -37,6 +46,7 @@ class SampleDict(TypedDict):
     t1_ns: int
     t4_ns: int
     kernel_rx_timestamp: bool
+    nts: bool
     measured_at: float
     # Advanced mode (a burst per attempt):
     samples_taken: NotRequired[int]

@@ -120,13 +120,13 @@ def attempt(job: dict) -> dict:
         try:
             protected = None
             if association is not None:
-                protected = _nts_request(association, job["timeout_s"])
-                family, sockaddr = _resolve(*protected[1], timeout_s=job["timeout_s"])
+                protected, ntp_address = _nts_request(association, job["timeout_s"])
+                family, sockaddr = _resolve(*ntp_address, timeout_s=job["timeout_s"])
             samples.append(client.exchange(
                 job["server"], family, sockaddr, timeout_s=job["timeout_s"],
                 max_root_delay_s=job.get("max_root_delay_s", sanity.DEFAULT_MAX_ROOT_S),
                 max_root_dispersion_s=job.get("max_root_dispersion_s", sanity.DEFAULT_MAX_ROOT_S),
-                nts=protected[0] if protected else None))
+                nts=protected))
         except QueryFailed as exc:
             if exc.rejection.kiss_code:
                 raise BurstFailed(exc.rejection, refusals) from None  # a kiss: no more packets this attempt

@@ -34,6 +34,8 @@ SENTINEL_SCHEME = "sentinel"
 DEFAULT_SENTINEL_PORT = 26379
 #: Sentinel's own default master name (``sentinel.conf``).
 DEFAULT_MASTER_NAME = "mymaster"
+#: How long a connect or a reply may take, to Redis and to a Sentinel (s).
+DEFAULT_TIMEOUT_S = 5.0
 
 
 class RedisUrlError(ValueError):
@@ -130,7 +132,7 @@ def _redact_one(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def connect(url: str, master_name: str = DEFAULT_MASTER_NAME, *, timeout_s: float = 5.0,
+def connect(url: str, master_name: str = DEFAULT_MASTER_NAME, *, timeout_s: float = DEFAULT_TIMEOUT_S,
             health_check_interval_s: int = 0) -> redis.Redis:
     """A client for the Redis at ``url``: the server itself, or the master the Sentinels name.
 
@@ -138,13 +140,11 @@ def connect(url: str, master_name: str = DEFAULT_MASTER_NAME, *, timeout_s: floa
     connection asks them for the master again, so a client made before a
     failover reaches the new master after it.
     """
-    options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
-               "health_check_interval": health_check_interval_s}
+    options = {**_timeouts(timeout_s), "health_check_interval": health_check_interval_s}
     if not is_sentinel(url):
         return redis.Redis.from_url(url, **options)
     where = parse_sentinel(url)
-    sentinel_options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-    sentinels = Sentinel(list(where.sentinels), sentinel_kwargs=sentinel_options)
+    sentinels = Sentinel(list(where.sentinels), sentinel_kwargs=_timeouts(timeout_s))
     return sentinels.master_for(master_name, db=where.db, username=where.username, password=where.password,
                                 **options)
 
@@ -153,5 +153,8 @@ def celery_transport_options(url: str, master_name: str) -> dict:
     """What Celery's broker and result backend need beside a Sentinel URL (the master's name)."""
     if not is_sentinel(url):
         return {}
-    return {"master_name": master_name,
-            "sentinel_kwargs": {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}}
+    return {"master_name": master_name, "sentinel_kwargs": _timeouts(DEFAULT_TIMEOUT_S)}
+
+
+def _timeouts(seconds: float) -> dict:
+    return {"socket_timeout": seconds, "socket_connect_timeout": seconds}

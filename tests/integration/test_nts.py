@@ -11,7 +11,6 @@ worker; keys and cookies live in its memory.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import threading
 from pathlib import Path
@@ -20,11 +19,11 @@ import pytest
 
 from orchestrator import cli
 from orchestrator.store import Store
-from simulator.local import ChronydNts, free_tcp_port, make_certificate
+from simulator.local import ChronydNts, chronyd_binary, free_tcp_port, make_certificate
 from simulator.server import Behaviour
 from workers.ntp import packet
 
-from ..conftest import REPO, TEST_NODE, write_config
+from ..conftest import TEST_NODE, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -33,10 +32,10 @@ NTP_PATH = "127.0.0.3"
 
 
 def _chronyd_binary() -> str:
-    for candidate in (shutil.which("chronyd"), "/usr/sbin/chronyd", str(REPO / ".venv/chrony/usr/sbin/chronyd")):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    pytest.fail("no chronyd: run scripts/bootstrap (it unpacks one into .venv/chrony)")
+    binary = chronyd_binary()
+    if binary is None:
+        pytest.fail("no chronyd: run scripts/bootstrap (it unpacks one into .venv/chrony)")
+    return binary
 
 
 class PathRelay:

@@ -204,7 +204,7 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
 
                     if nts_mod.is_nak(data, nts.unique_id):
                         nts.association.forget()
-                        raise QueryFailed(Rejection(nts_mod.REASON_NTS_NAK, "NTS NAK: the server cannot use the "
+                        raise QueryFailed(Rejection(sanity.REASON_NTS_NAK, "NTS NAK: the server cannot use the "
                                                     "cookie; new keys at the next attempt"))
                     try:
                         cookies = nts_mod.open_reply(data, unique_id=nts.unique_id, s2c=nts.s2c)

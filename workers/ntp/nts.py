@@ -57,6 +57,12 @@ from service_identity import VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 
 from . import packet
+from .sanity import (
+    REASON_NTS_AUTH_FAILED,
+    REASON_NTS_BAD_UNIQUE_ID,
+    REASON_NTS_KE_FAILED,
+    REASON_NTS_NO_AUTHENTICATOR,
+)
 
 #: NTS-KE's TCP port (RFC 8915 section 4).
 KE_PORT = 4460
@@ -84,11 +90,6 @@ CRITICAL = 0x8000
 # NTP extension field types (section 5).
 EF_UNIQUE_ID, EF_COOKIE, EF_PLACEHOLDER, EF_AUTHENTICATOR = 0x0104, 0x0204, 0x0304, 0x0404
 
-REASON_NTS_KE_FAILED = "nts_ke_failed"
-REASON_NTS_AUTH_FAILED = "nts_auth_failed"
-REASON_NTS_BAD_UNIQUE_ID = "nts_bad_unique_id"
-REASON_NTS_NO_AUTHENTICATOR = "nts_no_authenticator"
-REASON_NTS_NAK = "nts_nak"
 
 _NTSN = packet.kiss_code_to_ref_id("NTSN")
 _U16 = struct.Struct("!H")
@@ -353,7 +354,7 @@ class Association:
                 self.handshakes += 1
             keys = self.keys
             cookie = keys.cookies.pop(0)
-            placeholders = max(0, min(COOKIES_KEPT - 1, COOKIES_KEPT - 1 - len(keys.cookies)))
+            placeholders = max(0, COOKIES_KEPT - 1 - len(keys.cookies))
         request, unique_id = build_request(header, c2s=keys.c2s, cookie=cookie, placeholders=placeholders)
         return request, unique_id, keys.s2c, (keys.ntp_host, keys.ntp_port)
 

@@ -39,6 +39,12 @@ REASON_STALE_REFERENCE = "stale_reference"
 REASON_NEGATIVE_DELAY = "negative_delay"
 #: A Kiss-o'-Death reason is this prefix plus the lower-case kiss code.
 REASON_KOD_PREFIX = "kod_"
+# NTS (RFC 8915; :mod:`workers.ntp.nts` explains each).
+REASON_NTS_KE_FAILED = "nts_ke_failed"
+REASON_NTS_AUTH_FAILED = "nts_auth_failed"
+REASON_NTS_BAD_UNIQUE_ID = "nts_bad_unique_id"
+REASON_NTS_NO_AUTHENTICATOR = "nts_no_authenticator"
+REASON_NTS_NAK = "nts_nak"
 
 #: chrony's MAX_SERVER_INTERVAL: a server that held our request longer than
 #: this has timestamps we cannot pair up with any confidence.
