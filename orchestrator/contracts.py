@@ -33,11 +33,6 @@ class ServerStatus(StrEnum):
     FAILED = "failed"             # no usable reply after every attempt
 
 
-def query_task_id(prefix: str, index: int) -> str:
-    """The id of a round's ``index``-th query task."""
-    return f"{prefix}.{index}"
-
-
 #: A server that reported nothing before its round was closed at the deadline.
 REASON_NO_RESULT = "no_result"
 
@@ -61,18 +56,6 @@ class RoundMeta:
     ntp: NtpSettings
     history_hours: float = 24.0
     record_detail: str = "compact"
-    #: The query tasks' ids are ``<task_id_prefix>.<index>`` (:meth:`header_ids`): the callback
-    #: forgets their results once the round is published.  One prefix crosses the broker in every
-    #: query message, where a list of ids would make each message grow with the servers.
-    task_id_prefix: str = ""
-
-    @property
-    def header_ids(self) -> tuple[str, ...]:
-        """The query tasks' ids (none for a sequential round, whose chain forgets nothing here)."""
-        if not self.task_id_prefix:
-            return ()
-        return tuple(query_task_id(self.task_id_prefix, i) for i in range(len(self.ntp.servers)))
-
     @property
     def servers(self) -> list[str]:
         return [s.name for s in self.ntp.servers]
@@ -85,7 +68,7 @@ class RoundMeta:
         return {"round_id": self.round_id, "node": self.node, "dispatched_at": self.dispatched_at,
                 "deadline_at": self.deadline_at, "key_prefix": self.key_prefix,
                 "history_length": self.history_length, "history_hours": self.history_hours,
-                "record_detail": self.record_detail, "task_id_prefix": self.task_id_prefix,
+                "record_detail": self.record_detail,
                 "ntp": self.ntp.as_mapping()}
 
     @classmethod
@@ -93,5 +76,5 @@ class RoundMeta:
         return cls(round_id=data["round_id"], node=data["node"], dispatched_at=data["dispatched_at"],
                    deadline_at=data["deadline_at"], key_prefix=data["key_prefix"],
                    history_length=data["history_length"], history_hours=data["history_hours"],
-                   record_detail=data["record_detail"], task_id_prefix=data.get("task_id_prefix", ""),
+                   record_detail=data["record_detail"],
                    ntp=ntp_from_mapping(data["ntp"], source=f"round {data['round_id']}"))

@@ -16,16 +16,14 @@ from datetime import UTC, datetime, timedelta
 from celery import Signature, chain, chord
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
-from celery.utils import uuid
 
 from workers import chords, measure
 from workers.app import app, queue_for
 from workers.config import Config
 from workers.tasks import describe, query_server
 
-from .contracts import RoundMeta, query_task_id
-from .selection import flatten
-from .store import UNANSWERED_DELAY_S, Store, client_for, store_for
+from .contracts import RoundMeta
+from .store import UNANSWERED_DELAY_S, Keys, Store, client_for, store_for
 from .tasks import CLOSED_BY_DEADLINE, finish, finish_round
 
 log = logging.getLogger(__name__)
@@ -53,55 +51,40 @@ class RoundHandle:
     deadline_at: float
     result: AsyncResult
     meta: RoundMeta | None = None
-    #: The query tasks' ids (from :func:`workers.chords.freeze`, or from Redis for an adopted round);
-    #: ``None``: take them from ``result.parent`` (a chord sent by ``chord.apply_async``).
-    header_ids: tuple[str, ...] | None = None
 
     @property
     def close_at(self) -> float:
         """When to stop waiting for the callback and close the round (Unix s)."""
         return self.deadline_at + CLOSE_GRACE_S
 
-    def header_results(self) -> list[AsyncResult]:
-        """The round's query tasks' results (not subscribed: reading them is a GET each)."""
-        if self.header_ids is not None:
-            return [AsyncResult(task_id, app=app) for task_id in self.header_ids]
-        parent = self.result.parent
-        if parent is None:
-            return []
-        return list(getattr(parent, "results", None) or [parent])
+    def reported(self) -> list[dict]:
+        """The outcomes the round's query tasks have reported so far (what :func:`close` would publish)."""
+        return _store(self.meta).reported_outcomes(self.node, self.round_id) if self.meta else []
 
     def detach(self) -> None:
-        """Drop this round's Celery results: call it once the round is finished or closed.
+        """Drop this round's Celery result: call it once the round is finished or closed.
 
-        The round's record in history has replaced them, so they are deleted in
-        one pipelined DEL (not one round trip per task) rather than left to
-        expire, and this process stops listening for them.  So only after
-        :meth:`ready`, :meth:`wait` or :func:`close`: a closer reads the header
-        results first.  (A round the beat sent needs none of this: its worker
-        forgets the results, and the beat never listened.)
+        The round's record in history has replaced the callback's return
+        value, so it is deleted rather than left to expire, and this process
+        stops listening for it.  (The query tasks store no result: their
+        outcomes travel in the chord's join, and in the round's report hash
+        until the round is published.)
         """
         backend = self.result.backend
-        results = [r for r in (self.result, *self.header_results()) if r is not None]
-        with backend.client.pipeline(transaction=False) as pipe:  # the Redis that holds the results
-            for result in results:
-                pipe.delete(backend.get_key_for_task(result.id))
-            pipe.execute()
+        backend.client.delete(backend.get_key_for_task(self.result.id))
         self.release()
 
     def release(self) -> None:
-        """Stop listening for this round's results without forgetting them: it may still be closed.
+        """Stop listening for this round's callback result without forgetting it: it may still be closed.
 
-        Celery's Redis backend subscribes a sending process to each task's
-        result channel as it sends it; :func:`workers.chords.send` adds no
-        waiter of its own, so ending those subscriptions, by id, through the
-        backend's public calls is all there is to drop.
+        Celery's Redis backend subscribed the sending process to the callback's
+        result channel as it sent it (the query tasks ignore their results, so
+        nobody subscribes to theirs); this ends it through the backend's public calls.
         """
         backend = self.result.backend
         try:
             backend.remove_pending_result(self.result)
-            for result in (self.result, *self.header_results()):
-                backend.result_consumer.cancel_for(result.id)
+            backend.result_consumer.cancel_for(self.result.id)
         except Exception as exc:  # Redis away: the subscriptions die with the connection
             log.debug("round %s: %s", self.round_id, exc)
 
@@ -139,19 +122,17 @@ def close(handle: RoundHandle) -> dict | None:
 
     A worker killed mid-round, a lost message or an expired task leaves a
     chord that will never fire; at its deadline the round is closed here from
-    the header results already in the backend (servers with none are recorded
-    as ``no_result``) and published like any other.  Returns the record, or
+    the outcomes its query tasks reported (servers with none are recorded as
+    ``no_result``) and published like any other.  Returns the record, or
     ``None`` if the callback (or another closer) finished the round first.
     """
-    outcomes: list[dict] = []
-    for result in handle.header_results():
-        try:
-            if result.successful():
-                outcomes.extend(flatten([result.result]))
-        except Exception as exc:  # a backend hiccup must not stop the round being closed
-            log.warning("round %s: cannot read task %s (%s)", handle.round_id, result.id, exc)
     assert handle.meta is not None, "a round is closed from its metadata"
     store = _store(handle.meta)
+    try:
+        outcomes = store.reported_outcomes(handle.node, handle.round_id)
+    except Exception as exc:  # a hiccup must not stop the round being closed
+        log.warning("round %s: cannot read the reported outcomes (%s)", handle.round_id, exc)
+        outcomes = []
     record = finish(handle.meta, outcomes, store, closed_by=CLOSED_BY_DEADLINE)
     if record is None:
         store.forget_open_round(handle.node, handle.round_id)  # finished by someone else meanwhile
@@ -177,8 +158,7 @@ def overdue_handles(config: Config, now: float | None = None) -> list[RoundHandl
 def _handle_from_entry(node: str, round_id: str, entry: dict) -> RoundHandle:
     meta = RoundMeta.from_dict(entry["meta"])
     return RoundHandle(round_id=round_id, node=node, deadline_at=meta.deadline_at,
-                       result=AsyncResult(entry["callback_id"], app=app), meta=meta,
-                       header_ids=tuple(entry["header_ids"]))
+                       result=AsyncResult(entry["callback_id"], app=app), meta=meta)
 
 
 def _store(meta: RoundMeta) -> Store:
@@ -229,29 +209,26 @@ def plan_round(config: Config, node: str, *, now: float | None = None,
     deadline_at = now + round_budget_s(config)
     queue = queue_for(node)
     rate_backoff_s = RATE_BACKOFF_INTERVALS * config.timing.normal_interval_s
+    report_to = Keys(config.service.key_prefix).outcomes(node, round_id)
     jobs = [measure.make_job(server=s, node=node, round_id=round_id, ntp=config.ntp, deadline_at=deadline_at,
-                             rate_backoff_s=rate_backoff_s)
+                             rate_backoff_s=rate_backoff_s, report_to=report_to)
             for s in config.ntp.servers]
     if config.ntp.parallel_queries and expected_delays:
         # Longest first: a worker starts tasks in the order they arrive,
         # so the server that gates the round should not wait behind nine others.
         jobs.sort(key=lambda job: -expected_delays.get(job["server"], UNANSWERED_DELAY_S))
-    # Every task's id is fixed here, so the callback knows whose results to forget.
-    prefix = uuid() if config.ntp.parallel_queries else ""
-    task_ids = [query_task_id(prefix, i) if prefix else uuid() for i in range(len(jobs))]
     meta = RoundMeta(round_id=round_id, node=node, dispatched_at=now, deadline_at=deadline_at,
                      key_prefix=config.service.key_prefix, history_length=config.service.history_length,
                      history_hours=config.service.history_hours, record_detail=config.service.record_detail,
-                     ntp=config.ntp, task_id_prefix=prefix)
+                     ntp=config.ntp)
     # Messages still queued at the deadline are dropped by the worker unread:
     # a worker that comes back after an outage does not replay stale rounds.
     expires = datetime.fromtimestamp(deadline_at, tz=UTC)
     if config.ntp.parallel_queries:
-        header = [_query_signature(job, queue, expires, task_id) for job, task_id in zip(jobs, task_ids, strict=True)]
+        header = [_query_signature(job, queue, expires) for job in jobs]
     else:
         # ChronoTick's old behaviour, kept for comparison: one server after another.
-        header = [chain(*(_query_signature(job, queue, expires, task_id)
-                          for job, task_id in zip(jobs, task_ids, strict=True)))]
+        header = [chain(*(_query_signature(job, queue, expires) for job in jobs))]
     # The callback gets a reference, not the metadata: every query message carries the callback, and
     # the round's metadata (the whole ntp section, every server's name) would make each of them grow
     # with the servers.  It waits in Redis with the open round (:func:`dispatch`).
@@ -262,9 +239,9 @@ def plan_round(config: Config, node: str, *, now: float | None = None,
     return header, callback, meta
 
 
-def _query_signature(job: dict, queue: str, expires: datetime, task_id: str):
+def _query_signature(job: dict, queue: str, expires: datetime):
     return query_server.signature(kwargs={"job": job}, queue=queue, argsrepr="()", kwargsrepr=describe(job),
-                                  expires=expires, task_id=task_id)
+                                  expires=expires)
 
 
 def dispatch(config: Config, node: str, *, fan_out: bool = False) -> RoundHandle:
@@ -283,15 +260,15 @@ def dispatch(config: Config, node: str, *, fan_out: bool = False) -> RoundHandle
     sent = chords.freeze(header, body)
     # Written before anything is sent: the callback reads the round's metadata from it.
     close_at = meta.deadline_at + CLOSE_GRACE_S
-    store.open_round(node, meta.round_id, {"meta": meta.as_dict(), "callback_id": sent.callback_id,
-                                              "header_ids": list(sent.header_ids)}, close_at=close_at)
+    store.open_round(node, meta.round_id, {"meta": meta.as_dict(), "callback_id": sent.callback_id},
+                     close_at=close_at)
     if fan_out:
         chords.send_via_queue(header, body, queue=queue_for(node), frozen=sent,
                               expires=datetime.fromtimestamp(meta.deadline_at, tz=UTC))
     else:
         chords.send(header, body, frozen=sent)
     return RoundHandle(round_id=meta.round_id, node=node, deadline_at=meta.deadline_at,
-                       result=AsyncResult(sent.callback_id, app=app), meta=meta, header_ids=sent.header_ids)
+                       result=AsyncResult(sent.callback_id, app=app), meta=meta)
 
 
 def round_reference(meta: RoundMeta) -> dict:

@@ -21,10 +21,12 @@ With prefix ``chronotick`` and node ``n1``:
     histogram without keeping state of its own.
 ``chronotick:ntp:nodes``
     Set of the node names seen.
-``chronotick:ntp:n1:server_delay``, ``...:filter_window``, ``...:filter_state``, ``...:round:<id>``, ``...:open``
+``chronotick:ntp:n1:server_delay``, ``...:filter_window``, ``...:filter_state``, ``...:round:<id>``, ``...:open``,
+``...:outcomes:<id>``
     Internal (not part of the contract): each server's last delay, so the
     next round sends its slowest query first; the temporal filter's state;
-    the mark that a round has been finished; the rounds still open.
+    the mark that a round has been finished; the rounds still open; the
+    outcomes a round's query tasks have reported so far.
 
 One round's writes go in one MULTI/EXEC transaction, so a reader never sees a
 ``latest`` without its history entry and counters.
@@ -115,6 +117,14 @@ class Keys:
     def round_claim(self, node: str, round_id: str) -> str:
         """Internal: set once by whoever finishes the round (callback or deadline closer)."""
         return self._node(node, f"round:{round_id}")
+
+    def outcomes(self, node: str, round_id: str) -> str:
+        """Internal: a hash, server -> outcome JSON, each query task's report (:func:`workers.tasks.report`).
+
+        What a closer publishes if the round's callback never comes; deleted
+        with the round's publication, else it expires after the deadline.
+        """
+        return self._node(node, f"outcomes:{round_id}")
 
     def round_duration(self, node: str) -> str:
         """The round-time histogram: ``le:<bound>`` (cumulative), ``count``, ``sum``."""
@@ -208,6 +218,7 @@ class Store:
         pipe.sadd(self.keys.nodes(), node)
         pipe.hdel(self.keys.open_rounds(node), record["round_id"])
         pipe.zrem(self.keys.open_by_close_time(), _open_member(node, record["round_id"]))
+        pipe.delete(self.keys.outcomes(node, record["round_id"]))
         delays = expected_delays(record)
         if delays:
             pipe.hset(self.keys.server_delay(node), mapping=cast("Mapping[Any, Any]", delays))
@@ -261,6 +272,10 @@ class Store:
             raw = pipe.execute()
         return [(node, round_id, json.loads(value) if value else None)
                 for (node, round_id), value in zip(due, raw, strict=True)]
+
+    def reported_outcomes(self, node: str, round_id: str) -> list[dict]:
+        """The outcomes a round's query tasks have reported so far (none once the round is published)."""
+        return [json.loads(v) for v in self.client.hvals(self.keys.outcomes(node, round_id))]
 
     def forget_open_round(self, node: str, round_id: str) -> None:
         with self.client.pipeline(transaction=True) as pipe:

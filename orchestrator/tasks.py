@@ -43,7 +43,6 @@ def finish_round(self, results: list, meta: dict) -> dict:
                 "duplicate": True}
     round_meta = RoundMeta.from_dict(entry["meta"])
     record = finish(round_meta, selection.flatten(results), store, closed_by=CLOSED_BY_CALLBACK)
-    forget_results(self.app.backend, round_meta.header_ids)
     if record is None:
         log.warning("[DUPLICATE] %s round %s was already finished; this callback publishes nothing",
                     round_meta.node, round_meta.round_id)
@@ -51,20 +50,6 @@ def finish_round(self, results: list, meta: dict) -> dict:
                 "node": round_meta.node, "duplicate": True}
     # The summary first, so Flower's result column shows it (not stored in the history).
     return {"summary": summarise_round(record), **record}
-
-
-def forget_results(backend, task_ids) -> None:
-    """Delete the query tasks' stored results, in one command: the round's record has replaced them.
-
-    Here, on the node that ran the round, rather than in the beat: the
-    dispatcher's cost per round stays flat.  Whatever is not forgotten (a
-    round closed at its deadline) expires with ``result_expires``.
-    """
-    if task_ids:
-        try:
-            backend.client.delete(*(backend.get_key_for_task(task_id) for task_id in task_ids))
-        except Exception as exc:  # Redis away: they expire on their own
-            log.debug("cannot forget %d results (%s)", len(task_ids), exc)
 
 
 def summarise_round(record: dict) -> str:

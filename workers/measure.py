@@ -45,7 +45,8 @@ class BurstFailed(QueryFailed):
 _resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ntp-dns")
 
 
-def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_backoff_s: float) -> dict:
+def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_backoff_s: float,
+             report_to: str | None = None) -> dict:
     """Describe one server's part of a round as plain JSON.
 
     Parameters
@@ -62,6 +63,10 @@ def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_
         Unix time after which no attempt may start.
     rate_backoff_s:
         How long a server that sent a RATE kiss is left alone (see :mod:`workers.kod`).
+    report_to:
+        The Redis hash the task writes its outcome to, for whoever closes the
+        round if its callback never comes (the orchestrator names it; none:
+        not reported).
     """
     gate = Thresholds.from_settings(ntp)
     if ntp.enable_fallback:
@@ -83,6 +88,7 @@ def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_
         "nts": server.nts,
         "nts_ca_file": ntp.nts_ca_file if server.nts else None,
         "rate_backoff_s": rate_backoff_s,
+        "report_to": report_to,
     }
 
 

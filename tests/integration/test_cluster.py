@@ -114,8 +114,7 @@ def test_worker_killed_mid_round_round_closes_and_next_round_publishes(redis_url
     slow_ports = [int(servers[k].rsplit(":", 1)[1]) for k in ("slow1", "slow2")]
     # Mid-round: the fast server has answered, the slow ones are still waiting for their replies.
     wait_for(lambda: all(sim.stats[p].received for p in slow_ports), what="the slow queries to go out")
-    wait_for(lambda: handle.header_results() and any(r.ready() for r in handle.header_results()),
-             what="the fast server's result")
+    wait_for(lambda: [o["server"] for o in handle.reported()] == [servers["fast"]], what="the fast server's report")
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
     assert handle.wait() is None  # the chord will never fire ...

@@ -80,7 +80,7 @@ def test_a_connection_lost_at_exec_leaves_the_round_for_the_closer(redis_server,
     assert store.latest(node) is None and store.history(node) == [] and store.stats(node)["rounds"] == 0
 
     handle = rounds.RoundHandle(round_id=meta.round_id, node=node, deadline_at=meta.deadline_at,
-                                result=AsyncResult(str(uuid.uuid4()), app=app), meta=meta, header_ids=())
+                                result=AsyncResult(str(uuid.uuid4()), app=app), meta=meta)
     record = rounds.close(handle)
     assert record is not None and record["closed_by"] == CLOSED_BY_DEADLINE
     assert [r["round_id"] for r in store.history(node)] == [meta.round_id]
@@ -90,38 +90,40 @@ def test_a_connection_lost_at_exec_leaves_the_round_for_the_closer(redis_server,
     assert len(store.history(node)) == 1
 
 
-def test_celery_results_are_gone_or_expiring_soon_after_a_round(worker, simulator, tmp_path, key_prefix,
-                                                                redis_client):
+def test_a_round_leaves_no_celery_result_no_report_and_no_subscription(worker, simulator, tmp_path, key_prefix,
+                                                                       redis_client):
     from simulator.server import Behaviour
-    from workers.app import RESULT_EXPIRES_S
 
     from ..conftest import TEST_NODE, wait_for
 
     _, servers = simulator({"a": Behaviour(delay_s=0.002), "b": Behaviour(delay_s=0.003)})
     config = config_mod.load(write_config(tmp_path, list(servers.values()), key_prefix=key_prefix))
+    store = Store(redis_client, prefix=key_prefix)
+
     def subscriptions():
         return sum(int(c.get("sub", 0)) for c in redis_client.client_list())
 
-    before = subscriptions()
-    waited = rounds.dispatch(config, TEST_NODE)
-    ids = [r.id for r in waited.header_results()] + [waited.result.id]
-    assert waited.wait() is not None
-    # Whoever waited for the round forgot its results: the record in history replaces them.
-    assert not any(redis_client.exists(f"celery-task-meta-{i}") for i in ids)
-    # ... and stopped listening for them (Celery subscribed it to every task it sent).
-    wait_for(lambda: subscriptions() == before, what="the round's result subscriptions to end")
+    def results():
+        return set(redis_client.scan_iter("celery-task-meta-*"))
 
-    # As the beat sends it: nobody waits, so the callback's return value is not stored, and the
-    # callback itself forgets the query results once the round is published.
+    before, stored = subscriptions(), results()
+    waited = rounds.dispatch(config, TEST_NODE)
+    record = waited.wait()
+    assert record is not None and record["servers_used"] == 2
+    # The query tasks store no result (their outcomes travel in the chord's join); whoever waited
+    # forgot the callback's; the reports went with the round's publication.
+    assert results() <= stored
+    assert not redis_client.exists(store.keys.outcomes(TEST_NODE, waited.round_id))
+    # ... and this process stopped listening (Celery subscribed it to the callback it sent).
+    wait_for(lambda: subscriptions() == before, what="the round's result subscription to end")
+
+    # As the beat sends it: nobody waits, so not even the callback's return value is stored.
     unwatched = rounds.dispatch(config, TEST_NODE, fan_out=True)
-    ids = [r.id for r in unwatched.header_results()] + [unwatched.result.id]
-    assert len(ids) == 3
     wait_for(unwatched.ready, what="the round to finish")
-    assert Store(redis_client, prefix=key_prefix).round_record(TEST_NODE, unwatched.round_id) is not None
-    wait_for(lambda: not any(redis_client.exists(f"celery-task-meta-{i}") for i in ids),
-             what="every result of the round forgotten")
-    # What nobody forgot (a round closed at its deadline) expires within 10 minutes.
-    assert RESULT_EXPIRES_S <= 600
+    assert store.round_record(TEST_NODE, unwatched.round_id)["servers_used"] == 2
+    assert results() <= stored
+    assert not redis_client.exists(store.keys.outcomes(TEST_NODE, unwatched.round_id))
+    assert subscriptions() == before
 
 
 def test_history_is_trimmed_by_age_and_capped_by_count(redis_client, key_prefix):
