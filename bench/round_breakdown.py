@@ -1,13 +1,14 @@
 """Where a round's time goes: dispatch, task starts, the last reply, the callback, the consumer.
 
-Ten simulated servers with round trips 10, 20, ... 100 ms, a real worker, a
+Ten simulated servers with round trips 10, 20, ... 100 ms (``--set stagger``)
+or all 50 ms (``--set same50``, every reply lands at once), a real worker, a
 private Redis.  For each round it takes, relative to the moment dispatch began:
 when ``dispatch`` returned, when the first and the last query task started,
 when the slowest server's task started, the last t4, when the callback
 finished, and when the ``updates`` message reached a subscriber.  Medians over
 the rounds after two warm-up rounds.
 
-Run:  python bench/round_breakdown.py [--rounds 15]
+Run:  python bench/round_breakdown.py [--rounds 15] [--set stagger|same50]
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ NODE = "breakdown"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--set", choices=("stagger", "same50"), default="stagger")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ct-breakdown-") as tmp, RedisProcess(Path(tmp)) as redis_proc:
         os.environ[config_mod.ENV_REDIS_URL] = redis_proc.url
-        sim = NtpSimulator.on_free_ports([Behaviour(offset_s=0.25, delay_s=0.010 * (i + 1)) for i in range(10)])
+        delays = [0.050] * 10 if args.set == "same50" else [0.010 * (i + 1) for i in range(10)]
+        sim = NtpSimulator.on_free_ports([Behaviour(offset_s=0.25, delay_s=d) for d in delays])
         sim.start()
         path = Path(tmp) / "breakdown.yaml"
         path.write_text(yaml.safe_dump({
@@ -87,7 +90,8 @@ def main() -> None:
         finally:
             stop_process(worker)
             sim.stop()
-    print(f"median over {args.rounds} rounds, ms after dispatch began (RTTs 10..100 ms, slowest first):")
+    rtts = "all 50 ms" if args.set == "same50" else "10..100 ms, slowest first"
+    print(f"median over {args.rounds} rounds, ms after dispatch began (set {args.set}: RTTs {rtts}):")
     for name in rows[0]:
         if name != "_t0":
             print(f"  {name:<32} {statistics.median((r[name] - r['_t0']) * 1e3 for r in rows):7.1f}")

@@ -8,6 +8,7 @@ from celery.utils.log import get_task_logger
 
 from workers.app import app
 from workers.contracts import OutcomeStatus
+from workers.tasks import reporter
 
 from . import outliers, selection
 from .contracts import REASON_NO_RESULT, Quality, RoundMeta
@@ -42,6 +43,7 @@ def finish_round(self, results: list, meta: dict) -> dict:
         return {"summary": "duplicate: no longer open", "round_id": meta["round_id"], "node": meta["node"],
                 "duplicate": True}
     round_meta = RoundMeta.from_dict(entry["meta"])
+    reporter.drain()  # this process's reports first: none may land after the publication deletes them
     record = finish(round_meta, selection.flatten(results), store, closed_by=CLOSED_BY_CALLBACK)
     if record is None:
         log.warning("[DUPLICATE] %s round %s was already finished; this callback publishes nothing",

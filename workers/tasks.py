@@ -17,24 +17,26 @@ Where the outcome goes.  Celery does not store it (``ignore_result``): the
 chord's join carries every header task's return value to the callback
 whether or not it is stored, and storing it -- a GET, a SETEX and a PUBLISH
 per task, on a key nobody reads -- was a fifth of the worker's time per task
-(issue #12).  Instead the task reports its outcome in one pipelined HSET to the
-round's ``report_to`` hash (named by the orchestrator, deleted when the round
-is published), which is what a closer reads if the callback never comes.
+(issue #12).  Instead the task reports its outcome to the round's ``report_to`` hash (named
+by the orchestrator, deleted when the round is published), which is what a
+closer reads if the callback never comes; :mod:`workers.reports` writes those
+reports in batches.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
+from celery import signals
 from celery.utils.log import get_task_logger
 
 from . import kod, measure
-from .app import RESULT_EXPIRES_S, app
+from .app import app
 from .config import ENV_NODE
 from .contracts import OutcomeStatus
 from .ntp.client import QueryFailed
+from .reports import Reporter
 
 log = get_task_logger(__name__)
 
@@ -49,9 +51,14 @@ REASON_WRONG_NODE = "wrong_node"
 #: this repr for every task at any log level, in pure Python, so its length is worker time.
 RESULT_REPR_MAX_CHARS = 160
 
-#: How long after the round's deadline a reported outcome is kept if nobody publishes the round (s):
-#: what Celery kept a result for (``workers.app.RESULT_EXPIRES_S``).
-REPORT_KEEP_AFTER_DEADLINE_S = RESULT_EXPIRES_S
+#: Writes the outcomes this process's tasks report, in batches (:mod:`workers.reports`).
+reporter = Reporter(lambda: app.backend.client)
+
+
+@signals.worker_shutdown.connect
+def _write_the_last_reports(**_) -> None:
+    """A warm shutdown lets running tasks finish: what they reported reaches Redis before the process exits."""
+    reporter.drain()
 
 
 @app.task(bind=True, name=QUERY_TASK, ignore_result=True, resultrepr_maxsize=RESULT_REPR_MAX_CHARS)
@@ -84,18 +91,18 @@ def query_server(self, *carried, job: dict, history: list | None = None):
     if own_node and own_node != job["node"]:
         # Routing sends a node's jobs only to its queue; if one strays here
         # anyway, measuring it would describe the wrong machine's clock.
-        return _done(self, job, carried, _failed(job, history, REASON_WRONG_NODE,
+        return _done(job, carried, _failed(job, history, REASON_WRONG_NODE,
                                        f"worker {self.request.hostname} measures node {own_node!r}",
                                        worker=self.request.hostname))
     if started_at > job["deadline_at"]:
         outcome = _failed(job, history, measure.REASON_ROUND_DEADLINE,
                           f"attempt {attempt_no} would start after the round's deadline",
                           worker=self.request.hostname)
-        return _done(self, job, carried, outcome)
+        return _done(job, carried, outcome)
     refusal = kod.memory.refusal(job["server"], config_id=job.get("config_id", ""))
     if refusal:
         # Not a packet to a server that told us to stay away; not an attempt either.
-        return _done(self, job, carried, _failed(job, history, *refusal, worker=self.request.hostname))
+        return _done(job, carried, _failed(job, history, *refusal, worker=self.request.hostname))
     try:
         sample = measure.attempt(job)
     except QueryFailed as exc:
@@ -120,14 +127,14 @@ def query_server(self, *carried, job: dict, history: list | None = None):
                                  kwargsrepr=describe(job, attempt=attempt_no + 1)) from None
         log.warning("[FAILED] %s for %s after %d attempt(s): %s", job["server"], job["node"],
                     attempt_no, rejection.reason)
-        return _done(self, job, carried, _failed(job, history, rejection.reason, rejection.detail,
+        return _done(job, carried, _failed(job, history, rejection.reason, rejection.detail,
                                        kiss_code=rejection.kiss_code, worker=self.request.hostname))
     entry = {"attempt": attempt_no, "started_at": started_at, "reason": None}
     refusals = sample.pop("refusals", None)
     if refusals:  # advanced mode: samples of this burst refused before one was kept
         entry["refusals"] = refusals
     history.append(entry)
-    return _done(self, job, carried, {"summary": summarise_ok(sample, attempt_no), "status": OutcomeStatus.OK,
+    return _done(job, carried, {"summary": summarise_ok(sample, attempt_no), "status": OutcomeStatus.OK,
                             "server": job["server"], "sample": sample, "attempts": attempt_no,
                             "history": history, "worker": self.request.hostname})
 
@@ -159,28 +166,10 @@ def _failed(job: dict, history: list, reason: str, detail: str, *, kiss_code: st
             "kiss_code": kiss_code, "attempts": len(history), "history": history, "worker": worker}
 
 
-def _done(task, job: dict, carried: tuple, outcome: dict):
-    """Report ``outcome`` to the round (for a closer), then return it (to the chord's join)."""
-    report(task.app.backend.client, job, outcome)
+def _done(job: dict, carried: tuple, outcome: dict):
+    """Report ``outcome`` to the round (for a closer, written by :data:`reporter`), then return it."""
+    reporter.report(job, outcome)
     return _carry(carried, outcome)
-
-
-def report(client, job: dict, outcome: dict) -> None:
-    """Write ``outcome`` to the round's ``job["report_to"]`` hash, field the server, in one round trip.
-
-    Best effort: if Redis is away the chord cannot join either, and the
-    round is closed at its deadline with what did reach Redis.
-    """
-    key = job.get("report_to")
-    if not key:
-        return
-    try:
-        with client.pipeline(transaction=False) as pipe:
-            pipe.hset(key, job["server"], json.dumps(outcome, separators=(",", ":")))
-            pipe.expireat(key, int(job["deadline_at"] + REPORT_KEEP_AFTER_DEADLINE_S))
-            pipe.execute()
-    except Exception as exc:  # noqa: BLE001 -- never let the report cost the outcome
-        log.warning("cannot report %s's outcome for round %s: %s", job["server"], job["round_id"], exc)
 
 
 def _carry(carried: tuple, outcome: dict):
