@@ -3,14 +3,19 @@
 For each N and two sets of loopback servers -- all equal (20 ms), and
 staggered (round trips spread over 2..40 ms) -- it times:
 
-pipeline    a real round: ``rounds.dispatch`` (as ``measure`` sends it) until its
-            callback has published, seen from here (dispatch to ``get()``)
+pipeline    a real round: ``rounds.dispatch`` (as ``measure`` sends it: every
+            query message from here) until its callback has published, seen
+            from here (dispatch to ``get()``)
+beat        a real round as the beat sends it: one message, which the node's
+            worker fans out into the chord, until the ``updates`` message
+            reaches a subscriber here
 noop chord  a chord of N no-op tasks (Celery's built-in ``celery.accumulate``)
             and a no-op callback, sent and awaited the same way, on the same
             worker: Celery's own floor, measured in the same run
 thread pool ``ThreadPoolExecutor(N)`` + ntplib, one query per server
 
-and the worker's CPU per task (from /proc, pipeline rounds only) and its RSS.
+and the worker's CPU per task (from /proc, for pipeline and beat rounds; the
+beat's includes sending the query messages) and its RSS.
 Medians of ``--rounds`` rounds.  The ratios are the issue's targets:
 pipeline / thread pool; the per-server marginal cost (the slope from N = 5 to
 40) against the no-op chord's; N = 40 equal against the no-op chord of 40 plus
@@ -22,6 +27,7 @@ Run:  python bench/round_scaling.py [--rounds 11] [--processes 1 2] [--png docs/
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -31,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ntplib
+import redis
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,16 +107,18 @@ def main() -> None:
                 for key, config in configs.items():
                     n = key[1]
                     servers = [s.name for s in config.ntp.servers]
-                    times: dict[str, list[float]] = {"pipeline": [], "noop": [], "threadpool": []}
-                    cpu = 0.0
+                    times: dict[str, list[float]] = {"pipeline": [], "beat": [], "noop": [], "threadpool": []}
+                    cpu = {"pipeline": 0.0, "beat": 0.0}
                     for _ in range(args.rounds):
-                        before = sum(cpu_s(w.pid) for w in workers)
-                        times["pipeline"].append(pipeline(config))
-                        cpu += sum(cpu_s(w.pid) for w in workers) - before
+                        for name, run in (("pipeline", pipeline), ("beat", beat)):
+                            before = sum(cpu_s(w.pid) for w in workers)
+                            times[name].append(run(config))
+                            cpu[name] += sum(cpu_s(w.pid) for w in workers) - before
                         times["noop"].append(noop(n))
                         times["threadpool"].append(threadpool(servers))
                     found[key] = {name: statistics.median(v) for name, v in times.items()}
-                    found[key]["cpu_per_task_ms"] = cpu / (args.rounds * n) * 1e3
+                    for name, seconds in cpu.items():
+                        found[key][f"{name}_cpu_per_task_ms"] = seconds / (args.rounds * n) * 1e3
                 return found, [rss_mb(w.pid) for w in workers]
             finally:
                 for w in workers:
@@ -122,6 +131,21 @@ def main() -> None:
             took = time.perf_counter() - started
             assert record and record["latest"], record
             return took
+
+        updates = redis.Redis.from_url(redis_proc.url).pubsub()
+        updates.subscribe(f"scaling:ntp:{NODE}:updates")
+        updates.get_message(timeout=1)
+
+        def beat(config) -> float:
+            started = time.perf_counter()
+            handle = rounds.dispatch_fanned_out(config, NODE)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                message = updates.get_message(timeout=1)
+                if message and message["type"] == "message" and json.loads(message["data"])["round_id"] == \
+                        handle.round_id:
+                    return time.perf_counter() - started
+            raise RuntimeError(f"round {handle.round_id} was not published")
 
         def noop(n: int) -> float:
             queue = queue_for(NODE)
@@ -159,21 +183,24 @@ def report(results: dict, rss: list[float], args, *, processes: int, png: str | 
     for kind in ("equal", "stagger"):
         label = "all servers 20 ms" if kind == "equal" else "staggered 2..40 ms"
         print(f"set {kind} ({label})")
-        print(f"  {'N':>3} {'pipeline':>9} {'noop chord':>11} {'thread pool':>12} {'pipe/pool':>10} "
-              f"{'pipe/(noop+slowest)':>20} {'worker CPU/task':>16}")
+        print(f"  {'N':>3} {'pipeline':>9} {'beat':>9} {'noop chord':>11} {'thread pool':>12} {'pipe/pool':>10} "
+              f"{'pipe/(noop+slowest)':>20} {'beat/(noop+slowest)':>20} {'CPU/task pipe':>14} {'CPU/task beat':>14}")
         for n in SIZES:
             r = results[(kind, n)]
             slowest = EQUAL_DELAY_S if kind == "equal" else 0.040
-            print(f"  {n:>3} {r['pipeline'] * 1e3:>6.1f} ms {r['noop'] * 1e3:>8.1f} ms "
+            print(f"  {n:>3} {r['pipeline'] * 1e3:>6.1f} ms {r['beat'] * 1e3:>6.1f} ms {r['noop'] * 1e3:>8.1f} ms "
                   f"{r['threadpool'] * 1e3:>9.1f} ms "
                   f"{r['pipeline'] / r['threadpool']:>9.2f}x {r['pipeline'] / (r['noop'] + slowest):>19.2f}x "
-                  f"{r['cpu_per_task_ms']:>13.2f} ms")
+                  f"{r['beat'] / (r['noop'] + slowest):>19.2f}x "
+                  f"{r['pipeline_cpu_per_task_ms']:>11.2f} ms {r['beat_cpu_per_task_ms']:>11.2f} ms")
         lo, hi = results[(kind, SIZES[0])], results[(kind, SIZES[-1])]
         span = SIZES[-1] - SIZES[0]
-        pipe_slope = (hi["pipeline"] - lo["pipeline"]) / span * 1e3
         noop_slope = (hi["noop"] - lo["noop"]) / span * 1e3
-        print(f"  per-server marginal cost (N {SIZES[0]} -> {SIZES[-1]}): pipeline {pipe_slope:.2f} ms, "
-              f"noop chord {noop_slope:.2f} ms, ratio {pipe_slope / noop_slope:.2f}x (target <= 1.2x)\n")
+        for name in ("pipeline", "beat"):
+            slope = (hi[name] - lo[name]) / span * 1e3
+            print(f"  per-server marginal cost (N {SIZES[0]} -> {SIZES[-1]}): {name} {slope:.2f} ms, "
+                  f"noop chord {noop_slope:.2f} ms, ratio {slope / noop_slope:.2f}x (target <= 1.2x)")
+        print()
     if png is None:
         return
     try:
@@ -187,7 +214,7 @@ def report(results: dict, rss: list[float], args, *, processes: int, png: str | 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, kind in zip(axes, ("equal", "stagger"), strict=True):
         slowest = EQUAL_DELAY_S if kind == "equal" else 0.040
-        for name, style in (("pipeline", "o-"), ("noop", "s--"), ("threadpool", "^:")):
+        for name, style in (("pipeline", "o-"), ("beat", "D-"), ("noop", "s--"), ("threadpool", "^:")):
             ax.plot(SIZES, [results[(kind, n)][name] * 1e3 for n in SIZES], style, label=name)
         ax.plot(SIZES, [(results[(kind, n)]["noop"] + slowest) * 1e3 for n in SIZES], "-", color="grey",
                 alpha=0.5, label="noop chord + slowest server")
