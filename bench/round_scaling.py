@@ -12,6 +12,10 @@ beat        a real round as the beat sends it: one message, which the node's
 noop chord  a chord of N no-op tasks (Celery's built-in ``celery.accumulate``)
             and a no-op callback, sent and awaited the same way, on the same
             worker: Celery's own floor, measured in the same run
+noop, no result
+            the same chord with the header's results ignored, as the
+            pipeline's query tasks do (only the chord's join carries them):
+            the floor for that setting
 thread pool ``ThreadPoolExecutor(N)`` + ntplib, one query per server
 
 and the worker's CPU per task (from /proc, for pipeline and beat rounds; the
@@ -107,7 +111,8 @@ def main() -> None:
                 for key, config in configs.items():
                     n = key[1]
                     servers = [s.name for s in config.ntp.servers]
-                    times: dict[str, list[float]] = {"pipeline": [], "beat": [], "noop": [], "threadpool": []}
+                    times: dict[str, list[float]] = {"pipeline": [], "beat": [], "noop": [], "noop_ignored": [],
+                                                      "threadpool": []}
                     cpu = {"pipeline": 0.0, "beat": 0.0}
                     for _ in range(args.rounds):
                         for name, run in (("pipeline", pipeline), ("beat", beat)):
@@ -115,6 +120,7 @@ def main() -> None:
                             times[name].append(run(config))
                             cpu[name] += sum(cpu_s(w.pid) for w in workers) - before
                         times["noop"].append(noop(n))
+                        times["noop_ignored"].append(noop(n, ignore_result=True))
                         times["threadpool"].append(threadpool(servers))
                     found[key] = {name: statistics.median(v) for name, v in times.items()}
                     for name, seconds in cpu.items():
@@ -147,9 +153,10 @@ def main() -> None:
                     return time.perf_counter() - started
             raise RuntimeError(f"round {handle.round_id} was not published")
 
-        def noop(n: int) -> float:
+        def noop(n: int, *, ignore_result: bool = False) -> float:
             queue = queue_for(NODE)
-            header = [app.signature("celery.accumulate", args=(i,), queue=queue) for i in range(n)]
+            header = [app.signature("celery.accumulate", args=(i,), queue=queue, ignore_result=ignore_result)
+                      for i in range(n)]
             body = app.signature("celery.accumulate", queue=queue)
             started = time.perf_counter()
             sent = chords.send(header, body)
@@ -183,12 +190,14 @@ def report(results: dict, rss: list[float], args, *, processes: int, png: str | 
     for kind in ("equal", "stagger"):
         label = "all servers 20 ms" if kind == "equal" else "staggered 2..40 ms"
         print(f"set {kind} ({label})")
-        print(f"  {'N':>3} {'pipeline':>9} {'beat':>9} {'noop chord':>11} {'thread pool':>12} {'pipe/pool':>10} "
+        print(f"  {'N':>3} {'pipeline':>9} {'beat':>9} {'noop chord':>11} {'no result':>10} {'thread pool':>12} "
+              f"{'pipe/pool':>10} "
               f"{'pipe/(noop+slowest)':>20} {'beat/(noop+slowest)':>20} {'CPU/task pipe':>14} {'CPU/task beat':>14}")
         for n in SIZES:
             r = results[(kind, n)]
             slowest = EQUAL_DELAY_S if kind == "equal" else 0.040
             print(f"  {n:>3} {r['pipeline'] * 1e3:>6.1f} ms {r['beat'] * 1e3:>6.1f} ms {r['noop'] * 1e3:>8.1f} ms "
+                  f"{r['noop_ignored'] * 1e3:>7.1f} ms "
                   f"{r['threadpool'] * 1e3:>9.1f} ms "
                   f"{r['pipeline'] / r['threadpool']:>9.2f}x {r['pipeline'] / (r['noop'] + slowest):>19.2f}x "
                   f"{r['beat'] / (r['noop'] + slowest):>19.2f}x "
@@ -196,10 +205,12 @@ def report(results: dict, rss: list[float], args, *, processes: int, png: str | 
         lo, hi = results[(kind, SIZES[0])], results[(kind, SIZES[-1])]
         span = SIZES[-1] - SIZES[0]
         noop_slope = (hi["noop"] - lo["noop"]) / span * 1e3
+        ignored_slope = (hi["noop_ignored"] - lo["noop_ignored"]) / span * 1e3
         for name in ("pipeline", "beat"):
             slope = (hi[name] - lo[name]) / span * 1e3
             print(f"  per-server marginal cost (N {SIZES[0]} -> {SIZES[-1]}): {name} {slope:.2f} ms, "
-                  f"noop chord {noop_slope:.2f} ms, ratio {slope / noop_slope:.2f}x (target <= 1.2x)")
+                  f"noop chord {noop_slope:.2f} ms, ratio {slope / noop_slope:.2f}x (target <= 1.2x); "
+                  f"against the no-result chord's {ignored_slope:.2f} ms, {slope / ignored_slope:.2f}x")
         print()
     if png is None:
         return
@@ -214,7 +225,8 @@ def report(results: dict, rss: list[float], args, *, processes: int, png: str | 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, kind in zip(axes, ("equal", "stagger"), strict=True):
         slowest = EQUAL_DELAY_S if kind == "equal" else 0.040
-        for name, style in (("pipeline", "o-"), ("beat", "D-"), ("noop", "s--"), ("threadpool", "^:")):
+        for name, style in (("pipeline", "o-"), ("beat", "D-"), ("noop", "s--"), ("noop_ignored", "v--"),
+                            ("threadpool", "^:")):
             ax.plot(SIZES, [results[(kind, n)][name] * 1e3 for n in SIZES], style, label=name)
         ax.plot(SIZES, [(results[(kind, n)]["noop"] + slowest) * 1e3 for n in SIZES], "-", color="grey",
                 alpha=0.5, label="noop chord + slowest server")

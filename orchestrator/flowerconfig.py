@@ -6,7 +6,9 @@ column is green for all of them.  Each outcome starts with a one-line
 ``summary`` (``ok +1.234 ms ±5.100 ms``, ``failed: timeout x3``); the tasks
 page shows the ``result`` column, and :func:`format_task` cuts the cell to
 that summary so a failed server is visible at a glance.  Flower's JSON API is
-left untouched (the whole result, summary first).
+left untouched: the result as Celery's task-succeeded event carries it, its
+repr cut at ``workers.tasks.RESULT_REPR_MAX_CHARS`` (the summary first; the
+whole outcome is in the round's record).
 """
 
 import re

@@ -167,11 +167,16 @@ class Store:
         with self.client.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(claim)
-                if pipe.exists(claim):
+                # The reads in one round trip, on another connection: they come after the WATCH, so
+                # a claim set before it is seen here and one set after it fails the EXEC.
+                with self.client.pipeline(transaction=False) as reads:
+                    reads.exists(claim)
+                    reads.lrange(self.keys.filter_window(node), 0, -1)
+                    reads.hget(self.keys.filter_state(node), "consecutive_outliers")
+                    claimed, raw_window, raw_consecutive = reads.execute()
+                if claimed:
                     return None
-                window = [json.loads(item) for item in pipe.lrange(self.keys.filter_window(node), 0, -1)]
-                consecutive = int(pipe.hget(self.keys.filter_state(node), "consecutive_outliers") or 0)
-                record = build(window, consecutive)
+                record = build([json.loads(item) for item in raw_window], int(raw_consecutive or 0))
                 pipe.multi()
                 pipe.set(claim, "1", ex=ROUND_CLAIM_TTL_S)
                 self._queue_publish(pipe, record, history_length=history_length, window_size=window_size,
