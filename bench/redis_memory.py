@@ -85,6 +85,7 @@ def main() -> None:
             claims = list(client.scan_iter(match=keys.round_claim(NODE, "*"), count=1000))
             claim_bytes = statistics.median(client.memory_usage(k, samples=0) for k in claims[:50])
             celery_left = sum(1 for _ in client.scan_iter(match="celery-task-meta-*", count=1000))
+            reports_left = sum(1 for _ in client.scan_iter(match=keys.outcomes(NODE, "*"), count=1000))
             chord_keys = list(client.scan_iter(match="celery-taskset-meta-*", count=1000))
             chord_left = len(chord_keys)
             chord_ttl = max((client.ttl(k) for k in chord_keys), default=0)
@@ -104,6 +105,7 @@ def main() -> None:
         print(f"  {'  ' + name:<52} {size:>12,}")
     print(f"  {'a round claim (kept 2 h)':<52} {claim_bytes:>12,.0f}")
     print(f"  {'Celery results left after the rounds':<52} {celery_left:>12}")
+    print(f"  {'round reports left (the closer reads them)':<52} {reports_left:>12}")
     print(f"  {'Celery chord markers left (they expire; longest TTL)':<52} {chord_left:>6} ({chord_ttl} s)")
     print(f"  {'Redis used_memory growth over the run':<52} {used:>12,}")
     print(f"\n  steady state per node, 2-min interval, 24 h history ({ROUNDS_PER_DAY} records): "

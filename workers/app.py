@@ -26,9 +26,10 @@ TASK_MODULES = ("workers.tasks", "workers.chords", "orchestrator.tasks")
 #: Prefix of the per-node queues: a round for node X goes to ``ntp.X``.
 QUEUE_PREFIX = "ntp."
 
-#: Results and chord state only need to outlive a round: whoever finishes or
-#: closes it forgets them at once (``RoundHandle.detach``); this expiry is the
-#: backstop, within 10 minutes of any round's deadline (s).
+#: Results and chord state only need to outlive a round.  The query tasks store
+#: none; whoever waited for a callback forgets its result at once
+#: (``RoundHandle.detach``); this expiry is the backstop, within 10 minutes of
+#: any round's deadline (s).
 RESULT_EXPIRES_S = 600
 
 #: Redis redelivers an unacknowledged message after this long; retry
