@@ -8,7 +8,7 @@ from celery.utils.log import get_task_logger
 
 from workers.app import app
 from workers.contracts import OutcomeStatus
-from workers.tasks import RESULT_REPR_MAX_CHARS, reporter
+from workers.tasks import reporter
 
 from . import outliers, selection
 from .contracts import REASON_NO_RESULT, Quality, RoundMeta
@@ -20,7 +20,7 @@ log = get_task_logger(__name__)
 FINISH_TASK = "chronotick.finish_round"
 
 
-@app.task(bind=True, name=FINISH_TASK, resultrepr_maxsize=RESULT_REPR_MAX_CHARS)
+@app.task(bind=True, name=FINISH_TASK)
 def finish_round(self, results: list, meta: dict) -> dict:
     """Select from a round's outcomes, publish, and return the round record.
 

@@ -1,6 +1,16 @@
 """Flower's tasks page shows each result's one-line summary (orchestrator/flowerconfig.py)."""
 
+import pytest
+from celery.utils.saferepr import saferepr
+
+from orchestrator import contracts, selection
 from orchestrator.flowerconfig import format_task
+from workers import kod, measure, tasks
+from workers.ntp import sanity
+
+#: Every reason a query can fail with.
+REASONS = sorted({value for module in (sanity, kod, measure, tasks, contracts, selection)
+                  for name, value in vars(module).items() if name.startswith("REASON_") and isinstance(value, str)})
 
 
 class _Task:
@@ -15,3 +25,18 @@ def test_flower_cell_shows_the_summary_only():
         == "ok +1.234 ms ±5.100 ms"
     assert format_task(_Task("42")).result == "42"
     assert format_task(_Task(None)).result is None
+
+
+@pytest.mark.parametrize("reason", REASONS)
+def test_the_summary_survives_celerys_cut_of_the_result_repr(reason):
+    """Celery keeps RESULT_REPR_MAX_CHARS of a query's repr for Flower: the summary must fit, whatever the reason."""
+    outcome = tasks._failed({"server": "ntp-a-very-long-name.example.org:123"}, [{}] * 3, reason,
+                            "detail " * 50)
+    cut = saferepr(outcome, tasks.RESULT_REPR_MAX_CHARS)
+    assert format_task(_Task(cut)).result == tasks.summarise_failure(reason, 3)
+
+
+def test_an_ok_summary_survives_the_cut():
+    sample = {"offset_s": -1.234567, "uncertainty_s": 0.105432}
+    outcome = {"summary": tasks.summarise_ok(sample, 3), "status": "ok", "server": "x" * 60, "sample": sample}
+    assert format_task(_Task(saferepr(outcome, tasks.RESULT_REPR_MAX_CHARS))).result == outcome["summary"]
