@@ -225,9 +225,10 @@ def report(results: dict, rss: list[float], args, *, processes: int, png: str | 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, kind in zip(axes, ("equal", "stagger"), strict=True):
         slowest = EQUAL_DELAY_S if kind == "equal" else 0.040
-        for name, style in (("pipeline", "o-"), ("beat", "D-"), ("noop", "s--"), ("noop_ignored", "v--"),
-                            ("threadpool", "^:")):
-            ax.plot(SIZES, [results[(kind, n)][name] * 1e3 for n in SIZES], style, label=name)
+        for name, label, style in (("pipeline", "pipeline (measure)", "o-"), ("beat", "pipeline (beat)", "D-"),
+                                   ("noop", "noop chord", "s--"), ("noop_ignored", "noop chord, no result", "v--"),
+                                   ("threadpool", "thread pool", "^:")):
+            ax.plot(SIZES, [results[(kind, n)][name] * 1e3 for n in SIZES], style, label=label)
         ax.plot(SIZES, [(results[(kind, n)]["noop"] + slowest) * 1e3 for n in SIZES], "-", color="grey",
                 alpha=0.5, label="noop chord + slowest server")
         ax.set_title("all servers 20 ms" if kind == "equal" else "staggered 2..40 ms")
