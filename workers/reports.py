@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis
+
 log = logging.getLogger(__name__)
 
 #: How long after its round's deadline a report is kept if nobody publishes the round (s).  A
@@ -62,7 +64,7 @@ class Reporter:
         How long an unpublished round's reports live after its deadline.
     """
 
-    def __init__(self, client: Callable[[], object], *,
+    def __init__(self, client: Callable[[], redis.Redis], *,
                  keep_after_deadline_s: float = DEFAULT_KEEP_AFTER_DEADLINE_S):
         self._client = client
         self.keep_after_deadline_s = keep_after_deadline_s
@@ -120,7 +122,7 @@ class Reporter:
 
     def _write(self, batch: list[Report]) -> None:
         expiries = {}
-        with self._client().pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
+        with self._client().pipeline(transaction=False) as pipe:
             for item in batch:
                 pipe.hset(item.key, item.server, item.outcome_json)
                 expiries[item.key] = item.expire_at
