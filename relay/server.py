@@ -177,8 +177,8 @@ class PortRelay:
             log.warning("relay port %d: RATE kiss from %s; sending it nothing for %g s", self.mapping.listen_port,
                         self.mapping.upstream, self.mapping.rate_backoff_s)
         assert self._listener is not None
+        stats.answered += 1  # counted before it leaves: whoever has the reply can read the count
         self._listener.sendto(data, pending.client)
-        stats.answered += 1
         sent_ns = time.monotonic_ns()
         stats.add_delay(((pending.forwarded_ns - pending.received_ns) + (sent_ns - arrived_ns)) / 1e9)
 
@@ -189,8 +189,8 @@ class PortRelay:
                                    precision_log2=0, ref_id=_RATE, origin_ts=int.from_bytes(request[_TRANSMIT]),
                                    receive_ts=now_ntp, transmit_ts=now_ntp)
         assert self._listener is not None
+        self.stats.kisses_sent += 1  # before it leaves, like every reply
         self._listener.sendto(reply, client)
-        self.stats.kisses_sent += 1
 
     # -- housekeeping --------------------------------------------------------
     def sweep(self, now: float) -> None:
