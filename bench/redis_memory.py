@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import redis
@@ -32,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from orchestrator import rounds  # noqa: E402
 from orchestrator.store import ROUND_CLAIM_TTL_S, Keys  # noqa: E402
-from simulator.local import RedisProcess, stop_process  # noqa: E402
+from simulator.local import RedisProcess, start_node_worker, stop_process  # noqa: E402
 from simulator.server import Behaviour, NtpSimulator  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 
@@ -55,19 +53,9 @@ def main() -> None:
                                           "max_delay": 0.5, "max_acceptable_uncertainty": 0.5}},
             "ntp_service": {"record_detail": args.detail}}))
         config = config_mod.load(path)
-        from workers.app import app, configure, queue_for, worker_argv, workers_for_queue
-
-        configure(app, config.service)
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app",
-                                   *worker_argv(config, NODE, loglevel="WARNING")],
-                                  env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=str(REPO),
-                                  stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "worker.log", "ab"))
+        worker = start_node_worker(config, NODE, Path(tmp) / "worker.log")
         client = redis.Redis.from_url(redis_proc.url)
         try:
-            deadline = time.monotonic() + 30
-            while not workers_for_queue(queue_for(NODE), timeout_s=0.5):
-                if time.monotonic() > deadline or worker.poll() is not None:
-                    raise SystemExit("worker did not start:\n" + (Path(tmp) / "worker.log").read_text()[-2000:])
             before = client.info("memory")["used_memory"]
             for _ in range(args.rounds):
                 if rounds.dispatch(config, NODE).wait() is None:

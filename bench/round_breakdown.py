@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from simulator.local import RedisProcess, stop_process  # noqa: E402
+from simulator.local import RedisProcess, start_node_worker, stop_process  # noqa: E402
 from simulator.server import Behaviour, NtpSimulator  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 
@@ -53,16 +52,9 @@ def main() -> None:
             "ntp_service": {"key_prefix": "breakdown"}}))
         config = config_mod.load(path)
         from orchestrator import rounds
-        from workers.app import app, configure, worker_argv, workers_for_queue
 
-        configure(app, config.service)
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app",
-                                   *worker_argv(config, NODE, loglevel="WARNING")],
-                                  env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=str(REPO),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        worker = start_node_worker(config, NODE, Path(tmp) / "worker.log")
         try:
-            while not workers_for_queue(f"ntp.{NODE}", timeout_s=0.5):
-                pass
             pubsub = redis.Redis.from_url(redis_proc.url).pubsub()
             pubsub.subscribe(f"breakdown:ntp:{NODE}:updates")
             pubsub.get_message(timeout=1)

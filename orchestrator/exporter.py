@@ -86,21 +86,20 @@ class NtpCollector(Collector):
         if not reports:
             return
         labels = ["relay", "port", "upstream"]
+        values = [[r.get(label, "") for label in labels] for r in reports]
         for name in RELAY_COUNTERS:
             family = CounterMetricFamily(f"{NAMESPACE}_relay_{name}", f"Relay port: {name.replace('_', ' ')}",
                                          labels=labels)
-            for r in reports:
-                family.add_metric([r.get("relay", ""), r.get("port", ""), r.get("upstream", "")],
-                                  float(r.get(name) or 0))
+            for r, label_values in zip(reports, values, strict=True):
+                family.add_metric(label_values, float(r.get(name) or 0))
             yield family
         delay = GaugeMetricFamily(f"{NAMESPACE}_relay_added_delay_seconds",
                                   "Delay the relay's hop adds to a round trip, by quantile",
                                   labels=[*labels, "quantile"])
-        for r in reports:
+        for r, label_values in zip(reports, values, strict=True):
             for quantile, field in (("0.5", "added_delay_p50_s"), ("0.99", "added_delay_p99_s")):
                 if r.get(field):
-                    delay.add_metric([r.get("relay", ""), r.get("port", ""), r.get("upstream", ""), quantile],
-                                     float(r[field]))
+                    delay.add_metric([*label_values, quantile], float(r[field]))
         yield delay
 
     def _read(self) -> dict[str, dict]:

@@ -257,18 +257,18 @@ def dispatch(config: Config, node: str, *, fan_out: bool = False) -> RoundHandle
     if fan_out:
         # Nobody waits for this callback's return value (the record is in history): not stored.
         body.set(ignore_result=True)
-    sent = chords.freeze(header, body)
+    sent = chords.freeze(body)
+    handle = RoundHandle(round_id=meta.round_id, node=node, deadline_at=meta.deadline_at,
+                         result=AsyncResult(sent.callback_id, app=app), meta=meta)
     # Written before anything is sent: the callback reads the round's metadata from it.
-    close_at = meta.deadline_at + CLOSE_GRACE_S
     store.open_round(node, meta.round_id, {"meta": meta.as_dict(), "callback_id": sent.callback_id},
-                     close_at=close_at)
+                     close_at=handle.close_at)
     if fan_out:
         chords.send_via_queue(header, body, queue=queue_for(node), frozen=sent,
                               expires=datetime.fromtimestamp(meta.deadline_at, tz=UTC))
     else:
         chords.send(header, body, frozen=sent)
-    return RoundHandle(round_id=meta.round_id, node=node, deadline_at=meta.deadline_at,
-                       result=AsyncResult(sent.callback_id, app=app), meta=meta)
+    return handle
 
 
 def round_reference(meta: RoundMeta) -> dict:

@@ -188,7 +188,7 @@ class Scheduler:
     def _tick(self, node: str) -> None:
         previous = self.in_flight.get(node)
         if previous is not None and self._finished(previous):
-            del self.in_flight[node]  # its callback forgot its results; nothing else to drop
+            del self.in_flight[node]  # nothing to drop: its tasks store no result, nobody waits for its callback
             previous = None
         if previous is not None:
             self.skipped[node] += 1

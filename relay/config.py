@@ -31,6 +31,8 @@ from typing import Any
 
 import yaml
 
+from workers.ntp import packet
+
 #: After a RATE kiss, forward nothing to that upstream for this long (s): chrony's
 #: default minimum poll interval, 2^6 s.
 DEFAULT_RATE_BACKOFF_S = 64.0
@@ -64,7 +66,7 @@ class Mapping:
 
     listen_port: int
     ntp_server: str
-    ntp_port: int = 123
+    ntp_port: int = packet.NTP_PORT
     min_interval_s: float | None = None
     rate_backoff_s: float = DEFAULT_RATE_BACKOFF_S
 
@@ -150,7 +152,7 @@ def _port(item: dict, key: str, source: str, where: str, *, required: bool) -> i
     if key not in item:
         if required:
             raise RelayConfigError(source, f"{where}.{key}", "missing")
-        return 123
+        return packet.NTP_PORT
     value = item[key]
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise RelayConfigError(source, f"{where}.{key}", f"must be a port number 1-65535, not {value!r}")

@@ -47,7 +47,7 @@ class RedisReport:
 
 def read_all(client, prefix: str) -> list[dict]:
     """Every live relay port's report (stale members of the index are pruned)."""
-    keys = sorted(k.decode() if isinstance(k, bytes) else k for k in client.smembers(index_key(prefix)))
+    keys = sorted(_text(k) for k in client.smembers(index_key(prefix)))
     if not keys:
         return []
     with client.pipeline(transaction=False) as pipe:
@@ -57,5 +57,8 @@ def read_all(client, prefix: str) -> list[dict]:
     gone = [k for k, h in zip(keys, raw, strict=True) if not h]
     if gone:
         client.srem(index_key(prefix), *gone)
-    return [{(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-             for k, v in h.items()} for h in raw if h]
+    return [{_text(k): _text(v) for k, v in h.items()} for h in raw if h]
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value

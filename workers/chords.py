@@ -22,8 +22,10 @@ Two ways to send one:
     per-message cost once per round instead of once per server: each node
     fans its own round out.
 
-Either way every id is fixed by the sender before anything is sent, so the
-sender knows the callback's and each header task's id.
+Either way the group's and the callback's ids are fixed by the sender before
+anything is sent, so the sender knows what to wait for.  (The header tasks'
+ids are given as they are sent: nobody waits for them, since their results
+travel in the chord's join.)
 """
 
 from __future__ import annotations
@@ -47,18 +49,16 @@ SEND_BATCH_MESSAGES = 2
 
 @dataclass(frozen=True)
 class SentChord:
-    """Ids of a chord that was sent: its group, its callback and its header tasks (in order)."""
+    """Ids of a chord that was sent: its group and its callback."""
 
     group_id: str
     callback_id: str
-    header_ids: tuple[str, ...]
 
 
-def freeze(header: list[Signature], body: Signature) -> SentChord:
-    """Give the chord its group id and every task its id, in place; send nothing."""
+def freeze(body: Signature) -> SentChord:
+    """Give the chord its group id and its callback an id, in place; send nothing."""
     group_id = uuid()
-    callback = body.freeze(group_id=group_id)
-    return SentChord(group_id, callback.id, tuple(s.freeze().id for s in header))
+    return SentChord(group_id, body.freeze(group_id=group_id).id)
 
 
 def send(header: list[Signature], body: Signature, *, frozen: SentChord | None = None) -> SentChord:
@@ -70,7 +70,7 @@ def send(header: list[Signature], body: Signature, *, frozen: SentChord | None =
     messages go :data:`SEND_BATCH_MESSAGES` to a Redis round trip: the worker
     starts the first ones while the rest are still being sent.
     """
-    ids = frozen or freeze(header, body)
+    ids = frozen or freeze(body)
     _send_frozen(ids.group_id, header, body, batch=SEND_BATCH_MESSAGES)
     return ids
 
@@ -83,7 +83,7 @@ def send_via_queue(header: list[Signature], body: Signature, *, queue: str, expi
     ignored).  ``expires``: past it, the worker drops the message unread
     (and so the whole chord).
     """
-    ids = frozen or freeze(header, body)
+    ids = frozen or freeze(body)
     app.send_task(FAN_OUT_TASK, kwargs={"group_id": ids.group_id, "header": [dict(s) for s in header],
                                         "body": dict(body)},
                   queue=queue, expires=expires, ignore_result=True, declare=[],

@@ -28,6 +28,7 @@ import yaml
 
 from . import redisurl
 from .contracts import AuthSelect
+from .ntp import packet
 
 #: Overrides ``ntp_service.redis_url``.
 ENV_REDIS_URL = "CHRONOTICK_REDIS_URL"
@@ -41,9 +42,9 @@ ENV_CONFIG = "CHRONOTICK_CONFIG"
 #: Where Redis is when nothing says otherwise: loopback, never 0.0.0.0.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
-DEFAULT_NTP_PORT = 123
+DEFAULT_NTP_PORT = packet.NTP_PORT
 #: NTS-KE's port (RFC 8915), for ``nts://host`` servers.
-DEFAULT_NTS_KE_PORT = 4460
+DEFAULT_NTS_KE_PORT = packet.NTS_KE_PORT
 NTS_SCHEME = "nts://"
 
 
@@ -535,11 +536,6 @@ def _check_redis_url(url: str, source: str, key: str) -> None:
     problem = redisurl.check(url)
     if problem:
         raise ConfigError(source, key, problem)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (safe to print)."""
-    return redisurl.redact(url)
 
 
 def service_from_environment(environ: Mapping[str, str] | None = None) -> ServiceSettings:

@@ -69,10 +69,9 @@ class Reporter:
         self._client = client
         self.keep_after_deadline_s = keep_after_deadline_s
         self._queue: queue.SimpleQueue[Report] = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self._idle = threading.Condition()  # guards _thread and _pending; notified when nothing is pending
         self._thread: threading.Thread | None = None
-        self._pending = 0  # queued or being written; guarded by _idle's lock
-        self._idle = threading.Condition(self._lock)
+        self._pending = 0  # reports queued or being written
         #: Reports written, and round trips that wrote them (for tests and benchmarks).
         self.written = 0
         self.batches = 0
@@ -84,7 +83,7 @@ class Reporter:
             return
         item = Report(key, job["server"], json.dumps(outcome, separators=(",", ":")),
                       int(job["deadline_at"] + self.keep_after_deadline_s))
-        with self._lock:
+        with self._idle:
             self._pending += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="chronotick-reporter", daemon=True)

@@ -64,10 +64,6 @@ from .sanity import (
     REASON_NTS_NO_AUTHENTICATOR,
 )
 
-#: NTS-KE's TCP port (RFC 8915 section 4).
-KE_PORT = 4460
-#: The NTP port when NTS-KE names none.
-NTP_PORT = 123
 ALPN = b"ntske/1"
 EXPORTER_LABEL = b"EXPORTER-network-time-security"
 #: Next Protocol: NTPv4.
@@ -129,7 +125,7 @@ def ke_request() -> bytes:
 
 def parse_ke_response(data: bytes, *, default_host: str) -> tuple[list[bytes], str, int]:
     """The cookies, NTP host and NTP port of a complete NTS-KE response; :class:`NtsError` otherwise."""
-    cookies, host, port, protocol, aead = [], default_host, NTP_PORT, None, None
+    cookies, host, port, protocol, aead = [], default_host, packet.NTP_PORT, None, None
     offset = 0
     while True:
         if offset + 4 > len(data):
@@ -169,7 +165,8 @@ def parse_ke_response(data: bytes, *, default_host: str) -> tuple[list[bytes], s
     return cookies, host, port
 
 
-def key_exchange(host: str, port: int = KE_PORT, *, ca_file: str | None = None, timeout_s: float = 5.0) -> Keys:
+def key_exchange(host: str, port: int = packet.NTS_KE_PORT, *, ca_file: str | None = None,
+                 timeout_s: float = 5.0) -> Keys:
     """Run NTS-KE with ``host``; :class:`NtsError` (``nts_ke_failed``) with the TLS or record error."""
     deadline = time.monotonic() + timeout_s
     context = SSL.Context(SSL.TLS_CLIENT_METHOD)
@@ -375,7 +372,7 @@ _associations: dict[tuple[str, int, str | None], Association] = {}
 _associations_lock = threading.Lock()
 
 
-def association(host: str, ke_port: int = KE_PORT, *, ca_file: str | None = None) -> Association:
+def association(host: str, ke_port: int = packet.NTS_KE_PORT, *, ca_file: str | None = None) -> Association:
     """This worker's association with an NTS server (made on first use)."""
     key = (host, ke_port, ca_file)
     with _associations_lock:

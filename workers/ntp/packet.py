@@ -27,6 +27,10 @@ ERA_S = 1 << 32
 #: The header without extension fields or MAC.
 HEADER_LEN = 48
 
+#: NTP's UDP port (RFC 5905), and NTS-KE's TCP port (RFC 8915 section 4).
+NTP_PORT = 123
+NTS_KE_PORT = 4460
+
 #: ntplib's header layout, with the timestamps as whole 64-bit words.
 _HEADER = struct.Struct("!BBBbIII4Q")
 
