@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-import time
 
 import redis
 
@@ -67,16 +66,6 @@ class Lease:
             return bool(self.client.set(self.key, self.token, nx=True, px=ttl_ms))
         except redis.RedisError:
             return False
-
-    def schedule_age_s(self) -> float:
-        """Seconds since the first beat of this cluster took the lease (0 for the first)."""
-        now = time.time()
-        try:
-            self.client.set(self.key + ":started_at", repr(now), nx=True)
-            started = self.client.get(self.key + ":started_at")
-            return 0.0 if started is None else max(0.0, now - float(started))
-        except (redis.RedisError, TypeError, ValueError):
-            return 0.0
 
     def release(self) -> None:
         try:

@@ -1,8 +1,12 @@
 """Run rounds for every node on the configured timing (the ``beat`` command).
 
 One scheduler dispatches per cluster; more may run as standbys (see
-:mod:`orchestrator.leader`).  Each node's rounds come every warm-up interval for
-the warm-up period, then every normal interval.  Nodes are spread across the
+:mod:`orchestrator.leader`).  Each node's rounds come every normal interval,
+and every warm-up interval while the node warms up: a warm-up is asked for when
+a consumer starts collecting for the node, when its worker starts with nothing
+fresh, or when a beat takes the lease and the node has nothing fresh
+(:mod:`workers.warmup`); the leading beat reads the requests once a second,
+whatever the beat's own age.  Nodes are spread across the
 interval (node i of n starts i/n of an interval late) so that a cluster does
 not hit the public servers in the same second.  A node's next round is not
 sent while its previous one is still running; a round whose callback has not
@@ -18,14 +22,28 @@ import logging
 import threading
 import time
 
+from workers import warmup
 from workers.config import Config
 
 from . import rounds
+from .store import service_client
 
 log = logging.getLogger(__name__)
 
-#: How often a leading beat looks for rounds other processes left open (s).
+#: How often a leading beat looks for rounds other processes left open, and for warm-ups asked for (s).
 ADOPT_EVERY_S = 1.0
+
+
+def warm_ups(config: Config) -> dict[str, float]:
+    """``{node: seconds of warm-up left}`` under the config's prefix (one script call)."""
+    return warmup.active(service_client(config.service), config.service.key_prefix)
+
+
+def warm_up_nodes_without_fresh_measurement(config: Config, nodes: list[str]) -> list[str]:
+    """Ask for a warm-up of each of ``nodes`` with nothing fresh; the nodes asked for."""
+    client = service_client(config.service)
+    return [node for node in nodes
+            if warmup.warm_up_if_not_fresh(client, config.service.key_prefix, node, config.timing)]
 
 
 class Scheduler:
@@ -47,10 +65,17 @@ class Scheduler:
         ``overdue_handles(config, now) -> [RoundHandle]``: rounds of any node
         left open in Redis and due to be closed, closed here
         (:func:`orchestrator.rounds.overdue_handles`).
+    warm_ups:
+        ``warm_ups(config) -> {node: seconds left}``: the warm-ups asked for
+        (:func:`warm_ups`).
+    on_lead:
+        ``on_lead(config, nodes)``, called when this beat starts to dispatch:
+        by default it asks for a warm-up of the nodes with nothing fresh.
     """
 
     def __init__(self, config: Config, nodes: list[str], *, dispatch=rounds.dispatch_fanned_out, lease=None,
-                 overdue_handles=rounds.overdue_handles):
+                 overdue_handles=rounds.overdue_handles, warm_ups=warm_ups,
+                 on_lead=warm_up_nodes_without_fresh_measurement):
         if not nodes:
             raise ValueError("no nodes to schedule: list them in ntp_service.nodes or pass --node")
         self.config = config
@@ -68,6 +93,15 @@ class Scheduler:
         self._lease_renewed_at = float("-inf")
         #: (close_at Unix s, round_id, node) of every round this beat dispatched.
         self._closing: list[tuple[float, str, str]] = []
+        self._warm_ups = warm_ups
+        self._on_lead = on_lead
+        #: Until when (monotonic s) each node warms up.
+        self.warm_until: dict[str, float] = {}
+        #: Warm-ups this beat has started running, per node.
+        self.warm_ups_started: dict[str, int] = {node: 0 for node in self.nodes}
+        self._next_warm_up_poll = 0.0
+        #: A node's slot in the due heap is valid only with its current generation.
+        self._generation: dict[str, int] = {node: 0 for node in self.nodes}
 
     def stop(self) -> None:
         self._stop.set()
@@ -76,8 +110,7 @@ class Scheduler:
         # Two heaps keep each pass's cost independent of the number of nodes:
         # when each node is next due (monotonic s), and when each dispatched
         # round may be closed (Unix s).
-        due: list[tuple[float, int, str]] = []
-        started = time.monotonic()
+        due: list[tuple[float, int, str, int]] = []
         while not self._stop.is_set():
             if not self._lead():
                 due = []  # a standby: when it takes over, it starts a fresh phase
@@ -85,22 +118,29 @@ class Scheduler:
                 continue
             now = time.monotonic()
             if not due:
-                started = now - self._schedule_age_s()
-                first = self.config.timing.interval_at(now - started)
-                due = [(now + i * first / len(self.nodes), i, node) for i, node in enumerate(self.nodes)]
+                self._started_leading()
+                every = self.config.timing.normal_interval_s
+                due = [(now + i * every / len(self.nodes), i, node, self._generation[node])
+                       for i, node in enumerate(self.nodes)]
                 heapq.heapify(due)
+            for node in self._poll_warm_ups(now):  # a new warm-up: its first round now, not at the old slot
+                self._generation[node] += 1
+                heapq.heappush(due, (now, self.nodes.index(node), node, self._generation[node]))
             self._close_overdue()
             while due and due[0][0] <= now:
-                at, i, node = heapq.heappop(due)
+                at, i, node, generation = heapq.heappop(due)
+                if generation != self._generation[node]:
+                    continue  # replaced by a warm-up's slot
                 self._tick(node)
-                interval = self.config.timing.interval_at(now - started)
+                interval = self.interval_for(node, now)
                 # Keep the phase: the next slot, never a burst of missed ones.
                 while at <= now:
                     at += interval
-                heapq.heappush(due, (at, i, node))
-            wake = due[0][0] - time.monotonic()
+                heapq.heappush(due, (at, i, node, generation))
+            wake = (due[0][0] if due else now + 1.0) - time.monotonic()
             if self._closing:
                 wake = min(wake, self._closing[0][0] - time.time())
+            wake = min(wake, self._next_warm_up_poll - time.monotonic())
             if self.lease is not None:
                 wake = min(wake, self.lease.ttl_s / 3)  # renew well before the lease lapses
             self._stop.wait(max(0.01, wake))
@@ -108,6 +148,44 @@ class Scheduler:
             handle.release()  # still open in Redis for whoever closes it; just stop listening
         if self.lease is not None and self.leading:
             self.lease.release()  # hand over at once rather than after the time to live
+
+    def interval_for(self, node: str, now: float) -> float:
+        """The interval in force for ``node`` at ``now`` (monotonic s): warm-up while it warms up."""
+        timing = self.config.timing
+        return timing.warm_up_interval_s if now < self.warm_until.get(node, 0.0) else timing.normal_interval_s
+
+    def _started_leading(self) -> None:
+        """This beat starts to dispatch: nodes with nothing fresh get a warm-up (read at the next poll)."""
+        self._next_warm_up_poll = 0.0
+        try:
+            asked = self._on_lead(self.config, self.nodes)
+        except Exception as exc:  # Redis away: the workers and consumers still ask for themselves
+            log.error("[WARM-UP] cannot check the nodes' measurements (%s: %s)", type(exc).__name__, exc)
+            return
+        if asked:
+            log.info("[WARM-UP] nothing fresh for %s: warm-up asked for", ", ".join(asked))
+
+    def _poll_warm_ups(self, now: float) -> list[str]:
+        """Read the warm-ups asked for, once a second; the nodes whose warm-up starts now."""
+        if now < self._next_warm_up_poll:
+            return []
+        self._next_warm_up_poll = now + ADOPT_EVERY_S
+        try:
+            remaining = self._warm_ups(self.config)
+        except Exception as exc:  # Redis away: keep the schedule as it is
+            log.error("[WARM-UP] cannot read the warm-ups (%s: %s)", type(exc).__name__, exc)
+            return []
+        starting = []
+        for node, left_s in remaining.items():
+            if node not in self._generation:
+                continue  # another beat's node
+            if self.warm_until.get(node, 0.0) <= now:
+                starting.append(node)
+                self.warm_ups_started[node] += 1
+                log.info("[WARM-UP] %s: rounds every %g s for %.0f s", node,
+                         self.config.timing.warm_up_interval_s, left_s)
+            self.warm_until[node] = now + left_s
+        return starting
 
     def _lead(self) -> bool:
         """Whether this beat dispatches now (always, without a lease).
@@ -128,12 +206,6 @@ class Scheduler:
             log.warning("[BEAT] %s the lease %s", "took" if holding else "lost", self.lease.key)
             self.leading = holding
         return holding
-
-    def _schedule_age_s(self) -> float:
-        """How long the cluster's schedule has been running: a beat taking over skips a finished warm-up."""
-        if self.lease is None:
-            return 0.0
-        return self.lease.schedule_age_s()
 
     def _close_overdue(self) -> None:
         """Close this beat's rounds whose callback is past its deadline, and any others left open.

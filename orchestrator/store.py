@@ -43,6 +43,7 @@ import redis
 
 from workers import redisurl
 from workers.config import ServiceSettings
+from workers.keys import Keys
 from workers.kod import REASON_KOD_BACKOFF, REASON_KOD_DEMOBILISED
 from workers.measure import REASON_ROUND_DEADLINE
 from workers.ntp import sanity
@@ -65,74 +66,6 @@ COUNTERS = ("rounds", "strict", "relaxed", "starvation", "outlier", "queries", "
 #: Upper bounds of the round-time histogram (s): around ChronoTick's targets,
 #: 500 ms on average and 2 s at p99, and up to a whole retry schedule.
 ROUND_DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
-
-
-class Keys:
-    """Key names under one prefix."""
-
-    def __init__(self, prefix: str = "chronotick"):
-        self.prefix = prefix
-
-    def _node(self, node: str, leaf: str) -> str:
-        return f"{self.prefix}:ntp:{node}:{leaf}"
-
-    def latest(self, node: str) -> str:
-        return self._node(node, "latest")
-
-    def history(self, node: str) -> str:
-        return self._node(node, "history")
-
-    def updates(self, node: str) -> str:
-        return self._node(node, "updates")
-
-    def stats(self, node: str) -> str:
-        return self._node(node, "stats")
-
-    def nodes(self) -> str:
-        return f"{self.prefix}:ntp:nodes"
-
-    def open_rounds(self, node: str) -> str:
-        """Internal: rounds dispatched and not yet finished, so any beat can close them."""
-        return self._node(node, "open")
-
-    def open_by_close_time(self) -> str:
-        """Internal: every open round of every node (``<node> <round_id>``), scored by when to close it.
-
-        A beat finds the overdue ones in one ZRANGEBYSCORE, whatever the number of nodes.
-        """
-        return f"{self.prefix}:ntp:open_by_close_time"
-
-    def beat(self) -> str:
-        """Internal: the lease of the beat that dispatches (see :mod:`orchestrator.leader`)."""
-        return f"{self.prefix}:ntp:beat"
-
-    def filter_window(self, node: str) -> str:
-        """Internal: the temporal filter's recent accepted results, ``[measured_at, offset]`` JSON."""
-        return self._node(node, "filter_window")
-
-    def filter_state(self, node: str) -> str:
-        """Internal: the temporal filter's count of outliers in a row."""
-        return self._node(node, "filter_state")
-
-    def round_claim(self, node: str, round_id: str) -> str:
-        """Internal: set once by whoever finishes the round (callback or deadline closer)."""
-        return self._node(node, f"round:{round_id}")
-
-    def outcomes(self, node: str, round_id: str) -> str:
-        """Internal: a hash, server -> outcome JSON, each query task's report (:mod:`workers.reports`).
-
-        What a closer publishes if the round's callback never comes; deleted
-        with the round's publication, else it expires after the deadline.
-        """
-        return self._node(node, f"outcomes:{round_id}")
-
-    def round_duration(self, node: str) -> str:
-        """The round-time histogram: ``le:<bound>`` (cumulative), ``count``, ``sum``."""
-        return self._node(node, "round_duration")
-
-    def server_delay(self, node: str) -> str:
-        """Internal: each server's last round-trip delay, so the next round sends the slowest first."""
-        return self._node(node, "server_delay")
 
 
 class Store:
@@ -307,7 +240,7 @@ class Store:
 
     def history(self, node: str, *, count: int = 10) -> list[dict]:
         """The newest ``count`` round records, newest first."""
-        return _records(self.client.xrevrange(self.keys.history(node), count=count))
+        return records_of(self.client.xrevrange(self.keys.history(node), count=count))
 
     def nodes(self) -> list[str]:
         return sorted(_text(n) for n in self.client.smembers(self.keys.nodes()))
@@ -321,9 +254,9 @@ class Store:
         """
         low = "-" if since is None else str(max(0, int((since - _STREAM_CLOCK_SLACK_S) * 1000)))
         if limit is None:
-            records = _records(self.client.xrange(self.keys.history(node), min=low))
+            records = records_of(self.client.xrange(self.keys.history(node), min=low))
         else:
-            records = list(reversed(_records(self.client.xrevrange(self.keys.history(node), min=low, count=limit))))
+            records = list(reversed(records_of(self.client.xrevrange(self.keys.history(node), min=low, count=limit))))
         if since is not None:
             records = [r for r in records if r["finished_at"] >= since]
         return records
@@ -420,7 +353,7 @@ _NO_REPLY_REASONS = frozenset({sanity.REASON_TIMEOUT, sanity.REASON_SOCKET_ERROR
                                REASON_KOD_DEMOBILISED, sanity.REASON_NTS_KE_FAILED})
 
 
-def _records(entries: Any) -> list[dict[str, Any]]:
+def records_of(entries: Any) -> list[dict[str, Any]]:
     """The round records of stream entries (``[(id, {"record": json})]``)."""
     return [records.expand(json.loads(_text(fields.get(b"record", fields.get("record")))))
             for _, fields in entries or ()]

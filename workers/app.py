@@ -18,13 +18,12 @@ from . import config as config_mod
 from . import (
     heartbeat,  # noqa: F401  (connects the worker's heartbeat to Celery's signals)
     redisurl,
+    warmup,  # noqa: F401  (a worker starting for a node with nothing fresh asks for its warm-up)
 )
+from .keys import QUEUE_PREFIX
 
 #: Task modules every worker registers.
 TASK_MODULES = ("workers.tasks", "workers.chords", "orchestrator.tasks")
-
-#: Prefix of the per-node queues: a round for node X goes to ``ntp.X``.
-QUEUE_PREFIX = "ntp."
 
 #: Results and chord state only need to outlive a round.  The query tasks store
 #: none; whoever waited for a callback forgets its result at once

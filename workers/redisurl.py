@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 #: Schemes of a single Redis server.
@@ -133,14 +135,18 @@ def _redact_one(url: str) -> str:
 
 
 def connect(url: str, master_name: str = DEFAULT_MASTER_NAME, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-            health_check_interval_s: int = 0) -> redis.Redis:
+            health_check_interval_s: int = 0, retry: bool = True) -> redis.Redis:
     """A client for the Redis at ``url``: the server itself, or the master the Sentinels name.
 
     Nothing is sent until the first command.  With Sentinels, every new
     connection asks them for the master again, so a client made before a
-    failover reaches the new master after it.
+    failover reaches the new master after it.  ``retry=False``: a command
+    that times out fails at once (redis-py otherwise tries it again, so one
+    call could block several timeouts).
     """
-    options = {**_timeouts(timeout_s), "health_check_interval": health_check_interval_s}
+    options: dict = {**_timeouts(timeout_s), "health_check_interval": health_check_interval_s}
+    if not retry:
+        options["retry"] = Retry(NoBackoff(), 0)
     if not is_sentinel(url):
         return redis.Redis.from_url(url, **options)
     where = parse_sentinel(url)

@@ -87,7 +87,8 @@ def test_a_node_whose_round_is_still_running_is_skipped(tmp_path):
         import time
         return PendingRound(round_id=f"r{len(sent)}", node=node, deadline_at=time.time() + 60, result=None)
 
-    scheduler = Scheduler(config, ["a", "b"], dispatch=fake_dispatch, overdue_handles=lambda config, now: [])
+    scheduler = Scheduler(config, ["a", "b"], dispatch=fake_dispatch, overdue_handles=lambda config, now: [],
+                          warm_ups=lambda config: {}, on_lead=lambda config, nodes: [])
     thread = threading.Thread(target=scheduler.run, daemon=True)
     thread.start()
     wait_for(lambda: scheduler.skipped["a"] >= 3 and scheduler.skipped["b"] >= 3, what="skipped ticks")
@@ -142,3 +143,54 @@ def test_the_beat_does_not_collect_result_subscriptions(worker, simulator, tmp_p
         during = subscriptions()
     # Celery's own chord.apply_async would subscribe to 3 channels a round (36+ without forgetting them).
     assert during == before, (before, during)
+
+
+def test_a_warm_up_asked_for_long_after_the_beat_started_runs_at_once(tmp_path):
+    """Warm-up follows the requests, not the beat's age: a beat in its normal interval serves one at once."""
+    import time
+
+    config = config_mod.from_mapping({"clock_measurement": {
+        "ntp": {"servers": ["127.0.0.1:9"]},
+        "timing": {"warm_up": {"duration_seconds": 1.0, "measurement_interval": 0.1},
+                   "normal_operation": {"measurement_interval": 600}}}}, environ={})
+
+    class DoneRound(rounds.RoundHandle):
+        def release(self):
+            pass
+
+        def ready(self):
+            return True
+
+        @property
+        def close_at(self):
+            return self.deadline_at
+
+    sent = []
+
+    def dispatch(cfg, node):
+        sent.append((time.monotonic(), node))
+        return DoneRound(round_id=f"r{len(sent)}", node=node, deadline_at=time.time() + 60, result=None)
+
+    ends = {}  # node -> monotonic end of its warm-up, as Redis would keep it
+
+    def warm_ups(cfg):
+        now = time.monotonic()
+        return {node: end - now for node, end in ends.items() if end > now}
+
+    scheduler = Scheduler(config, ["a", "b"], dispatch=dispatch, overdue_handles=lambda config, now: [],
+                          warm_ups=warm_ups, on_lead=lambda config, nodes: [])
+    with _running(scheduler):
+        wait_for(lambda: sent, what="the first normal round")
+        first_sent = len(sent)
+        wait_for(lambda: time.monotonic() - sent[0][0] > 1.5, what="the beat to be past any start-up")
+        assert len(sent) == first_sent == 1  # normal interval: node a once, node b's slot is minutes away
+        asked = time.monotonic()
+        ends["a"] = asked + 1.0
+        wait_for(lambda: scheduler.warm_ups_started["a"] == 1, what="the beat to read the warm-up")
+        wait_for(lambda: time.monotonic() > asked + 2.5, what="the warm-up to end", interval_s=0.1)
+    warm = [at - asked for at, node in sent[first_sent:] if node == "a"]
+    assert warm and warm[0] < 1.2  # read within a poll, started at once, not at the old slot
+    in_warm_up = [t for t in warm if t <= 1.0 + 1.05]
+    assert len(in_warm_up) >= 5, warm  # about every 0.1 s while it lasted (polls start it up to 1 s late)
+    assert all(t <= 2.2 for t in warm), warm  # then back to the normal interval: nothing more
+    assert not [node for _, node in sent if node == "b"]  # the other node is untouched

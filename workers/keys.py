@@ -1,0 +1,87 @@
+"""Every Redis key name the service uses, under one prefix (``ntp_service.key_prefix``).
+
+The contract's keys (``latest``, ``history``, ``updates``, ``stats``, ``nodes``,
+``round_duration``) are documented in :mod:`orchestrator.store` and the README;
+the rest are internal.  Workers, the beat, the exporter and readers all take
+their names from here, so a name is spelt once.
+"""
+
+from __future__ import annotations
+
+#: Prefix of the per-node queues: a round for node X goes to ``ntp.X`` (queues have no key prefix).
+QUEUE_PREFIX = "ntp."
+
+
+class Keys:
+    """Key names under one prefix."""
+
+    def __init__(self, prefix: str = "chronotick"):
+        self.prefix = prefix
+
+    def _node(self, node: str, leaf: str) -> str:
+        return f"{self.prefix}:ntp:{node}:{leaf}"
+
+    def latest(self, node: str) -> str:
+        return self._node(node, "latest")
+
+    def history(self, node: str) -> str:
+        return self._node(node, "history")
+
+    def updates(self, node: str) -> str:
+        return self._node(node, "updates")
+
+    def stats(self, node: str) -> str:
+        return self._node(node, "stats")
+
+    def nodes(self) -> str:
+        return f"{self.prefix}:ntp:nodes"
+
+    def open_rounds(self, node: str) -> str:
+        """Internal: rounds dispatched and not yet finished, so any beat can close them."""
+        return self._node(node, "open")
+
+    def open_by_close_time(self) -> str:
+        """Internal: every open round of every node (``<node> <round_id>``), scored by when to close it.
+
+        A beat finds the overdue ones in one ZRANGEBYSCORE, whatever the number of nodes.
+        """
+        return f"{self.prefix}:ntp:open_by_close_time"
+
+    def beat(self) -> str:
+        """Internal: the lease of the beat that dispatches (see :mod:`orchestrator.leader`)."""
+        return f"{self.prefix}:ntp:beat"
+
+    def filter_window(self, node: str) -> str:
+        """Internal: the temporal filter's recent accepted results, ``[measured_at, offset]`` JSON."""
+        return self._node(node, "filter_window")
+
+    def filter_state(self, node: str) -> str:
+        """Internal: the temporal filter's count of outliers in a row."""
+        return self._node(node, "filter_state")
+
+    def round_claim(self, node: str, round_id: str) -> str:
+        """Internal: set once by whoever finishes the round (callback or deadline closer)."""
+        return self._node(node, f"round:{round_id}")
+
+    def outcomes(self, node: str, round_id: str) -> str:
+        """Internal: a hash, server -> outcome JSON, each query task's report (:mod:`workers.reports`).
+
+        What a closer publishes if the round's callback never comes; deleted
+        with the round's publication, else it expires after the deadline.
+        """
+        return self._node(node, f"outcomes:{round_id}")
+
+    def round_duration(self, node: str) -> str:
+        """The round-time histogram: ``le:<bound>`` (cumulative), ``count``, ``sum``."""
+        return self._node(node, "round_duration")
+
+    def server_delay(self, node: str) -> str:
+        """Internal: each server's last round-trip delay, so the next round sends the slowest first."""
+        return self._node(node, "server_delay")
+
+    def warm_up(self) -> str:
+        """Internal: a sorted set, node -> when its warm-up ends (ms on Redis' clock; :mod:`workers.warmup`).
+
+        Expires with the last warm-up in it, so no schedule key outlives its use.
+        """
+        return f"{self.prefix}:ntp:warm_up"
