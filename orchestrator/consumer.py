@@ -1,6 +1,13 @@
 """Reading the service from a program: ChronoTick's side of the Redis contract.
 
-ChronoTick swaps its in-process NTP client for one import::
+Two ways in.  ChronoTick's own pipeline swaps its in-process NTP client for
+one import line, and runs unmodified::
+
+    from orchestrator.consumer import ClockMeasurementSource as ClockMeasurementCollector
+
+(:class:`ClockMeasurementSource`: every attribute ChronoTick's pipeline
+touches, answered from memory, never raising, whatever Redis does).  A
+program of its own reads the contract directly::
 
     from orchestrator.consumer import NtpReader
     reader = NtpReader.from_config("configs/config_ares_2min_ntp.yaml")
@@ -15,32 +22,42 @@ was measured -- the same growth ntpd and chrony give a sample's dispersion.
 A clock known to wander more (an undisciplined crystal, a VM) passes its own
 ``drift_bound`` to the reader.
 
-Redis being unreachable is never a silent ``None``: every call raises
-:class:`ServiceUnavailable` instead.  ``None`` means only "nothing published".
+For :class:`NtpReader`, Redis being unreachable is never a silent ``None``:
+every call raises :class:`ServiceUnavailable` instead.  ``None`` means only
+"nothing published".
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import statistics
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import redis
 
 from workers import config as config_mod
-from workers import redisurl
+from workers import redisurl, warmup
+from workers.keys import Keys
 
-from .store import Store
+from .store import Store, records_of
+
+log = logging.getLogger(__name__)
 
 #: How fast an offset may go stale: RFC 5905's PHI, the frequency tolerance
 #: NTP assumes of a local clock (s of error per s of age, 15 ppm).
 DRIFT_BOUND = 15e-6
 
 #: A measurement older than this many normal measurement intervals is stale
-#: (the default of :meth:`NtpReader.from_config`).
-STALE_INTERVALS = 3
+#: (the default of :meth:`NtpReader.from_config`; a worker starting asks for a
+#: warm-up when its node has nothing fresher).
+STALE_INTERVALS = warmup.STALE_INTERVALS
 
 #: Without a config, ChronoTick's normal interval is 120 s: 3 of them (s).
 DEFAULT_STALE_AFTER_S = 360.0
@@ -267,43 +284,239 @@ class NtpReader:
             raise ServiceUnavailable(self.url, f"{type(exc).__name__}: {exc}") from exc
 
 
-class ClockMeasurementSource:
-    """The methods ChronoTick's ``ClockMeasurementCollector`` offers, fed by this service.
 
-    ChronoTick's pipeline calls ``get_latest_offset()`` and
-    ``get_recent_measurements(window_seconds)``; this class answers both from
-    Redis, so swapping the in-process client is a change of constructor.
-    ``start_collection``/``stop_collection`` exist for the same reason: the
-    service measures, there is nothing to start.
+#: How long one Redis command of :class:`ClockMeasurementSource`'s follower may
+#: take (s); the follower runs beside ChronoTick's calls, never under them.
+FOLLOW_TIMEOUT_S = 0.75
+
+#: The follower's blocking read on the history stream returns after this long
+#: with nothing new (ms): how soon :meth:`ClockMeasurementSource.stop_collection`
+#: is heard.
+FOLLOW_BLOCK_MS = 250
+
+#: After a failed read, the follower tries Redis again this often (s).
+FOLLOW_RETRY_S = 0.5
+
+#: Measurements a source keeps in memory: ChronoTick's collector kept at most
+#: 1,000 (its 500 s window at a 1 s warm-up holds 500).
+KEEP_MEASUREMENTS = 1000
+
+#: How many of the newest measurements :meth:`SourceStatistics.get_measurement_statistics`
+#: summarises, as ChronoTick's client did.
+STATISTICS_RECENT = 10
+
+
+class SourceStatistics:
+    """``collector.ntp_client`` in ChronoTick: what ``get_stats()`` reads (``real_data_pipeline.py``)."""
+
+    def __init__(self, source: ClockMeasurementSource):
+        self._source = source
+
+    def get_measurement_statistics(self) -> dict:
+        """ChronoTick's keys, over the newest :data:`STATISTICS_RECENT` measurements (seconds).
+
+        ``status`` is ``no_measurements`` (and nothing else) before the first;
+        then ``active``, ``total_measurements``, ``recent_count``,
+        ``offset_stats`` {mean, stdev, range}, ``delay_stats`` {mean, min, max},
+        ``servers_used`` (every server a recent measurement came from or was
+        averaged over).  Added here: ``ntp_service_reachable``.
+        """
+        measurements, total, reachable = self._source._snapshot()
+        if not measurements:
+            return {"status": "no_measurements"}
+        recent = measurements[-STATISTICS_RECENT:]
+        offsets = [m.offset for m in recent]
+        delays = [m.delay for m in recent]
+        servers = sorted({name for m in recent for name in (m.combined or (m.server,))})
+        return {
+            "status": "active",
+            "total_measurements": total,
+            "recent_count": len(recent),
+            "offset_stats": {"mean": statistics.mean(offsets),
+                             "stdev": statistics.stdev(offsets) if len(offsets) > 1 else 0,
+                             "range": max(offsets) - min(offsets)},
+            "delay_stats": {"mean": statistics.mean(delays), "min": min(delays), "max": max(delays)},
+            "servers_used": servers,
+            "ntp_service_reachable": reachable,
+        }
+
+
+class ClockMeasurementSource:
+    """ChronoTick's ``ClockMeasurementCollector``, fed by this service: a drop-in, one import line.
+
+    ``ClockMeasurementSource(config_path)`` is all ChronoTick calls.  The node
+    is ``$CHRONOTICK_NODE``, else the short host name (the worker's rule);
+    Redis is the config's (``$CHRONOTICK_REDIS_URL`` and
+    ``$CHRONOTICK_REDIS_PASSWORD`` as everywhere).
+
+    ``start_collection()`` asks the service for the node's warm-up (rounds
+    every ``warm_up.measurement_interval`` for ``warm_up.duration_seconds``,
+    shared with any other consumer of the node, :mod:`workers.warmup`) and
+    starts one thread that follows the node's history stream.  Every other
+    call answers from what that thread has read: none waits on Redis, and
+    none raises when Redis is away.  The thread logs one warning when an
+    outage starts and one when it ends, and catches up on what was published
+    meanwhile.  (:class:`NtpReader` is the strict way in: it raises
+    :class:`ServiceUnavailable`.)
+
+    A measurement's timestamp is ``measured_at``: the local instant its
+    offset refers to, the midpoint of the chosen exchange (for ``combine``,
+    the weighted one), where ChronoTick's own client stamped the time it
+    finished averaging.
     """
 
-    def __init__(self, reader: NtpReader, node: str):
-        self.reader = reader
-        self.node = node
+    def __init__(self, config_path: str, node: str | None = None, *, stale_after_s: float | None = None,
+                 drift_bound: float = DRIFT_BOUND, environ=None):
+        config = config_mod.load(config_path)
+        self.config_path = str(config_path)
+        self.node = config_mod.resolve_node(node, environ=environ)
+        timing = config.timing
+        #: ChronoTick's names, with its meaning (s).
+        self.warm_up_duration = timing.warm_up_duration_s
+        self.warm_up_interval = timing.warm_up_interval_s
+        self.normal_interval = timing.normal_interval_s
+        #: A measurement older than this is never handed out (s; default :data:`STALE_INTERVALS` intervals).
+        self.stale_after_s = STALE_INTERVALS * timing.normal_interval_s if stale_after_s is None else stale_after_s
+        self.drift_bound = drift_bound
+        self.url = config.service.redis_url_redacted
+        self.ntp_client = SourceStatistics(self)
+        self._prefix = config.service.key_prefix
+        self._history_key = Keys(self._prefix).history(self.node)
+        self._client = redisurl.connect(config.service.redis_url, config.service.redis_master_name,
+                                        timeout_s=FOLLOW_TIMEOUT_S, retry=False)
+        self._lock = threading.Lock()
+        self._measurements: deque[Measurement] = deque(maxlen=KEEP_MEASUREMENTS)
+        self._total = 0
+        self._last_id: str | None = None  # None: the recent history is still to be read
+        self._new_since_check = False
+        self._warm_up_wanted = False
+        self._outage_since: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: The warm-up the service answered with: (started, seconds remaining), or None before.
+        self.warm_up: tuple[bool, float] | None = None
 
     @classmethod
-    def from_config(cls, path: str, node: str, **kwargs) -> ClockMeasurementSource:
-        return cls(NtpReader.from_config(path, **kwargs), node)
+    def from_config(cls, path: str, node: str | None = None, **kwargs) -> ClockMeasurementSource:
+        return cls(path, node, **kwargs)
+
+    # -- ChronoTick's calls ---------------------------------------------------
 
     def start_collection(self) -> None:
-        """Nothing to start: the node's worker and the beat measure."""
+        """Ask for the node's warm-up and start following its measurements (returns at once)."""
+        if self._thread is not None and self._thread.is_alive():
+            log.warning("clock measurement collection already running for %s", self.node)
+            return
+        self._stop.clear()
+        self._warm_up_wanted = self.warm_up_duration > 0
+        self._thread = threading.Thread(target=self._follow, name=f"chronotick-ntp-follow-{self.node}", daemon=True)
+        self._thread.start()
+        log.info("following %s's measurements at %s; warm-up %g s at %g s, then every %g s", self.node, self.url,
+                 self.warm_up_duration, self.warm_up_interval, self.normal_interval)
 
     def stop_collection(self) -> None:
-        self.reader.close()
-
-    def get_latest_measurement(self) -> dict | None:
-        """The latest as ChronoTick's ``NTPMeasurement`` fields; ``None`` if none, or stale."""
-        m = self.reader.latest(self.node)
-        return None if m is None or m.stale else m.as_chronotick()
+        """Stop following (within about a second); what was read stays readable."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=FOLLOW_TIMEOUT_S + FOLLOW_BLOCK_MS / 1000)
+        self._client.close()
 
     def get_latest_offset(self) -> float | None:
-        """The latest offset (s); ``None`` if nothing fresh was published (never a stale value)."""
-        m = self.reader.latest(self.node)
-        return None if m is None or m.stale else m.offset
+        """The newest offset (s); ``None`` before the first, or once it is stale (never a stale value)."""
+        latest = self._latest()
+        return None if latest is None else latest.offset
+
+    def get_latest_measurement(self) -> dict | None:
+        """The newest as ChronoTick's ``NTPMeasurement`` fields; ``None`` if none, or stale."""
+        latest = self._latest()
+        return None if latest is None else latest.as_chronotick()
+
+    def has_new_measurement(self) -> bool:
+        """Whether a measurement came since the last call (the first call: since the start)."""
+        with self._lock:
+            new, self._new_since_check = self._new_since_check, False
+        return new
 
     def get_recent_measurements(self, window_seconds: float = 300) -> list[tuple[float, float, float]]:
-        """``(timestamp, offset, uncertainty)`` of every measurement published in the window, oldest first."""
+        """``(timestamp, offset, uncertainty)`` measured in the last ``window_seconds``, oldest first."""
         since = time.time() - window_seconds
-        return [(r["latest"]["measured_at"], r["latest"]["offset"], r["latest"]["uncertainty"])
-                for r in self.reader.history(self.node, since=since)
-                if r.get("latest") and r["latest"]["measured_at"] >= since]
+        with self._lock:
+            found = [(m.measured_at, m.offset, m.uncertainty) for m in self._measurements if m.measured_at >= since]
+        return sorted(found)
+
+    # -- state -----------------------------------------------------------------
+
+    @property
+    def collecting(self) -> bool:
+        """Whether the follower thread runs (between start_collection and stop_collection)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def reachable(self) -> bool:
+        """Whether the follower's last read of Redis succeeded."""
+        return self._outage_since is None
+
+    def _latest(self) -> Measurement | None:
+        with self._lock:
+            latest = self._measurements[-1] if self._measurements else None
+        return None if latest is None or latest.stale else latest
+
+    def _snapshot(self) -> tuple[list[Measurement], int, bool]:
+        with self._lock:
+            return list(self._measurements), self._total, self.reachable
+
+    # -- the follower ------------------------------------------------------------
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._read_once()
+            except redis.RedisError as exc:
+                if self._stop.is_set():
+                    break  # stop_collection closed the client under the read
+                self._outage(exc)
+                self._stop.wait(FOLLOW_RETRY_S)
+                continue
+            if self._outage_since is not None:
+                log.warning("the NTP service at %s answers again after %.1f s; %d measurements held",
+                            self.url, time.monotonic() - self._outage_since, len(self._measurements))
+                self._outage_since = None
+
+    def _read_once(self) -> None:
+        if self._warm_up_wanted:
+            self.warm_up = warmup.request(self._client, self._prefix, self.node, self.warm_up_duration)
+            self._warm_up_wanted = False
+            log.info("warm-up for %s: %s, %.0f s left", self.node, "started" if self.warm_up[0] else "joined",
+                     self.warm_up[1])
+        if self._last_id is None:  # the newest records first, then only what is new
+            newest: list = list(self._client.xrevrange(self._history_key, count=KEEP_MEASUREMENTS) or [])
+            newest.reverse()
+            self._last_id = _text(newest[-1][0]) if newest else "0-0"
+            self._ingest(newest)
+            return
+        reply: Any = self._client.xread({self._history_key: self._last_id}, count=KEEP_MEASUREMENTS,
+                                        block=FOLLOW_BLOCK_MS)
+        for _, entries in reply or ():
+            if entries:
+                self._last_id = _text(entries[-1][0])
+                self._ingest(entries)
+
+    def _ingest(self, entries) -> None:
+        found = [Measurement.from_latest(r["latest"], stale_after_s=self.stale_after_s, drift_bound=self.drift_bound)
+                 for r in records_of(entries) if r.get("latest")]
+        if not found:
+            return
+        with self._lock:
+            self._measurements.extend(found)
+            self._total += len(found)
+            self._new_since_check = True
+
+    def _outage(self, exc: Exception) -> None:
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.warning("cannot read the NTP service at %s (%s: %s); answering from the %d measurements read "
+                        "before", self.url, type(exc).__name__, exc, len(self._measurements))
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -129,22 +129,42 @@ def test_chronotick_collector_surface(worker, simulator, tmp_path, key_prefix):
     path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix)
     config = config_mod.load(path)
     source = ClockMeasurementSource.from_config(str(path), TEST_NODE)
-    source.start_collection()
     assert source.get_latest_offset() is None and source.get_recent_measurements() == []
+    assert source.ntp_client.get_measurement_statistics() == {"status": "no_measurements"}  # ChronoTick's word
+    source.start_collection()
     records = [_round(config) for _ in range(2)]
-    assert source.get_latest_offset() == records[-1]["latest"]["offset"]
-    assert source.get_latest_measurement() == {
-        "offset": records[-1]["latest"]["offset"], "delay": records[-1]["latest"]["delay"],
-        "stratum": records[-1]["latest"]["stratum"], "precision": records[-1]["latest"]["precision"],
-        "server": servers["a"], "timestamp": records[-1]["latest"]["measured_at"],
-        "uncertainty": records[-1]["latest"]["uncertainty"]}
+    wait_for(lambda: len(source.get_recent_measurements(300)) == 2, what="the source to read both rounds")
+    assert source.has_new_measurement() is True and source.has_new_measurement() is False
+    latest = records[-1]["latest"]
+    assert source.get_latest_offset() == pytest.approx(latest["offset"], abs=0.5e-7)  # from history: compact
+    got = source.get_latest_measurement()
+    assert set(got) == {"offset", "delay", "stratum", "precision", "server", "timestamp", "uncertainty"}
+    assert got["server"] == servers["a"] and got["timestamp"] == latest["measured_at"]
+    assert got["stratum"] == latest["stratum"] and 0 <= got["uncertainty"] - latest["uncertainty"] < 1e-6
     recent = source.get_recent_measurements(300)
-    assert len(recent) == len(records)
-    for (at, offset, bound), r in zip(recent, records, strict=True):  # from history: compact, rounded
+    for (at, offset, bound), r in zip(recent, records, strict=True):  # oldest first, rounded
         assert at == r["latest"]["measured_at"]
         assert offset == pytest.approx(r["latest"]["offset"], abs=0.5e-7)
         assert 0 <= bound - r["latest"]["uncertainty"] < 1e-6  # a bound rounded up
-    # A reader that considers everything stale hands ChronoTick nothing, never an old value.
-    strict = ClockMeasurementSource(NtpReader.from_config(str(path), stale_after_s=1e-6), TEST_NODE)
+    assert source.get_recent_measurements(1e-3) == []  # the window is measured back from now
+    stats = source.ntp_client.get_measurement_statistics()
+    assert stats["total_measurements"] == 2 and stats["servers_used"] == [servers["a"]]
+    assert stats["offset_stats"]["mean"] == pytest.approx(0.0071, abs=0.002)
+    # A source that considers everything stale hands ChronoTick nothing, never an old value.
+    strict = ClockMeasurementSource(str(path), TEST_NODE, stale_after_s=1e-6)
+    strict.start_collection()
+    wait_for(lambda: strict.ntp_client.get_measurement_statistics()["status"] == "active", what="strict's read")
     assert strict.get_latest_offset() is None and strict.get_latest_measurement() is None
     source.stop_collection()
+    strict.stop_collection()
+
+
+def test_the_collector_takes_its_node_from_the_environment(tmp_path, monkeypatch):
+    path = write_config(tmp_path, ["127.0.0.1:9"])
+    monkeypatch.setenv(config_mod.ENV_NODE, "ares-comp-11")
+    assert ClockMeasurementSource(str(path)).node == "ares-comp-11"
+    monkeypatch.delenv(config_mod.ENV_NODE)
+    import socket
+    assert ClockMeasurementSource(str(path)).node == socket.gethostname().split(".")[0]
+    with pytest.raises(config_mod.ConfigError):
+        ClockMeasurementSource(str(tmp_path / "missing.yaml"))

@@ -1,0 +1,288 @@
+"""ChronoTick's pipeline on this service: its own call sequence against a real worker, beat and Redis.
+
+ChronoTick's ``RealDataPipeline`` (server/src/chronotick/inference/real_data_pipeline.py)
+does, with its collector swapped by one import line:
+
+1. ``ClockMeasurementCollector(config_path)`` -- the path alone;
+2. ``start_collection()``, then reads ``warm_up_duration`` and starts a timer for it;
+3. on every correction (about once a second) ``get_recent_measurements(window_seconds=500)``,
+   keeping those newer than the last it processed, and ``get_latest_offset()``;
+4. when the timer fires, it needs >= 10 measurements in its dataset, or stays in
+   warm-up and checks again every 5 s;
+5. ``get_stats()`` merges ``ntp_client.get_measurement_statistics()``;
+6. ``stop_collection()`` at shutdown.
+
+This file drives exactly that sequence (written from ChronoTick's behaviour,
+not its code), with the beat started long before, and a Redis stall in the
+middle.  The cluster here uses a short warm-up (8 s at 0.25 s) and a 3 s
+normal interval so the test fits in CI; ChronoTick's 60 s at 1 s is the same
+shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import redis
+import yaml
+
+from orchestrator.consumer import ClockMeasurementSource as ClockMeasurementCollector  # ChronoTick's one line
+from simulator.local import RedisProcess, stop_process
+from simulator.server import Behaviour
+from workers import config as config_mod
+from workers import heartbeat, warmup
+from workers.app import queue_for
+
+from ..conftest import REPO, wait_for
+
+pytestmark = pytest.mark.integration
+
+NODE = "swapnode"
+WARM_UP_S = 8.0
+WARM_UP_EVERY_S = 0.25
+NORMAL_EVERY_S = 3.0
+#: ChronoTick's ``MIN_DATASET_SIZE``: the ML models need this many measurements when the timer fires.
+MIN_DATASET_SIZE = 10
+#: ChronoTick's window for new measurements (s).
+WINDOW_S = 500
+#: No ChronoTick call may block longer than this (s).
+CALL_BUDGET_S = 1.0
+STALL_S = 8.0
+
+
+def _config(tmp_path, servers: list[str]) -> str:
+    path = tmp_path / "chronotick.yaml"
+    path.write_text(yaml.safe_dump({
+        "clock_measurement": {
+            "ntp": {"servers": servers, "timeout_seconds": 0.3, "retry_delay": 0.2, "max_retries": 2,
+                    "max_delay": 0.1, "max_acceptable_uncertainty": 0.05},
+            "timing": {"warm_up": {"duration_seconds": WARM_UP_S, "measurement_interval": WARM_UP_EVERY_S},
+                       "normal_operation": {"measurement_interval": NORMAL_EVERY_S}}},
+        # ChronoTick's own sections ride along untouched.
+        "prediction_scheduling": {"cpu_model": {"prediction_interval": 1.0}},
+        "ntp_service": {"key_prefix": "swap", "nodes": [NODE]}}))
+    return str(path)
+
+
+def _cli(args: list[str], env: dict, log_path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], env=env, cwd=str(REPO),
+                            stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+
+
+class ChronoTickCalls:
+    """ChronoTick's side of the calls, timed: what its pipeline does with the collector, nothing more."""
+
+    def __init__(self, collector):
+        self.collector = collector
+        self.dataset: list[tuple[float, float, float]] = []
+        self.last_processed = 0.0
+        self.slowest_s = 0.0
+        self.calls = 0
+        self.errors: list[BaseException] = []
+        self.warm_up_complete = False
+        self.checks: list[int] = []
+        #: At each timer check: how many of the dataset's measurements were taken after ``started_at``.
+        self.served: list[int] = []
+        self.started_at = time.time()
+        self._lock = threading.Lock()
+
+    def _timed(self, call, *args):
+        started = time.monotonic()
+        try:
+            return call(*args)
+        except BaseException as exc:  # ChronoTick would crash here: record it
+            self.errors.append(exc)
+            return None
+        finally:
+            with self._lock:
+                self.calls += 1
+                self.slowest_s = max(self.slowest_s, time.monotonic() - started)
+
+    def check_for_ntp_updates(self):
+        """``_check_for_ntp_updates``: new measurements by timestamp into the dataset."""
+        measurements = self._timed(self.collector.get_recent_measurements, WINDOW_S) or []
+        new = [m for m in measurements if m[0] > self.last_processed]
+        if new:
+            with self._lock:
+                self.dataset.extend(new)
+            self.last_processed = new[-1][0]
+
+    def correction(self):
+        """``get_real_clock_correction``: the update check, then the latest offset during warm-up."""
+        self.check_for_ntp_updates()
+        if not self.warm_up_complete:
+            self._timed(self.collector.get_latest_offset)
+
+    def mark_warm_up_complete(self):
+        """``_mark_warm_up_complete`` (the timer): >= 10 measurements, or stay in warm-up."""
+        self.check_for_ntp_updates()
+        self.checks.append(len(self.dataset))
+        self.served.append(len([m for m in self.dataset if m[0] >= self.started_at]))
+        if len(self.dataset) >= MIN_DATASET_SIZE:
+            self.warm_up_complete = True
+
+
+@pytest.fixture
+def cluster(tmp_path, simulator, monkeypatch):
+    """A private Redis, and a real ``chronotick-ntp worker`` and ``beat`` for :data:`NODE`."""
+    _, servers = simulator({f"s{i}": Behaviour(offset_s=0.0031, delay_s=0.002 * (i + 1)) for i in range(3)})
+    path = _config(tmp_path, list(servers.values()))
+    (tmp_path / "redis").mkdir()
+    with RedisProcess(tmp_path / "redis") as redis_proc:
+        env = {**os.environ, config_mod.ENV_REDIS_URL: redis_proc.url, "PYTHONPATH": str(REPO)}
+        env.pop(config_mod.ENV_CONFIG, None)
+        monkeypatch.setenv(config_mod.ENV_REDIS_URL, redis_proc.url)
+        monkeypatch.setenv(config_mod.ENV_NODE, NODE)
+        client = redis.Redis.from_url(redis_proc.url)
+        worker = _cli(["worker", "--config", path, "--node", NODE, "--concurrency", "6"], env, tmp_path / "worker.log")
+        beat = None
+        try:
+            wait_for(lambda: heartbeat.live_workers(client, queue_for(NODE)), what="the worker's heartbeat")
+            beat = _cli(["beat", "--config", path], env, tmp_path / "beat.log")
+            yield {"path": path, "redis": redis_proc, "client": client, "tmp": tmp_path}
+        finally:
+            for proc in (beat, worker):
+                if proc is not None:
+                    os.kill(proc.pid, signal.SIGCONT)  # in case a test left anything stopped
+                    stop_process(proc)
+            client.close()
+
+
+def _history_len(client) -> int:
+    return client.xlen(f"swap:ntp:{NODE}:history")
+
+
+def test_chronotick_pipeline_runs_on_the_service_through_a_redis_stall(cluster, caplog):
+    client = cluster["client"]
+    # The beat started long before: the warm-up its start brought is over, and it runs the normal interval.
+    wait_for(lambda: _history_len(client) >= 5, timeout_s=30, what="the cluster's first warm-up rounds")
+    wait_for(lambda: not warmup.active(client, "swap"), timeout_s=30, what="the cluster's warm-up to end")
+    assert client.ttl("swap:ntp:warm_up") == -2  # no schedule key outlives its warm-up
+    assert not [k for k in client.keys("swap:*") if client.ttl(k) == -1 and b"beat" in k]  # nothing forever
+
+    caplog.set_level(logging.INFO, logger="orchestrator.consumer")
+    collector = ClockMeasurementCollector(cluster["path"])  # the path alone: node from $CHRONOTICK_NODE
+    assert collector.node == NODE
+    assert collector.warm_up_duration == WARM_UP_S  # ChronoTick reads it for its timer
+    assert collector.has_new_measurement() is False
+    calls = ChronoTickCalls(collector)
+
+    calls.started_at = time.time()
+    collector.start_collection()
+    timer = threading.Timer(collector.warm_up_duration, calls.mark_warm_up_complete)
+    timer.start()
+    stop_loop = threading.Event()
+
+    def every_second():  # ChronoTick corrects about once a second; twice here, for more chances to block
+        while not stop_loop.is_set():
+            calls.correction()
+            stop_loop.wait(0.5)
+
+    loop = threading.Thread(target=every_second, daemon=True)
+    loop.start()
+    try:
+        wait_for(lambda: calls.checks, timeout_s=WARM_UP_S + 10, what="ChronoTick's warm-up timer")
+        # Its first check passes, on measurements taken for it (the earlier ones would be outside
+        # its 500 s window in a cluster that had run for longer than this test can wait).
+        assert calls.warm_up_complete and calls.served[0] >= MIN_DATASET_SIZE, (calls.checks, calls.served)
+        assert collector.warm_up is not None and collector.warm_up[0] is True  # this consumer's warm-up
+        assert collector.has_new_measurement() is True and collector.has_new_measurement() is False
+        stats = collector.ntp_client.get_measurement_statistics()  # get_stats()'s call
+        assert stats["status"] == "active" and stats["recent_count"] == 10
+        assert stats["total_measurements"] >= calls.served[0]
+        assert set(stats["offset_stats"]) == {"mean", "stdev", "range"}
+        assert set(stats["delay_stats"]) == {"mean", "min", "max"}
+        assert abs(stats["offset_stats"]["mean"] - 0.0031) < 0.002
+        assert set(stats["servers_used"]) <= set(collector_servers(cluster["path"]))
+
+        # A Redis stall in the middle: ChronoTick keeps correcting, from what was read.
+        before_stall = len(calls.dataset)
+        calls_before = calls.calls
+        os.kill(cluster["redis"].process.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: not collector.reachable, timeout_s=5, what="the follower to notice the stall")
+            stall_over = time.monotonic() + STALL_S
+            wait_for(lambda: time.monotonic() > stall_over, timeout_s=STALL_S + 2, what="the stall", interval_s=0.2)
+            assert collector.get_latest_offset() is not None  # what it last read, still fresh
+            assert collector.ntp_client.get_measurement_statistics()["ntp_service_reachable"] is False
+        finally:
+            os.kill(cluster["redis"].process.pid, signal.SIGCONT)
+        assert calls.calls >= calls_before + 2 * STALL_S // 1  # the calls went on through the stall
+        wait_for(lambda: len(calls.dataset) > before_stall and collector.reachable, timeout_s=30,
+                 what="new measurements after the stall")
+    finally:
+        stop_loop.set()
+        loop.join(timeout=5)
+        timer.cancel()
+    assert calls.errors == []
+    assert calls.slowest_s < CALL_BUDGET_S, calls.slowest_s
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([w for w in warnings if "cannot read the NTP service" in w]) == 1, warnings
+    assert len([w for w in warnings if "answers again" in w]) == 1, warnings
+
+    stopped = time.monotonic()
+    collector.stop_collection()
+    assert time.monotonic() - stopped < CALL_BUDGET_S and not collector.collecting
+
+
+def collector_servers(path: str) -> list[str]:
+    return [s.name for s in config_mod.load(path).ntp.servers]
+
+
+def test_consumers_on_one_node_share_one_warm_up(cluster):
+    client = cluster["client"]
+    wait_for(lambda: not warmup.active(client, "swap") and _history_len(client) >= 1, timeout_s=30,
+             what="the cluster's warm-up to end")
+    first, second = ClockMeasurementCollector(cluster["path"]), ClockMeasurementCollector(cluster["path"])
+    try:
+        first.start_collection()
+        wait_for(lambda: first.warm_up is not None, what="the first consumer's warm-up")
+        second.start_collection()
+        wait_for(lambda: second.warm_up is not None, what="the second consumer's warm-up")
+        assert first.warm_up[0] is True and second.warm_up[0] is False  # joined, not extended
+        assert second.warm_up[1] <= first.warm_up[1]
+        assert list(warmup.active(client, "swap")) == [NODE]
+        assert 0 < client.pttl("swap:ntp:warm_up") <= WARM_UP_S * 1000
+    finally:
+        first.stop_collection()
+        second.stop_collection()
+
+
+def test_a_worker_starting_with_nothing_fresh_asks_for_a_warm_up(tmp_path, redis_url, redis_client, key_prefix):
+    """The worker's hook: nothing fresh -> a warm-up; a fresh ``latest`` -> none."""
+    timing = config_mod.TimingSettings(warm_up_duration_s=5.0, warm_up_interval_s=1.0, normal_interval_s=10.0)
+    assert warmup.warm_up_if_not_fresh(redis_client, key_prefix, "w1", timing) is True
+    assert 0 < warmup.active(redis_client, key_prefix)["w1"] <= 5.0
+    import json
+    redis_client.set(f"{key_prefix}:ntp:w2:latest", json.dumps({"measured_at": time.time() - 5}))
+    redis_client.set(f"{key_prefix}:ntp:w3:latest", json.dumps({"measured_at": time.time() - 31}))  # > 3 intervals
+    assert warmup.warm_up_if_not_fresh(redis_client, key_prefix, "w2", timing) is False
+    assert warmup.warm_up_if_not_fresh(redis_client, key_prefix, "w3", timing) is True
+    assert set(warmup.active(redis_client, key_prefix)) == {"w1", "w3"}
+
+
+def test_a_real_worker_starting_for_a_node_with_nothing_fresh_asks_for_its_warm_up(tmp_path, redis_url,
+                                                                                    redis_client, simulator):
+    """``chronotick-ntp worker`` for a node that was never measured: its warm-up is in Redis, no beat needed."""
+    prefix = f"wk{os.getpid()}"
+    _, servers = simulator({"s": Behaviour()})
+    path = tmp_path / "worker.yaml"
+    path.write_text(yaml.safe_dump({
+        "clock_measurement": {"ntp": {"servers": list(servers.values())},
+                              "timing": {"warm_up": {"duration_seconds": 30, "measurement_interval": 1}}},
+        "ntp_service": {"key_prefix": prefix}}))
+    env = {**os.environ, config_mod.ENV_REDIS_URL: redis_url, "PYTHONPATH": str(REPO)}
+    worker = _cli(["worker", "--config", str(path), "--node", "freshnode", "--concurrency", "3"], env,
+                  tmp_path / "worker.log")
+    try:
+        wait_for(lambda: "freshnode" in warmup.active(redis_client, prefix), what="the worker's warm-up request")
+        assert 25 < warmup.active(redis_client, prefix)["freshnode"] <= 30
+    finally:
+        stop_process(worker)
