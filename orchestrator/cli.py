@@ -104,8 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive_float, default=None,
                    help="seconds a request waits for its reply (default 4)")
     p.add_argument("--client-interval", type=_positive_float, default=None,
-                   help="per client and port, at most one request per this many seconds, sustained (default 2)")
-    p.add_argument("--client-burst", type=int, default=None, help="... after a burst of this many (default 4)")
+                   help="per client and port, at most one request per this many seconds, sustained (default 0.25)")
+    p.add_argument("--client-burst", type=int, default=None, help="... after a burst of this many (default 8)")
     p.add_argument("--key-prefix", default="chronotick",
                    help="first part of the Redis keys the counts go to (with $CHRONOTICK_REDIS_URL)")
     p = command("simulate", cmd_simulate, "serve the config's simulated NTP servers on loopback", node=False)
@@ -462,8 +462,8 @@ def cmd_relay(args) -> int:
     logging.getLogger("relay").setLevel(logging.INFO)
     relay = Relay(settings, report=report)
     for m in mappings:
-        cap = f", at most one request per {m.min_interval_s:g} s upstream" if m.min_interval_s else ""
-        print(f"relay: {bind}:{m.listen_port} -> {m.upstream}{cap}", flush=True)
+        print(f"relay: {bind}:{m.listen_port} -> {m.upstream}, upstream at most {m.upstream_burst} requests at "
+              f"once, then one per {m.min_interval_s:g} s", flush=True)
     print(f"relay: answering {', '.join(str(n) for n in allow)}"
           + (f"; counts to Redis at {redisurl.redact(url)}" if url else ""), flush=True)
 

@@ -9,11 +9,13 @@ ChronoTick's file::
 
 Each mapping may also carry (this project's, optional):
 
-``min_interval_s``
-    The least time between two requests the relay sends that upstream, all
-    clients together: the head node is *one* client to a public server,
-    however many nodes stand behind it.  Requests over it get nothing.
-    Absent: no cap.
+``min_interval_s``, ``upstream_burst``
+    What the relay sends that upstream, all clients together: a token bucket
+    of ``upstream_burst`` requests, refilled by one every ``min_interval_s``.
+    The head node is *one* client to a public server, however many nodes
+    stand behind it; requests over the cap get nothing.  Absent: the
+    defaults below, sized (README, "the relay's arithmetic") so that the
+    ARES nodes' warm-up passes whole while the long-run rate stays polite.
 ``rate_backoff_s``
     How long the relay leaves the upstream alone after it sent a RATE kiss
     (default :data:`DEFAULT_RATE_BACKOFF_S`).
@@ -36,10 +38,17 @@ from workers.ntp import packet
 #: After a RATE kiss, forward nothing to that upstream for this long (s): chrony's
 #: default minimum poll interval, 2^6 s.
 DEFAULT_RATE_BACKOFF_S = 64.0
-#: Per client and port, a sustained request rate above one per this many seconds is refused (s).
-DEFAULT_CLIENT_INTERVAL_S = 2.0
-#: ... after a burst of this many requests.
-DEFAULT_CLIENT_BURST = 4
+#: Per client and port, a sustained request rate above one per this many seconds is refused (s):
+#: 4 a second, over the 3 a second of a ChronoTick node's advanced warm-up (3 samples every 1 s).
+DEFAULT_CLIENT_INTERVAL_S = 0.25
+#: ... after a burst of this many requests: a round's 3 samples and a retry's 3, with room.
+DEFAULT_CLIENT_BURST = 8
+#: All clients together, one request per this many seconds to an upstream in the long run (s):
+#: 50 nodes polling one sample every 2 minutes fit (one every 2.4 s).
+DEFAULT_MIN_INTERVAL_S = 2.0
+#: ... after a burst of this many: two ARES nodes' advanced warm-up at once
+#: (2 nodes x 60 rounds x 3 samples = 360), with room for retries.
+DEFAULT_UPSTREAM_BURST = 400
 #: A request whose reply has not come by then is given up (its reply, if it comes, is dropped) (s).
 DEFAULT_TIMEOUT_S = 4.0
 #: Upstream names are resolved again this often (s): the Pool rotates its addresses.
@@ -49,7 +58,7 @@ DEFAULT_BIND = "127.0.0.1"
 #: Who it answers, unless told: loopback only.
 DEFAULT_ALLOW = ("127.0.0.0/8", "::1/128")
 
-_MAPPING_KEYS = ("listen_port", "ntp_server", "ntp_port", "min_interval_s", "rate_backoff_s")
+_MAPPING_KEYS = ("listen_port", "ntp_server", "ntp_port", "min_interval_s", "upstream_burst", "rate_backoff_s")
 
 
 class RelayConfigError(ValueError):
@@ -67,7 +76,8 @@ class Mapping:
     listen_port: int
     ntp_server: str
     ntp_port: int = packet.NTP_PORT
-    min_interval_s: float | None = None
+    min_interval_s: float = DEFAULT_MIN_INTERVAL_S
+    upstream_burst: int = DEFAULT_UPSTREAM_BURST
     rate_backoff_s: float = DEFAULT_RATE_BACKOFF_S
 
     @property
@@ -125,7 +135,8 @@ def load_mappings(path: str | Path) -> tuple[Mapping, ...]:
             listen_port=_port(item, "listen_port", source, where, required=True),
             ntp_server=_server(item, source, where),
             ntp_port=_port(item, "ntp_port", source, where, required=False),
-            min_interval_s=_seconds(item, "min_interval_s", source, where, None),
+            min_interval_s=_seconds(item, "min_interval_s", source, where, DEFAULT_MIN_INTERVAL_S),
+            upstream_burst=_count(item, "upstream_burst", source, where, DEFAULT_UPSTREAM_BURST),
             rate_backoff_s=_seconds(item, "rate_backoff_s", source, where, DEFAULT_RATE_BACKOFF_S),
         ))
     ports = [m.listen_port for m in mappings]
@@ -173,3 +184,12 @@ def _seconds(item: dict, key: str, source: str, where: str, default: Any) -> Any
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise RelayConfigError(source, f"{where}.{key}", f"must be a number of seconds > 0, not {value!r}")
     return float(value)
+
+
+def _count(item: dict, key: str, source: str, where: str, default: int) -> int:
+    if key not in item or item[key] is None:
+        return default
+    value = item[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RelayConfigError(source, f"{where}.{key}", f"must be a whole number of requests >= 1, not {value!r}")
+    return value

@@ -76,7 +76,7 @@ class PortRelay:
         self.settings = settings
         self.stats = PortStats(port=mapping.listen_port, upstream=mapping.upstream)
         self.clients = ClientLimits(settings.client_interval_s, settings.client_burst)
-        self.upstream_budget = (TokenBucket(mapping.min_interval_s, 1) if mapping.min_interval_s else None)
+        self.upstream_budget = TokenBucket(mapping.min_interval_s, mapping.upstream_burst)
         self.backoff_until = 0.0
         self.upstream_address: tuple | None = None
         self._pending: dict[bytes, _Pending] = {}
@@ -149,7 +149,7 @@ class PortRelay:
         if self._upstream is None:
             stats.refused_unresolved += 1
             return
-        if self.upstream_budget is not None and not self.upstream_budget.take(now):
+        if not self.upstream_budget.take(now):
             stats.refused_upstream_rate += 1
             return
         forwarded_ns = time.monotonic_ns()

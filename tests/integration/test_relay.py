@@ -20,7 +20,7 @@ import time
 import pytest
 
 from orchestrator import cli
-from relay.config import Mapping, RelaySettings, parse_allow
+from relay.config import DEFAULT_MIN_INTERVAL_S, DEFAULT_UPSTREAM_BURST, Mapping, RelaySettings, parse_allow
 from relay.server import Relay
 from simulator.local import free_tcp_port
 from simulator.server import Behaviour, free_udp_ports
@@ -55,7 +55,8 @@ class RunningRelay:
 def relay_to(upstream_port: int, *, allow=("127.0.0.0/8",), **options) -> tuple[RelaySettings, int]:
     listen = free_udp_ports(1)[0]
     mapping = Mapping(listen_port=listen, ntp_server="127.0.0.1", ntp_port=upstream_port,
-                      min_interval_s=options.pop("min_interval_s", None),
+                      min_interval_s=options.pop("min_interval_s", DEFAULT_MIN_INTERVAL_S),
+                      upstream_burst=options.pop("upstream_burst", DEFAULT_UPSTREAM_BURST),
                       rate_backoff_s=options.pop("rate_backoff_s", 64.0))
     return RelaySettings(mappings=(mapping,), allow=parse_allow(list(allow)), **options), listen
 
@@ -155,7 +156,7 @@ def test_control_queries_short_packets_and_strangers_get_nothing(simulator):
 def test_a_client_over_its_rate_is_refused_and_the_upstream_sees_at_most_the_limit(simulator):
     sim, servers = simulator({"s": Behaviour()})
     upstream = int(servers["s"].rsplit(":", 1)[1])
-    settings, listen = relay_to(upstream)  # defaults: a burst of 4, then one every 2 s
+    settings, listen = relay_to(upstream)  # defaults: a burst of 8, then four a second
     with RunningRelay(settings) as running:
         eager = client(2)
         for _ in range(10):
@@ -169,10 +170,36 @@ def test_a_client_over_its_rate_is_refused_and_the_upstream_sees_at_most_the_lim
         eager.close()
 
 
+def test_two_nodes_warming_up_in_advanced_mode_get_no_refusal_with_the_defaults(simulator):
+    """ChronoTick's ARES warm-up shape (3 samples 0.1 s apart, every 1 s) from two nodes at once, default limits."""
+    sim, servers = simulator({"s": Behaviour()})
+    upstream = int(servers["s"].rsplit(":", 1)[1])
+    settings, listen = relay_to(upstream)
+    rounds, samples = 5, 3
+    with RunningRelay(settings) as running:
+        nodes = [client(2), client(3)]
+        answered = 0
+        start = time.monotonic()
+        for k in range(rounds):
+            for i in range(samples):  # the load's shape, paced by the clock: the two nodes' bursts interleave
+                at = start + k * 1.0 + i * 0.1
+                time.sleep(max(0.0, at - time.monotonic()))
+                for sock in nodes:
+                    sock.sendto(packet.make_request()[0], ("127.0.0.1", listen))
+                for sock in nodes:
+                    answered += receive(sock, 1.0) is not None
+        stats = running.stats()
+        assert answered == 2 * rounds * samples
+        assert (stats.refused_rate, stats.refused_upstream_rate) == (0, 0)
+        assert sim.stats[upstream].received == 2 * rounds * samples
+        for sock in nodes:
+            sock.close()
+
+
 def test_min_interval_caps_what_all_clients_together_send_upstream(simulator):
     sim, servers = simulator({"pool": Behaviour()})
     upstream = int(servers["pool"].rsplit(":", 1)[1])
-    settings, listen = relay_to(upstream, min_interval_s=60.0)
+    settings, listen = relay_to(upstream, min_interval_s=60.0, upstream_burst=1)
     with RunningRelay(settings) as running:
         socks = [client(2 + i) for i in range(5)]
         for sock in socks:

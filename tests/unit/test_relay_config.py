@@ -4,17 +4,26 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import DEFAULT_RATE_BACKOFF_S, RelayConfigError, RelaySettings, load_mappings, parse_allow
+from relay.config import (
+    DEFAULT_MIN_INTERVAL_S,
+    DEFAULT_RATE_BACKOFF_S,
+    DEFAULT_UPSTREAM_BURST,
+    RelayConfigError,
+    RelaySettings,
+    load_mappings,
+    parse_allow,
+)
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
 
-def test_chronoticks_own_file_loads_unchanged_with_no_cap():
+def test_chronoticks_own_file_loads_unchanged_with_the_default_cap():
     mappings = load_mappings(DATA / "ntp_proxy_config.yaml")
     assert [m.listen_port for m in mappings] == list(range(8123, 8133))
     assert mappings[0].upstream == "time.google.com:123"
     assert mappings[-1].ntp_server == "3.pool.ntp.org"
-    assert all(m.min_interval_s is None and m.rate_backoff_s == DEFAULT_RATE_BACKOFF_S for m in mappings)
+    assert all((m.min_interval_s, m.upstream_burst, m.rate_backoff_s)
+               == (DEFAULT_MIN_INTERVAL_S, DEFAULT_UPSTREAM_BURST, DEFAULT_RATE_BACKOFF_S) for m in mappings)
 
 
 def test_the_shipped_file_is_chronoticks_with_comments_only():
@@ -25,9 +34,10 @@ def test_the_shipped_file_is_chronoticks_with_comments_only():
 def test_the_optional_keys_are_read(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("proxy_mappings:\n  - {listen_port: 8129, ntp_server: 0.pool.ntp.org, min_interval_s: 16,"
-                    " rate_backoff_s: 256}\n")
+                    " upstream_burst: 8, rate_backoff_s: 256}\n")
     (mapping,) = load_mappings(path)
-    assert (mapping.ntp_port, mapping.min_interval_s, mapping.rate_backoff_s) == (123, 16.0, 256.0)
+    assert (mapping.ntp_port, mapping.min_interval_s, mapping.upstream_burst, mapping.rate_backoff_s) == (
+        123, 16.0, 8, 256.0)
 
 
 @pytest.mark.parametrize("body, key, words", [
@@ -38,6 +48,10 @@ def test_the_optional_keys_are_read(tmp_path):
     ("proxy_mappings: [{listen_port: 8123, ntp_server: ''}]", "proxy_mappings[0].ntp_server", "host"),
     ("proxy_mappings: [{listen_port: 8123, ntp_server: a, min_interval_s: -1}]",
      "proxy_mappings[0].min_interval_s", "> 0"),
+    ("proxy_mappings: [{listen_port: 8123, ntp_server: a, upstream_burst: 0}]",
+     "proxy_mappings[0].upstream_burst", ">= 1"),
+    ("proxy_mappings: [{listen_port: 8123, ntp_server: a, upstream_burst: 2.5}]",
+     "proxy_mappings[0].upstream_burst", "whole number"),
     ("proxy_mappings: [{listen_port: 8123, ntp_server: a, colour: red}]", "proxy_mappings[0].colour", "unknown"),
     ("proxy_mappings: [{listen_port: 8123, ntp_server: a}, {listen_port: 8123, ntp_server: b}]",
      "proxy_mappings[1].listen_port", "twice"),
