@@ -54,6 +54,11 @@ SAMPLE_FIELDS = ("offset_s", "delay_s", "uncertainty_s", "stratum", "samples_tak
 #: server's entry, the quality is the record's, ``published_at`` is its ``finished_at``).
 LATEST_FIELDS = ("offset", "uncertainty", "precision", "measured_at", "nts")
 
+#: ... and for a combination (``selection: combine`` over more than one server), what is the
+#: combination's own rather than its primary server's; the servers combined are the entries
+#: whose status is ``chosen`` or ``combined``.
+COMBINATION_FIELDS = ("delay", "stratum", "selection")
+
 #: Digits kept: 100 ns for offsets, microseconds for delays, bounds (rounded up) and durations.
 OFFSET_DIGITS = 7
 US_DIGITS = 6
@@ -91,8 +96,8 @@ def compact(record: dict[str, Any]) -> dict[str, Any]:
     if record.get("latest") is None and record.get("candidate") is not None:
         out["candidate"] = record["candidate"]  # refused by the filter: what it refused
     latest = record.get("latest")
-    out["latest"] = None if latest is None else {key: _number(key, latest[key]) for key in LATEST_FIELDS
-                                                 if key in latest}
+    fields = LATEST_FIELDS + COMBINATION_FIELDS if latest and latest.get("combined") else LATEST_FIELDS
+    out["latest"] = None if latest is None else {key: _number(key, latest[key]) for key in fields if key in latest}
     out["detail"] = COMPACT
     return out
 
@@ -125,6 +130,9 @@ def expand(stored: dict[str, Any]) -> dict[str, Any]:
                                 "stratum": sample.get("stratum"), "sample_uncertainty": sample.get("uncertainty_s")}
                                if chosen else {}),
                             **record["latest"]}
+        if "selection" in record["latest"] and "combined" not in record["latest"]:  # a combination's servers
+            record["latest"]["combined"] = sorted(s["server"] for s in record["servers"]
+                                                  if s["status"] in ("chosen", "combined"))
     return record
 
 

@@ -170,9 +170,13 @@ def simulator():
 
 def write_config(tmp_path: Path, servers: list[str], *, key_prefix: str = "chronotick",
                  name: str = "config.yaml", **ntp) -> Path:
-    """Write a config file with ``servers`` and ntp overrides (fast timeouts by default)."""
+    """Write a config file with ``servers`` and ntp overrides (fast timeouts by default).
+
+    ``selection: best`` unless a test says otherwise: most tests check which
+    server is chosen.  The config's own default (``combine``) has its tests.
+    """
     settings = {"servers": servers, "timeout_seconds": 0.3, "retry_delay": 0.2, "max_retries": 3,
-                "max_delay": 0.1, "max_acceptable_uncertainty": 0.05, **ntp}
+                "max_delay": 0.1, "max_acceptable_uncertainty": 0.05, "selection": "best", **ntp}
     document = {"clock_measurement": {"ntp": settings},
                 "ntp_service": {"key_prefix": key_prefix, "history_length": 50}}
     path = tmp_path / name

@@ -176,8 +176,9 @@ class NtpSettings:
     retry_delay: float = option(
         5.0, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0, doc="first wait; then doubled (s)")
     selection: str = option(
-        "best", types=(str,), check=lambda v: v in ("best", "combine"), problem="must be 'best' or 'combine'",
-        doc="`best` or `combine` (new key)")
+        "combine", types=(str,), check=lambda v: v in ("best", "combine"), problem="must be 'best' or 'combine'",
+        doc="`combine` (default: ChronoTick averages servers, so best-server switching cannot flicker the "
+            "offset) or `best` (new key)")
     server_groups: tuple[tuple[str, ...], ...] = option(
         (), types=(dict,), doc="`{name: [server, ...]}`: correlated servers, one vote (new key)")
     max_root_delay: float = option(

@@ -23,7 +23,8 @@ def test_original_chronotick_files_load_unchanged(name):
     assert ntp.max_delay == 0.100  # absent from the file: the documented default
     assert ntp.measurement_mode == "advanced" and ntp.parallel_queries and ntp.max_workers == 10
     assert ntp.retry_waits_s == (5.0, 10.0)  # attempts start at 0, 5, 15 s
-    assert ntp.selection == "best" and ntp.server_groups == ()  # not in ChronoTick's files: defaults
+    # Not in ChronoTick's files: defaults.  `combine`, as ChronoTick averages servers (its Experiment-11).
+    assert ntp.selection == "combine" and ntp.server_groups == ()
     assert config.timing.warm_up_duration_s == 60 and config.timing.warm_up_interval_s == 1
     assert config.timing.normal_interval_s == 120
     assert "models" in config.extra  # ChronoTick's own sections are kept, not refused

@@ -3,6 +3,8 @@
 import json
 import random
 
+import pytest
+
 from orchestrator.contracts import RoundMeta
 from orchestrator.display import format_round
 from orchestrator.records import RECORD_BUDGET_BYTES, compact, expand
@@ -91,6 +93,8 @@ def test_every_count_survives_compaction_on_random_rounds():
             for key in ("server", "quality", "node", "round_id", "stratum", "servers_used", "servers_total"):
                 assert kept[key] == full[key], key
             assert kept["published_at"] == full["published_at"]
+            assert kept["delay"] == pytest.approx(full["delay"], abs=1e-6)  # a combination's own, not its primary's
+            assert kept.get("combined") == full.get("combined")
         for small_entry, entry in zip(small["servers"], record["servers"], strict=True):
             if entry.get("sample"):
                 assert small_entry["sample"]["uncertainty_s"] >= entry["sample"]["uncertainty_s"]
