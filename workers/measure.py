@@ -20,14 +20,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from .ntp import client, packet, sanity
 from .ntp.client import QueryFailed
 from .ntp.sanity import Rejection
-from .quality import Thresholds
 
 #: Pause between the samples of an advanced-mode burst (ChronoTick used 0.1 s).
 ADVANCED_SAMPLE_SPACING_S = 0.1
-
-#: The reason for a sample that arrived fine but would not pass even the
-#: loosest gate in force; worth retrying because congestion passes.
-REASON_OVER_THRESHOLDS = "over_thresholds"
 
 #: The reason when the round's deadline leaves no time for another attempt.
 REASON_ROUND_DEADLINE = "round_deadline"
@@ -68,9 +63,6 @@ def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_
         round if its callback never comes (the orchestrator names it; none:
         not reported).
     """
-    gate = Thresholds.from_settings(ntp)
-    if ntp.enable_fallback:
-        gate = gate.relaxed()
     return {
         "server": server.name,
         "host": server.host,
@@ -79,7 +71,6 @@ def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_
         "round_id": round_id,
         "timeout_s": ntp.timeout_seconds,
         "samples": samples_per_attempt(ntp),
-        "gate": gate.as_dict(),
         "retry_waits_s": list(ntp.retry_waits_s),
         "deadline_at": deadline_at,
         "max_root_delay_s": ntp.max_root_delay,
@@ -108,8 +99,9 @@ def attempt(job: dict) -> dict:
     Raises
     ------
     QueryFailed
-        With the named reason (DNS, timeout, a rejected reply, or
-        ``over_thresholds``).
+        With the named reason (DNS, timeout, a rejected reply).  A reply
+        over the quality gates is returned like any other: the gates judge
+        after the vote.
     """
     association = None
     if job.get("nts"):
@@ -143,9 +135,9 @@ def attempt(job: dict) -> dict:
     if refusals:
         # Refused samples of a burst that still produced one: on the record, and counted.
         result["refusals"] = [{"reason": r.reason, "detail": r.detail} for r in refusals]
-    violations = Thresholds.from_dict(job["gate"]).violations(result)
-    if violations:
-        raise QueryFailed(Rejection(REASON_OVER_THRESHOLDS, "; ".join(violations)))
+    # No quality gate here: every reply that passed RFC 5905's tests votes in the falseticker
+    # rejection, and only then do the gates judge (orchestrator.selection).  A slow honest reply
+    # dropped here would leave a quick liar the majority.
     return result
 
 

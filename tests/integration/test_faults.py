@@ -197,3 +197,23 @@ def test_advanced_mode_records_and_counts_a_refusal_inside_a_burst(worker, simul
     stats = Store(redis_client, prefix=key_prefix).stats(TEST_NODE)
     assert stats["rejected:bogus_origin"] == 1 and stats["rejected"] == 1
     assert stats["replies"] == 2 + 1 + 3  # lies_once: 2 kept and 1 refused; honest: 3
+
+
+def test_a_quick_liar_never_outvotes_slow_honest_servers(worker, simulator, tmp_path, key_prefix, capsys):
+    """Every reply votes, the gates judge afterwards: a fast liar is a falseticker, not a strict publication.
+
+    Two honest servers (+2.5 ms, RTT 45 ms: over even the relaxed gate's 20 ms bound) and one liar
+    (+502.5 ms, RTT 4 ms), ChronoTick's default gates.  Were the honest replies dropped before the vote,
+    the liar would be the only vote and be published ``strict``.
+    """
+    _, servers = simulator({"honest1": Behaviour(offset_s=0.0025, delay_s=0.045),
+                            "honest2": Behaviour(offset_s=0.0025, delay_s=0.045),
+                            "liar": Behaviour(offset_s=0.5025, delay_s=0.004)})
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix, timeout_seconds=0.5,
+                        max_delay=0.1, max_acceptable_uncertainty=0.010, max_retries=1)
+    _, record = _round(path, capsys)
+    by_server = {s["server"]: s for s in record["servers"]}
+    assert by_server[servers["liar"]]["status"] == "falseticker"
+    assert record["agreement"]["votes"] == 3
+    latest = record["latest"]
+    assert latest is None or abs(latest["offset"] - 0.0025) <= latest["uncertainty"]

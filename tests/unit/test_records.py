@@ -34,7 +34,7 @@ def _sample(name, rng):
 
 
 def _outcome(name, rng, *, fail_first=0, failed=False, refusals=0):
-    reasons = ["timeout", "bogus_origin", "unsynchronised_leap", "over_thresholds"]
+    reasons = ["timeout", "bogus_origin", "unsynchronised_leap", "socket_error"]
     history = [{"attempt": i + 1, "started_at": 1795998582.0 + 5 * i, "reason": rng.choice(reasons),
                 "detail": "no reply within 2 s", "kiss_code": None} for i in range(fail_first)]
     if failed:
