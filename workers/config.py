@@ -477,12 +477,44 @@ def parse_server(value: Any, *, source: str = "<config>", key: str = "server") -
                                            "written [address]:port") from None
     if not host or any(c.isspace() for c in host):
         raise ConfigError(source, key, f"bad host in {value!r}")
+    problem = host_name_problem(host)
+    if problem:
+        raise ConfigError(source, key, f"bad host name in {value!r}: {problem}")
     port = DEFAULT_NTS_KE_PORT if nts else DEFAULT_NTP_PORT
     if port_text is not None:
         if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
             raise ConfigError(source, key, f"bad port in {value!r}: must be 1-65535")
         port = int(port_text)
     return ServerAddress(host=host, port=port, nts=nts)
+
+
+#: A DNS name's limits (RFC 1035, section 2.3.4): a label, the whole name.
+MAX_LABEL_LENGTH = 63
+MAX_NAME_LENGTH = 253
+
+
+def host_name_problem(host: str) -> str | None:
+    """Why ``host`` cannot be resolved as written (``None``: it is an address, or a well-formed name)."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    try:
+        encoded = name.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        return f"not a valid DNS name ({exc})"
+    if len(encoded) > MAX_NAME_LENGTH:
+        return f"longer than {MAX_NAME_LENGTH} characters"
+    for label in encoded.split("."):
+        if not label:
+            return "an empty label (two dots in a row, or a leading dot)"
+        if len(label) > MAX_LABEL_LENGTH:
+            return f"the label {label[:20]!r}... is longer than {MAX_LABEL_LENGTH} characters"
+        if not all(c.isalnum() or c in "-_" for c in label) or label.startswith("-") or label.endswith("-"):
+            return f"the label {label!r} has characters a host name cannot have"
+    return None
 
 
 def _parse_timing(raw: dict, source: str) -> TimingSettings:

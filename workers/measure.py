@@ -24,6 +24,10 @@ from .ntp.sanity import Rejection
 #: Pause between the samples of an advanced-mode burst (ChronoTick used 0.1 s).
 ADVANCED_SAMPLE_SPACING_S = 0.1
 
+#: The reason when an attempt failed in a way no other reason names (a bug, or input no check
+#: foresaw): the task still ends with an outcome, so the round's chord still calls back.
+REASON_QUERY_ERROR = "query_error"
+
 #: The reason when the round's deadline leaves no time for another attempt.
 REASON_ROUND_DEADLINE = "round_deadline"
 
@@ -181,6 +185,8 @@ def _resolve(host: str, port: int, *, timeout_s: float) -> tuple[int, tuple]:
         return infos[0][0], infos[0][4]
     except socket.gaierror:
         pass
+    except UnicodeError as exc:  # an empty or over-long label: no resolver can answer it
+        raise QueryFailed(Rejection(sanity.REASON_DNS_ERROR, f"cannot resolve {host!r}: {exc}")) from None
     future = _resolver.submit(client.resolve, host, port)
     try:
         return future.result(timeout=timeout_s)

@@ -36,6 +36,7 @@ from .app import app
 from .config import ENV_NODE
 from .contracts import OutcomeStatus
 from .ntp.client import QueryFailed
+from .ntp.sanity import Rejection
 from .reports import Reporter
 
 log = get_task_logger(__name__)
@@ -105,7 +106,13 @@ def query_server(self, *carried, job: dict, history: list | None = None):
         # Not a packet to a server that told us to stay away; not an attempt either.
         return _done(job, carried, _failed(job, history, *refusal, worker=self.request.hostname))
     try:
-        sample = measure.attempt(job)
+        try:
+            sample = measure.attempt(job)
+        except QueryFailed:
+            raise
+        except Exception as exc:  # never a crashed task: the chord would wait for its deadline
+            log.exception("[QUERY] %s for %s: attempt %d failed unexpectedly", job["server"], job["node"], attempt_no)
+            raise QueryFailed(Rejection(measure.REASON_QUERY_ERROR, f"{type(exc).__name__}: {exc}")) from exc
     except QueryFailed as exc:
         rejection = exc.rejection
         entry = {"attempt": attempt_no, "started_at": started_at, "reason": rejection.reason,

@@ -217,3 +217,28 @@ def test_a_quick_liar_never_outvotes_slow_honest_servers(worker, simulator, tmp_
     assert record["agreement"]["votes"] == 3
     latest = record["latest"]
     assert latest is None or abs(latest["offset"] - 0.0025) <= latest["uncertainty"]
+
+
+def test_a_malformed_host_name_is_a_named_failure_and_the_config_refuses_it(tmp_path):
+    """Any exception in a query becomes a named failure: the task ends with an outcome, so its chord calls back.
+
+    The config refuses such names (tests/unit/test_config.py); this is the worker's own defence, for a
+    name that reaches it anyway.  Run as the worker runs the task body (``apply``: in this process,
+    no broker), with the retries a real round would have.
+    """
+    import time
+
+    from workers.measure import make_job
+    from workers.tasks import query_server
+
+    config = config_mod.from_mapping({"clock_measurement": {"ntp": {"servers": ["127.0.0.1"],
+                                                                    "max_retries": 1}}}, environ={})
+    cases = {("time..google.com", 123): sanity.REASON_DNS_ERROR, ("a" * 64 + ".example", 123): sanity.REASON_DNS_ERROR}
+    for (host, port), reason in cases.items():
+        job = make_job(server=config_mod.ServerAddress(host, port), node=TEST_NODE, round_id="r", ntp=config.ntp,
+                       deadline_at=time.time() + 30, rate_backoff_s=0.0)
+        outcome = query_server.apply(kwargs={"job": job}).get(disable_sync_subtasks=False)
+        assert outcome["status"] == "failed" and outcome["reason"] == reason, (host, outcome)
+        assert outcome["detail"]
+    with pytest.raises(config_mod.ConfigError):
+        config_mod.from_mapping({"clock_measurement": {"ntp": {"servers": ["time..google.com"]}}}, environ={})

@@ -103,6 +103,13 @@ BAD_CASES = [
     ({"servers": ["a", "b", "c"], "server_groups": {"g": ["a", "b"], "h": ["b", "c"]}},
      "clock_measurement.ntp.server_groups.h[0]", "already in group 'g'"),
     ({"max_root_dispersion": 0}, "clock_measurement.ntp.max_root_dispersion", "greater than 0"),
+    # Names no resolver can answer: each would crash a query (UnicodeError from the IDNA codec).
+    ({"servers": ["time..google.com"]}, "clock_measurement.ntp.servers[0]", "bad host name"),
+    ({"servers": ["a" * 64 + ".example"]}, "clock_measurement.ntp.servers[0]", "bad host name"),
+    ({"servers": [".example"]}, "clock_measurement.ntp.servers[0]", "bad host name"),
+    ({"servers": ["ti$me.example"]}, "clock_measurement.ntp.servers[0]", "characters a host name cannot have"),
+    ({"servers": ["-x.example"]}, "clock_measurement.ntp.servers[0]", "bad host name"),
+    ({"servers": ["x." * 127 + "example"]}, "clock_measurement.ntp.servers[0]", "bad host name"),
 ]
 
 
