@@ -18,7 +18,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
 from workers import chords, measure
-from workers.app import app, queue_for
+from workers.app import app, queue_for, redis_url_of
 from workers.config import Config
 from workers.tasks import describe, query_server
 
@@ -162,7 +162,7 @@ def _handle_from_entry(node: str, round_id: str, entry: dict) -> RoundHandle:
 
 
 def _store(meta: RoundMeta) -> Store:
-    return Store(client_for(app.conf.chronotick_redis_url, app.conf.chronotick_redis_master_name),
+    return Store(client_for(redis_url_of(app), app.conf.chronotick_redis_master_name),
                  prefix=meta.key_prefix)
 
 

@@ -6,7 +6,7 @@ import time
 
 from celery.utils.log import get_task_logger
 
-from workers.app import app
+from workers.app import app, redis_url_of
 from workers.contracts import OutcomeStatus
 from workers.tasks import reporter
 
@@ -34,7 +34,7 @@ def finish_round(self, results: list, meta: dict) -> dict:
         its metadata is read from the round's open entry in Redis.
     """
     conf = self.app.conf
-    client = client_for(conf.chronotick_redis_url, conf.chronotick_redis_master_name)
+    client = client_for(redis_url_of(self.app), conf.chronotick_redis_master_name)
     store = Store(client, prefix=meta["key_prefix"])
     entry = store.open_round_entry(meta["node"], meta["round_id"])
     if entry is None:  # finished already (finishing removes the entry): by a closer, or a redelivery

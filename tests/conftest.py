@@ -104,7 +104,7 @@ def _restore_app_redis(request):
     yield
     from workers.app import app, configure
 
-    if app.conf.chronotick_redis_url != url:
+    if app.conf.broker_url != url:
         configure(app, config_mod.from_mapping({"clock_measurement": {"ntp": {"servers": ["127.0.0.1"]}}},
                                                environ={config_mod.ENV_REDIS_URL: url}).service)
 

@@ -48,7 +48,7 @@ def workers_for_queue(queue: str, *, timeout_s: float = 1.0) -> list[str]:
     only when none is there, the broadcast that waits out ``timeout_s``, for
     a worker that does not beat (another version, another Celery app).
     """
-    client = redisurl.connect(app.conf.chronotick_redis_url, app.conf.chronotick_redis_master_name)
+    client = redisurl.connect(redis_url_of(app), app.conf.chronotick_redis_master_name)
     try:
         alive = heartbeat.live_workers(client, queue)
     finally:
@@ -121,9 +121,15 @@ def configure(app: Celery, service: config_mod.ServiceSettings) -> None:
         # A query is a few packets; results are small; nothing to track.
         task_track_started=False,
         worker_hijack_root_logger=False,
-        chronotick_redis_url=service.redis_url,
+        # The Redis URL itself is broker_url, which Celery masks wherever it shows settings
+        # (Flower's Config tab, inspect().conf(), celery report); no other setting holds it.
         chronotick_redis_master_name=service.redis_master_name,
     )
+
+
+def redis_url_of(app: Celery) -> str:
+    """The Redis URL the app was configured with, password included: never show or log it."""
+    return str(app.conf.broker_url)
 
 
 #: Celery's loggers that write a line for every task received and finished.

@@ -115,7 +115,7 @@ def _start(sender=None, **_):
     """Start beating for the queues this worker consumes (``sender`` is its consumer)."""
     _stop()  # the consumer restarts after a lost broker connection: one thread, current queues
     queues = sorted(q.name for q in sender.task_consumer.queues)
-    client = redisurl.connect(sender.app.conf.chronotick_redis_url, sender.app.conf.chronotick_redis_master_name)
+    client = redisurl.connect(str(sender.app.conf.broker_url), sender.app.conf.chronotick_redis_master_name)
     _running.append(Heartbeat(client, sender.hostname, queues).start())
 
 

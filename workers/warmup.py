@@ -144,7 +144,7 @@ def _warm_up_on_start(sender=None, **_) -> None:
     if not nodes:
         return
     try:
-        client = redisurl.connect(sender.app.conf.chronotick_redis_url, sender.app.conf.chronotick_redis_master_name)
+        client = redisurl.connect(str(sender.app.conf.broker_url), sender.app.conf.chronotick_redis_master_name)
         try:
             for node in nodes:
                 if warm_up_if_not_fresh(client, service.key_prefix, node, timing):

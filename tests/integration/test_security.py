@@ -77,3 +77,33 @@ def test_shipped_configs_hold_no_secrets():
             assert not any(word in where.lower() for word in ("password", "secret", "token")), (path, where)
             if isinstance(value, str) and "://" in value:
                 assert urlsplit(value).password is None, (path, where)
+
+
+def test_no_setting_shows_the_redis_password_to_flower_or_inspect(tmp_path, monkeypatch):
+    """Flower's Config tab and ``celery inspect conf`` show the worker's settings: the password is masked in all."""
+    import json
+
+    import redis as redis_py
+
+    from simulator.local import RedisProcess, start_node_worker
+    from workers.app import app
+
+    secret = f"pw-{uuid.uuid4().hex}"
+    (tmp_path / "redis").mkdir()
+    with RedisProcess(tmp_path / "redis") as proc:
+        redis_py.Redis.from_url(proc.url).config_set("requirepass", secret)
+        monkeypatch.setenv(config_mod.ENV_REDIS_URL, proc.url)
+        monkeypatch.setenv(config_mod.ENV_REDIS_PASSWORD, secret)
+        config = config_mod.from_mapping({"clock_measurement": {"ntp": {"servers": ["127.0.0.1"]}}})
+        assert secret in config.service.redis_url  # the worker really connects with it
+        worker = start_node_worker(config, "secretnode", tmp_path / "worker.log")
+        try:
+            replies = wait_for(lambda: app.control.inspect(timeout=2).conf(), what="the worker's settings")
+            shown = json.dumps(replies)
+            assert "broker_url" in shown and "chronotick_redis_master_name" in shown
+            assert secret not in shown, [k for reply in replies.values() for k, v in reply.items()
+                                         if secret in json.dumps(v)]
+            from celery.app.utils import bugreport
+            assert secret not in bugreport(app)  # what `celery report` prints
+        finally:
+            stop_process(worker)
