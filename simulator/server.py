@@ -83,6 +83,10 @@ class Behaviour:
     bad_origin_first:
         Put a wrong origin in the replies to this many requests, then answer
         honestly (a refusal inside an advanced-mode burst).
+    spoofed_ahead_s:
+        A blind spoofer on the server's address: this long after each request
+        arrives, a reply with a wrong origin goes out, ahead of the genuine
+        one (which still comes after ``delay_s``).  None: no spoofer.
     zero_transmit:
         Send a zero transmit timestamp.
     receive_after_transmit:
@@ -121,6 +125,7 @@ class Behaviour:
     root_dispersion_s: float = 0.0
     bad_origin: bool = False
     bad_origin_first: int = 0
+    spoofed_ahead_s: float | None = None
     zero_transmit: bool = False
     receive_after_transmit: bool = False
     truncate: bool = False
@@ -295,6 +300,12 @@ class NtpSimulator:
             self._seq += 1
             send = _Reply(self, sock, port, behaviour, data, peer, arrived_ns, leg_in, leg_out)
             heapq.heappush(self._pending, (due_ns, self._seq, send))
+            if behaviour.spoofed_ahead_s is not None:
+                self._seq += 1
+                spoof = _Reply(self, sock, port, dataclasses.replace(behaviour, bad_origin=True), data, peer,
+                               arrived_ns, leg_in, leg_out)
+                heapq.heappush(self._pending, (mono_ns - age_ns + int(behaviour.spoofed_ahead_s * 1e9), self._seq,
+                                               spoof))
 
 
 class _Reply:

@@ -121,3 +121,16 @@ def test_a_worker_armed_with_its_node_refuses_another_nodes_job(monkeypatch):
     outcome = tasks.query_server.apply(kwargs={"job": job}).get()
     assert outcome["status"] == "failed" and outcome["reason"] == tasks.REASON_WRONG_NODE
     assert outcome["attempts"] == 0  # not a packet sent
+
+
+def test_a_spoofed_packet_ahead_of_the_reply_does_not_cost_the_exchange(simulator):
+    """RFC 5905: a packet with a wrong origin is discarded and the wait goes on; the genuine reply is used."""
+    _, servers = simulator({"spoofed": Behaviour(offset_s=0.004, delay_s=0.012, spoofed_ahead_s=0.002)})
+    sample = _exchange(servers["spoofed"], timeout_s=0.5)
+    assert abs(sample.offset_s - 0.004) <= sample.uncertainty_s
+    assert 0.010 <= sample.delay_s < 0.1  # the genuine reply's round trip, not the spoofer's 2 ms
+    # With nothing genuine behind it, the spoofed packet is what gets named.
+    _, only = simulator({"only": Behaviour(bad_origin=True)})
+    with pytest.raises(QueryFailed) as caught:
+        _exchange(only["only"], timeout_s=0.3)
+    assert caught.value.rejection.reason == sanity.REASON_BOGUS_ORIGIN

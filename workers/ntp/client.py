@@ -134,6 +134,12 @@ class NtsRequest:
     association: Any  # workers.ntp.nts.Association
 
 
+#: Refusals that say a packet is not the answer to this request (it cannot be parsed, is no
+#: server reply, or does not echo our random transmit timestamp): set aside, and the wait goes
+#: on until the timeout; named only if no genuine reply follows.
+NOT_OUR_REPLY = frozenset({sanity.REASON_TRUNCATED, sanity.REASON_BAD_MODE, sanity.REASON_BOGUS_ORIGIN})
+
+
 def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: float,
              max_root_delay_s: float = sanity.DEFAULT_MAX_ROOT_S,
              max_root_dispersion_s: float = sanity.DEFAULT_MAX_ROOT_S, nts: NtsRequest | None = None) -> Sample:
@@ -147,7 +153,9 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
         From :func:`resolve`.
     timeout_s:
         How long to wait for a valid reply, in total.  Packets from any other
-        address or port are ignored (and named if nothing valid follows).
+        address or port, and packets from the server's address that are not
+        the answer to this request (:data:`NOT_OUR_REPLY`), are set aside and
+        named only if nothing valid follows.
     max_root_delay_s, max_root_dispersion_s:
         Passed to :func:`workers.ntp.sanity.check_reply`.
     nts:
@@ -168,6 +176,7 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
     deadline = time.monotonic() + timeout_s
     stray: str | None = None
     refused: Rejection | None = None
+    rejection: Rejection | None = None
     try:
         # A fresh, unconnected socket: a connected one would let the kernel
         # drop replies from a wrong port silently, and we want to name them.
@@ -212,6 +221,19 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
                         refused = Rejection(exc.reason, exc.detail)
                         continue
                     nts.association.accept(cookies, nts.s2c)
+                try:
+                    reply = packet.parse(data)
+                except packet.MalformedPacket as exc:
+                    refused = Rejection(sanity.REASON_TRUNCATED, str(exc))
+                    continue  # not a reply to anyone: set aside until the timeout, in case ours follows
+                rejection = sanity.check_reply(
+                    reply, sent_transmit=transmit, sent_version=packet.NTP_VERSION,
+                    max_root_delay_s=max_root_delay_s, max_root_dispersion_s=max_root_dispersion_s)
+                if rejection is not None and rejection.reason in NOT_OUR_REPLY:
+                    # RFC 5905: a packet that is not the answer to this request is discarded, and the
+                    # wait goes on; one spoofed packet must not cost the genuine reply behind it.
+                    refused = rejection
+                    continue
                 break
     except OSError as exc:
         raise QueryFailed(Rejection(sanity.REASON_SOCKET_ERROR, f"{type(exc).__name__}: {exc}")) from None
@@ -228,14 +250,7 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
             rx_ns = None
     t4_ns = t1_ns + elapsed_ns
 
-    try:
-        reply = packet.parse(data)
-    except packet.MalformedPacket as exc:
-        raise QueryFailed(Rejection(sanity.REASON_TRUNCATED, str(exc))) from None
-    rejection = sanity.check_reply(
-        reply, sent_transmit=transmit, sent_version=packet.NTP_VERSION,
-        max_root_delay_s=max_root_delay_s, max_root_dispersion_s=max_root_dispersion_s)
-    if rejection:
+    if rejection:  # the answer to our request, and unusable: no other will come
         raise QueryFailed(rejection)
 
     t2_ns = packet.ntp_to_unix_ns(reply.receive_ts, near_unix_ns=t1_ns)
