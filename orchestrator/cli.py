@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -77,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = command("exporter", cmd_exporter, "serve Prometheus metrics for every node from Redis", node=False)
     p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="port (default 9124)")
+    p.add_argument("--port", type=_port, default=None, help="port (default 9124)")
     p = command("plot", cmd_plot, "draw a node's offsets, servers and round times to a PNG")
     p.add_argument("--hours", type=_positive_float, default=24.0, help="window (default 24)")
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
@@ -90,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     p = command("beat", cmd_beat, "run rounds for every configured node on the configured timing")
     p = command("flower", cmd_flower, "start Flower on this config's Redis, behind basic auth", node=False)
     p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=5555, help="port (default 5555)")
+    p.add_argument("--port", type=_port, default=5555, help="port (default 5555)")
     p.add_argument("--allow-control", action="store_true",
                    help="let Flower users revoke, terminate and apply tasks (default: read-only)")
     p.add_argument("--insecure-no-auth", action="store_true",
@@ -124,8 +125,20 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1-65535, not {text}")
     return value
 
 

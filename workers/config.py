@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -68,6 +69,15 @@ class ServerAddress:
     host: str
     port: int = DEFAULT_NTP_PORT
     nts: bool = False
+
+    @property
+    def identity(self) -> tuple[str, int, bool]:
+        """What the server is, whatever the spelling: names without case or a final dot, addresses canonical."""
+        try:
+            host = str(ipaddress.ip_address(self.host))
+        except ValueError:
+            host = self.host.rstrip(".").lower()
+        return host, self.port, self.nts
 
     @property
     def name(self) -> str:
@@ -129,6 +139,19 @@ def _positive(v) -> bool:
 
 _GREATER_THAN_0 = "must be greater than 0"
 
+#: Upper bounds that keep every derived time finite and meaningful: one exchange (s) ...
+MAX_TIMEOUT_S = 60.0
+#: ... the first retry wait: retries belong to one round, far inside the broker's
+#: one-hour visibility timeout (s) ...
+MAX_RETRY_DELAY_S = 600.0
+#: ... how long records are kept (h: ten years) ...
+MAX_HISTORY_HOURS = 87_600.0
+#: ... a beat's lease (s) ...
+MAX_LEASE_S = 3_600.0
+#: ... and an interval or a warm-up (s: a day).
+MAX_INTERVAL_S = 86_400.0
+_INTERVAL_PROBLEM = f"must be more than 0 and at most {MAX_INTERVAL_S:g} s"
+
 
 @dataclass(frozen=True)
 class NtpSettings:
@@ -142,7 +165,8 @@ class NtpSettings:
     servers: tuple[ServerAddress, ...] = option(
         (), types=(list,), doc="`host`, `host:port`, `[v6]:port`; `nts://host[:ke_port]` for NTS (RFC 8915)")
     timeout_seconds: float = option(
-        2.0, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0, doc="per exchange, and per DNS look-up (s)")
+        2.0, types=_NUMBER, check=lambda v: 0 < v <= MAX_TIMEOUT_S, problem=f"must be more than 0 and at most "
+        f"{MAX_TIMEOUT_S:g} s", doc="per exchange, and per DNS look-up (s)")
     max_acceptable_uncertainty: float = option(
         0.010, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0, doc="strict gate (s)")
     min_stratum: int = option(
@@ -174,7 +198,8 @@ class NtpSettings:
         3, types=(int,), check=lambda v: 0 <= v <= 10, problem="must be between 0 and 10",
         doc="attempts in total per server")
     retry_delay: float = option(
-        5.0, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0, doc="first wait; then doubled (s)")
+        5.0, types=_NUMBER, check=lambda v: 0 < v <= MAX_RETRY_DELAY_S,
+        problem=f"must be more than 0 and at most {MAX_RETRY_DELAY_S:g} s", doc="first wait; then doubled (s)")
     selection: str = option(
         "combine", types=(str,), check=lambda v: v in ("best", "combine"), problem="must be 'best' or 'combine'",
         doc="`combine` (default: ChronoTick averages servers, so best-server switching cannot flicker the "
@@ -224,14 +249,17 @@ class TimingSettings:
     """``clock_measurement.timing``: how often rounds run (seconds)."""
 
     warm_up_duration_s: float = option(
-        60.0, key="warm_up.duration_seconds", types=_NUMBER, check=lambda v: v >= 0, problem="must be 0 or more",
+        60.0, key="warm_up.duration_seconds", types=_NUMBER, check=lambda v: 0 <= v <= MAX_INTERVAL_S,
+        problem=f"must be from 0 to {MAX_INTERVAL_S:g} s",
         doc="how long rounds run at the warm-up interval (s)")
     warm_up_interval_s: float = option(
-        1.0, key="warm_up.measurement_interval", types=_NUMBER, check=_positive, problem=_GREATER_THAN_0,
+        1.0, key="warm_up.measurement_interval", types=_NUMBER, check=lambda v: 0 < v <= MAX_INTERVAL_S,
+        problem=_INTERVAL_PROBLEM,
         doc="interval between rounds during the warm-up (s)")
     normal_interval_s: float = option(
-        120.0, key="normal_operation.measurement_interval", types=_NUMBER, check=_positive,
-        problem=_GREATER_THAN_0, doc="interval between rounds afterwards (s)")
+        120.0, key="normal_operation.measurement_interval", types=_NUMBER,
+        check=lambda v: 0 < v <= MAX_INTERVAL_S, problem=_INTERVAL_PROBLEM,
+        doc="interval between rounds afterwards (s)")
 
     def interval_at(self, elapsed_s: float) -> float:
         """The interval in force ``elapsed_s`` after the schedule started."""
@@ -260,7 +288,8 @@ class ServiceSettings:
         10_000, types=(int,), check=lambda v: v >= 1, problem="must be at least 1",
         doc="round records kept per node, at most")
     history_hours: float = option(
-        24.0, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0,
+        24.0, types=_NUMBER, check=lambda v: 0 < v <= MAX_HISTORY_HOURS,
+        problem=f"must be more than 0 and at most {MAX_HISTORY_HOURS:g} h",
         doc="round records older than this are trimmed (the stream's MINID), so memory stays flat (h)")
     record_detail: str = option(
         "compact", types=(str,), check=lambda v: v in ("compact", "verbose"), problem="must be 'compact' or 'verbose'",
@@ -269,7 +298,7 @@ class ServiceSettings:
         None, types=(int, type(None)), check=lambda v: v is None or v >= 1, problem="must be at least 1 (or null)",
         doc="a worker's threads; default: one per server, plus two")
     beat_lease_seconds: float = option(
-        10.0, types=_NUMBER, check=lambda v: v >= 1, problem="must be at least 1",
+        10.0, types=_NUMBER, check=lambda v: 1 <= v <= MAX_LEASE_S, problem=f"must be from 1 to {MAX_LEASE_S:g} s",
         doc="how long a beat's lease lasts; a standby takes over after it (s)")
 
     @property
@@ -345,6 +374,10 @@ def load(path: str | os.PathLike, *, environ: Mapping[str, str] | None = None) -
     return from_mapping(document, source=source, environ=environ)
 
 
+#: The sections of ``clock_measurement`` (ChronoTick's files have exactly these).
+CLOCK_SECTIONS = ("ntp", "timing")
+
+
 def from_mapping(document: Any, *, source: str = "<config>",
                  environ: Mapping[str, str] | None = None) -> Config:
     """Validate an already-parsed document (see :func:`load`)."""
@@ -352,6 +385,10 @@ def from_mapping(document: Any, *, source: str = "<config>",
     if not isinstance(document, dict):
         raise ConfigError(source, "(top level)", "must be a mapping")
     clock = _section(document, "clock_measurement", source, required=True)
+    unknown = sorted(str(k) for k in set(clock) - set(CLOCK_SECTIONS))
+    if unknown:  # a misspelt section would silently run on defaults
+        raise ConfigError(source, f"clock_measurement.{unknown[0]}",
+                          f"unknown section (known: {', '.join(CLOCK_SECTIONS)})")
     ntp_raw = _section(clock, "ntp", source, prefix="clock_measurement.", required=True)
     ntp = _parse_ntp(ntp_raw, source)
     timing = _parse_timing(_section(clock, "timing", source, prefix="clock_measurement."), source)
@@ -387,6 +424,8 @@ def _checked(value: Any, opt: Option, source: str, key: str) -> Any:
         raise ConfigError(source, key, f"must be {_types_text(opt.types)}, not a boolean")
     if not isinstance(value, opt.types):
         raise ConfigError(source, key, f"must be {_types_text(opt.types)}, not {_type_name(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(source, key, f"must be a finite number, not {value!r}")
     if opt.check is not None and not opt.check(value):
         raise ConfigError(source, key, f"{opt.problem} (got {value!r})")
     return float(value) if opt.types == _NUMBER else value
@@ -417,10 +456,12 @@ def _parse_ntp(raw: dict, source: str) -> NtpSettings:
                     for i, s in enumerate(values.pop("servers")))
     if not servers:
         raise ConfigError(source, prefix + "servers", "empty: at least one server is needed")
-    names = [s.name for s in servers]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate:
-        raise ConfigError(source, prefix + "servers", f"{duplicate} is listed twice")
+    seen: dict[tuple, str] = {}
+    for server in servers:  # by what it reaches, not how it is spelt: one server, one vote
+        if server.identity in seen:
+            again = "" if seen[server.identity] == server.name else f" (as {seen[server.identity]})"
+            raise ConfigError(source, prefix + "servers", f"{server.name} is listed twice{again}")
+        seen[server.identity] = server.name
     groups = _parse_groups(values.pop("server_groups", {}), servers, source, prefix + "server_groups")
     settings = NtpSettings(servers=servers, server_groups=groups, **values)
     if settings.max_stratum < settings.min_stratum:

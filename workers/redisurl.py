@@ -100,8 +100,20 @@ def check(url: str) -> str | None:
         except RedisUrlError as exc:
             return str(exc)
         return None
-    if urlsplit(url).scheme not in DIRECT_SCHEMES:
+    parts = urlsplit(url)
+    if parts.scheme not in DIRECT_SCHEMES:
         return f"must be a redis://, rediss://, unix:// or sentinel:// URL, not {redact(url)!r}"
+    if parts.scheme == "unix":
+        return None if parts.path else f"{redact(url)!r}: no socket path"
+    try:
+        parts.port  # noqa: B018  (urlsplit checks the port only when asked)
+    except ValueError:
+        return f"{redact(url)!r}: the port must be a number 1-65535"
+    if not parts.hostname:
+        return f"{redact(url)!r}: no host"
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        return f"{redact(url)!r}: the database must be a number, not {path!r}"
     return None
 
 

@@ -87,7 +87,7 @@ BAD_CASES = [
     ({"max_delay": True}, "clock_measurement.ntp.max_delay", "boolean"),
     ({"max_delay": -0.1}, "clock_measurement.ntp.max_delay", "greater than 0"),
     ({"max_acceptable_uncertainty": 0}, "clock_measurement.ntp.max_acceptable_uncertainty", "greater than 0"),
-    ({"retry_delay": 0}, "clock_measurement.ntp.retry_delay", "greater than 0"),
+    ({"retry_delay": 0}, "clock_measurement.ntp.retry_delay", "more than 0"),
     ({"servers": []}, "clock_measurement.ntp.servers", "empty"),
     ({"servers": ["a:99999"]}, "clock_measurement.ntp.servers[0]", "bad port"),
     ({"servers": ["a:b:c:"]}, "clock_measurement.ntp.servers[0]", "[address]:port"),
@@ -110,6 +110,16 @@ BAD_CASES = [
     ({"servers": ["ti$me.example"]}, "clock_measurement.ntp.servers[0]", "characters a host name cannot have"),
     ({"servers": ["-x.example"]}, "clock_measurement.ntp.servers[0]", "bad host name"),
     ({"servers": ["x." * 127 + "example"]}, "clock_measurement.ntp.servers[0]", "bad host name"),
+    # Accepted once, each crashed later: infinities and a retry wait of 30,000 years.
+    ({"timeout_seconds": float("inf")}, "clock_measurement.ntp.timeout_seconds", "finite"),
+    ({"retry_delay": float("inf")}, "clock_measurement.ntp.retry_delay", "finite"),
+    ({"retry_delay": float("nan")}, "clock_measurement.ntp.retry_delay", "finite"),
+    ({"retry_delay": 1e12}, "clock_measurement.ntp.retry_delay", "at most 600 s"),
+    ({"timeout_seconds": 3600}, "clock_measurement.ntp.timeout_seconds", "at most 60 s"),
+    # One server, two spellings, two votes: refused.
+    ({"servers": ["[0:0::1]", "::1"]}, "clock_measurement.ntp.servers", "listed twice"),
+    ({"servers": ["Time.Google.com", "time.google.com"]}, "clock_measurement.ntp.servers", "listed twice"),
+    ({"servers": ["time.google.com.", "time.google.com:123"]}, "clock_measurement.ntp.servers", "listed twice"),
 ]
 
 
@@ -136,6 +146,18 @@ def test_bad_config_names_file_key_and_problem(tmp_path, change, key, words):
      "ntp_service.redis_url"),
     ({"clock_measurement": {"ntp": {"servers": ["a"]}}, "ntp_service": {"nodes": ["a b"]}}, "ntp_service.nodes[0]"),
     ({"clock_measurement": {}}, "clock_measurement.ntp"),
+    ({"clock_measurement": {"ntp": {"servers": ["a"]}, "timming": {"warm_up": {"duration_seconds": 5}}}},
+     "clock_measurement.timming"),
+    ({"clock_measurement": {"ntp": {"servers": ["a"]}}, "ntp_service": {"history_hours": float("inf")}},
+     "ntp_service.history_hours"),
+    ({"clock_measurement": {"ntp": {"servers": ["a"]}}, "ntp_service": {"beat_lease_seconds": float("inf")}},
+     "ntp_service.beat_lease_seconds"),
+    ({"clock_measurement": {"ntp": {"servers": ["a"]}}, "ntp_service": {"redis_url": "redis://h:notaport/0"}},
+     "ntp_service.redis_url"),
+    ({"clock_measurement": {"ntp": {"servers": ["a"]}}, "ntp_service": {"redis_url": "redis://h:6379/zero"}},
+     "ntp_service.redis_url"),
+    ({"clock_measurement": {"ntp": {"servers": ["a"]}, "timing": {"normal_operation": {
+        "measurement_interval": float("inf")}}}}, "clock_measurement.timing.normal_operation.measurement_interval"),
     ({"clock_measurement": {"ntp": {}}}, "clock_measurement.ntp.servers"),
 ])
 def test_bad_timing_and_service_sections(document, key):
@@ -151,6 +173,21 @@ def test_password_never_in_yaml_but_from_environment():
                                       "ntp_service": {"redis_url": "redis://127.0.0.1:6379/0"}}, environ=env)
     assert config.service.redis_url == "redis://:s3cret%2F%2B@10.0.0.5:6380/2"
     assert "s3cret" not in config.service.redis_url_redacted
+
+
+@pytest.mark.parametrize("argv", [
+    ["status", "--config", "C", "--hours", "inf"],
+    ["status", "--config", "C", "--hours", "nan"],
+    ["exporter", "--config", "C", "--port", "99999"],
+    ["flower", "--config", "C", "--port", "0"],
+    ["relay", "--config", "C", "--timeout", "inf"],
+])
+def test_cli_refuses_arguments_that_would_crash_later(argv, capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main(argv)
+    assert caught.value.code == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert argv[-2] in err and ("finite" in err or "1-65535" in err)
 
 
 def test_cli_exits_2_on_bad_config_and_says_why(tmp_path, capsys):
@@ -208,8 +245,8 @@ def test_a_negative_warm_up_duration_is_refused_with_the_right_words(tmp_path):
                                       "timing": {"warm_up": {"duration_seconds": -1}}}}
     with pytest.raises(config_mod.ConfigError) as refused:
         config_mod.from_mapping(document, source="f.yaml")
-    assert str(refused.value) == ("f.yaml: clock_measurement.timing.warm_up.duration_seconds: must be 0 or more "
-                                  "(got -1)")
+    assert str(refused.value) == ("f.yaml: clock_measurement.timing.warm_up.duration_seconds: "
+                                  "must be from 0 to 86400 s (got -1)")
     zero = {"clock_measurement": {"ntp": {"servers": ["127.0.0.1"]}, "timing": {"warm_up": {"duration_seconds": 0}}}}
     assert config_mod.from_mapping(zero).timing.warm_up_duration_s == 0
 
