@@ -462,10 +462,11 @@ def cmd_relay(args) -> int:
         raise CliError(f"--bind {bind} without --allow would answer only loopback clients, which cannot reach "
                        "it: give the nodes' network, e.g. --allow 172.20.0.0/16", EXIT_USAGE)
     given = {"timeout_s": args.timeout, "client_interval_s": args.client_interval, "client_burst": args.client_burst}
-    settings = relay_config.RelaySettings(mappings=mappings, bind=bind, allow=allow,
-                                          **{k: v for k, v in given.items() if v is not None})
-    if settings.client_burst < 1:
-        raise CliError("--client-burst must be at least 1", EXIT_USAGE)
+    try:
+        settings = relay_config.RelaySettings(mappings=mappings, bind=bind, allow=allow,
+                                              **{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        raise CliError(f"relay: {exc}", EXIT_USAGE) from None
     report = None
     url = os.environ.get(config_mod.ENV_REDIS_URL)
     if url:

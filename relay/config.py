@@ -27,6 +27,7 @@ what is wrong, found before any socket is opened.
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,10 @@ DEFAULT_MIN_INTERVAL_S = 2.0
 DEFAULT_UPSTREAM_BURST = 400
 #: A request whose reply has not come by then is given up (its reply, if it comes, is dropped) (s).
 DEFAULT_TIMEOUT_S = 4.0
+#: The longest ``--timeout`` and ``--client-interval`` accepted (s): beyond, requests would be
+#: remembered for ever.
+MAX_TIMEOUT_S = 60.0
+MAX_CLIENT_INTERVAL_S = 3_600.0
 #: Upstream names are resolved again this often (s): the Pool rotates its addresses.
 DEFAULT_RESOLVE_EVERY_S = 300.0
 #: What the relay binds, unless told: loopback only.
@@ -97,6 +102,15 @@ class RelaySettings:
     client_burst: int = DEFAULT_CLIENT_BURST
     timeout_s: float = DEFAULT_TIMEOUT_S
     resolve_every_s: float = DEFAULT_RESOLVE_EVERY_S
+
+    def __post_init__(self) -> None:
+        for name, value, most in (("timeout_s", self.timeout_s, MAX_TIMEOUT_S),
+                                  ("client_interval_s", self.client_interval_s, MAX_CLIENT_INTERVAL_S),
+                                  ("resolve_every_s", self.resolve_every_s, 86_400.0)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and 0 < value <= most):
+                raise ValueError(f"{name} must be a finite number of seconds > 0 and <= {most:g}, not {value!r}")
+        if self.client_burst < 1:
+            raise ValueError(f"client_burst must be at least 1, not {self.client_burst!r}")
 
     def allows(self, address: str) -> bool:
         """Whether a client at ``address`` may use the relay."""

@@ -46,22 +46,45 @@ class TokenBucket:
             self.updated_at = now
 
 
-class ClientLimits:
-    """One bucket per client address; buckets full again are forgotten, so memory follows the active clients."""
+#: Clients (source addresses) a port keeps a bucket for, at most.  Past it, new sources share
+#: one bucket: a flood of rotating (spoofed) addresses then gets one client's rate, together,
+#: and memory stays bounded (chrony bounds its client log the same way, ``clientloglimit``).
+DEFAULT_MAX_CLIENTS = 4096
 
-    def __init__(self, interval_s: float, burst: int):
+#: The key of the bucket that sources past :data:`DEFAULT_MAX_CLIENTS` share.
+OVERFLOW = "*overflow*"
+
+
+class ClientLimits:
+    """One bucket per client address, at most ``max_clients``; buckets full again are forgotten."""
+
+    def __init__(self, interval_s: float, burst: int, *, max_clients: int = DEFAULT_MAX_CLIENTS):
+        if max_clients < 1:
+            raise ValueError(f"max_clients must be at least 1, not {max_clients}")
         self.interval_s = interval_s
         self.burst = burst
+        self.max_clients = max_clients
+        #: Requests that had to use the shared overflow bucket.
+        self.overflowed = 0
         self._buckets: dict[str, TokenBucket] = {}
+        self._pruned_at = float("-inf")
 
     def allow(self, client: str, now: float) -> bool:
         bucket = self._buckets.get(client)
         if bucket is None:
-            bucket = self._buckets[client] = TokenBucket(self.interval_s, self.burst, updated_at=now)
+            if len(self._buckets) >= self.max_clients and now - self._pruned_at >= self.interval_s:
+                self.prune(now)  # at most once a refill: a flood must not make every packet scan the table
+            if len(self._buckets) >= self.max_clients:
+                self.overflowed += 1
+                client = OVERFLOW
+                bucket = self._buckets.get(OVERFLOW)
+            if bucket is None:
+                bucket = self._buckets[client] = TokenBucket(self.interval_s, self.burst, updated_at=now)
         return bucket.take(now)
 
     def prune(self, now: float) -> None:
         """Forget clients whose bucket has refilled: they would start full anyway."""
+        self._pruned_at = now
         for client in [c for c, b in self._buckets.items() if b.full_at(now)]:
             del self._buckets[client]
 

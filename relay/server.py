@@ -59,6 +59,10 @@ SWEEP_EVERY_S = 0.25
 #: How long an expired request is remembered, so that its reply counts as late, not unmatched (s).
 LATE_MEMORY_S = 60.0
 
+#: Requests in flight per port, at most, and timed-out ones remembered (to count a late reply):
+#: both tables stay bounded whatever clients send.
+MAX_PENDING = 4096
+
 
 @dataclass
 class _Pending:
@@ -120,6 +124,11 @@ class PortRelay:
             if transport is not None:
                 transport.close()
 
+    @property
+    def tables(self) -> dict[str, int]:
+        """How many entries each of the port's tables holds: all bounded."""
+        return {"pending": len(self._pending), "expired": len(self._expired), "clients": len(self.clients)}
+
     # -- the two directions ---------------------------------------------------
     def from_client(self, data: bytes, client: tuple) -> None:
         received_ns = time.monotonic_ns()
@@ -148,6 +157,9 @@ class PortRelay:
             return
         if self._upstream is None:
             stats.refused_unresolved += 1
+            return
+        if len(self._pending) >= MAX_PENDING:
+            stats.refused_busy += 1  # bounded memory, whatever the upstream's cap allows
             return
         if not self.upstream_budget.take(now):
             stats.refused_upstream_rate += 1
@@ -199,6 +211,8 @@ class PortRelay:
             del self._pending[transmit]
             self._expired[transmit] = now
             self.stats.timeouts += 1
+            while len(self._expired) > MAX_PENDING:  # the oldest first (dicts keep insertion order)
+                del self._expired[next(iter(self._expired))]
         for transmit in [t for t, at in self._expired.items() if now - at > LATE_MEMORY_S]:
             del self._expired[transmit]
         self.clients.prune(now)

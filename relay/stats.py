@@ -9,7 +9,7 @@ Counters (all since start):
 ``late``         replies that came after their request's deadline
 ``timeouts``     requests whose reply never came by the deadline
 ``refused_allow``, ``refused_size``, ``refused_mode``, ``refused_rate``,
-``refused_upstream_rate``, ``refused_duplicate``, ``refused_unresolved``
+``refused_upstream_rate``, ``refused_duplicate``, ``refused_unresolved``, ``refused_busy``
                  requests answered with nothing, by reason
 ``kisses_received``  RATE kisses from upstream (passed to the client that asked)
 ``kisses_sent``      RATE kisses the relay sent itself while backing off
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 COUNTERS = ("requests", "forwarded", "answered", "unmatched", "late", "timeouts", "refused_allow",
             "refused_size", "refused_mode", "refused_rate", "refused_upstream_rate", "refused_duplicate",
-            "refused_unresolved", "kisses_received", "kisses_sent")
+            "refused_unresolved", "refused_busy", "kisses_received", "kisses_sent")
 
 #: Added delays kept for the quantiles (a uniform sample of all of them).
 RESERVOIR_SIZE = 2048
@@ -49,6 +49,7 @@ class PortStats:
     refused_upstream_rate: int = 0
     refused_duplicate: int = 0
     refused_unresolved: int = 0
+    refused_busy: int = 0
     kisses_received: int = 0
     kisses_sent: int = 0
     added_delays_s: list[float] = field(default_factory=list)
