@@ -20,6 +20,7 @@ from celery.result import AsyncResult
 from workers import chords, measure
 from workers.app import app, queue_for, redis_url_of
 from workers.config import Config
+from workers.redisclock import clock_for
 from workers.tasks import describe, query_server
 
 from .contracts import RoundMeta
@@ -41,10 +42,17 @@ RATE_BACKOFF_INTERVALS = 4
 #: the round is closed with what it has (s).
 CLOSE_GRACE_S = 2.0
 
+#: Celery's own expiry of a round's messages is checked on the worker's clock against a time
+#: from the dispatcher's, so it is set this much past the deadline: hosts may disagree by up
+#: to a day.  The deadline itself is checked on Redis' clock (:mod:`workers.redisclock`), so
+#: a queued message past it is dropped at once either way; this only lets messages from an
+#: outage of over a day expire unread (s).
+EXPIRES_CLOCK_SLACK_S = 86_400.0
+
 
 @dataclass(frozen=True)
 class RoundHandle:
-    """A dispatched round: its id, node, deadline (Unix s), callback result and metadata."""
+    """A dispatched round: its id, node, deadline (Unix s on Redis' clock), callback result and metadata."""
 
     round_id: str
     node: str
@@ -54,7 +62,7 @@ class RoundHandle:
 
     @property
     def close_at(self) -> float:
-        """When to stop waiting for the callback and close the round (Unix s)."""
+        """When to stop waiting for the callback and close the round (Unix s on Redis' clock)."""
         return self.deadline_at + CLOSE_GRACE_S
 
     def reported(self) -> list[dict]:
@@ -99,7 +107,8 @@ class RoundHandle:
 
         On ``None`` the caller should :func:`close` the round.
         """
-        timeout = max(0.1, self.deadline_at + grace_s - time.time())
+        now = clock_for(_store(self.meta).client).now() if self.meta else time.time()
+        timeout = max(0.1, self.deadline_at + grace_s - now)
         try:
             record = self.result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
         except CeleryTimeout:
@@ -147,7 +156,7 @@ def overdue_handles(config: Config, now: float | None = None) -> list[RoundHandl
     """
     store = store_for(config.service)
     handles = []
-    for node, round_id, entry in store.overdue_open_rounds(time.time() if now is None else now):
+    for node, round_id, entry in store.overdue_open_rounds(clock_for(store.client).now() if now is None else now):
         if entry is None:  # finished meanwhile; only its index entry was left
             store.forget_open_round(node, round_id)
             continue
@@ -202,7 +211,8 @@ def plan_round(config: Config, node: str, *, now: float | None = None,
     """:func:`build_round`'s parts -- the header's signatures, the callback, the metadata -- without the chord.
 
     The dispatcher sends these itself (:mod:`workers.chords`); a ``chord``
-    object would only copy every signature once more.
+    object would only copy every signature once more.  ``now``: Redis' clock
+    (:func:`dispatch` reads it); the deadline is on it too.
     """
     now = time.time() if now is None else now
     round_id = new_round_id(node, now)
@@ -221,9 +231,9 @@ def plan_round(config: Config, node: str, *, now: float | None = None,
                      key_prefix=config.service.key_prefix, history_length=config.service.history_length,
                      history_hours=config.service.history_hours, record_detail=config.service.record_detail,
                      ntp=config.ntp)
-    # Messages still queued at the deadline are dropped by the worker unread:
-    # a worker that comes back after an outage does not replay stale rounds.
-    expires = datetime.fromtimestamp(deadline_at, tz=UTC)
+    # A worker drops a query past the deadline (Redis' clock) at once, and a message from a long
+    # outage unread: a worker that comes back does not replay stale rounds.
+    expires = datetime.fromtimestamp(deadline_at + EXPIRES_CLOCK_SLACK_S, tz=UTC)
     if config.ntp.parallel_queries:
         header = [_query_signature(job, queue, expires) for job in jobs]
     else:
@@ -253,7 +263,8 @@ def dispatch(config: Config, node: str, *, fan_out: bool = False) -> RoundHandle
     Otherwise every task is sent from here, a little sooner (``measure``).
     """
     store = store_for(config.service)
-    header, body, meta = plan_round(config, node, expected_delays=store.server_delays(node))
+    header, body, meta = plan_round(config, node, now=clock_for(store.client).now(),
+                                    expected_delays=store.server_delays(node))
     if fan_out:
         # Nobody waits for this callback's return value (the record is in history): not stored.
         body.set(ignore_result=True)
@@ -265,7 +276,7 @@ def dispatch(config: Config, node: str, *, fan_out: bool = False) -> RoundHandle
                      close_at=handle.close_at)
     if fan_out:
         chords.send_via_queue(header, body, queue=queue_for(node), frozen=sent,
-                              expires=datetime.fromtimestamp(meta.deadline_at, tz=UTC))
+                              expires=datetime.fromtimestamp(meta.deadline_at + EXPIRES_CLOCK_SLACK_S, tz=UTC))
     else:
         chords.send(header, body, frozen=sent)
     return handle

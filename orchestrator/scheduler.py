@@ -24,6 +24,7 @@ import time
 
 from workers import warmup
 from workers.config import Config
+from workers.redisclock import clock_for
 
 from . import rounds
 from .store import service_client
@@ -71,11 +72,14 @@ class Scheduler:
     on_lead:
         ``on_lead(config, nodes)``, called when this beat starts to dispatch:
         by default it asks for a warm-up of the nodes with nothing fresh.
+    clock:
+        ``clock() -> Unix s`` on the clock rounds' deadlines are set on: Redis'
+        (:mod:`workers.redisclock`) by default.
     """
 
     def __init__(self, config: Config, nodes: list[str], *, dispatch=rounds.dispatch_fanned_out, lease=None,
                  overdue_handles=rounds.overdue_handles, warm_ups=warm_ups,
-                 on_lead=warm_up_nodes_without_fresh_measurement):
+                 on_lead=warm_up_nodes_without_fresh_measurement, clock=None):
         if not nodes:
             raise ValueError("no nodes to schedule: list them in ntp_service.nodes or pass --node")
         self.config = config
@@ -91,9 +95,10 @@ class Scheduler:
         self._overdue_handles = overdue_handles
         self._next_adoption = 0.0
         self._lease_renewed_at = float("-inf")
-        #: (close_at Unix s, round_id, node) of every round this beat dispatched.
+        #: (close_at Unix s on Redis' clock, round_id, node) of every round this beat dispatched.
         self._closing: list[tuple[float, str, str]] = []
         self._warm_ups = warm_ups
+        self._clock = clock if clock is not None else clock_for(service_client(config.service)).now
         self._on_lead = on_lead
         #: Until when (monotonic s) each node warms up.
         self.warm_until: dict[str, float] = {}
@@ -139,7 +144,7 @@ class Scheduler:
                 heapq.heappush(due, (at, i, node, generation))
             wake = (due[0][0] if due else now + 1.0) - time.monotonic()
             if self._closing:
-                wake = min(wake, self._closing[0][0] - time.time())
+                wake = min(wake, self._closing[0][0] - self._clock())
             wake = min(wake, self._next_warm_up_poll - time.monotonic())
             if self.lease is not None:
                 wake = min(wake, self.lease.ttl_s / 3)  # renew well before the lease lapses
@@ -215,7 +220,7 @@ class Scheduler:
         round stays one EXISTS, whatever else is in flight.
         """
         self._adopt_open_rounds()
-        now = time.time()
+        now = self._clock()
         while self._closing and self._closing[0][0] <= now:
             _, round_id, node = heapq.heappop(self._closing)
             handle = self.in_flight.get(node)
@@ -243,7 +248,7 @@ class Scheduler:
         self._next_adoption = now + ADOPT_EVERY_S
         own = {h.round_id for h in self.in_flight.values()}
         try:
-            orphans = [h for h in self._overdue_handles(self.config, time.time()) if h.round_id not in own]
+            orphans = [h for h in self._overdue_handles(self.config, self._clock()) if h.round_id not in own]
         except Exception as exc:
             log.error("[ADOPT] cannot list open rounds (%s: %s)", type(exc).__name__, exc)
             return

@@ -47,6 +47,7 @@ from workers.keys import Keys
 from workers.kod import REASON_KOD_BACKOFF, REASON_KOD_DEMOBILISED
 from workers.measure import REASON_ROUND_DEADLINE
 from workers.ntp import sanity
+from workers.redisclock import clock_for
 
 from . import records
 from .contracts import REASON_NO_RESULT, ServerStatus
@@ -83,13 +84,14 @@ class Store:
         self.client = client
         self.keys = Keys(prefix)
 
-    def finish_round(self, node: str, round_id: str, build: Callable[[list[list[float]], int], dict], *,
+    def finish_round(self, node: str, round_id: str, build: Callable[[list[list[float]], int, float], dict], *,
                      history_length: int, window_size: int, history_hours: float = DEFAULT_HISTORY_HOURS,
                      detail: str = records.COMPACT) -> dict | None:
         """Finish a round once, atomically: claim it and publish it in one transaction.
 
-        ``build(window, consecutive_outliers)`` makes the record from the
-        node's temporal-filter state.  The claim key is WATCHed: if anyone
+        ``build(window, consecutive_outliers, finished_at)`` makes the record
+        from the node's temporal-filter state; ``finished_at`` is Redis' clock,
+        read in the same round trip.  The claim key is WATCHed: if anyone
         claims the round first (a redelivered callback, the deadline closer),
         this returns ``None`` and writes nothing.  Otherwise the claim,
         ``latest``, the history entry, the counters and the ``updates``
@@ -106,10 +108,12 @@ class Store:
                     reads.exists(claim)
                     reads.lrange(self.keys.filter_window(node), 0, -1)
                     reads.hget(self.keys.filter_state(node), "consecutive_outliers")
-                    claimed, raw_window, raw_consecutive = reads.execute()
+                    reads.time()  # the round finishes on Redis' clock, whoever's clock runs this
+                    claimed, raw_window, raw_consecutive, (seconds, micros) = reads.execute()
                 if claimed:
                     return None
-                record = build([json.loads(item) for item in raw_window], int(raw_consecutive or 0))
+                record = build([json.loads(item) for item in raw_window], int(raw_consecutive or 0),
+                               int(seconds) + int(micros) / 1e6)
                 pipe.multi()
                 pipe.set(claim, "1", ex=ROUND_CLAIM_TTL_S)
                 self._queue_publish(pipe, record, history_length=history_length, window_size=window_size,
@@ -148,7 +152,8 @@ class Store:
             pipe.publish(self.keys.updates(node), payload)
         stored = record if detail == records.VERBOSE else records.compact(record)
         history = self.keys.history(node)
-        # Bounded by age (MINID: stream ids are the Redis host's milliseconds) and by count.
+        # Bounded by age (MINID: stream ids are Redis' milliseconds, and finished_at is Redis' clock,
+        # whoever finished the round) and by count.
         oldest_ms = max(0, int((record["finished_at"] - history_hours * 3600) * 1000))
         pipe.xadd(history, {"record": json.dumps(stored, sort_keys=True, separators=(",", ":"))},
                   minid=oldest_ms, approximate=False)
@@ -246,19 +251,23 @@ class Store:
         return sorted(_text(n) for n in self.client.smembers(self.keys.nodes()))
 
     def history_since(self, node: str, since: float | None = None, *, limit: int | None = None) -> list[dict]:
-        """Round records finished at or after ``since`` (Unix s), oldest first.
+        """Round records finished at or after ``since`` (Unix s on *this* host's clock), oldest first.
 
-        With ``limit``, the newest ``limit`` of them.  Stream ids are the Redis
-        host's milliseconds; the scan starts a minute early so a Redis clock a
-        little behind ours loses nothing, and ``finished_at`` decides.
+        With ``limit``, the newest ``limit`` of them.  Records finish on Redis'
+        clock and stream ids are its milliseconds: ``since`` is read on Redis'
+        clock too (:mod:`workers.redisclock`), so no host's clock error moves
+        the window.
         """
-        low = "-" if since is None else str(max(0, int((since - _STREAM_CLOCK_SLACK_S) * 1000)))
+        clock = clock_for(self.client)
+        # Within the estimate's error (half a round trip), a record counts as inside the window.
+        since_redis = None if since is None else clock.from_local(since) - (clock.error_s or 0.0)
+        low = "-" if since_redis is None else str(max(0, int(since_redis * 1000)))
         if limit is None:
             records = records_of(self.client.xrange(self.keys.history(node), min=low))
         else:
             records = list(reversed(records_of(self.client.xrevrange(self.keys.history(node), min=low, count=limit))))
-        if since is not None:
-            records = [r for r in records if r["finished_at"] >= since]
+        if since_redis is not None:
+            records = [r for r in records if r["finished_at"] >= since_redis]
         return records
 
     def server_delays(self, node: str) -> dict[str, float]:
@@ -345,9 +354,6 @@ def round_counters(record: dict) -> dict[str, int]:
 
 
 #: Attempt failures that are not a reply we refused (nothing came back).
-#: How far the history scan starts before ``since``, for a Redis clock behind ours (s).
-_STREAM_CLOCK_SLACK_S = 60.0
-
 _NO_REPLY_REASONS = frozenset({sanity.REASON_TIMEOUT, sanity.REASON_SOCKET_ERROR, sanity.REASON_DNS_ERROR,
                                REASON_ROUND_DEADLINE, REASON_NO_RESULT, REASON_KOD_BACKOFF,
                                REASON_KOD_DEMOBILISED, sanity.REASON_NTS_KE_FAILED})

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from celery.utils.log import get_task_logger
 
 from workers.app import app, redis_url_of
@@ -76,8 +74,8 @@ def finish(meta: RoundMeta, outcomes: list[dict], store: Store, *, closed_by: st
     both come here; whichever claims the round first publishes it, so a
     redelivered callback or a late one after the closer counts nothing twice.
     """
-    def build(window: list[list[float]], consecutive: int) -> dict:
-        record = build_record(meta, outcomes, finished_at=time.time(), window=window,
+    def build(window: list[list[float]], consecutive: int, finished_at: float) -> dict:
+        record = build_record(meta, outcomes, finished_at=finished_at, window=window,
                               consecutive_outliers=consecutive)
         record["closed_by"] = closed_by
         return record

@@ -26,17 +26,18 @@ reports in batches.
 from __future__ import annotations
 
 import os
-import time
+import threading
 
 from celery import signals
 from celery.utils.log import get_task_logger
 
-from . import kod, measure
-from .app import app
+from . import kod, measure, redisurl
+from .app import app, redis_url_of
 from .config import ENV_NODE
 from .contracts import OutcomeStatus
 from .ntp.client import QueryFailed
 from .ntp.sanity import Rejection
+from .redisclock import RedisClock
 from .reports import Reporter
 
 log = get_task_logger(__name__)
@@ -55,6 +56,23 @@ RESULT_REPR_MAX_CHARS = 80
 
 #: Writes the outcomes this process's tasks report, in batches (:mod:`workers.reports`).
 reporter = Reporter(lambda: app.backend.client)
+
+
+_clock: RedisClock | None = None
+_clock_lock = threading.Lock()
+
+
+def service_now() -> float:
+    """Redis' clock, as this worker estimates it: what a round's deadline is set on (:mod:`workers.redisclock`).
+
+    One estimate for the whole process: Celery's backend (and its client) is per thread, and
+    threads with estimates of their own would disagree by their estimates' errors.
+    """
+    global _clock
+    with _clock_lock:
+        if _clock is None:
+            _clock = RedisClock(redisurl.connect(redis_url_of(app), app.conf.chronotick_redis_master_name))
+    return _clock.now()
 
 
 @signals.worker_shutdown.connect
@@ -87,7 +105,7 @@ def query_server(self, *carried, job: dict, history: list | None = None):
     shows it).
     """
     history = list(history or [])
-    started_at = time.time()
+    started_at = service_now()  # deadlines are Redis' clock: a node whose own clock is off is still measured
     attempt_no = len(history) + 1
     own_node = os.environ.get(ENV_NODE)
     if own_node and own_node != job["node"]:
@@ -97,6 +115,8 @@ def query_server(self, *carried, job: dict, history: list | None = None):
                                        f"worker {self.request.hostname} measures node {own_node!r}",
                                        worker=self.request.hostname))
     if started_at > job["deadline_at"]:
+        log.warning("[LATE] %s for %s: round %s is past its deadline; no packet sent", job["server"], job["node"],
+                    job["round_id"])
         outcome = _failed(job, history, measure.REASON_ROUND_DEADLINE,
                           f"attempt {attempt_no} would start after the round's deadline",
                           worker=self.request.hostname)
@@ -127,7 +147,7 @@ def query_server(self, *carried, job: dict, history: list | None = None):
         if self.request.retries < len(waits) and not kissed:
             wait_s = waits[self.request.retries]
             budget_s = measure.attempt_budget_s(timeout_s=job["timeout_s"], samples=job["samples"])
-            if time.time() + wait_s + budget_s <= job["deadline_at"]:
+            if service_now() + wait_s + budget_s <= job["deadline_at"]:
                 log.info("[RETRY] %s for %s: attempt %d/%d failed (%s), next in %.3g s",
                          job["server"], job["node"], attempt_no, len(waits) + 1, rejection.reason, wait_s)
                 raise self.retry(kwargs={"job": job, "history": history}, countdown=wait_s,

@@ -2,6 +2,7 @@
 
 import contextlib
 import threading
+import time
 
 import pytest
 import yaml
@@ -88,7 +89,7 @@ def test_a_node_whose_round_is_still_running_is_skipped(tmp_path):
         return PendingRound(round_id=f"r{len(sent)}", node=node, deadline_at=time.time() + 60, result=None)
 
     scheduler = Scheduler(config, ["a", "b"], dispatch=fake_dispatch, overdue_handles=lambda config, now: [],
-                          warm_ups=lambda config: {}, on_lead=lambda config, nodes: [])
+                          warm_ups=lambda config: {}, on_lead=lambda config, nodes: [], clock=time.time)
     thread = threading.Thread(target=scheduler.run, daemon=True)
     thread.start()
     wait_for(lambda: scheduler.skipped["a"] >= 3 and scheduler.skipped["b"] >= 3, what="skipped ticks")
@@ -178,7 +179,7 @@ def test_a_warm_up_asked_for_long_after_the_beat_started_runs_at_once(tmp_path):
         return {node: end - now for node, end in ends.items() if end > now}
 
     scheduler = Scheduler(config, ["a", "b"], dispatch=dispatch, overdue_handles=lambda config, now: [],
-                          warm_ups=warm_ups, on_lead=lambda config, nodes: [])
+                          warm_ups=warm_ups, on_lead=lambda config, nodes: [], clock=time.time)
     with _running(scheduler):
         wait_for(lambda: sent, what="the first normal round")
         first_sent = len(sent)

@@ -1,0 +1,100 @@
+"""The service's one clock for its own bookkeeping: Redis' (``TIME``), never a host's.
+
+A round's deadline is set by the dispatcher (the beat, or ``measure``) and
+checked by the node's worker; its record is finished by whoever runs the
+callback, and trimmed against stream ids, which are Redis' milliseconds.  Read
+on each host's own clock, a node whose clock is ahead of the beat's by more
+than a round's budget found every round past its deadline -- and that node is
+exactly the one ChronoTick must correct.  So every service time (dispatch,
+deadlines, finish, history windows) is Redis' time, as each process estimates
+it; a measurement's own times (t1, t4, ``measured_at``) stay the node's, since
+the offset describes that clock.
+
+:class:`RedisClock` estimates Redis' clock from this host's: ``time.time()``
+plus an offset measured with one ``TIME`` round trip (its midpoint), again
+every :data:`REFRESH_S` (the quickest of :data:`SAMPLES`).  The estimate's
+error is half that round trip, far below any budget it is compared with.  One
+clock per process and Redis (:func:`clock_for`), so every thread of a process
+reads the same estimate.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from functools import lru_cache
+
+import redis
+
+log = logging.getLogger(__name__)
+
+#: How often the offset to Redis' clock is measured again (s): clocks drift by
+#: parts per million, so a minute keeps the estimate within microseconds of drift.
+REFRESH_S = 60.0
+
+#: Exchanges per measurement; the quickest one's offset is kept (its error is the smallest),
+#: as NTP's clock filter keeps the minimum-delay sample.
+SAMPLES = 3
+
+#: After a failed measurement, try again this soon (s); the last offset stays in use.
+RETRY_S = 1.0
+
+
+class RedisClock:
+    """This process's estimate of the Redis server's clock (Unix s)."""
+
+    def __init__(self, client: redis.Redis, *, refresh_s: float = REFRESH_S):
+        self.client = client
+        self.refresh_s = refresh_s
+        #: Redis' clock minus this host's (s); 0 until first measured.
+        self.offset_s = 0.0
+        #: Half the round trip of the last measurement: the estimate's error bound (s).
+        self.error_s: float | None = None
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        """Redis' clock now, as estimated here (Unix s)."""
+        if time.monotonic() >= self._next:
+            self.measure()
+        return time.time() + self.offset_s
+
+    def measure(self) -> float:
+        """Measure the offset again (one ``TIME``); the offset, or the last one if Redis did not answer."""
+        with self._lock:
+            best: tuple[float, float] | None = None  # (round trip, offset) of the quickest exchange
+            try:
+                for _ in range(SAMPLES):
+                    before, sent = time.time(), time.monotonic()
+                    seconds, micros = self.client.time()
+                    took = time.monotonic() - sent
+                    offset = (int(seconds) + int(micros) / 1e6) - (before + took / 2)
+                    if best is None or took < best[0]:
+                        best = (took, offset)
+            except redis.RedisError as exc:
+                self._next = time.monotonic() + RETRY_S
+                log.debug("cannot read Redis' clock (%s); keeping the offset %+.6f s", exc, self.offset_s)
+                return self.offset_s
+            assert best is not None
+            self.error_s, self.offset_s = best[0] / 2, best[1]
+            self._next = time.monotonic() + self.refresh_s
+            return self.offset_s
+
+    def from_local(self, local_s: float) -> float:
+        """A time on this host's clock, as Redis' clock reads it (Unix s)."""
+        if time.monotonic() >= self._next:
+            self.measure()
+        return local_s + self.offset_s
+
+
+@lru_cache(maxsize=64)
+def clock_for(client: redis.Redis) -> RedisClock:
+    """One clock per client (and so per Redis) in this process."""
+    return RedisClock(client)
+
+
+def server_time(client: redis.Redis) -> float:
+    """Redis' clock, read now (one ``TIME``; raises redis' errors)."""
+    seconds, micros = client.time()
+    return int(seconds) + int(micros) / 1e6
