@@ -477,6 +477,10 @@ class ClockMeasurementSource:
                 self._outage(exc)
                 self._stop.wait(FOLLOW_RETRY_S)
                 continue
+            except Exception:  # never die silently: ChronoTick would be left reading a frozen past
+                log.exception("following %s's measurements failed; trying again", self.node)
+                self._stop.wait(FOLLOW_RETRY_S)
+                continue
             if self._outage_since is not None:
                 log.warning("the NTP service at %s answers again after %.1f s; %d measurements held",
                             self.url, time.monotonic() - self._outage_since, len(self._measurements))
@@ -502,8 +506,16 @@ class ClockMeasurementSource:
                 self._ingest(entries)
 
     def _ingest(self, entries) -> None:
-        found = [Measurement.from_latest(r["latest"], stale_after_s=self.stale_after_s, drift_bound=self.drift_bound)
-                 for r in records_of(entries) if r.get("latest")]
+        found = []
+        for entry in entries:
+            try:
+                (record,) = records_of([entry])
+                if record.get("latest"):
+                    found.append(Measurement.from_latest(record["latest"], stale_after_s=self.stale_after_s,
+                                                         drift_bound=self.drift_bound))
+            except (ValueError, KeyError, TypeError) as exc:  # one bad record must not stop the follower
+                log.warning("skipping history entry %s of %s: not a round record ChronoTick can use (%s: %s)",
+                            _text(entry[0]), self.node, type(exc).__name__, exc)
         if not found:
             return
         with self._lock:

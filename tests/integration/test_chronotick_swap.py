@@ -286,3 +286,34 @@ def test_a_real_worker_starting_for_a_node_with_nothing_fresh_asks_for_its_warm_
         assert 25 < warmup.active(redis_client, prefix)["freshnode"] <= 30
     finally:
         stop_process(worker)
+
+
+def test_a_record_the_collector_cannot_use_is_skipped_and_the_follower_goes_on(tmp_path, redis_url, redis_client,
+                                                                               key_prefix, monkeypatch):
+    """One malformed history entry (another version's, a hand-written one) must not freeze ChronoTick's view."""
+    import json
+
+    from orchestrator.store import Store
+
+    monkeypatch.setenv(config_mod.ENV_REDIS_URL, redis_url)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"clock_measurement": {"ntp": {"servers": ["127.0.0.1"]}},
+                                    "ntp_service": {"key_prefix": key_prefix}}))
+    collector = ClockMeasurementCollector(str(path), "oddnode")
+    collector.start_collection()
+    try:
+        history = f"{key_prefix}:ntp:oddnode:history"
+        redis_client.xadd(history, {"record": json.dumps({"latest": {"offset": 1.0}, "detail": "verbose"})})
+        now = time.time()
+        latest = {"node": "oddnode", "offset": 0.0012, "uncertainty": 0.002, "delay": 0.01, "stratum": 2,
+                  "precision": 2 ** -20, "server": "s", "quality": "strict", "measured_at": now,
+                  "published_at": now}
+        Store(redis_client, prefix=key_prefix).publish_round(
+            {"round_id": "r1", "node": "oddnode", "quality": "strict", "dispatched_at": now, "finished_at": now,
+             "duration_s": 0.0, "servers_used": 1, "servers_total": 1, "servers": [], "agreement": None,
+             "filter": None, "candidate": None, "latest": latest},
+            history_length=10, window_size=20, detail="verbose")
+        wait_for(lambda: collector.get_latest_offset() == 0.0012, what="the good record after the bad one")
+        assert collector.collecting and len(collector.get_recent_measurements(60)) == 1
+    finally:
+        collector.stop_collection()
