@@ -109,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--client-burst", type=int, default=None, help="... after a burst of this many (default 8)")
     p.add_argument("--key-prefix", default="chronotick",
                    help="first part of the Redis keys the counts go to (with $CHRONOTICK_REDIS_URL)")
+    p = command("up", cmd_up, "one box: a private Redis (unless one is configured), this node's worker, the beat "
+                "and the exporter; Ctrl-C stops all")
+    p.add_argument("--data-dir", default=None,
+                   help="where the private Redis keeps its data (default ./chronotick-data)")
+    p.add_argument("--exporter-port", type=_port, default=None, help="the exporter's port (default 9124)")
+    p.add_argument("--redis-port", type=int, default=None,
+                   help="the private Redis' loopback port (default 6390; 0: any free port)")
     p = command("simulate", cmd_simulate, "serve the config's simulated NTP servers on loopback", node=False)
     p = command("demo", cmd_demo, "offline demo: local Redis, simulated servers, a worker, a few rounds",
                 config=False)
@@ -516,6 +523,37 @@ def cmd_simulate(args) -> int:
                 time.sleep(0.2)
         except KeyboardInterrupt:
             pass
+    return EXIT_OK
+
+
+def cmd_up(args) -> int:
+    from pathlib import Path
+
+    from .box import DEFAULT_DATA_DIR, DEFAULT_REDIS_PORT, Box, BoxError
+
+    config = _load(args)
+    node = _node(args)
+    _warn(config)
+    box = Box(os.path.abspath(args.config), node, Path(args.data_dir or DEFAULT_DATA_DIR),
+              exporter_port=args.exporter_port,
+              redis_port=DEFAULT_REDIS_PORT if args.redis_port is None else args.redis_port)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, box.request_stop)
+    try:
+        box.start(config, dict(os.environ))
+        private = box.redis_process is not None
+        print(f"up: Redis at {redisurl.redact(box.redis_url)}"
+              + (f" (private, append-only file in {box.data_dir})" if private else " (configured)"), flush=True)
+        pids = ", ".join(f"{name} pid {proc.pid}" for name, proc in box.children.items())
+        print(f"up: worker for {node}, beat, exporter ({pids}); Ctrl-C stops all", flush=True)
+        gone = box.wait()
+    except BoxError as exc:
+        box.stop()
+        raise CliError(str(exc), EXIT_USAGE) from None
+    box.stop()
+    if gone is not None:
+        raise CliError(f"up: {gone} exited by itself; stopped the rest", EXIT_NO_WORKER)
+    print("up: stopped", flush=True)
     return EXIT_OK
 
 
