@@ -293,7 +293,8 @@ class ServiceSettings:
         doc="round records older than this are trimmed (the stream's MINID), so memory stays flat (h)")
     record_detail: str = option(
         "compact", types=(str,), check=lambda v: v in ("compact", "verbose"), problem="must be 'compact' or 'verbose'",
-        doc="`compact`: about 2.4 kB per 10-server round; `verbose`: every attempt's detail and the whole sample")
+        doc="`compact`: at most 2,000 bytes per 10-server round; `verbose`: every attempt's detail and the whole "
+            "sample")
     worker_concurrency: int | None = option(
         None, types=(int, type(None)), check=lambda v: v is None or v >= 1, problem="must be at least 1 (or null)",
         doc="a worker's threads; default: one per server, plus two")
