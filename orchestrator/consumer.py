@@ -235,7 +235,7 @@ class NtpReader:
         return self._call(self._store.history_since, node, since, limit=limit)
 
     def stats(self, node: str) -> dict[str, int]:
-        """The node's counters (see the README's contract)."""
+        """The node's counters (see docs/contract.md)."""
         return self._call(self._store.stats, node)
 
     def nodes(self) -> list[str]:

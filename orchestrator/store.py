@@ -1,4 +1,4 @@
-"""The Redis contract consumers read (documented in the README).
+"""The Redis contract consumers read (documented in docs/contract.md).
 
 With prefix ``chronotick`` and node ``n1``:
 

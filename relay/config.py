@@ -14,7 +14,7 @@ Each mapping may also carry (this project's, optional):
     of ``upstream_burst`` requests, refilled by one every ``min_interval_s``.
     The head node is *one* client to a public server, however many nodes
     stand behind it; requests over the cap get nothing.  Absent: the
-    defaults below, sized (README, "the relay's arithmetic") so that the
+    defaults below, sized (docs/operations.md, "the relay's arithmetic") so that the
     ARES nodes' warm-up passes whole while the long-run rate stays polite.
 ``rate_backoff_s``
     How long the relay leaves the upstream alone after it sent a RATE kiss

@@ -61,7 +61,7 @@ def workers_for_queue(queue: str, *, timeout_s: float = 1.0) -> list[str]:
 
 def worker_argv(config: config_mod.Config, node: str, *, concurrency: int | None = None,
                 events: bool = False, loglevel: str = "INFO") -> list[str]:
-    """The ``celery worker`` arguments for ``node`` (also shown in the README).
+    """The ``celery worker`` arguments for ``node`` (also shown in docs/operations.md).
 
     Threads, one per server: each query sleeps in ``recvmsg`` for most of its
     life, so threads cost little (a prefork child is ~50 MB) and a round's

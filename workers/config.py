@@ -106,7 +106,7 @@ class Option:
     """How one YAML key is read: its type(s), its check and what it must be, and a line of doc.
 
     Each settings field declares its option once, with :func:`option`; the
-    parsers, the key tables, the README's configuration tables (a test holds
+    parsers, the key tables, the configuration tables of docs/contract.md (a test holds
     them to it) and the round metadata all come from these declarations.
     """
 
@@ -438,7 +438,7 @@ def ntp_from_mapping(raw: dict, *, source: str = "<settings>") -> NtpSettings:
 
 
 def options_table(settings_class, *, prefix: str = "") -> str:
-    """The README's table of a section's options, from their declarations."""
+    """docs/contract.md's table of a section's options, from their declarations."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for key, (name, opt) in options_of(settings_class).items():
         default = next(f for f in fields(settings_class) if f.name == name).default

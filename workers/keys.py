@@ -1,7 +1,7 @@
 """Every Redis key name the service uses, under one prefix (``ntp_service.key_prefix``).
 
 The contract's keys (``latest``, ``history``, ``updates``, ``stats``, ``nodes``,
-``round_duration``) are documented in :mod:`orchestrator.store` and the README;
+``round_duration``) are documented in :mod:`orchestrator.store` and docs/contract.md;
 the rest are internal.  Workers, the beat, the exporter and readers all take
 their names from here, so a name is spelt once.
 """

@@ -167,6 +167,6 @@ def test_flower_in_a_browser_shows_which_server_failed(worker, redis_url, simula
         assert f"strict: {servers['good']}" in callback and "1/2 servers" in callback
         shot = _chromium("--window-size=1400,700", f"--screenshot={tmp_path / 'flower-tasks.png'}", url, cwd=tmp_path)
         assert (tmp_path / "flower-tasks.png").stat().st_size > 10_000, shot.stderr[-2000:]
-        docs = os.environ.get("CHRONOTICK_DOCS_DIR")  # to refresh the README's picture
+        docs = os.environ.get("CHRONOTICK_DOCS_DIR")  # to refresh docs/operations.md's picture
         if docs:
             shutil.copy(tmp_path / "flower-tasks.png", Path(docs) / "flower-tasks.png")

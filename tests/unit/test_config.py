@@ -232,11 +232,11 @@ def test_what_counts_as_a_public_server(host, public):
     assert config_mod.is_public(host) is public
 
 
-def test_the_readme_tables_are_the_option_declarations():
-    """Each option is declared once; the README's tables must be exactly what the declarations say."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+def test_the_documented_tables_are_the_option_declarations():
+    """Each option is declared once; the contract's tables must be exactly what the declarations say."""
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "contract.md").read_text()
     for settings in (config_mod.NtpSettings, config_mod.TimingSettings, config_mod.ServiceSettings):
-        assert config_mod.options_table(settings) in readme, f"README table of {settings.__name__} is stale"
+        assert config_mod.options_table(settings) in readme, f"docs/contract.md table of {settings.__name__} is stale"
     assert len(config_mod.options_of(config_mod.NtpSettings)) == 21
 
 
