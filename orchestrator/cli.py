@@ -296,7 +296,7 @@ def _nodes_to_report(args, config: config_mod.Config, store) -> list[str]:
 def cmd_status(args) -> int:
     config = _load(args)
     _check_broker(config)
-    from . import report
+    from . import targets
     from .consumer import STALE_INTERVALS
     from .store import store_for
 
@@ -304,7 +304,7 @@ def cmd_status(args) -> int:
     now = time.time()
     since = now - args.hours * 3600
     stale_after_s = STALE_INTERVALS * config.timing.normal_interval_s
-    nodes = {node: report.node_report(store.history_since(node, since), store.latest(node), now=now,
+    nodes = {node: targets.node_report(store.history_since(node, since), store.latest(node), now=now,
                                       stale_after_s=stale_after_s)
              for node in _nodes_to_report(args, config, store)}
     ok = all(n["ok"] for n in nodes.values())
@@ -452,7 +452,7 @@ def cmd_relay(args) -> int:
     import socket
 
     from relay import config as relay_config
-    from relay.report import RedisReport
+    from relay.counts import RedisReport
     from relay.server import Relay
 
     try:

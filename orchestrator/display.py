@@ -6,7 +6,7 @@ Shared by the command line and the demo, so both print the same tables.
 from __future__ import annotations
 
 from .contracts import Quality, ServerStatus
-from .report import TARGETS
+from .targets import TARGETS
 
 
 def _ms(sample: dict, key: str, fmt: str = "{:.3f}") -> str:

@@ -22,7 +22,7 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from relay.report import read_all as read_relays
+from relay.counts import read_all as read_relays
 from relay.stats import COUNTERS as RELAY_COUNTERS
 
 from . import records

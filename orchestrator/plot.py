@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker as mticker  # noqa: E402
 
 from .contracts import Quality  # noqa: E402
-from .report import ROUND_TIME_AVG, ROUND_TIME_P99, TARGETS  # noqa: E402
+from .targets import ROUND_TIME_AVG, ROUND_TIME_P99, TARGETS  # noqa: E402
 
 #: Colours by round quality.
 QUALITY_COLOURS = {"strict": "#1b7837", "relaxed": "#e08214", "starvation": "#b2182b", "outlier": "#762a83"}

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestrator import display, report, rounds
+from orchestrator import display, rounds, targets
 from orchestrator.consumer import STALE_INTERVALS
 from orchestrator.store import store_for
 from workers import config as config_mod
@@ -80,7 +80,7 @@ def run_demo(config_path: str | None, *, rounds_to_run: int = 4, plot: str | Non
             print("\n--- chronotick-ntp status: ChronoTick's targets (the demo's servers are faulty on purpose) ---")
             now = time.time()
             records = store.history_since(node, now - 3600)
-            figures = report.node_report(records, latest, now=now,
+            figures = targets.node_report(records, latest, now=now,
                                          stale_after_s=STALE_INTERVALS * config.timing.normal_interval_s)
             print(display.format_status({node: figures}, hours=1, color=sys.stdout.isatty()))
             if plot:

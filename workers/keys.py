@@ -64,7 +64,7 @@ class Keys:
         return self._node(node, f"round:{round_id}")
 
     def outcomes(self, node: str, round_id: str) -> str:
-        """Internal: a hash, server -> outcome JSON, each query task's report (:mod:`workers.reports`).
+        """Internal: a hash, server -> outcome JSON, each query task's report (:mod:`workers.outcome_reports`).
 
         What a closer publishes if the round's callback never comes; deleted
         with the round's publication, else it expires after the deadline.

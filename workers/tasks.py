@@ -19,7 +19,7 @@ whether or not it is stored, and storing it -- a GET, a SETEX and a PUBLISH
 per task, on a key nobody reads -- was a fifth of the worker's time per task
 (issue #12).  Instead the task reports its outcome to the round's ``report_to`` hash (named
 by the orchestrator, deleted when the round is published), which is what a
-closer reads if the callback never comes; :mod:`workers.reports` writes those
+closer reads if the callback never comes; :mod:`workers.outcome_reports` writes those
 reports in batches.
 """
 
@@ -37,8 +37,8 @@ from .config import ENV_NODE
 from .contracts import OutcomeStatus
 from .ntp.client import QueryFailed
 from .ntp.sanity import Rejection
+from .outcome_reports import Reporter
 from .redisclock import RedisClock
-from .reports import Reporter
 
 log = get_task_logger(__name__)
 
@@ -54,7 +54,7 @@ REASON_WRONG_NODE = "wrong_node"
 #: fifth of what Celery's default 1,024 does.
 RESULT_REPR_MAX_CHARS = 80
 
-#: Writes the outcomes this process's tasks report, in batches (:mod:`workers.reports`).
+#: Writes the outcomes this process's tasks report, in batches (:mod:`workers.outcome_reports`).
 reporter = Reporter(lambda: app.backend.client)
 
 

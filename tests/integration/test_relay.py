@@ -293,7 +293,7 @@ def test_the_relay_writes_its_counts_to_redis_and_the_exporter_shows_them(redis_
                              "--key-prefix", prefix], env=env, cwd=str(REPO), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        from relay.report import read_all
+        from relay.counts import read_all
 
         asker = client(2)
         wait_for(lambda: read_all(redis_client, prefix), what="the relay's first report")

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from orchestrator import report
-from orchestrator.report import node_report, percentile
+from orchestrator import targets
+from orchestrator.targets import node_report, percentile
 
 
 def record(duration_s, *, quality="strict", servers=None, finished_at=1000.0):
@@ -87,5 +87,5 @@ def test_stale_or_silent_node_is_not_ok():
 
 
 def test_target_names_are_the_documented_contract():
-    assert [t.name for t in report.TARGETS] == ["round_time_avg_s", "round_time_p99_s", "starvation_events",
+    assert [t.name for t in targets.TARGETS] == ["round_time_avg_s", "round_time_p99_s", "starvation_events",
                                                 "fallback_rate", "retry_rate", "rejection_rate"]

@@ -1,4 +1,4 @@
-"""workers/reports.py against a real Redis: batched, bounded in time, never in a task's way."""
+"""workers/outcome_reports.py against a real Redis: batched, bounded in time, never in a task's way."""
 
 import json
 import logging
@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from workers.reports import Reporter
+from workers.outcome_reports import Reporter
 
 from ..conftest import wait_for
 from ..unit.samples import ok
@@ -60,7 +60,7 @@ def test_redis_away_costs_a_warning_not_the_task(redis_client, key_prefix, caplo
         port = probe.getsockname()[1]
     target = [redis.Redis(port=port, socket_connect_timeout=0.5)]
     reporter = Reporter(lambda: target[0])
-    with caplog.at_level(logging.WARNING, logger="workers.reports"):
+    with caplog.at_level(logging.WARNING, logger="workers.outcome_reports"):
         reporter.report(job(f"{key_prefix}:outcomes:r2", "127.0.0.1:9", time.time()), {"status": "ok"})
         assert reporter.drain(timeout_s=10)  # failed, and no longer pending
     assert reporter.written == 0
