@@ -10,6 +10,7 @@ from enum import StrEnum
 from typing import Any
 
 from workers.config import NtpSettings, ntp_from_mapping
+from workers.contracts import Reason
 from workers.quality import Thresholds
 
 
@@ -20,6 +21,13 @@ class Quality(StrEnum):
     RELAXED = "relaxed"        # passed only the 2x fallback
     STARVATION = "starvation"  # nothing passed any gate (or no majority agreed)
     OUTLIER = "outlier"        # the temporal filter refused the candidate
+
+
+class ClosedBy(StrEnum):
+    """Who finished a round (``closed_by`` in its record)."""
+
+    CALLBACK = "callback"  # the chord's callback, with every server's outcome
+    DEADLINE = "deadline"  # a closer, at the deadline, with what the tasks had reported
 
 
 class ServerStatus(StrEnum):
@@ -34,7 +42,7 @@ class ServerStatus(StrEnum):
 
 
 #: A server that reported nothing before its round was closed at the deadline.
-REASON_NO_RESULT = "no_result"
+REASON_NO_RESULT = Reason.NO_RESULT
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .contracts import ClosedBy
+
 COMPACT = "compact"
 VERBOSE = "verbose"
 
 #: Who finished a round when a record does not say (see orchestrator.tasks.CLOSED_BY_CALLBACK).
-CLOSED_BY_CALLBACK = "callback"
+CLOSED_BY_CALLBACK = ClosedBy.CALLBACK
 
 #: Redis keeps a stream entry of up to about 2,000 bytes two to a node: see the module doc.
 RECORD_BUDGET_BYTES = 2000

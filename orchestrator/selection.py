@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.contracts import AuthSelect, OutcomeStatus
+from workers.contracts import AuthSelect, OutcomeStatus, Reason, Selection
 from workers.quality import Thresholds
 
 from .contracts import Quality, ServerStatus
@@ -44,8 +44,8 @@ Json = dict[str, Any]
 
 STRICT, RELAXED, STARVATION = Quality.STRICT, Quality.RELAXED, Quality.STARVATION
 
-BEST = "best"
-COMBINE = "combine"
+BEST = Selection.BEST
+COMBINE = Selection.COMBINE
 
 #: Per-server statuses in a round record (see :class:`ServerStatus`).
 CHOSEN, COMBINED, ACCEPTED = ServerStatus.CHOSEN, ServerStatus.COMBINED, ServerStatus.ACCEPTED
@@ -191,7 +191,7 @@ def combine(samples: list[Json]) -> Json:
 
 
 #: Why a plain sample was not used under ``auth_select: require``.
-REASON_NOT_AUTHENTICATED = "not_authenticated"
+REASON_NOT_AUTHENTICATED = Reason.NOT_AUTHENTICATED
 
 
 def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, method: str = BEST,
@@ -288,7 +288,7 @@ def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, m
                       f"interval {sample['offset_s'] - sample['uncertainty_s']:+.6f}..."
                       f"{sample['offset_s'] + sample['uncertainty_s']:+.6f} s misses the interval a majority "
                       f"agrees on, {agreement['interval'][0]:+.6f}...{agreement['interval'][1]:+.6f} s")
-            entry.update(status=FALSETICKER, reason="falseticker", detail=detail)
+            entry.update(status=FALSETICKER, reason=Reason.FALSETICKER, detail=detail)
         else:
             reasons = gate[1].violations(sample)
             if sample["server"] == (chosen or {}).get("server") and sample["server"] in used_names:
@@ -298,7 +298,8 @@ def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, m
             else:
                 entry["status"] = REJECTED if reasons else ACCEPTED
             if reasons:
-                entry.update(reason=f"over_{gate[0]}_thresholds", detail="; ".join(reasons))
+                over = Reason.OVER_STRICT_THRESHOLDS if gate[0] == STRICT else Reason.OVER_RELAXED_THRESHOLDS
+                entry.update(reason=over, detail="; ".join(reasons))
         servers.append(entry)
     return {
         "quality": quality,

@@ -9,7 +9,7 @@ from workers.contracts import OutcomeStatus
 from workers.tasks import reporter
 
 from . import outliers, selection
-from .contracts import REASON_NO_RESULT, Quality, RoundMeta
+from .contracts import REASON_NO_RESULT, ClosedBy, Quality, RoundMeta
 from .store import Store, client_for
 
 log = get_task_logger(__name__)
@@ -63,8 +63,8 @@ def summarise_round(record: dict) -> str:
 
 
 #: Who finished a round (``closed_by`` in its record).
-CLOSED_BY_CALLBACK = "callback"
-CLOSED_BY_DEADLINE = "deadline"
+CLOSED_BY_CALLBACK = ClosedBy.CALLBACK
+CLOSED_BY_DEADLINE = ClosedBy.DEADLINE
 
 
 def finish(meta: RoundMeta, outcomes: list[dict], store: Store, *, closed_by: str) -> dict | None:

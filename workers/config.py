@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from . import redisurl
-from .contracts import AuthSelect
+from .contracts import AuthSelect, MeasurementMode, Selection
 from .ntp import packet
 
 #: Overrides ``ntp_service.redis_url``.
@@ -178,7 +178,7 @@ class NtpSettings:
         0.100, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0,
         doc="strict gate (s; the old client ignored it)")
     measurement_mode: str = option(
-        "simple", types=(str,), check=lambda v: v in ("simple", "advanced"),
+        MeasurementMode.SIMPLE.value, types=(str,), check=lambda v: v in tuple(MeasurementMode),
         problem="must be 'simple' or 'advanced'", doc="`advanced`: a burst of `advanced_samples`, minimum delay kept")
     advanced_samples: int = option(
         3, types=(int,), check=lambda v: 1 <= v <= 8, problem="must be between 1 and 8",
@@ -201,7 +201,8 @@ class NtpSettings:
         5.0, types=_NUMBER, check=lambda v: 0 < v <= MAX_RETRY_DELAY_S,
         problem=f"must be more than 0 and at most {MAX_RETRY_DELAY_S:g} s", doc="first wait; then doubled (s)")
     selection: str = option(
-        "combine", types=(str,), check=lambda v: v in ("best", "combine"), problem="must be 'best' or 'combine'",
+        Selection.COMBINE.value, types=(str,), check=lambda v: v in tuple(Selection),
+        problem="must be 'best' or 'combine'",
         doc="`combine` (default: ChronoTick averages servers, so best-server switching cannot flicker the "
             "offset) or `best` (new key)")
     server_groups: tuple[tuple[str, ...], ...] = option(

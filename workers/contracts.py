@@ -28,6 +28,85 @@ class AuthSelect(StrEnum):
     IGNORE = "ignore"    # authentication does not count
 
 
+class Reason(StrEnum):
+    """Every named reason a query fails or a reply is refused: a round record's ``reason``, ``stats``'
+    ``failed:<reason>`` and ``rejected:<reason>``.  Named once here; the modules that decide each keep
+    an alias (``sanity.REASON_TIMEOUT is Reason.TIMEOUT``).  A Kiss-o'-Death other than these is
+    ``kod_`` plus its lower-case code (:func:`kiss_reason`).
+    """
+
+    # No usable reply (workers.ntp.client, workers.measure).
+    TIMEOUT = "timeout"
+    SOCKET_ERROR = "socket_error"
+    DNS_ERROR = "dns_error"
+    QUERY_ERROR = "query_error"
+    # A reply refused by RFC 5905's packet tests (workers.ntp.sanity).
+    WRONG_SOURCE = "wrong_source"
+    TRUNCATED = "truncated"
+    BAD_MODE = "bad_mode"
+    BOGUS_ORIGIN = "bogus_origin"
+    BAD_VERSION = "bad_version"
+    ZERO_TRANSMIT = "zero_transmit"
+    ZERO_RECEIVE = "zero_receive"
+    RECEIVE_AFTER_TRANSMIT = "receive_after_transmit"
+    SERVER_PROCESSING_TOO_LONG = "server_processing_too_long"
+    UNSYNCHRONISED_LEAP = "unsynchronised_leap"
+    UNSYNCHRONISED_STRATUM = "unsynchronised_stratum"
+    ROOT_DELAY_OUT_OF_RANGE = "root_delay_out_of_range"
+    ROOT_DISPERSION_OUT_OF_RANGE = "root_dispersion_out_of_range"
+    REFERENCE_AFTER_TRANSMIT = "reference_after_transmit"
+    STALE_REFERENCE = "stale_reference"
+    NEGATIVE_DELAY = "negative_delay"
+    # Kiss-o'-Death (workers.kod).
+    KOD_RATE = "kod_rate"
+    KOD_DENY = "kod_deny"
+    KOD_RSTR = "kod_rstr"
+    KOD_BACKOFF = "kod_backoff"
+    KOD_DEMOBILISED = "kod_demobilised"
+    # NTS, RFC 8915 (workers.ntp.nts).
+    NTS_KE_FAILED = "nts_ke_failed"
+    NTS_AUTH_FAILED = "nts_auth_failed"
+    NTS_BAD_UNIQUE_ID = "nts_bad_unique_id"
+    NTS_NO_AUTHENTICATOR = "nts_no_authenticator"
+    NTS_NAK = "nts_nak"
+    # The round (workers.tasks, orchestrator).
+    ROUND_DEADLINE = "round_deadline"
+    WRONG_NODE = "wrong_node"
+    NO_RESULT = "no_result"
+    # The selection's verdicts on a reply that arrived (orchestrator.selection).
+    FALSETICKER = "falseticker"
+    NOT_AUTHENTICATED = "not_authenticated"
+    OVER_STRICT_THRESHOLDS = "over_strict_thresholds"
+    OVER_RELAXED_THRESHOLDS = "over_relaxed_thresholds"
+
+
+#: A Kiss-o'-Death's reason: this prefix and the lower-case kiss code.
+KOD_PREFIX = "kod_"
+
+
+def kiss_reason(code: str) -> str:
+    """The reason for a kiss code: a :class:`Reason` member where one is named, else ``kod_<code>``."""
+    text = KOD_PREFIX + code.strip().lower()
+    try:
+        return Reason(text)
+    except ValueError:
+        return text
+
+
+class Selection(StrEnum):
+    """``clock_measurement.ntp.selection``: what a round publishes."""
+
+    COMBINE = "combine"  # the truechimers' weighted combination (ChronoTick's way; the default)
+    BEST = "best"        # the one truechimer with the smallest bound
+
+
+class MeasurementMode(StrEnum):
+    """``clock_measurement.ntp.measurement_mode``."""
+
+    SIMPLE = "simple"      # one exchange an attempt
+    ADVANCED = "advanced"  # a burst, the minimum-delay sample kept (RFC 5905's clock filter)
+
+
 class SampleDict(TypedDict):
     """One accepted exchange (:meth:`workers.ntp.client.Sample.as_dict`), seconds and Unix seconds."""
 

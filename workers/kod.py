@@ -22,6 +22,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .contracts import Reason
+
 #: Kiss codes that change how we treat a server.  Others (INIT, STEP, ...)
 #: are just a rejected reply.
 RATE = "RATE"
@@ -32,8 +34,8 @@ ACTED_ON = DEMOBILISING | {RATE}
 MAX_RATE_BACKOFF_S = 86_400.0
 
 #: Reasons a query task gives for not sending a packet at all.
-REASON_KOD_BACKOFF = "kod_backoff"
-REASON_KOD_DEMOBILISED = "kod_demobilised"
+REASON_KOD_BACKOFF = Reason.KOD_BACKOFF
+REASON_KOD_DEMOBILISED = Reason.KOD_DEMOBILISED
 
 
 @dataclass(frozen=True)

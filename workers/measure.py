@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
+from .contracts import Reason
 from .ntp import client, packet, sanity
 from .ntp.client import QueryFailed
 from .ntp.sanity import Rejection
@@ -26,10 +27,10 @@ ADVANCED_SAMPLE_SPACING_S = 0.1
 
 #: The reason when an attempt failed in a way no other reason names (a bug, or input no check
 #: foresaw): the task still ends with an outcome, so the round's chord still calls back.
-REASON_QUERY_ERROR = "query_error"
+REASON_QUERY_ERROR = Reason.QUERY_ERROR
 
 #: The reason when the round's deadline leaves no time for another attempt.
-REASON_ROUND_DEADLINE = "round_deadline"
+REASON_ROUND_DEADLINE = Reason.ROUND_DEADLINE
 
 class BurstFailed(QueryFailed):
     """An attempt failed; ``earlier`` are the refusals of its burst before the last one (advanced mode)."""

@@ -34,7 +34,7 @@ from celery.utils.log import get_task_logger
 from . import kod, measure, redisurl
 from .app import app, redis_url_of
 from .config import ENV_NODE
-from .contracts import OutcomeStatus
+from .contracts import OutcomeStatus, Reason
 from .ntp.client import QueryFailed
 from .ntp.sanity import Rejection
 from .outcome_reports import Reporter
@@ -46,7 +46,7 @@ log = get_task_logger(__name__)
 QUERY_TASK = "chronotick.query_server"
 
 #: A job for another node reached this worker (set ``CHRONOTICK_NODE`` to arm the check).
-REASON_WRONG_NODE = "wrong_node"
+REASON_WRONG_NODE = Reason.WRONG_NODE
 
 #: How much of an outcome's repr Celery keeps for the task-succeeded event (Flower's result column)
 #: (characters): the summary, the status and the server.  The whole outcome is in the round's record.

@@ -24,3 +24,23 @@ def test_enums_are_their_strings_in_json_and_back():
         assert f"{member}" == str(member) == member.value
         assert {member.value: 1}[member] == 1
     assert [q.value for q in Quality] == ["strict", "relaxed", "starvation", "outlier"]
+
+
+def test_every_reason_is_named_once_and_documented():
+    """One vocabulary: each module's REASON_* is a Reason member, and every Reason is in the docs."""
+    import pathlib
+
+    from orchestrator import contracts as orchestrator_contracts
+    from orchestrator import selection
+    from workers import kod, measure, tasks
+    from workers.contracts import Reason, kiss_reason
+    from workers.ntp import sanity
+
+    for module in (sanity, kod, measure, tasks, orchestrator_contracts, selection):
+        for name in dir(module):
+            if name.startswith("REASON_") and name != "REASON_KOD_PREFIX":
+                assert isinstance(getattr(module, name), Reason), f"{module.__name__}.{name} is not a Reason"
+    docs = " ".join(p.read_text() for p in (pathlib.Path(__file__).resolve().parents[2] / "docs").glob("*.md"))
+    missing = [r.value for r in Reason if f"`{r.value}`" not in docs]
+    assert not missing, f"reasons not documented in docs/: {missing}"
+    assert kiss_reason("RATE") is Reason.KOD_RATE and kiss_reason("INIT") == "kod_init"

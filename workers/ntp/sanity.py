@@ -16,35 +16,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..contracts import KOD_PREFIX, Reason, kiss_reason
 from .packet import LEAP_UNSYNCHRONISED, MODE_SERVER, NS_PER_S, Reply
 
-REASON_TIMEOUT = "timeout"
-REASON_SOCKET_ERROR = "socket_error"
-REASON_DNS_ERROR = "dns_error"
-REASON_WRONG_SOURCE = "wrong_source"
-REASON_TRUNCATED = "truncated"
-REASON_BAD_MODE = "bad_mode"
-REASON_BOGUS_ORIGIN = "bogus_origin"
-REASON_BAD_VERSION = "bad_version"
-REASON_ZERO_TRANSMIT = "zero_transmit"
-REASON_ZERO_RECEIVE = "zero_receive"
-REASON_RECEIVE_AFTER_TRANSMIT = "receive_after_transmit"
-REASON_SERVER_PROCESSING_TOO_LONG = "server_processing_too_long"
-REASON_UNSYNCHRONISED_LEAP = "unsynchronised_leap"
-REASON_UNSYNCHRONISED_STRATUM = "unsynchronised_stratum"
-REASON_ROOT_DELAY_OUT_OF_RANGE = "root_delay_out_of_range"
-REASON_ROOT_DISPERSION_OUT_OF_RANGE = "root_dispersion_out_of_range"
-REASON_REFERENCE_AFTER_TRANSMIT = "reference_after_transmit"
-REASON_STALE_REFERENCE = "stale_reference"
-REASON_NEGATIVE_DELAY = "negative_delay"
+# The reasons this module and the client decide, as aliases of :class:`workers.contracts.Reason`.
+REASON_TIMEOUT = Reason.TIMEOUT
+REASON_SOCKET_ERROR = Reason.SOCKET_ERROR
+REASON_DNS_ERROR = Reason.DNS_ERROR
+REASON_WRONG_SOURCE = Reason.WRONG_SOURCE
+REASON_TRUNCATED = Reason.TRUNCATED
+REASON_BAD_MODE = Reason.BAD_MODE
+REASON_BOGUS_ORIGIN = Reason.BOGUS_ORIGIN
+REASON_BAD_VERSION = Reason.BAD_VERSION
+REASON_ZERO_TRANSMIT = Reason.ZERO_TRANSMIT
+REASON_ZERO_RECEIVE = Reason.ZERO_RECEIVE
+REASON_RECEIVE_AFTER_TRANSMIT = Reason.RECEIVE_AFTER_TRANSMIT
+REASON_SERVER_PROCESSING_TOO_LONG = Reason.SERVER_PROCESSING_TOO_LONG
+REASON_UNSYNCHRONISED_LEAP = Reason.UNSYNCHRONISED_LEAP
+REASON_UNSYNCHRONISED_STRATUM = Reason.UNSYNCHRONISED_STRATUM
+REASON_ROOT_DELAY_OUT_OF_RANGE = Reason.ROOT_DELAY_OUT_OF_RANGE
+REASON_ROOT_DISPERSION_OUT_OF_RANGE = Reason.ROOT_DISPERSION_OUT_OF_RANGE
+REASON_REFERENCE_AFTER_TRANSMIT = Reason.REFERENCE_AFTER_TRANSMIT
+REASON_STALE_REFERENCE = Reason.STALE_REFERENCE
+REASON_NEGATIVE_DELAY = Reason.NEGATIVE_DELAY
 #: A Kiss-o'-Death reason is this prefix plus the lower-case kiss code.
-REASON_KOD_PREFIX = "kod_"
+REASON_KOD_PREFIX = KOD_PREFIX
 # NTS (RFC 8915; :mod:`workers.ntp.nts` explains each).
-REASON_NTS_KE_FAILED = "nts_ke_failed"
-REASON_NTS_AUTH_FAILED = "nts_auth_failed"
-REASON_NTS_BAD_UNIQUE_ID = "nts_bad_unique_id"
-REASON_NTS_NO_AUTHENTICATOR = "nts_no_authenticator"
-REASON_NTS_NAK = "nts_nak"
+REASON_NTS_KE_FAILED = Reason.NTS_KE_FAILED
+REASON_NTS_AUTH_FAILED = Reason.NTS_AUTH_FAILED
+REASON_NTS_BAD_UNIQUE_ID = Reason.NTS_BAD_UNIQUE_ID
+REASON_NTS_NO_AUTHENTICATOR = Reason.NTS_NO_AUTHENTICATOR
+REASON_NTS_NAK = Reason.NTS_NAK
 
 #: chrony's MAX_SERVER_INTERVAL: a server that held our request longer than
 #: this has timestamps we cannot pair up with any confidence.
@@ -105,7 +107,7 @@ def check_reply(
                          f"origin {reply.origin_ts:#018x} is not our transmit {sent_transmit:#018x}")
     code = reply.kiss_code
     if code is not None:
-        return Rejection(REASON_KOD_PREFIX + code.lower(), f"Kiss-o'-Death {code}", kiss_code=code)
+        return Rejection(kiss_reason(code), f"Kiss-o'-Death {code}", kiss_code=code)
     if reply.version != sent_version:
         return Rejection(REASON_BAD_VERSION, f"version {reply.version}, we sent {sent_version}")
     if reply.transmit_ts == 0:
