@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from workers.config import NtpSettings, ntp_from_mapping
+from workers.config import Config, NtpSettings, ServiceSettings, ntp_from_mapping
 from workers.contracts import Reason
 from workers.quality import Thresholds
 
@@ -62,8 +62,18 @@ class RoundMeta:
     key_prefix: str
     history_length: int
     ntp: NtpSettings
-    history_hours: float = 24.0
-    record_detail: str = "compact"
+    history_hours: float = ServiceSettings.history_hours  # the service's defaults, not copies of them
+    record_detail: str = ServiceSettings.record_detail
+
+    @classmethod
+    def for_round(cls, config: Config, *, round_id: str, node: str, dispatched_at: float,
+                  deadline_at: float) -> RoundMeta:
+        """A round's metadata, every setting from the validated config (``ntp_service`` and ``ntp``)."""
+        service = config.service
+        return cls(round_id=round_id, node=node, dispatched_at=dispatched_at, deadline_at=deadline_at,
+                   key_prefix=service.key_prefix, history_length=service.history_length,
+                   history_hours=service.history_hours, record_detail=service.record_detail, ntp=config.ntp)
+
     @property
     def servers(self) -> list[str]:
         return [s.name for s in self.ntp.servers]

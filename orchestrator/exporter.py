@@ -27,7 +27,8 @@ from relay.stats import COUNTERS as RELAY_COUNTERS
 
 from . import records
 from .contracts import Quality
-from .store import COUNTERS, ROUND_DURATION_BUCKETS_S, Keys
+from .counting import COUNTERS, ROUND_DURATION_BUCKETS_S
+from .store import Keys
 
 log = logging.getLogger(__name__)
 

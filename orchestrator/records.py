@@ -22,7 +22,7 @@ their default are left out.
 
 Readers never see that encoding: :func:`expand` turns a stored record back into
 the usual shape (``Store.history``, the reader API and the exporter all call it),
-and :func:`orchestrator.store.round_counters` gives the same numbers for a
+and :func:`orchestrator.counting.round_counters` gives the same numbers for a
 record and its stored form (a unit test holds it to that).  ``verbose`` stores
 the callback's record whole.
 """

@@ -227,10 +227,7 @@ def plan_round(config: Config, node: str, *, now: float | None = None,
         # Longest first: a worker starts tasks in the order they arrive,
         # so the server that gates the round should not wait behind nine others.
         jobs.sort(key=lambda job: -expected_delays.get(job["server"], UNANSWERED_DELAY_S))
-    meta = RoundMeta(round_id=round_id, node=node, dispatched_at=now, deadline_at=deadline_at,
-                     key_prefix=config.service.key_prefix, history_length=config.service.history_length,
-                     history_hours=config.service.history_hours, record_detail=config.service.record_detail,
-                     ntp=config.ntp)
+    meta = RoundMeta.for_round(config, round_id=round_id, node=node, dispatched_at=now, deadline_at=deadline_at)
     # A worker drops a query past the deadline (Redis' clock) at once, and a message from a long
     # outage unread: a worker that comes back does not replay stale rounds.
     expires = datetime.fromtimestamp(deadline_at + EXPIRES_CLOCK_SLACK_S, tz=UTC)

@@ -16,7 +16,7 @@ With prefix ``chronotick`` and node ``n1``:
     ``failed:<reason>`` per reason.
 ``chronotick:ntp:n1:round_duration``
     Hash: a cumulative histogram of round times (dispatch to finish) --
-    ``le:<bound>`` counts per bound of :data:`ROUND_DURATION_BUCKETS_S`,
+    ``le:<bound>`` counts per bound of :data:`orchestrator.counting.ROUND_DURATION_BUCKETS_S`,
     ``count`` and ``sum`` (s) -- so an exporter can serve a Prometheus
     histogram without keeping state of its own.
 ``chronotick:ntp:nodes``
@@ -44,29 +44,19 @@ import redis
 from workers import redisurl
 from workers.config import ServiceSettings
 from workers.keys import Keys
-from workers.kod import REASON_KOD_BACKOFF, REASON_KOD_DEMOBILISED
-from workers.measure import REASON_ROUND_DEADLINE
-from workers.ntp import sanity
 from workers.redisclock import clock_for
 
 from . import records
-from .contracts import REASON_NO_RESULT, ServerStatus
+from .counting import COUNTERS, duration_fields, round_counters
 
-#: How long round records are kept by default (h): ``ntp_service.history_hours``.
-DEFAULT_HISTORY_HOURS = 24.0
+#: How long round records are kept by default (h): ``ntp_service.history_hours``'s own default.
+DEFAULT_HISTORY_HOURS = ServiceSettings.history_hours
 
 #: How long a round's "already finished" mark is kept (s): twice the broker's
 #: visibility timeout (workers.app.VISIBILITY_TIMEOUT_S, 1 h), after which an
 #: unacknowledged callback could at the latest be delivered again.
 ROUND_CLAIM_TTL_S = 7_200
 
-#: Counters every node's stats hash has (zero until first counted).
-COUNTERS = ("rounds", "strict", "relaxed", "starvation", "outlier", "queries", "retries", "replies",
-            "rejected", "falsetickers")
-
-#: Upper bounds of the round-time histogram (s): around ChronoTick's targets,
-#: 500 ms on average and 2 s at p99, and up to a whole retry schedule.
-ROUND_DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
 class Store:
@@ -311,52 +301,6 @@ def store_for(service: ServiceSettings) -> Store:
 def _open_member(node: str, round_id: str) -> str:
     """A round's member in :meth:`Keys.open_by_close_time` (node names hold no spaces)."""
     return f"{node} {round_id}"
-
-
-def duration_fields(duration_s: float) -> list[str]:
-    """The round-time histogram fields one round of ``duration_s`` increments (cumulative)."""
-    return [f"le:{bound:g}" for bound in ROUND_DURATION_BUCKETS_S if duration_s <= bound] + ["count"]
-
-
-def round_counters(record: dict) -> dict[str, int]:
-    """What one round adds to its node's stats hash.
-
-    ``queries`` counts requests sent (every attempt), ``retries`` the attempts
-    after a first, ``replies`` the replies received (refused ones included),
-    ``rejected`` the replies refused -- by a sanity check, or by the gate in
-    force in selection.  ``status`` and the exporter's rates use exactly these.
-    """
-    counts = {"rounds": 1, record["quality"]: 1, "queries": 0, "retries": 0, "replies": 0, "rejected": 0}
-    for server in record["servers"]:
-        attempts = server["attempts"]
-        counts["queries"] += attempts
-        counts["retries"] += max(0, attempts - 1)
-        for attempt in server.get("history", []):
-            # An attempt's own outcome, then (advanced mode) the samples of its burst refused before it.
-            for reason in [attempt.get("reason"), *(r["reason"] for r in attempt.get("refusals", ()))]:
-                if reason in _NO_REPLY_REASONS:
-                    continue
-                # The attempt that produced the sample received samples_taken replies (advanced mode: a burst).
-                counts["replies"] += (server.get("sample") or {}).get("samples_taken", 1) if reason is None else 1
-                if reason:
-                    counts["rejected"] += 1
-                    counts[f"rejected:{reason}"] = counts.get(f"rejected:{reason}", 0) + 1
-        if server["status"] == ServerStatus.FALSETICKER:
-            counts["falsetickers"] = counts.get("falsetickers", 0) + 1
-        if server["status"] == ServerStatus.REJECTED:
-            counts["rejected"] += 1
-            key = f"rejected:{server['reason']}"
-            counts[key] = counts.get(key, 0) + 1
-        if server["status"] == ServerStatus.FAILED:
-            key = f"failed:{server['reason']}"
-            counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
-#: Attempt failures that are not a reply we refused (nothing came back).
-_NO_REPLY_REASONS = frozenset({sanity.REASON_TIMEOUT, sanity.REASON_SOCKET_ERROR, sanity.REASON_DNS_ERROR,
-                               REASON_ROUND_DEADLINE, REASON_NO_RESULT, REASON_KOD_BACKOFF,
-                               REASON_KOD_DEMOBILISED, sanity.REASON_NTS_KE_FAILED})
 
 
 def records_of(entries: Any) -> list[dict[str, Any]]:

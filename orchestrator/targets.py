@@ -17,7 +17,7 @@ target                    limit    definition (over the rounds finished in the w
 ========================  =======  ==================================================
 
 A target holds when its value is at most its limit.  The counts are those of
-:func:`orchestrator.store.round_counters`, the same ones the stats hash and the
+:func:`orchestrator.counting.round_counters`, the same ones the stats hash and the
 Prometheus exporter use, so ``status`` and the alert rules agree.  A node with
 no round in the window cannot show its round time: those two targets miss.
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .contracts import Quality
-from .store import round_counters
+from .counting import round_counters
 
 ROUND_TIME_AVG = "round_time_avg_s"
 ROUND_TIME_P99 = "round_time_p99_s"

@@ -12,8 +12,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import rounds
+from orchestrator.counting import ROUND_DURATION_BUCKETS_S
 from orchestrator.exporter import NtpCollector, registry_for
-from orchestrator.store import ROUND_DURATION_BUCKETS_S, Store
+from orchestrator.store import Store
 from simulator.local import RedisProcess, free_tcp_port, stop_process
 from simulator.server import Behaviour
 from workers import config as config_mod

@@ -6,9 +6,9 @@ import random
 import pytest
 
 from orchestrator.contracts import RoundMeta
+from orchestrator.counting import round_counters
 from orchestrator.display import format_round
 from orchestrator.records import RECORD_BUDGET_BYTES, compact, expand
-from orchestrator.store import round_counters
 from orchestrator.tasks import build_record
 from workers import config as config_mod
 

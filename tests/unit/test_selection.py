@@ -4,7 +4,7 @@ import json
 
 from orchestrator import selection
 from orchestrator.contracts import RoundMeta
-from orchestrator.store import round_counters
+from orchestrator.counting import round_counters
 from orchestrator.tasks import build_record
 from workers import config as config_mod
 from workers.quality import Thresholds

@@ -1,0 +1,65 @@
+"""Counting: what one round adds to its node's counters and round-time histogram.  Pure.
+
+The ``stats`` hash (and its ``rejected:<reason>`` / ``failed:<reason>`` fields),
+the ``round_duration`` histogram, ``chronotick-ntp status`` (:mod:`orchestrator.targets`)
+and the exporter all count with these, so every view of a node agrees.
+"""
+
+from __future__ import annotations
+
+from workers.contracts import Reason
+
+from .contracts import ServerStatus
+
+#: Counters every node's stats hash has (zero until first counted).
+COUNTERS = ("rounds", "strict", "relaxed", "starvation", "outlier", "queries", "retries", "replies",
+            "rejected", "falsetickers")
+
+#: Upper bounds of the round-time histogram (s): around ChronoTick's targets,
+#: 500 ms on average and 2 s at p99, and up to a whole retry schedule.
+ROUND_DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+#: Attempt failures that are not a reply we refused (nothing came back).
+NO_REPLY_REASONS = frozenset({Reason.TIMEOUT, Reason.SOCKET_ERROR, Reason.DNS_ERROR, Reason.QUERY_ERROR,
+                              Reason.ROUND_DEADLINE, Reason.NO_RESULT, Reason.KOD_BACKOFF,
+                              Reason.KOD_DEMOBILISED, Reason.NTS_KE_FAILED})
+
+
+def duration_fields(duration_s: float) -> list[str]:
+    """The round-time histogram fields one round of ``duration_s`` increments (cumulative)."""
+    return [f"le:{bound:g}" for bound in ROUND_DURATION_BUCKETS_S if duration_s <= bound] + ["count"]
+
+
+def round_counters(record: dict) -> dict[str, int]:
+    """What one round adds to its node's stats hash.
+
+    ``queries`` counts requests sent (every attempt), ``retries`` the attempts
+    after a first, ``replies`` the replies received (refused ones included),
+    ``rejected`` the replies refused -- by a sanity check, or by the gate in
+    force in selection.  ``status`` and the exporter's rates use exactly these.
+    """
+    counts = {"rounds": 1, record["quality"]: 1, "queries": 0, "retries": 0, "replies": 0, "rejected": 0}
+    for server in record["servers"]:
+        attempts = server["attempts"]
+        counts["queries"] += attempts
+        counts["retries"] += max(0, attempts - 1)
+        for attempt in server.get("history", []):
+            # An attempt's own outcome, then (advanced mode) the samples of its burst refused before it.
+            for reason in [attempt.get("reason"), *(r["reason"] for r in attempt.get("refusals", ()))]:
+                if reason in NO_REPLY_REASONS:
+                    continue
+                # The attempt that produced the sample received samples_taken replies (advanced mode: a burst).
+                counts["replies"] += (server.get("sample") or {}).get("samples_taken", 1) if reason is None else 1
+                if reason:
+                    counts["rejected"] += 1
+                    counts[f"rejected:{reason}"] = counts.get(f"rejected:{reason}", 0) + 1
+        if server["status"] == ServerStatus.FALSETICKER:
+            counts["falsetickers"] = counts.get("falsetickers", 0) + 1
+        if server["status"] == ServerStatus.REJECTED:
+            counts["rejected"] += 1
+            key = f"rejected:{server['reason']}"
+            counts[key] = counts.get(key, 0) + 1
+        if server["status"] == ServerStatus.FAILED:
+            key = f"failed:{server['reason']}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
