@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import time
 
+from workers.keys import Keys
+
 #: A relay's report outlives its last write by this long (s).
 REPORT_TTL_S = 300
 
 
 def port_key(prefix: str, name: str, port: int) -> str:
-    return f"{prefix}:relay:{name}:{port}"
+    return Keys(prefix).relay_port(name, port)
 
 
 def index_key(prefix: str) -> str:
-    return f"{prefix}:relays"
+    return Keys(prefix).relays()
 
 
 class RedisReport:

@@ -85,3 +85,11 @@ class Keys:
         Expires with the last warm-up in it, so no schedule key outlives its use.
         """
         return f"{self.prefix}:ntp:warm_up"
+
+    def relay_port(self, relay: str, port: int) -> str:
+        """A relay port's counts (:mod:`relay.counts`): a hash, ``relay`` the head node's short name."""
+        return f"{self.prefix}:relay:{relay}:{port}"
+
+    def relays(self) -> str:
+        """The set of every relay port's counts key, for the exporter."""
+        return f"{self.prefix}:relays"
