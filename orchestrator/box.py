@@ -96,20 +96,8 @@ class Box:
         except FileNotFoundError:
             raise BoxError("redis-server is not installed (apt-get install redis-server), and no Redis is "
                            f"configured (${config_mod.ENV_REDIS_URL})") from None
-        client = redis.Redis(port=port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + REDIS_START_S
-        try:
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    if self.redis_process.poll() is not None or time.monotonic() > deadline:
-                        raise BoxError(f"redis-server did not start on 127.0.0.1:{port} with its data in "
-                                       f"{self.data_dir}") from None
-                    self._stop.wait(0.05)
-        finally:
-            client.close()
+        if not wait_for_redis(port, self.redis_process, timeout_s=REDIS_START_S):
+            raise BoxError(f"redis-server did not start on 127.0.0.1:{port} with its data in {self.data_dir}")
         return f"redis://127.0.0.1:{port}/0"
 
     def request_stop(self, *_) -> None:
@@ -136,6 +124,26 @@ class Box:
             if self.redis_process.poll() is None:
                 self.redis_process.send_signal(signal.SIGTERM)  # redis-server shuts down cleanly on SIGTERM
             _reap(self.redis_process)
+
+
+def wait_for_redis(port: int, process: subprocess.Popen, *, timeout_s: float) -> bool:
+    """Whether the redis-server ``process`` answers PING on loopback ``port`` within ``timeout_s``.
+
+    False as soon as the process has exited, or at the deadline.
+    """
+    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                client.ping()
+                return True
+            except redis.ConnectionError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+    finally:
+        client.close()
 
 
 def _reap(proc: subprocess.Popen) -> None:

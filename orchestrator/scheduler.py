@@ -41,10 +41,9 @@ def warm_ups(config: Config) -> dict[str, float]:
 
 
 def warm_up_nodes_without_fresh_measurement(config: Config, nodes: list[str]) -> list[str]:
-    """Ask for a warm-up of each of ``nodes`` with nothing fresh; the nodes asked for."""
-    client = service_client(config.service)
-    return [node for node in nodes
-            if warmup.warm_up_if_not_fresh(client, config.service.key_prefix, node, config.timing)]
+    """Ask for a warm-up of each of ``nodes`` with nothing fresh (one MGET); the nodes asked for."""
+    return warmup.warm_up_if_not_fresh(service_client(config.service), config.service.key_prefix, nodes,
+                                       config.timing)
 
 
 class Scheduler:

@@ -50,7 +50,7 @@ class RedisProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> RedisProcess:
-        import redis
+        from orchestrator.box import wait_for_redis
 
         persistence = (["--appendonly", "yes", "--appendfsync", "always"] if self.append_only
                        else ["--appendonly", "no"])
@@ -62,17 +62,8 @@ class RedisProcess:
              "--dbfilename", f"dump-{self.port}.rdb", "--appendfilename", f"appendonly-{self.port}.aof",
              "--appenddirname", f"aof-{self.port}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
-                time.sleep(0.05)
-        client.close()
+        if not wait_for_redis(self.port, self.process, timeout_s=STARTUP_TIMEOUT_S):
+            raise RuntimeError(f"redis-server on port {self.port} did not start")
         return self
 
     def stop(self) -> None:

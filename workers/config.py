@@ -262,10 +262,6 @@ class TimingSettings:
         check=lambda v: 0 < v <= MAX_INTERVAL_S, problem=_INTERVAL_PROBLEM,
         doc="interval between rounds afterwards (s)")
 
-    def interval_at(self, elapsed_s: float) -> float:
-        """The interval in force ``elapsed_s`` after the schedule started."""
-        return self.warm_up_interval_s if elapsed_s < self.warm_up_duration_s else self.normal_interval_s
-
 
 @dataclass(frozen=True)
 class ServiceSettings:

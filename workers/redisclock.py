@@ -56,9 +56,7 @@ class RedisClock:
 
     def now(self) -> float:
         """Redis' clock now, as estimated here (Unix s)."""
-        if time.monotonic() >= self._next:
-            self.measure()
-        return time.time() + self.offset_s
+        return self.from_local(time.time())
 
     def measure(self) -> float:
         """Measure the offset again (one ``TIME``); the offset, or the last one if Redis did not answer."""
@@ -92,9 +90,3 @@ class RedisClock:
 def clock_for(client: redis.Redis) -> RedisClock:
     """One clock per client (and so per Redis) in this process."""
     return RedisClock(client)
-
-
-def server_time(client: redis.Redis) -> float:
-    """Redis' clock, read now (one ``TIME``; raises redis' errors)."""
-    seconds, micros = client.time()
-    return int(seconds) + int(micros) / 1e6

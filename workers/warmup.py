@@ -93,29 +93,39 @@ def active(client: redis.Redis, prefix: str) -> dict[str, float]:
     return {_text(flat[i]): int(_text(flat[i + 1])) / 1000 for i in range(0, len(flat), 2)}
 
 
-def has_fresh_measurement(client: redis.Redis, prefix: str, node: str, normal_interval_s: float) -> bool:
-    """Whether ``node``'s ``latest`` was measured within :data:`STALE_INTERVALS` normal intervals.
+def nodes_without_fresh_measurement(client: redis.Redis, prefix: str, nodes: list[str],
+                                    normal_interval_s: float) -> list[str]:
+    """Those of ``nodes`` whose ``latest`` is missing or older than :data:`STALE_INTERVALS` normal intervals.
 
-    ``measured_at`` is the measuring node's clock; call this on that node (its
-    worker) or accept the hosts' clock difference.
+    One MGET, whatever the number of nodes.  ``measured_at`` is the measuring
+    node's clock: exact on that node (its worker), within the hosts' clock
+    difference elsewhere.
     """
-    raw = client.get(Keys(prefix).latest(node))
-    if raw is None:
-        return False
-    try:
-        measured_at = float(json.loads(raw)["measured_at"])
-    except (ValueError, KeyError, TypeError):
-        return False
-    return time.time() - measured_at <= STALE_INTERVALS * normal_interval_s
+    if not nodes:
+        return []
+    keys = Keys(prefix)
+    now = time.time()
+    stale = []
+    for node, raw in zip(nodes, client.mget([keys.latest(node) for node in nodes]), strict=True):
+        try:
+            age_s = now - float(json.loads(raw)["measured_at"]) if raw is not None else None
+            fresh = age_s is not None and age_s <= STALE_INTERVALS * normal_interval_s
+        except (ValueError, KeyError, TypeError):
+            fresh = False
+        if not fresh:
+            stale.append(node)
+    return stale
 
 
-def warm_up_if_not_fresh(client: redis.Redis, prefix: str, node: str,
-                         timing: config_mod.TimingSettings) -> bool:
-    """Request a warm-up for ``node`` unless it has a fresh measurement; whether one was requested."""
-    if timing.warm_up_duration_s <= 0 or has_fresh_measurement(client, prefix, node, timing.normal_interval_s):
-        return False
-    request(client, prefix, node, timing.warm_up_duration_s)
-    return True
+def warm_up_if_not_fresh(client: redis.Redis, prefix: str, nodes: list[str],
+                         timing: config_mod.TimingSettings) -> list[str]:
+    """Request a warm-up for each of ``nodes`` without a fresh measurement; the nodes requested."""
+    if timing.warm_up_duration_s <= 0:
+        return []
+    stale = nodes_without_fresh_measurement(client, prefix, nodes, timing.normal_interval_s)
+    for node in stale:
+        request(client, prefix, node, timing.warm_up_duration_s)
+    return stale
 
 
 def _worker_config() -> config_mod.Config | None:
@@ -146,10 +156,9 @@ def _warm_up_on_start(sender=None, **_) -> None:
     try:
         client = redisurl.connect(str(sender.app.conf.broker_url), sender.app.conf.chronotick_redis_master_name)
         try:
-            for node in nodes:
-                if warm_up_if_not_fresh(client, service.key_prefix, node, timing):
-                    log.warning("[WARM-UP] %s: no fresh measurement; asked for %g s of rounds every %g s", node,
-                                timing.warm_up_duration_s, timing.warm_up_interval_s)
+            for node in warm_up_if_not_fresh(client, service.key_prefix, nodes, timing):
+                log.warning("[WARM-UP] %s: no fresh measurement; asked for %g s of rounds every %g s", node,
+                            timing.warm_up_duration_s, timing.warm_up_interval_s)
         finally:
             client.close()
     except redis.RedisError as exc:  # Redis away: the beat's own check covers the node when it leads

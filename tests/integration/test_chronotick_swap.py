@@ -255,16 +255,16 @@ def test_consumers_on_one_node_share_one_warm_up(cluster):
         second.stop_collection()
 
 
-def test_a_worker_starting_with_nothing_fresh_asks_for_a_warm_up(tmp_path, redis_url, redis_client, key_prefix):
+def test_a_worker_starting_with_nothing_fresh_asks_for_a_warm_up(redis_client, key_prefix):
     """The worker's hook: nothing fresh -> a warm-up; a fresh ``latest`` -> none."""
-    timing = config_mod.TimingSettings(warm_up_duration_s=5.0, warm_up_interval_s=1.0, normal_interval_s=10.0)
-    assert warmup.warm_up_if_not_fresh(redis_client, key_prefix, "w1", timing) is True
-    assert 0 < warmup.active(redis_client, key_prefix)["w1"] <= 5.0
     import json
+
+    timing = config_mod.TimingSettings(warm_up_duration_s=5.0, warm_up_interval_s=1.0, normal_interval_s=10.0)
+    assert warmup.warm_up_if_not_fresh(redis_client, key_prefix, ["w1"], timing) == ["w1"]
+    assert 0 < warmup.active(redis_client, key_prefix)["w1"] <= 5.0
     redis_client.set(f"{key_prefix}:ntp:w2:latest", json.dumps({"measured_at": time.time() - 5}))
     redis_client.set(f"{key_prefix}:ntp:w3:latest", json.dumps({"measured_at": time.time() - 31}))  # > 3 intervals
-    assert warmup.warm_up_if_not_fresh(redis_client, key_prefix, "w2", timing) is False
-    assert warmup.warm_up_if_not_fresh(redis_client, key_prefix, "w3", timing) is True
+    assert warmup.warm_up_if_not_fresh(redis_client, key_prefix, ["w2", "w3"], timing) == ["w3"]
     assert set(warmup.active(redis_client, key_prefix)) == {"w1", "w3"}
 
 

@@ -71,8 +71,7 @@ def test_chronyd_answers_as_a_real_server(chronyd):
 
 def _advanced_job(address, samples=3):
     host, port = address.rsplit(":", 1)
-    return {"server": address, "host": host, "port": int(port), "timeout_s": 0.5, "samples": samples,
-            "gate": {"max_delay_s": 1, "max_uncertainty_s": 1, "min_stratum": 1, "max_stratum": 15}}
+    return {"server": address, "host": host, "port": int(port), "timeout_s": 0.5, "samples": samples}
 
 
 def test_advanced_mode_keeps_the_minimum_delay_sample(simulator):
@@ -105,7 +104,7 @@ def test_advanced_mode_keeps_every_refusal_of_a_burst_that_fails(simulator):
 
 def test_unresolvable_name_is_a_named_dns_error():
     job = {"server": "no-such-host.invalid", "host": "no-such-host.invalid", "port": 123, "timeout_s": 2.0,
-           "samples": 1, "gate": {"max_delay_s": 1, "max_uncertainty_s": 1, "min_stratum": 1, "max_stratum": 15}}
+           "samples": 1}
     with pytest.raises(QueryFailed) as caught:
         measure.attempt(job)
     assert caught.value.rejection.reason == sanity.REASON_DNS_ERROR
@@ -116,8 +115,7 @@ def test_a_worker_armed_with_its_node_refuses_another_nodes_job(monkeypatch):
 
     monkeypatch.setenv("CHRONOTICK_NODE", "ares-comp-11")
     job = {"server": "127.0.0.1:9", "host": "127.0.0.1", "port": 9, "node": "ares-comp-12", "round_id": "r",
-           "timeout_s": 0.1, "samples": 1, "retry_waits_s": [], "deadline_at": 4e9,
-           "gate": {"max_delay_s": 1, "max_uncertainty_s": 1, "min_stratum": 1, "max_stratum": 15}}
+           "timeout_s": 0.1, "samples": 1, "retry_waits_s": [], "deadline_at": 4e9}
     outcome = tasks.query_server.apply(kwargs={"job": job}).get()
     assert outcome["status"] == "failed" and outcome["reason"] == tasks.REASON_WRONG_NODE
     assert outcome["attempts"] == 0  # not a packet sent

@@ -1,6 +1,7 @@
 """The beat: rounds every warm-up interval, then every normal interval, published without anyone asking."""
 
 import contextlib
+import dataclasses
 import threading
 import time
 
@@ -28,6 +29,23 @@ def _running(scheduler):
     finally:
         scheduler.stop()
         thread.join(timeout=5)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FakeRound(rounds.RoundHandle):
+    """A dispatched round the scheduler can watch without Redis: running until ``finished``."""
+
+    finished: bool = False
+
+    def release(self):
+        pass
+
+    def ready(self):
+        return self.finished
+
+    @property
+    def close_at(self):
+        return self.deadline_at
 
 
 def _beat_config(tmp_path, servers, key_prefix, *, warm_up_s, warm_up_every_s, every_s):
@@ -69,24 +87,11 @@ def test_a_node_whose_round_is_still_running_is_skipped(tmp_path):
         "ntp": {"servers": ["127.0.0.1:9"]},
         "timing": {"warm_up": {"duration_seconds": 0, "measurement_interval": 1},
                    "normal_operation": {"measurement_interval": 0.05}}}}, environ={})
-
-    class PendingRound(rounds.RoundHandle):
-        def release(self):
-            pass
-
-        def ready(self):
-            return False
-
-        @property
-        def close_at(self):
-            return self.deadline_at
-
     sent = []
 
     def fake_dispatch(cfg, node):
         sent.append(node)
-        import time
-        return PendingRound(round_id=f"r{len(sent)}", node=node, deadline_at=time.time() + 60, result=None)
+        return _FakeRound(round_id=f"r{len(sent)}", node=node, deadline_at=time.time() + 60, result=None)
 
     scheduler = Scheduler(config, ["a", "b"], dispatch=fake_dispatch, overdue_handles=lambda config, now: [],
                           warm_ups=lambda config: {}, on_lead=lambda config, nodes: [], clock=time.time)
@@ -148,29 +153,16 @@ def test_the_beat_does_not_collect_result_subscriptions(worker, simulator, tmp_p
 
 def test_a_warm_up_asked_for_long_after_the_beat_started_runs_at_once(tmp_path):
     """Warm-up follows the requests, not the beat's age: a beat in its normal interval serves one at once."""
-    import time
-
     config = config_mod.from_mapping({"clock_measurement": {
         "ntp": {"servers": ["127.0.0.1:9"]},
         "timing": {"warm_up": {"duration_seconds": 1.0, "measurement_interval": 0.1},
                    "normal_operation": {"measurement_interval": 600}}}}, environ={})
-
-    class DoneRound(rounds.RoundHandle):
-        def release(self):
-            pass
-
-        def ready(self):
-            return True
-
-        @property
-        def close_at(self):
-            return self.deadline_at
-
     sent = []
 
     def dispatch(cfg, node):
         sent.append((time.monotonic(), node))
-        return DoneRound(round_id=f"r{len(sent)}", node=node, deadline_at=time.time() + 60, result=None)
+        return _FakeRound(round_id=f"r{len(sent)}", node=node, deadline_at=time.time() + 60, result=None,
+                          finished=True)
 
     ends = {}  # node -> monotonic end of its warm-up, as Redis would keep it
 
