@@ -96,7 +96,6 @@ def pipeline_round(config, pubsub):
         if message["type"] == "message" and json.loads(message["data"])["round_id"] == handle.round_id:
             elapsed = time.perf_counter() - start
             record = handle.wait()  # fetched after the clock stopped: not part of the round
-            handle.result.forget()
             return elapsed, record
 
 

@@ -69,12 +69,19 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("measure", cmd_measure, "run one round through the workers now and print the result")
     p.add_argument("--json", action="store_true", help="print the round record as JSON")
+    p.add_argument("--complete", action="store_true",
+                   help="wait for the servers still out when the round was published, and show what they said")
     p = command("latest", cmd_latest, "print the node's latest published measurement")
     p.add_argument("--json", action="store_true", help="print the raw JSON value")
     p.add_argument("--follow", "-f", action="store_true",
                    help="then print each new measurement as it is published (until interrupted)")
     p = command("status", cmd_status, "each node's figures over the last hours against ChronoTick's targets")
     p.add_argument("--hours", type=_positive_float, default=24.0, help="window (default 24)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p = command("servers", cmd_servers, "each server of a node: state, reach, last sample, failures "
+                "(like chronyc sources)")
+    p.add_argument("--hours", type=_positive_float, default=1.0,
+                   help="window of rounds the failures and last samples are read from (default 1)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = command("exporter", cmd_exporter, "serve Prometheus metrics for every node from Redis", node=False)
     p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -226,7 +233,7 @@ def cmd_measure(args) -> int:
         raise CliError(f"no worker serves queue {queue!r} for node {node!r}. Start one on that node: "
                        f"chronotick-ntp worker --config {args.config} --node {node}", EXIT_NO_WORKER)
     handle = rounds.dispatch(config, node)
-    record = handle.wait()
+    record = handle.wait(complete=args.complete)
     if record is None:
         # The chord will not fire (a worker died, a message was lost): close the
         # round with what its tasks reported, as the scheduler would.
@@ -314,6 +321,25 @@ def cmd_status(args) -> int:
     else:
         print(display.format_status(nodes, hours=args.hours, color=sys.stdout.isatty()))
     return EXIT_OK if ok else EXIT_STARVATION
+
+
+def cmd_servers(args) -> int:
+    config = _load(args)
+    node = _node(args)
+    _check_broker(config)
+    from . import servers
+    from .store import store_for
+
+    store = store_for(config.service)
+    now = time.time()
+    records = store.history_since(node, now - args.hours * 3600)
+    reach = {name: (r.register, r.rounds) for name, r in store.reach(node).items()}
+    report = servers.report(node, [s.name for s in config.ntp.servers], records, reach, now=now)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(display.format_servers(report))
+    return EXIT_OK
 
 
 def cmd_exporter(args) -> int:

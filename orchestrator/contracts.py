@@ -28,6 +28,7 @@ class ClosedBy(StrEnum):
 
     CALLBACK = "callback"  # the chord's callback, with every server's outcome
     DEADLINE = "deadline"  # a closer, at the deadline, with what the tasks had reported
+    EARLY = "early"        # the node's worker, once the outcomes in hand decided it (orchestrator.early)
 
 
 class ServerStatus(StrEnum):
@@ -39,6 +40,7 @@ class ServerStatus(StrEnum):
     REJECTED = "rejected"         # a truechimer that failed the gate in force
     FALSETICKER = "falseticker"   # its interval misses the one a majority agrees on
     FAILED = "failed"             # no usable reply after every attempt
+    LATE = "late"                 # still out when the round was published early; its outcome is in ``late``
 
 
 #: A server that reported nothing before its round was closed at the deadline.

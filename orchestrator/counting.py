@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from workers.contracts import Reason
 
-from .contracts import ServerStatus
+from .contracts import ClosedBy, ServerStatus
 
 #: Counters every node's stats hash has (zero until first counted).
 COUNTERS = ("rounds", "strict", "relaxed", "starvation", "outlier", "queries", "retries", "replies",
-            "rejected", "falsetickers")
+            "rejected", "falsetickers", "early", "late")
 
 #: Upper bounds of the round-time histogram (s): around ChronoTick's targets,
 #: 500 ms on average and 2 s at p99, and up to a whole retry schedule.
@@ -39,27 +39,48 @@ def round_counters(record: dict) -> dict[str, int]:
     force in selection.  ``status`` and the exporter's rates use exactly these.
     """
     counts = {"rounds": 1, record["quality"]: 1, "queries": 0, "retries": 0, "replies": 0, "rejected": 0}
+    if record.get("closed_by") == ClosedBy.EARLY:
+        counts["early"] = 1  # published before every server had answered
     for server in record["servers"]:
-        attempts = server["attempts"]
-        counts["queries"] += attempts
-        counts["retries"] += max(0, attempts - 1)
-        for attempt in server.get("history", []):
-            # An attempt's own outcome, then (advanced mode) the samples of its burst refused before it.
-            for reason in [attempt.get("reason"), *(r["reason"] for r in attempt.get("refusals", ()))]:
-                if reason in NO_REPLY_REASONS:
-                    continue
-                # The attempt that produced the sample received samples_taken replies (advanced mode: a burst).
-                counts["replies"] += (server.get("sample") or {}).get("samples_taken", 1) if reason is None else 1
-                if reason:
-                    counts["rejected"] += 1
-                    counts[f"rejected:{reason}"] = counts.get(f"rejected:{reason}", 0) + 1
-        if server["status"] == ServerStatus.FALSETICKER:
-            counts["falsetickers"] = counts.get("falsetickers", 0) + 1
-        if server["status"] == ServerStatus.REJECTED:
-            counts["rejected"] += 1
-            key = f"rejected:{server['reason']}"
-            counts[key] = counts.get(key, 0) + 1
-        if server["status"] == ServerStatus.FAILED:
-            key = f"failed:{server['reason']}"
+        _count_server(server, counts)
+    return counts
+
+
+def late_counters(entries: list[dict]) -> dict[str, int]:
+    """What a round published early adds when its late servers' outcomes come (``late``: how many).
+
+    With :func:`round_counters` of the published record, every request the
+    round sent is counted once: the late servers had none in it.
+    """
+    counts = {"late": len(entries), "queries": 0, "retries": 0, "replies": 0}
+    for entry in entries:
+        _count_server(entry, counts)
+        if entry.get("reason"):  # a late server that failed: counted as a failure, by reason
+            key = f"failed:{entry['reason']}"
             counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def _count_server(server: dict, counts: dict[str, int]) -> None:
+    attempts = server["attempts"]
+    counts["queries"] += attempts
+    counts["retries"] += max(0, attempts - 1)
+    for attempt in server.get("history", []):
+        # An attempt's own outcome, then (advanced mode) the samples of its burst refused before it.
+        for reason in [attempt.get("reason"), *(r["reason"] for r in attempt.get("refusals", ()))]:
+            if reason in NO_REPLY_REASONS:
+                continue
+            # The attempt that produced the sample received samples_taken replies (advanced mode: a burst).
+            counts["replies"] += (server.get("sample") or {}).get("samples_taken", 1) if reason is None else 1
+            if reason:
+                counts["rejected"] = counts.get("rejected", 0) + 1
+                counts[f"rejected:{reason}"] = counts.get(f"rejected:{reason}", 0) + 1
+    if server["status"] == ServerStatus.FALSETICKER:
+        counts["falsetickers"] = counts.get("falsetickers", 0) + 1
+    if server["status"] == ServerStatus.REJECTED:
+        counts["rejected"] = counts.get("rejected", 0) + 1
+        key = f"rejected:{server['reason']}"
+        counts[key] = counts.get(key, 0) + 1
+    if server["status"] == ServerStatus.FAILED:
+        key = f"failed:{server['reason']}"
+        counts[key] = counts.get(key, 0) + 1

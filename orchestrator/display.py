@@ -54,6 +54,29 @@ def format_round(record: dict) -> str:
     return "\n".join(lines)
 
 
+def format_servers(report: dict) -> str:
+    """``chronotick-ntp servers``: one line per server, as ``chronyc sources`` (reach in octal)."""
+    lines = [f"node {report['node']}: {report['reachable']} of {len(report['servers'])} servers reachable "
+             f"(a majority is {report['majority']}); failures over the last {report['rounds']} rounds",
+             f"  {'server':<28} {'state':<11} {'reach':>5} {'offset ms':>11} {'delay ms':>9} {'uncert ms':>9} "
+             f"{'last good':>9}  failures"]
+    for s in report["servers"]:
+        sample = {k: s[k] for k in ("offset_s", "delay_s", "uncertainty_s") if s[k] is not None}
+        age = "never" if s["last_good_age_s"] is None else _age(s["last_good_age_s"])
+        failures = ", ".join(f"{reason} x{n}" for reason, n in s["failures"].items()) or "-"
+        lines.append(f"  {s['server']:<28} {s['state']:<11} {s['reach']:>5o} {_ms(sample, 'offset_s', '{:+.3f}'):>11} "
+                     f"{_ms(sample, 'delay_s'):>9} {_ms(sample, 'uncertainty_s'):>9} {age:>9}  {failures}")
+    return "\n".join(lines)
+
+
+def _age(seconds: float) -> str:
+    """An age as chronyc shows one: seconds, minutes, hours or days."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 10 * size if unit != "d" else seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
 def _auth(sample: dict) -> str:
     """The authentication column: ``NTS`` for an authenticated reply, ``-`` for a plain one or none."""
     return "NTS" if sample.get("nts") else "-"

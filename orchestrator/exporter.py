@@ -25,9 +25,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from relay.counts import read_all as read_relays
 from relay.stats import COUNTERS as RELAY_COUNTERS
 
-from . import records
-from .contracts import Quality
+from . import records, servers
+from .contracts import Quality, ServerStatus
 from .counting import COUNTERS, ROUND_DURATION_BUCKETS_S
+from .servers import Reach
 from .store import Keys
 
 log = logging.getLogger(__name__)
@@ -111,15 +112,24 @@ class NtpCollector(Collector):
             pipe.hgetall(self.keys.stats(node))
             pipe.hgetall(self.keys.round_duration(node))
             pipe.xrevrange(self.keys.history(node), count=1)
+            pipe.hgetall(self.keys.reach(node))
+            pipe.xrevrange(self.keys.late(node), count=1)
         replies = pipe.execute()
         snapshot = {}
         for i, node in enumerate(nodes):
-            latest, stats, durations, newest = replies[4 * i:4 * i + 4]
+            latest, stats, durations, newest, reach, late = replies[6 * i:6 * i + 6]
+            record = records.expand(json.loads(_text(_field(newest[0][1], "record")))) if newest else None
+            if record is not None and late and _text(_field(late[0][1], "round")) == record["round_id"]:
+                said = {e["server"]: e for e in (records.expand_server(x, None)
+                                                 for x in json.loads(_text(_field(late[0][1], "servers"))))}
+                record["servers"] = [said.get(s["server"], s) if s["status"] == ServerStatus.LATE else s
+                                     for s in record["servers"]]
             snapshot[node] = {
                 "latest": json.loads(latest) if latest else None,
                 "stats": {_text(k): int(v) for k, v in stats.items()},
                 "durations": {_text(k): float(v) for k, v in durations.items()},
-                "record": records.expand(json.loads(_text(_field(newest[0][1], "record")))) if newest else None,
+                "record": record,
+                "reach": {_text(k): Reach.decode(int(v)) for k, v in reach.items()},
             }
         return snapshot
 
@@ -159,6 +169,15 @@ class NtpCollector(Collector):
                                ("node", "server"))
         server_uncertainty = gauge("server_uncertainty_seconds", "Each server's uncertainty in the node's last round",
                                    ("node", "server"))
+        server_reach = gauge("server_reach", "Each server's reach register (chrony's): bit 0 the newest round, "
+                             "1 where it gave a usable reply", ("node", "server"))
+        server_reachable = gauge("server_reachable", "1 if the server gave a usable reply in any of the last "
+                                 "eight rounds (reach > 0), else 0", ("node", "server"))
+        server_state = gauge("server_state", "1 for each server's state in its newest round (chronotick-ntp "
+                             "servers)", ("node", "server", "state"))
+        late = counter("late_replies", "Servers still out when their round was published early, counted as "
+                       "their outcome came")
+        early = counter("early_rounds", "Rounds published before every server had answered")
 
         for node, data in snapshot.items():
             stale_after.add_metric([node], self.stale_after_s)
@@ -178,6 +197,8 @@ class NtpCollector(Collector):
             retries.add_metric([node], stats["retries"])
             replies.add_metric([node], stats["replies"])
             falsetickers.add_metric([node], stats["falsetickers"])
+            late.add_metric([node], stats["late"])
+            early.add_metric([node], stats["early"])
             for name, value in sorted(stats.items()):
                 kind, _, reason = name.partition(":")
                 if reason and kind == "rejected":
@@ -190,6 +211,15 @@ class NtpCollector(Collector):
                 buckets = [(str(float(bound)), hist.get(f"le:{bound:g}", 0.0)) for bound in ROUND_DURATION_BUCKETS_S]
                 duration.add_metric([node], buckets + [("+Inf", count)], sum_value=hist.get("sum", 0.0))
             record = data["record"]
+            entries = {s["server"]: s for s in (record or {}).get("servers", [])}
+            for name in sorted({*entries, *data["reach"]}):
+                reach = data["reach"].get(name)
+                if reach is not None:
+                    server_reach.add_metric([node, name], reach.register)
+                    server_reachable.add_metric([node, name], 1 if reach.register else 0)
+                state = servers.state_of(entries.get(name), reach.register if reach else None,
+                                         reach.rounds if reach else 0)
+                server_state.add_metric([node, name, state], 1)
             for server in (record or {}).get("servers", []):
                 sample = server.get("sample")
                 if not sample:
@@ -200,8 +230,8 @@ class NtpCollector(Collector):
                 server_stratum.add_metric(labels, sample["stratum"])
                 server_uncertainty.add_metric(labels, sample["uncertainty_s"])
         yield from (offset, uncertainty, delay, stratum, published, measured, stale_after, info, rounds, queries,
-                    retries, replies, rejections, failures, falsetickers, duration, server_offset, server_delay,
-                    server_stratum, server_uncertainty)
+                    retries, replies, rejections, failures, falsetickers, early, late, duration, server_offset,
+                    server_delay, server_stratum, server_uncertainty, server_reach, server_reachable, server_state)
 
 
 def registry_for(collector: NtpCollector) -> CollectorRegistry:

@@ -83,7 +83,7 @@ def compact(record: dict[str, Any]) -> dict[str, Any]:
     shared = workers.pop() if len(workers) == 1 else None
     if shared is not None:
         out["worker"] = shared  # the worker that took every server (the node's own, normally)
-    out["servers"] = [_server(s, shared) for s in record["servers"]]
+    out["servers"] = [compact_server(s, shared) for s in record["servers"]]
     agreement = record.get("agreement")
     if agreement:
         out["agreement"] = {key: agreement[key] for key in ("majority", "votes", "depth") if key in agreement}
@@ -121,7 +121,7 @@ def expand(stored: dict[str, Any]) -> dict[str, Any]:
     if record["filter"] is not None:
         record["filter"] = {"outlier": False, "reset": False, **record["filter"]}
     shared = record.pop("worker", None)
-    record["servers"] = [_expand_server(s, shared) for s in stored["servers"]]
+    record["servers"] = [expand_server(s, shared) for s in stored["servers"]]
     if record.get("latest") is not None:  # what the stored measurement left to its record and chosen server
         chosen = next((s for s in record["servers"] if s["status"] == "chosen"), None)
         sample = (chosen or {}).get("sample", {})
@@ -138,7 +138,7 @@ def expand(stored: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def _server(entry: dict[str, Any], shared_worker: str | None) -> dict[str, Any]:
+def compact_server(entry: dict[str, Any], shared_worker: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {"s": entry["server"], "st": entry["status"]}
     if entry.get("worker") != shared_worker:
         out["w"] = entry.get("worker")
@@ -161,7 +161,7 @@ def _server(entry: dict[str, Any], shared_worker: str | None) -> dict[str, Any]:
     return out
 
 
-def _expand_server(stored: dict[str, Any], shared_worker: str | None) -> dict[str, Any]:
+def expand_server(stored: dict[str, Any], shared_worker: str | None) -> dict[str, Any]:
     long = {LONG.get(key, key): value for key, value in stored.items()}
     entry: dict[str, Any] = {"server": long["server"], "status": long["status"], "attempts": long.get("attempts", 1),
                              "worker": long.get("worker", shared_worker)}

@@ -7,6 +7,7 @@ X's worker may measure for X.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -14,8 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from celery import Signature, chain, chord
-from celery.exceptions import TimeoutError as CeleryTimeout
-from celery.result import AsyncResult
+from redis.client import PubSub
 
 from workers import chords, measure
 from workers.app import app, queue_for, redis_url_of
@@ -24,8 +24,9 @@ from workers.redisclock import clock_for
 from workers.tasks import describe, query_server
 
 from .contracts import RoundMeta
-from .store import UNANSWERED_DELAY_S, Keys, Store, client_for, store_for
-from .tasks import CLOSED_BY_DEADLINE, finish, finish_round
+from .servers import Reach
+from .store import COMPLETE, PUBLISHED, UNANSWERED_DELAY_S, Keys, Store, client_for, store_for
+from .tasks import CLOSED_BY_DEADLINE, complete, finish, finish_round
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,20 @@ EXPIRES_CLOCK_SLACK_S = 86_400.0
 
 @dataclass(frozen=True)
 class RoundHandle:
-    """A dispatched round: its id, node, deadline (Unix s on Redis' clock), callback result and metadata."""
+    """A dispatched round: its id, node, deadline (Unix s on Redis' clock), callback's task id and metadata.
+
+    Nothing waits on Celery for it: the callback stores no result (the record
+    is in history), and whoever wants the record listens to the node's round
+    events (:meth:`wait`).
+    """
 
     round_id: str
     node: str
     deadline_at: float
-    result: AsyncResult
+    callback_id: str
     meta: RoundMeta | None = None
+    #: The node's round events, subscribed to before the round was sent (``dispatch(watch=True)``).
+    events: PubSub | None = None
 
     @property
     def close_at(self) -> float:
@@ -69,57 +77,60 @@ class RoundHandle:
         """The outcomes the round's query tasks have reported so far (what :func:`close` would publish)."""
         return _store(self.meta).reported_outcomes(self.node, self.round_id) if self.meta else []
 
-    def detach(self) -> None:
-        """Drop this round's Celery result: call it once the round is finished or closed.
-
-        The round's record in history has replaced the callback's return
-        value, so it is deleted rather than left to expire, and this process
-        stops listening for it.  (The query tasks store no result: their
-        outcomes travel in the chord's join, and in the round's report hash
-        until the round is published.)
-        """
-        backend = self.result.backend
-        backend.client.delete(backend.get_key_for_task(self.result.id))
-        self.release()
-
     def release(self) -> None:
-        """Stop listening for this round's callback result without forgetting it: it may still be closed.
-
-        Celery's Redis backend subscribed the sending process to the callback's
-        result channel as it sent it (the query tasks ignore their results, so
-        nobody subscribes to theirs); this ends it through the backend's public calls.
-        """
-        backend = self.result.backend
-        try:
-            backend.remove_pending_result(self.result)
-            backend.result_consumer.cancel_for(self.result.id)
-        except Exception as exc:  # Redis away: the subscriptions die with the connection
-            log.debug("round %s: %s", self.round_id, exc)
+        """Stop listening for this round's events (it stays open in Redis for whoever finishes it)."""
+        if self.events is not None:
+            try:
+                self.events.close()
+            except Exception as exc:  # Redis away: the subscription dies with the connection
+                log.debug("round %s: %s", self.round_id, exc)
 
     def ready(self) -> bool:
-        """Whether the round is finished (by its callback or a closer): its claim key, one EXISTS."""
-        if self.meta is None:
-            return bool(self.result.ready())
-        return _store(self.meta).round_finished(self.node, self.round_id)
+        """Whether the round is published (by the worker, its callback or a closer): its claim key, one EXISTS."""
+        return self.meta is not None and _store(self.meta).round_finished(self.node, self.round_id)
 
-    def wait(self, *, grace_s: float = CLOSE_GRACE_S) -> dict | None:
-        """The round record, or ``None`` if the callback has not run by the deadline (+ grace).
+    def wait(self, *, grace_s: float = CLOSE_GRACE_S, complete: bool = False) -> dict | None:
+        """The round record once it is published, or ``None`` if it is not by the deadline (+ grace).
 
-        On ``None`` the caller should :func:`close` the round.
+        Published: by the worker as soon as the outcomes in hand decide it
+        (:mod:`orchestrator.early`), else by its callback.  ``complete``: wait
+        until the late servers' outcomes are recorded too, and return the
+        record with them.  The record comes whole in the node's round-events
+        message (a round dispatched with ``watch`` was subscribed to them
+        before it was sent, so nothing is missed); without a subscription,
+        the record is read back from history.  On ``None`` the caller should
+        :func:`close` the round.
         """
-        now = clock_for(_store(self.meta).client).now() if self.meta else time.time()
-        timeout = max(0.1, self.deadline_at + grace_s - now)
+        assert self.meta is not None, "a round is waited for from its metadata"
+        store = _store(self.meta)
+        events = self.events if self.events is not None else _subscribe(store, self.node)
+        clock = clock_for(store.client)
+        record: dict | None = None
         try:
-            record = self.result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
-        except CeleryTimeout:
-            return None  # the caller closes it (close() reads the header results, then detaches)
-        except Exception as exc:  # the chord failed (a header revoked or expired): close it instead
-            log.warning("round %s: callback failed (%s: %s)", self.round_id, type(exc).__name__, exc)
-            return None
-        self.detach()  # done with this round: its results are in history now
-        if record.get("duplicate"):
-            return self.stored_record()
-        return record
+            if self.events is None and store.round_state(self.node, self.round_id) in (
+                    {COMPLETE} if complete else {PUBLISHED, COMPLETE}):
+                return self.stored_record()  # finished before this subscription: what history has
+            while True:
+                remaining = self.deadline_at + grace_s - clock.now()
+                if remaining <= 0:
+                    return None
+                message = events.get_message(timeout=min(remaining, 1.0))
+                if message is None:
+                    continue
+                event = json.loads(message["data"])
+                if event.get("round_id") != self.round_id:
+                    continue  # another round of this node
+                if "record" in event:
+                    record = event["record"]
+                if event["state"] == COMPLETE and "late" in event:
+                    record = record if record is not None else self.stored_record()
+                    if record is not None:
+                        said = {e["server"]: e for e in event["late"]}
+                        record["servers"] = [said.get(s["server"], s) for s in record["servers"]]
+                if record is not None and (event["state"] == COMPLETE or not complete):
+                    return record
+        finally:
+            events.close()
 
     def stored_record(self) -> dict | None:
         """This round's record as published in the history stream (``None`` if not found)."""
@@ -143,9 +154,9 @@ def close(handle: RoundHandle) -> dict | None:
         log.warning("round %s: cannot read the reported outcomes (%s)", handle.round_id, exc)
         outcomes = []
     record = finish(handle.meta, outcomes, store, closed_by=CLOSED_BY_DEADLINE)
-    if record is None:
+    if record is None and complete(handle.meta, outcomes, store) is None:
         store.forget_open_round(handle.node, handle.round_id)  # finished by someone else meanwhile
-    handle.detach()
+    handle.release()
     return record
 
 
@@ -167,7 +178,7 @@ def overdue_handles(config: Config, now: float | None = None) -> list[RoundHandl
 def _handle_from_entry(node: str, round_id: str, entry: dict) -> RoundHandle:
     meta = RoundMeta.from_dict(entry["meta"])
     return RoundHandle(round_id=round_id, node=node, deadline_at=meta.deadline_at,
-                       result=AsyncResult(entry["callback_id"], app=app), meta=meta)
+                       callback_id=entry["callback_id"], meta=meta)
 
 
 def _store(meta: RoundMeta) -> Store:
@@ -207,13 +218,15 @@ def build_round(config: Config, node: str, *, now: float | None = None,
 
 
 def plan_round(config: Config, node: str, *, now: float | None = None,
-               expected_delays: dict[str, float] | None = None) -> tuple[list, Signature, RoundMeta]:
+               expected_delays: dict[str, float] | None = None,
+               reach: dict[str, Reach] | None = None) -> tuple[list, Signature, RoundMeta]:
     """:func:`build_round`'s parts -- the header's signatures, the callback, the metadata -- without the chord.
 
     The dispatcher sends these itself (:mod:`workers.chords`); a ``chord``
     object would only copy every signature once more.  ``now``: Redis' clock
     (:func:`dispatch` reads it); the deadline is on it too.
     """
+    reach = reach or {}
     now = time.time() if now is None else now
     round_id = new_round_id(node, now)
     deadline_at = now + round_budget_s(config)
@@ -221,7 +234,9 @@ def plan_round(config: Config, node: str, *, now: float | None = None,
     rate_backoff_s = RATE_BACKOFF_INTERVALS * config.timing.normal_interval_s
     report_to = Keys(config.service.key_prefix).outcomes(node, round_id)
     jobs = [measure.make_job(server=s, node=node, round_id=round_id, ntp=config.ntp, deadline_at=deadline_at,
-                             rate_backoff_s=rate_backoff_s, report_to=report_to)
+                             rate_backoff_s=rate_backoff_s, report_to=report_to,
+                             key_prefix=config.service.key_prefix,
+                             retry=not (s.name in reach and reach[s.name].unreachable))
             for s in config.ntp.servers]
     if config.ntp.parallel_queries and expected_delays:
         # Longest first: a worker starts tasks in the order they arrive,
@@ -251,23 +266,26 @@ def _query_signature(job: dict, queue: str, expires: datetime):
                                   expires=expires)
 
 
-def dispatch(config: Config, node: str, *, fan_out: bool = False) -> RoundHandle:
+def dispatch(config: Config, node: str, *, fan_out: bool = False, watch: bool | None = None) -> RoundHandle:
     """Send one round for ``node`` and return without waiting.
 
     ``fan_out``: send the round as one message that ``node``'s worker fans
     out into the chord (:func:`workers.chords.send_via_queue`): what the beat
     does, so that its cost per round does not grow with the servers.
     Otherwise every task is sent from here, a little sooner (``measure``).
+    ``watch`` (default: unless ``fan_out``): subscribe to the node's round
+    events first, for :meth:`RoundHandle.wait`.
     """
     store = store_for(config.service)
-    header, body, meta = plan_round(config, node, now=clock_for(store.client).now(),
-                                    expected_delays=store.server_delays(node))
-    if fan_out:
-        # Nobody waits for this callback's return value (the record is in history): not stored.
-        body.set(ignore_result=True)
+    delays, reach = store.server_state(node)
+    header, body, meta = plan_round(config, node, now=clock_for(store.client).now(), expected_delays=delays,
+                                    reach=reach)
+    # Nobody reads the callback's return value (the record is in history; Flower shows it): not stored.
+    body.set(ignore_result=True)
     sent = chords.freeze(body)
+    events = _subscribe(store, node) if (not fan_out if watch is None else watch) else None
     handle = RoundHandle(round_id=meta.round_id, node=node, deadline_at=meta.deadline_at,
-                         result=AsyncResult(sent.callback_id, app=app), meta=meta)
+                         callback_id=sent.callback_id, meta=meta, events=events)
     # Written before anything is sent: the callback reads the round's metadata from it.
     store.open_round(node, meta.round_id, {"meta": meta.as_dict(), "callback_id": sent.callback_id},
                      close_at=handle.close_at)
@@ -277,6 +295,15 @@ def dispatch(config: Config, node: str, *, fan_out: bool = False) -> RoundHandle
     else:
         chords.send(header, body, frozen=sent)
     return handle
+
+
+def _subscribe(store: Store, node: str) -> PubSub:
+    """A subscription to ``node``'s round events, confirmed by Redis before this returns."""
+    events = store.client.pubsub(ignore_subscribe_messages=True)
+    events.subscribe(store.keys.round_events(node))
+    # The confirmation is the first message; reading it makes sure the subscription is in place.
+    events.get_message(timeout=1.0, ignore_subscribe_messages=False)
+    return events
 
 
 def round_reference(meta: RoundMeta) -> dict:

@@ -43,11 +43,14 @@ import redis
 
 from workers import redisurl
 from workers.config import ServiceSettings
+from workers.contracts import OutcomeStatus, Reason
 from workers.keys import Keys
 from workers.redisclock import clock_for
 
-from . import records
-from .counting import COUNTERS, duration_fields, round_counters
+from . import records, selection
+from .contracts import ServerStatus
+from .counting import COUNTERS, duration_fields, late_counters, round_counters
+from .servers import Reach
 
 #: How long round records are kept by default (h): ``ntp_service.history_hours``'s own default.
 DEFAULT_HISTORY_HOURS = ServiceSettings.history_hours
@@ -82,11 +85,16 @@ class Store:
         ``build(window, consecutive_outliers, finished_at)`` makes the record
         from the node's temporal-filter state; ``finished_at`` is Redis' clock,
         read in the same round trip.  The claim key is WATCHed: if anyone
-        claims the round first (a redelivered callback, the deadline closer),
-        this returns ``None`` and writes nothing.  Otherwise the claim,
-        ``latest``, the history entry, the counters and the ``updates``
-        message go in one MULTI/EXEC -- all of them or none, so a connection
-        lost on the way leaves the round unclaimed for the closer to publish.
+        claims the round first (a redelivered callback, the deadline closer,
+        the worker that decided it early), this returns ``None`` and writes
+        nothing.  Otherwise the claim, ``latest``, the history entry, the
+        counters and the ``updates`` message go in one MULTI/EXEC -- all of
+        them or none, so a connection lost on the way leaves the round
+        unclaimed for the closer to publish.
+
+        A record with ``late`` servers (published early, :mod:`orchestrator.early`)
+        leaves the round open: its claim says ``published`` and which servers
+        are late, until :meth:`complete_round` records what they said.
         """
         claim = self.keys.round_claim(node, round_id)
         with self.client.pipeline(transaction=True) as pipe:
@@ -104,10 +112,17 @@ class Store:
                     return None
                 record = build([json.loads(item) for item in raw_window], int(raw_consecutive or 0),
                                int(seconds) + int(micros) / 1e6)
+                late = [s["server"] for s in record["servers"] if s["status"] == ServerStatus.LATE]
                 pipe.multi()
-                pipe.set(claim, "1", ex=ROUND_CLAIM_TTL_S)
+                state = {"state": PUBLISHED, "late": late} if late else {"state": COMPLETE}
+                pipe.set(claim, json.dumps(state), ex=ROUND_CLAIM_TTL_S)
                 self._queue_publish(pipe, record, history_length=history_length, window_size=window_size,
-                                    history_hours=history_hours, detail=detail)
+                                    history_hours=history_hours, detail=detail, complete=not late)
+                self._queue_reach(pipe, node, {s["server"]: s.get("sample") is not None
+                                               for s in record["servers"] if s["status"] != ServerStatus.LATE})
+                # The whole record, for whoever waits for this round (``measure``): the history keeps less.
+                pipe.publish(self.keys.round_events(node), json.dumps({"round_id": round_id, "state": state["state"],
+                                                                       "record": record}))
                 pipe.execute()
             except redis.WatchError:
                 # Someone claimed it first -- or the connection broke while watching (redis-py says
@@ -118,6 +133,82 @@ class Store:
                                             "written, the round stays open for the closer") from None
         return record
 
+    def complete_round(self, node: str, round_id: str, outcomes: list[dict], *, history_length: int,
+                       history_hours: float = DEFAULT_HISTORY_HOURS) -> list[dict] | None:
+        """Record what a round published early heard after it; ``None`` unless it is waiting for that.
+
+        ``outcomes``: every outcome the round has (from its chord, or as reported);
+        those of its late servers are kept in the ``late`` stream, counted
+        (``late``, and their queries, retries, replies and failures), and fill
+        their reach bit.  A late server with no outcome here counts as
+        ``no_result``.  Once, atomically, as :meth:`finish_round`.
+        """
+        claim = self.keys.round_claim(node, round_id)
+        with self.client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(claim)
+                raw = self.client.get(claim)
+                state = _claim_state(raw)
+                if state.get("state") != PUBLISHED:
+                    return None
+                by_server = {o["server"]: o for o in selection.unique_by_server(outcomes)}
+                late = [late_entry(by_server.get(server), server) for server in state["late"]]
+                (seconds, micros) = self.client.time()
+                now = int(seconds) + int(micros) / 1e6
+                pipe.multi()
+                pipe.set(claim, json.dumps({"state": COMPLETE}), ex=ROUND_CLAIM_TTL_S)
+                stored = [records.compact_server(entry, None) for entry in late]
+                history = self.keys.late(node)
+                pipe.xadd(history, {"round": round_id, "servers": json.dumps(stored, separators=(",", ":"))},
+                          minid=max(0, int((now - history_hours * 3600) * 1000)), approximate=False)
+                pipe.xtrim(history, maxlen=history_length, approximate=False)
+                for name, amount in late_counters(late).items():
+                    pipe.hincrby(self.keys.stats(node), name, amount)
+                self._queue_reach(pipe, node, {e["server"]: e.get("sample") is not None for e in late})
+                self._queue_close(pipe, node, round_id)
+                pipe.publish(self.keys.round_events(node), json.dumps({"round_id": round_id, "state": COMPLETE,
+                                                                       "late": late}))
+                pipe.execute()
+            except redis.WatchError:
+                if _claim_state(self.client.get(claim)).get("state") == COMPLETE:
+                    return None
+                raise redis.ConnectionError(f"lost Redis while completing round {round_id}; nothing was "
+                                            "written") from None
+        return late
+
+    def round_state(self, node: str, round_id: str) -> str | None:
+        """``published`` (early; late outcomes to come), ``complete``, or ``None`` (not finished)."""
+        raw = self.client.get(self.keys.round_claim(node, round_id))
+        return None if raw is None else _claim_state(raw).get("state")
+
+    def _queue_reach(self, pipe, node: str, usable: dict[str, bool]) -> None:
+        """Shift one round into each server's reach register: 1 for a usable reply (chrony's ``reach``)."""
+        if usable:
+            args = [item for server, ok in sorted(usable.items()) for item in (server, int(ok))]
+            pipe.eval(SHIFT_REACH, 1, self.keys.reach(node), *args)
+
+    def reach(self, node: str) -> dict[str, Reach]:
+        """Every server's reach register for ``node`` (none until its first round)."""
+        return {_text(k): Reach.decode(int(v)) for k, v in self.client.hgetall(self.keys.reach(node)).items()}
+
+    def server_state(self, node: str) -> tuple[dict[str, float], dict[str, Reach]]:
+        """What planning a round reads, in one round trip: each server's last delay and its reach."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.server_delay(node))
+            pipe.hgetall(self.keys.reach(node))
+            delays, reach = pipe.execute()
+        return ({_text(k): float(v) for k, v in delays.items()},
+                {_text(k): Reach.decode(int(v)) for k, v in reach.items()})
+
+    def late_outcomes(self, node: str, round_id: str, *, search: int = 50) -> list[dict] | None:
+        """The late servers' entries of a recent round published early (``None``: not recorded yet)."""
+        for _, fields in self.client.xrevrange(self.keys.late(node), count=search) or ():
+            fields = fields or {}
+            if _text(fields.get(b"round", fields.get("round"))) == round_id:
+                raw = json.loads(_text(fields.get(b"servers", fields.get("servers"))))
+                return [records.expand_server(entry, None) for entry in raw]
+        return None
+
     def publish_round(self, record: dict, *, history_length: int, window_size: int,
                       history_hours: float = DEFAULT_HISTORY_HOURS, detail: str = records.COMPACT) -> None:
         """Store a round's record (and measurement) without a claim: for tools and tests."""
@@ -127,7 +218,7 @@ class Store:
         pipe.execute()
 
     def _queue_publish(self, pipe, record: dict, *, history_length: int, window_size: int,
-                       history_hours: float, detail: str) -> None:
+                       history_hours: float, detail: str, complete: bool = True) -> None:
         """Queue a finished round's writes: its record always, its measurement if it has one.
 
         ``record["latest"]`` is the new ``latest`` value, or ``None`` on
@@ -149,9 +240,8 @@ class Store:
                   minid=oldest_ms, approximate=False)
         pipe.xtrim(history, maxlen=history_length, approximate=False)
         pipe.sadd(self.keys.nodes(), node)
-        pipe.hdel(self.keys.open_rounds(node), record["round_id"])
-        pipe.zrem(self.keys.open_by_close_time(), _open_member(node, record["round_id"]))
-        pipe.delete(self.keys.outcomes(node, record["round_id"]))
+        if complete:  # else it stays open, its reports kept, until its late outcomes are recorded
+            self._queue_close(pipe, node, record["round_id"])
         delays = expected_delays(record)
         if delays:
             pipe.hset(self.keys.server_delay(node), mapping=cast("Mapping[Any, Any]", delays))
@@ -170,6 +260,12 @@ class Store:
         for field in duration_fields(record["duration_s"]):
             pipe.hincrby(duration_key, field, 1)
         pipe.hincrbyfloat(duration_key, "sum", record["duration_s"])
+
+    def _queue_close(self, pipe, node: str, round_id: str) -> None:
+        """Queue what ends a round's open life: its entry, its index member, its reported outcomes."""
+        pipe.hdel(self.keys.open_rounds(node), round_id)
+        pipe.zrem(self.keys.open_by_close_time(), _open_member(node, round_id))
+        pipe.delete(self.keys.outcomes(node, round_id))
 
     def open_round(self, node: str, round_id: str, entry: dict, *, close_at: float) -> None:
         """Remember a dispatched round until it is finished (see :func:`orchestrator.rounds.close`).
@@ -221,8 +317,13 @@ class Store:
         return bool(self.client.exists(self.keys.round_claim(node, round_id)))
 
     def round_record(self, node: str, round_id: str, *, search: int = 50) -> dict | None:
-        """A recent round's record, looked up by id in the history stream."""
-        return next((r for r in self.history(node, count=search) if r["round_id"] == round_id), None)
+        """A recent round's record, looked up by id in the history stream, with its late outcomes if any."""
+        record = next((r for r in self.history(node, count=search) if r["round_id"] == round_id), None)
+        if record is not None and any(s["status"] == ServerStatus.LATE for s in record["servers"]):
+            late = {e["server"]: e for e in self.late_outcomes(node, round_id, search=search) or ()}
+            record["servers"] = [late.get(s["server"], s) if s["status"] == ServerStatus.LATE else s
+                                 for s in record["servers"]]
+        return record
 
     def latest(self, node: str) -> dict | None:
         raw = self.client.get(self.keys.latest(node))
@@ -258,10 +359,69 @@ class Store:
             records = list(reversed(records_of(self.client.xrevrange(self.keys.history(node), min=low, count=limit))))
         if since_redis is not None:
             records = [r for r in records if r["finished_at"] >= since_redis]
-        return records
+        return self._with_late(node, records, low)
+
+    def _with_late(self, node: str, history: list[dict], low: str = "-") -> list[dict]:
+        """``history`` with the late servers' outcomes in place of their ``late`` entries (one XRANGE)."""
+        if not any(s["status"] == ServerStatus.LATE for r in history for s in r["servers"]):
+            return history
+        late: dict[str, dict[str, dict]] = {}
+        for _, fields in self.client.xrange(self.keys.late(node), min=low) or ():
+            fields = fields or {}
+            round_id = _text(fields.get(b"round", fields.get("round")))
+            entries = json.loads(_text(fields.get(b"servers", fields.get("servers"))))
+            late[round_id] = {e["server"]: e for e in (records.expand_server(x, None) for x in entries)}
+        for record in history:
+            found = late.get(record["round_id"])
+            if found:
+                record["servers"] = [found.get(s["server"], s) if s["status"] == ServerStatus.LATE else s
+                                     for s in record["servers"]]
+        return history
 
     def server_delays(self, node: str) -> dict[str, float]:
         return {_text(k): float(v) for k, v in self.client.hgetall(self.keys.server_delay(node)).items()}
+
+
+#: A round's claim says one of these: published early with late outcomes to come, or complete.
+PUBLISHED, COMPLETE = "published", "complete"
+
+#: Shifts a round into reach registers: KEYS[1] the hash, ARGV server, bit, server, bit, ...  A value is
+#: ``256 * rounds + reach``: rounds (up to 8) tells a register never filled from one of eight misses.
+SHIFT_REACH = """
+for i = 1, #ARGV, 2 do
+  local value = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+  local reach = value % 256
+  local rounds = math.min(8, math.floor(value / 256) + 1)
+  redis.call('HSET', KEYS[1], ARGV[i], rounds * 256 + (reach * 2 + tonumber(ARGV[i + 1])) % 256)
+end
+return #ARGV / 2
+"""
+
+
+def late_entry(outcome: dict | None, server: str) -> dict:
+    """A late server's entry (status ``late``), as a round record's server entries look."""
+    if outcome is None:
+        return {"server": server, "status": ServerStatus.LATE, "reason": Reason.NO_RESULT, "attempts": 0,
+                "history": [], "worker": None}
+    entry = {"server": server, "status": ServerStatus.LATE, "attempts": outcome["attempts"],
+             "history": outcome.get("history", []), "worker": outcome.get("worker")}
+    if outcome["status"] == OutcomeStatus.OK:
+        entry["sample"] = outcome["sample"]
+    else:
+        entry.update(reason=outcome["reason"], detail=outcome.get("detail"), kiss_code=outcome.get("kiss_code"))
+    return entry
+
+
+def _claim_state(raw) -> dict:
+    """A claim's value: JSON, or the ``1`` of a claim set before rounds could be published early."""
+    text = _text(raw) if raw is not None else ""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"state": COMPLETE}
+    return value if isinstance(value, dict) else {"state": COMPLETE}
 
 
 def expected_delays(record: dict) -> dict[str, float]:

@@ -67,14 +67,18 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def node_report(records: list[dict[str, Any]], latest: dict[str, Any] | None, *, now: float,
-                stale_after_s: float) -> dict[str, Any]:
+                stale_after_s: float, excluding: frozenset[str] = frozenset()) -> dict[str, Any]:
     """One node's figures against :data:`TARGETS`.
 
     Returns ``{"rounds", "latest_age_s", "stale", "ok", "targets": {name: {"value", "limit", "ok"}},
     "counts"}``; ``latest_age_s`` is ``None`` (and the node stale) when nothing was ever published.
+    ``excluding``: servers whose requests and replies are left out of the rates (what the
+    rates would be without them: the demo's servers that are bad on purpose).
     """
     counts: dict[str, int] = {}
     for record in records:
+        if excluding:
+            record = dict(record, servers=[s for s in record["servers"] if s["server"] not in excluding])
         for name, amount in round_counters(record).items():
             counts[name] = counts.get(name, 0) + amount
     durations = [r["duration_s"] for r in records]

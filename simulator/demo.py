@@ -18,14 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestrator import display, rounds, targets
+from orchestrator import display, rounds, servers, targets
 from orchestrator.consumer import STALE_INTERVALS
 from orchestrator.store import store_for
 from workers import config as config_mod
 from workers.app import app, configure, queue_for, workers_for_queue
 
 from .local import RedisProcess, stop_process
-from .server import from_config
+from .server import Behaviour, NtpSimulator, from_config
 
 #: The demo's configuration, relative to the repository.
 DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config_local_demo.yaml"
@@ -40,6 +40,50 @@ class DemoError(Exception):
     def __init__(self, message: str, *, missing_tool: bool = False):
         super().__init__(message)
         self.missing_tool = missing_tool
+
+
+def deliberately_bad(sim: NtpSimulator, config: config_mod.Config) -> dict[str, str]:
+    """The demo's servers that misbehave on purpose (server -> how), from their simulated behaviour.
+
+    A fault field away from an honest server's default, an offset away from the honest ones' (a
+    falseticker), or a delay past the relaxed gate.
+    """
+    honest = Behaviour()
+    offsets = sorted(b.offset_s for b in sim.behaviours.values())
+    median = offsets[len(offsets) // 2]
+    relaxed_delay_s = config.ntp.max_delay * 2
+    found = {}
+    for port, behaviour in sim.behaviours.items():
+        faults = [name for name in FAULTS if getattr(behaviour, name) != getattr(honest, name)]
+        if behaviour.leap == 3:
+            faults.append("leap 3")
+        if abs(behaviour.offset_s - median) > 0.1:
+            faults.append("falseticker")
+        if behaviour.delay_s > relaxed_delay_s:
+            faults.append(f"{behaviour.delay_s * 1e3:.0f} ms away")
+        if faults:
+            found[f"{sim.host}:{port}"] = ", ".join(faults)
+    return found
+
+
+#: Behaviour fields that make a server misbehave (any other value than an honest server's).
+FAULTS = ("loss", "kod", "bad_origin", "bad_origin_first", "spoofed_ahead_s", "zero_transmit",
+          "receive_after_transmit", "truncate", "garbage", "wrong_port", "stale_reference", "future_reference",
+          "claimed_hold_s")
+
+
+def explain_misses(figures: dict, without: dict, bad: dict[str, str]) -> list[str]:
+    """One line per target missed only because of the deliberately bad servers (``without``: the figures
+    without them)."""
+    lines = []
+    for target in targets.TARGETS:
+        if figures["targets"][target.name]["ok"] or not without["targets"][target.name]["ok"]:
+            continue
+        value = without["targets"][target.name]["value"]
+        shown = f"{value * 100:.1f} %" if target.unit == "rate" else f"{value:g}"
+        lines.append(f"  {target.doc}: missed only because of the demo's {len(bad)} deliberately bad servers "
+                     f"({'; '.join(f'{s} {why}' for s, why in sorted(bad.items()))}); without them {shown}")
+    return lines
 
 
 def run_demo(config_path: str | None, *, rounds_to_run: int = 4, plot: str | None = None) -> bool:
@@ -70,7 +114,8 @@ def run_demo(config_path: str | None, *, rounds_to_run: int = 4, plot: str | Non
             record = None
             for i in range(rounds_to_run):
                 handle = rounds.dispatch(config, node)
-                record = handle.wait()
+                # Published as soon as the replies in hand decide it; shown with what the late servers said.
+                record = handle.wait(complete=True)
                 print(f"\n--- round {i + 1} of {rounds_to_run} ---")
                 print(display.format_round(record) if record else f"round {handle.round_id} did not finish")
             store = store_for(config.service)
@@ -80,9 +125,18 @@ def run_demo(config_path: str | None, *, rounds_to_run: int = 4, plot: str | Non
             print("\n--- chronotick-ntp status: ChronoTick's targets (the demo's servers are faulty on purpose) ---")
             now = time.time()
             records = store.history_since(node, now - 3600)
-            figures = targets.node_report(records, latest, now=now,
-                                         stale_after_s=STALE_INTERVALS * config.timing.normal_interval_s)
+            stale_after_s = STALE_INTERVALS * config.timing.normal_interval_s
+            figures = targets.node_report(records, latest, now=now, stale_after_s=stale_after_s)
             print(display.format_status({node: figures}, hours=1, color=sys.stdout.isatty()))
+            bad = deliberately_bad(sim, config)
+            without = targets.node_report(records, latest, now=now, stale_after_s=stale_after_s,
+                                          excluding=frozenset(bad))
+            for line in explain_misses(figures, without, bad):
+                print(line)
+            print("\n--- chronotick-ntp servers: each server's state and reach ---")
+            reach = {name: (r.register, r.rounds) for name, r in store.reach(node).items()}
+            print(display.format_servers(servers.report(node, [s.name for s in config.ntp.servers], records, reach,
+                                                        now=now)))
             if plot:
                 from orchestrator.plot import plot_node
 

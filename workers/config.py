@@ -190,6 +190,8 @@ class NtpSettings:
         5.0, types=_NUMBER, check=_positive, problem=_GREATER_THAN_0,
         doc="the temporal filter's threshold (ChronoTick's homelab 10000 effectively disables it)")
     parallel_queries: bool = option(True, types=(bool,), doc="false: one server after another")
+    publish_early: bool = option(True, types=(bool,),
+                                 doc="publish a round once the replies in hand decide it (new key)")
     max_workers: int | None = option(
         None, types=(int, type(None)), check=lambda v: v is None or v >= 1, problem="must be at least 1 (or null)",
         doc="the worker's thread count (+2); default: one per server")

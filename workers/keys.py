@@ -71,6 +71,18 @@ class Keys:
         """
         return self._node(node, f"outcomes:{round_id}")
 
+    def late(self, node: str) -> str:
+        """A stream: the outcomes of each round published early that came after it (``round``, ``servers``)."""
+        return self._node(node, "late")
+
+    def reach(self, node: str) -> str:
+        """Internal: a hash, server -> its reach register and how many rounds filled it (``256 * rounds + reach``)."""
+        return self._node(node, "reach")
+
+    def round_events(self, node: str) -> str:
+        """Internal: a channel, ``{"round_id", "state"}`` as each round is published and completed."""
+        return self._node(node, "rounds")
+
     def round_duration(self, node: str) -> str:
         """The round-time histogram: ``le:<bound>`` (cumulative), ``count``, ``sum``."""
         return self._node(node, "round_duration")

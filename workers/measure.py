@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import math
 import socket
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 
+from . import inflight
 from .contracts import Reason
 from .ntp import client, packet, sanity
 from .ntp.client import QueryFailed
@@ -44,9 +47,18 @@ class BurstFailed(QueryFailed):
 # a thread, not the task's time budget.
 _resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ntp-dns")
 
+#: Threads for the exchanges of advanced-mode bursts: every server's whole burst of a round at once.
+BURST_THREADS = 128
+
+#: A burst stops waiting for a request this many times its best delay so far (plus the hold allowance)
+#: after it was sent: a slower reply could not be its sample (chrony's ``maxdelayratio`` idea).
+BURST_DELAY_RATIO = 4.0
+
+_burst_pool = ThreadPoolExecutor(max_workers=BURST_THREADS, thread_name_prefix="ntp-burst")
+
 
 def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_backoff_s: float,
-             report_to: str | None = None) -> dict:
+             report_to: str | None = None, key_prefix: str = "", retry: bool = True) -> dict:
     """Describe one server's part of a round as plain JSON.
 
     Parameters
@@ -67,6 +79,12 @@ def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_
         The Redis hash the task writes its outcome to, for whoever closes the
         round if its callback never comes (the orchestrator names it; none:
         not reported).
+    key_prefix:
+        The service's key prefix: with node and round id, the round's name in the worker
+        (:mod:`workers.inflight`).
+    retry:
+        ``False`` for a server unreachable for eight rounds (its reach register is 0): probed
+        with one request a round (no burst), not retried, until it answers again.
     """
     return {
         "server": server.name,
@@ -75,8 +93,8 @@ def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_
         "node": node,
         "round_id": round_id,
         "timeout_s": ntp.timeout_seconds,
-        "samples": samples_per_attempt(ntp),
-        "retry_waits_s": list(ntp.retry_waits_s),
+        "samples": samples_per_attempt(ntp) if retry else 1,  # an unreachable server: one request
+        "retry_waits_s": list(ntp.retry_waits_s) if retry else [],
         "deadline_at": deadline_at,
         "max_root_delay_s": ntp.max_root_delay,
         "max_root_dispersion_s": ntp.max_root_dispersion,
@@ -85,6 +103,7 @@ def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_
         "nts_ca_file": ntp.nts_ca_file if server.nts else None,
         "rate_backoff_s": rate_backoff_s,
         "report_to": report_to,
+        "key_prefix": key_prefix,
     }
 
 
@@ -98,8 +117,19 @@ def attempt_budget_s(*, timeout_s: float, samples: int) -> float:
     return timeout_s * (samples + 1) + ADVANCED_SAMPLE_SPACING_S * (samples - 1)
 
 
-def attempt(job: dict) -> dict:
+def attempt(job: dict, *, on_exchange: Callable[[int], None] | None = None,
+            on_done: Callable[[int, float | None], None] | None = None) -> dict:
     """Run one attempt; return the accepted sample as a dict.
+
+    ``on_exchange(i)`` is called just before the ``i``-th request is sent and
+    ``on_done(i, delay_s)`` when it is over (``None``: no usable reply): how
+    the worker knows which requests are out, and since when (:mod:`workers.inflight`).
+
+    An advanced-mode burst sends its requests :data:`ADVANCED_SAMPLE_SPACING_S`
+    apart whether or not the earlier ones were answered (as chrony's burst
+    does), so a lost one costs the burst nothing; and since it keeps its
+    minimum-delay sample, a request out :data:`BURST_DELAY_RATIO` times the
+    best delay so far is given up (``timeout``, or what it set aside).
 
     Raises
     ------
@@ -113,27 +143,103 @@ def attempt(job: dict) -> dict:
         from .ntp import nts  # cryptography and pyOpenSSL only where NTS is used
 
         association = nts.association(job["host"], job["port"], ca_file=job.get("nts_ca_file"))
+        address = None
     else:
-        family, sockaddr = _resolve(job["host"], job["port"], timeout_s=job["timeout_s"])
-    samples: list[client.Sample] = []
-    refusals: list[Rejection] = []
-    for i in range(job["samples"]):
-        if i:
-            time.sleep(ADVANCED_SAMPLE_SPACING_S)
+        address = _resolve(job["host"], job["port"], timeout_s=job["timeout_s"])
+
+    burst = _Burst()
+
+    def one(i: int, protected, where) -> client.Sample:
+        if on_exchange is not None:
+            on_exchange(i)
+        sent_at = time.monotonic()
+        delay_s = None
         try:
-            protected = None
-            if association is not None:
-                protected, ntp_address = _nts_request(association, job["timeout_s"])
-                family, sockaddr = _resolve(*ntp_address, timeout_s=job["timeout_s"])
-            samples.append(client.exchange(
-                job["server"], family, sockaddr, timeout_s=job["timeout_s"],
+            sample = client.exchange(
+                job["server"], *where, timeout_s=job["timeout_s"],
                 max_root_delay_s=job.get("max_root_delay_s", sanity.DEFAULT_MAX_ROOT_S),
                 max_root_dispersion_s=job.get("max_root_dispersion_s", sanity.DEFAULT_MAX_ROOT_S),
-                nts=protected))
+                nts=protected, give_up_at=(lambda: burst.give_up_at(sent_at)) if job["samples"] > 1 else None)
+            delay_s = sample.delay_s
+            burst.taken(delay_s)
+            return sample
+        finally:
+            if on_done is not None:
+                on_done(i, delay_s)
+
+    def request(i: int):
+        """What the ``i``-th exchange sends, and where (an NTS request is prepared here, in order)."""
+        if association is None:
+            return None, address
+        protected, ntp_address = _nts_request(association, job["timeout_s"])
+        return protected, _resolve(*ntp_address, timeout_s=job["timeout_s"])
+
+    if job["samples"] == 1:
+        try:
+            return _best_of([one(0, *request(0))])
         except QueryFailed as exc:
-            if exc.rejection.kiss_code:
-                raise BurstFailed(exc.rejection, refusals) from None  # a kiss: no more packets this attempt
+            raise BurstFailed(exc.rejection, []) from None
+    return _run_burst(job, request, one)
+
+
+class _Burst:
+    """A burst's best delay so far, shared by its exchanges' threads."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.best_delay_s: float | None = None
+
+    def taken(self, delay_s: float) -> None:
+        with self._lock:
+            self.best_delay_s = delay_s if self.best_delay_s is None else min(self.best_delay_s, delay_s)
+
+    def give_up_at(self, sent_at: float) -> float | None:
+        """When a request sent at ``sent_at`` is no longer worth waiting for (``None``: no sample yet).
+
+        The burst keeps its minimum-delay sample: a reply slower than :data:`BURST_DELAY_RATIO` times
+        the best could not be kept and would add only its offset to the burst's jitter.
+        """
+        best = self.best_delay_s
+        return None if best is None else sent_at + BURST_DELAY_RATIO * best + inflight.HOLD_ALLOWANCE_S
+
+
+def _run_burst(job: dict, request, one) -> dict:
+    """An advanced-mode attempt: ``samples`` exchanges, one spacing apart, in :data:`_burst_pool`."""
+    samples: list[client.Sample] = []
+    refusals: list[Rejection] = []
+    pending: set[Future] = set()
+
+    def collect(done) -> None:
+        for future in done:
+            pending.discard(future)
+            try:
+                samples.append(future.result())
+            except QueryFailed as exc:
+                if exc.rejection.kiss_code:
+                    raise BurstFailed(exc.rejection, refusals) from None  # a kiss: no more packets this attempt
+                refusals.append(exc.rejection)
+
+    next_at = time.monotonic()
+    for i in range(job["samples"]):
+        while (remaining := next_at - time.monotonic()) > 0:  # answers that come while the burst is sent
+            if not pending:
+                time.sleep(remaining)
+                break
+            done, _ = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
+            collect(done)
+        try:
+            protected, where = request(i)
+        except QueryFailed as exc:
             refusals.append(exc.rejection)
+            next_at = time.monotonic() + ADVANCED_SAMPLE_SPACING_S
+            continue
+        pending.add(_burst_pool.submit(one, i, protected, where))
+        next_at = time.monotonic() + ADVANCED_SAMPLE_SPACING_S
+    while pending:
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        collect(done)
+    # Sent in order, answered in any: the record keeps them in the order they were sent.
+    samples.sort(key=lambda s: s.t1_ns)
     if not samples:
         raise BurstFailed(refusals[-1], refusals[:-1])
     result = _best_of(samples)

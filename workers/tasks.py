@@ -7,7 +7,9 @@ deliberate: ``retry_backoff`` truncates fractional factors and adds random
 jitter, so it cannot give this schedule.
 
 A server that sent a RATE, DENY or RSTR Kiss-o'-Death is not retried and, while
-:mod:`workers.kod` says so, not even queried.
+:mod:`workers.kod` says so, not even queried.  Nor is a failed attempt retried
+once its round is published (:mod:`workers.inflight`): a round decided early
+costs no retries, and a retry already waiting ends without a packet.
 
 After the last attempt the task *returns* a structured failure instead of
 raising: in a chord, one raising header task fails the whole round, and one
@@ -31,7 +33,7 @@ import threading
 from celery import signals
 from celery.utils.log import get_task_logger
 
-from . import kod, measure, redisurl
+from . import inflight, kod, measure, redisurl
 from .app import app, redis_url_of
 from .config import ENV_NODE
 from .contracts import OutcomeStatus, Reason
@@ -121,13 +123,20 @@ def query_server(self, *carried, job: dict, history: list | None = None):
                           f"attempt {attempt_no} would start after the round's deadline",
                           worker=self.request.hostname)
         return _done(job, carried, outcome)
+    if history and inflight.tracker.decided(job):
+        # The round was published while this retry waited: nothing it could measure would change it.
+        last = history[-1]
+        return _done(job, carried, _failed(job, history, last["reason"],
+                                       f"not retried: the round was published before attempt {attempt_no}",
+                                       kiss_code=last.get("kiss_code"), worker=self.request.hostname))
     refusal = kod.memory.refusal(job["server"], config_id=job.get("config_id", ""))
     if refusal:
         # Not a packet to a server that told us to stay away; not an attempt either.
         return _done(job, carried, _failed(job, history, *refusal, worker=self.request.hostname))
     try:
         try:
-            sample = measure.attempt(job)
+            sample = measure.attempt(job, on_exchange=lambda i: inflight.tracker.exchange_started(job, i),
+                                     on_done=lambda i, delay_s: inflight.tracker.exchange_done(job, i, delay_s))
         except QueryFailed:
             raise
         except Exception as exc:  # never a crashed task: the chord would wait for its deadline
@@ -143,8 +152,10 @@ def query_server(self, *carried, job: dict, history: list | None = None):
         kissed = rejection.kiss_code and kod.memory.record(
             job["server"], rejection.kiss_code, config_id=job.get("config_id", ""),
             rate_backoff_s=job.get("rate_backoff_s", 0.0))
+        inflight.tracker.attempt_ended(job)
         waits = job["retry_waits_s"]
-        if self.request.retries < len(waits) and not kissed:
+        # Retried only while the round is undecided: once it is published, no reply can change it.
+        if self.request.retries < len(waits) and not kissed and not inflight.tracker.decided(job):
             wait_s = waits[self.request.retries]
             budget_s = measure.attempt_budget_s(timeout_s=job["timeout_s"], samples=job["samples"])
             if service_now() + wait_s + budget_s <= job["deadline_at"]:
@@ -195,8 +206,10 @@ def _failed(job: dict, history: list, reason: str, detail: str, *, kiss_code: st
 
 
 def _done(job: dict, carried: tuple, outcome: dict):
-    """Report ``outcome`` to the round (for a closer, written by :data:`reporter`), then return it."""
+    """Report ``outcome`` to the round (for a closer, by :data:`reporter`) and to this process's
+    tracker (which may find the round decided: :mod:`workers.inflight`), then return it."""
     reporter.report(job, outcome)
+    inflight.tracker.outcome(job, outcome)
     return _carry(carried, outcome)
 
 

@@ -6,13 +6,11 @@ import uuid
 
 import pytest
 import redis
-from celery.result import AsyncResult
 
 from orchestrator import rounds
 from orchestrator.store import Store
 from orchestrator.tasks import CLOSED_BY_CALLBACK, CLOSED_BY_DEADLINE, finish
 from workers import config as config_mod
-from workers.app import app
 
 from ..conftest import write_config
 from ..unit.samples import ok
@@ -80,7 +78,7 @@ def test_a_connection_lost_at_exec_leaves_the_round_for_the_closer(redis_server,
     assert store.latest(node) is None and store.history(node) == [] and store.stats(node)["rounds"] == 0
 
     handle = rounds.RoundHandle(round_id=meta.round_id, node=node, deadline_at=meta.deadline_at,
-                                result=AsyncResult(str(uuid.uuid4()), app=app), meta=meta)
+                                callback_id=str(uuid.uuid4()), meta=meta)
     record = rounds.close(handle)
     assert record is not None and record["closed_by"] == CLOSED_BY_DEADLINE
     assert [r["round_id"] for r in store.history(node)] == [meta.round_id]

@@ -91,7 +91,7 @@ def test_a_node_whose_round_is_still_running_is_skipped(tmp_path):
 
     def fake_dispatch(cfg, node):
         sent.append(node)
-        return _FakeRound(round_id=f"r{len(sent)}", node=node, deadline_at=time.time() + 60, result=None)
+        return _FakeRound(round_id=f"r{len(sent)}", node=node, deadline_at=time.time() + 60, callback_id="")
 
     scheduler = Scheduler(config, ["a", "b"], dispatch=fake_dispatch, overdue_handles=lambda config, now: [],
                           warm_ups=lambda config: {}, on_lead=lambda config, nodes: [], clock=time.time)
@@ -116,7 +116,7 @@ def test_a_round_left_open_by_another_process_is_closed_by_the_beat(redis_url, s
         "ntp_service": {"key_prefix": key_prefix, "nodes": [node]}}))
     config = config_mod.load(path)
     orphan = rounds.dispatch(config, node)  # "another process": a beat that then died
-    orphan.detach()
+    orphan.release()
     store = Store(redis_client, prefix=key_prefix)
     assert list(store.open_round_entries(node)) == [orphan.round_id]
     scheduler = Scheduler(config, [node])
@@ -161,7 +161,7 @@ def test_a_warm_up_asked_for_long_after_the_beat_started_runs_at_once(tmp_path):
 
     def dispatch(cfg, node):
         sent.append((time.monotonic(), node))
-        return _FakeRound(round_id=f"r{len(sent)}", node=node, deadline_at=time.time() + 60, result=None,
+        return _FakeRound(round_id=f"r{len(sent)}", node=node, deadline_at=time.time() + 60, callback_id="",
                           finished=True)
 
     ends = {}  # node -> monotonic end of its warm-up, as Redis would keep it

@@ -24,6 +24,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -97,6 +98,10 @@ class Sample:
         return data
 
 
+#: How often an exchange with ``give_up_at`` asks it while waiting (s).
+GIVE_UP_POLL_S = 0.005
+
+
 def root_distance_s(*, delay_s: float, root_delay_s: float, root_dispersion_s: float,
                     server_precision_s: float, client_error_s: float = 0.0) -> float:
     """RFC 5905 root distance of one sample (see :class:`Sample`).
@@ -142,7 +147,8 @@ NOT_OUR_REPLY = frozenset({sanity.REASON_TRUNCATED, sanity.REASON_BAD_MODE, sani
 
 def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: float,
              max_root_delay_s: float = sanity.DEFAULT_MAX_ROOT_S,
-             max_root_dispersion_s: float = sanity.DEFAULT_MAX_ROOT_S, nts: NtsRequest | None = None) -> Sample:
+             max_root_dispersion_s: float = sanity.DEFAULT_MAX_ROOT_S, nts: NtsRequest | None = None,
+             give_up_at: Callable[[], float | None] | None = None) -> Sample:
     """Do one request/reply exchange on a fresh UDP socket.
 
     Parameters
@@ -163,6 +169,10 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
         counts only if :func:`workers.ntp.nts.open_reply` accepts it; one that
         does not is set aside, as RFC 8915 asks, in case a genuine one follows,
         and named if none does.  An NTS NAK drops the association's keys.
+    give_up_at:
+        Asked every :data:`GIVE_UP_POLL_S` while waiting: a monotonic time
+        before the timeout at which to stop waiting (``None``: not yet).  The
+        exchange then fails as at its timeout, naming what it set aside.
 
     Raises
     ------
@@ -191,14 +201,17 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
             sock.sendto(request, sockaddr)
             send_ns = time.monotonic_ns() - mono1_ns
             while True:
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                cut = give_up_at() if give_up_at is not None else None
+                remaining = (deadline if cut is None else min(deadline, cut)) - now
                 if remaining <= 0:
                     if refused:
                         raise QueryFailed(refused)
                     if stray:
                         raise QueryFailed(Rejection(sanity.REASON_WRONG_SOURCE, stray))
-                    raise QueryFailed(Rejection(sanity.REASON_TIMEOUT, f"no reply within {timeout_s} s"))
-                sock.settimeout(remaining)
+                    waited = timeout_s if cut is None or cut >= deadline else now - mono1_ns / 1e9
+                    raise QueryFailed(Rejection(sanity.REASON_TIMEOUT, f"no reply within {waited:.3g} s"))
+                sock.settimeout(remaining if give_up_at is None else min(remaining, GIVE_UP_POLL_S))
                 try:
                     data, ancdata, _flags, source = sock.recvmsg(MAX_REPLY_BYTES, ANCILLARY_SIZE)
                 except TimeoutError:

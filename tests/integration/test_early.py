@@ -1,0 +1,106 @@
+"""Faults cost nothing: a round publishes once its answer is known (issue #18), on a real worker.
+
+Ten loopback servers as the issue measured them -- eight healthy (8-36 ms), one that never answers,
+one 400 ms away -- with ``timeout_seconds: 1`` and ``retry_delay: 2``.  Before, every round waited for
+the dead server's three attempts (9 s); now it is published when the eight have answered, the two
+others are recorded late, and nothing is retried.
+"""
+
+import json
+import statistics
+
+import pytest
+
+from orchestrator import cli, rounds
+from orchestrator.store import Store
+from simulator.server import Behaviour
+from workers import config as config_mod
+
+from ..conftest import TEST_NODE, write_config
+
+pytestmark = pytest.mark.integration
+
+TRUTH_S = 0.0031
+HEALTHY = {f"h{i}": Behaviour(offset_s=TRUTH_S, delay_s=0.008 + 0.004 * i, jitter_s=0.001) for i in range(8)}
+ROUNDS = 8  # the reach register's width: the dead server ends unreachable
+
+
+def _timing(servers, key_prefix, tmp_path, name, **ntp):
+    return config_mod.load(write_config(tmp_path, servers, key_prefix=key_prefix, name=name, timeout_seconds=1.0,
+                                        retry_delay=2.0, max_retries=2, **ntp))
+
+
+@pytest.mark.parametrize("selection", ["best", "combine"])
+def test_a_dead_and_a_slow_server_cost_no_round_time_and_no_retries(worker, simulator, tmp_path, key_prefix,
+                                                                    redis_client, capsys, selection):
+    _, servers = simulator({**HEALTHY, "dead": Behaviour(loss=1.0),
+                            "slow": Behaviour(offset_s=TRUTH_S, delay_s=0.400)})
+    healthy = _timing([servers[n] for n in HEALTHY], key_prefix + "h", tmp_path, "healthy.yaml", selection=selection)
+    faulty = _timing(list(servers.values()), key_prefix, tmp_path, "faulty.yaml", selection=selection)
+    # Interleaved, so that the machine's load falls on both alike.
+    healthy_s, faulty_records = [], []
+    for _ in range(ROUNDS):
+        healthy_s.append(rounds.dispatch(healthy, TEST_NODE).wait()["duration_s"])
+        faulty_records.append(rounds.dispatch(faulty, TEST_NODE).wait(complete=True))
+    faulty_s = [r["duration_s"] for r in faulty_records]
+    base, with_faults = statistics.median(healthy_s), statistics.median(faulty_s)
+    assert with_faults <= 1.5 * base + 0.050, (healthy_s, faulty_s)
+
+    store = Store(redis_client, prefix=key_prefix)
+    for record in faulty_records:
+        by_server = {s["server"]: s for s in record["servers"]}
+        assert record["closed_by"] == "early" and record["quality"] == "strict"
+        assert abs(record["latest"]["offset"] - TRUTH_S) <= record["latest"]["uncertainty"]
+        # Late, recorded with what each said, and never part of what was published.
+        dead, slow = by_server[servers["dead"]], by_server[servers["slow"]]
+        assert dead["status"] == "late" and dead["reason"] == "timeout" and dead["attempts"] == 1
+        assert slow["status"] == "late" and slow["sample"]["delay_s"] >= 0.39
+        assert servers["slow"] not in record["latest"].get("combined", [record["latest"]["server"]])
+    # Published once each, every request counted once, no retry anywhere.
+    stats = store.stats(TEST_NODE)
+    assert len(store.history(TEST_NODE, count=50)) == stats["rounds"] == stats["early"] == ROUNDS
+    late = sum(s["status"] == "late" for r in faulty_records for s in r["servers"])
+    assert stats["late"] == late >= 2 * ROUNDS  # the dead and slow ones at least: a healthy one may be late too
+    assert stats["queries"] == 10 * ROUNDS and stats["retries"] == 0
+    assert stats["failed:timeout"] == ROUNDS
+    # Reach, as chrony keeps it: the dead server unreachable, the slow one reachable (it answers, late).
+    reach = store.reach(TEST_NODE)
+    assert reach[servers["dead"]].register == 0 and reach[servers["dead"]].unreachable
+    assert reach[servers["slow"]].register == 0xFF and reach[servers["h0"]].register == 0xFF
+
+    path = tmp_path / "faulty.yaml"
+    assert cli.main(["servers", "--config", str(path), "--node", TEST_NODE, "--json"]) == cli.EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert report["node"] == TEST_NODE
+    states = {s["server"]: s for s in report["servers"]}
+    assert states[servers["dead"]]["state"] == "unreachable" and states[servers["dead"]]["reach"] == 0
+    assert states[servers["dead"]]["failures"] == {"timeout": ROUNDS}
+    assert states[servers["slow"]]["state"] == "late" and states[servers["slow"]]["reach"] == 255
+    assert states[servers["h0"]]["state"] == "ok" and states[servers["h0"]]["last_good_age_s"] < 60
+    assert cli.main(["servers", "--config", str(path), "--node", TEST_NODE]) == cli.EXIT_OK
+    table = capsys.readouterr().out
+    assert f"{servers['dead']}" in table and " 377 " in table and "unreachable" in table
+
+
+def test_an_unreachable_server_is_probed_without_retries_and_used_once_it_answers(worker, simulator, tmp_path,
+                                                                                 key_prefix, redis_client):
+    # Two servers: the dead one's vote decides the majority, so its round cannot be decided early
+    # and it is retried -- until eight rounds without a reply make it unreachable.
+    sim, servers = simulator({"good": Behaviour(offset_s=TRUTH_S, delay_s=0.004),
+                              "dead": Behaviour(loss=1.0)})
+    config = config_mod.load(write_config(tmp_path, list(servers.values()), key_prefix=key_prefix,
+                                          timeout_seconds=0.15, retry_delay=0.05, max_retries=2))
+    store = Store(redis_client, prefix=key_prefix)
+    for _ in range(8):
+        record = rounds.dispatch(config, TEST_NODE).wait(complete=True)
+        assert {s["server"]: s for s in record["servers"]}[servers["dead"]]["attempts"] == 2, json.dumps(record)
+    assert store.reach(TEST_NODE)[servers["dead"]].unreachable
+    record = rounds.dispatch(config, TEST_NODE).wait(complete=True)
+    dead = {s["server"]: s for s in record["servers"]}[servers["dead"]]
+    assert dead["attempts"] == 1 and dead["reason"] == "timeout"  # probed once, not retried
+    port = int(servers["dead"].rsplit(":", 1)[1])
+    sim.set_behaviour(port, Behaviour(offset_s=TRUTH_S, delay_s=0.006))
+    record = rounds.dispatch(config, TEST_NODE).wait(complete=True)
+    back = {s["server"]: s for s in record["servers"]}[servers["dead"]]
+    assert back.get("sample") is not None and back["status"] in ("chosen", "accepted")  # used at once
+    assert store.reach(TEST_NODE)[servers["dead"]].register == 1
