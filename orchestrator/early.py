@@ -22,6 +22,8 @@ an uncertainty of at least their bound, or no answer at all:
    completions must choose from the same gate, and the outstanding servers
    alone must not make a majority (``k < (n + k) // 2 + 1``).
 2. **No outstanding reply could be published instead, or join what is.**
+   (A server whose attempt failed, with a retry to come, has no reply out: it
+   still votes in 1, but is not waited for here unless the round is relaxed.)
    ``best``: its uncertainty would exceed the published one, widened to cover
    the widest agreed interval.  ``combine``: it would exceed
    :data:`selection.COMBINE_LIMIT` times the tightest member's (chrony's
@@ -65,13 +67,17 @@ class Outstanding:
     """A server of the round with no outcome yet.
 
     ``min_uncertainty_s``: the least uncertainty its reply can have, from how
-    long its request has been out (0 while none is out: a retry to come, or
-    a task not started).
+    long its request has been out (0 while none is out).  ``retrying``: its
+    attempt failed and another is to come -- no reply of it is out.  It still
+    counts as a vote, but a retry is sent only if the round is still undecided,
+    so it is not waited for unless the gate depends on it (a relaxed round
+    waits for anything that could still pass strict).
     """
 
     server: str
     min_uncertainty_s: float = 0.0
     nts: bool = False
+    retrying: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,7 +160,10 @@ def decide(outcomes: list[dict], outstanding: list[Outstanding], *, strict: Thre
         needed = max(needed, _fails(strict))  # else an outstanding reply might pass strict
     if auth_select == AuthSelect.PREFER and not chosen.get("nts") and any(i.nts for i in eligible):
         needed = max(needed, _fails(strict.relaxed() if enable_fallback else strict))
-    tightest_bound = min(i.min_uncertainty_s for i in eligible)
+    # A server whose attempt failed has no reply out: its retry is only sent if the round is still
+    # undecided, so it does not hold the round -- unless a strict reply of it would unseat a relaxed one.
+    waited_for = [i for i in eligible if not i.retrying or narrow["quality"] == Quality.RELAXED]
+    tightest_bound = min((i.min_uncertainty_s for i in waited_for), default=float("inf"))
     if tightest_bound <= needed:
         return Decision(False, f"an outstanding reply could still be as tight as {tightest_bound * 1e3:.3f} ms "
                                f"(needs > {needed * 1e3:.3f} ms)", needed_uncertainty_s=needed)
@@ -165,7 +174,7 @@ def decide(outcomes: list[dict], outstanding: list[Outstanding], *, strict: Thre
     for key in ("truechimers", "falsetickers"):
         agreement[key] = [s for s in agreement[key] if not _is_stand_in(s)]
     picked["agreement"] = dict(agreement, outstanding_votes=k, published_interval=interval)
-    return Decision(True, f"decided with {len(outstanding)} outstanding, each wider than "
+    return Decision(True, f"decided with {len(outstanding)} outstanding, each out wider than "
                           f"{tightest_bound * 1e3:.3f} ms (needed > {needed * 1e3:.3f} ms)",
                     picked=picked, needed_uncertainty_s=needed, late=tuple(sorted(i.server for i in outstanding)))
 

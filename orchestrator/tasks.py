@@ -102,12 +102,13 @@ def decide_early(view: inflight.RoundView) -> inflight.Verdict:
     if (not pending or not ntp.parallel_queries or not ntp.publish_early
             or (not ntp.server_groups and answered < len(pending))):
         return inflight.Verdict(False)  # the callback publishes it, or too few votes to outvote the rest
-    outstanding = [early.Outstanding(name, view.bounds.get(name, 0.0), context["nts"][name]) for name in pending]
+    outstanding = [early.Outstanding(name, view.bounds.get(name, 0.0), context["nts"][name],
+                                     retrying=name in view.retrying) for name in pending]
     decision = early.decide(view.outcomes, outstanding, strict=meta.strict, enable_fallback=ntp.enable_fallback,
                             method=ntp.selection, groups=[list(g) for g in ntp.server_groups],
                             auth_select=ntp.auth_select, parallel=ntp.parallel_queries)
     if not decision.publish:
-        every_bound_grows = all(name in view.bounds for name in pending)
+        every_bound_grows = all(name in view.bounds or name in view.retrying for name in pending)
         return inflight.Verdict(False, decision.needed_uncertainty_s if every_bound_grows else None)
     record = finish(meta, view.outcomes, _store(view.key_prefix), closed_by=CLOSED_BY_EARLY,
                     picked=decision.picked, late=decision.late)

@@ -46,12 +46,12 @@ def deliberately_bad(sim: NtpSimulator, config: config_mod.Config) -> dict[str, 
     """The demo's servers that misbehave on purpose (server -> how), from their simulated behaviour.
 
     A fault field away from an honest server's default, an offset away from the honest ones' (a
-    falseticker), or a delay past the relaxed gate.
+    falseticker), or a path too long for the strict gate.
     """
     honest = Behaviour()
     offsets = sorted(b.offset_s for b in sim.behaviours.values())
     median = offsets[len(offsets) // 2]
-    relaxed_delay_s = config.ntp.max_delay * 2
+    strict_delay_s = config.ntp.max_delay
     found = {}
     for port, behaviour in sim.behaviours.items():
         faults = [name for name in FAULTS if getattr(behaviour, name) != getattr(honest, name)]
@@ -59,7 +59,7 @@ def deliberately_bad(sim: NtpSimulator, config: config_mod.Config) -> dict[str, 
             faults.append("leap 3")
         if abs(behaviour.offset_s - median) > 0.1:
             faults.append("falseticker")
-        if behaviour.delay_s > relaxed_delay_s:
+        if behaviour.delay_s > strict_delay_s:
             faults.append(f"{behaviour.delay_s * 1e3:.0f} ms away")
         if faults:
             found[f"{sim.host}:{port}"] = ", ".join(faults)

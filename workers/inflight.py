@@ -83,6 +83,7 @@ class RoundView:
     outcomes: list[dict]
     bounds: dict[str, float]
     context: dict[str, Any]
+    retrying: frozenset[str] = frozenset()  # attempt failed, a retry to come: no request out
 
 
 @dataclass
@@ -98,6 +99,7 @@ class _Round:
     key: tuple[str, str, str]
     forget_at: float  # monotonic
     attempts: dict[str, _Attempt] = field(default_factory=dict)
+    retrying: set[str] = field(default_factory=set)
     outcomes: dict[str, dict] = field(default_factory=dict)
     context: dict[str, Any] = field(default_factory=dict)
     published: bool = False
@@ -134,6 +136,7 @@ class Tracker:
             return
         with self._lock:
             state = self._round(job)
+            state.retrying.discard(job["server"])
             attempt = state.attempts.get(job["server"])
             if attempt is None:  # a new attempt (the last one's entry went with its end)
                 attempt = state.attempts[job["server"]] = _Attempt(job["samples"])
@@ -156,12 +159,16 @@ class Tracker:
                     attempt.best_delay_s = delay_s if attempt.best_delay_s is None else min(attempt.best_delay_s,
                                                                                             delay_s)
 
-    def attempt_ended(self, job: dict) -> None:
-        """``job``'s attempt is over (failed; a retry may follow): no request of it is out now."""
+    def attempt_ended(self, job: dict, *, retrying: bool = False) -> None:
+        """``job``'s attempt failed: no request of it is out now (``retrying``: another attempt is to come)."""
         with self._lock:
             state = self._rounds.get(_key(job))
             if state is not None:
                 state.attempts.pop(job["server"], None)
+                if retrying:
+                    state.retrying.add(job["server"])
+        if retrying:
+            self._evaluate(job)
 
     def outcome(self, job: dict, outcome: dict) -> None:
         """``job``'s task ended with ``outcome``."""
@@ -170,6 +177,7 @@ class Tracker:
         with self._lock:
             state = self._round(job)
             state.attempts.pop(job["server"], None)
+            state.retrying.discard(job["server"])
             state.outcomes[job["server"]] = outcome
         self._evaluate(job)
 
@@ -218,7 +226,7 @@ class Tracker:
                     return
                 now = self._clock()
                 view = RoundView(key[0], key[1], key[2], list(state.outcomes.values()), self._bounds(state, now),
-                                 state.context)
+                                 state.context, frozenset(state.retrying))
                 attempts = [a for a in state.attempts.values() if a.bound(now) is not None]
                 all_bounded = len(attempts) == len(state.attempts)
                 state.deciding, state.dirty = True, False

@@ -152,18 +152,21 @@ def query_server(self, *carried, job: dict, history: list | None = None):
         kissed = rejection.kiss_code and kod.memory.record(
             job["server"], rejection.kiss_code, config_id=job.get("config_id", ""),
             rate_backoff_s=job.get("rate_backoff_s", 0.0))
-        inflight.tracker.attempt_ended(job)
         waits = job["retry_waits_s"]
         # Retried only while the round is undecided: once it is published, no reply can change it.
-        if self.request.retries < len(waits) and not kissed and not inflight.tracker.decided(job):
+        retry = self.request.retries < len(waits) and not kissed and not inflight.tracker.decided(job)
+        if retry:
             wait_s = waits[self.request.retries]
             budget_s = measure.attempt_budget_s(timeout_s=job["timeout_s"], samples=job["samples"])
-            if service_now() + wait_s + budget_s <= job["deadline_at"]:
-                log.info("[RETRY] %s for %s: attempt %d/%d failed (%s), next in %.3g s",
-                         job["server"], job["node"], attempt_no, len(waits) + 1, rejection.reason, wait_s)
-                raise self.retry(kwargs={"job": job, "history": history}, countdown=wait_s,
-                                 max_retries=len(waits), argsrepr="()",
-                                 kwargsrepr=describe(job, attempt=attempt_no + 1)) from None
+            retry = service_now() + wait_s + budget_s <= job["deadline_at"]
+        # Told first: the round may be decided without this server's next attempt (it has none out).
+        inflight.tracker.attempt_ended(job, retrying=retry)
+        if retry and not inflight.tracker.decided(job):
+            log.info("[RETRY] %s for %s: attempt %d/%d failed (%s), next in %.3g s",
+                     job["server"], job["node"], attempt_no, len(waits) + 1, rejection.reason, wait_s)
+            raise self.retry(kwargs={"job": job, "history": history}, countdown=wait_s,
+                             max_retries=len(waits), argsrepr="()",
+                             kwargsrepr=describe(job, attempt=attempt_no + 1)) from None
         log.warning("[FAILED] %s for %s after %d attempt(s): %s", job["server"], job["node"],
                     attempt_no, rejection.reason)
         return _done(job, carried, _failed(job, history, rejection.reason, rejection.detail,

@@ -55,6 +55,16 @@ def test_starvation_and_sequential_rounds_are_never_decided_early():
     assert not _decide(answered, [early.Outstanding("o:123", 9.0)], parallel=False).publish
 
 
+def test_a_failed_attempt_waiting_to_retry_votes_but_does_not_hold_a_strict_round():
+    answered = [ok(f"s{i}:123", delay=0.010, unc=0.006) for i in range(4)]
+    retrying = early.Outstanding("r:123", 0.0, retrying=True)
+    assert _decide(answered, [retrying]).publish  # strict: its retry is not waited for
+    relaxed = [ok(f"s{i}:123", delay=0.150, unc=0.080) for i in range(4)]
+    assert not _decide(relaxed, [retrying]).publish  # its retry could pass strict: worth waiting for
+    many = [early.Outstanding(f"r{i}:123", 0.0, retrying=True) for i in range(4)]
+    assert not _decide(answered, many).publish  # four retries to come could still outvote four answers
+
+
 def test_a_group_member_out_must_be_unable_to_replace_its_groups_vote():
     answered = [ok("g1:123", delay=0.02, unc=0.020), ok("a:123", delay=0.01, unc=0.005),
                 ok("b:123", delay=0.01, unc=0.005)]
@@ -72,7 +82,10 @@ def _random_round(rng: random.Random):
     for i, name in enumerate(names):
         kind = rng.random()
         if kind < 0.25 and len(outstanding) < n // 2:
-            outstanding.append(early.Outstanding(name, rng.choice([0.0, *[rng.uniform(0.0, 0.12)] * 4])))
+            if rng.random() < 0.2:  # its attempt failed; a retry to come could answer anything
+                outstanding.append(early.Outstanding(name, 0.0, retrying=True))
+            else:
+                outstanding.append(early.Outstanding(name, rng.choice([0.0, *[rng.uniform(0.0, 0.12)] * 4])))
             continue
         if kind < 0.32:
             outcomes.append(failed(name))
@@ -93,9 +106,10 @@ def _completions(rng: random.Random, outstanding, truth, count: int):
             if rng.random() < 0.3:
                 extra.append(failed(item.server))
                 continue
-            unc = item.min_uncertainty_s + rng.choice([0.0, rng.uniform(0.0, 0.05)]) + 1e-9
+            low = 0.0005 if item.retrying else item.min_uncertainty_s
+            unc = low + rng.choice([0.0, rng.uniform(0.0, 0.05)]) + 1e-9
             offset = rng.choice([truth + rng.uniform(-unc, unc), truth + rng.uniform(-1.0, 1.0)])
-            extra.append(ok(item.server, delay=rng.uniform(2 * item.min_uncertainty_s, 2 * unc), unc=unc,
+            extra.append(ok(item.server, delay=rng.uniform(2 * low, 2 * unc), unc=unc,
                             offset=offset, stratum=rng.choice([1, 2])))
         yield extra
 
@@ -120,8 +134,10 @@ def test_1000_random_rounds_an_early_publish_is_never_refused_by_waiting(method)
             assert waited["quality"] == picked["quality"]
             status = {s["server"]: s["status"] for s in waited["servers"]}
             assert all(status[m] in USED for m in members), (status, members)
-            late_used = {s["server"] for s in waited["servers"]
-                         if s["status"] in ("chosen", "combined") and s["server"] in {o.server for o in outstanding}}
+            # A reply that was out could not have been chosen; a retry's might (then the early choice
+            # is one waiting would have accepted: never one it would have refused, asserted above).
+            late_used = {s["server"] for s in waited["servers"] if s["status"] in ("chosen", "combined")
+                         and s["server"] in {o.server for o in outstanding if not o.retrying}}
             assert not late_used
             low, high = waited["agreement"]["interval"]
             assert published["offset_s"] - published["uncertainty_s"] <= low + 1e-12
