@@ -31,7 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from simulator.local import RedisProcess, stop_process  # noqa: E402
+from simulator.local import RedisProcess, start_node_worker, stop_process  # noqa: E402
 from simulator.server import Behaviour, NtpSimulator  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 
@@ -58,19 +58,12 @@ def main() -> None:
             "ntp_service": {"key_prefix": "bench", "history_length": 100}}))
         config = config_mod.load(path)
         from workers import heartbeat
-        from workers.app import app, configure, queue_for, worker_argv, workers_for_queue
+        from workers.app import app, queue_for
+        from workers.keys import Keys
 
-        configure(app, config.service)
+        worker = start_node_worker(config, NODE, Path(tmp) / "worker.log", timeout_s=30)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app",
-                                   *worker_argv(config, NODE, loglevel="WARNING")], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "worker.log", "ab"),
-                                  cwd=str(REPO))
         try:
-            deadline = time.monotonic() + 30
-            while not workers_for_queue(queue_for(NODE), timeout_s=0.5):
-                if time.monotonic() > deadline or worker.poll() is not None:
-                    raise SystemExit("bench worker did not start:\n" + (Path(tmp) / "worker.log").read_text()[-2000:])
             cli = [sys.executable, "-m", "orchestrator.cli"]
             rows = {"measure": [], "measure minus its round": [], "round (duration_s)": [], "latest": [],
                     "status": [], "python -c 'import orchestrator.cli'": []}
@@ -87,7 +80,7 @@ def main() -> None:
                           for name in ("latest", "status")}
                 imported = timed([sys.executable, "-c", "import orchestrator.cli"], env)[0]
                 start = time.perf_counter()
-                assert heartbeat.live_workers(client, queue_for(NODE))
+                assert heartbeat.live_workers(client, Keys(config.service.key_prefix), queue_for(NODE))
                 beat_s = time.perf_counter() - start
                 start = time.perf_counter()
                 assert app.control.inspect(timeout=1.0).active_queues()

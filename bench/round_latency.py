@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from simulator.local import RedisProcess  # noqa: E402
+from simulator.local import RedisProcess, start_node_worker, stop_process  # noqa: E402
 from simulator.server import Behaviour, NtpSimulator  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 
@@ -95,7 +94,7 @@ def pipeline_round(config, pubsub):
             raise RuntimeError(f"round {handle.round_id} published nothing within 10 s")
         if message["type"] == "message" and json.loads(message["data"])["round_id"] == handle.round_id:
             elapsed = time.perf_counter() - start
-            record = handle.wait()  # fetched after the clock stopped: not part of the round
+            record = handle.wait(complete=True)  # after the clock stopped: not part of the round; every server
             return elapsed, record
 
 
@@ -156,18 +155,8 @@ def run_set(tmp: Path, redis_url: str, delays, args):
                                       "max_acceptable_uncertainty": 0.5, "max_retries": 1}},
         "ntp_service": {"key_prefix": "bench", "history_length": 100}}))
     config = config_mod.load(path)
-    from workers.app import app, configure, worker_argv, workers_for_queue
-
-    configure(app, config.service)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    argv = worker_argv(config, NODE, events=args.events, loglevel="WARNING")
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", *argv], env=env,
-                              stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "ab"), cwd=str(REPO))
+    worker = start_node_worker(config, NODE, tmp / "worker.log", events=args.events, timeout_s=30)
     try:
-        deadline = time.monotonic() + 30
-        while not workers_for_queue(f"ntp.{NODE}", timeout_s=0.5):
-            if time.monotonic() > deadline or worker.poll() is not None:
-                raise SystemExit("bench worker did not start:\n" + (tmp / "worker.log").read_text()[-2000:])
         client = redis.Redis.from_url(redis_url)
         pubsub = client.pubsub()
         pubsub.subscribe(f"bench:ntp:{NODE}:updates")
@@ -191,8 +180,7 @@ def run_set(tmp: Path, redis_url: str, delays, args):
                     errors[ERROR_ROW_OF[method]].extend(abs(o - TRUE_OFFSET_S) for o in offsets)
         return {"times": times, "errors": errors}
     finally:
-        worker.terminate()
-        worker.wait(timeout=15)
+        stop_process(worker)
         sim.stop()
 
 

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from orchestrator.store import Keys  # noqa: E402
-from simulator.local import RedisProcess, stop_process  # noqa: E402
+from simulator.local import RedisProcess, start_node_worker, stop_process  # noqa: E402
 from simulator.server import Behaviour, NtpSimulator  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 
@@ -69,15 +69,12 @@ def run_soak(tmp: Path, *, rounds: int, nodes: int = 2, interval_s: float = 0.2,
             "ntp_service": service}))
         config = config_mod.load(path, environ={config_mod.ENV_REDIS_URL: redis_proc.url})
         from orchestrator.rounds import CLOSE_GRACE_S, round_budget_s
-        from workers.app import queue_for, worker_argv
-
         env = {**os.environ, config_mod.ENV_REDIS_URL: redis_proc.url, "PYTHONPATH": str(REPO)}
         env.pop(config_mod.ENV_NODE, None)
-        argv = worker_argv(config, names[0], concurrency=4 * nodes + 2, loglevel="WARNING")
-        argv[argv.index("--queues") + 1] = ",".join(queue_for(n) for n in names)
-        argv[argv.index("--hostname") + 1] = "soak@%h"
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", *argv], env=env,
-                                  cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=open(tmp / "worker.log", "ab"))
+        os.environ.pop(config_mod.ENV_NODE, None)
+        # One plain worker for every node's queue, as the README documents.
+        worker = start_node_worker(config, names[0], tmp / "worker.log", concurrency=4 * nodes + 2, nodes=names,
+                                   hostname="soak@%h", environ={config_mod.ENV_REDIS_URL: redis_proc.url})
         beat = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "beat", "--config", str(path)], env=env,
                                 cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=open(tmp / "beat.log", "ab"))
         client = redis.Redis(port=redis_proc.port, socket_timeout=2, socket_connect_timeout=2)

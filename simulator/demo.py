@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,9 +21,9 @@ from orchestrator import display, rounds, servers, targets
 from orchestrator.consumer import STALE_INTERVALS
 from orchestrator.store import store_for
 from workers import config as config_mod
-from workers.app import app, configure, queue_for, workers_for_queue
+from workers.app import app, configure
 
-from .local import RedisProcess, stop_process
+from .local import RedisProcess, start_node_worker, stop_process
 from .server import Behaviour, NtpSimulator, from_config
 
 #: The demo's configuration, relative to the repository.
@@ -96,21 +95,16 @@ def run_demo(config_path: str | None, *, rounds_to_run: int = 4, plot: str | Non
     with tempfile.TemporaryDirectory(prefix="chronotick-demo-") as tmp, \
             RedisProcess(Path(tmp)) as redis_proc, \
             from_config(config.extra["simulator"], source=path) as sim:
-        env = {**os.environ, config_mod.ENV_REDIS_URL: redis_proc.url, config_mod.ENV_NODE: node}
         os.environ.update({config_mod.ENV_REDIS_URL: redis_proc.url})
         config = config_mod.load(path)  # again: the Redis URL is resolved from the environment at load
         configure(app, config.service)
         print(f"demo: Redis at {redis_proc.url}; {len(sim.behaviours)} simulated servers; node {node!r}")
-        log = open(Path(tmp) / "worker.log", "w")
-        worker = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker", "--config", path,
-                                   "--node", node], env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT_S
-            while not workers_for_queue(queue_for(node), timeout_s=0.5):
-                if worker.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    print((Path(tmp) / "worker.log").read_text(), file=sys.stderr)
-                    raise DemoError("the demo worker did not start")
+            worker = start_node_worker(config, node, Path(tmp) / "worker.log", timeout_s=STARTUP_TIMEOUT_S,
+                                       environ={config_mod.ENV_NODE: node})
+        except RuntimeError as exc:
+            raise DemoError(f"the demo worker did not start: {exc}") from None
+        try:
             record = None
             for i in range(rounds_to_run):
                 handle = rounds.dispatch(config, node)
@@ -145,4 +139,3 @@ def run_demo(config_path: str | None, *, rounds_to_run: int = 4, plot: str | Non
             return bool(record and record["latest"])
         finally:
             stop_process(worker)
-            log.close()

@@ -287,25 +287,39 @@ class ChronydNts:
         self.stop()
 
 
-def start_node_worker(config, node: str, log_path: Path, *, loglevel: str = "WARNING",
-                      timeout_s: float = 60.0, instance: int = 0) -> subprocess.Popen:
+def start_node_worker(config, node: str, log_path: Path, *, loglevel: str = "WARNING", timeout_s: float = 60.0,
+                      instance: int = 0, concurrency: int | None = None, events: bool = False,
+                      nodes: list[str] | None = None, hostname: str | None = None,
+                      environ: dict[str, str] | None = None) -> subprocess.Popen:
     """A plain ``celery -A workers.app worker`` for ``node``'s queue, as the README starts one; returns once it beats.
 
-    Points this process's Celery app at the config's Redis too, so rounds can be sent from here.
-    ``instance`` > 0 starts another process on the same queue, under its own name.
+    The one way the tests, the demo and the benches start a worker.  It points this process's
+    Celery app at the config's Redis too, so rounds can be sent from here, and gives the worker
+    the config file (``$CHRONOTICK_CONFIG``, when the config came from one): its key prefix, and
+    so its heartbeat, are the config's.  ``instance`` > 0 starts another process on the same
+    queue, under its own name; ``nodes`` serves several nodes' queues from one process (under
+    ``hostname``); ``environ``: more environment for the worker.
     """
+    from workers import config as config_mod
     from workers.app import app, configure, queue_for, worker_argv, workers_for_queue
 
     configure(app, config.service)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    argv = worker_argv(config, node, loglevel=loglevel)
-    if instance:
-        argv[argv.index("--hostname") + 1] = f"{node}-{instance}@%h"
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(environ or {})}
+    if Path(config.source).is_file():
+        env[config_mod.ENV_CONFIG] = str(Path(config.source).resolve())
+    argv = worker_argv(config, node, concurrency=concurrency, events=events, loglevel=loglevel)
+    if nodes:
+        argv[argv.index("--queues") + 1] = ",".join(queue_for(n) for n in nodes)
+    if instance or hostname:
+        argv[argv.index("--hostname") + 1] = hostname or f"{node}-{instance}@%h"
+    log = open(log_path, "ab")
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", *argv], env=env, cwd=str(REPO),
-                              stdout=subprocess.DEVNULL, stderr=open(log_path, "ab"))
+                              stdout=subprocess.DEVNULL, stderr=log)
+    log.close()
     deadline = time.monotonic() + timeout_s
-    while len(workers_for_queue(queue_for(node), timeout_s=0.5)) < instance + 1:
+    while len(workers_for_queue(queue_for(node), timeout_s=0.5, key_prefix=config.service.key_prefix)) < instance + 1:
         if time.monotonic() > deadline or worker.poll() is not None:
             stop_process(worker)
-            raise RuntimeError(f"the worker for {node} did not start; see {log_path}")
+            raise RuntimeError(f"the worker for {node} did not start (exit {worker.returncode}): "
+                               f"{Path(log_path).read_text()[-3000:]}")
     return worker

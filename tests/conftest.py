@@ -12,7 +12,6 @@ import gc
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -110,25 +109,17 @@ def _restore_app_redis(request):
 
 
 def start_worker(redis_url: str, node: str, log_path: Path, *, concurrency: int = 16) -> subprocess.Popen:
-    """A real ``celery worker`` subprocess serving ``node``'s queue, started as the README and benches start one."""
-    from workers.app import queue_for, worker_argv, workers_for_queue
+    """A real ``celery worker`` subprocess serving ``node``'s queue: the launcher the demo and benches use."""
+    from simulator.local import start_node_worker
 
-    env = {**os.environ, config_mod.ENV_REDIS_URL: redis_url, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, config_mod.ENV_REDIS_URL: redis_url}
     env.pop(config_mod.ENV_CONFIG, None)
     config = config_mod.from_mapping({"clock_measurement": {"ntp": {"servers": ["127.0.0.1"]}}}, environ=env)
-    log = open(log_path, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app",
-                             *worker_argv(config, node, concurrency=concurrency, loglevel="INFO")],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
-    log.close()
-
-    def ready():
-        if proc.poll() is not None:
-            pytest.fail(f"worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        return workers_for_queue(queue_for(node), timeout_s=0.5)
-
-    wait_for(ready, what=f"a worker on {queue_for(node)}")
-    return proc
+    try:
+        return start_node_worker(config, node, log_path, loglevel="INFO", concurrency=concurrency,
+                                 timeout_s=WAIT_S, environ={config_mod.ENV_REDIS_URL: redis_url})
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")

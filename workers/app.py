@@ -20,15 +20,14 @@ from . import (
     redisurl,
     warmup,  # noqa: F401  (a worker starting for a node with nothing fresh asks for its warm-up)
 )
-from .keys import QUEUE_PREFIX
+from .keys import QUEUE_PREFIX, Keys
 
 #: Task modules every worker registers.
 TASK_MODULES = ("workers.tasks", "workers.chords", "orchestrator.tasks")
 
-#: Results and chord state only need to outlive a round.  The query tasks store
-#: none; whoever waited for a callback forgets its result at once
-#: (``RoundHandle.detach``); this expiry is the backstop, within 10 minutes of
-#: any round's deadline (s).
+#: Chord state only needs to outlive a round.  No task of a round stores a result
+#: (the query tasks' outcomes travel in the chord's join, the callback's record is
+#: in history); this expiry is the backstop for the chord's own counter (s).
 RESULT_EXPIRES_S = 600
 
 #: Redis redelivers an unacknowledged message after this long; retry
@@ -41,16 +40,17 @@ def queue_for(node: str) -> str:
     return QUEUE_PREFIX + node
 
 
-def workers_for_queue(queue: str, *, timeout_s: float = 1.0) -> list[str]:
+def workers_for_queue(queue: str, *, timeout_s: float = 1.0, key_prefix: str | None = None) -> list[str]:
     """Names of the live workers consuming ``queue``.
 
-    Their heartbeats first (one Redis round trip, :mod:`workers.heartbeat`);
-    only when none is there, the broadcast that waits out ``timeout_s``, for
-    a worker that does not beat (another version, another Celery app).
+    Their heartbeats under ``key_prefix`` first (default: the app's; one Redis
+    round trip, :mod:`workers.heartbeat`); only when none is there, the
+    broadcast that waits out ``timeout_s``, for a worker that does not beat
+    there (another prefix, another version, another Celery app).
     """
     client = redisurl.connect(redis_url_of(app), app.conf.chronotick_redis_master_name)
     try:
-        alive = heartbeat.live_workers(client, queue)
+        alive = heartbeat.live_workers(client, Keys(key_prefix or app.conf.chronotick_key_prefix), queue)
     finally:
         client.close()
     if alive:
@@ -124,6 +124,7 @@ def configure(app: Celery, service: config_mod.ServiceSettings) -> None:
         # The Redis URL itself is broker_url, which Celery masks wherever it shows settings
         # (Flower's Config tab, inspect().conf(), celery report); no other setting holds it.
         chronotick_redis_master_name=service.redis_master_name,
+        chronotick_key_prefix=service.key_prefix,
     )
 
 

@@ -91,6 +91,14 @@ class Keys:
         """Internal: each server's last round-trip delay, so the next round sends the slowest first."""
         return self._node(node, "server_delay")
 
+    def worker(self, queue: str, hostname: str) -> str:
+        """A worker's heartbeat on ``queue``: expires unless renewed (:mod:`workers.heartbeat`)."""
+        return f"{self.prefix}:worker:{queue}:{hostname}"
+
+    def workers(self, queue: str) -> str:
+        """The set of host names that beat on ``queue`` (members whose heartbeat expired are dropped)."""
+        return f"{self.prefix}:workers:{queue}"
+
     def warm_up(self) -> str:
         """Internal: a sorted set, node -> when its warm-up ends (ms on Redis' clock; :mod:`workers.warmup`).
 

@@ -39,6 +39,7 @@ from simulator.server import Behaviour
 from workers import config as config_mod
 from workers import heartbeat, warmup
 from workers.app import queue_for
+from workers.keys import Keys
 
 from ..conftest import REPO, wait_for
 
@@ -144,7 +145,8 @@ def cluster(tmp_path, simulator, monkeypatch):
         worker = _cli(["worker", "--config", path, "--node", NODE, "--concurrency", "6"], env, tmp_path / "worker.log")
         beat = None
         try:
-            wait_for(lambda: heartbeat.live_workers(client, queue_for(NODE)), what="the worker's heartbeat")
+            wait_for(lambda: heartbeat.live_workers(client, Keys(config_mod.load(path).service.key_prefix),
+                                                    queue_for(NODE)), what="the worker's heartbeat")
             beat = _cli(["beat", "--config", path], env, tmp_path / "beat.log")
             yield {"path": path, "redis": redis_proc, "client": client, "tmp": tmp_path}
         finally:

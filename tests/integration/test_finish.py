@@ -108,12 +108,13 @@ def test_a_round_leaves_no_celery_result_no_report_and_no_subscription(worker, s
     waited = rounds.dispatch(config, TEST_NODE)
     record = waited.wait()
     assert record is not None and record["servers_used"] == 2
-    # The query tasks store no result (their outcomes travel in the chord's join); whoever waited
-    # forgot the callback's; the reports went with the round's publication.
+    # No task stores a result (the outcomes travel in the chord's join, the record is in history);
+    # the reports went with the round's completion.
     assert results() <= stored
-    assert not redis_client.exists(store.keys.outcomes(TEST_NODE, waited.round_id))
-    # ... and this process stopped listening (Celery subscribed it to the callback it sent).
-    wait_for(lambda: subscriptions() == before, what="the round's result subscription to end")
+    wait_for(lambda: not redis_client.exists(store.keys.outcomes(TEST_NODE, waited.round_id)),
+             what="the round's reports to go with its completion")
+    # ... and this process stopped listening to the node's round events.
+    wait_for(lambda: subscriptions() == before, what="the round's events subscription to end")
 
     # As the beat sends it: nobody waits, so not even the callback's return value is stored.
     unwatched = rounds.dispatch(config, TEST_NODE, fan_out=True)
