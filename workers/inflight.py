@@ -142,7 +142,10 @@ class Tracker:
                 attempt = state.attempts[job["server"]] = _Attempt(job["samples"])
             attempt.sent += 1
             attempt.out[index] = self._clock()
-        self._evaluate(job)
+            # Before the first outcome nothing can be decided: the request goes out without a pause.
+            worth_asking = bool(state.outcomes)
+        if worth_asking:
+            self._evaluate(job)
 
     def exchange_done(self, job: dict, index: int, delay_s: float | None) -> None:
         """The ``index``-th request of ``job``'s attempt came back with ``delay_s`` (``None``: nothing usable).
