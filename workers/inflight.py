@@ -150,8 +150,8 @@ class Tracker:
     def exchange_done(self, job: dict, index: int, delay_s: float | None) -> None:
         """The ``index``-th request of ``job``'s attempt came back with ``delay_s`` (``None``: nothing usable).
 
-        A request the burst stopped waiting for ends after its attempt did; its attempt had a sample, so
-        no retry of the server in this round has an entry it could be mistaken for.
+        Called from the exchange's own thread (a burst's exchanges run side by side), before the
+        attempt that sent it returns.
         """
         with self._lock:
             state = self._rounds.get(_key(job))
