@@ -104,3 +104,21 @@ def test_an_unreachable_server_is_probed_without_retries_and_used_once_it_answer
     back = {s["server"]: s for s in record["servers"]}[servers["dead"]]
     assert back.get("sample") is not None and back["status"] in ("chosen", "accepted")  # used at once
     assert store.reach(TEST_NODE)[servers["dead"]].register == 1
+
+
+def test_the_beats_rounds_are_decided_early_too(worker, simulator, tmp_path, key_prefix, redis_client):
+    """As the beat sends a round (one message, fanned out by the node's worker): the same early decision."""
+    from ..conftest import wait_for
+
+    _, servers = simulator({**HEALTHY, "dead": Behaviour(loss=1.0)})
+    config = _timing(list(servers.values()), key_prefix, tmp_path, "beat.yaml")
+    handle = rounds.dispatch_fanned_out(config, TEST_NODE)
+    assert handle.events is None  # nobody listens: the beat learns of it from the round's claim
+    wait_for(handle.ready, what="the round to be published")
+    store = Store(redis_client, prefix=key_prefix)
+    record = store.round_record(TEST_NODE, handle.round_id)
+    assert record["closed_by"] == "early" and record["duration_s"] < 0.5  # the dead server's timeout is 1 s
+    assert {s["server"]: s["status"] for s in record["servers"]}[servers["dead"]] == "late"
+    wait_for(lambda: store.round_state(TEST_NODE, handle.round_id) == "complete", what="its late outcome")
+    dead = {s["server"]: s for s in store.round_record(TEST_NODE, handle.round_id)["servers"]}[servers["dead"]]
+    assert dead["status"] == "late" and dead["reason"] == "timeout" and dead["attempts"] == 1
