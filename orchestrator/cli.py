@@ -333,8 +333,7 @@ def cmd_servers(args) -> int:
     store = store_for(config.service)
     now = time.time()
     records = store.history_since(node, now - args.hours * 3600)
-    reach = {name: (r.register, r.rounds) for name, r in store.reach(node).items()}
-    report = servers.report(node, [s.name for s in config.ntp.servers], records, reach, now=now)
+    report = servers.report(node, [s.name for s in config.ntp.servers], records, store.reach(node), now=now)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:

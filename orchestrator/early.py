@@ -46,7 +46,7 @@ later servers have not been asked yet.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from workers.contracts import AuthSelect, OutcomeStatus, Selection
@@ -95,7 +95,7 @@ class Decision:
     why: str
     picked: dict[str, Any] | None = None
     needed_uncertainty_s: float | None = None
-    late: tuple[str, ...] = field(default=())
+    late: tuple[str, ...] = ()
 
 
 def decide(outcomes: list[dict], outstanding: list[Outstanding], *, strict: Thresholds, enable_fallback: bool,

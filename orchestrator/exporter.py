@@ -26,7 +26,7 @@ from relay.counts import read_all as read_relays
 from relay.stats import COUNTERS as RELAY_COUNTERS
 
 from . import records, servers
-from .contracts import Quality, ServerStatus
+from .contracts import Quality
 from .counting import COUNTERS, ROUND_DURATION_BUCKETS_S
 from .servers import Reach
 from .store import Keys
@@ -119,17 +119,16 @@ class NtpCollector(Collector):
         for i, node in enumerate(nodes):
             latest, stats, durations, newest, reach, late = replies[6 * i:6 * i + 6]
             record = records.expand(json.loads(_text(_field(newest[0][1], "record")))) if newest else None
-            if record is not None and late and _text(_field(late[0][1], "round")) == record["round_id"]:
-                said = {e["server"]: e for e in (records.expand_server(x, None)
-                                                 for x in json.loads(_text(_field(late[0][1], "servers"))))}
-                record["servers"] = [said.get(s["server"], s) if s["status"] == ServerStatus.LATE else s
-                                     for s in record["servers"]]
+            if record is not None and late:
+                round_id, said = records.late_of(late[0][1])
+                if round_id == record["round_id"]:
+                    records.with_late(record, said)
             snapshot[node] = {
                 "latest": json.loads(latest) if latest else None,
                 "stats": {_text(k): int(v) for k, v in stats.items()},
                 "durations": {_text(k): float(v) for k, v in durations.items()},
                 "record": record,
-                "reach": {_text(k): Reach.decode(int(v)) for k, v in reach.items()},
+                "reach": Reach.registers(reach),
             }
         return snapshot
 
@@ -217,8 +216,7 @@ class NtpCollector(Collector):
                 if reach is not None:
                     server_reach.add_metric([node, name], reach.register)
                     server_reachable.add_metric([node, name], 1 if reach.register else 0)
-                state = servers.state_of(entries.get(name), reach.register if reach else None,
-                                         reach.rounds if reach else 0)
+                state = servers.state_of(entries.get(name), reach)
                 server_state.add_metric([node, name, state], 1)
             for server in (record or {}).get("servers", []):
                 sample = server.get("sample")

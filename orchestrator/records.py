@@ -29,10 +29,11 @@ the callback's record whole.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
-from .contracts import ClosedBy
+from .contracts import ClosedBy, ServerStatus
 
 COMPACT = "compact"
 VERBOSE = "verbose"
@@ -135,6 +136,23 @@ def expand(stored: dict[str, Any]) -> dict[str, Any]:
         if "selection" in record["latest"] and "combined" not in record["latest"]:  # a combination's servers
             record["latest"]["combined"] = sorted(s["server"] for s in record["servers"]
                                                   if s["status"] in ("chosen", "combined"))
+    return record
+
+
+def late_of(fields: dict[Any, Any]) -> tuple[str, dict[str, dict[str, Any]]]:
+    """A ``late`` stream entry's round id and its late servers' entries, expanded, by server."""
+    def field(name: str) -> str:
+        value = fields.get(name.encode(), fields.get(name))
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    return field("round"), {e["server"]: e for e in (expand_server(x, None) for x in json.loads(field("servers")))}
+
+
+def with_late(record: dict[str, Any], said: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``record`` with each ``late`` server's entry replaced by what it said (``said``: server -> entry)."""
+    if said:
+        record["servers"] = [said.get(s["server"], s) if s["status"] == ServerStatus.LATE else s
+                             for s in record["servers"]]
     return record
 
 

@@ -23,6 +23,7 @@ from workers.config import Config
 from workers.redisclock import clock_for
 from workers.tasks import describe, query_server
 
+from . import records
 from .contracts import RoundMeta
 from .servers import Reach
 from .store import COMPLETE, PUBLISHED, UNANSWERED_DELAY_S, Keys, Store, client_for, store_for
@@ -125,8 +126,7 @@ class RoundHandle:
                 if event["state"] == COMPLETE and "late" in event:
                     record = record if record is not None else self.stored_record()
                     if record is not None:
-                        said = {e["server"]: e for e in event["late"]}
-                        record["servers"] = [said.get(s["server"], s) for s in record["servers"]]
+                        records.with_late(record, {e["server"]: e for e in event["late"]})
                 if record is not None and (event["state"] == COMPLETE or not complete):
                     return record
         finally:

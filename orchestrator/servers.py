@@ -59,6 +59,11 @@ class Reach:
     def decode(cls, value: int) -> Reach:
         return cls(value % 256, min(cls.SIZE, value // 256))
 
+    @classmethod
+    def registers(cls, raw: dict) -> dict[str, Reach]:
+        """A node's reach hash as Redis returns it: server -> register."""
+        return {(k.decode() if isinstance(k, bytes) else k): cls.decode(int(v)) for k, v in raw.items()}
+
     @property
     def unreachable(self) -> bool:
         """Eight rounds without a usable reply: probed once a round, without retries, until it answers."""
@@ -69,7 +74,7 @@ class Reach:
 KOD_REASONS = frozenset({Reason.KOD_BACKOFF, Reason.KOD_DEMOBILISED})
 
 
-def state_of(entry: dict[str, Any] | None, reach: int | None, rounds: int = 0) -> ServerState:
+def state_of(entry: dict[str, Any] | None, reach: Reach | None) -> ServerState:
     """The state of one server from its entry in its newest round and its reach register."""
     if entry is None:
         return ServerState.UNKNOWN
@@ -87,16 +92,16 @@ def state_of(entry: dict[str, Any] | None, reach: int | None, rounds: int = 0) -
         return ServerState.KOD
     if reason is not None and reason not in NO_REPLY_REASONS:
         return ServerState.REFUSED  # a reply came, and a check refused it
-    if reach == 0 and rounds >= Reach.SIZE:
+    if reach is not None and reach.unreachable:
         return ServerState.UNREACHABLE
     return ServerState.FAILING
 
 
 def report(node: str, servers: list[str], records: list[dict[str, Any]],
-           reach: dict[str, tuple[int, int]], *, now: float) -> dict[str, Any]:
+           reach: dict[str, Reach], *, now: float) -> dict[str, Any]:
     """``{"node", "servers": [...], "reachable", "majority"}`` from ``records`` (oldest first).
 
-    ``reach``: server -> (register, rounds filled).  Each server's entry:
+    ``reach``: server -> its register.  Each server's entry:
     ``server``, ``state``, ``reach`` (0-255), ``rounds`` (of the register
     filled, up to 8), ``offset_s``, ``delay_s``, ``uncertainty_s`` (its last
     usable sample, or ``None``), ``last_good_at`` and ``last_good_age_s`` (when
@@ -122,13 +127,13 @@ def report(node: str, servers: list[str], records: list[dict[str, Any]],
                     failures[name][attempt["reason"]] = failures[name].get(attempt["reason"], 0) + 1
     out = []
     for name in servers:
-        register, rounds = reach.get(name, (None, 0))
+        register = reach.get(name)
         sample, at = last_good.get(name, (None, None))
         out.append({
             "server": name,
-            "state": state_of(newest.get(name), register, rounds),
-            "reach": register if register is not None else 0,
-            "rounds": rounds,
+            "state": state_of(newest.get(name), register),
+            "reach": register.register if register is not None else 0,
+            "rounds": register.rounds if register is not None else 0,
             "offset_s": None if sample is None else sample["offset_s"],
             "delay_s": None if sample is None else sample["delay_s"],
             "uncertainty_s": None if sample is None else sample["uncertainty_s"],

@@ -154,14 +154,12 @@ class Store:
                 by_server = {o["server"]: o for o in selection.unique_by_server(outcomes)}
                 late = [late_entry(by_server.get(server), server) for server in state["late"]]
                 (seconds, micros) = self.client.time()
-                now = int(seconds) + int(micros) / 1e6
                 pipe.multi()
                 pipe.set(claim, json.dumps({"state": COMPLETE}), ex=ROUND_CLAIM_TTL_S)
                 stored = [records.compact_server(entry, None) for entry in late]
-                history = self.keys.late(node)
-                pipe.xadd(history, {"round": round_id, "servers": json.dumps(stored, separators=(",", ":"))},
-                          minid=max(0, int((now - history_hours * 3600) * 1000)), approximate=False)
-                pipe.xtrim(history, maxlen=history_length, approximate=False)
+                _queue_capped_add(pipe, self.keys.late(node),
+                                  {"round": round_id, "servers": json.dumps(stored, separators=(",", ":"))},
+                                  now=int(seconds) + int(micros) / 1e6, hours=history_hours, length=history_length)
                 for name, amount in late_counters(late).items():
                     pipe.hincrby(self.keys.stats(node), name, amount)
                 self._queue_reach(pipe, node, {e["server"]: e.get("sample") is not None for e in late})
@@ -189,7 +187,7 @@ class Store:
 
     def reach(self, node: str) -> dict[str, Reach]:
         """Every server's reach register for ``node`` (none until its first round)."""
-        return {_text(k): Reach.decode(int(v)) for k, v in self.client.hgetall(self.keys.reach(node)).items()}
+        return Reach.registers(self.client.hgetall(self.keys.reach(node)))
 
     def server_state(self, node: str) -> tuple[dict[str, float], dict[str, Reach]]:
         """What planning a round reads, in one round trip: each server's last delay and its reach."""
@@ -197,17 +195,15 @@ class Store:
             pipe.hgetall(self.keys.server_delay(node))
             pipe.hgetall(self.keys.reach(node))
             delays, reach = pipe.execute()
-        return ({_text(k): float(v) for k, v in delays.items()},
-                {_text(k): Reach.decode(int(v)) for k, v in reach.items()})
+        return {_text(k): float(v) for k, v in delays.items()}, Reach.registers(reach)
 
-    def late_outcomes(self, node: str, round_id: str, *, search: int = 50) -> list[dict] | None:
-        """The late servers' entries of a recent round published early (``None``: not recorded yet)."""
+    def late_outcomes(self, node: str, round_id: str, *, search: int = 50) -> dict[str, dict]:
+        """The late servers' entries (by server) of a recent round published early (empty: none recorded)."""
         for _, fields in self.client.xrevrange(self.keys.late(node), count=search) or ():
-            fields = fields or {}
-            if _text(fields.get(b"round", fields.get("round"))) == round_id:
-                raw = json.loads(_text(fields.get(b"servers", fields.get("servers"))))
-                return [records.expand_server(entry, None) for entry in raw]
-        return None
+            found, said = records.late_of(fields or {})
+            if found == round_id:
+                return said
+        return {}
 
     def publish_round(self, record: dict, *, history_length: int, window_size: int,
                       history_hours: float = DEFAULT_HISTORY_HOURS, detail: str = records.COMPACT) -> None:
@@ -232,13 +228,9 @@ class Store:
             pipe.set(self.keys.latest(node), payload)
             pipe.publish(self.keys.updates(node), payload)
         stored = record if detail == records.VERBOSE else records.compact(record)
-        history = self.keys.history(node)
-        # Bounded by age (MINID: stream ids are Redis' milliseconds, and finished_at is Redis' clock,
-        # whoever finished the round) and by count.
-        oldest_ms = max(0, int((record["finished_at"] - history_hours * 3600) * 1000))
-        pipe.xadd(history, {"record": json.dumps(stored, sort_keys=True, separators=(",", ":"))},
-                  minid=oldest_ms, approximate=False)
-        pipe.xtrim(history, maxlen=history_length, approximate=False)
+        _queue_capped_add(pipe, self.keys.history(node),
+                          {"record": json.dumps(stored, sort_keys=True, separators=(",", ":"))},
+                          now=record["finished_at"], hours=history_hours, length=history_length)
         pipe.sadd(self.keys.nodes(), node)
         if complete:  # else it stays open, its reports kept, until its late outcomes are recorded
             self._queue_close(pipe, node, record["round_id"])
@@ -320,9 +312,7 @@ class Store:
         """A recent round's record, looked up by id in the history stream, with its late outcomes if any."""
         record = next((r for r in self.history(node, count=search) if r["round_id"] == round_id), None)
         if record is not None and any(s["status"] == ServerStatus.LATE for s in record["servers"]):
-            late = {e["server"]: e for e in self.late_outcomes(node, round_id, search=search) or ()}
-            record["servers"] = [late.get(s["server"], s) if s["status"] == ServerStatus.LATE else s
-                                 for s in record["servers"]]
+            records.with_late(record, self.late_outcomes(node, round_id, search=search))
         return record
 
     def latest(self, node: str) -> dict | None:
@@ -365,17 +355,10 @@ class Store:
         """``history`` with the late servers' outcomes in place of their ``late`` entries (one XRANGE)."""
         if not any(s["status"] == ServerStatus.LATE for r in history for s in r["servers"]):
             return history
-        late: dict[str, dict[str, dict]] = {}
-        for _, fields in self.client.xrange(self.keys.late(node), min=low) or ():
-            fields = fields or {}
-            round_id = _text(fields.get(b"round", fields.get("round")))
-            entries = json.loads(_text(fields.get(b"servers", fields.get("servers"))))
-            late[round_id] = {e["server"]: e for e in (records.expand_server(x, None) for x in entries)}
+        entries = self.client.xrange(self.keys.late(node), min=low) or ()
+        late = dict(records.late_of(fields or {}) for _, fields in entries)
         for record in history:
-            found = late.get(record["round_id"])
-            if found:
-                record["servers"] = [found.get(s["server"], s) if s["status"] == ServerStatus.LATE else s
-                                     for s in record["servers"]]
+            records.with_late(record, late.get(record["round_id"], {}))
         return history
 
     def server_delays(self, node: str) -> dict[str, float]:
@@ -396,6 +379,16 @@ for i = 1, #ARGV, 2 do
 end
 return #ARGV / 2
 """
+
+
+def _queue_capped_add(pipe, stream: str, fields: dict, *, now: float, hours: float, length: int) -> None:
+    """XADD to ``stream``, bounded by age and by count.
+
+    By age with MINID: stream ids are Redis' milliseconds, and ``now`` is Redis' clock (a round finishes
+    on it, whoever finished it).
+    """
+    pipe.xadd(stream, fields, minid=max(0, int((now - hours * 3600) * 1000)), approximate=False)
+    pipe.xtrim(stream, maxlen=length, approximate=False)
 
 
 def late_entry(outcome: dict | None, server: str) -> dict:

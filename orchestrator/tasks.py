@@ -99,8 +99,7 @@ def decide_early(view: inflight.RoundView) -> inflight.Verdict:
     reported = {o["server"] for o in view.outcomes}
     pending = [name for name in meta.servers if name not in reported]
     answered = sum(1 for o in view.outcomes if o["status"] == OutcomeStatus.OK)
-    if (not pending or not ntp.parallel_queries or not ntp.publish_early
-            or (not ntp.server_groups and answered < len(pending))):
+    if not pending or not ntp.publish_early or (not ntp.server_groups and answered < len(pending)):
         return inflight.Verdict(False)  # the callback publishes it, or too few votes to outvote the rest
     outstanding = [early.Outstanding(name, view.bounds.get(name, 0.0), context["nts"][name],
                                      retrying=name in view.retrying) for name in pending]

@@ -128,9 +128,8 @@ def run_demo(config_path: str | None, *, rounds_to_run: int = 4, plot: str | Non
             for line in explain_misses(figures, without, bad):
                 print(line)
             print("\n--- chronotick-ntp servers: each server's state and reach ---")
-            reach = {name: (r.register, r.rounds) for name, r in store.reach(node).items()}
-            print(display.format_servers(servers.report(node, [s.name for s in config.ntp.servers], records, reach,
-                                                        now=now)))
+            print(display.format_servers(servers.report(node, [s.name for s in config.ntp.servers], records,
+                                                        store.reach(node), now=now)))
             if plot:
                 from orchestrator.plot import plot_node
 

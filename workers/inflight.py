@@ -121,8 +121,6 @@ class Tracker:
         self._timers: list[tuple[float, tuple[str, str, str]]] = []
         self._wake = threading.Condition(self._lock)
         self._timer_thread: threading.Thread | None = None
-        #: Rounds this process published early (for tests and benchmarks).
-        self.published_early = 0
 
     def install(self, decider: Decider | None) -> None:
         """Who decides (and publishes) a round: the orchestrator's, in a worker; ``None``: nobody."""
@@ -242,7 +240,6 @@ class Tracker:
                 state.deciding = False
                 if verdict.published:
                     state.published = True
-                    self.published_early += 1
                     return
                 again = state.dirty
                 if not again and verdict.needed_uncertainty_s is not None and attempts and all_bounded:
