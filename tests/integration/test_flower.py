@@ -124,6 +124,13 @@ def _flower(path, redis_url, tmp_path):
         stop_process(flower)
 
 
+def _successes(base: str, record: dict) -> int:
+    """How many of the round's tasks Flower shows as SUCCESS."""
+    tasks = json.loads(_get(f"{base}/api/tasks?limit=1000")[1] or b"{}")
+    return sum(1 for t in tasks.values() if record["round_id"] in (t.get("kwargs") or "") + (t.get("args") or "")
+               and t["state"] == "SUCCESS")
+
+
 def _chromium(*args, cwd):
     binary = shutil.which("chromium")
     if binary is None:
@@ -146,14 +153,15 @@ def test_flower_in_a_browser_shows_which_server_failed(worker, redis_url, simula
                         retry_delay=0.1, max_retries=2)
     config = config_mod.load(path)
     with _flower(path, redis_url, tmp_path) as (base, port):
-        def round_in_flower():
-            record = rounds.dispatch(config, TEST_NODE).wait()
-            tasks = json.loads(_get(f"{base}/api/tasks?limit=1000")[1] or b"{}")
-            mine = [t for t in tasks.values() if record["round_id"] in (t.get("kwargs") or "") + (t.get("args") or "")
-                    and t["state"] == "SUCCESS"]
-            return record if len(mine) == 3 else None
-
-        record = wait_for(round_in_flower, timeout_s=40, interval_s=0.5, what="a whole round in Flower")
+        # Events are switched on asynchronously.  Rounds of the good server alone show when Flower sees
+        # them; repeating the dead one's rounds instead would make it unreachable (eight silent rounds),
+        # and an unreachable server gets one request and no retry.
+        warm = config_mod.load(write_config(tmp_path, [servers["good"]], key_prefix=key_prefix, name="warm.yaml"))
+        wait_for(lambda: _successes(base, rounds.dispatch(warm, TEST_NODE).wait()) == 2, timeout_s=40,
+                 interval_s=0.5, what="Flower to see a round's tasks")
+        record = rounds.dispatch(config, TEST_NODE).wait()
+        assert next(s for s in record["servers"] if s["server"] == servers["dead"])["attempts"] == 2
+        wait_for(lambda: _successes(base, record) == 3, what="the round's three tasks in Flower")
         url = f"http://{USER}:{PASSWORD}@127.0.0.1:{port}/tasks"
         dumped = _chromium("--dump-dom", url, cwd=tmp_path)
         rows = [r for r in _rows(dumped.stdout) if record["round_id"] in r]
