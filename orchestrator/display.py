@@ -71,8 +71,8 @@ def format_servers(report: dict) -> str:
 
 def _age(seconds: float) -> str:
     """An age as chronyc shows one: seconds, minutes, hours or days."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= 10 * size if unit != "d" else seconds >= size:
+    for unit, size, from_s in (("d", 86400, 86400), ("h", 3600, 36000), ("m", 60, 600)):
+        if seconds >= from_s:
             return f"{seconds / size:.0f}{unit}"
     return f"{seconds:.0f}s"
 

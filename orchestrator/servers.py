@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from workers.contracts import Reason
+from workers.contracts import KOD_PREFIX
 
 from .contracts import ServerStatus
 from .counting import NO_REPLY_REASONS
@@ -70,10 +70,6 @@ class Reach:
         return self.rounds >= self.SIZE and self.register == 0
 
 
-#: Reasons that say the server kissed us off (or we are staying away after it did).
-KOD_REASONS = frozenset({Reason.KOD_BACKOFF, Reason.KOD_DEMOBILISED})
-
-
 def state_of(entry: dict[str, Any] | None, reach: Reach | None) -> ServerState:
     """The state of one server from its entry in its newest round and its reach register."""
     if entry is None:
@@ -88,7 +84,8 @@ def state_of(entry: dict[str, Any] | None, reach: Reach | None) -> ServerState:
     if status == ServerStatus.LATE and entry.get("sample"):
         return ServerState.LATE
     reason = entry.get("reason")
-    if entry.get("kiss_code") or reason in KOD_REASONS or str(reason or "").startswith("kod_"):
+    # A kiss, or staying away after one: every such reason is ``kod_...``.
+    if entry.get("kiss_code") or str(reason or "").startswith(KOD_PREFIX):
         return ServerState.KOD
     if reason is not None and reason not in NO_REPLY_REASONS:
         return ServerState.REFUSED  # a reply came, and a check refused it

@@ -37,9 +37,7 @@ def finish_round(self, results: list, meta: dict) -> dict:
         A reference to the round (:func:`orchestrator.rounds.round_reference`):
         its metadata is read from the round's open entry in Redis.
     """
-    conf = self.app.conf
-    client = client_for(redis_url_of(self.app), conf.chronotick_redis_master_name)
-    store = Store(client, prefix=meta["key_prefix"])
+    store = _store(meta["key_prefix"])
     entry = store.open_round_entry(meta["node"], meta["round_id"])
     if entry is None:  # finished already (finishing removes the entry): by a closer, or a redelivery
         log.warning("[DUPLICATE] %s round %s is no longer open; this callback publishes nothing",
@@ -117,6 +115,7 @@ def decide_early(view: inflight.RoundView) -> inflight.Verdict:
 
 
 def _store(prefix: str) -> Store:
+    """The store under ``prefix``, on this worker's Redis (one shared client)."""
     return Store(client_for(redis_url_of(app), app.conf.chronotick_redis_master_name), prefix=prefix)
 
 

@@ -16,11 +16,14 @@ process).  A round it has published is *decided*: its failed attempts are
 not retried (:meth:`Tracker.decided`).
 
 What it cannot see it takes as the worst case: a server whose task has not
-started here (queued, waiting for a retry, or run by another process on the
-same queue) has a bound of zero, so such a round is only decided by its
-chord's callback.  In advanced mode a burst's result is its lowest-delay
-sample, so a burst gives a bound once all its requests are out: the least of
-its best delay so far and how long each request still out has been out.
+started here (queued, or run by another process on the same queue) has a
+bound of zero, so such a round is only decided by its chord's callback.  A
+server whose attempt failed with a retry to come has no request out: it is
+passed as ``retrying``, and the decider says whether to wait for it.
+
+In advanced mode a burst's result is its lowest-delay sample, so a burst
+gives a bound once all its requests are out: the least of its best delay so
+far and how long each request still out has been out.
 """
 
 from __future__ import annotations

@@ -80,7 +80,8 @@ class Keys:
         return self._node(node, "reach")
 
     def round_events(self, node: str) -> str:
-        """Internal: a channel, ``{"round_id", "state"}`` as each round is published and completed."""
+        """Internal: a channel, ``{"round_id", "state"}`` as each round is published (with its ``record``)
+        and completed (with its ``late`` servers' entries)."""
         return self._node(node, "rounds")
 
     def round_duration(self, node: str) -> str:

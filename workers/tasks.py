@@ -153,13 +153,13 @@ def query_server(self, *carried, job: dict, history: list | None = None):
             job["server"], rejection.kiss_code, config_id=job.get("config_id", ""),
             rate_backoff_s=job.get("rate_backoff_s", 0.0))
         waits = job["retry_waits_s"]
-        # Retried only while the round is undecided: once it is published, no reply can change it.
-        retry = self.request.retries < len(waits) and not kissed and not inflight.tracker.decided(job)
+        retry = self.request.retries < len(waits) and not kissed
         if retry:
             wait_s = waits[self.request.retries]
             budget_s = measure.attempt_budget_s(timeout_s=job["timeout_s"], samples=job["samples"])
             retry = service_now() + wait_s + budget_s <= job["deadline_at"]
         # Told first: the round may be decided without this server's next attempt (it has none out).
+        # Retried only while the round is undecided: once it is published, no reply can change it.
         inflight.tracker.attempt_ended(job, retrying=retry)
         if retry and not inflight.tracker.decided(job):
             log.info("[RETRY] %s for %s: attempt %d/%d failed (%s), next in %.3g s",
