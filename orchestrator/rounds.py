@@ -253,10 +253,11 @@ def plan_round(config: Config, node: str, *, now: float | None = None,
         header = [chain(*(_query_signature(job, queue, expires) for job in jobs))]
     # The callback gets a reference, not the metadata: every query message carries the callback, and
     # the round's metadata (the whole ntp section, every server's name) would make each of them grow
-    # with the servers.  It waits in Redis with the open round (:func:`dispatch`).
+    # with the servers.  It waits in Redis with the open round (:func:`dispatch`).  Nobody reads the
+    # callback's return value (the record is in history, Flower shows the summary): it is not stored.
     callback = finish_round.signature(args=(round_reference(meta),), queue=queue,
                                       argsrepr=f"(<{len(jobs)} outcomes>, round={round_id})",
-                                      kwargsrepr="{}",
+                                      kwargsrepr="{}", ignore_result=True,
                                       expires=expires + timedelta(seconds=CLOSE_GRACE_S))
     return header, callback, meta
 
@@ -280,8 +281,6 @@ def dispatch(config: Config, node: str, *, fan_out: bool = False, watch: bool | 
     delays, reach = store.server_state(node)
     header, body, meta = plan_round(config, node, now=clock_for(store.client).now(), expected_delays=delays,
                                     reach=reach)
-    # Nobody reads the callback's return value (the record is in history; Flower shows it): not stored.
-    body.set(ignore_result=True)
     sent = chords.freeze(body)
     events = _subscribe(store, node) if (not fan_out if watch is None else watch) else None
     handle = RoundHandle(round_id=meta.round_id, node=node, deadline_at=meta.deadline_at,

@@ -209,9 +209,10 @@ def test_a_round_nobody_runs_is_closed_at_its_deadline(redis_url, tmp_path, key_
                                                         monkeypatch):
     path = write_config(tmp_path, ["127.0.0.1:9", "127.0.0.1:10"], key_prefix=key_prefix)
     config = config_mod.load(path)
-    canvas, meta = rounds.build_round(config, "nobody-runs-this", now=time.time() - 60)  # long overdue
+    header, body, meta = rounds.plan_round(config, "nobody-runs-this", now=time.time() - 60)  # long overdue
+    sent = chords.send(header, body)  # as dispatch sends a round (no Celery result to wait on)
     stuck = rounds.RoundHandle(round_id=meta.round_id, node="nobody-runs-this",
-                               deadline_at=meta.deadline_at, callback_id=canvas.apply_async().id, meta=meta)
+                               deadline_at=meta.deadline_at, callback_id=sent.callback_id, meta=meta)
     monkeypatch.setattr(rounds, "dispatch", lambda config, node: stuck)
     monkeypatch.setattr(workers.app, "workers_for_queue", lambda queue, timeout_s=1.0: ["someone"])
     code = cli.main(["measure", "--config", str(path), "--node", "nobody-runs-this", "--json"])
