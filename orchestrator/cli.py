@@ -19,6 +19,7 @@ import redis
 
 from workers import config as config_mod
 from workers import redisurl
+from workers.redisclock import RedisClock, clock_for, redis_now, stale_after_s
 
 from . import display
 
@@ -266,17 +267,17 @@ def cmd_latest(args) -> int:
         if args.json:
             print(json.dumps(latest, sort_keys=True), flush=True)
         else:
-            print(display.format_latest(latest, now=time.time()))
+            print(display.format_latest(latest, now=redis_now(store.client)))
             stats = store.stats(node)
             print("stats: " + ", ".join(f"{k} {stats[k]}" for k in ("rounds", "strict", "relaxed", "starvation",
                                                                      "queries", "retries", "rejected")), flush=True)
     if args.follow:
-        return _follow(config, node, as_json=args.json)
+        return _follow(config, node, as_json=args.json, service_clock=clock_for(store.client))
     return EXIT_OK
 
 
-def _follow(config: config_mod.Config, node: str, *, as_json: bool) -> int:
-    """Print each measurement published for ``node`` until interrupted (or SIGTERM)."""
+def _follow(config: config_mod.Config, node: str, *, as_json: bool, service_clock: RedisClock) -> int:
+    """Print each measurement published for ``node`` until interrupted (or SIGTERM); ages on Redis' clock."""
     from .consumer import NtpReader, ServiceUnavailable
 
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -286,8 +287,8 @@ def _follow(config: config_mod.Config, node: str, *, as_json: bool) -> int:
                    master_name=config.service.redis_master_name) as reader:
         try:
             for m in reader.updates(node):
-                print(json.dumps(m.raw, sort_keys=True) if as_json else display.format_latest(m.raw, now=time.time()),
-                      flush=True)
+                print(json.dumps(m.raw, sort_keys=True) if as_json
+                      else display.format_latest(m.raw, now=service_clock.now()), flush=True)
         except ServiceUnavailable as exc:
             raise CliError(str(exc), EXIT_NO_BROKER) from None
     return EXIT_OK
@@ -304,16 +305,19 @@ def cmd_status(args) -> int:
     config = _load(args)
     _check_broker(config)
     from . import targets
-    from .consumer import STALE_INTERVALS
     from .store import store_for
 
     store = store_for(config.service)
     now = time.time()
-    since = now - args.hours * 3600
-    stale_after_s = STALE_INTERVALS * config.timing.normal_interval_s
-    nodes = {node: targets.node_report(store.history_since(node, since), store.latest(node), now=now,
-                                      stale_after_s=stale_after_s)
-             for node in _nodes_to_report(args, config, store)}
+    since = now - args.hours * 3600  # history_since reads it on Redis' clock
+    read = {node: (store.history_since(node, since), store.latest(node))
+            for node in _nodes_to_report(args, config, store)}
+    # Ages are Redis' clock now (read after every ``latest``) minus ``published_at``: never this host's
+    # clock, nor the node's own (``measured_at``), which may be hours off.
+    service_now = redis_now(store.client)
+    stale_after = stale_after_s(config.timing.normal_interval_s)
+    nodes = {node: targets.node_report(records, latest, now=service_now, stale_after_s=stale_after)
+             for node, (records, latest) in read.items()}
     ok = all(n["ok"] for n in nodes.values())
     if args.json:
         print(json.dumps({"ok": ok, "hours": args.hours, "generated_at": now, "nodes": nodes}, indent=2,
@@ -345,13 +349,12 @@ def cmd_exporter(args) -> int:
     config = _load(args)
     from prometheus_client import start_http_server
 
-    from .consumer import STALE_INTERVALS
     from .exporter import DEFAULT_PORT, NtpCollector, registry_for
     from .store import service_client
 
     collector = NtpCollector(service_client(config.service), prefix=config.service.key_prefix,
                              nodes=config.service.nodes,
-                             stale_after_s=STALE_INTERVALS * config.timing.normal_interval_s)
+                             stale_after_s=stale_after_s(config.timing.normal_interval_s))
     port = args.port if args.port is not None else DEFAULT_PORT
     try:
         server, thread = start_http_server(port, addr=args.address, registry=registry_for(collector))

@@ -5,6 +5,8 @@ Shared by the command line and the demo, so both print the same tables.
 
 from __future__ import annotations
 
+from workers.redisclock import latest_age_s
+
 from .contracts import Quality, ServerStatus
 from .targets import TARGETS
 
@@ -83,12 +85,17 @@ def _auth(sample: dict) -> str:
 
 
 def format_latest(latest: dict, *, now: float) -> str:
-    """One line for a ``latest`` value: offset, bound, source, age."""
-    age = now - latest["measured_at"]
+    """One line for a ``latest`` value: offset, bound, source, age.
+
+    ``now`` is Redis' clock: the age is the time since the value was published, on it
+    (:func:`workers.redisclock.latest_age_s`), whatever the measuring node's clock says.
+    """
+    age = latest_age_s(latest, now)
     return (f"node {latest['node']}: offset {latest['offset'] * 1e3:+.3f} ms "
             f"± {latest['uncertainty'] * 1e3:.3f} ms ({latest['quality']}), from {latest['server']} "
             f"(stratum {latest['stratum']}, delay {latest['delay'] * 1e3:.3f} ms), "
-            f"{latest['servers_used']}/{latest['servers_total']} servers, measured {age:.1f} s ago")
+            f"{latest['servers_used']}/{latest['servers_total']} servers, "
+            + ("published at an unknown time" if age is None else f"published {age:.1f} s ago"))
 
 
 def format_status(nodes: dict[str, dict], *, hours: float, color: bool = False) -> str:

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from relay.counts import read_all as read_relays
 from relay.stats import COUNTERS as RELAY_COUNTERS
+from workers.redisclock import latest_age_s, time_of
 
 from . import records, servers
 from .contracts import Quality
@@ -69,7 +70,7 @@ class NtpCollector(Collector):
     def collect(self):
         up = GaugeMetricFamily(f"{NAMESPACE}_redis_up", "1 if the service's Redis answered this scrape, else 0")
         try:
-            snapshot = self._read()
+            snapshot, service_now = self._read()
         except redis.RedisError as exc:
             log.warning("scrape: Redis unreachable (%s: %s)", type(exc).__name__, exc)
             up.add_metric([], 0)
@@ -77,7 +78,7 @@ class NtpCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
-        yield from self._families(snapshot)
+        yield from self._families(snapshot, service_now)
         try:
             yield from self._relay_families(read_relays(self.client, self.keys.prefix))
         except redis.RedisError as exc:
@@ -104,7 +105,8 @@ class NtpCollector(Collector):
                     delay.add_metric([*label_values, quantile], float(r[field]))
         yield delay
 
-    def _read(self) -> dict[str, dict]:
+    def _read(self) -> tuple[dict[str, dict], float]:
+        """Every node's data, and Redis' clock (``TIME``) read in the same pipeline, after their ``latest``."""
         nodes = sorted({*self.configured_nodes, *(_text(n) for n in self.client.smembers(self.keys.nodes()))})
         pipe = self.client.pipeline(transaction=False)
         for node in nodes:
@@ -114,7 +116,8 @@ class NtpCollector(Collector):
             pipe.xrevrange(self.keys.history(node), count=1)
             pipe.hgetall(self.keys.reach(node))
             pipe.xrevrange(self.keys.late(node), count=1)
-        replies = pipe.execute()
+        pipe.time()
+        *replies, now = pipe.execute()
         snapshot = {}
         for i, node in enumerate(nodes):
             latest, stats, durations, newest, reach, late = replies[6 * i:6 * i + 6]
@@ -130,9 +133,9 @@ class NtpCollector(Collector):
                 "record": record,
                 "reach": Reach.registers(reach),
             }
-        return snapshot
+        return snapshot, time_of(now)
 
-    def _families(self, snapshot: dict[str, dict]):
+    def _families(self, snapshot: dict[str, dict], service_now: float):
         def gauge(name, doc, labels=("node",)):
             return GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, labels=list(labels))
 
@@ -143,9 +146,13 @@ class NtpCollector(Collector):
         uncertainty = gauge("uncertainty_seconds", "Latest published uncertainty (root distance bound)")
         delay = gauge("delay_seconds", "Round-trip delay of the latest published measurement")
         stratum = gauge("stratum", "Stratum of the server behind the latest published measurement")
-        published = gauge("last_publish_timestamp_seconds", "When the latest measurement was published (Unix s)")
+        published = gauge("last_publish_timestamp_seconds",
+                          "When the latest measurement was published, on the service's (Redis') clock (Unix s)")
+        # On Redis' clock, as every age is: the node's own clock (measured_at) may be hours off.
         measured = gauge("last_measurement_timestamp_seconds",
-                         "The local instant the latest offset refers to (Unix s)")
+                         "When the latest measurement was published, on the service's (Redis') clock (Unix s)")
+        age = gauge("last_measurement_age_seconds",
+                    "Seconds since the latest measurement was published, on the service's (Redis') clock")
         stale_after = gauge("stale_after_seconds", "A node whose latest measurement is older than this is stale")
         info = gauge("latest_info", "The server and quality of the latest published measurement",
                      ("node", "server", "quality"))
@@ -187,7 +194,10 @@ class NtpCollector(Collector):
                 delay.add_metric([node], latest["delay"])
                 stratum.add_metric([node], latest["stratum"])
                 published.add_metric([node], latest["published_at"])
-                measured.add_metric([node], latest["measured_at"])
+                measured.add_metric([node], latest["published_at"])
+                latest_age = latest_age_s(latest, service_now)
+                if latest_age is not None:
+                    age.add_metric([node], latest_age)
                 info.add_metric([node, latest["server"], latest["quality"]], 1)
             stats = {**{name: 0 for name in COUNTERS}, **data["stats"]}
             for quality in QUALITIES:
@@ -227,7 +237,7 @@ class NtpCollector(Collector):
                 server_delay.add_metric(labels, sample["delay_s"])
                 server_stratum.add_metric(labels, sample["stratum"])
                 server_uncertainty.add_metric(labels, sample["uncertainty_s"])
-        yield from (offset, uncertainty, delay, stratum, published, measured, stale_after, info, rounds, queries,
+        yield from (offset, uncertainty, delay, stratum, published, measured, age, stale_after, info, rounds, queries,
                     retries, replies, rejections, failures, falsetickers, early, late, duration, server_offset,
                     server_delay, server_stratum, server_uncertainty, server_reach, server_reachable, server_state)
 

@@ -41,7 +41,11 @@ def warm_ups(config: Config) -> dict[str, float]:
 
 
 def warm_up_nodes_without_fresh_measurement(config: Config, nodes: list[str]) -> list[str]:
-    """Ask for a warm-up of each of ``nodes`` with nothing fresh (one MGET); the nodes asked for."""
+    """Ask for a warm-up of each of ``nodes`` with nothing fresh; the nodes asked for.
+
+    Fresh is judged on Redis' clock (one MGET and one TIME, :func:`workers.warmup.nodes_without_fresh_measurement`):
+    a node whose clock is hours off is fresh right after its round, and stale three intervals after its last.
+    """
     return warmup.warm_up_if_not_fresh(service_client(config.service), config.service.key_prefix, nodes,
                                        config.timing)
 

@@ -28,6 +28,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from workers.redisclock import is_stale, latest_age_s
+
 from .contracts import Quality
 from .counting import round_counters
 
@@ -72,6 +74,8 @@ def node_report(records: list[dict[str, Any]], latest: dict[str, Any] | None, *,
 
     Returns ``{"rounds", "latest_age_s", "stale", "ok", "targets": {name: {"value", "limit", "ok"}},
     "counts"}``; ``latest_age_s`` is ``None`` (and the node stale) when nothing was ever published.
+    ``now`` is Redis' clock: ``latest_age_s`` is ``now`` minus the ``published_at`` of ``latest``
+    (:func:`workers.redisclock.latest_age_s`), never the node's own ``measured_at``.
     ``excluding``: servers whose requests and replies are left out of the rates (what the
     rates would be without them: the demo's servers that are bad on purpose).
     """
@@ -93,8 +97,8 @@ def node_report(records: list[dict[str, Any]], latest: dict[str, Any] | None, *,
     }
     targets = {t.name: {"value": values[t.name], "limit": t.limit, "ok": _holds(values[t.name], t.limit)}
                for t in TARGETS}
-    age = None if latest is None else now - latest["measured_at"]
-    stale = age is None or age > stale_after_s
+    age = latest_age_s(latest, now)
+    stale = is_stale(age, stale_after_s)
     return {"rounds": len(records), "latest_age_s": age, "stale": stale, "stale_after_s": stale_after_s,
             "ok": not stale and all(t["ok"] for t in targets.values()), "targets": targets,
             "counts": {k: counts.get(k, 0) for k in ("strict", "relaxed", "starvation", "outlier", "queries",

@@ -8,7 +8,11 @@ than a round's budget found every round past its deadline -- and that node is
 exactly the one ChronoTick must correct.  So every service time (dispatch,
 deadlines, finish, history windows) is Redis' time, as each process estimates
 it; a measurement's own times (t1, t4, ``measured_at``) stay the node's, since
-the offset describes that clock.
+the offset describes that clock.  Every age (how old ``latest`` is: ``status``,
+the exporter, the alert rules, the beat's and a worker's freshness checks) is
+Redis' clock now minus ``published_at``, the Redis time its round was
+published at (:func:`latest_age_s`, :func:`is_stale`), never a host's clock minus
+``measured_at``.
 
 :class:`RedisClock` estimates Redis' clock from this host's: ``time.time()``
 plus an offset measured with one ``TIME`` round trip (its midpoint), again
@@ -23,7 +27,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from functools import lru_cache
+from typing import Any
 
 import redis
 
@@ -84,6 +90,52 @@ class RedisClock:
         if time.monotonic() >= self._next:
             self.measure()
         return local_s + self.offset_s
+
+
+def time_of(reply: tuple[Any, Any]) -> float:
+    """A ``TIME`` reply (``(seconds, microseconds)``, as redis-py gives it, in a pipeline too) as Unix s."""
+    seconds, micros = reply
+    return int(seconds) + int(micros) / 1e6
+
+
+def redis_now(client: redis.Redis) -> float:
+    """Redis' clock now, read with one ``TIME`` (Unix s): exact, where :class:`RedisClock` estimates."""
+    return time_of(client.time())
+
+
+#: A measurement older than this many normal intervals is not fresh: a worker
+#: starting then asks for a warm-up (:mod:`workers.warmup`), and ``status``,
+#: the exporter and readers call it stale.
+STALE_INTERVALS = 3
+
+
+def stale_after_s(normal_interval_s: float) -> float:
+    """How old a measurement may get before it is stale (s): :data:`STALE_INTERVALS` normal intervals."""
+    return STALE_INTERVALS * normal_interval_s
+
+
+def latest_age_s(latest: Mapping[str, Any] | None, service_now: float) -> float | None:
+    """How old a ``latest`` value is (s), on the service's clock: ``service_now`` minus its ``published_at``.
+
+    ``service_now`` is Redis' clock (:func:`redis_now`), and
+    ``published_at`` is the Redis time its round was published at, so no
+    host's clock enters.  Never ``measured_at``: that is the measuring node's
+    own clock, and the node ChronoTick must correct may be hours off -- 2 h
+    behind, its fresh measurement looked 7,200 s old; 2 h ahead, -7,200 s
+    (it could not go stale for two hours).  ``None`` without a value, or
+    with one that has no readable ``published_at``.
+    """
+    if latest is None:
+        return None
+    try:
+        return service_now - float(latest["published_at"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def is_stale(age_s: float | None, stale_after: float) -> bool:
+    """Whether a measurement of age ``age_s`` (:func:`latest_age_s`; ``None``: none) is stale."""
+    return age_s is None or age_s > stale_after
 
 
 @lru_cache(maxsize=64)

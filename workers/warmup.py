@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 
 import redis
 from celery import signals
@@ -32,12 +31,10 @@ from celery import signals
 from . import config as config_mod
 from . import redisurl
 from .keys import QUEUE_PREFIX, Keys
+from .redisclock import STALE_INTERVALS as STALE_INTERVALS  # judged on Redis' clock, so defined with it
+from .redisclock import is_stale, latest_age_s, stale_after_s, time_of
 
 log = logging.getLogger(__name__)
-
-#: A measurement older than this many normal intervals is not fresh: a worker
-#: starting then asks for a warm-up, and readers call it stale.
-STALE_INTERVALS = 3
 
 #: Join the node's running warm-up, or start one ending ARGV[2] ms from now
 #: (Redis' clock).  Returns {started (0/1), ms remaining}.
@@ -97,22 +94,26 @@ def nodes_without_fresh_measurement(client: redis.Redis, prefix: str, nodes: lis
                                     normal_interval_s: float) -> list[str]:
     """Those of ``nodes`` whose ``latest`` is missing or older than :data:`STALE_INTERVALS` normal intervals.
 
-    One MGET, whatever the number of nodes.  ``measured_at`` is the measuring
-    node's clock: exact on that node (its worker), within the hosts' clock
-    difference elsewhere.
+    One MGET and one TIME in one round trip, whatever the number of nodes:
+    the age is judged on Redis' clock (:func:`latest_age_s`), so the beat and
+    a node's own worker agree whatever either host's clock says.
     """
     if not nodes:
         return []
     keys = Keys(prefix)
-    now = time.time()
+    with client.pipeline(transaction=False) as pipe:
+        pipe.mget([keys.latest(node) for node in nodes])
+        pipe.time()
+        values, now = pipe.execute()
+    service_now = time_of(now)
+    limit = stale_after_s(normal_interval_s)
     stale = []
-    for node, raw in zip(nodes, client.mget([keys.latest(node) for node in nodes]), strict=True):
+    for node, raw in zip(nodes, values, strict=True):
         try:
-            age_s = now - float(json.loads(raw)["measured_at"]) if raw is not None else None
-            fresh = age_s is not None and age_s <= STALE_INTERVALS * normal_interval_s
-        except (ValueError, KeyError, TypeError):
-            fresh = False
-        if not fresh:
+            latest = json.loads(raw) if raw is not None else None
+        except ValueError:
+            latest = None
+        if is_stale(latest_age_s(latest if isinstance(latest, dict) else None, service_now), limit):
             stale.append(node)
     return stale
 

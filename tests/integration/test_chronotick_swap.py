@@ -264,8 +264,13 @@ def test_a_worker_starting_with_nothing_fresh_asks_for_a_warm_up(redis_client, k
     timing = config_mod.TimingSettings(warm_up_duration_s=5.0, warm_up_interval_s=1.0, normal_interval_s=10.0)
     assert warmup.warm_up_if_not_fresh(redis_client, key_prefix, ["w1"], timing) == ["w1"]
     assert 0 < warmup.active(redis_client, key_prefix)["w1"] <= 5.0
-    redis_client.set(f"{key_prefix}:ntp:w2:latest", json.dumps({"measured_at": time.time() - 5}))
-    redis_client.set(f"{key_prefix}:ntp:w3:latest", json.dumps({"measured_at": time.time() - 31}))  # > 3 intervals
+    # Ages are on Redis' clock (published_at), never the node's own (measured_at): w2's node is 2 h behind,
+    # w3's 2 h ahead.
+    now = int(redis_client.time()[0])
+    redis_client.set(f"{key_prefix}:ntp:w2:latest",
+                     json.dumps({"measured_at": now - 5 - 7200, "published_at": now - 5}))
+    redis_client.set(f"{key_prefix}:ntp:w3:latest",
+                     json.dumps({"measured_at": now - 31 + 7200, "published_at": now - 31}))  # > 3 intervals
     assert warmup.warm_up_if_not_fresh(redis_client, key_prefix, ["w2", "w3"], timing) == ["w3"]
     assert set(warmup.active(redis_client, key_prefix)) == {"w1", "w3"}
 

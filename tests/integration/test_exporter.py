@@ -50,7 +50,8 @@ def _samples(registry) -> dict:
 @pytest.mark.integration
 def test_collector_exports_the_contract_and_counters_only_grow(worker, simulator, tmp_path, key_prefix,
                                                                redis_client):
-    _, servers = simulator({"good": Behaviour(delay_s=0.002, offset_s=0.004), "far": Behaviour(delay_s=0.006),
+    _, servers = simulator({"good": Behaviour(delay_s=0.002, offset_s=0.004),
+                            "far": Behaviour(delay_s=0.006, offset_s=0.004),
                             "liar": Behaviour(delay_s=0.002, bad_origin=True)})
     path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix, max_retries=2, retry_delay=0.1)
     config = config_mod.load(path)
@@ -72,6 +73,11 @@ def test_collector_exports_the_contract_and_counters_only_grow(worker, simulator
     assert get("chronotick_ntp_offset_seconds") == latest["offset"]
     assert get("chronotick_ntp_uncertainty_seconds") == latest["uncertainty"]
     assert get("chronotick_ntp_last_publish_timestamp_seconds") == latest["published_at"]
+    # On Redis' clock, never the node's own measured_at (tests/integration/test_skew.py runs a node 2 h off).
+    assert get("chronotick_ntp_last_measurement_timestamp_seconds") == latest["published_at"]
+    seconds, micros = redis_client.time()
+    assert 0 <= get("chronotick_ntp_last_measurement_age_seconds") <= int(seconds) + int(micros) / 1e6 - latest[
+        "published_at"]
     assert get("chronotick_ntp_rounds_total", quality="strict") == 2
     assert get("chronotick_ntp_rounds_total", quality="starvation") == 0
     assert get("chronotick_ntp_queries_total") == stats["queries"] == 2 * (1 + 1 + 1)
@@ -104,6 +110,7 @@ def test_collector_exports_the_contract_and_counters_only_grow(worker, simulator
     # A configured node that never ran is exported (so "stale" can fire) with no offset.
     assert m[("chronotick_ntp_stale_after_seconds", frozenset({("node", "configured-only")}))] == 360
     assert ("chronotick_ntp_offset_seconds", frozenset({("node", "configured-only")})) not in m
+    assert ("chronotick_ntp_last_measurement_age_seconds", frozenset({("node", "configured-only")})) not in m
 
     rounds.dispatch(config, TEST_NODE).wait()
     after = _samples(registry)

@@ -11,11 +11,13 @@ trimmed its node's whole history (MINID on its own clock).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import yaml
@@ -23,7 +25,7 @@ import yaml
 from orchestrator import rounds
 from orchestrator.consumer import NtpReader
 from orchestrator.store import Store
-from simulator.local import stop_process
+from simulator.local import free_tcp_port, stop_process
 from simulator.server import Behaviour
 from workers import config as config_mod
 
@@ -44,6 +46,22 @@ def _faketime(skew_s: float) -> list[str]:
     return [binary, "-m", "-f", f"{skew_s:+g}s"]
 
 
+def _skewed_worker(skew_s: float, path, node: str, redis_url: str, log_path) -> subprocess.Popen:
+    """``chronotick-ntp worker`` for ``node`` under libfaketime, ``skew_s`` off; returns once it consumes."""
+    env = {**os.environ, config_mod.ENV_REDIS_URL: redis_url, "PYTHONPATH": str(REPO),
+           "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    env.pop(config_mod.ENV_NODE, None)
+    worker = subprocess.Popen([*_faketime(skew_s), sys.executable, "-m", "orchestrator.cli", "worker",
+                               "--config", str(path), "--node", node, "--concurrency", "5"], env=env,
+                              cwd=str(REPO), stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: queue_has_worker(redis_url, node), what="the skewed worker")
+    except BaseException:
+        stop_process(worker)
+        raise
+    return worker
+
+
 @pytest.mark.parametrize("skew_s", [7200.0, -30.0])
 def test_a_node_whose_clock_is_off_is_measured_and_keeps_its_history(skew_s, redis_url, redis_client, simulator,
                                                                       tmp_path, key_prefix):
@@ -57,14 +75,8 @@ def test_a_node_whose_clock_is_off_is_measured_and_keeps_its_history(skew_s, red
         "ntp_service": {"key_prefix": key_prefix, "history_hours": 1}}))
     config = config_mod.load(path)
     assert rounds.round_budget_s(config) < abs(skew_s)  # the skew is past a whole round's budget
-    env = {**os.environ, config_mod.ENV_REDIS_URL: redis_url, "PYTHONPATH": str(REPO),
-           "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
-    env.pop(config_mod.ENV_NODE, None)
-    worker = subprocess.Popen([*_faketime(skew_s), sys.executable, "-m", "orchestrator.cli", "worker",
-                               "--config", str(path), "--node", node, "--concurrency", "5"], env=env,
-                              cwd=str(REPO), stdout=open(tmp_path / "w.log", "ab"), stderr=subprocess.STDOUT)
+    worker = _skewed_worker(skew_s, path, node, redis_url, tmp_path / "w.log")
     try:
-        wait_for(lambda: queue_has_worker(redis_url, node), what="the skewed worker")
         records = [rounds.dispatch(config, node).wait() for _ in range(3)]
     finally:
         stop_process(worker)
@@ -83,3 +95,111 @@ def test_a_node_whose_clock_is_off_is_measured_and_keeps_its_history(skew_s, red
     assert len(reader.history(node, since=time.time() - 60)) == 3
     assert reader.history(node, since=time.time() + 1) == []
     reader.close()
+
+
+def _redis_now(client) -> float:
+    seconds, micros = client.time()
+    return int(seconds) + int(micros) / 1e6
+
+
+def _skewed_cli(skew_s: float, args: list[str], redis_url: str, **popen) -> subprocess.Popen:
+    """``chronotick-ntp ARGS`` under libfaketime, ``skew_s`` off: a command run on the skewed node itself."""
+    env = {**os.environ, config_mod.ENV_REDIS_URL: redis_url, "PYTHONPATH": str(REPO),
+           "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    return subprocess.Popen([*_faketime(skew_s), sys.executable, "-m", "orchestrator.cli", *args], env=env,
+                            cwd=str(REPO), **popen)
+
+
+def _scrape(port: int) -> dict | None:
+    """``{(name, node): value}`` of one scrape of an exporter, or ``None`` while it does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    return {(s.name, s.labels.get("node")): s.value for family in text_string_to_metric_families(text)
+            for s in family.samples}
+
+
+@pytest.mark.parametrize("skew_s", [7200.0, -7200.0])
+def test_a_skewed_node_is_fresh_after_its_round_and_stale_three_intervals_after_it(skew_s, redis_url, redis_client,
+                                                                                  simulator, tmp_path, key_prefix,
+                                                                                  capsys):
+    """Ages are judged on Redis' clock: a node 2 h off is fresh after its round, stale three intervals later.
+
+    Judged on the node's own clock (``measured_at``), a node 2 h behind was STALE (age 7,200 s) right after
+    a fresh round, and one 2 h ahead had an age of -7,200 s and could not go stale for two hours.  The
+    worker, an exporter and one ``status`` run 2 h off (libfaketime); this process, the other ``status``,
+    the beat's freshness check and Redis keep the true time.
+    """
+    from orchestrator import cli, scheduler
+
+    node = f"age{'ahead' if skew_s > 0 else 'behind'}"
+    interval_s = 3.0
+    stale_after_s = 3 * interval_s  # three normal intervals
+    _, servers = simulator({f"s{i}": Behaviour(offset_s=TRUTH_S, delay_s=0.002 * (i + 1)) for i in range(3)})
+    path = tmp_path / "ages.yaml"
+    path.write_text(yaml.safe_dump({
+        # The gates of the tests' configs (conftest.write_config): a busy machine's delays refuse no reply,
+        # so ``status`` has only the age to judge.
+        "clock_measurement": {"ntp": {"servers": list(servers.values()), "timeout_seconds": 0.3,
+                                      "retry_delay": 0.1, "max_retries": 2, "selection": "best",
+                                      "max_delay": 0.1, "max_acceptable_uncertainty": 0.05},
+                              "timing": {"warm_up": {"duration_seconds": 5, "measurement_interval": 1},
+                                         "normal_operation": {"measurement_interval": interval_s}}},
+        "ntp_service": {"key_prefix": key_prefix, "nodes": [node]}}))
+    config = config_mod.load(path)
+    port = free_tcp_port()
+    exporter = _skewed_cli(skew_s, ["exporter", "--config", str(path), "--port", str(port)], redis_url,
+                           stdout=subprocess.DEVNULL, stderr=open(tmp_path / "exporter.log", "wb"))
+    try:
+        worker = _skewed_worker(skew_s, path, node, redis_url, tmp_path / "w.log")
+        try:
+            wait_for(lambda: _scrape(port), what="the skewed exporter to answer")
+            # Three rounds, so that a cold worker's slow first round cannot miss the round-time targets alone.
+            records = [rounds.dispatch(config, node).wait() for _ in range(3)]
+        finally:
+            stop_process(worker)
+        assert all(r is not None and r["quality"] == "strict" for r in records), \
+            (tmp_path / "w.log").read_text()[-2000:]
+        latest = records[-1]["latest"]
+        # The node's clock really is off: its measurement's own time is 2 h from its publish time on Redis'.
+        assert abs(latest["measured_at"] - latest["published_at"] - skew_s) < 60
+
+        def status() -> tuple[int, dict]:
+            code = cli.main(["status", "--config", str(path), "--node", node, "--json"])
+            return code, json.loads(capsys.readouterr().out)["nodes"][node]
+
+        # Right after the round: fresh, with an age no larger than the time since it was published.
+        on_node = _skewed_cli(skew_s, ["status", "--config", str(path), "--node", node, "--json"], redis_url,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        code, report = status()
+        metrics = _scrape(port)
+        warm_ups = scheduler.warm_up_nodes_without_fresh_measurement(config, [node])
+        out, err = on_node.communicate(timeout=30)
+        since_publish_s = _redis_now(redis_client) - latest["published_at"]
+        assert since_publish_s < stale_after_s, "the machine was too slow to see the node fresh"
+        assert code == cli.EXIT_OK and not report["stale"], json.dumps(report)
+        assert 0 <= report["latest_age_s"] <= since_publish_s, report
+        on_node_report = json.loads(out)["nodes"][node]  # status run on the skewed node: the same
+        assert on_node.returncode == cli.EXIT_OK and not on_node_report["stale"], out + err
+        assert 0 <= on_node_report["latest_age_s"] <= since_publish_s, on_node_report
+        assert metrics is not None and metrics[("chronotick_ntp_stale_after_seconds", node)] == stale_after_s
+        assert 0 <= metrics[("chronotick_ntp_last_measurement_age_seconds", node)] <= since_publish_s
+        assert metrics[("chronotick_ntp_last_measurement_timestamp_seconds", node)] == latest["published_at"]
+        assert warm_ups == []  # the beat's freshness check: fresh, so no warm-up
+
+        # Three intervals after its last round, on Redis' clock: stale everywhere.
+        wait_for(lambda: _redis_now(redis_client) > latest["published_at"] + stale_after_s,
+                 timeout_s=stale_after_s + 5, what="three intervals to pass on Redis' clock", interval_s=0.1)
+        code, report = status()
+        assert code == cli.EXIT_STARVATION and report["stale"], report
+        assert stale_after_s < report["latest_age_s"] < stale_after_s + 30, report
+        metrics = _scrape(port)
+        assert metrics is not None
+        assert stale_after_s < metrics[("chronotick_ntp_last_measurement_age_seconds", node)] < stale_after_s + 30
+        assert scheduler.warm_up_nodes_without_fresh_measurement(config, [node]) == [node]
+    finally:
+        stop_process(exporter)

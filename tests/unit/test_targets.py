@@ -26,7 +26,7 @@ def failed_server(reason="timeout", attempts=3):
             "history": [{"attempt": i + 1, "reason": reason} for i in range(attempts)]}
 
 
-LATEST = {"measured_at": 990.0}
+LATEST = {"measured_at": 990.0, "published_at": 990.0}
 
 
 def test_percentile_is_nearest_rank_against_a_sort():
@@ -79,8 +79,8 @@ def test_each_target_misses_for_its_own_reason():
 
 def test_stale_or_silent_node_is_not_ok():
     fine = [record(0.1)]
-    assert not node_report(fine, {"measured_at": 500.0}, now=1000, stale_after_s=360)["ok"]
-    assert node_report(fine, {"measured_at": 700.0}, now=1000, stale_after_s=360)["ok"]
+    assert not node_report(fine, {"measured_at": 500.0, "published_at": 500.0}, now=1000, stale_after_s=360)["ok"]
+    assert node_report(fine, {"measured_at": 700.0, "published_at": 700.0}, now=1000, stale_after_s=360)["ok"]
     never = node_report([], None, now=1000, stale_after_s=360)
     assert never["stale"] and never["latest_age_s"] is None and not never["ok"]
     assert never["targets"]["round_time_avg_s"] == {"value": None, "limit": 0.5, "ok": False}
@@ -89,3 +89,15 @@ def test_stale_or_silent_node_is_not_ok():
 def test_target_names_are_the_documented_contract():
     assert [t.name for t in targets.TARGETS] == ["round_time_avg_s", "round_time_p99_s", "starvation_events",
                                                 "fallback_rate", "retry_rate", "rejection_rate"]
+
+
+@pytest.mark.parametrize("skew_s", [7200.0, -7200.0])
+def test_age_is_on_the_service_clock_whatever_the_nodes_clock(skew_s):
+    """``now`` and ``published_at`` are Redis' clock; ``measured_at`` is the node's, here 2 h off."""
+    fine = [record(0.1)]
+    fresh = node_report(fine, {"measured_at": 990.0 + skew_s, "published_at": 990.0}, now=1000, stale_after_s=360)
+    assert fresh["latest_age_s"] == pytest.approx(10.0) and not fresh["stale"] and fresh["ok"]
+    old = node_report(fine, {"measured_at": 500.0 + skew_s, "published_at": 500.0}, now=1000, stale_after_s=360)
+    assert old["latest_age_s"] == pytest.approx(500.0) and old["stale"] and not old["ok"]
+    # A value with no time on the service's clock cannot be judged fresh.
+    assert node_report(fine, {"measured_at": 999.0}, now=1000, stale_after_s=360)["stale"]
