@@ -1,44 +1,72 @@
-"""Deciding a round before every reply is in: publish once nothing outstanding can change it.  Pure.
+"""Deciding a round before every reply is in: publish once no outstanding reply can change it.  Pure.
 
 A reply still outstanding ``e`` seconds after its request left has a round-trip
-delay of at least ``e`` -- less what the server says it held the request
-(RFC 5905's ``t3 - t2``), which for an NTP server is microseconds and is
-allowed for (:data:`workers.inflight.HOLD_ALLOWANCE_S`) -- and its root
-distance, its uncertainty, is at least half its delay.  So by then every
-outstanding server is a wide interval whatever it will say: the worker that
-runs the round's queries knows when each request left, and asks :func:`decide`
-after every outcome whether the round is decided.
+delay of at least ``e`` less the server's hold (RFC 5905's ``t3 - t2``, which
+the worker allows for: :mod:`workers.inflight`), and its root distance -- its
+uncertainty -- is at least half its delay.  So each outstanding server has a
+lower bound on what it can still say, which grows with time; a server whose
+attempt failed with a retry to come, or whose burst has requests still to
+send, has a bound of zero: it could say anything.  The worker asks
+:func:`decide` after every outcome whether the round is decided.
 
-It is decided when, whatever the outstanding servers answer -- any offset,
-an uncertainty of at least their bound, or no answer at all:
+**What "decided" means.**  Waiting -- :func:`selection.select` on the completed
+round -- is the oracle.  A *completion* gives each outstanding server any
+outcome its bound allows: a failure, or any offset, stratum and delay with an
+uncertainty at least its bound.  Early publishes only when, for **every**
+completion, waiting
 
-1. **The majority is decided by the votes in hand.**  With ``n`` votes in and
-   ``k`` outstanding, the final agreed interval (:func:`selection.intersect`)
-   lies between two extremes, both computed here by running the real
-   selection on completions of the round: ``k`` liars placed far away (the
-   narrowest it can be) and ``k`` intervals wide enough to cover every answer
-   (the widest).  A sample meeting the narrowest is a truechimer in every
-   completion, one missing the widest a falseticker in every one.  Both
-   completions must choose from the same gate, and the outstanding servers
-   alone must not make a majority (``k < (n + k) // 2 + 1``).
-2. **No outstanding reply could be published instead, or join what is.**
-   (A server whose attempt failed, with a retry to come, has no reply out: it
-   still votes in 1, but is not waited for here unless the round is relaxed.)
-   ``best``: its uncertainty would exceed the published one, widened to cover
-   the widest agreed interval.  ``combine``: it would exceed
-   :data:`selection.COMBINE_LIMIT` times the tightest member's (chrony's
-   ``combinelimit``), so its weight is nought.  A relaxed round also needs
-   every outstanding server unable to pass the strict gate, which would make
-   waiting publish a strict one; ``auth_select: prefer`` likewise for an
-   outstanding NTS server against a plain choice.  A group member outstanding
-   must be unable to replace its group's vote (wider than that vote).
+1. publishes through the same gate (strict, relaxed; under ``auth_select:
+   prefer`` the same pool);
+2. publishes an offset inside early's published bound, and has early's offset
+   inside its own bound;
+3. chooses or combines no server early called a falseticker, and calls none of
+   early's members one.
 
-What is published is then the choice of the narrow completion -- truechimers in
-every completion, through the gate every completion uses -- with its
-uncertainty widened to cover the widest agreed interval, so it still holds
-the truth whenever a majority of *all* the votes is honest.  Waiting could
-have chosen another truechimer (a tie moved by the late votes), never
-refused this one.
+**How it is proven** without trying every completion (the differential test in
+``tests/unit/test_early.py`` does try them).  Votes first: an outstanding
+server is a vote whose interval is unknown (a group is one vote, unknown while
+a member still out could replace its vote -- that is, could come back tighter
+than the group's member in hand).  With ``V`` votes in all, ``k`` of them
+unknown, the agreed interval of any completion (chrony's sweep,
+:func:`selection.sweep`) contains the **narrow** interval ``N`` -- the points
+that ``majority(V)`` known intervals cover -- and lies inside the **wide** one
+``W`` -- the points ``majority(V) - k`` cover: unknown votes can only add
+depth, and a failure only lowers the majority by as much as it removes.  No
+stand-in vote is placed anywhere: both are computed from what is in hand, so a
+liar cannot sit next to one.  ``k`` must be below ``majority(V)``.
+
+A sample in hand meeting ``N`` is a truechimer in every completion; one
+missing ``W`` a falseticker in every one (these are what early calls
+falsetickers); any other is *undecided*.  A sample *surely passes* a gate when
+it is a truechimer everywhere, meets the thresholds, and its uncertainty
+widened to cover ``W`` is within the gate's (a label is honest:
+:func:`selection.gate_violations`).  It *may pass* when it meets ``W``, the
+thresholds, and covers ``N`` within the gate; an outstanding server may pass
+a gate while its bound is within it.  The gate (and pool) waiting uses is
+decided when some sample surely passes it and nothing may pass an earlier one.
+
+The choice, and its bound ``U``:
+
+- ``best`` publishes the surely-passing sample with the least uncertainty
+  covering ``W``, with that uncertainty ``U``.  Waiting chooses the least
+  uncertainty covering its own interval, so its choice's bound is at most
+  ``U``; if early's offset lies in ``N`` (so in every completion's interval,
+  which waiting's bound covers), items 2 and 3 follow whatever waiting chose.
+  Otherwise every other sample waiting could choose must have early's offset
+  within the least bound it could be published with, and no outstanding reply
+  may be able to be chosen (its bound above ``U``); failing that, the least of
+  the surely-passing samples whose offset lies in ``N`` is published instead.
+- ``combine`` publishes the combination of the surely-passing samples within
+  :data:`selection.COMBINE_LIMIT` times the tightest of them, ``t``.  Nothing
+  else may be able to join: no undecided sample within ``3t``; an outstanding
+  server whose bound is within ``3t`` (a retry, say) is allowed only when early's
+  offset lies in ``N``, and ``U`` then also covers every offset its joining
+  could move the combination to (each member's offset lies within ``3t`` of
+  ``W``).  ``U`` must pass the gate.
+
+A round that is undecided says which outstanding bound would decide it
+(``needed_uncertainty_s``), so the worker asks again when the bounds have
+grown that far; ``None`` when only more outcomes can.
 
 Sequential rounds (``parallel_queries: false``) are never decided early: their
 later servers have not been asked yet.
@@ -46,20 +74,15 @@ later servers have not been asked yet.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from workers.contracts import AuthSelect, OutcomeStatus, Selection
 from workers.quality import Thresholds
 
 from . import selection
-from .contracts import Quality
-
-#: Server names of the stand-in votes of a completion (no configured server has a space in its name).
-STAND_IN = "<outstanding {}>"
-
-#: How far from every answer the narrow completion's liars sit (s): far enough to miss them all.
-FAR_S = 1e6
+from .selection import GateStep, Json
 
 
 @dataclass(frozen=True)
@@ -67,17 +90,21 @@ class Outstanding:
     """A server of the round with no outcome yet.
 
     ``min_uncertainty_s``: the least uncertainty its reply can have, from how
-    long its request has been out (0 while none is out).  ``retrying``: its
-    attempt failed and another is to come -- no reply of it is out.  It still
-    counts as a vote, but a retry is sent only if the round is still undecided,
-    so it is not waited for unless the gate depends on it (a relaxed round
-    waits for anything that could still pass strict).
+    long its request has been out (0 while none is out, or while a burst still
+    has requests to send).  ``retrying``: its attempt failed and another is to
+    come -- no request of it is out, so its next reply could be anything (a
+    bound of 0).  ``nts``: whether its replies are NTS-authenticated.
     """
 
     server: str
     min_uncertainty_s: float = 0.0
     nts: bool = False
     retrying: bool = False
+
+    @property
+    def bound_s(self) -> float:
+        """The least uncertainty its next reply can have."""
+        return 0.0 if self.retrying else self.min_uncertainty_s
 
 
 @dataclass(frozen=True)
@@ -86,7 +113,7 @@ class Decision:
 
     ``publish``: decided.  ``picked``: what to publish (:func:`selection.select`'s
     shape).  ``needed_uncertainty_s``: undecided only because some outstanding
-    bound is at most this -- the round is decided once every outstanding
+    bound is at most this -- the round may be decided once every outstanding
     bound exceeds it, if nothing else arrives; ``None`` when only more
     outcomes can decide it.  ``why``: one line, for the log and the record.
     """
@@ -98,107 +125,208 @@ class Decision:
     late: tuple[str, ...] = ()
 
 
+def fails_above(gate: Thresholds) -> float:
+    """The bound above which no reply passes ``gate`` (its delay is at least twice its uncertainty)."""
+    return min(gate.max_uncertainty_s, gate.max_delay_s / 2)
+
+
+@dataclass
+class _Blockers:
+    """What holds an undecided round: outstanding bounds to outgrow, or nothing but outcomes."""
+
+    needed_s: float = 0.0
+    outcomes_only: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+    def bound(self, items: Iterable[Outstanding], above_s: float, why: str) -> None:
+        """Each of ``items`` whose bound is not above ``above_s`` holds the round until it is."""
+        held = [i for i in items if i.bound_s <= above_s]
+        if held:
+            self.needed_s = max(self.needed_s, above_s)
+            if any(i.retrying for i in held):
+                self.outcomes_only = True  # a retry's bound only grows once it is sent
+            self.reasons.append(f"{why}: {', '.join(sorted(i.server for i in held))} "
+                                f"(needs a bound > {above_s * 1e3:.3f} ms)")
+
+    def hold(self, why: str, *, bounds_may_help: bool = False) -> None:
+        """The round is held by the outcomes in hand (or, ``bounds_may_help``, by votes a bound may settle)."""
+        self.outcomes_only = self.outcomes_only or not bounds_may_help
+        self.reasons.append(why)
+
+    def merged_into(self, other: _Blockers) -> _Blockers:
+        """Both blockers' reasons and needs in one."""
+        return _Blockers(max(self.needed_s, other.needed_s), self.outcomes_only or other.outcomes_only,
+                         other.reasons + self.reasons)
+
+    def decision(self) -> Decision:
+        needed = None if self.outcomes_only or self.needed_s <= 0 else self.needed_s
+        return Decision(False, "; ".join(self.reasons), needed_uncertainty_s=needed)
+
+
 def decide(outcomes: list[dict], outstanding: list[Outstanding], *, strict: Thresholds, enable_fallback: bool,
            method: str = Selection.BEST, groups: list[list[str]] | None = None,
            auth_select: str = AuthSelect.MIX, parallel: bool = True) -> Decision:
     """Whether the round of ``outcomes`` (so far) is decided with ``outstanding`` still out (module doc)."""
+    if method not in (Selection.BEST, Selection.COMBINE):
+        raise ValueError(f"unknown selection method {method!r}")
     if not outstanding:
         return Decision(False, "nothing outstanding: the chord's callback publishes it")
     if not parallel:
         return Decision(False, "a sequential round waits for every server")
     outcomes = selection.unique_by_server(outcomes)
-    ok = {o["server"]: o["sample"] for o in outcomes if o["status"] == OutcomeStatus.OK}
-    groups = [list(g) for g in groups or []]
-    group_of = {server: i for i, members in enumerate(groups) for server in members}
-
-    def votes_for(sample: dict) -> bool:
-        return auth_select != AuthSelect.REQUIRE or bool(sample.get("nts"))
-
-    needed = 0.0  # every outstanding bound must exceed this
-    new_votes: set[object] = set()
-    eligible = []  # outstanding servers whose reply could vote (and be chosen)
-    for item in outstanding:
-        if auth_select == AuthSelect.REQUIRE and not item.nts:
-            continue  # it could neither vote nor be chosen
-        eligible.append(item)
-        group = group_of.get(item.server)
-        if group is None:
-            new_votes.add(item.server)
-            continue
-        in_hand = [ok[s]["uncertainty_s"] for s in groups[group] if s in ok and votes_for(ok[s])]
-        if in_hand:
-            needed = max(needed, min(in_hand))  # tighter than its group's vote, it would replace it
-        else:
-            new_votes.add(("group", group))
+    samples = [o["sample"] for o in outcomes if o["status"] == OutcomeStatus.OK]
+    require = auth_select == AuthSelect.REQUIRE
+    voting = [s for s in samples if not require or s.get("nts")]
+    unauthenticated = {s["server"] for s in samples} - {s["server"] for s in voting}
+    # Under "require" a plain server's reply neither votes nor can be chosen: it cannot matter.
+    eligible = [i for i in outstanding if not require or i.nts]
     if not eligible:
         return Decision(False, "no outstanding server can vote: the chord's callback publishes it")
-    k = len(new_votes)
+    blockers = _Blockers()
 
-    def run(extra: list[dict]) -> dict:
-        return selection.select(outcomes + extra, strict, enable_fallback=enable_fallback, method=method,
-                                groups=groups, auth_select=auth_select)
+    # -- the votes: which are known, which could still be anything ----------------------------------
+    group_of = selection.group_index(groups)
+    in_hand = selection.voters_of(voting, groups)
+    unknown: set[object] = set()
+    replacing: list[tuple[Outstanding, float]] = []  # group members out that could still replace a vote
+    for item in eligible:
+        key = selection.vote_key(item.server, group_of)
+        voter = in_hand.get(key)
+        if voter is None:
+            unknown.add(key)  # not in hand at all
+        elif item.bound_s < voter["uncertainty_s"]:
+            unknown.add(key)  # it could come back tighter and vote for its group instead
+            replacing.append((item, voter["uncertainty_s"]))
 
-    in_hand_votes = selection.intersect([s for s in ok.values() if votes_for(s)], groups)["votes"]
-    if k >= (in_hand_votes + k) // 2 + 1:
-        return Decision(False, f"{k} outstanding votes could make a majority of {in_hand_votes + k} on their own")
-    narrow = run([_stand_in(i, FAR_S * (i + 1), 1.0) for i in range(k)])
-    chosen = narrow["chosen"]
-    if chosen is None:
-        return Decision(False, "no truechimer passes a gate in every completion yet")
-    low, high = _span([s for s in ok.values() if votes_for(s)])
-    wide = run([_stand_in(i, (low + high) / 2, (high - low) / 2 + 1.0) for i in range(k)])
-    if wide["quality"] != narrow["quality"]:
-        return Decision(False, f"the gate is not decided ({narrow['quality']} or {wide['quality']})")
-    interval = wide["agreement"]["interval"]
-    if method == Selection.COMBINE:
-        tightest = ok[chosen["server"]]["uncertainty_s"]  # a combination's primary is its tightest member
-        needed = max(needed, selection.COMBINE_LIMIT * tightest)
-    published_s = max(chosen["sample_uncertainty_s"], chosen["offset_s"] - interval[0],
-                      interval[1] - chosen["offset_s"])
-    needed = max(needed, published_s)
-    if narrow["quality"] == Quality.RELAXED:
-        needed = max(needed, _fails(strict))  # else an outstanding reply might pass strict
-    if auth_select == AuthSelect.PREFER and not chosen.get("nts") and any(i.nts for i in eligible):
-        needed = max(needed, _fails(strict.relaxed() if enable_fallback else strict))
-    # A server whose attempt failed has no reply out: its retry is only sent if the round is still
-    # undecided, so it does not hold the round -- unless a strict reply of it would unseat a relaxed one.
-    waited_for = [i for i in eligible if not i.retrying or narrow["quality"] == Quality.RELAXED]
-    tightest_bound = min((i.min_uncertainty_s for i in waited_for), default=float("inf"))
-    if tightest_bound <= needed:
-        return Decision(False, f"an outstanding reply could still be as tight as {tightest_bound * 1e3:.3f} ms "
-                               f"(needs > {needed * 1e3:.3f} ms)", needed_uncertainty_s=needed)
-    picked = dict(narrow, chosen=dict(chosen, uncertainty_s=published_s),
-                  servers=[s for s in narrow["servers"] if not _is_stand_in(s["server"])],
-                  servers_total=len(outcomes) + len(outstanding))
-    agreement = dict(narrow["agreement"])
-    for key in ("truechimers", "falsetickers"):
-        agreement[key] = [s for s in agreement[key] if not _is_stand_in(s)]
-    picked["agreement"] = dict(agreement, outstanding_votes=k, published_interval=interval)
-    return Decision(True, f"decided with {len(outstanding)} outstanding, each out wider than "
-                          f"{tightest_bound * 1e3:.3f} ms (needed > {needed * 1e3:.3f} ms)",
-                    picked=picked, needed_uncertainty_s=needed, late=tuple(sorted(i.server for i in outstanding)))
+    def undecided() -> Decision:
+        # Once a member's bound passes its group's vote, that vote is known: perhaps enough to decide.
+        for item, above_s in replacing:
+            blockers.bound([item], above_s, "could replace its group's vote")
+        return blockers.decision()
+
+    known = [s for key, s in in_hand.items() if key not in unknown]
+    k, votes = len(unknown), len(known) + len(unknown)
+    needed = selection.majority(votes)
+    if k >= needed:
+        blockers.hold(f"{k} outstanding votes could make a majority of {votes} on their own",
+                      bounds_may_help=bool(replacing))
+        return undecided()
+    narrow, depth, _ = selection.sweep(known, needed)
+    wide = selection.sweep(known, needed - k)[0]
+    if narrow is None or wide is None:
+        blockers.hold(f"no {needed} of the {votes} votes agree in every completion yet",
+                      bounds_may_help=bool(replacing))
+        return undecided()
+
+    # -- who is a truechimer everywhere, anywhere ----------------------------------------------------
+    everywhere = [s for s in voting if selection.overlaps(s, narrow)]
+    anywhere = [s for s in voting if selection.overlaps(s, wide)]
+
+    def surely(step: GateStep) -> list[Json]:
+        return [s for s in everywhere if step.admits(s) and selection.passes_gate(s, step.thresholds, wide)]
+
+    def maybe(step: GateStep) -> list[Json]:
+        return [s for s in anywhere if step.admits(s) and selection.passes_gate(s, step.thresholds, narrow)]
+
+    def may_pass(step: GateStep) -> list[Outstanding]:
+        return [i for i in eligible if not step.nts_only or i.nts]
+
+    # -- the gate every completion uses ---------------------------------------------------------------
+    step, sure = None, []
+    for candidate in selection.gate_steps(strict, enable_fallback=enable_fallback, auth_select=auth_select):
+        sure = surely(candidate)
+        if sure:
+            step = candidate
+            break
+        if maybe(candidate):
+            blockers.hold(f"a reply in hand may pass {_name(candidate)} or not, as the votes still out fall")
+        blockers.bound(may_pass(candidate), fails_above(candidate.thresholds),
+                       f"an outstanding reply could pass {_name(candidate)}")
+    if step is None:
+        if not blockers.reasons:
+            blockers.hold("no truechimer passes any gate: the chord's callback publishes the starvation")
+        return undecided()
+    if blockers.reasons:  # an earlier gate is not yet ruled out
+        return undecided()
+
+    # -- the choice, and what every completion could publish instead -----------------------------
+    could_answer = [i for i in may_pass(step) if i.bound_s <= fails_above(step.thresholds)]
+    if method == Selection.BEST:
+        # The least published uncertainty; failing that, the least among those inside the narrow interval,
+        # which nothing still out can contradict.
+        candidates = [min(sure, key=lambda s: (selection.covering_uncertainty(s, wide), *selection.best_key(s)))]
+        inside = [s for s in sure if narrow[0] <= s["offset_s"] <= narrow[1]]
+        if inside:
+            candidates.append(min(inside, key=lambda s: (selection.covering_uncertainty(s, wide),
+                                                         *selection.best_key(s))))
+        for pick in candidates:
+            chosen, used = selection.choose([pick], wide, method)
+            held = _best_held(chosen, maybe(step), could_answer, narrow)
+            if not held.reasons:
+                break
+        if held.reasons:
+            blockers = held.merged_into(blockers)
+        published_s = chosen["uncertainty_s"]
+    else:
+        chosen, used = selection.choose(sure, wide, method)
+        offset_s, published_s = chosen["offset_s"], chosen["uncertainty_s"]
+        in_narrow = narrow[0] <= offset_s <= narrow[1]
+        used_names = {s["server"] for s in used}
+        limit_s = selection.COMBINE_LIMIT * min(s["uncertainty_s"] for s in used)
+        for other in maybe(step):
+            if other["server"] not in used_names and other["uncertainty_s"] <= limit_s:
+                blockers.hold(f"{other['server']} may be combined or not, as the votes still out fall")
+        joining = [i for i in could_answer if i.bound_s <= limit_s]
+        if joining and not in_narrow:
+            blockers.bound(joining, limit_s, "an outstanding reply could join the combination")
+        elif joining:  # its joining moves the combination, at most to within 3t of the wide interval
+            reach = [s["offset_s"] for s in used] + [wide[0] - limit_s, wide[1] + limit_s]
+            published_s = max(published_s, offset_s - min(reach), max(reach) - offset_s)
+            if published_s > step.thresholds.max_uncertainty_s:
+                blockers.bound(joining, limit_s, "an outstanding reply joining would widen the bound past the gate")
+    if blockers.reasons:
+        return undecided()
+
+    # -- decided: the record, as waiting would write it where it is known -------------------------
+    falsetickers = {s["server"] for s in voting} - {s["server"] for s in anywhere}
+    chosen = dict(chosen, uncertainty_s=published_s)
+    agreement = {"majority": True, "votes": votes, "needed": needed,
+                 "depth": depth, "interval": wide, "deepest": [], "ambiguous": False,
+                 "truechimers": sorted(s["server"] for s in anywhere), "falsetickers": sorted(falsetickers),
+                 "outstanding_votes": k, "narrow_interval": narrow, "published_interval": wide}
+    picked = {"quality": step.quality, "chosen": chosen,
+              "servers": selection.server_entries(outcomes, falsetickers=falsetickers,
+                                                  unauthenticated=unauthenticated, step=step, interval=wide,
+                                                  chosen=chosen, used=used),
+              "servers_used": len(sure), "servers_combined": len(used) if method == Selection.COMBINE else None,
+              "servers_total": len(outcomes) + len(outstanding), "agreement": agreement}
+    tightest_bound = min(i.bound_s for i in eligible)
+    return Decision(True, f"decided with {len(outstanding)} outstanding (least bound "
+                          f"{tightest_bound * 1e3:.3f} ms), {k} of {votes} votes unknown",
+                    picked=picked, late=tuple(sorted(i.server for i in outstanding)))
 
 
-def _fails(gate: Thresholds) -> float:
-    """The uncertainty bound past which a reply fails ``gate`` (its delay is at least twice it)."""
-    return min(gate.max_uncertainty_s, gate.max_delay_s / 2)
+def _best_held(chosen: Json, may_pass: list[Json], could_answer: list[Outstanding], narrow: list[float]) -> _Blockers:
+    """What holds ``best``'s ``chosen`` (published with ``uncertainty_s``): another choice waiting could make.
+
+    Waiting's choice is published with at most ``chosen``'s bound (it takes the
+    least).  If ``chosen``'s offset lies in the narrow interval, which every
+    completion's bound covers, nothing can.  Otherwise no sample in hand that
+    might be chosen may have a bound missing this offset, and no reply still
+    out may be able to be chosen (its bound must exceed ``chosen``'s).
+    """
+    held = _Blockers()
+    offset_s, published_s = chosen["offset_s"], chosen["uncertainty_s"]
+    if narrow[0] <= offset_s <= narrow[1]:
+        return held
+    for other in may_pass:
+        least_s = selection.covering_uncertainty(other, narrow)
+        if (other["server"] != chosen["server"] and least_s <= published_s
+                and abs(other["offset_s"] - offset_s) > least_s):
+            held.hold(f"{other['server']} could be chosen instead, and its bound miss this offset")
+    held.bound(could_answer, published_s, "an outstanding reply could be chosen instead")
+    return held
 
 
-def _span(samples: list[dict]) -> tuple[float, float]:
-    """From the lowest interval's start to the highest one's end."""
-    if not samples:
-        return 0.0, 0.0
-    return (min(s["offset_s"] - s["uncertainty_s"] for s in samples),
-            max(s["offset_s"] + s["uncertainty_s"] for s in samples))
-
-
-def _stand_in(index: int, offset_s: float, uncertainty_s: float) -> dict:
-    """One outstanding vote of a completion: an interval, and a reply no gate passes."""
-    sample = {"server": STAND_IN.format(index + 1), "offset_s": offset_s, "uncertainty_s": uncertainty_s,
-              "delay_s": 1e3, "stratum": 16, "root_delay_s": 0.0, "root_dispersion_s": 0.0, "measured_at": 0.0,
-              "nts": True, "leap": 0, "precision_s": 0.0, "address": "", "port": 0}
-    return {"server": sample["server"], "status": OutcomeStatus.OK, "sample": sample, "attempts": 1, "history": []}
-
-
-def _is_stand_in(name: str) -> bool:
-    return name.startswith("<outstanding ")
+def _name(step: GateStep) -> str:
+    return f"{step.quality}{' (authenticated)' if step.nts_only else ''}"

@@ -32,6 +32,7 @@ publishing the tightest interval would publish a confident wrong value.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from workers.contracts import AuthSelect, OutcomeStatus, Reason, Selection
@@ -84,6 +85,72 @@ def flatten(results: list[Any]) -> list[Json]:
     return flat
 
 
+def vote_key(server: str, group_of: dict[str, int]) -> object:
+    """Whose vote a server's sample is: its own, or its group's (``("group", i)``)."""
+    return ("group", group_of[server]) if server in group_of else server
+
+
+def group_index(groups: list[list[str]] | None) -> dict[str, int]:
+    """Server name -> index of its group in ``groups``."""
+    return {server: i for i, members in enumerate(groups or []) for server in members}
+
+
+def voters_of(samples: list[Json], groups: list[list[str]] | None = None) -> dict[object, Json]:
+    """One sample per vote: a group votes through its member with the lowest uncertainty (the first on a tie)."""
+    group_of = group_index(groups)
+    voters: dict[object, Json] = {}
+    for sample in samples:
+        key = vote_key(sample["server"], group_of)
+        if key not in voters or sample["uncertainty_s"] < voters[key]["uncertainty_s"]:
+            voters[key] = sample
+    return voters
+
+
+def majority(votes: int) -> int:
+    """How many of ``votes`` make a majority."""
+    return votes // 2 + 1
+
+
+def sweep(voters: list[Json], threshold: int) -> tuple[list[float] | None, int, list[list[float | None]]]:
+    """Marzullo's sweep over the voters' intervals (chrony's ``sources.c``).
+
+    Returns the hull of every point at least ``threshold`` intervals cover
+    (``None`` if none is), the greatest depth, and the separate regions that
+    reach it.  At equal offsets a start sorts before an end: touching
+    intervals agree.
+    """
+    LOW, HIGH = 0, 1
+    edges = sorted([(s["offset_s"] - s["uncertainty_s"], LOW) for s in voters]
+                   + [(s["offset_s"] + s["uncertainty_s"], HIGH) for s in voters])
+    depth = best_depth = 0
+    agreed_low = agreed_high = None
+    deepest: list[list[float | None]] = []
+    for value, kind in edges:
+        if kind == LOW:
+            depth += 1
+            if depth >= threshold and agreed_low is None:
+                agreed_low = value
+            if depth > best_depth:
+                best_depth, deepest = depth, [[value, None]]
+            elif depth == best_depth:  # back up to the greatest depth: a separate region
+                deepest.append([value, None])
+        else:
+            if depth >= threshold:
+                agreed_high = value
+            if depth == best_depth:
+                deepest[-1][1] = value
+            depth -= 1
+    if agreed_low is None or agreed_high is None:
+        return None, best_depth, deepest
+    return [agreed_low, agreed_high], best_depth, deepest
+
+
+def overlaps(sample: Json, interval: list[float]) -> bool:
+    """Whether the sample's interval meets ``interval``: a truechimer's does."""
+    return bool(sample["offset_s"] - sample["uncertainty_s"] <= interval[1]
+                and sample["offset_s"] + sample["uncertainty_s"] >= interval[0])
+
+
 def intersect(samples: list[Json], groups: list[list[str]] | None = None) -> Json:
     """The interval a majority of votes agrees on, and who can be honest.
 
@@ -113,47 +180,21 @@ def intersect(samples: list[Json], groups: list[list[str]] | None = None) -> Jso
     if not samples:
         return {"majority": False, "votes": 0, "needed": 1, "depth": 0, "interval": None, "deepest": [],
                 "ambiguous": False, "truechimers": [], "falsetickers": []}
-    group_of = {server: i for i, members in enumerate(groups or []) for server in members}
-    voters: dict[object, Json] = {}
-    for sample in samples:
-        key = ("group", group_of[sample["server"]]) if sample["server"] in group_of else sample["server"]
-        if key not in voters or sample["uncertainty_s"] < voters[key]["uncertainty_s"]:
-            voters[key] = sample
+    voters = voters_of(samples, groups)
     votes = len(voters)
-    needed = votes // 2 + 1
+    needed = majority(votes)
 
-    LOW, HIGH = 0, 1  # at equal offsets a start sorts first: touching intervals agree
-    edges = sorted([(s["offset_s"] - s["uncertainty_s"], LOW) for s in voters.values()]
-                   + [(s["offset_s"] + s["uncertainty_s"], HIGH) for s in voters.values()])
-    depth = best_depth = 0
-    agreed_low = agreed_high = None
-    deepest: list[list[float | None]] = []
-    for value, kind in edges:
-        if kind == LOW:
-            depth += 1
-            if depth >= needed and agreed_low is None:
-                agreed_low = value
-            if depth > best_depth:
-                best_depth, deepest = depth, [[value, None]]
-            elif depth == best_depth:  # back up to the greatest depth: a separate region
-                deepest.append([value, None])
-        else:
-            if depth >= needed:
-                agreed_high = value
-            if depth == best_depth:
-                deepest[-1][1] = value
-            depth -= 1
-    if agreed_low is None:
+    interval, best_depth, deepest = sweep(list(voters.values()), needed)
+    if interval is None:
         return {"majority": False, "votes": votes, "needed": needed, "depth": best_depth, "interval": None,
                 "deepest": deepest, "ambiguous": len(deepest) > 1, "truechimers": [],
                 "falsetickers": sorted(s["server"] for s in samples)}
     truechimers: list[str] = []
     falsetickers: list[str] = []
     for s in samples:
-        low, high = s["offset_s"] - s["uncertainty_s"], s["offset_s"] + s["uncertainty_s"]
-        (truechimers if low <= agreed_high and high >= agreed_low else falsetickers).append(s["server"])
+        (truechimers if overlaps(s, interval) else falsetickers).append(s["server"])
     return {"majority": True, "votes": votes, "needed": needed, "depth": best_depth,
-            "interval": [agreed_low, agreed_high], "deepest": deepest, "ambiguous": len(deepest) > 1,
+            "interval": interval, "deepest": deepest, "ambiguous": len(deepest) > 1,
             "truechimers": sorted(truechimers), "falsetickers": sorted(falsetickers)}
 
 
@@ -192,6 +233,73 @@ def combine(samples: list[Json]) -> Json:
 
 #: Why a plain sample was not used under ``auth_select: require``.
 REASON_NOT_AUTHENTICATED = Reason.NOT_AUTHENTICATED
+
+
+@dataclass(frozen=True)
+class GateStep:
+    """One step of the order in which a round's gates are tried: its quality, thresholds, and pool.
+
+    ``nts_only``: only NTS-authenticated samples may pass (``auth_select: prefer``'s first pool).
+    """
+
+    quality: str
+    thresholds: Thresholds
+    nts_only: bool = False
+
+    def admits(self, sample: Json) -> bool:
+        """Whether ``sample`` is in this step's pool."""
+        return not self.nts_only or bool(sample.get("nts"))
+
+
+def gate_steps(strict: Thresholds, *, enable_fallback: bool, auth_select: str = AuthSelect.MIX) -> list[GateStep]:
+    """The steps in order: strict, then relaxed if ``enable_fallback``; under ``prefer``, authenticated first."""
+    gates = [(STRICT, strict)] + ([(RELAXED, strict.relaxed())] if enable_fallback else [])
+    pools = [True, False] if auth_select == AuthSelect.PREFER else [False]
+    return [GateStep(quality, thresholds, nts_only) for nts_only in pools for quality, thresholds in gates]
+
+
+def gate_violations(sample: Json, thresholds: Thresholds, interval: list[float]) -> list[str]:
+    """Why ``sample`` fails a gate: its thresholds, and what it would publish.
+
+    A label is honest: a sample passes only if the uncertainty it would be
+    published with -- its own, widened to cover the agreed ``interval``
+    (:func:`covering_uncertainty`) -- is within the gate's.  A combination of
+    passing samples passes too: its offset is their weighted mean and its
+    uncertainty their weighted mean, so its covering uncertainty is at most
+    the largest of theirs.
+    """
+    found = thresholds.violations(sample)
+    published_s = covering_uncertainty(sample, interval)
+    if sample["uncertainty_s"] <= thresholds.max_uncertainty_s < published_s:
+        found.append(f"published uncertainty {published_s * 1e3:.3f} ms (covering the agreed interval) > "
+                     f"{thresholds.max_uncertainty_s * 1e3:.3f} ms")
+    return found
+
+
+def passes_gate(sample: Json, thresholds: Thresholds, interval: list[float]) -> bool:
+    """Whether :func:`gate_violations` is empty, without building its text (the early decider asks often)."""
+    offset_s = sample["offset_s"]
+    return bool(sample["delay_s"] <= thresholds.max_delay_s
+                and thresholds.min_stratum <= sample["stratum"] <= thresholds.max_stratum
+                and max(sample["uncertainty_s"], offset_s - interval[0], interval[1] - offset_s)
+                <= thresholds.max_uncertainty_s)
+
+
+def choose(passing: list[Json], interval: list[float], method: str) -> tuple[Json, list[Json]]:
+    """What to publish from the samples that pass, and which were used (see the module doc).
+
+    The choice's ``uncertainty_s`` is the published one (covering ``interval``);
+    ``sample_uncertainty_s`` is its own.
+    """
+    if method == COMBINE:
+        tightest = min(passing, key=best_key)
+        used = [s for s in passing if s["uncertainty_s"] <= COMBINE_LIMIT * tightest["uncertainty_s"]]
+        chosen = combine(used) if len(used) > 1 else dict(tightest, combined=[tightest["server"]])
+    else:
+        chosen = min(passing, key=lambda s: (covering_uncertainty(s, interval), *best_key(s)))
+        used = [chosen]
+    return dict(chosen, sample_uncertainty_s=chosen["uncertainty_s"],
+                uncertainty_s=covering_uncertainty(chosen, interval)), used
 
 
 def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, method: str = BEST,
@@ -233,42 +341,40 @@ def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, m
     samples = [o["sample"] for o in outcomes if o["status"] == OutcomeStatus.OK]
     unauthenticated = {s["server"] for s in samples if not s.get("nts")} if auth_select == AuthSelect.REQUIRE else set()
     agreement = intersect([s for s in samples if s["server"] not in unauthenticated], groups)
+    interval = agreement["interval"]
     truechimers = [s for s in samples if s["server"] in set(agreement["truechimers"])]
-
-    gates = [(STRICT, strict)] + ([(RELAXED, strict.relaxed())] if enable_fallback else [])
-    # Under "prefer", first the authenticated truechimers alone, through every gate; then all of them.
-    pools = [truechimers]
-    if auth_select == AuthSelect.PREFER:
-        pools = [[s for s in truechimers if s.get("nts")], truechimers]
-    quality, gate, passing = STARVATION, gates[-1], []
-    for pool in pools:
-        for name, thresholds in gates:
-            passing = [s for s in pool if not thresholds.violations(s)]
+    steps = gate_steps(strict, enable_fallback=enable_fallback, auth_select=auth_select)
+    quality: str = STARVATION
+    step, passing = steps[-1], []
+    if interval is not None:
+        for candidate in steps:
+            passing = [s for s in truechimers if candidate.admits(s) and passes_gate(s, candidate.thresholds, interval)]
             if passing:
-                quality, gate = name, (name, thresholds)
+                quality, step = candidate.quality, candidate
                 break
-        if passing:
-            break
+    chosen, used = choose(passing, interval, method) if passing else (None, [])
+    return {
+        "quality": quality,
+        "chosen": chosen,
+        "servers": server_entries(outcomes, falsetickers=set(agreement["falsetickers"]),
+                                  unauthenticated=unauthenticated, step=step, interval=interval,
+                                  chosen=chosen, used=used),
+        "servers_used": len(passing),
+        "servers_combined": len(used) if method == COMBINE else None,
+        "servers_total": len(outcomes),
+        "agreement": agreement,
+    }
 
-    chosen, used = None, []
-    if passing:
-        interval = agreement["interval"]
 
-        def published_key(sample: Json) -> tuple[float, float, int, float, str]:
-            return (covering_uncertainty(sample, interval), *best_key(sample))
+def server_entries(outcomes: list[Json], *, falsetickers: set[str], unauthenticated: set[str], step: GateStep,
+                   interval: list[float] | None, chosen: Json | None, used: list[Json]) -> list[Json]:
+    """One entry per server, in name order: its status (:class:`ServerStatus`) and why.
 
-        if method == COMBINE:
-            tightest = min(passing, key=best_key)
-            used = [s for s in passing if s["uncertainty_s"] <= COMBINE_LIMIT * tightest["uncertainty_s"]]
-            chosen = combine(used) if len(used) > 1 else dict(tightest, combined=[tightest["server"]])
-        else:
-            best = min(passing, key=published_key)
-            used, chosen = [best], best
-        # Published: a bound that holds whenever a majority of the votes is honest.
-        chosen = dict(chosen, sample_uncertainty_s=chosen["uncertainty_s"],
-                      uncertainty_s=covering_uncertainty(chosen, interval))
+    ``falsetickers``: the servers whose interval misses the agreed ``interval``
+    (all of them when there is none); ``step``: the gate in force, whose
+    violations make a truechimer ``rejected``.
+    """
     used_names = {s["server"] for s in used}
-
     servers = []
     for outcome in sorted(outcomes, key=lambda o: o["server"]):
         entry = {"server": outcome["server"], "attempts": outcome["attempts"],
@@ -283,14 +389,17 @@ def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, m
         if sample["server"] in unauthenticated:
             entry.update(status=REJECTED, reason=REASON_NOT_AUTHENTICATED,
                          detail="auth_select: require, and this reply was not NTS-authenticated")
-        elif sample["server"] in agreement["falsetickers"]:
-            detail = ("no majority of servers agrees" if not agreement["majority"] else
+        elif sample["server"] in falsetickers or interval is None:
+            detail = ("no majority of servers agrees" if interval is None else
                       f"interval {sample['offset_s'] - sample['uncertainty_s']:+.6f}..."
                       f"{sample['offset_s'] + sample['uncertainty_s']:+.6f} s misses the interval a majority "
-                      f"agrees on, {agreement['interval'][0]:+.6f}...{agreement['interval'][1]:+.6f} s")
+                      f"agrees on, {interval[0]:+.6f}...{interval[1]:+.6f} s")
             entry.update(status=FALSETICKER, reason=Reason.FALSETICKER, detail=detail)
         else:
-            reasons = gate[1].violations(sample)
+            reasons = ([] if passes_gate(sample, step.thresholds, interval)
+                       else gate_violations(sample, step.thresholds, interval))
+            if not step.admits(sample) and not reasons:
+                reasons = ["auth_select: prefer, and an authenticated truechimer passed"]
             if sample["server"] == (chosen or {}).get("server") and sample["server"] in used_names:
                 entry["status"] = CHOSEN
             elif sample["server"] in used_names:
@@ -298,15 +407,7 @@ def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, m
             else:
                 entry["status"] = REJECTED if reasons else ACCEPTED
             if reasons:
-                over = Reason.OVER_STRICT_THRESHOLDS if gate[0] == STRICT else Reason.OVER_RELAXED_THRESHOLDS
+                over = Reason.OVER_STRICT_THRESHOLDS if step.quality == STRICT else Reason.OVER_RELAXED_THRESHOLDS
                 entry.update(reason=over, detail="; ".join(reasons))
         servers.append(entry)
-    return {
-        "quality": quality,
-        "chosen": chosen,
-        "servers": servers,
-        "servers_used": len(passing),
-        "servers_combined": len(used) if method == COMBINE else None,
-        "servers_total": len(outcomes),
-        "agreement": agreement,
-    }
+    return servers

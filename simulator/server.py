@@ -69,6 +69,9 @@ class Behaviour:
         Probability of silently dropping a request.
     drop_first:
         Drop this many requests, then answer normally.
+    unsynchronised_first:
+        Answer this many requests unsynchronised (leap 3), then normally: an
+        attempt that fails at once, and is retried.
     kod:
         Answer every request with this Kiss-o'-Death code (``RATE``, ``DENY``,
         ``RSTR``): stratum 0, leap 3, correct origin.
@@ -115,6 +118,7 @@ class Behaviour:
     hold_first_s: float = 0.0
     loss: float = 0.0
     drop_first: int = 0
+    unsynchronised_first: int = 0
     kod: str | None = None
     leap: int = 0
     stratum: int = 2
@@ -292,6 +296,8 @@ class NtpSimulator:
                 continue
             if stats.received <= behaviour.bad_origin_first:
                 behaviour = dataclasses.replace(behaviour, bad_origin=True)
+            if stats.received <= behaviour.unsynchronised_first:
+                behaviour = dataclasses.replace(behaviour, leap=3)
             if stats.received == 1 and behaviour.hold_first_s:
                 behaviour = dataclasses.replace(behaviour, hold_s=behaviour.hold_first_s)
             leg_in = (behaviour.delay_s + behaviour.asymmetry_s) / 2 + self._random.uniform(0, behaviour.jitter_s)

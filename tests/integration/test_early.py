@@ -122,3 +122,48 @@ def test_the_beats_rounds_are_decided_early_too(worker, simulator, tmp_path, key
     wait_for(lambda: store.round_state(TEST_NODE, handle.round_id) == "complete", what="its late outcome")
     dead = {s["server"]: s for s in store.round_record(TEST_NODE, handle.round_id)["servers"]}[servers["dead"]]
     assert dead["status"] == "late" and dead["reason"] == "timeout" and dead["attempts"] == 1
+
+
+# -- what an adversary found (issue #24): each round is published only as waiting would publish it ----------
+
+def _early_config(tmp_path, servers, key_prefix, **ntp):
+    # A refused first reply is retried 0.2 s later.
+    return config_mod.load(write_config(tmp_path, servers, key_prefix=key_prefix, timeout_seconds=0.3,
+                                        retry_delay=0.2, max_retries=2, **ntp))
+
+
+@pytest.mark.parametrize("selection", ["best", "combine"])
+def test_fast_liars_never_outvote_an_honest_server_waiting_for_its_retry(worker, simulator, tmp_path, key_prefix,
+                                                                        selection):
+    # h1, h2 honest (20-24 ms); h3 honest but its first reply refused (unsynchronised), so it waits for its
+    # retry; l1, l2 fast and 1,000,000 s off.
+    _, servers = simulator({"h1": Behaviour(offset_s=TRUTH_S, delay_s=0.020),
+                            "h2": Behaviour(offset_s=TRUTH_S, delay_s=0.024),
+                            "h3": Behaviour(offset_s=TRUTH_S, delay_s=0.020, unsynchronised_first=1),
+                            "l1": Behaviour(offset_s=1e6, delay_s=0.002), "l2": Behaviour(offset_s=1e6, delay_s=0.002)})
+    config = _early_config(tmp_path, list(servers.values()), key_prefix, selection=selection)
+    record = rounds.dispatch(config, TEST_NODE).wait(complete=True)
+    latest = record["latest"]
+    assert latest is not None and record["quality"] == "strict", json.dumps(record)
+    assert abs(latest["offset"] - TRUTH_S) <= latest["uncertainty"] <= 0.05, latest
+    status = {s["server"]: s for s in record["servers"]}
+    assert status[servers["l1"]]["status"] == status[servers["l2"]]["status"] == "falseticker"
+    assert status[servers["h3"]]["attempts"] == 2 and status[servers["h3"]]["status"] != "falseticker"
+
+
+def test_a_group_member_waiting_for_its_retry_keeps_its_groups_vote_open(worker, simulator, tmp_path, key_prefix):
+    # ChronoTick's homelab config makes Google's four one vote.  g1 slow and 40 ms off; g2 honest, its first
+    # reply refused (unsynchronised) so that it waits for its retry; a fast server 50 ms off; b honest.
+    # Waiting: g2's vote makes the fast one a falseticker.
+    _, servers = simulator({"g1": Behaviour(offset_s=TRUTH_S + 0.040, delay_s=0.090),
+                            "g2": Behaviour(offset_s=TRUTH_S, delay_s=0.012, unsynchronised_first=1),
+                            "fast": Behaviour(offset_s=TRUTH_S + 0.050, delay_s=0.004),
+                            "b": Behaviour(offset_s=TRUTH_S, delay_s=0.012)})
+    config = _early_config(tmp_path, list(servers.values()), key_prefix,
+                           server_groups={"google": [servers["g1"], servers["g2"]]})
+    record = rounds.dispatch(config, TEST_NODE).wait(complete=True)
+    latest = record["latest"]
+    assert latest is not None and abs(latest["offset"] - TRUTH_S) <= latest["uncertainty"] <= 0.010, json.dumps(record)
+    status = {s["server"]: s for s in record["servers"]}
+    assert status[servers["fast"]]["status"] == "falseticker"
+    assert status[servers["g2"]]["attempts"] == 2

@@ -43,6 +43,7 @@ class PathRelay:
 
     def __init__(self, ntp_port: int):
         self.mode = "pass"
+        self.drop_next = 0  # lose this many requests (then the attempt times out, and is retried)
         self.target = ("127.0.0.1", ntp_port)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((NTP_PATH, ntp_port))
@@ -59,6 +60,9 @@ class PathRelay:
                 continue
             except OSError:
                 return
+            if self.drop_next > 0:
+                self.drop_next -= 1
+                continue
             threading.Thread(target=self._forward, args=(request, client), daemon=True).start()
 
     def _forward(self, request: bytes, client) -> None:
@@ -131,7 +135,7 @@ def nts_server():
 @pytest.fixture
 def ke(nts_server):
     chronyd, relay = nts_server
-    relay.mode = "pass"
+    relay.mode, relay.drop_next = "pass", 0
     proxy = CountingProxy(chronyd.ke_port)
     yield proxy
     proxy.close()
@@ -221,3 +225,24 @@ def test_keys_and_cookies_never_reach_redis(worker, nts_server, ke, tmp_path, ke
         if kind == b"string":
             value = redis_client.get(key) or b""
             assert b"cookie" not in value.lower() and b"c2s" not in value, key
+
+
+@pytest.mark.parametrize("selection", ["best", "combine"])
+def test_prefer_waits_for_an_nts_server_whose_retry_is_to_come(worker, nts_server, ke, simulator, tmp_path,
+                                                                key_prefix, capsys, selection):
+    """Issue #24: early published a plain sample while the NTS server waited for its retry; waiting publishes
+    the authenticated one."""
+    chronyd, relay = nts_server
+    _, servers = simulator({f"p{i}": Behaviour(delay_s=0.002) for i in range(3)})
+    server = f"nts://127.0.0.1:{ke.port}"
+    path = write_config(tmp_path, [server, *servers.values()], key_prefix=key_prefix, nts_ca_file=str(chronyd.cert),
+                        auth_select="prefer", selection=selection, timeout_seconds=0.15, retry_delay=0.2,
+                        max_retries=2)
+    # Its first request is lost: it times out at 0.15 s, before its bound (at most 72.5 ms) could show that it
+    # cannot pass a gate, and waits for its retry 0.2 s later.
+    relay.drop_next = 1
+    record = _measure(path, capsys)
+    entry = _by_server(record)[server]
+    assert entry["attempts"] == 2 and entry["history"][0]["reason"] == "timeout", json.dumps(record)
+    assert record["latest"] is not None and record["latest"]["nts"] is True, record["latest"]
+    assert record["latest"]["server"] == server

@@ -196,10 +196,14 @@ def test_agreement_and_choice_match_a_brute_force_reference_on_random_sets():
             if honest >= needed:
                 majority_honest += 1
                 assert abs(chosen["offset_s"] - truth) <= chosen["uncertainty_s"] + 1e-12
+            # A label is honest: what is published is within the uncertainty of the gate it is labelled with.
+            labelled = gate if result["quality"] == selection.STRICT else gate.relaxed()
+            assert chosen["uncertainty_s"] <= labelled.max_uncertainty_s + 1e-12
             if method == selection.BEST:
                 for strictness in (gate, gate.relaxed()):
                     passing = [s for s in samples if s["server"] in agreement["truechimers"]
-                               and not strictness.violations(s)]
+                               and not strictness.violations(s)
+                               and selection.covering_uncertainty(s, [low, high]) <= strictness.max_uncertainty_s]
                     if passing:
                         break
                 expected = min(passing, key=lambda s: (selection.covering_uncertainty(s, [low, high]),
