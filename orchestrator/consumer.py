@@ -15,12 +15,22 @@ program of its own reads the contract directly::
     if m is not None and not m.stale:
         true_time = time.time() + m.offset   # +- m.aged_uncertainty
 
-A :class:`Measurement` knows how old it is.  Its ``aged_uncertainty`` grows
-the published bound by :data:`DRIFT_BOUND` (RFC 5905's PHI, 15 ppm: the
-frequency tolerance NTP assumes of a clock) for every second since the offset
-was measured -- the same growth ntpd and chrony give a sample's dispersion.
-A clock known to wander more (an undisciplined crystal, a VM) passes its own
-``drift_bound`` to the reader.
+A :class:`Measurement` knows how old it is, on the service's clock (Redis',
+:mod:`workers.redisclock`): its age is the time since its round was published
+(``published_at``, Redis' clock) -- never this host's clock against the
+measuring node's ``measured_at``, which differ by whatever the two clocks
+disagree, and a node whose clock is wrong is exactly the one ChronoTick must
+correct.  Its ``aged_uncertainty`` grows the published bound by
+:data:`DRIFT_BOUND` (RFC 5905's PHI, 15 ppm: the frequency tolerance NTP
+assumes of a clock) for every second of that age -- the same growth ntpd and
+chrony give a sample's dispersion.  A clock known to wander more (an
+undisciplined crystal, a VM) passes its own ``drift_bound`` to the reader.
+
+The reader loses nothing (issue #24): a history entry that is not a round
+record is skipped with one warning naming it, and the rest of its batch is
+kept; a history stream made again under the reader (Redis emptied, or ids
+that go back) is noticed and read again from its start, without duplicates;
+and a measurement read through the history has every field ``latest`` has.
 
 For :class:`NtpReader`, Redis being unreachable is never a silent ``None``:
 every call raises :class:`ServiceUnavailable` instead.  ``None`` means only
@@ -31,11 +41,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -43,10 +54,10 @@ from typing import Any
 import redis
 
 from workers import config as config_mod
-from workers import redisurl, warmup
+from workers import redisclock, redisurl, warmup
 from workers.keys import Keys
 
-from .store import Store, records_of
+from .store import BadRecord, Store, record_of
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +99,25 @@ class Measurement:
 
     Times are Unix seconds and durations seconds.  ``offset`` is server minus
     local: true time = local time + offset, within ``uncertainty`` at
-    ``measured_at``.
+    ``measured_at`` (the measuring node's clock).  ``published_at`` is on the
+    service's clock (Redis' ``TIME``, read as the round was published), and so
+    is every age: ``age_s`` is the time since publication on ``clock``, the
+    reader's estimate of Redis' clock (:class:`workers.redisclock.RedisClock`:
+    this host's clock plus an offset measured with ``TIME``).
+
+    Why that age, for staleness and for ``aged_uncertainty``: an age is a
+    difference of two instants, and both must be read on one clock.  ``now -
+    measured_at`` on this host mixes two clocks, wrong by however far they
+    disagree -- two hours for a node two hours off, so its fresh measurement
+    looked two hours old (or, ahead, an old one looked fresh and its bound
+    never grew).  ``published_at`` and Redis' clock are one clock, whoever
+    reads them, to within half a ``TIME`` round trip.  The age so read is short
+    of the offset's own age by the rest of its round after the exchange (under
+    the round's budget, seconds): at PHI that is below a microsecond, under the
+    resolution a bound is published with, so nothing is added for it.  A
+    reader on the measuring node itself could use ``now - measured_at``, but
+    the reader cannot tell where it runs, and that age jumps when the node's
+    clock is stepped -- which is what a clock being corrected does.
     """
 
     node: str
@@ -116,43 +145,59 @@ class Measurement:
     drift_bound: float = DRIFT_BOUND
     #: The published JSON, every field (for fields newer than this class).
     raw: dict = field(default_factory=dict, repr=False, compare=False)
+    #: From the reader: the service's clock now (Unix s on Redis' clock, as this host estimates it,
+    #: without asking Redis); ages are read on it.  Default: this host's clock, taken for Redis'.
+    clock: Callable[[], float] = field(default=time.time, repr=False, compare=False)
+
+    #: The fields that must be finite numbers: a NaN offset handed to ChronoTick would poison its model.
+    FINITE = ("offset", "uncertainty", "delay", "precision", "measured_at", "published_at", "root_delay",
+              "root_dispersion")
 
     @classmethod
     def from_latest(cls, value: dict, *, stale_after_s: float = DEFAULT_STALE_AFTER_S,
-                    drift_bound: float = DRIFT_BOUND) -> Measurement:
-        """From a ``latest`` value as the service publishes it."""
-        return cls(node=value["node"], offset=float(value["offset"]), uncertainty=float(value["uncertainty"]),
-                   delay=float(value["delay"]), stratum=int(value["stratum"]), precision=float(value["precision"]),
-                   server=value["server"], quality=value["quality"], measured_at=float(value["measured_at"]),
-                   published_at=float(value["published_at"]), round_id=value.get("round_id", ""),
-                   address=value.get("address", ""), leap=int(value.get("leap", 0)),
-                   root_delay=float(value.get("root_delay", 0.0)),
-                   root_dispersion=float(value.get("root_dispersion", 0.0)),
-                   servers_used=int(value.get("servers_used", 0)), servers_total=int(value.get("servers_total", 0)),
-                   selection=value.get("selection", "best"), combined=tuple(value.get("combined", ())),
-                   stale_after_s=stale_after_s, drift_bound=drift_bound, raw=dict(value))
+                    drift_bound: float = DRIFT_BOUND, clock: Callable[[], float] = time.time) -> Measurement:
+        """From a ``latest`` value as the service publishes it (or as a history record gives it back).
+
+        Fields newer than a value (an old history entry's) take their
+        defaults.  Raises ``KeyError``, ``TypeError`` or ``ValueError`` (a
+        number that is not finite) for a value that is no measurement.
+        """
+        m = cls(node=value["node"], offset=float(value["offset"]), uncertainty=float(value["uncertainty"]),
+                delay=float(value["delay"]), stratum=int(value["stratum"]), precision=float(value["precision"]),
+                server=value["server"], quality=value["quality"], measured_at=float(value["measured_at"]),
+                published_at=float(value["published_at"]), round_id=value.get("round_id", ""),
+                address=value.get("address", ""), leap=int(value.get("leap", 0)),
+                root_delay=float(value.get("root_delay", 0.0)),
+                root_dispersion=float(value.get("root_dispersion", 0.0)),
+                servers_used=int(value.get("servers_used", 0)), servers_total=int(value.get("servers_total", 0)),
+                selection=value.get("selection", "best"), combined=tuple(value.get("combined", ())),
+                stale_after_s=stale_after_s, drift_bound=drift_bound, raw=dict(value), clock=clock)
+        for name in cls.FINITE:
+            if not math.isfinite(getattr(m, name)):
+                raise ValueError(f"{name} is not a finite number ({getattr(m, name)!r})")
+        return m
 
     def age_at(self, now: float) -> float:
-        """Seconds from ``measured_at`` to ``now`` (Unix s)."""
-        return now - self.measured_at
+        """Seconds from publication to ``now`` (Unix s on the service's clock: see the class doc)."""
+        return now - self.published_at
 
     @property
     def age_s(self) -> float:
-        """Seconds since the offset was measured (this host's clock, now)."""
-        return self.age_at(time.time())
+        """Seconds since the measurement was published, on the service's clock (Redis'), now."""
+        return self.age_at(self.clock())
 
     def aged_uncertainty_at(self, now: float) -> float:
-        """``uncertainty`` grown by ``drift_bound`` for every second of age at ``now``."""
+        """``uncertainty`` grown by ``drift_bound`` for every second of age at ``now`` (the service's clock)."""
         return self.uncertainty + self.drift_bound * max(0.0, self.age_at(now))
 
     @property
     def aged_uncertainty(self) -> float:
-        """The bound that holds now: ``uncertainty + drift_bound * age_s``."""
-        return self.aged_uncertainty_at(time.time())
+        """The bound that holds now: ``uncertainty + drift_bound * age_s`` (never below ``uncertainty``)."""
+        return self.aged_uncertainty_at(self.clock())
 
     @property
     def stale(self) -> bool:
-        """Older than ``stale_after_s``: the service has not published for too long."""
+        """Older than ``stale_after_s`` on the service's clock: the service has not published for too long."""
         return self.age_s > self.stale_after_s
 
     def as_chronotick(self) -> dict:
@@ -197,6 +242,8 @@ class NtpReader:
         self.drift_bound = float(drift_bound)
         self._client = redisurl.connect(url, master_name, timeout_s=socket_timeout_s)
         self._store = Store(self._client, prefix=prefix)
+        #: Redis' clock, which every age is read on (the one ``history(since=...)`` uses too).
+        self._clock = redisclock.clock_for(self._client)
 
     @classmethod
     def from_config(cls, path: str, **kwargs) -> NtpReader:
@@ -226,7 +273,11 @@ class NtpReader:
         """Round records (starvation and outliers too), oldest first.
 
         ``since``: only rounds finished at or after it (Unix s, or an aware
-        ``datetime``); ``limit``: only the newest ``limit`` of those.
+        ``datetime``); ``limit``: only the newest ``limit`` of those.  An
+        entry that is no round record is skipped, with one warning naming it
+        (:meth:`orchestrator.store.Store.records_in`); a record's ``latest``
+        has every field the ``latest`` key had (offsets to 100 ns, delays to a
+        microsecond and bounds rounded up to one in the compact form).
         """
         if isinstance(since, datetime):
             since = since.timestamp()
@@ -265,7 +316,13 @@ class NtpReader:
                     return
                 message = self._call(pubsub.get_message, timeout=min(remaining, 1.0))
                 if message is not None and message["type"] == "message":
-                    yield self._measurement(json.loads(message["data"]))
+                    try:
+                        measurement = self._measurement(json.loads(message["data"]))
+                    except (ValueError, KeyError, TypeError) as exc:  # another version's, a hand-made one
+                        log.warning("skipping a message on %s: not a measurement (%s: %s)", channel,
+                                    type(exc).__name__, exc)
+                        continue
+                    yield measurement
         finally:
             try:
                 pubsub.close()
@@ -275,7 +332,13 @@ class NtpReader:
     # -- internals ----------------------------------------------------------
 
     def _measurement(self, value: dict) -> Measurement:
-        return Measurement.from_latest(value, stale_after_s=self.stale_after_s, drift_bound=self.drift_bound)
+        self._clock.now()  # measures Redis' clock again when due (every few minutes), here where Redis is read
+        return Measurement.from_latest(value, stale_after_s=self.stale_after_s, drift_bound=self.drift_bound,
+                                       clock=self._service_now)
+
+    def _service_now(self) -> float:
+        """Redis' clock now, from the last measured offset: no Redis command, so an age never waits."""
+        return time.time() + self._clock.offset_s
 
     def _call(self, function, *args, **kwargs):
         try:
@@ -304,6 +367,22 @@ KEEP_MEASUREMENTS = 1000
 #: How many of the newest measurements :meth:`SourceStatistics.get_measurement_statistics`
 #: summarises, as ChronoTick's client did.
 STATISTICS_RECENT = 10
+
+#: The id a follower holds for a stream that was empty (or missing) when it read it: XREAD from it reads all.
+EMPTY_STREAM_ID = "0-0"
+
+#: Whether the history stream still holds the entry the follower read last (KEYS[1] the stream, ARGV[1]
+#: its id), and the stream's first and last ids now ('' when it is empty or gone).  Redis never gives a
+#: stream an id at or below one it gave before, nor trims from anywhere but the start, so the entry held
+#: is gone only if the stream was made again (Redis emptied or restarted without its data, the key
+#: deleted -- its new ids may be below the one held: a Redis host whose clock went back) or trimmed
+#: past it.  Ids only, in one small reply, with every blocking read.
+HELD_ENTRY = """
+local held = #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+return {held, first and first[1] or '', last and last[1] or ''}
+"""
 
 
 class SourceStatistics:
@@ -359,6 +438,17 @@ class ClockMeasurementSource:
     meanwhile.  (:class:`NtpReader` is the strict way in: it raises
     :class:`ServiceUnavailable`.)
 
+    The follower loses nothing (issue #24).  A history entry that is not a
+    round record, or whose measurement is not one, is skipped with one
+    warning naming it; the rest of its batch is kept.  With every read it
+    checks that the stream still holds the entry it read last
+    (:data:`HELD_ENTRY`); if not, the stream was made again -- Redis emptied or
+    restarted without its data, ids that went back -- and it reads the stream
+    again from its start, keeping only rounds it does not hold.  Staleness and
+    the window of :meth:`get_recent_measurements` are judged on Redis' clock
+    (:class:`Measurement`), which the follower measures; ChronoTick's calls
+    only read the offset it measured.
+
     A measurement's timestamp is ``measured_at``: the local instant its
     offset refers to, the midpoint of the chosen exchange (for ``combine``,
     the weighted one), where ChronoTick's own client stamped the time it
@@ -388,6 +478,9 @@ class ClockMeasurementSource:
         self._measurements: deque[Measurement] = deque(maxlen=KEEP_MEASUREMENTS)
         self._total = 0
         self._last_id: str | None = None  # None: the recent history is still to be read
+        #: Redis' clock, measured by the follower only (ChronoTick's calls never wait on Redis).
+        self._clock = redisclock.RedisClock(self._client)
+        self._clock_due = 0.0  # time.monotonic() when the follower measures Redis' clock again
         self._new_since_check = False
         self._warm_up_wanted = False
         self._outage_since: float | None = None
@@ -438,10 +531,17 @@ class ClockMeasurementSource:
         return new
 
     def get_recent_measurements(self, window_seconds: float = 300) -> list[tuple[float, float, float]]:
-        """``(timestamp, offset, uncertainty)`` measured in the last ``window_seconds``, oldest first."""
-        since = time.time() - window_seconds
+        """``(timestamp, offset, uncertainty)`` of the last ``window_seconds``, oldest first.
+
+        The window is judged on Redis' clock, as every age (:class:`Measurement`):
+        measurements published at most ``window_seconds`` ago.  ``timestamp``
+        stays ``measured_at``, the node's own instant, which ChronoTick
+        compares with its own clock on that node.
+        """
+        now = self._service_now()
         with self._lock:
-            found = [(m.measured_at, m.offset, m.uncertainty) for m in self._measurements if m.measured_at >= since]
+            found = [(m.measured_at, m.offset, m.uncertainty) for m in self._measurements
+                     if m.age_at(now) <= window_seconds]
         return sorted(found)
 
     # -- state -----------------------------------------------------------------
@@ -455,6 +555,10 @@ class ClockMeasurementSource:
     def reachable(self) -> bool:
         """Whether the follower's last read of Redis succeeded."""
         return self._outage_since is None
+
+    def _service_now(self) -> float:
+        """Redis' clock now, from the offset the follower last measured: no Redis command."""
+        return time.time() + self._clock.offset_s
 
     def _latest(self) -> Measurement | None:
         with self._lock:
@@ -492,30 +596,72 @@ class ClockMeasurementSource:
             self._warm_up_wanted = False
             log.info("warm-up for %s: %s, %.0f s left", self.node, "started" if self.warm_up[0] else "joined",
                      self.warm_up[1])
+        self._measure_clock()
         if self._last_id is None:  # the newest records first, then only what is new
-            newest: list = list(self._client.xrevrange(self._history_key, count=KEEP_MEASUREMENTS) or [])
-            newest.reverse()
-            self._last_id = _text(newest[-1][0]) if newest else "0-0"
-            self._ingest(newest)
+            self._read_from_start()
             return
-        reply: Any = self._client.xread({self._history_key: self._last_id}, count=KEEP_MEASUREMENTS,
-                                        block=FOLLOW_BLOCK_MS)
+        reply: Any
+        if self._last_id == EMPTY_STREAM_ID:
+            reply = self._client.xread({self._history_key: self._last_id}, count=KEEP_MEASUREMENTS,
+                                       block=FOLLOW_BLOCK_MS)
+        else:  # and is the entry read last still there?  Asked in the same round trip, *after* the read
+            # returns: a stream made again while the read waited then answers no, and what the read
+            # brought (maybe new ids above the one held, with lower ones before them) is not taken alone.
+            with self._client.pipeline(transaction=False) as pipe:
+                pipe.xread({self._history_key: self._last_id}, count=KEEP_MEASUREMENTS, block=FOLLOW_BLOCK_MS)
+                pipe.eval(HELD_ENTRY, 1, self._history_key, self._last_id)
+                reply, (held, first, last) = pipe.execute()
+            if not int(held):
+                log.warning("the history stream of %s changed under the reader: %s; reading it again from its "
+                            "start, keeping only rounds not held", self.node,
+                            _why_gone(self._last_id, _text(first), _text(last)))
+                self._read_from_start()
+                return
         for _, entries in reply or ():
             if entries:
                 self._last_id = _text(entries[-1][0])
                 self._ingest(entries)
 
+    def _read_from_start(self) -> None:
+        """Read the stream's newest :data:`KEEP_MEASUREMENTS` entries, and follow it from the newest."""
+        newest: list = list(self._client.xrevrange(self._history_key, count=KEEP_MEASUREMENTS) or [])
+        newest.reverse()
+        self._last_id = _text(newest[-1][0]) if newest else EMPTY_STREAM_ID
+        self._ingest(newest)
+
+    def _measure_clock(self) -> None:
+        """Measure Redis' clock when due (:data:`workers.redisclock.REFRESH_S`; sooner while it never answered)."""
+        if time.monotonic() < self._clock_due:
+            return
+        self._clock.measure()  # keeps the last offset if Redis does not answer
+        self._clock_due = time.monotonic() + (redisclock.REFRESH_S if self._clock.error_s is not None
+                                              else redisclock.RETRY_S)
+
     def _ingest(self, entries) -> None:
+        """Keep the measurements of ``entries`` (stream order) not held yet; skip, with a warning, what is none."""
+        with self._lock:
+            held = {m.round_id for m in self._measurements}
         found = []
         for entry in entries:
             try:
-                (record,) = records_of([entry])
-                if record.get("latest"):
-                    found.append(Measurement.from_latest(record["latest"], stale_after_s=self.stale_after_s,
-                                                         drift_bound=self.drift_bound))
-            except (ValueError, KeyError, TypeError) as exc:  # one bad record must not stop the follower
-                log.warning("skipping history entry %s of %s: not a round record ChronoTick can use (%s: %s)",
-                            _text(entry[0]), self.node, type(exc).__name__, exc)
+                record = record_of(entry)
+                latest = record.get("latest")
+                if latest is None:
+                    continue  # starvation or an outlier: nothing published
+                measurement = Measurement.from_latest({"round_id": record["round_id"], **latest},
+                                                      stale_after_s=self.stale_after_s, drift_bound=self.drift_bound,
+                                                      clock=self._service_now)
+            except BadRecord as bad:
+                log.warning("skipping history entry %s of %s: %s", bad.entry_id, self.node, bad.reason)
+                continue
+            except Exception as exc:  # one bad entry must cost only itself, whatever is wrong with it
+                log.warning("skipping history entry %s of %s: its measurement is not one ChronoTick can use "
+                            "(%s: %s)", _text(entry[0]), self.node, type(exc).__name__, exc)
+                continue
+            if measurement.round_id in held:
+                continue  # read again after the stream was made again: held already
+            held.add(measurement.round_id)
+            found.append(measurement)
         if not found:
             return
         with self._lock:
@@ -532,3 +678,21 @@ class ClockMeasurementSource:
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _stream_id(text: str) -> tuple[int, int]:
+    """A stream id (``ms-seq``) as numbers, to compare."""
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _why_gone(held: str, first: str, last: str) -> str:
+    """Why the entry a follower held (``held``) is no longer in its stream, from the stream's first and last ids."""
+    if not last:
+        return f"entry {held} is gone and the stream is empty (Redis emptied or restarted without its data)"
+    if _stream_id(last) < _stream_id(held):
+        return (f"its ids went back: it ends at {last}, before the entry held, {held} (made again: Redis emptied, "
+                "or its clock went back)")
+    if _stream_id(first) > _stream_id(held):
+        return f"it starts at {first}, after the entry held, {held} (trimmed past it, or made again)"
+    return f"entry {held} is gone from between {first} and {last} (the stream was made again with other ids)"

@@ -11,10 +11,12 @@ for ten servers.
 It keeps what a person, ``status``, ``plot`` and the exporter read -- every
 server's status, final reason, attempts and each attempt's reason (and any
 refused sample of a burst), offset, delay, uncertainty and stratum, and the
-worker that took it (once, when one worker took them all) -- and drops
-what only the moment of measurement needed: the reasons' details, wire
-addresses, raw t1/t4, reference ids, each attempt's start time, the agreement's
-member lists (the statuses say them).  A sample's time is its round's.
+worker that took it (once, when one worker took them all), and every field of
+the published measurement (``latest``: :data:`LATEST_FIELDS`) -- and drops
+what only the moment of measurement needed: the reasons' details, each
+server's wire address, raw t1/t4, reference ids, each attempt's start time,
+the agreement's member lists (the statuses say them).  A sample's time is its
+round's.
 Offsets keep 100 ns; delays, durations and bounds a microsecond (bounds
 rounded up: a bound stays a bound); times stay exact, since readers compare
 them.  Each server entry uses short keys (:data:`SHORT`), and values equal to
@@ -52,22 +54,30 @@ LONG = {short: long for long, short in SHORT.items()}
 #: What a sample keeps in a compact record (its time is the round's).
 SAMPLE_FIELDS = ("offset_s", "delay_s", "uncertainty_s", "stratum", "samples_taken")
 
-#: What the published measurement keeps: what ChronoTick's recent-measurements reader needs (the
-#: ``latest`` key has every field; server, delay, stratum and its own bound are in the chosen
-#: server's entry, the quality is the record's, ``published_at`` is its ``finished_at``).
-LATEST_FIELDS = ("offset", "uncertainty", "precision", "measured_at", "nts")
+#: What the published measurement keeps: every field of ``latest`` that its record and chosen
+#: server's entry do not already say -- server, delay, stratum and the sample's own bound are in
+#: the chosen server's entry, node, round, quality and servers used in the record, and
+#: ``published_at`` is its ``finished_at`` -- so a measurement read through the history has every
+#: field ``latest`` has (issue #24: "the reader loses nothing").  ``leap`` is kept only when it is
+#: not 0 (absent: 0, as in an entry written before it was kept).
+LATEST_FIELDS = ("offset", "uncertainty", "precision", "measured_at", "nts", "leap", "root_delay",
+                 "root_dispersion", "address", "selection")
 
 #: ... and for a combination (``selection: combine`` over more than one server), what is the
 #: combination's own rather than its primary server's; the servers combined are the entries
-#: whose status is ``chosen`` or ``combined``.
-COMBINATION_FIELDS = ("delay", "stratum", "selection")
+#: whose status is ``chosen`` or ``combined``.  A stored measurement with a ``delay`` is a
+#: combination's (records written before ``selection`` was always kept marked it the same way).
+COMBINATION_FIELDS = ("delay", "stratum", "sample_uncertainty")
+
+#: A published measurement's fields left out of a compact record when they have this value.
+LATEST_DEFAULTS = {"leap": 0}
 
 #: Digits kept: 100 ns for offsets, microseconds for delays, bounds (rounded up) and durations.
 OFFSET_DIGITS = 7
 US_DIGITS = 6
 
-#: Fields whose value is a bound: rounded up, never down.
-BOUNDS = frozenset({"uncertainty_s", "uncertainty"})
+#: Fields whose value is a bound (a root dispersion is one too): rounded up, never down.
+BOUNDS = frozenset({"uncertainty_s", "uncertainty", "sample_uncertainty", "root_dispersion"})
 
 
 def compact(record: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +110,9 @@ def compact(record: dict[str, Any]) -> dict[str, Any]:
         out["candidate"] = record["candidate"]  # refused by the filter: what it refused
     latest = record.get("latest")
     fields = LATEST_FIELDS + COMBINATION_FIELDS if latest and latest.get("combined") else LATEST_FIELDS
-    out["latest"] = None if latest is None else {key: _number(key, latest[key]) for key in fields if key in latest}
+    out["latest"] = None if latest is None else {
+        key: _number(key, latest[key]) for key in fields
+        if key in latest and not (key in LATEST_DEFAULTS and latest[key] == LATEST_DEFAULTS[key])}
     out["detail"] = COMPACT
     return out
 
@@ -123,17 +135,18 @@ def expand(stored: dict[str, Any]) -> dict[str, Any]:
         record["filter"] = {"outlier": False, "reset": False, **record["filter"]}
     shared = record.pop("worker", None)
     record["servers"] = [expand_server(s, shared) for s in stored["servers"]]
-    if record.get("latest") is not None:  # what the stored measurement left to its record and chosen server
+    stored_latest = record.get("latest")
+    if stored_latest is not None:  # what the stored measurement left to its record and chosen server
         chosen = next((s for s in record["servers"] if s["status"] == "chosen"), None)
         sample = (chosen or {}).get("sample", {})
         record["latest"] = {"node": record["node"], "round_id": record["round_id"], "quality": record["quality"],
                             "published_at": record["finished_at"], "servers_used": record.get("servers_used"),
-                            "servers_total": record.get("servers_total"),
+                            "servers_total": record.get("servers_total"), **LATEST_DEFAULTS,
                             **({"server": chosen["server"], "delay": sample.get("delay_s"),
                                 "stratum": sample.get("stratum"), "sample_uncertainty": sample.get("uncertainty_s")}
                                if chosen else {}),
-                            **record["latest"]}
-        if "selection" in record["latest"] and "combined" not in record["latest"]:  # a combination's servers
+                            **stored_latest}
+        if "delay" in stored_latest and "combined" not in stored_latest:  # a combination's servers
             record["latest"]["combined"] = sorted(s["server"] for s in record["servers"]
                                                   if s["status"] in ("chosen", "combined"))
     return record

@@ -35,7 +35,10 @@ One round's writes go in one MULTI/EXEC transaction, so a reader never sees a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from typing import Any, cast
 
@@ -51,6 +54,8 @@ from . import records, selection
 from .contracts import ServerStatus
 from .counting import COUNTERS, duration_fields, late_counters, round_counters
 from .servers import Reach
+
+log = logging.getLogger(__name__)
 
 #: How long round records are kept by default (h): ``ntp_service.history_hours``'s own default.
 DEFAULT_HISTORY_HOURS = ServiceSettings.history_hours
@@ -76,6 +81,7 @@ class Store:
     def __init__(self, client: redis.Redis, *, prefix: str = "chronotick"):
         self.client = client
         self.keys = Keys(prefix)
+        self._skipped: OrderedDict[tuple[str, str], None] = OrderedDict()  # bad entries warned about
 
     def finish_round(self, node: str, round_id: str, build: Callable[[list[list[float]], int, float], dict], *,
                      history_length: int, window_size: int, history_hours: float = DEFAULT_HISTORY_HOURS,
@@ -147,13 +153,16 @@ class Store:
         with self.client.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(claim)
-                raw = self.client.get(claim)
+                # The claim and Redis' clock in one round trip, after the WATCH (as in finish_round).
+                with self.client.pipeline(transaction=False) as reads:
+                    reads.get(claim)
+                    reads.time()
+                    raw, (seconds, micros) = reads.execute()
                 state = _claim_state(raw)
                 if state.get("state") != PUBLISHED:
                     return None
                 by_server = {o["server"]: o for o in selection.unique_by_server(outcomes)}
                 late = [late_entry(by_server.get(server), server) for server in state["late"]]
-                (seconds, micros) = self.client.time()
                 pipe.multi()
                 pipe.set(claim, json.dumps({"state": COMPLETE}), ex=ROUND_CLAIM_TTL_S)
                 stored = [records.compact_server(entry, None) for entry in late]
@@ -325,8 +334,8 @@ class Store:
         return {**{name: 0 for name in COUNTERS}, **counts}
 
     def history(self, node: str, *, count: int = 10) -> list[dict]:
-        """The newest ``count`` round records, newest first."""
-        return records_of(self.client.xrevrange(self.keys.history(node), count=count))
+        """The newest ``count`` round records, newest first (an entry that is none is skipped: :meth:`records`)."""
+        return self._newest(node, "-", count)
 
     def nodes(self) -> list[str]:
         return sorted(_text(n) for n in self.client.smembers(self.keys.nodes()))
@@ -344,19 +353,60 @@ class Store:
         since_redis = None if since is None else clock.from_local(since) - (clock.error_s or 0.0)
         low = "-" if since_redis is None else str(max(0, int(since_redis * 1000)))
         if limit is None:
-            records = records_of(self.client.xrange(self.keys.history(node), min=low))
+            key = self.keys.history(node)
+            records = self.records_in(key, self.client.xrange(key, min=low))
         else:
-            records = list(reversed(records_of(self.client.xrevrange(self.keys.history(node), min=low, count=limit))))
+            records = list(reversed(self._newest(node, low, limit)))
         if since_redis is not None:
             records = [r for r in records if r["finished_at"] >= since_redis]
         return self._with_late(node, records, low)
+
+    def records_in(self, stream: str, entries: Any) -> list[dict]:
+        """The round records of ``stream``'s ``entries``, in their order; an entry that is none is skipped.
+
+        Skipped with one warning per entry (per store) that names the stream,
+        the entry's id and why (:class:`BadRecord`): one bad entry costs its
+        readers only itself, never the entries around it (issue #24).
+        """
+        return records_of(entries, stream=stream, skip=self._skip)
+
+    def _skip(self, stream: str, bad: BadRecord) -> None:
+        seen = (stream, bad.entry_id)
+        if seen in self._skipped:
+            return
+        self._skipped[seen] = None
+        if len(self._skipped) > SKIPPED_REMEMBERED:
+            self._skipped.popitem(last=False)
+        log.warning("skipping %s entry %s: %s", stream, bad.entry_id, bad.reason)
+
+    def _newest(self, node: str, low: str, count: int) -> list[dict]:
+        """The newest ``count`` round records from id ``low`` on, newest first, reading past any skipped entry."""
+        key = self.keys.history(node)
+        found: list[dict] = []
+        high = "+"
+        while len(found) < count:
+            wanted = count - len(found)
+            entries = self.client.xrevrange(key, max=high, min=low, count=wanted) or []
+            found += self.records_in(key, entries)
+            if len(entries) < wanted:
+                break  # the stream's start (or ``low``)
+            high = "(" + _text(entries[-1][0])  # exclusive: Redis 6.2 and later
+        return found
 
     def _with_late(self, node: str, history: list[dict], low: str = "-") -> list[dict]:
         """``history`` with the late servers' outcomes in place of their ``late`` entries (one XRANGE)."""
         if not any(s["status"] == ServerStatus.LATE for r in history for s in r["servers"]):
             return history
-        entries = self.client.xrange(self.keys.late(node), min=low) or ()
-        late = dict(records.late_of(fields or {}) for _, fields in entries)
+        key = self.keys.late(node)
+        late = {}
+        for entry_id, fields in self.client.xrange(key, min=low) or ():
+            try:
+                round_id, said = records.late_of(fields or {})
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                self._skip(key, BadRecord(_text(entry_id), f"not a round's late outcomes ({type(exc).__name__}: "
+                                                           f"{exc})"))
+                continue
+            late[round_id] = said
         for record in history:
             records.with_late(record, late.get(record["round_id"], {}))
         return history
@@ -456,10 +506,94 @@ def _open_member(node: str, round_id: str) -> str:
     return f"{node} {round_id}"
 
 
-def records_of(entries: Any) -> list[dict[str, Any]]:
-    """The round records of stream entries (``[(id, {"record": json})]``)."""
-    return [records.expand(json.loads(_text(fields.get(b"record", fields.get("record")))))
-            for _, fields in entries or ()]
+#: How many bad entries a :class:`Store` remembers having warned about, so that a reader polling
+#: the history (the exporter, ``status``) names each one once, not on every read.
+SKIPPED_REMEMBERED = 1000
+
+
+class BadRecord(ValueError):
+    """A history entry that is not a round record: its stream id and why (a reader skips it)."""
+
+    def __init__(self, entry_id: str, reason: str):
+        super().__init__(f"entry {entry_id}: {reason}")
+        self.entry_id = entry_id
+        self.reason = reason
+
+
+def record_of(entry: Any) -> dict[str, Any]:
+    """The round record of one history stream entry (``(id, {"record": json})``), in the usual shape.
+
+    Raises :class:`BadRecord`, naming the entry and the reason, for an entry
+    whose ``record`` is missing, is not JSON, is JSON but not an object
+    (``[]``, ``null``), or lacks what every round record has (``round_id``,
+    ``node``, a numeric ``finished_at``, ``servers`` with a server and status
+    each, ``latest`` an object or null).  Any stored form reads:
+    :func:`orchestrator.records.expand`.
+    """
+    entry_id, fields = entry
+    entry_id = _text(entry_id)
+    raw = fields.get(b"record", fields.get("record")) if isinstance(fields, Mapping) else None
+    if raw is None:
+        raise BadRecord(entry_id, "it has no 'record' field")
+    try:
+        stored = json.loads(_text(raw))
+    except ValueError as exc:
+        raise BadRecord(entry_id, f"its record is not JSON ({exc})") from None
+    if not isinstance(stored, dict):
+        raise BadRecord(entry_id, f"its record is {_json_kind(stored)}, not an object")
+    try:
+        record = records.expand(stored)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BadRecord(entry_id, f"its record cannot be read ({type(exc).__name__}: {exc})") from None
+    problem = _shape_problem(record)
+    if problem is not None:
+        raise BadRecord(entry_id, problem)
+    return record
+
+
+def records_of(entries: Iterable[Any] | None, *, stream: str = "history",
+               skip: Callable[[str, BadRecord], None] | None = None) -> list[dict[str, Any]]:
+    """The round records of stream entries (``[(id, {"record": json})]``), in order, bad ones skipped.
+
+    ``skip(stream, bad)`` hears of each entry skipped; by default it is logged
+    as a warning naming ``stream``, the entry's id and the reason.
+    """
+    found = []
+    for entry in entries or ():
+        try:
+            found.append(record_of(entry))
+        except BadRecord as bad:
+            if skip is None:
+                log.warning("skipping %s entry %s: %s", stream, bad.entry_id, bad.reason)
+            else:
+                skip(stream, bad)
+    return found
+
+
+def _shape_problem(record: dict[str, Any]) -> str | None:
+    """What a round record lacks that every reader relies on (``None``: nothing)."""
+    for key in ("round_id", "node"):
+        if not isinstance(record.get(key), str):
+            return f"its record has no {key}"
+    finished_at = record.get("finished_at")
+    if isinstance(finished_at, bool) or not isinstance(finished_at, int | float) or not math.isfinite(finished_at):
+        return f"its finished_at is not a time ({finished_at!r})"
+    servers = record.get("servers")
+    if not isinstance(servers, list) or not all(isinstance(s, dict) and "server" in s and "status" in s
+                                                for s in servers):
+        return "its servers are not a list of server entries"
+    latest = record.get("latest")
+    if latest is not None and not isinstance(latest, dict):
+        return f"its latest is {_json_kind(latest)}, neither an object nor null"
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    """What kind of JSON value ``value`` is, for a warning."""
+    if value is None:
+        return "null"
+    return {bool: "true/false", int: "a number", float: "a number", str: "a string", list: "an array",
+            dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def _text(value) -> str:

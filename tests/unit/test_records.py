@@ -95,6 +95,13 @@ def test_every_count_survives_compaction_on_random_rounds():
             assert kept["published_at"] == full["published_at"]
             assert kept["delay"] == pytest.approx(full["delay"], abs=1e-6)  # a combination's own, not its primary's
             assert kept.get("combined") == full.get("combined")
+            assert set(kept) == set(full), set(kept) ^ set(full)  # every field of latest (issue #24)
+            for key in set(full) - {"offset", "delay", "root_delay", "uncertainty", "sample_uncertainty",
+                                    "root_dispersion"}:
+                assert kept[key] == full[key], key
+            assert kept["root_delay"] == pytest.approx(full["root_delay"], abs=0.5e-6)
+            for bound in ("sample_uncertainty", "root_dispersion"):  # a combination's own too
+                assert 0 <= kept[bound] - full[bound] < 1e-6, bound
         for small_entry, entry in zip(small["servers"], record["servers"], strict=True):
             if entry.get("sample"):
                 assert small_entry["sample"]["uncertainty_s"] >= entry["sample"]["uncertainty_s"]
@@ -105,3 +112,75 @@ def test_a_verbose_record_is_read_back_as_it_was():
     rng = random.Random(5)
     record = build_record(_meta(REAL_NAMES[:3]), [_outcome(n, rng) for n in REAL_NAMES[:3]], finished_at=1.0)
     assert expand(json.loads(json.dumps(record))) == json.loads(json.dumps(record))
+
+
+def _published(selection="combine", leap=0):
+    rng = random.Random(7)
+    outcomes = [_outcome(n, rng) for n in REAL_NAMES[:4]]
+    for o in outcomes:  # four servers that agree, so a combination combines them
+        o["sample"].update(offset_s=rng.uniform(-1e-4, 1e-4), delay_s=0.01, uncertainty_s=0.006, leap=leap)
+    meta = _meta(REAL_NAMES[:4])
+    meta = RoundMeta(**{**meta.__dict__, "ntp": config_mod.ntp_from_mapping({"servers": REAL_NAMES[:4],
+                                                                             "selection": selection})})
+    return build_record(meta, outcomes, finished_at=1795998582.3)
+
+
+@pytest.mark.parametrize("selection", ["combine", "best"])
+def test_the_published_measurement_keeps_every_field_it_had(selection):
+    """leap, root delay and dispersion, address, selection: a history reader once got 0, 0, 0, "" and "best"."""
+    record = _published(selection, leap=1)
+    full = record["latest"]
+    assert (full["leap"], full["selection"]) == (1, selection) and full["address"] and full["root_delay"] > 0
+    assert ("combined" in full) == (selection == "combine")
+    kept = expand(json.loads(json.dumps(compact(record))))["latest"]
+    assert set(kept) == set(full)
+    assert (kept["leap"], kept["address"], kept["selection"]) == (1, full["address"], selection)
+    assert kept["root_delay"] == pytest.approx(full["root_delay"], abs=0.5e-6)
+    assert 0 <= kept["root_dispersion"] - full["root_dispersion"] < 1e-6  # a bound: rounded up
+
+
+def test_a_leap_of_zero_is_left_out_and_read_back():
+    record = _published(leap=0)
+    stored = compact(record)
+    assert "leap" not in stored["latest"]  # the usual value costs nothing
+    assert expand(json.loads(json.dumps(stored)))["latest"]["leap"] == 0
+
+
+def test_an_entry_written_before_the_fields_were_kept_still_reads():
+    """An older compact record (no leap, root delay, dispersion, address; selection only for a combination)."""
+    for selection in ("combine", "best"):
+        stored = json.loads(json.dumps(compact(_published(selection))))
+        for key in ("leap", "root_delay", "root_dispersion", "address"):
+            stored["latest"].pop(key, None)
+        if selection == "best":
+            del stored["latest"]["selection"]
+        stored["latest"].pop("sample_uncertainty", None)
+        latest = expand(stored)["latest"]
+        assert latest["leap"] == 0 and "address" not in latest  # the reader's defaults fill in the rest
+        assert ("combined" in latest) == (selection == "combine")  # a combination still known by its delay
+
+
+BAD = [("[]", "an array, not an object"), ("null", "null, not an object"), ("42", "a number, not an object"),
+       ("{not json", "not JSON"), ('{"detail": "compact"}', "cannot be read"),
+       ('{"latest": {"offset": 1.0}, "detail": "verbose"}', "no round_id")]
+
+
+@pytest.mark.parametrize(("raw", "reason"), BAD)
+def test_an_entry_that_is_no_round_record_is_named_with_why(raw, reason):
+    from orchestrator.store import BadRecord, record_of, records_of
+
+    good = json.dumps(compact(_published()))
+    with pytest.raises(BadRecord, match=reason) as raised:
+        record_of((b"1700000000000-1", {b"record": raw.encode()}))
+    assert raised.value.entry_id == "1700000000000-1" and reason in raised.value.reason
+    skipped = []
+    entries = [(b"1-0", {b"record": good}), (b"2-0", {b"record": raw}), (b"3-0", {"record": good})]
+    assert len(records_of(entries, skip=lambda stream, bad: skipped.append(bad.entry_id))) == 2
+    assert skipped == ["2-0"]
+
+
+def test_an_entry_without_a_record_field_is_named():
+    from orchestrator.store import BadRecord, record_of
+
+    with pytest.raises(BadRecord, match="no 'record' field"):
+        record_of(("5-0", {"other": "x"}))
