@@ -25,8 +25,9 @@ completion, waiting
 **How it is proven** without trying every completion (the differential test in
 ``tests/unit/test_early.py`` does try them).  Votes first: an outstanding
 server is a vote whose interval is unknown (a group is one vote, unknown while
-a member still out could replace its vote -- that is, could come back tighter
-than the group's member in hand).  With ``V`` votes in all, ``k`` of them
+any member is still out: one could come back tighter than the member in hand
+and vote for the group instead -- whatever its bound, so that the agreement
+never rests on a bound).  With ``V`` votes in all, ``k`` of them
 unknown, the agreed interval of any completion (chrony's sweep,
 :func:`selection.sweep`) contains the **narrow** interval ``N`` -- the points
 that ``majority(V)`` known intervals cover -- and lies inside the **wide** one
@@ -63,6 +64,16 @@ The choice, and its bound ``U``:
   offset lies in ``N``, and ``U`` then also covers every offset its joining
   could move the combination to (each member's offset lies within ``3t`` of
   ``W``).  ``U`` must pass the gate.
+
+**What rests on a bound, and what does not.**  The agreement -- who is a
+truechimer, what the published bound covers -- never does: unknown votes are
+taken as anything.  Bounds decide only whether an outstanding reply could pass
+an earlier gate, be chosen instead, or join a combination.  A bound assumes the
+server held the request no longer than :data:`workers.inflight.HOLD_ALLOWANCE_S`
+(as it says in ``t3 - t2``); one that holds longer can come back tighter than
+its bound and so make waiting's label or choice differ from early's -- but what
+early published still covers the wide interval, so it holds the truth whenever
+a majority of all the votes is honest.
 
 A round that is undecided says which outstanding bound would decide it
 (``needed_uncertainty_s``), so the worker asks again when the bounds have
@@ -148,9 +159,9 @@ class _Blockers:
             self.reasons.append(f"{why}: {', '.join(sorted(i.server for i in held))} "
                                 f"(needs a bound > {above_s * 1e3:.3f} ms)")
 
-    def hold(self, why: str, *, bounds_may_help: bool = False) -> None:
-        """The round is held by the outcomes in hand (or, ``bounds_may_help``, by votes a bound may settle)."""
-        self.outcomes_only = self.outcomes_only or not bounds_may_help
+    def hold(self, why: str) -> None:
+        """The round is held until more outcomes come: no bound growing can decide it."""
+        self.outcomes_only = True
         self.reasons.append(why)
 
     def merged_into(self, other: _Blockers) -> _Blockers:
@@ -185,38 +196,23 @@ def decide(outcomes: list[dict], outstanding: list[Outstanding], *, strict: Thre
     blockers = _Blockers()
 
     # -- the votes: which are known, which could still be anything ----------------------------------
+    # A group with a member still out is unknown whatever that member's bound: a reply tighter than the
+    # member in hand would vote for the group instead, and a server that holds a request longer than the
+    # bound allows for (t3 - t2) can come back tighter than its bound -- which must never move the agreement.
     group_of = selection.group_index(groups)
     in_hand = selection.voters_of(voting, groups)
-    unknown: set[object] = set()
-    replacing: list[tuple[Outstanding, float]] = []  # group members out that could still replace a vote
-    for item in eligible:
-        key = selection.vote_key(item.server, group_of)
-        voter = in_hand.get(key)
-        if voter is None:
-            unknown.add(key)  # not in hand at all
-        elif item.bound_s < voter["uncertainty_s"]:
-            unknown.add(key)  # it could come back tighter and vote for its group instead
-            replacing.append((item, voter["uncertainty_s"]))
-
-    def undecided() -> Decision:
-        # Once a member's bound passes its group's vote, that vote is known: perhaps enough to decide.
-        for item, above_s in replacing:
-            blockers.bound([item], above_s, "could replace its group's vote")
-        return blockers.decision()
-
+    unknown = {selection.vote_key(item.server, group_of) for item in eligible}
     known = [s for key, s in in_hand.items() if key not in unknown]
     k, votes = len(unknown), len(known) + len(unknown)
     needed = selection.majority(votes)
     if k >= needed:
-        blockers.hold(f"{k} outstanding votes could make a majority of {votes} on their own",
-                      bounds_may_help=bool(replacing))
-        return undecided()
+        blockers.hold(f"{k} outstanding votes could make a majority of {votes} on their own")
+        return blockers.decision()
     narrow, depth, _ = selection.sweep(known, needed)
     wide = selection.sweep(known, needed - k)[0]
     if narrow is None or wide is None:
-        blockers.hold(f"no {needed} of the {votes} votes agree in every completion yet",
-                      bounds_may_help=bool(replacing))
-        return undecided()
+        blockers.hold(f"no {needed} of the {votes} votes agree in every completion yet")
+        return blockers.decision()
 
     # -- who is a truechimer everywhere, anywhere ----------------------------------------------------
     everywhere = [s for s in voting if selection.overlaps(s, narrow)]
@@ -245,9 +241,9 @@ def decide(outcomes: list[dict], outstanding: list[Outstanding], *, strict: Thre
     if step is None:
         if not blockers.reasons:
             blockers.hold("no truechimer passes any gate: the chord's callback publishes the starvation")
-        return undecided()
+        return blockers.decision()
     if blockers.reasons:  # an earlier gate is not yet ruled out
-        return undecided()
+        return blockers.decision()
 
     # -- the choice, and what every completion could publish instead -----------------------------
     could_answer = [i for i in may_pass(step) if i.bound_s <= fails_above(step.thresholds)]
@@ -285,7 +281,7 @@ def decide(outcomes: list[dict], outstanding: list[Outstanding], *, strict: Thre
             if published_s > step.thresholds.max_uncertainty_s:
                 blockers.bound(joining, limit_s, "an outstanding reply joining would widen the bound past the gate")
     if blockers.reasons:
-        return undecided()
+        return blockers.decision()
 
     # -- decided: the record, as waiting would write it where it is known -------------------------
     falsetickers = {s["server"] for s in voting} - {s["server"] for s in anywhere}
