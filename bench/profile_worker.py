@@ -7,7 +7,7 @@ py-spy (``pip install py-spy``; not a dependency of the service) samples the
 worker's GIL holder; each sample goes to the first part, in the order of the
 table, that appears in its stack.
 
-Run:  python bench/profile_worker.py [--servers 40] [--rounds 150] [--beat] [--rate 500]
+Run:  python bench/profile_worker.py [--servers 40] [--rounds 150] [--beat] [--rate 500] [--raw FILE]
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ PARTS = (
     ("Celery: the chord's join (Lua per task; the callback's publication)", "on_chord_part_return"),
     ("Celery: storing a task's result", "Backend.store_result"),
     ("Celery: saferepr of each result", "saferepr"),
+    ("ours: the early decider (early.decide)", "decide (orchestrator/early.py"),
+    ("ours: deciding early, the rest (meta, publishing early)", "decide_early (orchestrator/tasks.py"),
+    ("ours: the tracker (requests out, when to ask)", "workers/inflight.py"),
     ("ours: the NTP exchange and its checks", "attempt (workers/measure.py"),
     ("ours: the reporter thread (reports for the closer)", "Reporter._run"),
     ("ours: the chord callback (selection, publication)", "finish_round (orchestrator/tasks.py"),
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=150)
     parser.add_argument("--beat", action="store_true", help="send rounds as the beat does (fanned out by the worker)")
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
+    parser.add_argument("--raw", help="also keep py-spy's raw samples in this file (one stack a line)")
     args = parser.parse_args()
     spy_bin = py_spy()
     with tempfile.TemporaryDirectory(prefix="ct-profile-") as tmp_name, RedisProcess(Path(tmp_name)) as redis_proc:
@@ -122,6 +126,8 @@ def main() -> None:
             if not raw.exists():
                 raise SystemExit(f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}")
             parts, total = classify(raw)
+            if args.raw:
+                shutil.copyfile(raw, args.raw)
         finally:
             stop_process(worker)
             sim.stop()
