@@ -10,9 +10,15 @@ imports the orchestrator) can tell whether the outcomes in hand already decide
 the round (:mod:`orchestrator.early`), and publish it then rather than when
 the last server gives up.
 
-The tracker asks after every outcome and every request that leaves, and once
-more when the bounds will have grown enough (one timer thread for the
-process).  A round it has published is *decided*: its failed attempts are
+The tracker asks after an outcome, after a failed attempt, when a request
+leaves, and once more when the bounds will have grown enough (one timer
+thread for the process) -- unless the last answer said that only more
+outcomes can change it (:attr:`Verdict.wait_for_outcomes`): then requests
+leaving and timers do not ask, nor do outcomes until that many are in.  A
+request leaving does not wait for the answer: its bound is zero, as it was
+before it left, so what it changes is only whether every bound now grows (a
+timer can be set); the question goes to the timer thread, the request goes
+out at once.  A round it has published is *decided*: its failed attempts are
 not retried (:meth:`Tracker.decided`).
 
 What it cannot see it takes as the worst case: a server whose task has not
@@ -91,10 +97,18 @@ class RoundView:
 
 @dataclass
 class Verdict:
-    """The decider's answer: ``published``, or the uncertainty every bound must exceed first (or ``None``)."""
+    """The decider's answer: ``published``, or the uncertainty every bound must exceed first (or ``None``).
+
+    ``wait_for_outcomes``: nothing but more outcomes can change the answer, and
+    not before this many more are in (0: anything may) -- a request leaving,
+    the bounds growing or fewer outcomes cannot, so the tracker does not ask
+    again until then.  A failed attempt (a server waiting for its retry, and
+    that retry leaving) always asks again.
+    """
 
     published: bool
     needed_uncertainty_s: float | None = None
+    wait_for_outcomes: int = 0
 
 
 @dataclass
@@ -108,6 +122,9 @@ class _Round:
     published: bool = False
     deciding: bool = False
     dirty: bool = False  # something arrived while the decider was running
+    ask_at: int = 0  # outcomes in hand before the decider is worth asking again (Verdict.wait_for_outcomes)
+    retry_seen: bool = False  # an attempt failed, or its retry left, while the decider was running
+    soon: bool = False  # a question is queued for the timer thread (a request left)
 
 
 Decider = Callable[[RoundView], Verdict]
@@ -137,16 +154,23 @@ class Tracker:
             return
         with self._lock:
             state = self._round(job)
+            retry_left = job["server"] in state.retrying
             state.retrying.discard(job["server"])
             attempt = state.attempts.get(job["server"])
             if attempt is None:  # a new attempt (the last one's entry went with its end)
                 attempt = state.attempts[job["server"]] = _Attempt(job["samples"])
             attempt.sent += 1
-            attempt.out[index] = self._clock()
-            # Before the first outcome nothing can be decided: the request goes out without a pause.
-            worth_asking = bool(state.outcomes)
-        if worth_asking:
-            self._evaluate(job)
+            now = attempt.out[index] = self._clock()
+            if retry_left:
+                self._reopen(state)
+            # Nothing can be decided before the first outcome, nor while only outcomes can decide it.
+            # Otherwise the question goes to the timer thread: the request does not wait for the decider.
+            if state.outcomes and not state.published and len(state.outcomes) >= state.ask_at:
+                if state.deciding:
+                    state.dirty = True
+                elif not state.soon:
+                    state.soon = True
+                    self._schedule(now, state.key)
 
     def exchange_done(self, job: dict, index: int, delay_s: float | None) -> None:
         """The ``index``-th request of ``job``'s attempt came back with ``delay_s`` (``None``: nothing usable).
@@ -171,6 +195,7 @@ class Tracker:
                 state.attempts.pop(job["server"], None)
                 if retrying:
                     state.retrying.add(job["server"])
+                    self._reopen(state)
         if retrying:
             self._evaluate(job)
 
@@ -197,6 +222,12 @@ class Tracker:
             self._rounds.pop((key_prefix, node, round_id), None)
 
     # -- deciding ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _reopen(state: _Round) -> None:
+        """A server's attempt failed or its retry left: ask the decider at the next chance (lock held)."""
+        state.ask_at = 0
+        state.retry_seen = state.deciding
 
     def _round(self, job: dict) -> _Round:
         """The round's state (created on first sight); call with the lock held."""
@@ -228,12 +259,16 @@ class Tracker:
                 if state.deciding:
                     state.dirty = True
                     return
+                if len(state.outcomes) < state.ask_at:
+                    return  # only more outcomes can change the last answer
                 now = self._clock()
-                view = RoundView(key[0], key[1], key[2], list(state.outcomes.values()), self._bounds(state, now),
+                bounds = self._bounds(state, now)
+                seen = len(state.outcomes)
+                view = RoundView(key[0], key[1], key[2], list(state.outcomes.values()), bounds,
                                  state.context, frozenset(state.retrying))
-                attempts = [a for a in state.attempts.values() if a.bound(now) is not None]
+                attempts = [a for server, a in state.attempts.items() if server in bounds]
                 all_bounded = len(attempts) == len(state.attempts)
-                state.deciding, state.dirty = True, False
+                state.deciding, state.dirty, state.retry_seen = True, False, False
             try:
                 verdict = decider(view)
             except Exception as exc:  # never a crashed task: the callback decides the round anyway
@@ -244,7 +279,9 @@ class Tracker:
                 if verdict.published:
                     state.published = True
                     return
-                again = state.dirty
+                # A failed attempt while the decider ran was not in the view: its answer does not hold then.
+                state.ask_at = 0 if state.retry_seen else seen + max(0, verdict.wait_for_outcomes)
+                again = state.dirty and len(state.outcomes) >= state.ask_at
                 if not again and verdict.needed_uncertainty_s is not None and attempts and all_bounded:
                     # When every request out now will have been out long enough (if nothing else comes).
                     due = (max(a.last_sent_at for a in attempts) + 2 * verdict.needed_uncertainty_s
@@ -269,6 +306,9 @@ class Tracker:
                     timeout = None if not self._timers else max(0.0, self._timers[0][0] - self._clock())
                     self._wake.wait(timeout)
                 _, key = heapq.heappop(self._timers)
+                state = self._rounds.get(key)
+                if state is not None:
+                    state.soon = False
             self._evaluate(key)
 
 
