@@ -215,14 +215,14 @@ def decide(outcomes: list[dict], outstanding: list[Outstanding], *, strict: Thre
         return blockers.decision()
 
     # -- who is a truechimer everywhere, anywhere ----------------------------------------------------
-    everywhere = [s for s in voting if selection.overlaps(s, narrow)]
     anywhere = [s for s in voting if selection.overlaps(s, wide)]
+    everywhere = [s for s in anywhere if selection.overlaps(s, narrow)]
 
     def surely(step: GateStep) -> list[Json]:
-        return [s for s in everywhere if step.admits(s) and selection.passes_gate(s, step.thresholds, wide)]
+        return selection.passing(everywhere, step, wide)
 
     def maybe(step: GateStep) -> list[Json]:
-        return [s for s in anywhere if step.admits(s) and selection.passes_gate(s, step.thresholds, narrow)]
+        return selection.passing(anywhere, step, narrow)
 
     def may_pass(step: GateStep) -> list[Outstanding]:
         return [i for i in eligible if not step.nts_only or i.nts]

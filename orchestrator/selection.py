@@ -211,20 +211,23 @@ def combine(samples: list[Json]) -> Json:
     uncertainty) member, ``combined`` lists every member.
     """
     primary = min(samples, key=best_key)
-    weights = [1.0 / s["uncertainty_s"] for s in samples]
-    total = sum(weights)
-
-    def mean(key: str) -> float:
-        return float(sum(w * s[key] for w, s in zip(weights, samples, strict=True)) / total)
-
+    total = offset = delay = root_delay = root_dispersion = measured_at = 0.0
+    for s in samples:  # one pass: a round of 40 asks this often
+        w = 1.0 / s["uncertainty_s"]
+        total += w
+        offset += w * s["offset_s"]
+        delay += w * s["delay_s"]
+        root_delay += w * s["root_delay_s"]
+        root_dispersion += w * s["root_dispersion_s"]
+        measured_at += w * s["measured_at"]
     result = dict(primary)
     result.update(
-        offset_s=mean("offset_s"),
+        offset_s=offset / total,
         uncertainty_s=len(samples) / total,  # = sum(w_i * u_i) / sum(w_i)
-        delay_s=mean("delay_s"),
-        root_delay_s=mean("root_delay_s"),
-        root_dispersion_s=mean("root_dispersion_s"),
-        measured_at=mean("measured_at"),
+        delay_s=delay / total,
+        root_delay_s=root_delay / total,
+        root_dispersion_s=root_dispersion / total,
+        measured_at=measured_at / total,
         stratum=min(s["stratum"] for s in samples),
         combined=sorted(s["server"] for s in samples),
     )
@@ -276,13 +279,20 @@ def gate_violations(sample: Json, thresholds: Thresholds, interval: list[float])
     return found
 
 
-def passes_gate(sample: Json, thresholds: Thresholds, interval: list[float]) -> bool:
-    """Whether :func:`gate_violations` is empty, without building its text (the early decider asks often)."""
-    offset_s = sample["offset_s"]
-    return bool(sample["delay_s"] <= thresholds.max_delay_s
-                and thresholds.min_stratum <= sample["stratum"] <= thresholds.max_stratum
-                and max(sample["uncertainty_s"], offset_s - interval[0], interval[1] - offset_s)
-                <= thresholds.max_uncertainty_s)
+def passing(samples: list[Json], step: GateStep, interval: list[float]) -> list[Json]:
+    """Those of ``samples`` in ``step``'s pool that pass its gate: :func:`gate_violations` empty.
+
+    Without building the text: the early decider asks this many times a round.
+    """
+    thresholds = step.thresholds
+    max_delay_s, max_s = thresholds.max_delay_s, thresholds.max_uncertainty_s
+    min_stratum, max_stratum = thresholds.min_stratum, thresholds.max_stratum
+    low, high = interval
+    nts_only = step.nts_only
+    return [s for s in samples
+            if (not nts_only or s.get("nts")) and s["delay_s"] <= max_delay_s
+            and min_stratum <= s["stratum"] <= max_stratum and s["uncertainty_s"] <= max_s
+            and s["offset_s"] - low <= max_s and high - s["offset_s"] <= max_s]
 
 
 def choose(passing: list[Json], interval: list[float], method: str) -> tuple[Json, list[Json]]:
@@ -345,21 +355,21 @@ def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, m
     truechimers = [s for s in samples if s["server"] in set(agreement["truechimers"])]
     steps = gate_steps(strict, enable_fallback=enable_fallback, auth_select=auth_select)
     quality: str = STARVATION
-    step, passing = steps[-1], []
+    step, passed = steps[-1], []
     if interval is not None:
         for candidate in steps:
-            passing = [s for s in truechimers if candidate.admits(s) and passes_gate(s, candidate.thresholds, interval)]
-            if passing:
+            passed = passing(truechimers, candidate, interval)
+            if passed:
                 quality, step = candidate.quality, candidate
                 break
-    chosen, used = choose(passing, interval, method) if passing else (None, [])
+    chosen, used = choose(passed, interval, method) if passed else (None, [])
     return {
         "quality": quality,
         "chosen": chosen,
         "servers": server_entries(outcomes, falsetickers=set(agreement["falsetickers"]),
                                   unauthenticated=unauthenticated, step=step, interval=interval,
                                   chosen=chosen, used=used),
-        "servers_used": len(passing),
+        "servers_used": len(passed),
         "servers_combined": len(used) if method == COMBINE else None,
         "servers_total": len(outcomes),
         "agreement": agreement,
@@ -375,6 +385,9 @@ def server_entries(outcomes: list[Json], *, falsetickers: set[str], unauthentica
     violations make a truechimer ``rejected``.
     """
     used_names = {s["server"] for s in used}
+    samples = [o["sample"] for o in outcomes if o["status"] == OutcomeStatus.OK]
+    gate_only = GateStep(step.quality, step.thresholds)
+    clean = {s["server"] for s in passing(samples, gate_only, interval)} if interval is not None else set()
     servers = []
     for outcome in sorted(outcomes, key=lambda o: o["server"]):
         entry = {"server": outcome["server"], "attempts": outcome["attempts"],
@@ -396,8 +409,7 @@ def server_entries(outcomes: list[Json], *, falsetickers: set[str], unauthentica
                       f"agrees on, {interval[0]:+.6f}...{interval[1]:+.6f} s")
             entry.update(status=FALSETICKER, reason=Reason.FALSETICKER, detail=detail)
         else:
-            reasons = ([] if passes_gate(sample, step.thresholds, interval)
-                       else gate_violations(sample, step.thresholds, interval))
+            reasons = [] if sample["server"] in clean else gate_violations(sample, step.thresholds, interval)
             if not step.admits(sample) and not reasons:
                 reasons = ["auth_select: prefer, and an authenticated truechimer passed"]
             if sample["server"] == (chosen or {}).get("server") and sample["server"] in used_names:
