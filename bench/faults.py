@@ -35,8 +35,11 @@ DEAD, SLOW = Behaviour(loss=1.0), Behaviour(offset_s=0.003, delay_s=0.400)
 def config_for(tmp: Path, name: str, servers: list[str], url: str, **ntp) -> config_mod.Config:
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump({
+        # ChronoTick's own strict gate (configs/config_homelab_2min_ntp.yaml): with the default 10 ms, these
+        # servers' honest published bounds (11-13 ms) are over it, every round is relaxed, and a relaxed round
+        # waits for any server still out that could make it strict.
         "clock_measurement": {"ntp": {"servers": servers, "timeout_seconds": 1.0, "retry_delay": 2.0,
-                                      "max_retries": 3, **ntp}},
+                                      "max_retries": 3, "max_acceptable_uncertainty": 0.1, **ntp}},
         "ntp_service": {"key_prefix": f"faults-{name}", "nodes": [NODE], "history_length": 10_000}}))
     return config_mod.load(path, environ={**os.environ, config_mod.ENV_REDIS_URL: url})
 

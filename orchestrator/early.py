@@ -62,8 +62,9 @@ The choice, and its bound ``U``:
   else may be able to join: no undecided sample within ``3t``; an outstanding
   server whose bound is within ``3t`` (a retry, say) is allowed only when early's
   offset lies in ``N``, and ``U`` then also covers every offset its joining
-  could move the combination to (each member's offset lies within ``3t`` of
-  ``W``).  ``U`` must pass the gate.
+  could move the combination to (:func:`_joining_spread`: at most
+  ``max(t, 3tm/(3+m))`` past its members and ``W``, for ``m`` joiners).  ``U``
+  must pass the gate.
 
 **What rests on a bound, and what does not.**  The agreement -- who is a
 truechimer, what the published bound covers -- never does: unknown votes are
@@ -275,9 +276,11 @@ def decide(outcomes: list[dict], outstanding: list[Outstanding], *, strict: Thre
         joining = [i for i in could_answer if i.bound_s <= limit_s]
         if joining and not in_narrow:
             blockers.bound(joining, limit_s, "an outstanding reply could join the combination")
-        elif joining:  # its joining moves the combination, at most to within 3t of the wide interval
-            reach = [s["offset_s"] for s in used] + [wide[0] - limit_s, wide[1] + limit_s]
-            published_s = max(published_s, offset_s - min(reach), max(reach) - offset_s)
+        elif joining:  # joining, they move the combination: at most ``spread`` past its members and the wide interval
+            spread = _joining_spread(min(s["uncertainty_s"] for s in used), len(joining))
+            low = min(wide[0], *(s["offset_s"] for s in used)) - spread
+            high = max(wide[1], *(s["offset_s"] for s in used)) + spread
+            published_s = max(published_s, offset_s - low, high - offset_s)
             if published_s > step.thresholds.max_uncertainty_s:
                 blockers.bound(joining, limit_s, "an outstanding reply joining would widen the bound past the gate")
     if blockers.reasons:
@@ -300,6 +303,22 @@ def decide(outcomes: list[dict], outstanding: list[Outstanding], *, strict: Thre
     return Decision(True, f"decided with {len(outstanding)} outstanding (least bound "
                           f"{tightest_bound * 1e3:.3f} ms), {k} of {votes} votes unknown",
                     picked=picked, late=tuple(sorted(i.server for i in outstanding)))
+
+
+def _joining_spread(tightest_s: float, joiners: int) -> float:
+    """How far past its members' offsets and the wide interval ``joiners`` replies can move a combination.
+
+    A combination is the mean of its members' offsets weighted by 1/u.  A
+    joiner meets the agreed interval (inside the wide one), so its offset lies
+    within its own u of it, and its weight times that distance is at most 1.
+    Let ``t`` be the tightest member in hand.  If a joiner is under ``t/3``, the
+    limit (3x the tightest) drops every member wider than 3x it, and the mean of
+    what remains lies within that joiner's 3u < ``t`` of the interval.  Otherwise
+    the member of ``t`` stays (weight ``1/t``) and each joiner weighs at least
+    ``1/(3t)``, so the mean moves at most ``m / (1/t + m/(3t)) = 3tm / (3 + m)``
+    for ``m`` joiners.
+    """
+    return max(tightest_s, 3 * tightest_s * joiners / (3 + joiners))
 
 
 def _best_held(chosen: Json, may_pass: list[Json], could_answer: list[Outstanding], narrow: list[float]) -> _Blockers:

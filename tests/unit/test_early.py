@@ -219,8 +219,13 @@ def _random_round(rng: random.Random):
     return gate, options, outcomes, items, truth
 
 
-def _completions(rng: random.Random, items, truth, picked, count: int):
-    """Ways the outstanding servers could still answer, each consistent with its bound."""
+def _completions(rng: random.Random, items, truth, picked, count: int, tightest_s: float):
+    """Ways the outstanding servers could still answer, each consistent with its bound.
+
+    ``tightest_s``: the tightest uncertainty early used; replies that "pull" sit just outside the wide
+    interval with an uncertainty of a third of it up to three times it, where joining a combination moves
+    it furthest.
+    """
     chosen = picked["chosen"]
     narrow, wide = picked["agreement"]["narrow_interval"], picked["agreement"]["interval"]
     targets = [truth, chosen["offset_s"], chosen["offset_s"] - chosen["uncertainty_s"],
@@ -238,6 +243,9 @@ def _completions(rng: random.Random, items, truth, picked, count: int):
             offset = truth
         elif mode == "together":  # every server still out agrees on one point, as colluding liars would
             offset = at
+        elif mode == "pull":  # as far out as it can be and still meet the wide interval
+            unc = max(least, tightest_s * rng.choice([1 / 3, 0.5, 1.0, 1.5, 2.0, 3.0]))
+            offset = rng.choice([wide[0] - unc, wide[1] + unc])
         else:
             offset = rng.choice(targets) + rng.choice([0.0, -1.0, 1.0]) * rng.choice([unc, unc * 0.999, 1e-7])
         outcome = ok(item.server, delay=rng.uniform(2 * bound, 2 * unc), unc=unc, offset=offset,
@@ -249,6 +257,8 @@ def _completions(rng: random.Random, items, truth, picked, count: int):
         yield [answer(item, mode) for item in items]
     for at in (rng.choice(targets), wide[0] - 0.5, wide[1] + 0.5):
         yield [answer(item, "together", at) for item in items]
+    for _ in range(3):
+        yield [answer(item, "pull") for item in items]
     for _ in range(count):
         yield [answer(item, rng.choice(["fail", "tight", "honest", "adversary", "adversary"])) for item in items]
 
@@ -268,7 +278,9 @@ def _check(seed: int) -> bool:
     called_false = set(picked["agreement"]["falsetickers"])
     assert not members & called_false, seed
     assert not members & {i.server for i in items}, seed
-    for extra in _completions(rng, items, truth, picked, 12):
+    by_server = {o["server"]: o["sample"] for o in outcomes if o["status"] == "ok"}
+    tightest_s = min(by_server[m]["uncertainty_s"] for m in members)
+    for extra in _completions(rng, items, truth, picked, 12, tightest_s):
         waited = selection.select(outcomes + extra, gate, **options)
         where = f"seed {seed}: add it to REGRESSION_SEEDS; early {published}, waiting {waited['chosen']}"
         assert waited["quality"] == picked["quality"], where
