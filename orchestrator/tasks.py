@@ -7,14 +7,19 @@ by the worker then, and its callback only records what the late servers said.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import threading
+
 from celery.utils.log import get_task_logger
 
 from workers import inflight
 from workers.app import app, redis_url_of
+from workers.config import NtpSettings
 from workers.contracts import OutcomeStatus
 from workers.tasks import reporter
 
-from . import early, outliers, selection
+from . import display, early, outliers, selection
 from .contracts import REASON_NO_RESULT, ClosedBy, Quality, RoundMeta, ServerStatus
 from .store import Store, client_for
 
@@ -44,16 +49,17 @@ def finish_round(self, results: list, meta: dict) -> dict:
                     meta["node"], meta["round_id"])
         return {"summary": "duplicate: no longer open", "round_id": meta["round_id"], "node": meta["node"],
                 "duplicate": True}
-    round_meta = RoundMeta.from_dict(entry["meta"])
+    round_meta = round_meta_of(entry["meta"])
     reporter.drain()  # this process's reports first: none may land after the publication deletes them
     outcomes = selection.flatten(results)
     inflight.tracker.forget(meta["key_prefix"], meta["node"], meta["round_id"])
     record = finish(round_meta, outcomes, store, closed_by=CLOSED_BY_CALLBACK)
     if record is None:
+        published = store.published_result(round_meta.node, round_meta.round_id)  # before complete() ends it
         late = complete(round_meta, outcomes, store)
         if late is not None:
-            return {"summary": summarise_late(late), "round_id": round_meta.round_id, "node": round_meta.node,
-                    "late": late}
+            return {"summary": display.summarise_early_round(published, late), "round_id": round_meta.round_id,
+                    "node": round_meta.node, "late": late}
         log.warning("[DUPLICATE] %s round %s was already finished; this callback publishes nothing",
                     round_meta.node, round_meta.round_id)
         return {"summary": "duplicate: already finished", "round_id": round_meta.round_id,
@@ -82,7 +88,12 @@ def decide_early(view: inflight.RoundView) -> inflight.Verdict:
     """The worker's question after each outcome: do the outcomes in hand decide the round?  If so, publish.
 
     Installed in :data:`workers.inflight.tracker` below.  The round's metadata
-    is read once per round from its open entry in Redis.
+    is read once per round from its open entry in Redis (and its ``ntp``
+    section parsed once per process: :func:`round_meta_of`).  Until the round
+    could be decided -- the votes in hand could outvote the rest, and the
+    decider does not say that only more outcomes can decide it -- the answer
+    says how many more outcomes to wait for (:attr:`inflight.Verdict.wait_for_outcomes`),
+    so that nothing else asks again.
     """
     context = view.context
     meta = context.get("meta")
@@ -91,20 +102,32 @@ def decide_early(view: inflight.RoundView) -> inflight.Verdict:
         entry = store.open_round_entry(view.node, view.round_id)
         if entry is None:  # finished already
             return inflight.Verdict(False)
-        meta = context["meta"] = RoundMeta.from_dict(entry["meta"])
+        meta = context["meta"] = round_meta_of(entry["meta"])
+        context["servers"] = meta.servers
         context["nts"] = {s.name: s.nts for s in meta.ntp.servers}
+        context["strict"] = meta.strict
     ntp = meta.ntp
     reported = {o["server"] for o in view.outcomes}
-    pending = [name for name in meta.servers if name not in reported]
+    pending = [name for name in context["servers"] if name not in reported]
+    if not pending:
+        return inflight.Verdict(False)  # the callback publishes it
+    if not ntp.publish_early:
+        return inflight.Verdict(False, wait_for_outcomes=len(pending) + 1)  # never: the callback publishes it
     answered = sum(1 for o in view.outcomes if o["status"] == OutcomeStatus.OK)
-    if not pending or not ntp.publish_early or (not ntp.server_groups and answered < len(pending)):
-        return inflight.Verdict(False)  # the callback publishes it, or too few votes to outvote the rest
+    if not ntp.server_groups and answered < len(pending):
+        # Too few votes to outvote the rest: not before (pending - answered) / 2 more answers, at the least.
+        return inflight.Verdict(False, wait_for_outcomes=(len(pending) - answered + 1) // 2)
+    # A server without a bound (its task not started, a burst not all sent, or an attempt a retry could
+    # follow) could still say anything: to the decider it is a retry to come.
     outstanding = [early.Outstanding(name, view.bounds.get(name, 0.0), context["nts"][name],
-                                     retrying=name in view.retrying) for name in pending]
-    decision = early.decide(view.outcomes, outstanding, strict=meta.strict, enable_fallback=ntp.enable_fallback,
+                                     retrying=name in view.retrying or name not in view.bounds)
+                   for name in pending]
+    decision = early.decide(view.outcomes, outstanding, strict=context["strict"], enable_fallback=ntp.enable_fallback,
                             method=ntp.selection, groups=[list(g) for g in ntp.server_groups],
                             auth_select=ntp.auth_select, parallel=ntp.parallel_queries)
     if not decision.publish:
+        if decision.needed_uncertainty_s is None:  # the decider's word: only more outcomes can decide it
+            return inflight.Verdict(False, wait_for_outcomes=1)
         every_bound_grows = all(name in view.bounds or name in view.retrying for name in pending)
         return inflight.Verdict(False, decision.needed_uncertainty_s if every_bound_grows else None)
     record = finish(meta, view.outcomes, _store(view.key_prefix), closed_by=CLOSED_BY_EARLY,
@@ -112,6 +135,32 @@ def decide_early(view: inflight.RoundView) -> inflight.Verdict:
     if record is not None:
         log.info("[EARLY] %s round %s: %s", meta.node, meta.round_id, decision.why)
     return inflight.Verdict(True)  # published, by this call or by whoever claimed it first
+
+
+#: Parsed ``ntp`` sections (their JSON -> settings), so that a round's metadata is not validated anew
+#: each time it is read: a node's rounds all carry the same section.  Bounded: cleared when full.
+_NTP_PARSED: dict[str, NtpSettings] = {}
+_NTP_PARSED_MAX = 32
+_ntp_parsed_lock = threading.Lock()
+
+
+def round_meta_of(data: dict) -> RoundMeta:
+    """:meth:`RoundMeta.from_dict`, with the ``ntp`` section parsed once per process for each distinct one.
+
+    Validating the section builds every server's address (about half a millisecond for forty
+    servers), and the decider and the callback read each round's metadata: the same section
+    parses to the same (immutable) settings, so it is kept, keyed by its JSON.
+    """
+    key = json.dumps(data["ntp"], sort_keys=True, separators=(",", ":"))
+    ntp = _NTP_PARSED.get(key)
+    if ntp is None:
+        meta = RoundMeta.from_dict(data)
+        with _ntp_parsed_lock:
+            if len(_NTP_PARSED) >= _NTP_PARSED_MAX:
+                _NTP_PARSED.clear()
+            _NTP_PARSED[key] = meta.ntp
+        return meta
+    return RoundMeta(**{f.name: data[f.name] for f in dataclasses.fields(RoundMeta) if f.name != "ntp"}, ntp=ntp)
 
 
 def _store(prefix: str) -> Store:
@@ -150,7 +199,8 @@ def finish(meta: RoundMeta, outcomes: list[dict], store: Store, *, closed_by: st
     """
     def build(window: list[list[float]], consecutive: int, finished_at: float) -> dict:
         record = build_record(meta, outcomes, finished_at=finished_at, window=window,
-                              consecutive_outliers=consecutive, picked=picked, late=late)
+                              consecutive_outliers=consecutive, picked=picked, late=late,
+                              unreported_unknown=closed_by == CLOSED_BY_DEADLINE)
         record["closed_by"] = closed_by
         return record
 
@@ -180,29 +230,61 @@ def _how_closed(closed_by: str, late: tuple[str, ...]) -> str:
     return f", decided with {len(late)} late" if closed_by == CLOSED_BY_EARLY else ""
 
 
+def _closed_with_unreported(meta: RoundMeta, outcomes: list[dict], unreported: list[str]) -> dict:
+    """A round closed with servers that never reported: published only if they could not have changed it.
+
+    A server with no outcome is not known to have failed -- its task may have
+    been lost with a worker, or the round closed before it ended -- so it is an
+    unknown vote, as a server still out is to the early decider
+    (:mod:`orchestrator.early`, with no bound).  Were unreported servers taken
+    as failed, a quick liar alone in hand would be a majority of one.  When the
+    answers in hand do not decide the round, nothing is published.
+    """
+    ntp = meta.ntp
+    nts = {s.name: s.nts for s in ntp.servers}
+    decision = early.decide(outcomes, [early.Outstanding(name, 0.0, nts.get(name, False), retrying=True)
+                                       for name in unreported],
+                            strict=meta.strict, enable_fallback=ntp.enable_fallback, method=ntp.selection,
+                            groups=[list(g) for g in ntp.server_groups], auth_select=ntp.auth_select)
+    if decision.publish and decision.picked is not None:
+        return decision.picked
+    held = selection.select(outcomes, meta.strict, enable_fallback=ntp.enable_fallback, method=ntp.selection,
+                            groups=[list(g) for g in ntp.server_groups], auth_select=ntp.auth_select)
+    agreement = dict(held["agreement"], undecided=f"{len(unreported)} servers never reported, and they could "
+                                                  f"have changed the result: {decision.why}")
+    return dict(held, quality=Quality.STARVATION, chosen=None, servers_used=0, agreement=agreement)
+
+
 def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, window: list | None = None,
-                 consecutive_outliers: int = 0, picked: dict | None = None, late: tuple[str, ...] = ()) -> dict:
+                 consecutive_outliers: int = 0, picked: dict | None = None, late: tuple[str, ...] = (),
+                 unreported_unknown: bool = False) -> dict:
     """The round record (pure): every server's outcome, the choice, the new ``latest``.
 
     ``window`` and ``consecutive_outliers`` are the node's temporal-filter
     state (see :mod:`orchestrator.outliers`).  ``picked`` and ``late``: a round
     decided early (:mod:`orchestrator.early`) -- its selection, and the
-    servers still out, recorded ``late``.
+    servers still out, recorded ``late``.  ``unreported_unknown``: the round was
+    closed at its deadline, and a server that never reported is an unknown vote,
+    not a failure (:func:`_closed_with_unreported`).
     """
     answered = {o["server"] for o in outcomes}
     missing = [{"status": OutcomeStatus.FAILED, "server": name, "reason": REASON_NO_RESULT,
                 "detail": "the task did not report before the round closed", "attempts": 0, "history": []}
                for name in meta.servers if name not in answered and name not in late]
     ntp = meta.ntp
+    groups = [list(g) for g in ntp.server_groups]
+    if picked is None and missing and unreported_unknown:
+        picked = _closed_with_unreported(meta, outcomes, [str(m["server"]) for m in missing])
     if picked is None:
         picked = selection.select(outcomes + missing, meta.strict, enable_fallback=ntp.enable_fallback,
-                                  method=ntp.selection, groups=[list(g) for g in ntp.server_groups],
-                                  auth_select=ntp.auth_select)
-    else:  # decided early: the late servers' places, in name order with the rest
+                                  method=ntp.selection, groups=groups, auth_select=ntp.auth_select)
+    else:  # decided without some servers: the late ones' places, and the unreported ones', in name order
+        named = {s["server"] for s in picked["servers"]}
         waiting: list[dict] = [
             {"server": name, "status": ServerStatus.LATE, "attempts": 0, "history": [], "worker": None,
              "detail": "still out when the round was decided: it could not change the result"} for name in late]
-        picked = dict(picked, servers=sorted(picked["servers"] + waiting, key=lambda s: s["server"]))
+        absent = [dict(m, worker=None) for m in missing if m["server"] not in named]
+        picked = dict(picked, servers=sorted(picked["servers"] + waiting + absent, key=lambda s: s["server"]))
     servers_total = len(meta.servers)
     chosen = picked["chosen"]
     quality = picked["quality"]

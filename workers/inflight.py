@@ -59,14 +59,20 @@ class _Attempt:
     """One server's attempt in flight: its requests out (index -> monotonic send time), and its best so far."""
 
     samples: int  # requests the attempt sends (an advanced-mode burst: several)
+    final: bool = False  # no retry can follow it: what it keeps (or nothing) is the server's outcome
     sent: int = 0
     out: dict[int, float] = field(default_factory=dict)
     best_delay_s: float | None = None  # the lowest delay of the burst so far
 
     def bound(self, now: float) -> float | None:
-        """The least uncertainty the attempt's sample can have, or ``None`` while a request is still to go."""
-        if self.sent < self.samples:
-            return None  # a request not yet sent could come back with any delay
+        """The least uncertainty the server's outcome can have, or ``None`` if nothing bounds it yet.
+
+        Only a final attempt bounds its server: a request out for a while may
+        have been lost, and the retry that would follow it could answer with
+        any delay.
+        """
+        if not self.final or self.sent < self.samples:
+            return None  # a retry to come, or a request not yet sent, could come back with any delay
         delays = [now - at for at in self.out.values()]
         if self.best_delay_s is not None:
             delays.append(self.best_delay_s)
@@ -148,8 +154,8 @@ class Tracker:
 
     # -- events from the query task ---------------------------------------------------------------
 
-    def exchange_started(self, job: dict, index: int) -> None:
-        """The ``index``-th request of ``job``'s attempt is about to be sent."""
+    def exchange_started(self, job: dict, index: int, *, final: bool = False) -> None:
+        """The ``index``-th request of ``job``'s attempt is about to be sent (``final``: no retry can follow)."""
         if self._decider is None:
             return
         with self._lock:
@@ -158,7 +164,7 @@ class Tracker:
             state.retrying.discard(job["server"])
             attempt = state.attempts.get(job["server"])
             if attempt is None:  # a new attempt (the last one's entry went with its end)
-                attempt = state.attempts[job["server"]] = _Attempt(job["samples"])
+                attempt = state.attempts[job["server"]] = _Attempt(job["samples"], final)
             attempt.sent += 1
             now = attempt.out[index] = self._clock()
             if retry_left:

@@ -135,7 +135,8 @@ def query_server(self, *carried, job: dict, history: list | None = None):
         return _done(job, carried, _failed(job, history, *refusal, worker=self.request.hostname))
     try:
         try:
-            sample = measure.attempt(job, on_exchange=lambda i: inflight.tracker.exchange_started(job, i),
+            final = not _may_retry(job, attempt_no)
+            sample = measure.attempt(job, on_exchange=lambda i: inflight.tracker.exchange_started(job, i, final=final),
                                      on_done=lambda i, delay_s: inflight.tracker.exchange_done(job, i, delay_s))
         except QueryFailed:
             raise
@@ -153,11 +154,8 @@ def query_server(self, *carried, job: dict, history: list | None = None):
             job["server"], rejection.kiss_code, config_id=job.get("config_id", ""),
             rate_backoff_s=job.get("rate_backoff_s", 0.0))
         waits = job["retry_waits_s"]
-        retry = self.request.retries < len(waits) and not kissed
-        if retry:
-            wait_s = waits[self.request.retries]
-            budget_s = measure.attempt_budget_s(timeout_s=job["timeout_s"], samples=job["samples"])
-            retry = service_now() + wait_s + budget_s <= job["deadline_at"]
+        retry = not kissed and _may_retry(job, attempt_no)
+        wait_s = waits[attempt_no - 1] if retry else 0.0
         # Told first: the round may be decided without this server's next attempt (it has none out).
         # Retried only while the round is undecided: once it is published, no reply can change it.
         inflight.tracker.attempt_ended(job, retrying=retry)
@@ -179,6 +177,17 @@ def query_server(self, *carried, job: dict, history: list | None = None):
     return _done(job, carried, {"summary": summarise_ok(sample, attempt_no), "status": OutcomeStatus.OK,
                             "server": job["server"], "sample": sample, "attempts": attempt_no,
                             "history": history, "worker": self.request.hostname})
+
+
+def _may_retry(job: dict, attempt_no: int) -> bool:
+    """Whether attempt ``attempt_no`` (from 1), if it fails, can be retried: a wait is left and its retry ends
+    before the round's deadline (on Redis' clock).  One rule for the retry and for the early decider, which
+    takes only a final attempt's requests as bounding its server's outcome (:mod:`workers.inflight`)."""
+    waits = job["retry_waits_s"]
+    if attempt_no > len(waits):
+        return False
+    budget_s = measure.attempt_budget_s(timeout_s=job["timeout_s"], samples=job["samples"])
+    return service_now() + waits[attempt_no - 1] + budget_s <= job["deadline_at"]
 
 
 def summarise_ok(sample: dict, attempts: int) -> str:

@@ -119,8 +119,10 @@ def test_worker_killed_mid_round_round_closes_and_next_round_publishes(redis_url
     worker.wait()
     assert handle.wait() is None  # the chord will never fire ...
     record = rounds.close(handle)  # ... so the round is closed with what it has
-    assert record["closed_by"] == "deadline" and record["quality"] == "strict"
-    assert record["latest"]["server"] == servers["fast"]
+    # One answer of three, two never reported: they could have outvoted it, so nothing is published
+    # (taken as failures, the one in hand would be a majority of one: issue #24).
+    assert record["closed_by"] == "deadline" and record["latest"] is None, record
+    assert "2 servers never reported" in record["agreement"]["undecided"]
     assert {s["server"]: s.get("reason") for s in record["servers"]}[servers["slow1"]] == "no_result"
     # The node's worker comes back (a supervisor restarts it): the next round is normal.
     worker = cli_process(["worker", "--config", str(path), "--node", node], redis_url, log)

@@ -75,7 +75,7 @@ def test_1000_random_attempts_never_get_a_bound_over_their_sample():
         for at, kind, server, k, delay in sorted(events):
             clock.now = at
             if kind == 0:
-                tracker.exchange_started(jobs[server], k)
+                tracker.exchange_started(jobs[server], k, final=True)
             elif kind == 1:
                 tracker.exchange_done(jobs[server], k, delay)
             else:
@@ -90,8 +90,17 @@ def test_1000_random_attempts_never_get_a_bound_over_their_sample():
     assert checked > 5000
 
 
+def test_only_a_final_attempt_bounds_its_server():
+    attempt = inflight._Attempt(samples=1)  # a retry can follow it: a lost request, then a quick retry
+    attempt.sent, attempt.out = 1, {0: 0.0}
+    assert attempt.bound(10.0) is None
+    final = inflight._Attempt(samples=1, final=True)
+    final.sent, final.out = 1, {0: 0.0}
+    assert final.bound(10.0) == pytest.approx((10.0 - HOLD_ALLOWANCE_S) / 2)
+
+
 def test_a_burst_has_no_bound_until_its_last_request_is_out():
-    attempt = inflight._Attempt(samples=3)
+    attempt = inflight._Attempt(samples=3, final=True)
     attempt.sent, attempt.out = 2, {0: 0.0, 1: 0.1}
     assert attempt.bound(5.0) is None  # its third request could still come back with any delay
     attempt.sent, attempt.out[2] = 3, 0.2

@@ -86,6 +86,30 @@ def test_record_fills_in_servers_that_never_reported_and_counts():
     assert counts["strict"] == 1 and counts["failed:no_result"] == 1
 
 
+def test_a_round_closed_at_its_deadline_counts_servers_that_never_reported_as_unknown_votes():
+    """Issue #24: a beat whose clock jumped closed a round with only a fast liar in hand; taken as failures,
+    the two honest servers still out made the liar a majority of one, published strict."""
+    ntp = config_mod.ntp_from_mapping({"servers": ["liar", "h1", "h2"], "max_delay": STRICT.max_delay_s,
+                                       "max_acceptable_uncertainty": STRICT.max_uncertainty_s})
+    meta = RoundMeta(round_id="r1", node="n", dispatched_at=0.0, deadline_at=10.0, key_prefix="t",
+                     history_length=10, ntp=ntp)
+    liar = [ok("liar", delay=0.002, unc=0.001, offset=1000.0)]
+    closed = build_record(meta, liar, finished_at=12.0, unreported_unknown=True)
+    assert closed["latest"] is None and closed["quality"] == selection.STARVATION
+    assert "2 servers never reported" in closed["agreement"]["undecided"]
+    assert {s["server"]: s.get("reason") for s in closed["servers"]} == {"liar": None, "h1": "no_result",
+                                                                         "h2": "no_result"}
+    # With enough in hand to outvote them, it is published as any round is.
+    honest = [ok(f"h{i}", delay=0.01, unc=0.005) for i in range(1, 4)]
+    meta4 = RoundMeta(round_id="r2", node="n", dispatched_at=0.0, deadline_at=10.0, key_prefix="t",
+                      history_length=10, ntp=config_mod.ntp_from_mapping(
+                          {"servers": ["h1", "h2", "h3", "x"], "max_delay": STRICT.max_delay_s,
+                           "max_acceptable_uncertainty": 0.05}))
+    record = build_record(meta4, honest, finished_at=12.0, unreported_unknown=True)
+    assert record["latest"] is not None
+    assert {s["server"]: s.get("reason") for s in record["servers"]}["x"] == "no_result"
+
+
 def _nts(outcome):
     outcome["sample"]["nts"] = True
     return outcome
