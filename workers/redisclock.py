@@ -14,12 +14,31 @@ Redis' clock now minus ``published_at``, the Redis time its round was
 published at (:func:`latest_age_s`, :func:`is_stale`), never a host's clock minus
 ``measured_at``.
 
-:class:`RedisClock` estimates Redis' clock from this host's: ``time.time()``
-plus an offset measured with one ``TIME`` round trip (its midpoint), again
-every :data:`REFRESH_S` (the quickest of :data:`SAMPLES`).  The estimate's
-error is half that round trip, far below any budget it is compared with.  One
-clock per process and Redis (:func:`clock_for`), so every thread of a process
-reads the same estimate.
+:class:`RedisClock` estimates Redis' clock from this host's *monotonic* clock,
+never its wall clock: one ``TIME`` round trip gives Redis' time at the
+exchange's midpoint on the monotonic clock, and the estimate is that time plus
+the monotonic time since.  A step of this host's wall clock (what correcting a
+node's clock can do: chrony's ``makestep``, ``date -s``) moves no monotonic
+clock, so it cannot move the estimate; when the estimate was
+``time.time()`` plus a measured offset, a 2 h step moved "Redis' clock" 2 h
+until the next measurement, up to a minute later: the beat closed every open
+round as overdue, a worker refused every query as past its round's deadline,
+a reader's ages were 2 h off.  The monotonic clock is Linux'
+``CLOCK_MONOTONIC_RAW`` (:data:`ticks`), the bare oscillator, which no NTP
+client's frequency correction or slew moves either (a slew moves
+``CLOCK_MONOTONIC``: chrony's is up to 83,333 ppm by default, 5 s a minute);
+``time.monotonic`` where there is no such clock.
+
+It runs at this host's oscillator's rate, not Redis': a few tens of ppm off
+true time, a few hundred at worst, so the estimate is measured again every
+:data:`REFRESH_S` (the quickest of :data:`SAMPLES` exchanges) and drifts at
+most 500 ppm x 60 s = 30 ms between two measurements (typically under 3 ms),
+plus whatever Redis' own host is slewed by meanwhile.  Its error is half the
+measuring round trip plus that drift, far below any budget it is compared
+with.  When Redis does not answer, the estimate keeps running on the
+monotonic clock from the last measurement (before any: this host's wall
+clock).  One clock per process and Redis (:func:`clock_for`), so every thread
+of a process reads the same estimate.
 """
 
 from __future__ import annotations
@@ -27,7 +46,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -35,61 +54,102 @@ import redis
 
 log = logging.getLogger(__name__)
 
-#: How often the offset to Redis' clock is measured again (s): clocks drift by
-#: parts per million, so a minute keeps the estimate within microseconds of drift.
+#: How often Redis' clock is measured again (s): this host's monotonic clock runs at its oscillator's
+#: rate, a few tens of ppm off (500 ppm at worst: 30 ms a minute), and Redis' host may be corrected meanwhile.
 REFRESH_S = 60.0
 
 #: Exchanges per measurement; the quickest one's offset is kept (its error is the smallest),
 #: as NTP's clock filter keeps the minimum-delay sample.
 SAMPLES = 3
 
-#: After a failed measurement, try again this soon (s); the last offset stays in use.
+#: After a failed measurement, try again this soon (s); the estimate keeps running on the monotonic clock.
 RETRY_S = 1.0
 
 
-class RedisClock:
-    """This process's estimate of the Redis server's clock (Unix s)."""
+def _monotonic_raw() -> float:
+    return time.clock_gettime(time.CLOCK_MONOTONIC_RAW)
 
-    def __init__(self, client: redis.Redis, *, refresh_s: float = REFRESH_S):
+
+#: This host's monotonic clock (s, from an arbitrary origin): ``CLOCK_MONOTONIC_RAW`` where there is one (Linux,
+#: macOS), which neither a step nor a slew of the wall clock moves; ``time.monotonic`` elsewhere.
+ticks: Callable[[], float] = _monotonic_raw if hasattr(time, "CLOCK_MONOTONIC_RAW") else time.monotonic
+
+
+class RedisClock:
+    """This process's estimate of the Redis server's clock (Unix s), kept on this host's monotonic clock.
+
+    ``monotonic`` is the monotonic clock to keep it on (s): :data:`ticks` unless given (a test's fake).
+    """
+
+    def __init__(self, client: redis.Redis, *, refresh_s: float = REFRESH_S,
+                 monotonic: Callable[[], float] | None = None):
         self.client = client
         self.refresh_s = refresh_s
-        #: Redis' clock minus this host's (s); 0 until first measured.
-        self.offset_s = 0.0
-        #: Half the round trip of the last measurement: the estimate's error bound (s).
+        self._ticks = ticks if monotonic is None else monotonic
+        #: Half the round trip of the last measurement: the estimate's error bound (s); None until first measured.
         self.error_s: float | None = None
-        self._next = 0.0
+        #: (monotonic time, Redis' time then) of the last measurement: the quickest exchange's midpoint.
+        self._anchor: tuple[float, float] | None = None
+        self._next = 0.0  # monotonic time of the next measurement
         self._lock = threading.Lock()
 
     def now(self) -> float:
-        """Redis' clock now, as estimated here (Unix s)."""
-        return self.from_local(time.time())
+        """Redis' clock now, as estimated here (Unix s); measures it again first when due."""
+        if self._ticks() >= self._next:
+            self.measure()
+        return self._estimate()
+
+    @property
+    def offset_s(self) -> float:
+        """Redis' clock minus this host's wall clock now (s); 0 until first measured.  Never measures.
+
+        ``time.time() + offset_s`` is :meth:`now` without a Redis command.  Not a constant: the host's wall
+        clock steps and slews, the estimate does not, so this changes with each.
+        """
+        anchor = self._anchor
+        if anchor is None:
+            return 0.0
+        return anchor[1] + (self._ticks() - anchor[0]) - time.time()
 
     def measure(self) -> float:
-        """Measure the offset again (one ``TIME``); the offset, or the last one if Redis did not answer."""
+        """Measure Redis' clock again (:data:`SAMPLES` ``TIME``); :attr:`offset_s` after it.
+
+        If Redis does not answer, the last measurement stays in use (the estimate runs on) and is tried again in
+        :data:`RETRY_S`.
+        """
         with self._lock:
-            best: tuple[float, float] | None = None  # (round trip, offset) of the quickest exchange
+            best: tuple[float, float, float] | None = None  # (round trip, monotonic, Redis) of the quickest
             try:
                 for _ in range(SAMPLES):
-                    before, sent = time.time(), time.monotonic()
-                    seconds, micros = self.client.time()
-                    took = time.monotonic() - sent
-                    offset = (int(seconds) + int(micros) / 1e6) - (before + took / 2)
+                    sent = self._ticks()
+                    reply = self.client.time()
+                    took = self._ticks() - sent
                     if best is None or took < best[0]:
-                        best = (took, offset)
+                        best = (took, sent + took / 2, time_of(reply))
             except redis.RedisError as exc:
-                self._next = time.monotonic() + RETRY_S
-                log.debug("cannot read Redis' clock (%s); keeping the offset %+.6f s", exc, self.offset_s)
+                self._next = self._ticks() + RETRY_S
+                log.debug("cannot read Redis' clock (%s); the estimate keeps running on the monotonic clock "
+                          "(offset to this host's clock now %+.6f s)", exc, self.offset_s)
                 return self.offset_s
             assert best is not None
-            self.error_s, self.offset_s = best[0] / 2, best[1]
-            self._next = time.monotonic() + self.refresh_s
+            self._anchor = (best[1], best[2])
+            self.error_s = best[0] / 2
+            self._next = self._ticks() + self.refresh_s
             return self.offset_s
 
     def from_local(self, local_s: float) -> float:
-        """A time on this host's clock, as Redis' clock reads it (Unix s)."""
-        if time.monotonic() >= self._next:
-            self.measure()
-        return local_s + self.offset_s
+        """A time on this host's wall clock (``time.time()``: a ``since`` a caller read), as Redis' clock reads it.
+
+        Read with the wall clock's relation to Redis' clock now: a time from before a step of the host's clock
+        is converted as if the step had always been there.
+        """
+        return self.now() + (local_s - time.time())
+
+    def _estimate(self) -> float:
+        anchor = self._anchor
+        if anchor is None:
+            return time.time()  # never measured: this host's clock is all there is
+        return anchor[1] + (self._ticks() - anchor[0])
 
 
 def time_of(reply: tuple[Any, Any]) -> float:
