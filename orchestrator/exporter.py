@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from relay.counts import read_all as read_relays
 from relay.stats import COUNTERS as RELAY_COUNTERS
+from workers import redisurl
 from workers.redisclock import latest_age_s, time_of
 
 from . import records, servers
@@ -38,9 +42,22 @@ NAMESPACE = "chronotick_ntp"
 
 #: Default port of ``chronotick-ntp exporter`` (chrony_exporter's 9123, plus one).
 DEFAULT_PORT = 9124
+#: Default address: loopback only.  Another host's Prometheus needs ``--address`` or :data:`ENV_ADDRESS`.
+DEFAULT_ADDRESS = "127.0.0.1"
+#: Where the exporter listens, from the environment (the systemd unit's env file): ``HOST``, ``HOST:PORT``,
+#: ``[V6]`` or ``[V6]:PORT``.  ``--address`` replaces it whole; ``--port`` replaces its port.
+ENV_ADDRESS = "CHRONOTICK_EXPORTER_ADDRESS"
 
 #: The round qualities ``rounds_total`` is split by.
 QUALITIES = tuple(Quality)
+
+#: A scrape tries a failed Redis call once more, on a new connection (Redis may have closed an idle
+#: one), then answers ``chronotick_ntp_redis_up 0``.  With a reply timeout of
+#: :data:`workers.redisurl.DEFAULT_TIMEOUT_S` and :data:`workers.redisurl.CONNECT_TIMEOUT_S` to connect,
+#: a scrape behind a cut link answers in 7 s at most: within Prometheus' default scrape timeout (10 s),
+#: so the outage shows as ``redis_up 0``, not as a failed scrape.  (redis-py's own default, ten tries,
+#: would take half a minute.)
+SCRAPE_RETRIES = 1
 
 
 class NtpCollector(Collector):
@@ -63,6 +80,9 @@ class NtpCollector(Collector):
     def __init__(self, client: redis.Redis, *, prefix: str = "chronotick", nodes: tuple[str, ...] = (),
                  stale_after_s: float = 360.0):
         self.client = client
+        client.set_retry(Retry(NoBackoff(), SCRAPE_RETRIES))  # the exporter's client: its scrapes' policy
+        # Each scrape reads Redis: the probe that says, once each, that it lost Redis and that it is back.
+        redisurl.outages.watch(redisurl.describe(client))
         self.keys = Keys(prefix)
         self.configured_nodes = tuple(nodes)
         self.stale_after_s = stale_after_s
@@ -72,17 +92,25 @@ class NtpCollector(Collector):
         try:
             snapshot, service_now = self._read()
         except redis.RedisError as exc:
-            log.warning("scrape: Redis unreachable (%s: %s)", type(exc).__name__, exc)
+            # Unreachable: once per outage (workers/redisurl.py), not once per scrape.  Anything else each time.
+            if redisurl.is_connection_error(exc):
+                redisurl.outages.lost(exc)
+            else:
+                log.warning("scrape: Redis refused the read (%s: %s)", type(exc).__name__, exc)
             up.add_metric([], 0)
             yield up
             return
+        redisurl.outages.back()
         up.add_metric([], 1)
         yield up
         yield from self._families(snapshot, service_now)
         try:
             yield from self._relay_families(read_relays(self.client, self.keys.prefix))
         except redis.RedisError as exc:
-            log.warning("scrape: relay reports unreadable (%s: %s)", type(exc).__name__, exc)
+            if redisurl.is_connection_error(exc):
+                redisurl.outages.lost(exc)
+            else:
+                log.warning("scrape: relay reports unreadable (%s: %s)", type(exc).__name__, exc)
 
     def _relay_families(self, reports: list[dict]):
         """Each relay port's counts (``chronotick-ntp relay`` with ``CHRONOTICK_REDIS_URL``)."""
@@ -157,9 +185,10 @@ class NtpCollector(Collector):
         info = gauge("latest_info", "The server and quality of the latest published measurement",
                      ("node", "server", "quality"))
         rounds = counter("rounds", "Rounds finished, by quality", ("node", "quality"))
-        queries = counter("queries", "NTP requests sent, retries included")
-        retries = counter("retries", "NTP requests that were retries")
-        replies = counter("replies", "NTP replies received, refused ones included")
+        queries = counter("queries", "Attempts to query a server, retries included (advanced mode: one burst each)")
+        requests = counter("requests", "NTP request packets sent (advanced mode: every packet of each burst)")
+        retries = counter("retries", "Attempts that were retries")
+        replies = counter("replies", "NTP reply packets received, refused ones included")
         rejections = counter("rejections", "Replies refused, by reason (sanity checks and gates)",
                              ("node", "reason"))
         failures = counter("failures", "Servers that gave no usable reply in a round, by final reason",
@@ -203,6 +232,7 @@ class NtpCollector(Collector):
             for quality in QUALITIES:
                 rounds.add_metric([node, quality], stats[quality])
             queries.add_metric([node], stats["queries"])
+            requests.add_metric([node], stats["requests"])
             retries.add_metric([node], stats["retries"])
             replies.add_metric([node], stats["replies"])
             falsetickers.add_metric([node], stats["falsetickers"])
@@ -238,8 +268,9 @@ class NtpCollector(Collector):
                 server_stratum.add_metric(labels, sample["stratum"])
                 server_uncertainty.add_metric(labels, sample["uncertainty_s"])
         yield from (offset, uncertainty, delay, stratum, published, measured, age, stale_after, info, rounds, queries,
-                    retries, replies, rejections, failures, falsetickers, early, late, duration, server_offset,
-                    server_delay, server_stratum, server_uncertainty, server_reach, server_reachable, server_state)
+                    requests, retries, replies, rejections, failures, falsetickers, early, late, duration,
+                    server_offset, server_delay, server_stratum, server_uncertainty, server_reach, server_reachable,
+                    server_state)
 
 
 def registry_for(collector: NtpCollector) -> CollectorRegistry:
@@ -255,3 +286,50 @@ def _field(fields: dict, name: str):
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def split_address(text: str, *, source: str) -> tuple[str, int | None]:
+    """``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT`` -> (host, port or ``None``).
+
+    A bare IPv6 address (two colons or more) is a host alone.  ``ValueError``
+    names ``source`` (``--address``, the variable) and what is wrong.
+    """
+    text = text.strip()
+    port_text = None
+    if text.startswith("["):
+        host, closed, rest = text[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise ValueError(f"{source} {text!r}: not [V6] or [V6]:PORT")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host = text
+    if not host:
+        raise ValueError(f"{source} {text!r}: no host (HOST, HOST:PORT or [V6]:PORT)")
+    if port_text is None:
+        return host, None
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{source} {text!r}: the port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def listen_address(address: str | None, port: int | None, environ: Mapping[str, str]) -> tuple[str, int]:
+    """Where the exporter listens: the flags win, then :data:`ENV_ADDRESS`, then 127.0.0.1:9124.
+
+    ``address`` (``--address``) replaces the variable whole; ``port``
+    (``--port``) replaces whichever port the address gave.  ``--address
+    HOST:PORT`` with a different ``--port`` is refused: which was meant?
+    """
+    if address is not None:
+        host, given_port = split_address(address, source="--address")
+        if port is not None and given_port is not None and port != given_port:
+            raise ValueError(f"--address {address} says port {given_port}, --port says {port}")
+    elif environ.get(ENV_ADDRESS, "").strip():
+        host, given_port = split_address(environ[ENV_ADDRESS], source=f"${ENV_ADDRESS}")
+    else:
+        host, given_port = DEFAULT_ADDRESS, None
+    if port is not None:
+        return host, port
+    return host, DEFAULT_PORT if given_port is None else given_port
+

@@ -15,6 +15,8 @@ import socket
 
 import redis
 
+from workers import redisurl
+
 #: Extend the lease only if we still hold it.
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -53,6 +55,9 @@ class Lease:
         self.token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        # A beat asks for its lease every third of its time to live, leading or standing by: the probe
+        # that says, once each, that this process lost Redis and that it is back (workers/redisurl.py).
+        redisurl.outages.watch(redisurl.describe(client))
 
     def hold(self) -> bool:
         """Take or renew the lease; True while this process holds it.
@@ -61,11 +66,14 @@ class Lease:
         """
         ttl_ms = int(self.ttl_s * 1000)
         try:
-            if self._renew(keys=[self.key], args=[self.token, ttl_ms]):
-                return True
-            return bool(self.client.set(self.key, self.token, nx=True, px=ttl_ms))
-        except redis.RedisError:
+            held = bool(self._renew(keys=[self.key], args=[self.token, ttl_ms])
+                        or self.client.set(self.key, self.token, nx=True, px=ttl_ms))
+        except redis.RedisError as exc:
+            if redisurl.is_connection_error(exc):
+                redisurl.outages.lost(exc)
             return False
+        redisurl.outages.back()
+        return held
 
     def release(self) -> None:
         try:

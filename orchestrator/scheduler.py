@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 
-from workers import warmup
+from workers import redisurl, warmup
 from workers.config import Config
 from workers.redisclock import clock_for
 
@@ -30,6 +30,8 @@ from . import rounds
 from .store import service_client
 
 log = logging.getLogger(__name__)
+# A pass that cannot reach Redis says so once, as the lease does, not once per pass (workers/redisurl.py).
+redisurl.outages.absorb(log)
 
 #: How often a leading beat looks for rounds other processes left open, and for warm-ups asked for (s).
 ADOPT_EVERY_S = 1.0

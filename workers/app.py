@@ -13,6 +13,11 @@ import logging
 import os
 
 from celery import Celery, signals
+from celery.worker import heartbeat as celery_heartbeat
+from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.consumer import consumer as celery_consumer
+from celery.worker.consumer import heart as celery_heart
+from celery.worker.state import maybe_shutdown
 
 from . import config as config_mod
 from . import (
@@ -102,7 +107,11 @@ def configure(app: Celery, service: config_mod.ServiceSettings) -> None:
     # No ack emulation: kombu would keep every message in an "unacked" hash (six more Redis commands a
     # message) to redeliver it after the visibility timeout -- long after the round's deadline, when
     # the worker drops it as expired anyway.  A round whose messages are lost is closed at its deadline.
+    # Keepalives, timeouts and health checks (workers/redisurl.py): a cut link costs seconds, not
+    # TCP's retransmission back-off, and the worker keeps reconnecting for ever.
+    link = redisurl.celery_settings(service.redis_url)
     transport = {"visibility_timeout": VISIBILITY_TIMEOUT_S, "ack_emulation": False,
+                 **link.pop("broker_transport_options"),
                  **redisurl.celery_transport_options(service.redis_url, service.redis_master_name)}
     app.conf.update(
         broker_url=service.redis_url,
@@ -115,9 +124,14 @@ def configure(app: Celery, service: config_mod.ServiceSettings) -> None:
         result_expires=RESULT_EXPIRES_S,
         broker_transport_options=transport,
         result_backend_transport_options=transport,
-        broker_connection_retry_on_startup=True,
-        # A worker outlives Redis restarts: keep reconnecting, never give up.
-        broker_connection_max_retries=None,
+        **link,
+        # The worker's consumer: Celery's, reconnecting every RECONNECT_INTERVAL_S, one line a loss.
+        worker_consumer=f"{__name__}:Consumer",
+        # No task acknowledges late, so there is nothing to cancel when the connection is lost; set, it is
+        # Celery 6's default and spares a deprecation warning on every loss.  The prefetch count is per
+        # consumer on Redis, so Celery would skip its reduction after a reconnection anyway (with a line).
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_enable_prefetch_count_reduction=False,
         # A query is a few packets; results are small; nothing to track.
         task_track_started=False,
         worker_hijack_root_logger=False,
@@ -131,6 +145,86 @@ def configure(app: Celery, service: config_mod.ServiceSettings) -> None:
 def redis_url_of(app: Celery) -> str:
     """The Redis URL the app was configured with, password included: never show or log it."""
     return str(app.conf.broker_url)
+
+
+class _EventHeartbeat(celery_heartbeat.Heart):
+    """Celery's ``worker-heartbeat`` event (what Flower shows a worker alive by), sent once a tick.
+
+    Celery sends it with kombu's default retry policy -- for ever, a second
+    apart -- from the worker's event loop: with Redis behind a cut link the
+    loop is stuck in that retry, so the worker neither notices the loss nor
+    reconnects until the publish goes through (measured: 49 s after a 60 s
+    cut).  Unretried, a failed heartbeat is buffered (as Celery does for
+    events while offline), the loop goes on, and the broken connection is
+    found and replaced.
+    """
+
+    def _send(self, event, retry=True):
+        return super()._send(event, retry=False)
+
+
+class _EventHeartbeatStep(celery_heart.Heart):
+    """Celery's heartbeat bootstep, with :class:`_EventHeartbeat`."""
+
+    def start(self, c):
+        c.heart = _EventHeartbeat(c.timer, c.event_dispatcher, self.heartbeat_interval)
+        c.heart.start()
+
+
+class Consumer(CeleryConsumer):
+    """Celery's consumer, which says once that it lost Redis and once that it is back.
+
+    Celery logs a warning when the connection is lost and an error for every
+    attempt to make a new one, at intervals growing to 30 s.  This one tries
+    every :data:`workers.redisurl.RECONNECT_INTERVAL_S` -- so a worker takes
+    rounds again within about a second of its link returning -- and reports
+    through :data:`workers.redisurl.outages`: one ``[REDIS] lost`` line, one
+    ``[REDIS] back`` line, whatever happens between.  Its event heartbeat is
+    never retried inside the event loop (:class:`_EventHeartbeat`).
+    """
+
+    class Blueprint(CeleryConsumer.Blueprint):
+        default_steps = [f"{__name__}:_EventHeartbeatStep" if step == "celery.worker.consumer.heart:Heart" else step
+                         for step in CeleryConsumer.Blueprint.default_steps]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        redisurl.outages.watch(redis_url_of(self.app))
+
+    def on_connection_error_before_connected(self, exc):
+        redisurl.outages.lost(exc)  # instead of Celery's error line, on every attempt
+
+    def on_connection_error_after_connected(self, exc):
+        redisurl.outages.lost(exc)
+        super().on_connection_error_after_connected(exc)  # its warning is dropped (_CeleryLossLines)
+
+    def ensure_connected(self, conn):
+        if not self.app.conf.broker_connection_retry:
+            return super().ensure_connected(conn)
+
+        def failed(exc, interval):
+            redisurl.outages.lost(exc)
+            log.debug("Redis: %s: %s; next attempt in %g s", type(exc).__name__, exc, interval)
+
+        conn = conn.ensure_connection(
+            failed, self.app.conf.broker_connection_max_retries, interval_start=redisurl.RECONNECT_INTERVAL_S,
+            interval_step=0, interval_max=redisurl.RECONNECT_INTERVAL_S, callback=maybe_shutdown)
+        self.first_connection_attempt = False
+        self.broker_connection_retry_attempt = 0
+        redisurl.outages.back()
+        return conn
+
+
+class _CeleryLossLines(logging.Filter):
+    """Drops Celery's own "Connection to broker lost" warning: :class:`Consumer` logs the loss once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (args and args[0] == getattr(celery_consumer, "CONNECTION_RETRY", object()))
+
+
+log = logging.getLogger(__name__)
+logging.getLogger(celery_consumer.__name__).addFilter(_CeleryLossLines())
 
 
 #: Celery's loggers that write a line for every task received and finished.
