@@ -1,7 +1,9 @@
 """``chronotick-ntp``: the command line, one sub-command per job.
 
-Exit codes: 0 success; 1 starvation or an unfinished round; 2 bad config or
-usage; 3 no worker serves the node's queue; 4 Redis (the broker) unreachable.
+Exit codes: 0 success; 1 starvation or an unfinished round (``up``: a service
+exited by itself); 2 bad config or usage; 3 no worker serves the node's queue;
+4 Redis (the broker) unreachable; 5 (``up``) a port or the data directory in use;
+141 the reader of stdout went away (``| head -1``), quietly, as a program SIGPIPE ends.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import math
 import os
+import select
 import signal
 import sys
 import time
@@ -23,7 +26,12 @@ from workers.redisclock import RedisClock, clock_for, redis_now, stale_after_s
 
 from . import display
 
-EXIT_OK, EXIT_STARVATION, EXIT_USAGE, EXIT_NO_WORKER, EXIT_NO_BROKER = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_STARVATION, EXIT_USAGE, EXIT_NO_WORKER, EXIT_NO_BROKER, EXIT_IN_USE = 0, 1, 2, 3, 4, 5
+#: ``up``: a service or Redis exited by itself (``up`` stopped the rest): 1, the code of an outcome that failed.
+EXIT_SERVICE_FAILED = EXIT_STARVATION
+#: stdout's reader went away (``chronotick-ntp latest | head -1``): 128 + SIGPIPE, what a shell reports for
+#: a program SIGPIPE ends, so ``set -o pipefail`` sees the same as with any Unix tool; no traceback.
+EXIT_CLOSED_PIPE = 128 + signal.SIGPIPE
 
 
 class CliError(Exception):
@@ -40,7 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(args, "loglevel", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # some other pipe or socket: not for this handler to hide
+        _discard_stdout()
+        return EXIT_CLOSED_PIPE
     except config_mod.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -52,6 +67,26 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_BROKER
     except KeyboardInterrupt:
         return 130
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader is gone: poll says POLLERR or POLLHUP."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced (a test's capture) or closed
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush at exit finds no closed pipe either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,8 +120,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="window of rounds the failures and last samples are read from (default 1)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = command("exporter", cmd_exporter, "serve Prometheus metrics for every node from Redis", node=False)
-    p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=_port, default=None, help="port (default 9124)")
+    p.add_argument("--address", default=None,
+                   help="HOST or HOST:PORT to bind (default $CHRONOTICK_EXPORTER_ADDRESS, else 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=None, help="port (default: the address's, else 9124)")
     p = command("plot", cmd_plot, "draw a node's offsets, servers and round times to a PNG")
     p.add_argument("--hours", type=_positive_float, default=24.0, help="window (default 24)")
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
@@ -119,10 +155,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="first part of the Redis keys the counts go to (with $CHRONOTICK_REDIS_URL)")
     p = command("up", cmd_up, "one box: a private Redis (unless one is configured), this node's worker, the beat "
                 "and the exporter; Ctrl-C stops all")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = (f"exit codes:\n  {EXIT_OK}  stopped by Ctrl-C, SIGTERM or SIGHUP: the services first, then Redis\n"
+                f"  {EXIT_SERVICE_FAILED}  a service or Redis exited by itself; up stopped the rest and named it\n"
+                f"  {EXIT_USAGE}  bad config or usage: the file, --data-dir (a file, not writable), no redis-server\n"
+                f"  {EXIT_IN_USE}  in use: the private Redis' or the exporter's port, or the data directory (another "
+                "up)\nnothing is started before the checks behind 2 and 5 pass.")
     p.add_argument("--data-dir", default=None,
-                   help="where the private Redis keeps its data (default ./chronotick-data)")
+                   help="where the private Redis keeps its data, locked while up runs (default ./chronotick-data)")
     p.add_argument("--exporter-port", type=_port, default=None, help="the exporter's port (default 9124)")
-    p.add_argument("--redis-port", type=int, default=None,
+    p.add_argument("--redis-port", type=lambda text: 0 if text.strip() == "0" else _port(text), default=None,
                    help="the private Redis' loopback port (default 6390; 0: any free port)")
     p = command("simulate", cmd_simulate, "serve the config's simulated NTP servers on loopback", node=False)
     p = command("demo", cmd_demo, "offline demo: local Redis, simulated servers, a worker, a few rounds",
@@ -349,18 +391,22 @@ def cmd_exporter(args) -> int:
     config = _load(args)
     from prometheus_client import start_http_server
 
-    from .exporter import DEFAULT_PORT, NtpCollector, registry_for
+    from .exporter import NtpCollector, listen_address, registry_for
     from .store import service_client
 
+    try:  # the flags, else $CHRONOTICK_EXPORTER_ADDRESS (the systemd unit's env file), else 127.0.0.1:9124
+        address, port = listen_address(args.address, args.port, os.environ)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     collector = NtpCollector(service_client(config.service), prefix=config.service.key_prefix,
                              nodes=config.service.nodes,
                              stale_after_s=stale_after_s(config.timing.normal_interval_s))
-    port = args.port if args.port is not None else DEFAULT_PORT
+    where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     try:
-        server, thread = start_http_server(port, addr=args.address, registry=registry_for(collector))
+        server, thread = start_http_server(port, addr=address, registry=registry_for(collector))
     except OSError as exc:
-        raise CliError(f"cannot serve metrics on {args.address}:{port}: {exc.strerror or exc}", EXIT_USAGE) from None
-    print(f"exporter: http://{args.address}:{port}/metrics for {config.service.redis_url_redacted} "
+        raise CliError(f"cannot serve metrics on {where}: {exc.strerror or exc}", EXIT_USAGE) from None
+    print(f"exporter: http://{where}/metrics for {config.service.redis_url_redacted} "
           f"(prefix {config.service.key_prefix!r}); each scrape reads Redis", flush=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -557,7 +603,7 @@ def cmd_simulate(args) -> int:
 def cmd_up(args) -> int:
     from pathlib import Path
 
-    from .box import DEFAULT_DATA_DIR, DEFAULT_REDIS_PORT, Box, BoxError
+    from .box import DEFAULT_DATA_DIR, DEFAULT_REDIS_PORT, Box, BoxError, InUse, ServiceFailed
 
     config = _load(args)
     node = _node(args)
@@ -565,23 +611,14 @@ def cmd_up(args) -> int:
     box = Box(os.path.abspath(args.config), node, Path(args.data_dir or DEFAULT_DATA_DIR),
               exporter_port=args.exporter_port,
               redis_port=DEFAULT_REDIS_PORT if args.redis_port is None else args.redis_port)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, box.request_stop)
     try:
-        box.start(config, dict(os.environ))
-        private = box.redis_process is not None
-        print(f"up: Redis at {redisurl.redact(box.redis_url)}"
-              + (f" (private, append-only file in {box.data_dir})" if private else " (configured)"), flush=True)
-        pids = ", ".join(f"{name} pid {proc.pid}" for name, proc in box.children.items())
-        print(f"up: worker for {node}, beat, exporter ({pids}); Ctrl-C stops all", flush=True)
-        gone = box.wait()
+        box.run(config, dict(os.environ))  # until a stop signal, or a service's death
+    except InUse as exc:
+        raise CliError(str(exc), EXIT_IN_USE) from None
+    except ServiceFailed as exc:
+        raise CliError(str(exc), EXIT_SERVICE_FAILED) from None
     except BoxError as exc:
-        box.stop()
         raise CliError(str(exc), EXIT_USAGE) from None
-    box.stop()
-    if gone is not None:
-        raise CliError(f"up: {gone} exited by itself; stopped the rest", EXIT_NO_WORKER)
-    print("up: stopped", flush=True)
     return EXIT_OK
 
 
