@@ -11,8 +11,9 @@ from workers.contracts import Reason
 
 from .contracts import ClosedBy, ServerStatus
 
-#: Counters every node's stats hash has (zero until first counted).
-COUNTERS = ("rounds", "strict", "relaxed", "starvation", "outlier", "queries", "retries", "replies",
+#: Counters every node's stats hash has (zero until first counted).  ``queries`` counts attempts and
+#: ``requests`` the request packets they sent (an advanced-mode attempt is a burst): see docs/contract.md.
+COUNTERS = ("rounds", "strict", "relaxed", "starvation", "outlier", "queries", "requests", "retries", "replies",
             "rejected", "falsetickers", "early", "late")
 
 #: Upper bounds of the round-time histogram (s): around ChronoTick's targets,
@@ -24,6 +25,12 @@ NO_REPLY_REASONS = frozenset({Reason.TIMEOUT, Reason.SOCKET_ERROR, Reason.DNS_ER
                               Reason.ROUND_DEADLINE, Reason.NO_RESULT, Reason.KOD_BACKOFF,
                               Reason.KOD_DEMOBILISED, Reason.NTS_KE_FAILED})
 
+#: Attempt failures before any request left: no name, no NTS keys, the worker's own error (taken as
+#: before the send), or a server the worker kept away from.  A ``socket_error`` counts as sent: the
+#: kernel refused the packet or reported its answer (ICMP), and a record cannot tell which.
+NO_REQUEST_REASONS = frozenset({Reason.DNS_ERROR, Reason.NTS_KE_FAILED, Reason.QUERY_ERROR, Reason.ROUND_DEADLINE,
+                                Reason.NO_RESULT, Reason.WRONG_NODE, Reason.KOD_BACKOFF, Reason.KOD_DEMOBILISED})
+
 
 def duration_fields(duration_s: float) -> list[str]:
     """The round-time histogram fields one round of ``duration_s`` increments (cumulative)."""
@@ -33,12 +40,16 @@ def duration_fields(duration_s: float) -> list[str]:
 def round_counters(record: dict) -> dict[str, int]:
     """What one round adds to its node's stats hash.
 
-    ``queries`` counts requests sent (every attempt), ``retries`` the attempts
-    after a first, ``replies`` the replies received (refused ones included),
-    ``rejected`` the replies refused -- by a sanity check, or by the gate in
-    force in selection.  ``status`` and the exporter's rates use exactly these.
+    ``queries`` counts attempts (each try of a server: one request in simple
+    mode, a burst of ``advanced_samples`` in advanced mode), ``retries`` the
+    attempts after a server's first, ``requests`` the request packets sent,
+    ``replies`` the reply packets received (refused ones included), ``rejected``
+    the replies refused -- by a sanity check, or by the gate in force in
+    selection.  ``status`` and the exporter's rates use exactly these:
+    retries / queries, rejected / replies.
     """
-    counts = {"rounds": 1, record["quality"]: 1, "queries": 0, "retries": 0, "replies": 0, "rejected": 0}
+    counts = {"rounds": 1, record["quality"]: 1, "queries": 0, "requests": 0, "retries": 0, "replies": 0,
+              "rejected": 0}
     if record.get("closed_by") == ClosedBy.EARLY:
         counts["early"] = 1  # published before every server had answered
     for server in record["servers"]:
@@ -52,7 +63,7 @@ def late_counters(entries: list[dict]) -> dict[str, int]:
     With :func:`round_counters` of the published record, every request the
     round sent is counted once: the late servers had none in it.
     """
-    counts = {"late": len(entries), "queries": 0, "retries": 0, "replies": 0}
+    counts = {"late": len(entries), "queries": 0, "requests": 0, "retries": 0, "replies": 0}
     for entry in entries:
         _count_server(entry, counts)
         if entry.get("reason"):  # a late server that failed: counted as a failure, by reason
@@ -68,10 +79,14 @@ def _count_server(server: dict, counts: dict[str, int]) -> None:
     for attempt in server.get("history", []):
         # An attempt's own outcome, then (advanced mode) the samples of its burst refused before it.
         for reason in [attempt.get("reason"), *(r["reason"] for r in attempt.get("refusals", ()))]:
+            # The attempt that produced the sample received samples_taken replies (advanced mode: a burst),
+            # to as many requests; every other exchange of the attempt is one request, if one left.
+            exchanges = (server.get("sample") or {}).get("samples_taken", 1) if reason is None else 1
+            if reason not in NO_REQUEST_REASONS:
+                counts["requests"] += exchanges
             if reason in NO_REPLY_REASONS:
                 continue
-            # The attempt that produced the sample received samples_taken replies (advanced mode: a burst).
-            counts["replies"] += (server.get("sample") or {}).get("samples_taken", 1) if reason is None else 1
+            counts["replies"] += exchanges
             if reason:
                 counts["rejected"] = counts.get("rejected", 0) + 1
                 counts[f"rejected:{reason}"] = counts.get(f"rejected:{reason}", 0) + 1

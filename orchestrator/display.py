@@ -126,3 +126,35 @@ def format_status(nodes: dict[str, dict], *, hours: float, color: bool = False) 
     held = sum(n["ok"] for n in nodes.values())
     lines.append(f"{held} of {len(nodes)} node(s) meet every target")
     return "\n".join(lines)
+
+
+def summarise_result(result: dict) -> str:
+    """A round's result in one line: quality, server, offset ± uncertainty, servers used.
+
+    ``result`` as :func:`orchestrator.store.brief_result` keeps it (``server``
+    ``None``: nothing published).  The same line the callback of a round shows in
+    Flower (``orchestrator.tasks.summarise_round``).
+    """
+    used = f"{result['servers_used']}/{result['servers_total']} servers"
+    if result.get("server") is None:
+        return f"{result['quality']}: nothing published, {used}"
+    return (f"{result['quality']}: {result['server']} {result['offset'] * 1e3:+.3f} ms "
+            f"±{result['uncertainty'] * 1e3:.3f} ms, {used}")
+
+
+def summarise_late_server(entry: dict) -> str:
+    """A late server's outcome: ``<server> ok +1.234 ms`` or ``<server> failed: <reason>``."""
+    sample = entry.get("sample")
+    return f"{entry['server']} " + (f"ok {sample['offset_s'] * 1e3:+.3f} ms" if sample
+                                    else f"failed: {entry['reason']}")
+
+
+def summarise_early_round(result: dict | None, late: list[dict]) -> str:
+    """The callback of a round published early, as Flower shows it: the round's result, then its late servers.
+
+    ``result``: what the round published (``None`` if it is no longer at hand);
+    ``late``: the late servers' entries, as :meth:`orchestrator.store.Store.complete_round`
+    returns them.
+    """
+    head = summarise_result(result) if result is not None else "published before these servers answered"
+    return f"{head}; late: {'; '.join(summarise_late_server(e) for e in late)}"

@@ -11,9 +11,10 @@ With prefix ``chronotick`` and node ``n1``:
     Pub/sub channel: each new ``latest`` as it is published.
 ``chronotick:ntp:n1:stats``
     Hash of counters: rounds, strict, relaxed, starvation, outlier, queries
-    (requests sent, retries included), retries, replies (replies received),
-    rejected (replies refused), falsetickers, plus ``rejected:<reason>`` and
-    ``failed:<reason>`` per reason.
+    (attempts, retries included; an advanced-mode attempt is a burst), requests
+    (request packets sent), retries, replies (reply packets received), rejected
+    (replies refused), falsetickers, early, late, plus ``rejected:<reason>`` and
+    ``failed:<reason>`` per reason (docs/contract.md says how each is counted).
 ``chronotick:ntp:n1:round_duration``
     Hash: a cumulative histogram of round times (dispatch to finish) --
     ``le:<bound>`` counts per bound of :data:`orchestrator.counting.ROUND_DURATION_BUCKETS_S`,
@@ -120,7 +121,10 @@ class Store:
                                int(seconds) + int(micros) / 1e6)
                 late = [s["server"] for s in record["servers"] if s["status"] == ServerStatus.LATE]
                 pipe.multi()
-                state = {"state": PUBLISHED, "late": late} if late else {"state": COMPLETE}
+                # Published early: the claim keeps what was published until the late outcomes come, for the
+                # callback's summary (Flower's result column: :meth:`published_result`).
+                state = ({"state": PUBLISHED, "late": late, "result": brief_result(record)} if late
+                         else {"state": COMPLETE})
                 pipe.set(claim, json.dumps(state), ex=ROUND_CLAIM_TTL_S)
                 self._queue_publish(pipe, record, history_length=history_length, window_size=window_size,
                                     history_hours=history_hours, detail=detail, complete=not late)
@@ -182,6 +186,15 @@ class Store:
                 raise redis.ConnectionError(f"lost Redis while completing round {round_id}; nothing was "
                                             "written") from None
         return late
+
+    def published_result(self, node: str, round_id: str) -> dict | None:
+        """What a round published early published (:func:`brief_result`), until its late outcomes come.
+
+        ``None`` once :meth:`complete_round` has recorded them, or for a round
+        not published early: read it before completing the round.
+        """
+        raw = self.client.get(self.keys.round_claim(node, round_id))
+        return None if raw is None else _claim_state(raw).get("result")
 
     def round_state(self, node: str, round_id: str) -> str | None:
         """``published`` (early; late outcomes to come), ``complete``, or ``None`` (not finished)."""
@@ -417,6 +430,16 @@ class Store:
 
 #: A round's claim says one of these: published early with late outcomes to come, or complete.
 PUBLISHED, COMPLETE = "published", "complete"
+
+
+def brief_result(record: dict) -> dict:
+    """A round's result in brief: quality, servers used and total, and the server, offset and uncertainty
+    published (``None`` each when nothing was).  Kept in the claim of a round published early."""
+    latest = record.get("latest") or {}
+    return {"quality": record["quality"], "servers_used": record["servers_used"],
+            "servers_total": record["servers_total"], "server": latest.get("server"),
+            "offset": latest.get("offset"), "uncertainty": latest.get("uncertainty")}
+
 
 #: Shifts a round into reach registers: KEYS[1] the hash, ARGV server, bit, server, bit, ...  A value is
 #: ``256 * rounds + reach``: rounds (up to 8) tells a register never filled from one of eight misses.

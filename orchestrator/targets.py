@@ -10,8 +10,8 @@ target                    limit    definition (over the rounds finished in the w
 ``round_time_p99_s``      2 s      99th percentile of ``duration_s`` (nearest rank)
 ``starvation_events``     0        rounds of quality ``starvation``
 ``fallback_rate``         0.10     ``relaxed`` rounds / published rounds (strict + relaxed)
-``retry_rate``            0.05     retries / requests sent (each retry is a request that
-                                   needed one)
+``retry_rate``            0.05     retries / attempts (``queries``: each retry is an attempt
+                                   that needed one; advanced mode: a burst each)
 ``rejection_rate``        0.10     replies refused (sanity checks or the gate in force)
                                    / replies received
 ========================  =======  ==================================================
@@ -56,7 +56,7 @@ TARGETS = (
     Target(ROUND_TIME_P99, 2.0, "s", "round time, p99"),
     Target(STARVATION_EVENTS, 0, "count", "starvation rounds"),
     Target(FALLBACK_RATE, 0.10, "rate", "relaxed / published rounds"),
-    Target(RETRY_RATE, 0.05, "rate", "retries / requests"),
+    Target(RETRY_RATE, 0.05, "rate", "retries / attempts"),
     Target(REJECTION_RATE, 0.10, "rate", "refused / received replies"),
 )
 
@@ -102,7 +102,7 @@ def node_report(records: list[dict[str, Any]], latest: dict[str, Any] | None, *,
     return {"rounds": len(records), "latest_age_s": age, "stale": stale, "stale_after_s": stale_after_s,
             "ok": not stale and all(t["ok"] for t in targets.values()), "targets": targets,
             "counts": {k: counts.get(k, 0) for k in ("strict", "relaxed", "starvation", "outlier", "queries",
-                                                     "retries", "replies", "rejected")}}
+                                                     "requests", "retries", "replies", "rejected")}}
 
 
 def _holds(value: float | None, limit: float) -> bool:

@@ -58,6 +58,9 @@ MAX_TIMEOUT_S = 60.0
 MAX_CLIENT_INTERVAL_S = 3_600.0
 #: Upstream names are resolved again this often (s): the Pool rotates its addresses.
 DEFAULT_RESOLVE_EVERY_S = 300.0
+#: After a failed look-up the name is asked again this soon (s), the wait doubling after each failure up to
+#: ``resolve_every_s``: a relay started before DNS works serves seconds after it does, not minutes.
+DEFAULT_RESOLVE_RETRY_S = 1.0
 #: What the relay binds, unless told: loopback only.
 DEFAULT_BIND = "127.0.0.1"
 #: Who it answers, unless told: loopback only.
@@ -102,11 +105,13 @@ class RelaySettings:
     client_burst: int = DEFAULT_CLIENT_BURST
     timeout_s: float = DEFAULT_TIMEOUT_S
     resolve_every_s: float = DEFAULT_RESOLVE_EVERY_S
+    resolve_retry_s: float = DEFAULT_RESOLVE_RETRY_S
 
     def __post_init__(self) -> None:
         for name, value, most in (("timeout_s", self.timeout_s, MAX_TIMEOUT_S),
                                   ("client_interval_s", self.client_interval_s, MAX_CLIENT_INTERVAL_S),
-                                  ("resolve_every_s", self.resolve_every_s, 86_400.0)):
+                                  ("resolve_every_s", self.resolve_every_s, 86_400.0),
+                                  ("resolve_retry_s", self.resolve_retry_s, 86_400.0)):
             if not (isinstance(value, int | float) and math.isfinite(value) and 0 < value <= most):
                 raise ValueError(f"{name} must be a finite number of seconds > 0 and <= {most:g}, not {value!r}")
         if self.client_burst < 1:

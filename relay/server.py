@@ -28,7 +28,10 @@ What ChronoTick's ``ntp_proxy.py`` did wrong, and what happens here instead:
   the whole cluster backs off as the upstream sees it: as one client.
 
 Upstream names are resolved at start and again every ``resolve_every_s`` in
-a thread (the Pool rotates), never per packet.
+a thread (the Pool rotates), never per packet.  A look-up that fails is tried
+again after ``resolve_retry_s``, the wait doubling up to ``resolve_every_s``
+(:func:`resolve_delay_s`): a relay started before DNS works serves seconds
+after it does.  The failure is logged once, and the recovery once.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from workers.ntp import packet
 
@@ -63,6 +68,20 @@ LATE_MEMORY_S = 60.0
 #: both tables stay bounded whatever clients send.
 MAX_PENDING = 4096
 
+#: What looks an upstream name up: ``loop.getaddrinfo``'s signature (host, port, *, type) -> addrinfo list.
+Resolver = Callable[..., Awaitable[list[tuple[Any, ...]]]]
+
+
+def resolve_delay_s(failures: int, *, retry_s: float, every_s: float) -> float:
+    """How long until the next look-up of an upstream name, after ``failures`` failed ones in a row.
+
+    None failed: ``every_s`` (the Pool rotates).  Else ``retry_s``, doubled
+    for each further failure, never more than ``every_s``.
+    """
+    if failures <= 0:
+        return every_s
+    return min(retry_s * 2 ** min(failures - 1, 64), every_s)
+
 
 @dataclass
 class _Pending:
@@ -75,9 +94,14 @@ class _Pending:
 class PortRelay:
     """One mapping: a listening socket for the clients, a connected socket to the upstream."""
 
-    def __init__(self, mapping: Mapping, settings: RelaySettings):
+    def __init__(self, mapping: Mapping, settings: RelaySettings, *, resolver: Resolver | None = None):
         self.mapping = mapping
         self.settings = settings
+        #: ``None``: the event loop's ``getaddrinfo`` (in a thread).
+        self.resolver = resolver
+        #: Look-ups failed in a row (0: the last one answered), and when the first of them failed.
+        self.resolve_failures = 0
+        self._failing_since: float | None = None
         self.stats = PortStats(port=mapping.listen_port, upstream=mapping.upstream)
         self.clients = ClientLimits(settings.client_interval_s, settings.client_burst)
         self.upstream_budget = TokenBucket(mapping.min_interval_s, mapping.upstream_burst)
@@ -97,27 +121,66 @@ class PortRelay:
             family=family)
         await self.resolve()
 
-    async def resolve(self) -> None:
-        """Look the upstream name up (in a thread) and point the upstream socket at it if it moved."""
+    def next_resolve_in_s(self) -> float:
+        """When to look the upstream name up again (s): soon after a failure, backing off (:func:`resolve_delay_s`)."""
+        return resolve_delay_s(self.resolve_failures, retry_s=self.settings.resolve_retry_s,
+                               every_s=self.settings.resolve_every_s)
+
+    async def keep_resolved(self) -> None:
+        """Look the upstream name up again and again, :meth:`next_resolve_in_s` apart, until cancelled."""
+        while True:
+            await asyncio.sleep(self.next_resolve_in_s())
+            await self.resolve()
+
+    async def resolve(self) -> bool:
+        """Look the upstream name up (in a thread) and point the upstream socket at it if it moved.
+
+        Whether the name resolved.  The first failure in a row is logged (a
+        warning), the rest only at debug level; the first success after them
+        once.  A failure keeps the address in use, if there is one.
+        """
         loop = asyncio.get_running_loop()
+        resolver = self.resolver or loop.getaddrinfo
+        new: asyncio.DatagramTransport | None = None
         try:
-            infos = await loop.getaddrinfo(self.mapping.ntp_server, self.mapping.ntp_port, type=socket.SOCK_DGRAM)
-        except (OSError, UnicodeError) as exc:
-            log.warning("relay port %d: cannot resolve %s (%s); keeping %s", self.mapping.listen_port,
-                        self.mapping.upstream, exc, self.upstream_address)
-            return
-        family, _, _, _, sockaddr = infos[0]
-        address = (str(sockaddr[0]), int(sockaddr[1]))
-        if address == (self.upstream_address or ())[:2]:
-            return
-        old = self._upstream
-        self._upstream, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(self.from_upstream), remote_addr=address, family=family)
-        self.upstream_address = self._upstream.get_extra_info("peername")
-        if old is not None:  # replies still on their way to the old address get their deadline's worth
-            loop.call_later(self.settings.timeout_s, old.close)
-        log.info("relay port %d -> %s at %s", self.mapping.listen_port, self.mapping.upstream,
-                 self.upstream_address)
+            infos = await resolver(self.mapping.ntp_server, self.mapping.ntp_port, type=socket.SOCK_DGRAM)
+            if not infos:
+                raise OSError("no address")
+            family, _, _, _, sockaddr = infos[0]
+            address = (str(sockaddr[0]), int(sockaddr[1]))
+            if address != (self.upstream_address or ())[:2]:
+                new, _ = await loop.create_datagram_endpoint(
+                    lambda: _Protocol(self.from_upstream), remote_addr=address, family=family)
+        except (OSError, UnicodeError) as exc:  # no name, no address, or none we can send to
+            self.resolve_failures += 1
+            if self.resolve_failures == 1:
+                self._failing_since = time.monotonic()
+                using = (f"still forwarding to {self.upstream_address[0]}:{self.upstream_address[1]}"
+                         if self.upstream_address else "refusing requests until it resolves")
+                log.warning("relay port %d: cannot resolve %s (%s); %s; asking again in %g s, then backing off "
+                            "to every %g s", self.mapping.listen_port, self.mapping.upstream, exc, using,
+                            self.next_resolve_in_s(), self.settings.resolve_every_s)
+            else:
+                log.debug("relay port %d: still cannot resolve %s (%s; %d failures); next in %g s",
+                          self.mapping.listen_port, self.mapping.upstream, exc, self.resolve_failures,
+                          self.next_resolve_in_s())
+            return False
+        recovered = self.resolve_failures
+        self.resolve_failures = 0
+        if new is not None:
+            old, self._upstream = self._upstream, new
+            self.upstream_address = new.get_extra_info("peername")
+            if old is not None:  # replies still on their way to the old address get their deadline's worth
+                loop.call_later(self.settings.timeout_s, old.close)
+            if not recovered:
+                log.info("relay port %d -> %s at %s", self.mapping.listen_port, self.mapping.upstream,
+                         self.upstream_address)
+        if recovered:
+            log.warning("relay port %d: %s resolves again, -> %s, after %d failed look-up(s) over %.1f s",
+                        self.mapping.listen_port, self.mapping.upstream, self.upstream_address, recovered,
+                        time.monotonic() - (self._failing_since or time.monotonic()))
+            self._failing_since = None
+        return True
 
     def close(self) -> None:
         for transport in (self._listener, self._upstream):
@@ -233,9 +296,9 @@ class Relay:
     """Every port of a :class:`RelaySettings`, their housekeeping, and their reports."""
 
     def __init__(self, settings: RelaySettings, *, report=None, report_every_s: float = 10.0,
-                 summary_every_s: float = 60.0):
+                 summary_every_s: float = 60.0, resolver: Resolver | None = None):
         self.settings = settings
-        self.ports = [PortRelay(m, settings) for m in settings.mappings]
+        self.ports = [PortRelay(m, settings, resolver=resolver) for m in settings.mappings]
         self.report = report
         self.report_every_s = report_every_s
         self.summary_every_s = summary_every_s
@@ -248,18 +311,15 @@ class Relay:
             await port.start()
         self.ready.set()
         loop = asyncio.get_running_loop()
-        next_resolve = next_report = next_summary = loop.time()
-        next_resolve += self.settings.resolve_every_s
+        # Each port looks its name up on its own schedule: soon after a failure, else every resolve_every_s.
+        resolving = [asyncio.create_task(port.keep_resolved()) for port in self.ports]
+        next_report = next_summary = loop.time()
         next_summary += self.summary_every_s
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
                 for port in self.ports:
                     port.sweep(now)
-                if loop.time() >= next_resolve:
-                    next_resolve += self.settings.resolve_every_s
-                    for port in self.ports:
-                        await port.resolve()
                 if self.report is not None and loop.time() >= next_report:
                     next_report += self.report_every_s
                     await loop.run_in_executor(None, self._report)
@@ -272,6 +332,9 @@ class Relay:
                 except TimeoutError:
                     pass
         finally:
+            for task in resolving:
+                task.cancel()
+            await asyncio.gather(*resolving, return_exceptions=True)
             if self.report is not None:
                 await loop.run_in_executor(None, self._report)
             for port in self.ports:

@@ -26,7 +26,7 @@ def test_the_offline_demo_runs_a_round_and_shows_latest_and_status(tmp_path):
     # Its bad servers cost neither round time nor retries (issue #18) ...
     status = {line.split("  ")[1].strip(): line.split()[-1] for line in out.splitlines()
               if line.startswith("  ") and line.rstrip().endswith(("ok", "MISS")) and "<=" in line}
-    for target in ("round time, mean", "round time, p99", "starvation rounds", "retries / requests"):
+    for target in ("round time, mean", "round time, p99", "starvation rounds", "retries / attempts"):
         assert status[target] == "ok", out
     # ... and the one they miss says so, in one line.
     assert status["refused / received replies"] == "MISS"

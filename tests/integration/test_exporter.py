@@ -81,6 +81,7 @@ def test_collector_exports_the_contract_and_counters_only_grow(worker, simulator
     assert get("chronotick_ntp_rounds_total", quality="strict") == 2
     assert get("chronotick_ntp_rounds_total", quality="starvation") == 0
     assert get("chronotick_ntp_queries_total") == stats["queries"] == 2 * (1 + 1 + 1)
+    assert get("chronotick_ntp_requests_total") == stats["requests"] == 2 * (1 + 1 + 1)  # simple mode: one each
     assert get("chronotick_ntp_retries_total") == stats["retries"] == 0
     assert get("chronotick_ntp_replies_total") == stats["replies"] == 2 * 3
     assert get("chronotick_ntp_rejections_total", reason="bogus_origin") == 2
@@ -175,4 +176,49 @@ def test_a_real_prometheus_scrapes_the_exporter(worker, simulator, tmp_path, key
         assert all(r["health"] != "err" for r in rules[0]["rules"])
     finally:
         stop_process(prometheus)
+        stop_process(exporter)
+
+
+def _scrape(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.read().decode()
+    except OSError:
+        return None
+
+
+def _free_port_on(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_the_exporter_listens_where_its_environment_says_and_the_flags_win(tmp_path, redis_url):
+    """CHRONOTICK_EXPORTER_ADDRESS, as deploy/systemd/chronotick-ntp-exporter.service documents it."""
+    path = write_config(tmp_path, ["127.0.0.1:9"])
+    port = _free_port_on("127.0.0.2")  # not the default address (127.0.0.1), nor the default port
+    env = {"PATH": "/usr/bin:/bin", config_mod.ENV_REDIS_URL: redis_url, "PYTHONPATH": str(REPO),
+           "CHRONOTICK_EXPORTER_ADDRESS": f"127.0.0.2:{port}"}
+    argv = [sys.executable, "-m", "orchestrator.cli", "exporter", "--config", str(path)]
+    exporter = subprocess.Popen(argv, env=env, cwd=str(REPO), stdout=subprocess.DEVNULL,
+                                stderr=open(tmp_path / "exporter.log", "wb"))
+    try:
+        body = wait_for(lambda: exporter.poll() is None and _scrape(f"http://127.0.0.2:{port}/metrics"),
+                        what="the exporter on the environment's address")
+        assert "chronotick_ntp_redis_up 1.0" in body, (tmp_path / "exporter.log").read_text()
+        assert _scrape(f"http://127.0.0.1:{port}/metrics") is None  # that address only, not loopback at large
+    finally:
+        stop_process(exporter)
+    # The flags win over the environment: --port over its port, --address over the whole of it.
+    flagged = _free_port_on("127.0.0.1")
+    exporter = subprocess.Popen([*argv, "--address", "127.0.0.1", "--port", str(flagged)], env=env,
+                                cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "flags.log", "wb"))
+    try:
+        body = wait_for(lambda: exporter.poll() is None and _scrape(f"http://127.0.0.1:{flagged}/metrics"),
+                        what="the exporter on the flags' address")
+        assert "chronotick_ntp_redis_up 1.0" in body
+    finally:
         stop_process(exporter)

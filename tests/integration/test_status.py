@@ -63,7 +63,7 @@ def test_status_fails_a_node_that_misses_and_says_which(worker, simulator, tmp_p
     assert code == cli.EXIT_STARVATION
     lines = {line.split("  ")[1].strip(): line
              for line in out.out.splitlines() if line.startswith("  ") and "<=" in line}
-    assert lines["retries / requests"].endswith("MISS") and lines["refused / received replies"].endswith("MISS")
+    assert lines["retries / attempts"].endswith("MISS") and lines["refused / received replies"].endswith("MISS")
     assert lines["starvation rounds"].endswith("ok")
 
 

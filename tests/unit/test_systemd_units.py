@@ -2,7 +2,9 @@
 
 ``systemd-analyze verify`` needs no running systemd; it refuses a unit whose
 command is not executable, so the units' install path is pointed at this
-checkout's venv for the check.
+checkout's venv for the check.  The user units (``deploy/systemd/user/``, for a
+user manager: ``systemctl --user``) are verified with ``--user`` in a home
+directory and runtime directory of the test's own, where ``%h`` finds the venv.
 """
 
 import re
@@ -69,3 +71,85 @@ def test_the_example_env_file_holds_every_secret_and_nothing_real():
     for key in ("CHRONOTICK_REDIS_URL", "CHRONOTICK_REDIS_PASSWORD", "FLOWER_BASIC_AUTH"):
         assert re.search(rf"^{key}=", example, re.M), key
     assert "change-me" in example
+
+
+# -- user units: the same services under a user manager (docs/operations.md, "Without root") -------------
+
+USER_UNITS = UNITS / "user"
+USER_INSTALLED = "%h/chronotick-ntp/bin/chronotick-ntp"
+USER_CONFIG_DIR = "%h/.config/chronotick-ntp/"
+#: Directives a user manager cannot apply on its own (systemd.exec(5): "only available for system services",
+#: or only with PrivateUsers=), and the identity switch it cannot make.
+SYSTEM_ONLY = ("User", "Group", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices",
+               "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
+               "CapabilityBoundingSet", "AmbientCapabilities", "RemoveIPC")
+USER_HARDENING = ("NoNewPrivileges=yes", "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "RestrictNamespaces=yes",
+                  "LockPersonality=yes", "SystemCallArchitectures=native")
+
+
+def _user_env(tmp_path: Path) -> dict:
+    """A home whose ~/chronotick-ntp is this checkout's venv, and a runtime directory, for ``--user``."""
+    home, runtime = tmp_path / "home", tmp_path / "run"
+    (home / "chronotick-ntp" / "bin").mkdir(parents=True)
+    (home / "chronotick-ntp" / "bin" / "chronotick-ntp").symlink_to(REPO / ".venv" / "bin" / "chronotick-ntp")
+    runtime.mkdir(mode=0o700)
+    return {"PATH": "/usr/bin:/bin", "HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)}
+
+
+def _analyze() -> str:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze is not installed (Debian package systemd); scripts/bootstrap installs it")
+    return analyze
+
+
+def test_every_service_has_a_user_unit():
+    assert sorted(p.name for p in USER_UNITS.glob("*.service")) == sorted(COMMANDS)
+
+
+def test_the_user_units_verify_with_systemd_analyze_user(tmp_path):
+    analyze = _analyze()
+    env = _user_env(tmp_path)
+    units = tmp_path / "units"
+    units.mkdir()
+    names = []
+    for unit in USER_UNITS.glob("*.service"):
+        shutil.copy(unit, units / unit.name)
+        names.append(unit.name.replace("@.service", "@ares-comp-11.service"))
+    result = subprocess.run([analyze, "--user", "verify", *names], capture_output=True, text=True, timeout=60,
+                            env=env, cwd=units)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "" and result.stdout.strip() == "", result.stderr  # not one warning
+
+
+def test_the_user_units_name_only_units_a_user_manager_has(tmp_path):
+    """``WantedBy=multi-user.target`` verifies, and is never started: a user manager has no such target."""
+    env = _user_env(tmp_path)
+    paths = subprocess.run([_analyze(), "--user", "unit-paths"], capture_output=True, text=True, timeout=60,
+                           env=env, check=True).stdout.split()
+    known = {p.name for d in paths if Path(d).is_dir() for p in Path(d).iterdir()}
+    assert "default.target" in known and "multi-user.target" not in known  # the check can tell them apart
+    for unit in USER_UNITS.glob("*.service"):
+        text = unit.read_text()
+        assert re.findall(r"^WantedBy=(.*)$", text, re.M) == ["default.target"], unit.name
+        for key in ("WantedBy", "Wants", "Requires", "After", "Before", "BindsTo", "PartOf"):
+            for line in re.findall(rf"^{key}=(.*)$", text, re.M):
+                for name in line.split():
+                    assert name in known, (unit.name, key, name)
+
+
+@pytest.mark.parametrize("name, command", sorted(COMMANDS.items()))
+def test_each_user_unit_runs_its_system_units_command_from_the_home_directory(name, command):
+    text = (USER_UNITS / name).read_text()
+    system = _exec_start((UNITS / name).read_text())
+    argv = _exec_start(text)
+    assert argv[0] == USER_INSTALLED and argv[1] == command
+    # The same command line, with the home directory's paths for /etc/chronotick-ntp's.
+    assert [a.replace(USER_CONFIG_DIR, "/etc/chronotick-ntp/") for a in argv[1:]] == system[1:]
+    for directive in SYSTEM_ONLY:
+        assert not re.search(rf"^{directive}=", text, re.M), (name, directive)
+    for directive in USER_HARDENING:
+        assert re.search(rf"^{re.escape(directive)}$", text, re.M), (name, directive)
+    assert re.search(rf"^EnvironmentFile={re.escape(USER_CONFIG_DIR)}env$", text, re.M)
+    assert not re.search(r"^Environment=.*(PASSWORD|AUTH|redis://)", text, re.M)  # secrets only in the file
+
