@@ -29,8 +29,10 @@ undisciplined crystal, a VM) passes its own ``drift_bound`` to the reader.
 The reader loses nothing (issue #24): a history entry that is not a round
 record is skipped with one warning naming it, and the rest of its batch is
 kept; a history stream made again under the reader (Redis emptied, or ids
-that go back) is noticed and read again from its start, without duplicates;
-and a measurement read through the history has every field ``latest`` has.
+that go back) is noticed and read again from its start, without duplicates
+and without a round older than the newest held coming after it; and a
+measurement read through the history has every field ``latest`` has, with
+the same values.
 
 For :class:`NtpReader`, Redis being unreachable is never a silent ``None``:
 every call raises :class:`ServiceUnavailable` instead.  ``None`` means only
@@ -276,8 +278,8 @@ class NtpReader:
         ``datetime``); ``limit``: only the newest ``limit`` of those.  An
         entry that is no round record is skipped, with one warning naming it
         (:meth:`orchestrator.store.Store.records_in`); a record's ``latest``
-        has every field the ``latest`` key had (offsets to 100 ns, delays to a
-        microsecond and bounds rounded up to one in the compact form).
+        has every field the ``latest`` key had, each equal to it (numbers
+        exactly, in the compact form too: :mod:`orchestrator.records`).
         """
         if isinstance(since, datetime):
             since = since.timestamp()
@@ -364,6 +366,13 @@ FOLLOW_RETRY_S = 0.5
 #: 1,000 (its 500 s window at a 1 s warm-up holds 500).
 KEEP_MEASUREMENTS = 1000
 
+#: How many round ids a source remembers having read (starvation rounds too), so that a stream read again
+#: from its start gives none back (:meth:`ClockMeasurementSource._from_start`).  A re-read reaches
+#: :data:`KEEP_MEASUREMENTS` entries back from the new stream's end: with that stream up to as many entries
+#: short of what was read, it still holds a round read within the last twice as many.  Deeper, the rounds
+#: are told by their publish times (unless Redis' clock also went back).
+SEEN_REMEMBERED = 2 * KEEP_MEASUREMENTS
+
 #: How many of the newest measurements :meth:`SourceStatistics.get_measurement_statistics`
 #: summarises, as ChronoTick's client did.
 STATISTICS_RECENT = 10
@@ -443,8 +452,11 @@ class ClockMeasurementSource:
     warning naming it; the rest of its batch is kept.  With every read it
     checks that the stream still holds the entry it read last
     (:data:`HELD_ENTRY`); if not, the stream was made again -- Redis emptied or
-    restarted without its data, ids that went back -- and it reads the stream
-    again from its start, keeping only rounds it does not hold.  Staleness and
+    restarted without its data, a replica or a copy some entries behind, ids
+    that went back -- and it reads the stream again from its start, keeping
+    only the rounds published after every round it read (:meth:`_from_start`):
+    what it holds stays in the order the rounds were published, and no round
+    read before comes back, even one long gone from its memory.  Staleness and
     the window of :meth:`get_recent_measurements` are judged on Redis' clock
     (:class:`Measurement`), which the follower measures; ChronoTick's calls
     only read the offset it measured.
@@ -478,6 +490,11 @@ class ClockMeasurementSource:
         self._measurements: deque[Measurement] = deque(maxlen=KEEP_MEASUREMENTS)
         self._total = 0
         self._last_id: str | None = None  # None: the recent history is still to be read
+        #: The round ids read, the newest :data:`SEEN_REMEMBERED` (the follower's alone: no lock).
+        self._seen: set[str] = set()
+        self._seen_order: deque[str] = deque()
+        #: The newest publish time (``finished_at``, Redis' clock) of a round read; None before the first.
+        self._newest_read: float | None = None
         #: Redis' clock, measured by the follower only (ChronoTick's calls never wait on Redis).
         self._clock = redisclock.RedisClock(self._client)
         self._clock_due = 0.0  # time.monotonic() when the follower measures Redis' clock again
@@ -600,34 +617,83 @@ class ClockMeasurementSource:
         if self._last_id is None:  # the newest records first, then only what is new
             self._read_from_start()
             return
-        reply: Any
-        if self._last_id == EMPTY_STREAM_ID:
-            reply = self._client.xread({self._history_key: self._last_id}, count=KEEP_MEASUREMENTS,
-                                       block=FOLLOW_BLOCK_MS)
-        else:  # and is the entry read last still there?  Asked in the same round trip, *after* the read
-            # returns: a stream made again while the read waited then answers no, and what the read
-            # brought (maybe new ids above the one held, with lower ones before them) is not taken alone.
-            with self._client.pipeline(transaction=False) as pipe:
-                pipe.xread({self._history_key: self._last_id}, count=KEEP_MEASUREMENTS, block=FOLLOW_BLOCK_MS)
-                pipe.eval(HELD_ENTRY, 1, self._history_key, self._last_id)
-                reply, (held, first, last) = pipe.execute()
-            if not int(held):
-                log.warning("the history stream of %s changed under the reader: %s; reading it again from its "
-                            "start, keeping only rounds not held", self.node,
-                            _why_gone(self._last_id, _text(first), _text(last)))
+        if self._last_id == EMPTY_STREAM_ID:  # the stream was empty: once it is not, read it from its start
+            if self._client.xread({self._history_key: self._last_id}, count=1, block=FOLLOW_BLOCK_MS):
                 self._read_from_start()
-                return
+            return
+        # And is the entry read last still there?  Asked in the same round trip, *after* the read returns: a
+        # stream made again while the read waited then answers no, and what the read brought (maybe new ids
+        # above the one held, with lower ones before them) is not taken alone.
+        reply: Any
+        with self._client.pipeline(transaction=False) as pipe:
+            pipe.xread({self._history_key: self._last_id}, count=KEEP_MEASUREMENTS, block=FOLLOW_BLOCK_MS)
+            pipe.eval(HELD_ENTRY, 1, self._history_key, self._last_id)
+            reply, (held, first, last) = pipe.execute()
+        if not int(held):
+            log.warning("the history stream of %s changed under the reader: %s; reading it again from its "
+                        "start, keeping only rounds published after every round read", self.node,
+                        _why_gone(self._last_id, _text(first), _text(last)))
+            self._read_from_start()
+            return
         for _, entries in reply or ():
             if entries:
                 self._last_id = _text(entries[-1][0])
                 self._ingest(entries)
 
     def _read_from_start(self) -> None:
-        """Read the stream's newest :data:`KEEP_MEASUREMENTS` entries, and follow it from the newest."""
-        newest: list = list(self._client.xrevrange(self._history_key, count=KEEP_MEASUREMENTS) or [])
+        """Read the stream's newest :data:`KEEP_MEASUREMENTS` entries, and follow it from the newest.
+
+        Read again (after a round was read), only what :meth:`_from_start`
+        keeps is kept, and Redis' clock is measured again before the next
+        read: a stream made again may be another Redis' (a failover), or a
+        Redis' whose clock went back.
+        """
+        with self._client.pipeline(transaction=False) as pipe:
+            pipe.xrevrange(self._history_key, count=KEEP_MEASUREMENTS)
+            pipe.time()
+            found, now = pipe.execute()
+        newest: list = list(found or [])
         newest.reverse()
         self._last_id = _text(newest[-1][0]) if newest else EMPTY_STREAM_ID
-        self._ingest(newest)
+        if self._newest_read is not None:
+            self._clock_due = 0.0
+        self._ingest(newest, redis_now=redisclock.time_of(now))
+
+    def _from_start(self, read: list[tuple[str, float, Measurement | None]],
+                    redis_now: float) -> list[tuple[str, float, Measurement | None]]:
+        """Of the rounds read from the stream's start (stream order), the new ones: published after every round
+        read before, so that they come after the ones held.
+
+        ``read``: (round id, publish time, measurement or ``None``) each;
+        ``redis_now``: Redis' clock as they were read.  Before any round was
+        read, all of them.  Else, when the stream holds a round read before
+        (the newest :data:`SEEN_REMEMBERED`), the rounds after the last such
+        one: a stream's order is the order of publication, whatever the
+        clocks say (a replica one entry behind, its clock behind the old
+        master's, publishes its first rounds at earlier times than the newest
+        held).  A round before it was read before -- maybe long ago and gone
+        from memory: a replica one entry behind gives back the 1,000 rounds
+        before its end -- or is older than one read, and must not come after
+        it.  When the stream holds none (Redis emptied or restarted without
+        its data), the rounds published after the newest read, on Redis'
+        clock: a copy older than everything read gives nothing back.  Unless
+        Redis' clock reads before that newest round: it went back (or this
+        Redis' clock is behind the one that published it), and the rounds
+        published since carry earlier times though they are newer: then all of
+        them.
+        """
+        newest = self._newest_read
+        if newest is None:
+            return read
+        last_read = max((i for i, (round_id, _, _) in enumerate(read) if round_id in self._seen), default=None)
+        if last_read is not None:
+            return read[last_read + 1:]
+        if redis_now < newest:
+            log.warning("Redis' clock reads %.3f s before the newest round held of %s was published, and the "
+                        "stream holds no round read before: its clock went back, or this Redis' clock is behind "
+                        "the one that published it; keeping every round in it", newest - redis_now, self.node)
+            return read
+        return [r for r in read if r[1] > newest]
 
     def _measure_clock(self) -> None:
         """Measure Redis' clock when due (:data:`workers.redisclock.REFRESH_S`; sooner while it never answered)."""
@@ -637,20 +703,21 @@ class ClockMeasurementSource:
         self._clock_due = time.monotonic() + (redisclock.REFRESH_S if self._clock.error_s is not None
                                               else redisclock.RETRY_S)
 
-    def _ingest(self, entries) -> None:
-        """Keep the measurements of ``entries`` (stream order) not held yet; skip, with a warning, what is none."""
-        with self._lock:
-            held = {m.round_id for m in self._measurements}
-        found = []
+    def _ingest(self, entries, *, redis_now: float | None = None) -> None:
+        """Keep the measurements of ``entries`` (stream order) not read before; skip, with a warning, what is none.
+
+        ``redis_now`` (Redis' clock as they were read) when they are the
+        stream's newest, read from its start: then only what
+        :meth:`_from_start` keeps.
+        """
+        read: list[tuple[str, float, Measurement | None]] = []  # every round record, starvation too
         for entry in entries:
             try:
                 record = record_of(entry)
                 latest = record.get("latest")
-                if latest is None:
-                    continue  # starvation or an outlier: nothing published
-                measurement = Measurement.from_latest({"round_id": record["round_id"], **latest},
-                                                      stale_after_s=self.stale_after_s, drift_bound=self.drift_bound,
-                                                      clock=self._service_now)
+                measurement = None if latest is None else Measurement.from_latest(  # None: nothing published
+                    {"round_id": record["round_id"], **latest}, stale_after_s=self.stale_after_s,
+                    drift_bound=self.drift_bound, clock=self._service_now)
             except BadRecord as bad:
                 log.warning("skipping history entry %s of %s: %s", bad.entry_id, self.node, bad.reason)
                 continue
@@ -658,16 +725,32 @@ class ClockMeasurementSource:
                 log.warning("skipping history entry %s of %s: its measurement is not one ChronoTick can use "
                             "(%s: %s)", _text(entry[0]), self.node, type(exc).__name__, exc)
                 continue
-            if measurement.round_id in held:
-                continue  # read again after the stream was made again: held already
-            held.add(measurement.round_id)
-            found.append(measurement)
+            read.append((record["round_id"], record["finished_at"] if measurement is None else measurement.published_at,
+                         measurement))
+        if redis_now is not None:
+            read = self._from_start(read, redis_now)
+        found = []
+        for round_id, published_at, measurement in read:
+            if round_id in self._seen:
+                continue  # read again after the stream was made again: read before
+            self._remember(round_id)
+            if self._newest_read is None or published_at > self._newest_read:
+                self._newest_read = published_at
+            if measurement is not None:
+                found.append(measurement)
         if not found:
             return
         with self._lock:
             self._measurements.extend(found)
             self._total += len(found)
             self._new_since_check = True
+
+    def _remember(self, round_id: str) -> None:
+        """Remember ``round_id`` as read (the newest :data:`SEEN_REMEMBERED`)."""
+        if len(self._seen_order) >= SEEN_REMEMBERED:
+            self._seen.discard(self._seen_order.popleft())
+        self._seen_order.append(round_id)
+        self._seen.add(round_id)
 
     def _outage(self, exc: Exception) -> None:
         if self._outage_since is None:

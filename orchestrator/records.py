@@ -17,10 +17,14 @@ what only the moment of measurement needed: the reasons' details, each
 server's wire address, raw t1/t4, reference ids, each attempt's start time,
 the agreement's member lists (the statuses say them).  A sample's time is its
 round's.
-Offsets keep 100 ns; delays, durations and bounds a microsecond (bounds
-rounded up: a bound stays a bound); times stay exact, since readers compare
-them.  Each server entry uses short keys (:data:`SHORT`), and values equal to
-their default are left out.
+The published measurement keeps its numbers exactly (a float's ``repr``, which
+JSON gives back bit for bit), and so does the sample it was chosen from (the
+chosen server's entry, which says its delay, stratum and own bound), so a
+measurement read through the history is the ``latest`` key's, every field
+equal (issue #24).  Every other number is rounded: offsets to 100 ns; delays,
+durations and bounds to a microsecond (bounds rounded up: a bound stays a
+bound); times stay exact, since readers compare them.  Each server entry uses
+short keys (:data:`SHORT`), and values equal to their default are left out.
 
 Readers never see that encoding: :func:`expand` turns a stored record back into
 the usual shape (``Store.history``, the reader API and the exporter all call it),
@@ -54,25 +58,31 @@ LONG = {short: long for long, short in SHORT.items()}
 #: What a sample keeps in a compact record (its time is the round's).
 SAMPLE_FIELDS = ("offset_s", "delay_s", "uncertainty_s", "stratum", "samples_taken")
 
-#: What the published measurement keeps: every field of ``latest`` that its record and chosen
+#: What the published measurement keeps, exactly: every field of ``latest`` that its record and chosen
 #: server's entry do not already say -- server, delay, stratum and the sample's own bound are in
 #: the chosen server's entry, node, round, quality and servers used in the record, and
 #: ``published_at`` is its ``finished_at`` -- so a measurement read through the history has every
-#: field ``latest`` has (issue #24: "the reader loses nothing").  ``leap`` is kept only when it is
-#: not 0 (absent: 0, as in an entry written before it was kept).
+#: field ``latest`` has, with the same value (issue #24: "the reader loses nothing").  ``leap`` and
+#: ``nts`` are kept only when they are not 0 and false (:data:`LATEST_DEFAULTS`; absent: those, as in an
+#: entry written before ``leap`` was kept).
 LATEST_FIELDS = ("offset", "uncertainty", "precision", "measured_at", "nts", "leap", "root_delay",
                  "root_dispersion", "address", "selection")
 
 #: ... and for a combination (``selection: combine`` over more than one server), what is the
 #: combination's own rather than its primary server's; the servers combined are the entries
 #: whose status is ``chosen`` or ``combined``.  A stored measurement with a ``delay`` is a
-#: combination's (records written before ``selection`` was always kept marked it the same way).
+#: combination's (records written before ``selection`` was always kept marked it the same way), and
+#: its ``selection`` is ``combine`` unless it says otherwise (:data:`COMBINATION_DEFAULTS`).
 COMBINATION_FIELDS = ("delay", "stratum", "sample_uncertainty")
 
 #: A published measurement's fields left out of a compact record when they have this value.
-LATEST_DEFAULTS = {"leap": 0}
+LATEST_DEFAULTS: dict[str, Any] = {"leap": 0, "nts": False}
 
-#: Digits kept: 100 ns for offsets, microseconds for delays, bounds (rounded up) and durations.
+#: ... and a combination's.
+COMBINATION_DEFAULTS: dict[str, Any] = {"selection": "combine"}
+
+#: Digits kept (but by the published measurement and its sample): 100 ns for offsets, microseconds for
+#: delays, bounds (rounded up) and durations.
 OFFSET_DIGITS = 7
 US_DIGITS = 6
 
@@ -94,7 +104,12 @@ def compact(record: dict[str, Any]) -> dict[str, Any]:
     shared = workers.pop() if len(workers) == 1 else None
     if shared is not None:
         out["worker"] = shared  # the worker that took every server (the node's own, normally)
-    out["servers"] = [compact_server(s, shared) for s in record["servers"]]
+    latest = record.get("latest")
+    # The sample published, when the measurement is one server's: expand() takes its delay, stratum and own
+    # bound from the chosen server's entry, which so keeps them exactly.  A combination keeps its own.
+    sampled = latest is not None and not latest.get("combined")
+    out["servers"] = [compact_server(s, shared, exact=sampled and s["status"] == ServerStatus.CHOSEN)
+                      for s in record["servers"]]
     agreement = record.get("agreement")
     if agreement:
         out["agreement"] = {key: agreement[key] for key in ("majority", "votes", "depth") if key in agreement}
@@ -106,13 +121,14 @@ def compact(record: dict[str, Any]) -> dict[str, Any]:
     if verdict is not None:
         out["filter"] = {k: (_number("offset", v) if isinstance(v, float) else v)
                          for k, v in verdict.items() if v not in (None, False)}
-    if record.get("latest") is None and record.get("candidate") is not None:
+    if latest is None and record.get("candidate") is not None:
         out["candidate"] = record["candidate"]  # refused by the filter: what it refused
-    latest = record.get("latest")
-    fields = LATEST_FIELDS + COMBINATION_FIELDS if latest and latest.get("combined") else LATEST_FIELDS
-    out["latest"] = None if latest is None else {
-        key: _number(key, latest[key]) for key in fields
-        if key in latest and not (key in LATEST_DEFAULTS and latest[key] == LATEST_DEFAULTS[key])}
+    combination = bool(latest and latest.get("combined"))
+    fields = LATEST_FIELDS + COMBINATION_FIELDS if combination else LATEST_FIELDS
+    implied = {**LATEST_DEFAULTS, **COMBINATION_DEFAULTS} if combination else LATEST_DEFAULTS
+    out["latest"] = None if latest is None else {  # exactly: the latest key's numbers, bit for bit
+        key: latest[key] for key in fields
+        if key in latest and not (key in implied and _same_value(latest[key], implied[key]))}
     out["detail"] = COMPACT
     return out
 
@@ -146,9 +162,10 @@ def expand(stored: dict[str, Any]) -> dict[str, Any]:
                                 "stratum": sample.get("stratum"), "sample_uncertainty": sample.get("uncertainty_s")}
                                if chosen else {}),
                             **stored_latest}
-        if "delay" in stored_latest and "combined" not in stored_latest:  # a combination's servers
+        if "delay" in stored_latest and "combined" not in stored_latest:  # a combination: its servers
             record["latest"]["combined"] = sorted(s["server"] for s in record["servers"]
                                                   if s["status"] in ("chosen", "combined"))
+            record["latest"] = {**COMBINATION_DEFAULTS, **record["latest"]}
     return record
 
 
@@ -169,7 +186,8 @@ def with_late(record: dict[str, Any], said: dict[str, dict[str, Any]]) -> dict[s
     return record
 
 
-def compact_server(entry: dict[str, Any], shared_worker: str | None) -> dict[str, Any]:
+def compact_server(entry: dict[str, Any], shared_worker: str | None, *, exact: bool = False) -> dict[str, Any]:
+    """A server's entry as compact records keep it; ``exact``: its sample's numbers unrounded (the published one)."""
     out: dict[str, Any] = {"s": entry["server"], "st": entry["status"]}
     if entry.get("worker") != shared_worker:
         out["w"] = entry.get("worker")
@@ -186,7 +204,8 @@ def compact_server(entry: dict[str, Any], shared_worker: str | None) -> dict[str
         out["h"] = [a.get("reason") for a in attempts]  # each attempt's reason (null: it succeeded)
     sample = entry.get("sample")
     if sample:
-        out.update({SHORT[key]: _number(key, sample[key]) for key in SAMPLE_FIELDS if key in sample})
+        out.update({SHORT[key]: sample[key] if exact else _number(key, sample[key])
+                    for key in SAMPLE_FIELDS if key in sample})
         if sample.get("nts"):
             out["a"] = True  # NTS-authenticated (absent: not)
     return out
@@ -208,6 +227,11 @@ def expand_server(stored: dict[str, Any], shared_worker: str | None) -> dict[str
     if sample:
         entry["sample"] = sample
     return entry
+
+
+def _same_value(value: Any, default: Any) -> bool:
+    """``value`` is ``default``, of its type too (``False`` is no leap of 0, nor ``0`` an ``nts`` of false)."""
+    return type(value) is type(default) and value == default
 
 
 def _number(key: str, value: Any) -> Any:

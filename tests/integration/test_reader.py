@@ -32,7 +32,7 @@ import redis
 import yaml
 
 from orchestrator import records, rounds
-from orchestrator.consumer import ClockMeasurementSource, Measurement, NtpReader
+from orchestrator.consumer import KEEP_MEASUREMENTS, ClockMeasurementSource, Measurement, NtpReader
 from orchestrator.store import Store
 from simulator.local import RedisProcess
 from simulator.server import Behaviour
@@ -67,19 +67,31 @@ def _redis_now(client) -> float:
 
 
 def _record(round_id: str, *, published_at: float, measured_at: float | None = None, offset: float = 0.0012,
-            node: str = NODE) -> dict:
-    """A one-server round record as the callback builds it (``published_at``: Redis' clock)."""
+            node: str = NODE, numbers: dict | None = None, combined: bool = False) -> dict:
+    """A one-server round record as the callback builds it (``published_at``: Redis' clock).
+
+    ``numbers`` replaces ``latest``'s (the chosen server's sample follows); ``combined``: a combination of
+    s1 (chosen) and s2, with its own delay, stratum and sample bound.
+    """
     measured_at = published_at - 0.05 if measured_at is None else measured_at
     latest = {"node": node, "round_id": round_id, "offset": offset, "uncertainty": 0.0021,
               "sample_uncertainty": 0.0021, "delay": 0.004, "stratum": 2, "leap": 0, "root_delay": 0.0003,
               "root_dispersion": 0.0002, "precision": 2 ** -20, "server": "s1", "address": "127.0.0.1:123",
               "quality": "strict", "measured_at": measured_at, "published_at": published_at, "servers_used": 1,
-              "servers_total": 1, "selection": "best", "nts": False}
-    sample = {"offset_s": offset, "delay_s": 0.004, "uncertainty_s": 0.0021, "stratum": 2, "samples_taken": 1}
+              "servers_total": 1, "selection": "best", "nts": False, **(numbers or {})}
+    sample = {"offset_s": latest["offset"], "delay_s": latest["delay"], "uncertainty_s": latest["sample_uncertainty"],
+              "stratum": 2, "samples_taken": 1}
+    servers = [{"server": "s1", "status": "chosen", "attempts": 1, "history": [{"reason": None}], "worker": "w",
+                "sample": sample}]
+    if combined:  # the combination's own figures differ from its primary's (s1's) sample
+        servers.append({"server": "s2", "status": "combined", "attempts": 1, "history": [{"reason": None}],
+                        "worker": "w", "sample": {"offset_s": 0.00098765432101, "delay_s": 0.0061234567,
+                                                  "uncertainty_s": 0.0033333333, "stratum": 3, "samples_taken": 1}})
+        sample.update(delay_s=0.0051234567891, uncertainty_s=0.0031111111)
+        latest.update(selection="combine", combined=["s1", "s2"], servers_used=2, servers_total=2, stratum=3)
     return {"round_id": round_id, "node": node, "quality": "strict", "dispatched_at": published_at - 0.1,
-            "finished_at": published_at, "duration_s": 0.1, "servers_used": 1, "servers_total": 1,
-            "servers": [{"server": "s1", "status": "chosen", "attempts": 1, "history": [{"reason": None}],
-                         "worker": "w", "sample": sample}],
+            "finished_at": published_at, "duration_s": 0.1, "servers_used": latest["servers_used"],
+            "servers_total": latest["servers_total"], "servers": servers,
             "agreement": None, "filter": None, "candidate": None, "latest": latest}
 
 
@@ -257,20 +269,178 @@ def test_stream_ids_that_go_back_are_noticed_and_read_again_without_duplicates(h
         client.close()
 
 
+def _a_second_apart(count: int, *, newest_at: float) -> list[tuple[str, dict]]:
+    """``count`` rounds 1 s apart (a warm-up), the newest published at ``newest_at`` (Redis' clock): each as
+    (stream id, fields), the id Redis' milliseconds as XADD gives them.  Round ``i`` is ``round<i>`` and its
+    offset is ``i`` ms, so a wrong "latest" shows."""
+    return [(f"{int((newest_at - (count - i)) * 1000)}-0",
+             _entry(_record(f"round{i:04d}", published_at=newest_at - (count - i), offset=i / 1000)))
+            for i in range(1, count + 1)]
+
+
+def _hold_a_full_deque(client, history: str, source_for, prefix: str, rounds, *,
+                       live: int) -> tuple[ClockMeasurementSource, list[str]]:
+    """The drop-in holds the newest :data:`KEEP_MEASUREMENTS` of ``rounds``, the last ``live`` of them read live
+    (the rounds before: read at start-up and gone from its memory); has_new_measurement is cleared."""
+    with client.pipeline(transaction=False) as pipe:
+        for entry_id, fields in rounds[:len(rounds) - live]:
+            pipe.xadd(history, fields, id=entry_id)
+        pipe.execute()
+    source = source_for(prefix)
+    wait_for(lambda: len(_held(source)) == KEEP_MEASUREMENTS, timeout_s=FOLLOW_WAIT_S, what="a full memory")
+    for entry_id, fields in rounds[len(rounds) - live:]:
+        client.xadd(history, fields, id=entry_id)
+    newest = f"round{len(rounds):04d}"
+    wait_for(lambda: _held(source)[-1:] == [newest], timeout_s=FOLLOW_WAIT_S, what="the rounds read live")
+    held = _held(source)
+    assert held == [f"round{i:04d}" for i in range(len(rounds) - KEEP_MEASUREMENTS + 1, len(rounds) + 1)]
+    assert source.has_new_measurement() is True
+    return source, held
+
+
+def _total(source: ClockMeasurementSource) -> int:
+    return source.ntp_client.get_measurement_statistics()["total_measurements"]
+
+
+def _remake(client, history: str, entries, new=()) -> None:
+    """Make ``history`` again in one transaction: ``entries`` ((id, fields) each) with their ids, then ``new``
+    (fields each) with ids XADD gives them."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.delete(history)
+        for entry_id, fields in entries:
+            pipe.xadd(history, fields, id=entry_id)
+        for fields in new:
+            pipe.xadd(history, fields)
+        pipe.execute()
+
+
+@pytest.mark.parametrize(("live", "kept", "emptied_first"), [(5, 1004, False), (0, 1000, False), (0, 5, False),
+                                                            (0, 1000, True)],
+                         ids=["read_before", "never_read", "older_copy", "emptied_then_restored"])
+def test_a_stream_gone_back_hands_out_no_older_round(live, kept, emptied_first, redis_client, key_prefix, source_for,
+                                                     caplog):
+    """A replica some entries behind takes over (a Sentinel failover), or an older AOF or copy is restored.
+
+    1,005 rounds a second apart; the drop-in holds the newest 1,000, and the stream is made again with only
+    the first ``kept``.  ``read_before``: the drop-in read rounds 1-5 too (they left its memory as 1001-1005
+    came), and the stream lost round 1005: its re-read once admitted rounds 1-5 again, after 1005 --
+    ChronoTick got round 5's offset, published 1,000 s before, as the latest, and 1,006 rounds counted.
+    ``never_read``: rounds 1-5 came before the 1,000 it read at start-up, and the stream lost rounds
+    1001-1005; ``older_copy``: it is a copy older than every round read, rounds 1-5 alone.  Older than
+    every round held, they must not come after them.  ``emptied_then_restored``: as ``never_read``, but the
+    drop-in sees the stream empty first (Redis restarted empty, then its data restored): it waits on an
+    empty stream, and reads the restored one from its start once there is one, its newest 1,000 (it once
+    read from its oldest, and admitted rounds 1-5 after round 1005).
+    """
+    caplog.set_level(logging.WARNING)
+    history = f"{key_prefix}:ntp:{NODE}:history"
+    rounds = _a_second_apart(KEEP_MEASUREMENTS + 5, newest_at=_redis_now(redis_client))
+    source, held = _hold_a_full_deque(redis_client, history, source_for, key_prefix, rounds, live=live)
+    assert source.get_latest_offset() == 1.005 and _total(source) == KEEP_MEASUREMENTS + live
+
+    if emptied_first:
+        redis_client.delete(history)
+        wait_for(lambda: source._last_id == "0-0", timeout_s=FOLLOW_WAIT_S, what="the follower to see it empty")
+    _remake(redis_client, history, rounds[:kept])
+    wait_for(lambda: any("changed under the reader" in r.getMessage() for r in caplog.records),
+             timeout_s=FOLLOW_WAIT_S, what="the follower to notice the stream made again")
+    wait_for(lambda: source._last_id == rounds[kept - 1][0], timeout_s=FOLLOW_WAIT_S, what="the new stream read")
+    time.sleep(0.6)  # a few more reads: nothing comes back
+    assert _held(source) == held
+    assert source.get_latest_offset() == 1.005 and _total(source) == KEEP_MEASUREMENTS + live
+    assert source.has_new_measurement() is False
+    assert not _clock_behind(caplog)  # Redis' clock did not go back
+
+    # It follows the stream from there: the next round is read, after the newest.
+    redis_client.xadd(history, _entry(_record("next", published_at=_redis_now(redis_client), offset=2.0)))
+    wait_for(lambda: _held(source)[-1:] == ["next"], timeout_s=FOLLOW_WAIT_S, what="the next round")
+    assert _held(source) == held[1:] + ["next"] and source.get_latest_offset() == 2.0
+    assert _total(source) == KEEP_MEASUREMENTS + live + 1
+
+
+def test_a_replica_behind_in_entries_and_in_clock_has_its_new_rounds_read(redis_client, key_prefix, source_for,
+                                                                           caplog):
+    """A replica one entry behind takes over, its clock 1 s behind the old master's.
+
+    Its first round is published after round 3 (the entry it lacks) but at an earlier time on its clock, and
+    the drop-in re-reads after that clock has passed round 3's time: the round is newer by the stream's
+    order, which is the order of publication, and is read, after round 3.
+    """
+    caplog.set_level(logging.WARNING)
+    history = f"{key_prefix}:ntp:{NODE}:history"
+    now = _redis_now(redis_client)
+    rounds = _a_second_apart(3, newest_at=now - 8)  # published at now - 10, - 9 and - 8
+    for entry_id, fields in rounds:
+        redis_client.xadd(history, fields, id=entry_id)
+    source = source_for(key_prefix)
+    wait_for(lambda: _held(source) == ["round0001", "round0002", "round0003"], timeout_s=FOLLOW_WAIT_S,
+             what="the rounds")
+    new = [_entry(_record(f"new{i}", published_at=now - 8.5 + i, offset=-1.0 - i)) for i in range(2)]
+    _remake(redis_client, history, rounds[:-1], new)
+    wait_for(lambda: _held(source)[-1:] == ["new1"], timeout_s=FOLLOW_WAIT_S, what="the new rounds")
+    time.sleep(0.6)
+    assert _held(source) == ["round0001", "round0002", "round0003", "new0", "new1"]
+    assert source.get_latest_offset() == -2.0 and _total(source) == 5
+    assert not _clock_behind(caplog)  # told by the stream's order, not by a clock
+
+
+@pytest.mark.parametrize("how", ["emptied", "older_copy"])
+def test_rounds_published_after_redis_clock_went_back_are_read(how, redis_client, key_prefix, source_for, caplog):
+    """Redis' clock went back an hour: the rounds held were published at what it now reads as the future.
+
+    ``emptied``: Redis restarted empty, so the new rounds' ids and publish times are both below the ones
+    held: told by nothing but Redis' clock, reading before the newest held.  ``older_copy``: Redis came
+    back with a copy holding rounds 1-5 (read at start-up, long gone from the drop-in's memory), the new
+    rounds after them (XADD's ids never go back within a stream; their publish times do).  The new rounds
+    are read, after the ones held, and no round read before comes back (rounds 1-5 once did).
+    """
+    caplog.set_level(logging.WARNING)
+    history = f"{key_prefix}:ntp:{NODE}:history"
+    rounds = _a_second_apart(KEEP_MEASUREMENTS + 5, newest_at=_redis_now(redis_client) + 3600)
+    source, held = _hold_a_full_deque(redis_client, history, source_for, key_prefix, rounds, live=5)
+
+    now = _redis_now(redis_client)  # an hour before the newest round held
+    new = [_entry(_record(f"new{i}", published_at=now + i / 1000, offset=-1.0 - i)) for i in range(2)]
+    _remake(redis_client, history, rounds[:5] if how == "older_copy" else [], new)
+    wait_for(lambda: _held(source)[-1:] == ["new1"], timeout_s=FOLLOW_WAIT_S, what="the new rounds")
+    time.sleep(0.6)  # a few more reads: nothing more, nothing twice
+    assert _held(source) == held[2:] + ["new0", "new1"]
+    assert source.get_latest_offset() == -2.0 and _total(source) == KEEP_MEASUREMENTS + 5 + 2
+    # Said once, with why, when only Redis' clock tells (a round read before in the stream tells the rest).
+    assert len(_clock_behind(caplog)) == (how == "emptied"), caplog.text
+
+
+def _clock_behind(caplog) -> list[str]:
+    return [m for m in (r.getMessage() for r in caplog.records) if "before the newest round held" in m]
+
+
 # -- every field comes out the same -------------------------------------------------------------------
 
-#: What the compact history keeps of a number (records.py's module doc): offsets to 100 ns, delays to
-#: a microsecond, bounds rounded up to one.  Everything else comes out exactly.
-NEAREST = {"offset": 0.5e-7, "delay": 0.5e-6, "root_delay": 0.5e-6}
-ROUNDED_UP = {"uncertainty", "sample_uncertainty", "root_dispersion"}
+#: Numbers no rounding keeps (the review's): the compact history once kept offsets to 100 ns, delays to
+#: a microsecond and bounds rounded up to one, so a reader of the history got numbers ``latest`` did not have.
+UNROUNDED = {"offset": 0.00123456789, "uncertainty": 0.00210000001, "sample_uncertainty": 0.0020000000701,
+             "delay": 0.0040004999, "root_delay": 0.00030049, "root_dispersion": 0.0002000001}
 
 
-def _same(key: str, kept, published) -> bool:
-    if key in NEAREST:
-        return abs(kept - published) <= NEAREST[key] + 1e-15
-    if key in ROUNDED_UP:
-        return 0 <= kept - published < 1e-6
-    return kept == published
+@pytest.mark.parametrize("combined", [False, True], ids=["best", "combine"])
+def test_every_number_of_latest_comes_out_exactly_through_the_history(combined, redis_url, redis_client, key_prefix,
+                                                                      source_for):
+    """``latest`` against ``NtpReader.latest``, ``NtpReader.history`` and the drop-in: equal, every field."""
+    record = _record("exact", published_at=_redis_now(redis_client), numbers=UNROUNDED, combined=combined)
+    published = json.loads(json.dumps(record["latest"]))
+    Store(redis_client, prefix=key_prefix).publish_round(record, history_length=100, window_size=20)
+    source = source_for(key_prefix)
+    with NtpReader(redis_url, prefix=key_prefix, stale_after_s=3 * INTERVAL_S) as reader:
+        direct = reader.latest(NODE)
+        history = reader.history(NODE)[-1]["latest"]
+    assert direct.raw == published
+    assert history == published, {k: (history.get(k), v) for k, v in published.items() if history.get(k) != v}
+    wait_for(lambda: _held(source) == ["exact"], timeout_s=FOLLOW_WAIT_S, what="the round")
+    held = source._snapshot()[0][-1]
+    assert held == direct and held.raw == published  # every field of the dataclass, and the JSON
+    assert source.get_latest_measurement() == direct.as_chronotick()
+    assert source.get_latest_offset() == UNROUNDED["offset"]
+    assert source.get_recent_measurements(60) == [(direct.measured_at, direct.offset, direct.uncertainty)]
 
 
 @pytest.mark.parametrize("selection", ["combine", "best"])
@@ -295,10 +465,9 @@ def test_every_field_of_latest_comes_out_the_same_through_every_reader(selection
         with NtpReader.from_config(str(path)) as reader:
             direct = reader.latest(TEST_NODE)
             history = reader.history(TEST_NODE)[-1]["latest"]
-        assert direct.raw == json.loads(json.dumps(published))
-        assert set(history) == set(published), set(published) ^ set(history)
-        differ = {k: (history[k], published[k]) for k in published if not _same(k, history[k], published[k])}
-        assert not differ
+        published = json.loads(json.dumps(published))  # as Redis keeps it: a float's repr, exact
+        assert direct.raw == published
+        assert history == published, {k: (history.get(k), v) for k, v in published.items() if history.get(k) != v}
 
         starting = ClockMeasurementSource(str(path), TEST_NODE)  # reading it at start-up
         starting.start_collection()
@@ -311,12 +480,12 @@ def test_every_field_of_latest_comes_out_the_same_through_every_reader(selection
             for m in (from_history, *held):
                 for f in dataclasses.fields(Measurement):
                     if f.compare:
-                        assert _same(f.name, getattr(m, f.name), getattr(direct, f.name)), f.name
+                        assert getattr(m, f.name) == getattr(direct, f.name), f.name
                 assert m.raw == history
             for source in (live, starting):
                 got = source.get_latest_measurement()
                 assert got == held[0].as_chronotick()
-                assert all(_same(k, got[k], v) for k, v in direct.as_chronotick().items()), (got, direct)
+                assert got == direct.as_chronotick()
                 assert source.get_recent_measurements(300)[-1] == (held[0].measured_at, held[0].offset,
                                                                    held[0].uncertainty)
                 assert source.ntp_client.get_measurement_statistics()["servers_used"] == \
