@@ -13,8 +13,10 @@ from .contracts import ClosedBy, ServerStatus
 
 #: Counters every node's stats hash has (zero until first counted).  ``queries`` counts attempts and
 #: ``requests`` the request packets they sent (an advanced-mode attempt is a burst): see docs/contract.md.
-COUNTERS = ("rounds", "strict", "relaxed", "starvation", "outlier", "queries", "requests", "retries", "replies",
-            "rejected", "falsetickers", "early", "late")
+#: ``starvation`` is NTP starvation only; ``outage`` counts rounds no server could be asked or reached in
+#: (:func:`orchestrator.contracts.outage_of`), apart.
+COUNTERS = ("rounds", "strict", "relaxed", "starvation", "outlier", "outage", "queries", "requests", "retries",
+            "replies", "rejected", "falsetickers", "early", "late")
 
 #: Upper bounds of the round-time histogram (s): around ChronoTick's targets,
 #: 500 ms on average and 2 s at p99, and up to a whole retry schedule.

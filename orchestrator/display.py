@@ -51,6 +51,9 @@ def format_round(record: dict) -> str:
         filt = record["filter"]
         lines.append(f"chosen: nothing -- {record['candidate']['server']} was {filt['z']:.1f} sigma from the "
                      f"recent results (temporal filter); the previous latest stays")
+    elif record["quality"] == Quality.OUTAGE:
+        lines.append("chosen: nothing -- outage: no server could be asked or reached (the node's worker or "
+                     "path, not NTP); the previous latest (if any) stays, with its age")
     else:
         lines.append("chosen: nothing -- starvation; the previous latest (if any) stays, with its age")
     return "\n".join(lines)
@@ -123,6 +126,10 @@ def format_status(nodes: dict[str, dict], *, hours: float, color: bool = False) 
             t = n["targets"][target.name]
             lines.append(f"  {target.doc:<28} {show(t['value'], target.unit):>10} "
                          f"{'<= ' + show(t['limit'], target.unit):>10}  {mark(t['ok'])}")
+        outages = n.get("outages") or []
+        if outages:  # no server asked or reached: the node's worker or path, not NTP (no target counts them)
+            lines.append(f"  outages: {len(outages)} round(s) in which no server could be asked or reached "
+                         f"(not starvation); newest: {outages[-1]['why'] or outages[-1]['round_id']}")
     held = sum(n["ok"] for n in nodes.values())
     lines.append(f"{held} of {len(nodes)} node(s) meet every target")
     return "\n".join(lines)

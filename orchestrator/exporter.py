@@ -28,6 +28,8 @@ from redis.retry import Retry
 from relay.counts import read_all as read_relays
 from relay.stats import COUNTERS as RELAY_COUNTERS
 from workers import redisurl
+from workers.config import ServiceSettings
+from workers.keys import QUEUE_PREFIX
 from workers.redisclock import latest_age_s, time_of
 
 from . import records, servers
@@ -75,10 +77,13 @@ class NtpCollector(Collector):
     stale_after_s:
         Exported as ``chronotick_ntp_stale_after_seconds`` so the stale-node
         alert needs no number of its own.
+    beat_lease_s:
+        ``ntp_service.beat_lease_seconds``: the lease's age is this minus its
+        remaining time to live (:mod:`orchestrator.leader`).
     """
 
     def __init__(self, client: redis.Redis, *, prefix: str = "chronotick", nodes: tuple[str, ...] = (),
-                 stale_after_s: float = 360.0):
+                 stale_after_s: float = 360.0, beat_lease_s: float = ServiceSettings.beat_lease_seconds):
         self.client = client
         client.set_retry(Retry(NoBackoff(), SCRAPE_RETRIES))  # the exporter's client: its scrapes' policy
         # Each scrape reads Redis: the probe that says, once each, that it lost Redis and that it is back.
@@ -86,6 +91,9 @@ class NtpCollector(Collector):
         self.keys = Keys(prefix)
         self.configured_nodes = tuple(nodes)
         self.stale_after_s = stale_after_s
+        self.beat_lease_s = beat_lease_s
+        #: The lease's holder and remaining time to live (s), as the last scrape read them.
+        self.lease: tuple[str | None, float | None] = (None, None)
 
     def collect(self):
         up = GaugeMetricFamily(f"{NAMESPACE}_redis_up", "1 if the service's Redis answered this scrape, else 0")
@@ -104,6 +112,7 @@ class NtpCollector(Collector):
         up.add_metric([], 1)
         yield up
         yield from self._families(snapshot, service_now)
+        yield from self._beat_families()
         try:
             yield from self._relay_families(read_relays(self.client, self.keys.prefix))
         except redis.RedisError as exc:
@@ -124,6 +133,13 @@ class NtpCollector(Collector):
             for r, label_values in zip(reports, values, strict=True):
                 family.add_metric(label_values, float(r.get(name) or 0))
             yield family
+        age = GaugeMetricFamily(f"{NAMESPACE}_relay_report_age_seconds",
+                                "Seconds since the relay port last reported its counts (every 10 s while it runs; "
+                                "on Redis' clock)", labels=labels)
+        for r, label_values in zip(reports, values, strict=True):
+            if r.get("report_age_s") is not None:
+                age.add_metric(label_values, float(r["report_age_s"]))
+        yield age
         delay = GaugeMetricFamily(f"{NAMESPACE}_relay_added_delay_seconds",
                                   "Delay the relay's hop adds to a round trip, by quantile",
                                   labels=[*labels, "quantile"])
@@ -144,11 +160,16 @@ class NtpCollector(Collector):
             pipe.xrevrange(self.keys.history(node), count=1)
             pipe.hgetall(self.keys.reach(node))
             pipe.xrevrange(self.keys.late(node), count=1)
+            pipe.smembers(self.keys.workers(QUEUE_PREFIX + node))
+        pipe.get(self.keys.beat())
+        pipe.pttl(self.keys.beat())
         pipe.time()
-        *replies, now = pipe.execute()
+        *replies, holder, lease_ttl_ms, now = pipe.execute()
+        heartbeats = {node: sorted(_text(h) for h in replies[7 * i + 6]) for i, node in enumerate(nodes)}
+        alive = self._alive(heartbeats)
         snapshot = {}
         for i, node in enumerate(nodes):
-            latest, stats, durations, newest, reach, late = replies[6 * i:6 * i + 6]
+            latest, stats, durations, newest, reach, late = replies[7 * i:7 * i + 6]
             record = records.expand(json.loads(_text(_field(newest[0][1], "record")))) if newest else None
             if record is not None and late:
                 round_id, said = records.late_of(late[0][1])
@@ -160,8 +181,43 @@ class NtpCollector(Collector):
                 "durations": {_text(k): float(v) for k, v in durations.items()},
                 "record": record,
                 "reach": Reach.registers(reach),
+                "live_workers": alive[node],
             }
+        self.lease = (None if holder is None else _text(holder),
+                      lease_ttl_ms / 1000 if isinstance(lease_ttl_ms, int) and lease_ttl_ms >= 0 else None)
         return snapshot, time_of(now)
+
+    def _alive(self, heartbeats: dict[str, list[str]]) -> dict[str, int]:
+        """How many of each node's workers have a heartbeat that has not expired (:mod:`workers.heartbeat`).
+
+        Read only: the set's expired members are left for the workers' readers to drop.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for node, hostnames in heartbeats.items():
+            for hostname in hostnames:
+                pipe.exists(self.keys.worker(QUEUE_PREFIX + node, hostname))
+        found = iter(pipe.execute() if any(heartbeats.values()) else [])
+        return {node: sum(1 for _ in hostnames if next(found)) for node, hostnames in heartbeats.items()}
+
+    def _beat_families(self):
+        """Which beat leads (the lease's holder, :mod:`orchestrator.leader`) and how long since it renewed."""
+        holder, remaining = self.lease
+        held = GaugeMetricFamily(f"{NAMESPACE}_beat_lease_held", "1 if a beat holds the dispatch lease (one leads), "
+                                 "else 0: no round is dispatched")
+        held.add_metric([], 0 if holder is None else 1)
+        yield held
+        who = GaugeMetricFamily(f"{NAMESPACE}_beat_lease_holder", "The beat holding the dispatch lease "
+                                "(host:pid:token), 1", labels=["holder"])
+        age = GaugeMetricFamily(f"{NAMESPACE}_beat_lease_age_seconds", "Seconds since the leading beat last "
+                                "took or renewed its lease (it renews every third of the lease)")
+        left = GaugeMetricFamily(f"{NAMESPACE}_beat_lease_remaining_seconds", "Seconds before the lease lapses "
+                                 "unless renewed (then a standby beat may take it)")
+        if holder is not None:
+            who.add_metric([holder], 1)
+            if remaining is not None:
+                left.add_metric([], remaining)
+                age.add_metric([], max(0.0, self.beat_lease_s - remaining))
+        yield from (who, age, left)
 
     def _families(self, snapshot: dict[str, dict], service_now: float):
         def gauge(name, doc, labels=("node",)):
@@ -213,9 +269,12 @@ class NtpCollector(Collector):
         late = counter("late_replies", "Servers still out when their round was published early, counted as "
                        "their outcome came")
         early = counter("early_rounds", "Rounds published before every server had answered")
+        workers = gauge("live_workers", "Workers whose heartbeat on the node's queue has not expired (0: nobody "
+                        "measures the node)")
 
         for node, data in snapshot.items():
             stale_after.add_metric([node], self.stale_after_s)
+            workers.add_metric([node], data["live_workers"])
             latest = data["latest"]
             if latest is not None:
                 offset.add_metric([node], latest["offset"])
@@ -270,7 +329,7 @@ class NtpCollector(Collector):
         yield from (offset, uncertainty, delay, stratum, published, measured, age, stale_after, info, rounds, queries,
                     requests, retries, replies, rejections, failures, falsetickers, early, late, duration,
                     server_offset, server_delay, server_stratum, server_uncertainty, server_reach, server_reachable,
-                    server_state)
+                    server_state, workers)
 
 
 def registry_for(collector: NtpCollector) -> CollectorRegistry:

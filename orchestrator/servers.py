@@ -5,7 +5,9 @@ the newest in bit 0, set where the server gave a usable reply -- one that
 passed RFC 5905's checks, whether or not selection then used it (a
 falseticker is reachable, and shown as a falseticker).  It is kept in Redis
 per node and server (:meth:`orchestrator.store.Store.reach`); everything else
-here is read from the node's round records.
+here is read from the node's round records.  An ``outage`` round -- no server
+asked or reached, the node's worker or path being the cause -- shifts no bit
+into any register and sets no server's state.
 
 A server's **state** is its part in the newest round that heard from it:
 
@@ -30,7 +32,7 @@ from typing import Any
 
 from workers.contracts import KOD_PREFIX
 
-from .contracts import ServerStatus
+from .contracts import Quality, ServerStatus
 from .counting import NO_REPLY_REASONS
 
 
@@ -115,7 +117,9 @@ def report(node: str, servers: list[str], records: list[dict[str, Any]],
             if name not in failures:
                 continue  # no longer configured
             seen[name] += 1
-            if entry["status"] != ServerStatus.LATE or entry.get("sample") or entry.get("reason"):
+            if record["quality"] == Quality.OUTAGE:
+                pass  # asked no server (or none could be reached): says nothing of any, as its reach bit
+            elif entry["status"] != ServerStatus.LATE or entry.get("sample") or entry.get("reason"):
                 newest[name] = entry
             if entry.get("sample"):
                 last_good[name] = (entry["sample"], record["finished_at"])

@@ -10,7 +10,7 @@ With prefix ``chronotick`` and node ``n1``:
 ``chronotick:ntp:n1:updates``
     Pub/sub channel: each new ``latest`` as it is published.
 ``chronotick:ntp:n1:stats``
-    Hash of counters: rounds, strict, relaxed, starvation, outlier, queries
+    Hash of counters: rounds, strict, relaxed, starvation, outlier, outage, queries
     (attempts, retries included; an advanced-mode attempt is a burst), requests
     (request packets sent), retries, replies (reply packets received), rejected
     (replies refused), falsetickers, early, late, plus ``rejected:<reason>`` and
@@ -52,7 +52,7 @@ from workers.keys import Keys
 from workers.redisclock import clock_for
 
 from . import records, selection
-from .contracts import ServerStatus
+from .contracts import Quality, ServerStatus
 from .counting import COUNTERS, duration_fields, late_counters, round_counters
 from .servers import Reach
 
@@ -128,8 +128,9 @@ class Store:
                 pipe.set(claim, json.dumps(state), ex=ROUND_CLAIM_TTL_S)
                 self._queue_publish(pipe, record, history_length=history_length, window_size=window_size,
                                     history_hours=history_hours, detail=detail, complete=not late)
-                self._queue_reach(pipe, node, {s["server"]: s.get("sample") is not None
-                                               for s in record["servers"] if s["status"] != ServerStatus.LATE})
+                if record["quality"] != Quality.OUTAGE:  # an outage asked no server: no bit from any
+                    self._queue_reach(pipe, node, {s["server"]: s.get("sample") is not None
+                                                   for s in record["servers"] if s["status"] != ServerStatus.LATE})
                 # The whole record, for whoever waits for this round (``measure``): the history keeps less.
                 pipe.publish(self.keys.round_events(node), json.dumps({"round_id": round_id, "state": state["state"],
                                                                        "record": record}))

@@ -8,7 +8,9 @@ target                    limit    definition (over the rounds finished in the w
 ========================  =======  ==================================================
 ``round_time_avg_s``      0.5 s    mean of ``duration_s`` (dispatch to finish)
 ``round_time_p99_s``      2 s      99th percentile of ``duration_s`` (nearest rank)
-``starvation_events``     0        rounds of quality ``starvation``
+``starvation_events``     0        rounds of quality ``starvation`` (NTP starvation only:
+                                   ``outage`` rounds, no server asked or reached, are
+                                   counted apart in ``outages`` and miss no target)
 ``fallback_rate``         0.10     ``relaxed`` rounds / published rounds (strict + relaxed)
 ``retry_rate``            0.05     retries / attempts (``queries``: each retry is an attempt
                                    that needed one; advanced mode: a burst each)
@@ -73,7 +75,9 @@ def node_report(records: list[dict[str, Any]], latest: dict[str, Any] | None, *,
     """One node's figures against :data:`TARGETS`.
 
     Returns ``{"rounds", "latest_age_s", "stale", "ok", "targets": {name: {"value", "limit", "ok"}},
-    "counts"}``; ``latest_age_s`` is ``None`` (and the node stale) when nothing was ever published.
+    "counts", "outages"}``; ``outages`` lists the node's outage rounds (``round_id``, ``finished_at``,
+    ``why``), which count against no target but show as the node's staleness.  ``latest_age_s`` is
+    ``None`` (and the node stale) when nothing was ever published.
     ``now`` is Redis' clock: ``latest_age_s`` is ``now`` minus the ``published_at`` of ``latest``
     (:func:`workers.redisclock.latest_age_s`), never the node's own ``measured_at``.
     ``excluding``: servers whose requests and replies are left out of the rates (what the
@@ -99,10 +103,13 @@ def node_report(records: list[dict[str, Any]], latest: dict[str, Any] | None, *,
                for t in TARGETS}
     age = latest_age_s(latest, now)
     stale = is_stale(age, stale_after_s)
+    outages = [{"round_id": r["round_id"], "finished_at": r["finished_at"],
+                "why": (r.get("agreement") or {}).get("outage")} for r in records if r["quality"] == Quality.OUTAGE]
     return {"rounds": len(records), "latest_age_s": age, "stale": stale, "stale_after_s": stale_after_s,
             "ok": not stale and all(t["ok"] for t in targets.values()), "targets": targets,
-            "counts": {k: counts.get(k, 0) for k in ("strict", "relaxed", "starvation", "outlier", "queries",
-                                                     "requests", "retries", "replies", "rejected")}}
+            "counts": {k: counts.get(k, 0) for k in ("strict", "relaxed", "starvation", "outlier", "outage",
+                                                     "queries", "requests", "retries", "replies", "rejected")},
+            "outages": outages}
 
 
 def _holds(value: float | None, limit: float) -> bool:

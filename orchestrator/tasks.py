@@ -20,7 +20,7 @@ from workers.contracts import OutcomeStatus
 from workers.tasks import reporter
 
 from . import display, early, outliers, selection
-from .contracts import REASON_NO_RESULT, ClosedBy, Quality, RoundMeta, ServerStatus
+from .contracts import REASON_NO_RESULT, ClosedBy, Quality, RoundMeta, ServerStatus, outage_of
 from .store import Store, client_for
 
 log = get_task_logger(__name__)
@@ -213,6 +213,10 @@ def finish(meta: RoundMeta, outcomes: list[dict], store: Store, *, closed_by: st
     if record["quality"] == "outlier":
         log.warning("[NTP_OUTLIER] %s round %s: %s is %.1f sigma from the recent results; not published",
                     meta.node, meta.round_id, record["candidate"]["server"], record["filter"]["z"])
+    elif record["quality"] == OUTAGE:
+        log.error("[NTP_OUTAGE] %s round %s: %s (%d servers); not NTP starvation, no reach bit taken",
+                  meta.node, meta.round_id, record["agreement"].get("outage", "no server could be asked"),
+                  record["servers_total"])
     elif chosen is None:
         log.error("[NTP_STARVATION] %s round %s: no server passed any gate (%d servers)",
                   meta.node, meta.round_id, record["servers_total"])
@@ -238,7 +242,10 @@ def _closed_with_unreported(meta: RoundMeta, outcomes: list[dict], unreported: l
     unknown vote, as a server still out is to the early decider
     (:mod:`orchestrator.early`, with no bound).  Were unreported servers taken
     as failed, a quick liar alone in hand would be a majority of one.  When the
-    answers in hand do not decide the round, nothing is published.
+    answers in hand do not decide the round, nothing is published: NTP
+    starvation here, which :func:`build_record` makes an outage when nothing
+    at all was reported, or nothing but failures the node's path explains
+    (:func:`orchestrator.contracts.outage_of`).
     """
     ntp = meta.ntp
     nts = {s.name: s.nts for s in ntp.servers}
@@ -288,6 +295,12 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
     servers_total = len(meta.servers)
     chosen = picked["chosen"]
     quality = picked["quality"]
+    if chosen is None:
+        # No server asked or reached (the worker gone, the node cut off, its path down): not starvation.
+        why = outage_of(picked["servers"])
+        if why is not None:
+            quality = OUTAGE
+            picked = dict(picked, agreement=dict(picked["agreement"] or {}, outage=why))
     verdict = None
     if chosen is not None:
         verdict = outliers.judge(chosen["offset_s"], chosen["uncertainty_s"], chosen["measured_at"],
@@ -344,3 +357,5 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
 
 #: The round quality when the temporal filter refused the chosen result.
 OUTLIER = Quality.OUTLIER
+#: The round quality when no server could be asked or reached (:func:`orchestrator.contracts.outage_of`).
+OUTAGE = Quality.OUTAGE

@@ -2,9 +2,11 @@
 
 ``<prefix>:relay:<name>:<port>``
     Every counter of :mod:`relay.stats`, the upstream, the added delay's
-    p50/p99 (s), and ``updated_at`` (Unix s).  It expires
+    p50/p99 (s), and ``updated_at`` (Unix s, the relay's clock).  It expires
     :data:`REPORT_TTL_S` after the last write, so a relay that is gone
-    disappears.
+    disappears -- after an hour, long enough for the exporter to show it
+    silent (``report_age_s``, from the key's TTL: Redis' clock, not the
+    relay's) and for the relay alert to fire.
 ``<prefix>:relays``
     The set of those keys.
 
@@ -17,8 +19,9 @@ import time
 
 from workers.keys import Keys
 
-#: A relay's report outlives its last write by this long (s).
-REPORT_TTL_S = 300
+#: A relay's report outlives its last write by this long (s): an hour, so that a relay that stopped
+#: reporting stays visible (its report's age growing) while the relay alert fires.
+REPORT_TTL_S = 3600
 
 
 def port_key(prefix: str, name: str, port: int) -> str:
@@ -48,18 +51,32 @@ class RedisReport:
 
 
 def read_all(client, prefix: str) -> list[dict]:
-    """Every live relay port's report (stale members of the index are pruned)."""
+    """Every live relay port's report (stale members of the index are pruned).
+
+    Each with ``report_age_s``: seconds since the relay last wrote it, from
+    the key's remaining TTL (so on Redis' clock, whatever the relay's says).
+    """
     keys = sorted(_text(k) for k in client.smembers(index_key(prefix)))
     if not keys:
         return []
     with client.pipeline(transaction=False) as pipe:
         for key in keys:
             pipe.hgetall(key)
-        raw = pipe.execute()
+            pipe.pttl(key)
+        replies = pipe.execute()
+    raw, ttls = replies[0::2], replies[1::2]
     gone = [k for k, h in zip(keys, raw, strict=True) if not h]
     if gone:
         client.srem(index_key(prefix), *gone)
-    return [{_text(k): _text(v) for k, v in h.items()} for h in raw if h]
+    out = []
+    for h, ttl_ms in zip(raw, ttls, strict=True):
+        if not h:
+            continue
+        report = {_text(k): _text(v) for k, v in h.items()}
+        if isinstance(ttl_ms, int) and ttl_ms >= 0:
+            report["report_age_s"] = max(0.0, REPORT_TTL_S - ttl_ms / 1000)
+        out.append(report)
+    return out
 
 
 def _text(value):

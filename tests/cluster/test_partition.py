@@ -165,12 +165,11 @@ def test_nodes_cut_off_for_a_minute_publish_within_10_s_of_their_link_returning(
     unasked = {node: sum(1 for r in store.history_since(node, cut_at)
                          if r["quality"] == "starvation" and all(s.get("reason") in NOT_ASKED for s in r["servers"]))
                for node in cut}
-    if any(starved.values()) or any(lost_bits.values()):
-        if any(starved.values()) and all(unasked[node] == starved[node] for node in cut):
-            pytest.xfail(f"rounds no worker took while its link was down are counted as starvation ({starved}) "
-                         f"and cost servers reach bits ({lost_bits}): needs the 'outage' outcome for a round in "
-                         "which no server could be asked (issue #25, another change)")
-        pytest.fail(f"starvation counted {starved} (rounds nobody asked: {unasked}), reach bits lost {lost_bits}")
+    outages = {node: store.stats(node).get("outage", 0) for node in cut}
+    assert not any(starved.values()) and not any(unasked.values()), (
+        f"starvation counted {starved} (rounds nobody asked: {unasked}; outages {outages})")
+    assert not any(lost_bits.values()), f"reach bits lost {lost_bits} (outages {outages})"
+    assert all(outages.values()), f"the rounds nobody asked are not counted as outages: {outages}"
 
 
 def test_the_beat_and_an_exporter_cut_off_for_a_minute_are_back_within_10_s(bed):

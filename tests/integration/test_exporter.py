@@ -32,7 +32,7 @@ def _promtool() -> str:
 def test_promtool_accepts_the_alert_rules():
     result = subprocess.run([_promtool(), "check", "rules", str(ALERTS)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 10 rules found" in result.stdout
+    assert "SUCCESS: 13 rules found" in result.stdout
 
 
 def test_each_alert_fires_on_a_miss_and_not_on_a_pass():

@@ -150,3 +150,54 @@ def test_history_is_trimmed_by_age_and_capped_by_count(redis_client, key_prefix)
         store.publish_round(record(i), history_length=4, window_size=20, history_hours=24)
     assert [r["round_id"] for r in store.history("aged")] == ["r9", "r8", "r7", "r6"]  # and capped by count
     assert store.history("aged")[0]["detail"] == "compact"
+
+
+def test_an_outage_round_takes_no_reach_bit_and_is_exported_apart(redis_client, key_prefix, tmp_path):
+    """Issue #25: a round no worker took (its node cut off) cost every server a reach bit and counted as starvation."""
+    from prometheus_client import generate_latest
+
+    from orchestrator.contracts import RoundMeta
+    from orchestrator.exporter import NtpCollector, registry_for
+    from orchestrator.leader import Lease
+    from workers import heartbeat
+    from workers.keys import Keys
+
+    from ..unit.samples import failed
+
+    config = config_mod.load(write_config(tmp_path, key_prefix=key_prefix, servers=["a", "b"]))
+    store = Store(redis_client, prefix=key_prefix)
+    now = float(redis_client.time()[0])
+
+    def meta(round_id):
+        return RoundMeta.for_round(config, round_id=round_id, node="cut", dispatched_at=now,
+                                          deadline_at=now + 1)
+
+    ok_a = dict(ok("a", delay=0.01, unc=0.005), sample=dict(ok("a", delay=0.01, unc=0.005)["sample"], port=123))
+    finish(meta("r1"), [ok_a, failed("b")], store, closed_by=CLOSED_BY_CALLBACK)
+    before = {name: r.register for name, r in store.reach("cut").items()}
+    assert before == {"a": 1, "b": 0}
+    record = finish(meta("r2"), [], store, closed_by=CLOSED_BY_DEADLINE)  # nothing reported: nobody asked
+    assert record is not None and record["quality"] == "outage"
+    assert {name: r.register for name, r in store.reach("cut").items()} == before  # no bit shifted in
+    stats = store.stats("cut")
+    assert stats["outage"] == 1 and stats["starvation"] == 0
+
+    lease = Lease(redis_client, Keys(key_prefix).beat(), ttl_s=10)
+    collector = NtpCollector(redis_client, prefix=key_prefix, nodes=("cut",), beat_lease_s=10)
+    text = generate_latest(registry_for(collector)).decode()
+    assert 'chronotick_ntp_rounds_total{node="cut",quality="outage"} 1.0' in text
+    assert 'chronotick_ntp_rounds_total{node="cut",quality="starvation"} 0.0' in text
+    assert 'chronotick_ntp_live_workers{node="cut"} 0.0' in text
+    assert "chronotick_ntp_beat_lease_held 0.0" in text
+    assert lease.hold()
+    heartbeat.beat(redis_client, Keys(key_prefix), "cut@host", ["ntp.cut"])
+    try:
+        text = generate_latest(registry_for(collector)).decode()
+        assert "chronotick_ntp_beat_lease_held 1.0" in text
+        assert f'chronotick_ntp_beat_lease_holder{{holder="{lease.token}"}} 1.0' in text
+        age = float(next(line.split()[-1] for line in text.splitlines()
+                         if line.startswith("chronotick_ntp_beat_lease_age_seconds ")))
+        assert 0 <= age < 2
+        assert 'chronotick_ntp_live_workers{node="cut"} 1.0' in text
+    finally:
+        lease.release()

@@ -23,7 +23,7 @@ def test_enums_are_their_strings_in_json_and_back():
         assert json.loads(json.dumps({"v": member}))["v"] == member == member.value
         assert f"{member}" == str(member) == member.value
         assert {member.value: 1}[member] == 1
-    assert [q.value for q in Quality] == ["strict", "relaxed", "starvation", "outlier"]
+    assert [q.value for q in Quality] == ["strict", "relaxed", "starvation", "outlier", "outage"]
 
 
 def test_every_reason_is_named_once_and_documented():

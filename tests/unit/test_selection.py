@@ -135,3 +135,56 @@ def test_auth_select_require_prefer_mix():
     only_plain = [plain_tight, failed("nts")]
     assert select(only_plain, strict, enable_fallback=True, auth_select="prefer")["chosen"]["server"] == "plain"
     assert select(only_plain, strict, enable_fallback=True, auth_select="require")["quality"] == "starvation"
+
+
+def _meta(servers):
+    ntp = config_mod.ntp_from_mapping({"servers": servers, "max_delay": STRICT.max_delay_s,
+                                       "max_acceptable_uncertainty": STRICT.max_uncertainty_s})
+    return RoundMeta(round_id="r1", node="n", dispatched_at=0.0, deadline_at=10.0, key_prefix="t",
+                     history_length=10, ntp=ntp)
+
+
+def test_a_round_no_server_was_asked_in_is_an_outage_not_starvation():
+    """Issue #25: a node cut off for a minute -- rounds closed at their deadline with nothing reported were
+    counted as NTP starvation ("no server passed any gate (6 servers)") though no server was asked."""
+    meta = _meta(["a", "b", "c"])
+    closed = build_record(meta, [], finished_at=12.0, unreported_unknown=True)
+    assert closed["quality"] == "outage" and closed["latest"] is None
+    assert "no server was asked" in closed["agreement"]["outage"]
+    counts = round_counters(closed)
+    assert counts["outage"] == 1 and "starvation" not in counts and counts["failed:no_result"] == 3
+    # Tasks that started after the deadline sent nothing either; one server alone, likewise.
+    late = [failed(name, "round_deadline", 1) for name in ("a", "b", "c")]
+    assert build_record(meta, late, finished_at=12.0)["quality"] == "outage"
+    assert build_record(_meta(["a"]), [], finished_at=12.0, unreported_unknown=True)["quality"] == "outage"
+
+
+def test_every_server_unreachable_through_the_nodes_path_is_an_outage():
+    """A relay or interface down: every server times out or errors on the socket, none replies."""
+    meta = _meta(["a", "b", "c"])
+    record = build_record(meta, [failed("a"), failed("b", "socket_error"), failed("c")], finished_at=1.0)
+    assert record["quality"] == "outage" and "could be reached" in record["agreement"]["outage"]
+    # Some reported timeouts, the rest never reported: still nothing reached.
+    closed = build_record(meta, [failed("a")], finished_at=12.0, unreported_unknown=True)
+    assert closed["quality"] == "outage"
+
+
+def test_starvation_stays_starvation_when_any_server_answered_or_only_one_timed_out():
+    meta = _meta(["a", "b", "c"])
+    # A refused reply, a kiss: the path works, the servers said no.
+    assert build_record(meta, [failed("a"), failed("b", "bogus_origin"), failed("c")],
+                        finished_at=1.0)["quality"] == "starvation"
+    assert build_record(meta, [failed("a"), failed("b", "kod_rate", 1), failed("c")],
+                        finished_at=1.0)["quality"] == "starvation"
+    # A server that replied on one attempt and timed out on the next: a reply came.
+    mixed = failed("c")
+    mixed["history"][0]["reason"] = "bogus_origin"
+    assert build_record(meta, [failed("a"), failed("b"), mixed], finished_at=1.0)["quality"] == "starvation"
+    # Replies that failed the gates.
+    assert build_record(meta, [ok(n, delay=5.0, unc=5.0) for n in ("a", "b", "c")],
+                        finished_at=1.0)["quality"] == "starvation"
+    # One server timing out is that server's business.
+    assert build_record(_meta(["a"]), [failed("a")], finished_at=1.0)["quality"] == "starvation"
+    # The worker's own error is not the path.
+    assert build_record(meta, [failed(n, "query_error", 1) for n in ("a", "b", "c")],
+                        finished_at=1.0)["quality"] == "starvation"

@@ -101,3 +101,17 @@ def test_age_is_on_the_service_clock_whatever_the_nodes_clock(skew_s):
     assert old["latest_age_s"] == pytest.approx(500.0) and old["stale"] and not old["ok"]
     # A value with no time on the service's clock cannot be judged fresh.
     assert node_report(fine, {"measured_at": 999.0}, now=1000, stale_after_s=360)["stale"]
+
+
+def test_outages_are_listed_apart_and_are_not_starvation():
+    """Issue #25: rounds no server was asked in (a node cut off) counted as starvation and missed the target."""
+    unasked = [dict(failed_server("no_result", 0), server=name) for name in ("a", "b")]
+    outage = dict(record(10.0, quality="outage", servers=unasked, finished_at=1005.0),
+                  agreement={"outage": "no server was asked (no_result x2)"})
+    report = node_report([record(0.2), outage, record(0.3)], LATEST, now=1000.0, stale_after_s=360)
+    assert report["counts"]["outage"] == 1 and report["counts"]["starvation"] == 0
+    assert report["targets"][targets.STARVATION_EVENTS]["value"] == 0
+    assert report["targets"][targets.STARVATION_EVENTS]["ok"]
+    assert [o["why"] for o in report["outages"]] == ["no server was asked (no_result x2)"]
+    starved = node_report([record(0.2, quality="starvation")], LATEST, now=1000.0, stale_after_s=360)
+    assert starved["targets"][targets.STARVATION_EVENTS]["value"] == 1 and starved["outages"] == []
