@@ -21,7 +21,7 @@ import time
 import redis
 
 from workers import config as config_mod
-from workers import redisurl
+from workers import measure, redisurl
 from workers.redisclock import RedisClock, clock_for, redis_now, stale_after_s
 
 from . import display
@@ -252,10 +252,14 @@ def cmd_check_config(args) -> int:
     print(f"  temporal filter: {ntp.outlier_window_size} results, {ntp.outlier_sigma_threshold:g} sigma")
     print(f"  mode: {ntp.measurement_mode}, {'parallel' if ntp.parallel_queries else 'sequential'}, "
           f"timeout {ntp.timeout_seconds:g} s")
-    starts = [0.0]
-    for wait in ntp.retry_waits_s:
-        starts.append(starts[-1] + wait)
-    print(f"  attempts per server: {ntp.attempts}, starting at {', '.join(f'{s:g}' for s in starts)} s")
+    starts = measure.attempt_offsets_s(ntp.retry_waits_s)
+    attempt_s = measure.attempt_budget_s(timeout_s=ntp.timeout_seconds, samples=measure.samples_per_attempt(ntp))
+    latest = measure.latest_attempt_starts_s(ntp.retry_waits_s, attempt_s)
+    print(f"  attempts per server: {ntp.attempts}, starting at {', '.join(f'{s:g}' for s in starts)} s "
+          "after the first attempt's start"
+          + ("" if latest == starts else
+             f" (at the latest {', '.join(f'{s:g}' for s in latest)} s: an attempt takes up to {attempt_s:g} s, "
+             "and a retry due before its attempt failed starts at once)"))
     print(f"  timing: warm-up {timing.warm_up_duration_s:g} s every {timing.warm_up_interval_s:g} s, "
           f"then every {timing.normal_interval_s:g} s")
     print(f"  redis: {service.redis_url_redacted}, key prefix {service.key_prefix!r}")
@@ -311,8 +315,8 @@ def cmd_latest(args) -> int:
         else:
             print(display.format_latest(latest, now=redis_now(store.client)))
             stats = store.stats(node)
-            print("stats: " + ", ".join(f"{k} {stats[k]}" for k in ("rounds", "strict", "relaxed", "starvation",
-                                                                     "queries", "retries", "rejected")), flush=True)
+            shown = ("rounds", "strict", "relaxed", "starvation", "outage", "queries", "retries", "rejected")
+            print("stats: " + ", ".join(f"{k} {stats[k]}" for k in shown), flush=True)
     if args.follow:
         return _follow(config, node, as_json=args.json, service_clock=clock_for(store.client))
     return EXIT_OK
@@ -400,7 +404,8 @@ def cmd_exporter(args) -> int:
         raise CliError(str(exc), EXIT_USAGE) from None
     collector = NtpCollector(service_client(config.service), prefix=config.service.key_prefix,
                              nodes=config.service.nodes,
-                             stale_after_s=stale_after_s(config.timing.normal_interval_s))
+                             stale_after_s=stale_after_s(config.timing.normal_interval_s),
+                             beat_lease_s=config.service.beat_lease_seconds)
     where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     try:
         server, thread = start_http_server(port, addr=address, registry=registry_for(collector))

@@ -7,23 +7,41 @@ a consumer starts collecting for the node, when its worker starts with nothing
 fresh, or when a beat takes the lease and the node has nothing fresh
 (:mod:`workers.warmup`); the leading beat reads the requests once a second,
 whatever the beat's own age.  Nodes are spread across the
-interval (node i of n starts i/n of an interval late) so that a cluster does
-not hit the public servers in the same second.  A node's next round is not
+interval so that a cluster does not hit the public servers in the same
+second: node i of n has its normal rounds at the *phase* i/n of the interval,
+the times ``k * interval + i/n * interval`` on Redis' clock
+(:func:`phase_slot`).  Every path lands there -- after a normal round, when a
+warm-up ends (the first phase slot from its end) and when a beat takes the
+lease -- so a restarted beat, or a standby taking over, keeps the phases the
+last one had (issue #25: after a warm-up every node was dispatched in the same
+second until a beat re-took the lease).  A node's next round is not
 sent while its previous one is still running; a round whose callback has not
 come by its deadline is closed with what its tasks reported
 (:func:`orchestrator.rounds.close`), so no chord is waited on forever and
 rounds never pile up behind a slow or dead worker.
+
+Nor in a queue nobody consumes: before a node's round is sent, the beat looks
+at the node's queue (one LLEN) and, only when something waits there, at its
+workers' heartbeats (:mod:`workers.heartbeat`).  With a round already waiting
+and no live worker, nothing more is sent for the node -- at most one round
+waits per node, however long it has no worker (issue #25: ~12.5 kB a dispatch,
+~9 MB a day, under ``noeviction``) -- and the beat says so once (``[NO
+WORKER]``), sets ``<prefix>:ntp:<node>:no_worker`` (:meth:`workers.keys.Keys.no_worker`)
+and says once when the queue is consumed again.
 """
 
 from __future__ import annotations
 
 import heapq
+import json
 import logging
+import math
 import threading
 import time
 
-from workers import redisurl, warmup
+from workers import heartbeat, redisurl, warmup
 from workers.config import Config
+from workers.keys import QUEUE_PREFIX, Keys
 from workers.redisclock import clock_for
 
 from . import rounds
@@ -35,6 +53,47 @@ redisurl.outages.absorb(log)
 
 #: How often a leading beat looks for rounds other processes left open, and for warm-ups asked for (s).
 ADOPT_EVERY_S = 1.0
+
+
+def phase_slot(after: float, index: int, count: int, interval: float, *, strictly: bool = True) -> float:
+    """Node ``index`` of ``count``'s first normal slot after ``after`` (Unix s on Redis' clock; at or after
+    it unless ``strictly``): a time ``k * interval + index / count * interval``.
+
+    Anchored on the epoch of Redis' clock, not on when a beat started: every beat computes the same slots.
+    """
+    phase = interval * index / count
+    k = math.floor((after - phase) / interval)
+    slot = k * interval + phase
+    while slot < after or (strictly and slot <= after):
+        slot += interval
+    return slot
+
+
+def waiting_without_worker(config: Config, node: str) -> int:
+    """How many messages wait in ``node``'s queue with no live worker to take them (0: none wait, or a worker
+    is there).  One LLEN; the heartbeats are read only when something waits (:func:`workers.heartbeat.live_workers`).
+    """
+    client = service_client(config.service)
+    queue = QUEUE_PREFIX + node
+    waiting = int(client.llen(queue))
+    if not waiting or heartbeat.live_workers(client, Keys(config.service.key_prefix), queue):
+        return 0
+    return waiting
+
+
+#: How long ``<prefix>:ntp:<node>:no_worker`` outlives its last refresh, in normal intervals (at least a minute).
+NO_WORKER_MARK_INTERVALS = 3
+
+
+def mark_without_worker(config: Config, node: str, state: dict | None) -> None:
+    """Set (``state``: ``{"since", "queue", "waiting"}``) or delete ``<prefix>:ntp:<node>:no_worker``."""
+    client = service_client(config.service)
+    key = Keys(config.service.key_prefix).no_worker(node)
+    if state is None:
+        client.delete(key)
+    else:
+        ttl_s = max(60, math.ceil(NO_WORKER_MARK_INTERVALS * config.timing.normal_interval_s))
+        client.set(key, json.dumps(state, sort_keys=True), ex=ttl_s)
 
 
 def warm_ups(config: Config) -> dict[str, float]:
@@ -80,11 +139,19 @@ class Scheduler:
     clock:
         ``clock() -> Unix s`` on the clock rounds' deadlines are set on: Redis'
         (:mod:`workers.redisclock`) by default.
+    waiting_without_worker:
+        ``waiting_without_worker(config, node) -> int``: messages waiting in the
+        node's queue with no live worker (:func:`waiting_without_worker`); while
+        it is not 0 the node gets no round.
+    mark_without_worker:
+        ``mark_without_worker(config, node, state or None)``: says so in Redis
+        (:func:`mark_without_worker`).
     """
 
     def __init__(self, config: Config, nodes: list[str], *, dispatch=rounds.dispatch_fanned_out, lease=None,
                  overdue_handles=rounds.overdue_handles, warm_ups=warm_ups,
-                 on_lead=warm_up_nodes_without_fresh_measurement, clock=None):
+                 on_lead=warm_up_nodes_without_fresh_measurement, clock=None,
+                 waiting_without_worker=waiting_without_worker, mark_without_worker=mark_without_worker):
         if not nodes:
             raise ValueError("no nodes to schedule: list them in ntp_service.nodes or pass --node")
         self.config = config
@@ -110,6 +177,12 @@ class Scheduler:
         #: Warm-ups this beat has started running, per node.
         self.warm_ups_started: dict[str, int] = {node: 0 for node in self.nodes}
         self._next_warm_up_poll = 0.0
+        self._waiting_without_worker = waiting_without_worker
+        self._mark_without_worker = mark_without_worker
+        #: Nodes whose queue holds a round no live worker takes: ``{node: since (Redis' clock)}``.
+        self.without_worker: dict[str, float] = {}
+        #: Slots not sent because a round already waited for a worker, per node.
+        self.held: dict[str, int] = {node: 0 for node in self.nodes}
         #: A node's slot in the due heap is valid only with its current generation.
         self._generation: dict[str, int] = {node: 0 for node in self.nodes}
 
@@ -129,8 +202,8 @@ class Scheduler:
             now = time.monotonic()
             if not due:
                 self._started_leading()
-                every = self.config.timing.normal_interval_s
-                due = [(now + i * every / len(self.nodes), i, node, self._generation[node])
+                # Each node at its phase on Redis' clock: the slots the previous leader had.
+                due = [(self.next_normal_slot(i, now, strictly=False), i, node, self._generation[node])
                        for i, node in enumerate(self.nodes)]
                 heapq.heapify(due)
             for node in self._poll_warm_ups(now):  # a new warm-up: its first round now, not at the old slot
@@ -142,11 +215,7 @@ class Scheduler:
                 if generation != self._generation[node]:
                     continue  # replaced by a warm-up's slot
                 self._tick(node)
-                interval = self.interval_for(node, now)
-                # Keep the phase: the next slot, never a burst of missed ones.
-                while at <= now:
-                    at += interval
-                heapq.heappush(due, (at, i, node, generation))
+                heapq.heappush(due, (self.next_due(node, i, at, now), i, node, generation))
             wake = (due[0][0] if due else now + 1.0) - time.monotonic()
             if self._closing:
                 wake = min(wake, self._closing[0][0] - self._clock())
@@ -158,6 +227,33 @@ class Scheduler:
             handle.release()  # still open in Redis for whoever closes it; just stop listening
         if self.lease is not None and self.leading:
             self.lease.release()  # hand over at once rather than after the time to live
+
+    def next_normal_slot(self, index: int, after: float, *, strictly: bool = True) -> float:
+        """Node ``index``'s first phase slot after ``after`` (monotonic s), as a monotonic time.
+
+        The phase is on Redis' clock (:func:`phase_slot`); the heap runs on the monotonic clock.
+        """
+        offset = self._clock() - time.monotonic()  # Redis' clock minus the monotonic one
+        every = self.config.timing.normal_interval_s
+        return phase_slot(after + offset, index, len(self.nodes), every, strictly=strictly) - offset
+
+    def next_due(self, node: str, index: int, at: float, now: float) -> float:
+        """When ``node`` (``index`` in the nodes) is next due after its slot ``at`` ran at ``now`` (monotonic s).
+
+        While it warms up, every warm-up interval from ``at`` (the next one, never a burst of missed ones);
+        after that, and in normal operation, its next phase slot -- the first at or after the warm-up's end,
+        so that nodes warmed up together part again.  After a normal slot the next is at least half an
+        interval on, so a clock estimate that moves a little never repeats a slot.
+        """
+        timing = self.config.timing
+        warm_until = self.warm_until.get(node, 0.0)
+        if now < warm_until:
+            step = timing.warm_up_interval_s
+            following = at + step * max(1, math.floor((now - at) / step) + 1)
+            if following < warm_until:
+                return following
+            return self.next_normal_slot(index, warm_until, strictly=False)
+        return self.next_normal_slot(index, max(at, now) + min(timing.normal_interval_s / 2, 1.0))
 
     def interval_for(self, node: str, now: float) -> float:
         """The interval in force for ``node`` at ``now`` (monotonic s): warm-up while it warms up."""
@@ -276,6 +372,9 @@ class Scheduler:
             self.skipped[node] += 1
             log.warning("[SKIP] %s: round %s still running; not starting another", node, previous.round_id)
             return
+        if not self._room_for_a_round(node):
+            self.held[node] += 1
+            return
         try:
             handle = self._dispatch(self.config, node)
             self.in_flight[node] = handle
@@ -285,6 +384,36 @@ class Scheduler:
         except Exception as exc:  # broker down: say so, keep the schedule
             log.error("[ROUND] %s: could not dispatch (%s: %s); will try at the next slot",
                       node, type(exc).__name__, exc)
+
+    def _room_for_a_round(self, node: str) -> bool:
+        """Whether a round of ``node`` may be sent: none waits in its queue, or a live worker takes it.
+
+        Says once that the node has no worker (``[NO WORKER]``, and ``<prefix>:ntp:<node>:no_worker``,
+        refreshed at each held slot), and once that its queue is consumed again.
+        """
+        try:
+            waiting = self._waiting_without_worker(self.config, node)
+        except Exception as exc:  # Redis away: the dispatch says so (and fails) as before
+            log.error("[ROUND] %s: cannot look at its queue (%s: %s)", node, type(exc).__name__, exc)
+            return True
+        queue = QUEUE_PREFIX + node
+        if not waiting:
+            if self.without_worker.pop(node, None) is not None:
+                log.warning("[NO WORKER] %s: queue %s is taken again; rounds resume", node, queue)
+                self._mark(node, None)
+            return True
+        if node not in self.without_worker:
+            self.without_worker[node] = self._clock()
+            log.warning("[NO WORKER] %s: no live worker takes queue %s, where a round already waits (%d "
+                        "message(s)); no more rounds for it until one does", node, queue, waiting)
+        self._mark(node, {"since": self.without_worker[node], "queue": queue, "waiting": waiting})
+        return False
+
+    def _mark(self, node: str, state: dict | None) -> None:
+        try:
+            self._mark_without_worker(self.config, node, state)
+        except Exception as exc:  # only the marker is missing: the schedule is unaffected
+            log.error("[NO WORKER] %s: cannot mark it in Redis (%s: %s)", node, type(exc).__name__, exc)
 
     @staticmethod
     def _finished(handle) -> bool:

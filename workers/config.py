@@ -159,7 +159,9 @@ class NtpSettings:
 
     Times are seconds.  ``max_retries`` is the total number of attempts per
     server (0 and 1 both mean a single attempt), as it was in ChronoTick;
-    ``retry_delay`` is the first wait, doubled after each further failure.
+    ``retry_delay`` is the first wait, doubled after each further failure; the
+    waits separate the attempts' *starts*, counted from the first attempt's
+    start (0, 5, 15 s with ChronoTick's 5 s), whatever the timeout.
     """
 
     servers: tuple[ServerAddress, ...] = option(
@@ -243,7 +245,8 @@ class NtpSettings:
 
     @property
     def retry_waits_s(self) -> tuple[float, ...]:
-        """Waits between attempts: retry_delay, 2*retry_delay, ... (0, 5, 15 s starts)."""
+        """Waits between attempts' starts: retry_delay, 2*retry_delay, ... (0, 5, 15 s starts after the first's
+        start: :func:`workers.measure.attempt_offsets_s`)."""
         return tuple(self.retry_delay * 2 ** i for i in range(self.attempts - 1))
 
 

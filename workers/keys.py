@@ -92,6 +92,13 @@ class Keys:
         """Internal: each server's last round-trip delay, so the next round sends the slowest first."""
         return self._node(node, "server_delay")
 
+    def no_worker(self, node: str) -> str:
+        """Set by the leading beat while no live worker consumes ``node``'s queue and a round already waits
+        there (JSON ``{"since", "queue", "waiting"}``, ``since`` on Redis' clock); it dispatches nothing more
+        for the node meanwhile.  Refreshed at each of the node's slots, deleted when a worker takes the queue
+        again, expires by itself if the beat stops (:mod:`orchestrator.scheduler`)."""
+        return self._node(node, "no_worker")
+
     def worker(self, queue: str, hostname: str) -> str:
         """A worker's heartbeat on ``queue``: expires unless renewed (:mod:`workers.heartbeat`)."""
         return f"{self.prefix}:worker:{queue}:{hostname}"

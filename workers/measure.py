@@ -117,6 +117,37 @@ def attempt_budget_s(*, timeout_s: float, samples: int) -> float:
     return timeout_s * (samples + 1) + ADVANCED_SAMPLE_SPACING_S * (samples - 1)
 
 
+def attempt_offsets_s(waits_s) -> list[float]:
+    """When each attempt starts, in seconds after the first attempt's start: 0, then the waits' running sums.
+
+    With ChronoTick's ``retry_delay`` of 5 s the waits are 5 and 10 s, so attempts start at 0, 5 and 15 s,
+    whatever the timeout: a wait counts from the first attempt's start, not from the failure.  An attempt
+    that fails after its successor's start is retried at once.
+    """
+    offsets = [0.0]
+    for wait_s in waits_s:
+        offsets.append(offsets[-1] + wait_s)
+    return offsets
+
+
+def retry_starts_at(job: dict, attempt_no: int, *, first_started_at: float, now: float) -> float | None:
+    """When attempt ``attempt_no + 1`` (attempts from 1) starts, on Redis' clock: its offset after the first
+    attempt's start (:func:`attempt_offsets_s`), or ``now`` if that is past.  ``None``: no attempt follows."""
+    offsets = attempt_offsets_s(job["retry_waits_s"])
+    if attempt_no >= len(offsets):
+        return None
+    return max(now, first_started_at + offsets[attempt_no])
+
+
+def latest_attempt_starts_s(waits_s, attempt_s: float) -> list[float]:
+    """The latest each attempt can start after the first one's start, when every attempt before it takes its
+    whole budget ``attempt_s``: what a round's budget must allow for."""
+    starts: list[float] = []
+    for offset in attempt_offsets_s(waits_s):
+        starts.append(offset if not starts else max(offset, starts[-1] + attempt_s))
+    return starts
+
+
 def attempt(job: dict, *, on_exchange: Callable[[int], None] | None = None,
             on_done: Callable[[int, float | None], None] | None = None) -> dict:
     """Run one attempt; return the accepted sample as a dict.

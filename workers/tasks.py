@@ -1,10 +1,13 @@
 """The query task: one NTP server, one measurement, retried by Celery.
 
-A failed attempt is retried with Celery's own machinery (``self.retry``) after
-the job's waits -- retry_delay, then twice that -- so attempts start at about
-0, 5 and 15 s with ChronoTick's defaults.  The explicit countdown table is
-deliberate: ``retry_backoff`` truncates fractional factors and adds random
-jitter, so it cannot give this schedule.
+A failed attempt is retried with Celery's own machinery (``self.retry``) at its
+place in the job's schedule: attempt k starts the sum of the first k-1 waits
+(retry_delay, then twice that) after the *first* attempt started, so attempts
+start at 0, 5 and 15 s with ChronoTick's defaults, whatever the timeout
+(:func:`workers.measure.attempt_offsets_s`).  The countdown is that start, on
+Redis' clock, minus now (never below 0).  It is computed here, not left to
+``retry_backoff``, which truncates fractional factors, adds random jitter and
+counts from the failure.
 
 A server that sent a RATE, DENY or RSTR Kiss-o'-Death is not retried and, while
 :mod:`workers.kod` says so, not even queried.  Nor is a failed attempt retried
@@ -135,7 +138,8 @@ def query_server(self, *carried, job: dict, history: list | None = None):
         return _done(job, carried, _failed(job, history, *refusal, worker=self.request.hostname))
     try:
         try:
-            final = not _may_retry(job, attempt_no)
+            first_started_at = history[0]["started_at"] if history else started_at
+            final = not _may_retry(job, attempt_no, first_started_at=first_started_at)
             sample = measure.attempt(job, on_exchange=lambda i: inflight.tracker.exchange_started(job, i, final=final),
                                      on_done=lambda i, delay_s: inflight.tracker.exchange_done(job, i, delay_s))
         except QueryFailed:
@@ -154,8 +158,9 @@ def query_server(self, *carried, job: dict, history: list | None = None):
             job["server"], rejection.kiss_code, config_id=job.get("config_id", ""),
             rate_backoff_s=job.get("rate_backoff_s", 0.0))
         waits = job["retry_waits_s"]
-        retry = not kissed and _may_retry(job, attempt_no)
-        wait_s = waits[attempt_no - 1] if retry else 0.0
+        first_started_at = history[0]["started_at"]
+        retry = not kissed and _may_retry(job, attempt_no, first_started_at=first_started_at)
+        wait_s = _retry_countdown_s(job, attempt_no, first_started_at=first_started_at) if retry else 0.0
         # Told first: the round may be decided without this server's next attempt (it has none out).
         # Retried only while the round is undecided: once it is published, no reply can change it.
         inflight.tracker.attempt_ended(job, retrying=retry)
@@ -179,15 +184,24 @@ def query_server(self, *carried, job: dict, history: list | None = None):
                             "history": history, "worker": self.request.hostname})
 
 
-def _may_retry(job: dict, attempt_no: int) -> bool:
-    """Whether attempt ``attempt_no`` (from 1), if it fails, can be retried: a wait is left and its retry ends
-    before the round's deadline (on Redis' clock).  One rule for the retry and for the early decider, which
-    takes only a final attempt's requests as bounding its server's outcome (:mod:`workers.inflight`)."""
-    waits = job["retry_waits_s"]
-    if attempt_no > len(waits):
+def _may_retry(job: dict, attempt_no: int, *, first_started_at: float) -> bool:
+    """Whether attempt ``attempt_no`` (from 1), if it fails, can be retried: an attempt is left in the schedule
+    and, started at its place (``first_started_at`` plus its offset, or now if that is past:
+    :func:`workers.measure.retry_starts_at`), it ends before the round's deadline (on Redis' clock).  One rule
+    for the retry and for the early decider, which takes only a final attempt's requests as bounding its
+    server's outcome (:mod:`workers.inflight`)."""
+    starts_at = measure.retry_starts_at(job, attempt_no, first_started_at=first_started_at, now=service_now())
+    if starts_at is None:
         return False
     budget_s = measure.attempt_budget_s(timeout_s=job["timeout_s"], samples=job["samples"])
-    return service_now() + waits[attempt_no - 1] + budget_s <= job["deadline_at"]
+    return starts_at + budget_s <= job["deadline_at"]
+
+
+def _retry_countdown_s(job: dict, attempt_no: int, *, first_started_at: float) -> float:
+    """Seconds from now until the retry of attempt ``attempt_no`` starts at its place in the schedule."""
+    now = service_now()
+    starts_at = measure.retry_starts_at(job, attempt_no, first_started_at=first_started_at, now=now)
+    return 0.0 if starts_at is None else max(0.0, starts_at - now)
 
 
 def summarise_ok(sample: dict, attempts: int) -> str:

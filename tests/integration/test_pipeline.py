@@ -133,11 +133,28 @@ def test_retry_schedule_follows_the_configured_waits(worker, simulator, tmp_path
     assert code == cli.EXIT_OK
     flaky = record["servers"][0]
     assert flaky["attempts"] == 3 and flaky["status"] == "chosen"
-    starts = [a["started_at"] for a in flaky["history"]]
-    # Attempt k+1 starts one timeout plus the k-th wait after attempt k: waits 0.4 s, then 0.8 s.
-    # Late by up to 0.4 s on a busy machine, never early: 0.4 s vs 0.8 s stays distinguishable.
-    for gap, wait in zip((starts[1] - starts[0], starts[2] - starts[1]), (retry_delay, 2 * retry_delay), strict=True):
-        assert wait + 0.2 <= gap < wait + 0.2 + 0.4, (starts, gap, wait)
+    starts = [a["started_at"] - flaky["history"][0]["started_at"] for a in flaky["history"]]
+    # Attempts start 0, 0.4 and 1.2 s after the first one's start (the waits count from it, not from the
+    # 0.2 s timeout's end: that gave 0.6 and 1.6 s).  Late by up to 0.15 s on a busy machine, never early.
+    for start, planned in zip(starts, (0.0, retry_delay, 3 * retry_delay), strict=True):
+        assert planned - 0.02 <= start < planned + 0.15, (starts, planned)
+
+
+def test_retries_of_a_dead_server_start_at_0_d_3d_from_the_first_start(worker, simulator, tmp_path, key_prefix,
+                                                                       capsys):
+    """Issue #25 item 4: with a timeout near the delay, the old waits-after-the-failure gave 0, 0.9 and 2.3 s."""
+    retry_delay, timeout_s = 0.5, 0.4
+    _, servers = simulator({"dead": Behaviour(loss=1.0)})
+    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix, retry_delay=retry_delay,
+                        timeout_seconds=timeout_s, max_retries=3)
+    code, record = _measure(path, capsys)
+    assert code == cli.EXIT_STARVATION
+    dead = record["servers"][0]
+    assert dead["attempts"] == 3, dead
+    first = dead["history"][0]["started_at"]
+    starts = [a["started_at"] - first for a in dead["history"]]
+    for start, planned in zip(starts, (0.0, retry_delay, 3 * retry_delay), strict=True):
+        assert planned - 0.02 <= start < planned + 0.2, (starts, planned)
 
 
 def test_sequential_mode_queries_one_server_after_another(worker, simulator, tmp_path, key_prefix, capsys):

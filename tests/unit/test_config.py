@@ -290,3 +290,30 @@ def test_bad_nts_options_name_the_key(tmp_path):
     path.write_text("clock_measurement:\n  ntp:\n    servers: [nts://a]\n    auth_select: always\n")
     with pytest.raises(config_mod.ConfigError, match="require, prefer, mix, ignore"):
         config_mod.load(path, environ={})
+
+
+def test_attempts_start_at_their_offsets_from_the_first_attempts_start_whatever_the_timeout():
+    """Issue #25 item 4: 0, 5 and 15 s after the first start (they were 0, 7.2 and 19.2 s with a 2 s timeout)."""
+    from workers import measure
+
+    ntp = config_mod.from_mapping({"clock_measurement": {"ntp": {"servers": ["a"]}}}, environ={}).ntp
+    assert measure.attempt_offsets_s(ntp.retry_waits_s) == [0.0, 5.0, 15.0]
+    job = {"retry_waits_s": list(ntp.retry_waits_s)}
+    # Attempt 1 started at 100 and failed at 102 (its 2 s timeout): attempt 2 at 105, not 107.
+    assert measure.retry_starts_at(job, 1, first_started_at=100.0, now=102.0) == 105.0
+    assert measure.retry_starts_at(job, 2, first_started_at=100.0, now=107.0) == 115.0
+    assert measure.retry_starts_at(job, 3, first_started_at=100.0, now=117.0) is None  # no fourth attempt
+    # An attempt that fails past its successor's place: the successor starts at once.
+    assert measure.retry_starts_at(job, 1, first_started_at=100.0, now=106.0) == 106.0
+    assert measure.latest_attempt_starts_s([5.0, 10.0], 2.0) == [0.0, 5.0, 15.0]
+    assert measure.latest_attempt_starts_s([5.0, 10.0], 8.2) == pytest.approx([0.0, 8.2, 16.4])
+
+
+def test_check_config_prints_the_attempt_starts_the_worker_uses(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("clock_measurement:\n  ntp:\n    servers: [a]\n    timeout_seconds: 2\n")
+    assert cli.main(["check-config", str(path)]) == 0
+    assert "attempts per server: 3, starting at 0, 5, 15 s after the first attempt's start\n" in capsys.readouterr().out
+    path.write_text("clock_measurement:\n  ntp:\n    servers: [a]\n    timeout_seconds: 4\n")
+    assert cli.main(["check-config", str(path)]) == 0
+    assert "starting at 0, 5, 15 s after the first attempt's start (at the latest 0, 8, 16 s" in capsys.readouterr().out
