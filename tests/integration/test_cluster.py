@@ -85,7 +85,9 @@ def test_three_nodes_one_beat_each_node_measured_by_its_own_worker(redis_url, si
         assert all(r["quality"] == "strict" for r in records)
         for record in records:
             # Every sample of node X's rounds was taken by node X's worker.
-            assert {s["worker"].split("@")[0] for s in record["servers"]} == {node}, record["servers"]
+            # (a server still out when the round was decided early is recorded late, with no worker yet)
+            taken = {s["worker"].split("@")[0] for s in record["servers"] if s["status"] != "late"}
+            assert taken == {node}, record["servers"]
         gaps = [b["dispatched_at"] - a["dispatched_at"] for a, b in zip(records, records[1:], strict=False)]
         assert all(interval - 0.4 <= g <= interval + 0.4 for g in gaps), (node, gaps)
         assert sum(gaps) / len(gaps) == pytest.approx(interval, abs=0.15), (node, gaps)
@@ -190,8 +192,9 @@ def test_servers_dark_for_several_rounds_then_back(worker, simulator, tmp_path, 
         sim.set_behaviour(port, Behaviour(loss=1.0))
     for i in range(3):
         record = rounds.dispatch(config, "testnode").wait()
-        assert record["quality"] == "starvation"
-        assert store.stats("testnode")["starvation"] == i + 1  # counted every round
+        assert record["quality"] == "outage"  # every server silent: the path they share, not NTP (issue #25)
+        assert store.stats("testnode")["outage"] == i + 1  # counted every round
+        assert store.stats("testnode")["starvation"] == 0
         assert store.latest("testnode") == before  # same value, same timestamps: its age shows
     for port, behaviour in saved.items():
         sim.set_behaviour(port, behaviour)

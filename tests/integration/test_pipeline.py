@@ -104,16 +104,16 @@ def test_slow_servers_pass_only_the_relaxed_gate(worker, simulator, tmp_path, ke
     assert all(s["attempts"] == 1 for s in record["servers"])  # relaxed-passing samples are not retried
 
 
-def test_every_server_dead_is_starvation_and_latest_keeps_its_age(worker, simulator, tmp_path, key_prefix,
-                                                                   redis_client, capsys):
+def test_every_server_refused_is_starvation_and_latest_keeps_its_age(worker, simulator, tmp_path, key_prefix,
+                                                                      redis_client, capsys):
     sim, servers = simulator({"a": Behaviour(offset_s=TRUE_OFFSET_S, delay_s=0.004),
                               "b": Behaviour(offset_s=TRUE_OFFSET_S, delay_s=0.005)})
     path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix)
     assert _measure(path, capsys)[0] == cli.EXIT_OK
     store = Store(redis_client, prefix=key_prefix)
     before, stats_before = store.latest(TEST_NODE), store.stats(TEST_NODE)
-    for port in sim.behaviours:
-        sim.set_behaviour(port, Behaviour(loss=1.0))
+    for port in sim.behaviours:  # they answer, unsynchronised: NTP starvation (every one silent is an outage)
+        sim.set_behaviour(port, Behaviour(offset_s=TRUE_OFFSET_S, delay_s=0.004, leap=3))
     code, record = _measure(path, capsys)
     assert code == cli.EXIT_STARVATION
     assert record["quality"] == "starvation" and record["latest"] is None
