@@ -53,48 +53,37 @@ REASON_NO_RESULT = Reason.NO_RESULT
 #: deadline (``round_deadline``), or the node's own stack refused it.  Alone, these make an outage.
 NOT_ASKED_REASONS = frozenset({Reason.NO_RESULT, Reason.ROUND_DEADLINE})
 
-#: Failures that the node's own path explains when *every* server of a round has one and no reply came
-#: from any: the local stack or an ICMP error (``socket_error``: a relay or interface down), no name
-#: resolution (``dns_error``: the node's resolver), or silence (``timeout``: a relay or uplink down --
-#: only with two servers or more, since one server timing out is that server's business).
-PATH_REASONS = frozenset({*NOT_ASKED_REASONS, Reason.SOCKET_ERROR, Reason.DNS_ERROR, Reason.TIMEOUT})
 
 
 def outage_of(servers: list[dict[str, Any]]) -> str | None:
     """Why a round that published nothing is an outage, not NTP starvation; ``None`` if it is starvation.
 
     ``servers``: the round record's server entries.  An outage is a round in
-    which no server could be asked or reached -- no worker took its tasks, the
-    node was cut off, or its path to every server (a relay, its uplink) was
-    down -- so it says nothing about the NTP servers.  Conservatively:
+    which no server was asked -- no worker took its tasks, the node was cut off
+    from Redis, or its tasks started past the deadline -- so it says nothing
+    about the NTP servers: every entry ``failed``, and every attempt's reason
+    in :data:`NOT_ASKED_REASONS`.
 
-    * no entry carries a sample or a reply we refused (every one ``failed``);
-    * every server's final reason is in :data:`PATH_REASONS`, and every one of
-      its attempts failed with such a reason (a server that sent anything back
-      -- a refused reply, a Kiss-o'-Death -- shows the path works: starvation);
-    * either every reason is in :data:`NOT_ASKED_REASONS` (nobody asked), or
-      the round has two servers or more (all of them silent together: the
-      common part, the node's path, is the cause).
+    Every server silent (timeouts, socket or name errors) is *not* an outage:
+    it is also exactly what dead servers, an upstream that blocks NTP or
+    misspelt names look like, and those must reach the starvation and
+    reachability alerts.  A relay that is down shows that way too; its own
+    signals (its report's age, ``ChronotickNtpRelayNotForwarding``) say so.
     """
     if not servers:
         return None
     reasons: dict[str, int] = {}
     for entry in servers:
-        if entry.get("sample") or entry.get("status") != ServerStatus.FAILED:
+        if entry.get("sample") or entry.get("status") != ServerStatus.FAILED or entry.get("kiss_code"):
             return None
         reason = entry.get("reason")
-        if reason not in PATH_REASONS or entry.get("kiss_code"):
+        if reason not in NOT_ASKED_REASONS:
             return None
-        if any(a.get("reason") not in PATH_REASONS for a in entry.get("history", [])):
+        if any(a.get("reason") not in NOT_ASKED_REASONS for a in entry.get("history", [])):
             return None
         reasons[str(reason)] = reasons.get(str(reason), 0) + 1
-    if not set(reasons) <= NOT_ASKED_REASONS and len(servers) < 2:
-        return None
     said = ", ".join(f"{reason} x{count}" for reason, count in sorted(reasons.items()))
-    if set(reasons) <= NOT_ASKED_REASONS:
-        return f"no server was asked ({said}): no worker took the round's tasks in time"
-    return f"no server could be reached ({said}): the node's path to them, not the servers"
-
+    return f"no server was asked ({said}): no worker took the round's tasks in time"
 
 @dataclass(frozen=True)
 class RoundMeta:

@@ -4,9 +4,10 @@
     Every counter of :mod:`relay.stats`, the upstream, the added delay's
     p50/p99 (s), and ``updated_at`` (Unix s, the relay's clock).  It expires
     :data:`REPORT_TTL_S` after the last write, so a relay that is gone
-    disappears -- after an hour, long enough for the exporter to show it
-    silent (``report_age_s``, from the key's TTL: Redis' clock, not the
-    relay's) and for the relay alert to fire.
+    disappears -- after a week: until then the exporter shows it silent
+    (``report_age_s``, from the key's TTL: Redis' clock, not the relay's) and
+    the relay alert stays firing.  A relay taken out of service on purpose:
+    delete its keys (``redis-cli --scan --pattern '<prefix>:relay:<name>:*'``).
 ``<prefix>:relays``
     The set of those keys.
 
@@ -19,9 +20,10 @@ import time
 
 from workers.keys import Keys
 
-#: A relay's report outlives its last write by this long (s): an hour, so that a relay that stopped
-#: reporting stays visible (its report's age growing) while the relay alert fires.
-REPORT_TTL_S = 3600
+#: A relay's report outlives its last write by this long (s): a week, so that a relay that stopped
+#: reporting stays visible (its report's age growing) and the relay alert keeps firing -- an hour let the
+#: alert clear while the relay was still dead (an adversarial review).
+REPORT_TTL_S = 7 * 24 * 3600
 
 
 def port_key(prefix: str, name: str, port: int) -> str:

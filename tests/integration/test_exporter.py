@@ -172,7 +172,7 @@ def test_a_real_prometheus_scrapes_the_exporter(worker, simulator, tmp_path, key
         rounds_strict = query(f'chronotick_ntp_rounds_total{{node="{TEST_NODE}",quality="strict"}}')
         assert float(rounds_strict[0]["value"][1]) == 1
         rules = _http_json(f"{api}/rules")["data"]["groups"]
-        assert [g["name"] for g in rules] == ["chronotick-ntp"] and len(rules[0]["rules"]) == 10
+        assert [g["name"] for g in rules] == ["chronotick-ntp"] and len(rules[0]["rules"]) == 13
         assert all(r["health"] != "err" for r in rules[0]["rules"])
     finally:
         stop_process(prometheus)

@@ -159,14 +159,18 @@ def test_a_round_no_server_was_asked_in_is_an_outage_not_starvation():
     assert build_record(_meta(["a"]), [], finished_at=12.0, unreported_unknown=True)["quality"] == "outage"
 
 
-def test_every_server_unreachable_through_the_nodes_path_is_an_outage():
-    """A relay or interface down: every server times out or errors on the socket, none replies."""
+def test_every_server_silent_is_starvation_not_an_outage():
+    """Dead servers, an upstream blocking NTP, misspelt names look just like this: they must reach the
+    starvation and reachability alerts (an adversarial review: as an outage they took no reach bit)."""
     meta = _meta(["a", "b", "c"])
-    record = build_record(meta, [failed("a"), failed("b", "socket_error"), failed("c")], finished_at=1.0)
-    assert record["quality"] == "outage" and "could be reached" in record["agreement"]["outage"]
-    # Some reported timeouts, the rest never reported: still nothing reached.
+    record = build_record(meta, [failed("a"), failed("b", "socket_error"), failed("c", "dns_error")],
+                          finished_at=1.0)
+    assert record["quality"] == "starvation"
+    # Some reported timeouts, the rest never reported: the timeouts were asked, so not an outage either.
     closed = build_record(meta, [failed("a")], finished_at=12.0, unreported_unknown=True)
-    assert closed["quality"] == "outage"
+    assert closed["quality"] == "starvation"
+    # Nobody asked at all: an outage.
+    assert build_record(meta, [], finished_at=12.0, unreported_unknown=True)["quality"] == "outage"
 
 
 def test_starvation_stays_starvation_when_any_server_answered_or_only_one_timed_out():
