@@ -378,6 +378,28 @@ class Bed:
             service.process.kill()
             service.process.wait()
 
+    def crash(self, name: str) -> None:
+        """SIGKILL the service's whole process group (it runs in a session of its own), as a crash would leave it
+        under systemd (``KillMode=control-group`` then takes what the main process started)."""
+        service = self.services.get(name)
+        if service is None or not service.alive():
+            return
+        try:
+            os.killpg(service.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        service.process.wait()
+
+    def restart(self, name: str, start: Callable[[], Service]) -> Service:
+        """Start a stopped service again with ``start()``, its log from here on only (``logs/<name>.log``
+        is appended to: a ready check reading the old lines would pass at once)."""
+        service = self.services.get(name)
+        if service is not None and service.alive():
+            raise BedError(f"{name} is still running")
+        if service is not None and service.log_path.exists():
+            service.log_path.rename(service.log_path.with_suffix(f".{int(time.time() * 1000)}.log"))
+        return start()
+
     # -- configuration files ------------------------------------------------------
 
     def write_files(self, **ntp_overrides: Any) -> None:
