@@ -60,9 +60,8 @@ The choice, and its bound ``U``:
 - ``combine`` publishes the combination of the surely-passing samples within
   :data:`selection.COMBINE_LIMIT` times the tightest of them, ``t``.  Nothing
   else may be able to join: no undecided sample within ``3t``; an outstanding
-  server whose bound is within ``3t`` is waited for while its bound grows; a
-  retry to come (whose bound does not) is allowed only when early's offset lies
-  in ``N``, and ``U`` then also covers every offset its joining
+  server whose bound is within ``3t`` (a retry, say) is allowed only when early's
+  offset lies in ``N``, and ``U`` then also covers every offset its joining
   could move the combination to (:func:`_joining_spread`: at most
   ``max(t, 3tm/(3+m))`` past its members and ``W``, for ``m`` joiners).  ``U``
   must pass the gate.
@@ -277,11 +276,10 @@ def decide(outcomes: list[dict], outstanding: list[Outstanding], *, strict: Thre
             if other["server"] not in used_names and other["uncertainty_s"] <= limit_s:
                 blockers.hold(f"{other['server']} may be combined or not, as the votes still out fall")
         joining = [i for i in could_answer if i.bound_s <= limit_s]
-        # A reply whose bound still grows is waited for (soon it cannot join); a retry's never grows, so a
-        # combination inside the narrow interval is published with its bound widened to where it could move.
-        growing = [i for i in joining if not i.retrying]
-        if growing or (joining and not in_narrow):
-            blockers.bound(growing or joining, limit_s, "an outstanding reply could join the combination")
+        # A combination inside the narrow interval is published at once, its bound widened to wherever the
+        # replies that could still join could move it (waiting for their bounds would cost the round's time).
+        if joining and not in_narrow:
+            blockers.bound(joining, limit_s, "an outstanding reply could join the combination")
         elif joining:  # joining, they move the combination: at most ``spread`` past its members and the wide interval
             spread = _joining_spread(min(s["uncertainty_s"] for s in used), len(joining))
             low = min(wide[0], *(s["offset_s"] for s in used)) - spread

@@ -117,10 +117,10 @@ def decide_early(view: inflight.RoundView) -> inflight.Verdict:
     if not ntp.server_groups and answered < len(pending):
         # Too few votes to outvote the rest: not before (pending - answered) / 2 more answers, at the least.
         return inflight.Verdict(False, wait_for_outcomes=(len(pending) - answered + 1) // 2)
-    # A server without a bound (its task not started, a burst not all sent, or an attempt a retry could
-    # follow) could still say anything: to the decider it is a retry to come.
+    # A server whose attempt out a retry could follow could still say anything: to the decider it is a retry
+    # to come.  One with no bound yet (its task not started, a burst not all sent) may get one soon: bound 0.
     outstanding = [early.Outstanding(name, view.bounds.get(name, 0.0), context["nts"][name],
-                                     retrying=name in view.retrying or name not in view.bounds)
+                                     retrying=name in view.retrying or name in view.unbounded)
                    for name in pending]
     decision = early.decide(view.outcomes, outstanding, strict=context["strict"], enable_fallback=ntp.enable_fallback,
                             method=ntp.selection, groups=[list(g) for g in ntp.server_groups],

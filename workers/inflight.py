@@ -99,6 +99,9 @@ class RoundView:
     bounds: dict[str, float]
     context: dict[str, Any]
     retrying: frozenset[str] = frozenset()  # attempt failed, a retry to come: no request out
+    #: Servers whose attempt out is not their last: a retry could follow it, so nothing bounds what they say.
+    #: (A server with no attempt here yet, or a burst not all sent, may still get a bound: it is in neither.)
+    unbounded: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -271,7 +274,8 @@ class Tracker:
                 bounds = self._bounds(state, now)
                 seen = len(state.outcomes)
                 view = RoundView(key[0], key[1], key[2], list(state.outcomes.values()), bounds,
-                                 state.context, frozenset(state.retrying))
+                                 state.context, frozenset(state.retrying),
+                                 frozenset(server for server, a in state.attempts.items() if not a.final))
                 attempts = [a for server, a in state.attempts.items() if server in bounds]
                 all_bounded = len(attempts) == len(state.attempts)
                 state.deciding, state.dirty, state.retry_seen = True, False, False
