@@ -255,11 +255,6 @@ class Scheduler:
             return self.next_normal_slot(index, warm_until, strictly=False)
         return self.next_normal_slot(index, max(at, now) + min(timing.normal_interval_s / 2, 1.0))
 
-    def interval_for(self, node: str, now: float) -> float:
-        """The interval in force for ``node`` at ``now`` (monotonic s): warm-up while it warms up."""
-        timing = self.config.timing
-        return timing.warm_up_interval_s if now < self.warm_until.get(node, 0.0) else timing.normal_interval_s
-
     def _started_leading(self) -> None:
         """This beat starts to dispatch: nodes with nothing fresh get a warm-up (read at the next poll)."""
         self._next_warm_up_poll = 0.0

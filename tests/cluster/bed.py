@@ -97,6 +97,21 @@ class NamespacesUnavailable(BedError):
     """``ip netns add`` failed: not root, or no CAP_NET_ADMIN / CAP_SYS_ADMIN here."""
 
 
+class LogMark:
+    """The lines a service logs from now on."""
+
+    def __init__(self, service):
+        self.service = service
+        self.offset = len(service.log())
+
+    def lines(self, pattern: str) -> list[str]:
+        regex = re.compile(pattern)
+        return [line for line in self.service.log()[self.offset:].splitlines() if regex.search(line)]
+
+    def text(self, chars: int = 4000) -> str:
+        return self.service.log()[self.offset:][-chars:]
+
+
 def poll(predicate: Callable[[], Any], *, timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
     """Call ``predicate`` until it returns something truthy, and return that; BedError at the deadline."""
     deadline = time.monotonic() + timeout_s

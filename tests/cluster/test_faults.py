@@ -39,21 +39,6 @@ FULL = 0xFF
 ALERTS = REPO / "configs" / "prometheus" / "alerts.yml"
 
 
-class LogMark:
-    """The lines a service logs from now on."""
-
-    def __init__(self, service):
-        self.service = service
-        self.offset = len(service.log())
-
-    def lines(self, pattern: str) -> list[str]:
-        regex = re.compile(pattern)
-        return [line for line in self.service.log()[self.offset:].splitlines() if regex.search(line)]
-
-    def text(self, chars: int = 4000) -> str:
-        return self.service.log()[self.offset:][-chars:]
-
-
 def _registers(store: Store, node: str) -> dict[str, int]:
     return {server: reach.register for server, reach in store.reach(node).items()}
 

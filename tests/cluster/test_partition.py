@@ -22,7 +22,7 @@ import pytest
 
 from orchestrator.store import Store
 
-from .bed import KEY_PREFIX, poll
+from .bed import KEY_PREFIX, LogMark, poll
 
 pytestmark = pytest.mark.cluster
 
@@ -45,21 +45,6 @@ SCRAPE_TIMEOUT_S = 10.0
 FULL = 0xFF
 #: Reasons of a server no request was sent to (a round no worker took).
 NOT_ASKED = {"no_result", "round_deadline"}
-
-
-class LogMark:
-    """The lines a service logs from now on."""
-
-    def __init__(self, service):
-        self.service = service
-        self.offset = len(service.log())
-
-    def lines(self, pattern: str) -> list[str]:
-        regex = re.compile(pattern)
-        return [line for line in self.service.log()[self.offset:].splitlines() if regex.search(line)]
-
-    def text(self, chars: int = 4000) -> str:
-        return self.service.log()[self.offset:][-chars:]
 
 
 def _stamp(line: str) -> float:
