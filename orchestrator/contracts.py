@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from workers.config import Config, NtpSettings, ServiceSettings, ntp_from_mapping
+from workers.config import Config, ConfigError, NtpSettings, ServiceSettings, ntp_from_mapping, parse_server
 from workers.contracts import Reason
 from workers.quality import Thresholds
 
@@ -55,35 +55,65 @@ NOT_ASKED_REASONS = frozenset({Reason.NO_RESULT, Reason.ROUND_DEADLINE})
 
 
 
+#: Failures with no reply that, at a host that refused at least once (``port_unreachable``: ICMP says
+#: nothing listens there), make every server on that host unasked: a relay or a hub's NTP server down.
+SILENT_REASONS = frozenset({Reason.TIMEOUT, Reason.PORT_UNREACHABLE})
+
+
 def outage_of(servers: list[dict[str, Any]]) -> str | None:
     """Why a round that published nothing is an outage, not NTP starvation; ``None`` if it is starvation.
 
     ``servers``: the round record's server entries.  An outage is a round in
-    which no server was asked -- no worker took its tasks, the node was cut off
-    from Redis, or its tasks started past the deadline -- so it says nothing
-    about the NTP servers: every entry ``failed``, and every attempt's reason
-    in :data:`NOT_ASKED_REASONS`.
+    which no NTP server was asked, so it says nothing about the servers and
+    takes no reach bit.  Every entry ``failed``, and either
 
-    Every server silent (timeouts, socket or name errors) is *not* an outage:
-    it is also exactly what dead servers, an upstream that blocks NTP or
+    - every attempt's reason is in :data:`NOT_ASKED_REASONS`: no worker took
+      the round's tasks, the node was cut off from Redis, or its tasks started
+      past the deadline; or
+    - every server is on one host (the configured name: a relay's ports, or
+      the hub), every attempt got no reply (:data:`SILENT_REASONS`, or one of
+      the above) and that host answered at least one request with ICMP port
+      unreachable: nothing listens there -- the relay or the hub's NTP server
+      is down -- and the timeouts beside it are the refusals the kernel's
+      ICMP rate limit did not send.
+
+    Servers silent on several hosts (timeouts, socket or name errors) are
+    *not* an outage: that is what dead servers, an upstream that blocks NTP or
     misspelt names look like, and those must reach the starvation and
-    reachability alerts.  A relay that is down shows that way too; its own
-    signals (its report's age, ``ChronotickNtpRelayNotForwarding``) say so.
+    reachability alerts.  Nor is a host that only times out: a relay that
+    runs but cannot forward looks like that (its report and
+    ``ChronotickNtpRelayNotForwarding`` say so).
     """
     if not servers:
         return None
     reasons: dict[str, int] = {}
+    hosts: set[str] = set()
     for entry in servers:
         if entry.get("sample") or entry.get("status") != ServerStatus.FAILED or entry.get("kiss_code"):
             return None
-        reason = entry.get("reason")
-        if reason not in NOT_ASKED_REASONS:
+        # Each attempt's reason, and an advanced-mode burst's refusals before its last request.
+        seen = [str(r.get("reason")) for a in entry.get("history", []) for r in [a, *a.get("refusals", [])]]
+        if any(r not in NOT_ASKED_REASONS and r not in SILENT_REASONS for r in [str(entry.get("reason")), *seen]):
             return None
-        if any(a.get("reason") not in NOT_ASKED_REASONS for a in entry.get("history", [])):
-            return None
-        reasons[str(reason)] = reasons.get(str(reason), 0) + 1
+        for reason in seen or [str(entry.get("reason"))]:
+            reasons[reason] = reasons.get(reason, 0) + 1
+        hosts.add(_host_of(str(entry.get("server"))))
     said = ", ".join(f"{reason} x{count}" for reason, count in sorted(reasons.items()))
-    return f"no server was asked ({said}): no worker took the round's tasks in time"
+    if all(reason in NOT_ASKED_REASONS for reason in reasons):
+        return f"no server was asked ({said}): no worker took the round's tasks in time"
+    if len(hosts) == 1 and Reason.PORT_UNREACHABLE in reasons:
+        return (f"no server was asked ({said}): nothing listens at {next(iter(hosts))}, the one host every "
+                "server is reached through (its relay or NTP server is down)")
+    return None
+
+
+def _host_of(server: str) -> str:
+    """The host part of a configured server name (``host[:port]``, ``[v6]:port``, ``nts://...``)."""
+    try:
+        return parse_server(server).host
+    except ConfigError:
+        return server
+
 
 @dataclass(frozen=True)
 class RoundMeta:

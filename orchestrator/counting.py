@@ -23,8 +23,8 @@ COUNTERS = ("rounds", "strict", "relaxed", "starvation", "outlier", "outage", "q
 ROUND_DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 #: Attempt failures that are not a reply we refused (nothing came back).
-NO_REPLY_REASONS = frozenset({Reason.TIMEOUT, Reason.SOCKET_ERROR, Reason.DNS_ERROR, Reason.QUERY_ERROR,
-                              Reason.ROUND_DEADLINE, Reason.NO_RESULT, Reason.KOD_BACKOFF,
+NO_REPLY_REASONS = frozenset({Reason.TIMEOUT, Reason.SOCKET_ERROR, Reason.PORT_UNREACHABLE, Reason.DNS_ERROR,
+                              Reason.QUERY_ERROR, Reason.ROUND_DEADLINE, Reason.NO_RESULT, Reason.KOD_BACKOFF,
                               Reason.KOD_DEMOBILISED, Reason.NTS_KE_FAILED})
 
 #: Attempt failures before any request left: no name, no NTS keys, the worker's own error (taken as

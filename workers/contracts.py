@@ -38,6 +38,7 @@ class Reason(StrEnum):
     # No usable reply (workers.ntp.client, workers.measure).
     TIMEOUT = "timeout"
     SOCKET_ERROR = "socket_error"
+    PORT_UNREACHABLE = "port_unreachable"  # ICMP: nothing listens at the server's address and port
     DNS_ERROR = "dns_error"
     QUERY_ERROR = "query_error"
     # A reply refused by RFC 5905's packet tests (workers.ntp.sanity).

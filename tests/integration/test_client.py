@@ -1,6 +1,7 @@
 """One exchange against real servers on loopback: the simulator and chronyd."""
 
 import socket
+import time
 
 import pytest
 
@@ -109,6 +110,26 @@ def test_unresolvable_name_is_a_named_dns_error():
     with pytest.raises(QueryFailed) as caught:
         measure.attempt(job)
     assert caught.value.rejection.reason == sanity.REASON_DNS_ERROR
+
+
+def _closed_udp_port(host: str = "127.0.0.1") -> int:
+    """A UDP port nothing listens on (bound, read, released: the kernel then answers it with ICMP)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def test_nothing_listening_is_a_named_port_unreachable_at_once():
+    """A relay or hub NTP server that is down: ICMP port unreachable fails the exchange at once, named
+    (``IP_RECVERR``), not after the timeout -- and it is what makes such a round an outage."""
+    port = _closed_udp_port()
+    started = time.monotonic()
+    with pytest.raises(QueryFailed) as caught:
+        _exchange(f"127.0.0.1:{port}", timeout_s=2.0)
+    took = time.monotonic() - started
+    assert caught.value.rejection.reason == sanity.REASON_PORT_UNREACHABLE
+    assert f"127.0.0.1:{port}" in caught.value.rejection.detail
+    assert took < 1.0, f"waited {took:.2f} s for a refusal the kernel reported at once"
 
 
 def test_a_worker_armed_with_its_node_refuses_another_nodes_job(monkeypatch):

@@ -173,6 +173,42 @@ def test_every_server_silent_is_starvation_not_an_outage():
     assert build_record(meta, [], finished_at=12.0, unreported_unknown=True)["quality"] == "outage"
 
 
+def test_one_host_refusing_with_icmp_is_an_outage_several_silent_hosts_are_not():
+    """Issue #25: the relay every server is reached through, killed: nothing listens on its ports.  The
+    kernel's ICMP rate limit answers some requests and not others, so timeouts sit beside the refusals."""
+    relay = [f"10.77.0.1:{port}" for port in (8123, 8124, 8125)]
+    meta = _meta(relay)
+    down = [failed(relay[0], "port_unreachable", 2), failed(relay[1]), failed(relay[2])]
+    record = build_record(meta, down, finished_at=1.0)
+    assert record["quality"] == "outage" and record["latest"] is None
+    assert "nothing listens at 10.77.0.1" in record["agreement"]["outage"]
+    counts = round_counters(record)
+    assert counts["outage"] == 1 and "starvation" not in counts and counts["failed:port_unreachable"] == 1
+    # A refusal only inside an advanced-mode burst (its last request timed out) says the same.
+    burst = failed(relay[0], "timeout", 1)
+    burst["history"][0]["refusals"] = [{"reason": "port_unreachable", "detail": ""}]
+    assert build_record(meta, [burst, failed(relay[1]), failed(relay[2])], finished_at=1.0)["quality"] == "outage"
+    # The same host, only timeouts: a relay that runs and forwards nothing -- its own alert; starvation here.
+    assert build_record(meta, [failed(n) for n in relay], finished_at=1.0)["quality"] == "starvation"
+    # Refusals from one host among servers on several: dead servers, not a path down.
+    mixed = _meta([relay[0], "time.example.org", "10.78.0.2:123"])
+    several = [failed(relay[0], "port_unreachable"), failed("time.example.org"),
+               failed("10.78.0.2:123", "port_unreachable")]
+    assert build_record(mixed, several, finished_at=1.0)["quality"] == "starvation"
+    # A reply refused, a socket error or a kiss from the host: something answered or failed otherwise.
+    for other in ("bogus_origin", "socket_error", "kod_rate"):
+        assert build_record(meta, [failed(relay[0], "port_unreachable"), failed(relay[1], other, 1),
+                                   failed(relay[2])], finished_at=1.0)["quality"] == "starvation", other
+    # One attempt refused, a later one answered with a refused reply: a reply came.
+    answered = failed(relay[0], "port_unreachable", 2)
+    answered["history"][1]["reason"] = "bogus_origin"
+    assert build_record(meta, [answered, failed(relay[1]), failed(relay[2])], finished_at=1.0)["quality"] \
+        == "starvation"
+    # The hub: one server, refusing.  IPv6 and port-less names group by host too.
+    assert build_record(_meta(["[fd00::1]:123"]), [failed("[fd00::1]:123", "port_unreachable")],
+                        finished_at=1.0)["quality"] == "outage"
+
+
 def test_starvation_stays_starvation_when_any_server_answered_or_only_one_timed_out():
     meta = _meta(["a", "b", "c"])
     # A refused reply, a kiss: the path works, the servers said no.

@@ -35,6 +35,13 @@ from .sanity import Rejection
 #: Python's socket module does not export it.
 SO_TIMESTAMPNS = 35
 
+#: ``IP_RECVERR`` / ``IPV6_RECVERR`` on Linux (``<linux/in.h>``, ``<linux/in6.h>``); Python's socket module
+#: does not export them.  With them an unconnected socket hears the ICMP errors its request caused: a
+#: port unreachable (nothing listens there -- a relay or a hub's NTP server down) fails the exchange at
+#: once, named, instead of waiting out the timeout.
+IP_RECVERR = 11
+IPV6_RECVERR = 25
+
 #: Our clock's reading precision (RFC 5905 rho_c): ``time_ns`` resolves 1 ns
 #: but a read costs tens of ns; a microsecond is conservative.  The send
 #: time's own uncertainty is measured per exchange and added separately.
@@ -192,6 +199,7 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
         # drop replies from a wrong port silently, and we want to name them.
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             kernel_ts = enable_kernel_timestamps(sock)
+            enable_icmp_errors(sock, family)
             # The packet leaves somewhere inside sendto().  t1 is read just
             # before it -- a true lower bound, so delay can never come out
             # negative -- and the call's duration bounds t1's error.  (Not
@@ -216,6 +224,12 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
                     data, ancdata, _flags, source = sock.recvmsg(MAX_REPLY_BYTES, ANCILLARY_SIZE)
                 except TimeoutError:
                     continue
+                except ConnectionRefusedError:
+                    # ICMP port unreachable for our request (the socket sent to nothing else): no NTP
+                    # service at that address and port, so no reply can follow.
+                    raise QueryFailed(Rejection(
+                        sanity.REASON_PORT_UNREACHABLE,
+                        f"ICMP port unreachable from {sockaddr[0]}:{sockaddr[1]}: nothing listens there")) from None
                 mono4_ns = time.monotonic_ns()
                 wall4_ns = time.time_ns()
                 if source[:2] != sockaddr[:2]:
@@ -295,6 +309,19 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
         kernel_rx_timestamp=rx_ns is not None,
         nts=nts is not None,
     )
+
+
+def enable_icmp_errors(sock: socket.socket, family: int) -> bool:
+    """Have ``sock`` report the ICMP errors its packets cause (Linux ``IP_RECVERR``); ``False`` where it cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    v6 = family == socket.AF_INET6
+    level, option = (socket.IPPROTO_IPV6, IPV6_RECVERR) if v6 else (socket.IPPROTO_IP, IP_RECVERR)
+    try:
+        sock.setsockopt(level, option, 1)
+    except OSError:
+        return False
+    return True
 
 
 def enable_kernel_timestamps(sock: socket.socket) -> bool:

@@ -22,6 +22,7 @@ from .packet import LEAP_UNSYNCHRONISED, MODE_SERVER, NS_PER_S, Reply
 # The reasons this module and the client decide, as aliases of :class:`workers.contracts.Reason`.
 REASON_TIMEOUT = Reason.TIMEOUT
 REASON_SOCKET_ERROR = Reason.SOCKET_ERROR
+REASON_PORT_UNREACHABLE = Reason.PORT_UNREACHABLE
 REASON_DNS_ERROR = Reason.DNS_ERROR
 REASON_WRONG_SOURCE = Reason.WRONG_SOURCE
 REASON_TRUNCATED = Reason.TRUNCATED
