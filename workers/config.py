@@ -226,12 +226,24 @@ class NtpSettings:
         problem="must be one of " + ", ".join(AUTH_SELECT_MODES),
         doc="as chrony's `authselectmode`: `require` only NTS may be published; `prefer` plain only when no NTS "
             "sample passes; `mix` both alike; `ignore` authentication does not count (new key)")
+    smearing_servers: tuple[str, ...] = option(
+        (), types=(list,),
+        doc="servers that smear leap seconds, beyond Google's (`time*.google.com`, known by name); near a leap "
+            "they never vote or combine with stepping ones (new key)")
+    leap_timescale: str = option(
+        "step", types=(str,), check=lambda v: v in ("step", "smear"), problem="must be 'step' or 'smear'",
+        doc="from 12 h before to 12 h after a leap second, only servers of this timescale vote (new key)")
+    leap_seconds_file: str = option(
+        "/usr/share/zoneinfo/leap-seconds.list", types=(str,),
+        doc="the IERS/IETF leap-seconds.list read for the leap window; an expired or missing file: no window "
+            "known, said once in the log (new key)")
 
     def as_mapping(self) -> dict:
         """These settings as the YAML section they come from (plain JSON: what a round carries)."""
         values = {key: getattr(self, name) for key, (name, _) in options_of(NtpSettings).items()}
         values["servers"] = [s.name for s in self.servers]
         values["server_groups"] = {f"group{i}": list(g) for i, g in enumerate(self.server_groups)}
+        values["smearing_servers"] = list(self.smearing_servers)
         return values
 
     @cached_property
@@ -269,6 +281,40 @@ class TimingSettings:
 
 
 @dataclass(frozen=True)
+class HubSettings:
+    """``ntp_service.hub``: the head node as the cluster's time hub (issue #26).
+
+    The hub node's rounds measure ``clock_measurement.ntp.servers`` (the
+    public ones) for the whole cluster, politely; every other node measures
+    ``address``, a LAN NTP server on the head (``chronotick-ntp hub`` runs
+    chronyd there), and publishes that LAN offset composed with the hub's
+    latest offset to UTC.
+    """
+
+    address: str = option(
+        "", types=(str,), doc="`HOST[:PORT]`: the LAN time server (the head's chronyd) every other node measures")
+    node: str = option("", types=(str,), doc="the head's node name, whose rounds measure the public servers")
+    measurement_interval: float = option(
+        64.0, types=_NUMBER, check=lambda v: 16 <= v <= MAX_INTERVAL_S,
+        problem=f"must be from 16 to {MAX_INTERVAL_S:g} s (RFC 4330's least poll)",
+        doc="the hub node's rounds at least this far apart, warm-up or not (s; chrony's minpoll 6)")
+    max_requests_per_minute: int = option(
+        12, types=(int,), check=lambda v: 1 <= v <= 60, problem="must be from 1 to 60",
+        doc="requests one public server gets from the whole cluster in any 60 s, bursts and retries included")
+    max_requests_per_10_minutes: int = option(
+        40, types=(int,), check=lambda v: 1 <= v <= 600, problem="must be from 1 to 600",
+        doc="requests one public server gets from the whole cluster in any 10 minutes")
+    max_drift_ppm: float = option(
+        15.0, types=_NUMBER, check=lambda v: 0 < v <= 500, problem="must be more than 0 and at most 500 ppm",
+        doc="how fast a clock may drift between two measurements: the head's since its last round, a node's "
+            "between two nodes' rounds (ppm; RFC 5905's PHI)")
+
+    @property
+    def server(self) -> ServerAddress:
+        return parse_server(self.address, key="ntp_service.hub.address")
+
+
+@dataclass(frozen=True)
 class ServiceSettings:
     """``ntp_service``: the distributed side.
 
@@ -303,6 +349,12 @@ class ServiceSettings:
     beat_lease_seconds: float = option(
         10.0, types=_NUMBER, check=lambda v: 1 <= v <= MAX_LEASE_S, problem=f"must be from 1 to {MAX_LEASE_S:g} s",
         doc="how long a beat's lease lasts; a standby takes over after it (s)")
+    warm_up_cooldown_seconds: float = option(
+        600.0, types=_NUMBER, check=lambda v: 0 <= v <= MAX_INTERVAL_S, problem=f"must be from 0 to {MAX_INTERVAL_S:g} s",
+        doc="after a node's warm-up, none again for this long (s); the length of one is the service's "
+            "`warm_up.duration_seconds`, never a consumer's")
+    hub: HubSettings | None = option(
+        None, types=(dict, type(None)), doc="the head as the cluster's time hub: `address`, `node` and the keys below")
 
     @property
     def redis_url_redacted(self) -> str:
@@ -444,7 +496,7 @@ def options_table(settings_class, *, prefix: str = "") -> str:
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for key, (name, opt) in options_of(settings_class).items():
         default = next(f for f in fields(settings_class) if f.name == name).default
-        shown = "—" if default in ((), None) or name == "servers" else (
+        shown = "—" if default in ((), None, "") or name == "servers" else (
             "null" if default is None else str(default).lower() if isinstance(default, bool) else f"{default}")
         rows.append(f"| `{prefix}{key}` | {shown} | {opt.doc} |")
     return "\n".join(rows)
@@ -466,7 +518,15 @@ def _parse_ntp(raw: dict, source: str) -> NtpSettings:
             raise ConfigError(source, prefix + "servers", f"{server.name} is listed twice{again}")
         seen[server.identity] = server.name
     groups = _parse_groups(values.pop("server_groups", {}), servers, source, prefix + "server_groups")
-    settings = NtpSettings(servers=servers, server_groups=groups, **values)
+    smearing = []
+    for i, value in enumerate(values.pop("smearing_servers", [])):
+        where = f"{prefix}smearing_servers[{i}]"
+        server = parse_server(value, source=source, key=where)
+        match = next((s for s in servers if s.identity == server.identity), None)
+        if match is None:
+            raise ConfigError(source, where, f"{value!r} is not one of clock_measurement.ntp.servers")
+        smearing.append(match.name)
+    settings = NtpSettings(servers=servers, server_groups=groups, smearing_servers=tuple(smearing), **values)
     if settings.max_stratum < settings.min_stratum:
         raise ConfigError(source, prefix + "max_stratum",
                           f"{settings.max_stratum} is below min_stratum {settings.min_stratum}")
@@ -606,7 +666,25 @@ def _parse_service(raw: dict, source: str, environ) -> ServiceSettings:
                               f"bad node name {node!r}: letters, digits, '-', '_' and '.' only")
     if len(set(nodes)) != len(nodes):
         raise ConfigError(source, prefix + "nodes", "a node is listed twice")
-    return ServiceSettings(redis_url=url, nodes=tuple(nodes), **values)
+    hub_raw = values.pop("hub", None)
+    hub = _parse_hub(hub_raw, source, nodes) if hub_raw is not None else None
+    return ServiceSettings(redis_url=url, nodes=tuple(nodes), hub=hub, **values)
+
+
+def _parse_hub(raw: dict, source: str, nodes: list[str]) -> HubSettings:
+    prefix = "ntp_service.hub."
+    values = _check_keys(raw, HubSettings, source, prefix)
+    for key in ("address", "node"):
+        if not values.get(key):
+            raise ConfigError(source, prefix + key, "missing: a hub needs its `address` and its `node`")
+    parse_server(values["address"], source=source, key=prefix + "address")
+    if parse_server(values["address"]).nts:
+        raise ConfigError(source, prefix + "address", "the hub is a LAN NTP server: plain `HOST[:PORT]`")
+    if not is_valid_node_name(values["node"]):
+        raise ConfigError(source, prefix + "node", f"bad node name {values['node']!r}")
+    if nodes and values["node"] not in nodes:
+        raise ConfigError(source, prefix + "node", f"{values['node']!r} is not in ntp_service.nodes")
+    return HubSettings(**values)
 
 
 def _check_redis_url(url: str, source: str, key: str) -> None:

@@ -237,7 +237,8 @@ def test_the_documented_tables_are_the_option_declarations():
     readme = (Path(__file__).resolve().parents[2] / "docs" / "contract.md").read_text()
     for settings in (config_mod.NtpSettings, config_mod.TimingSettings, config_mod.ServiceSettings):
         assert config_mod.options_table(settings) in readme, f"docs/contract.md table of {settings.__name__} is stale"
-    assert len(config_mod.options_of(config_mod.NtpSettings)) == 22
+    assert config_mod.options_table(config_mod.HubSettings, prefix="hub.") in readme, "the hub's table is stale"
+    assert len(config_mod.options_of(config_mod.NtpSettings)) == 25
 
 
 def test_a_negative_warm_up_duration_is_refused_with_the_right_words(tmp_path):
