@@ -86,7 +86,7 @@ later servers have not been asked yet.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,8 +179,15 @@ class _Blockers:
 
 def decide(outcomes: list[dict], outstanding: list[Outstanding], *, strict: Thresholds, enable_fallback: bool,
            method: str = Selection.BEST, groups: list[list[str]] | None = None,
-           auth_select: str = AuthSelect.MIX, parallel: bool = True) -> Decision:
-    """Whether the round of ``outcomes`` (so far) is decided with ``outstanding`` still out (module doc)."""
+           auth_select: str = AuthSelect.MIX, parallel: bool = True, apart: Collection[str] = ()) -> Decision:
+    """Whether the round of ``outcomes`` (so far) is decided with ``outstanding`` still out (module doc).
+
+    ``apart``: servers set apart before the vote (near a leap second, those of
+    the other timescale: :func:`orchestrator.leap.one_timescale`, which has
+    set their replies in ``outcomes`` apart already).  Still out, one can
+    neither vote nor be chosen -- as a plain server under ``require`` -- and is
+    recorded late.
+    """
     if method not in (Selection.BEST, Selection.COMBINE):
         raise ValueError(f"unknown selection method {method!r}")
     if not outstanding:
@@ -192,8 +199,9 @@ def decide(outcomes: list[dict], outstanding: list[Outstanding], *, strict: Thre
     require = auth_select == AuthSelect.REQUIRE
     voting = [s for s in samples if not require or s.get("nts")]
     unauthenticated = {s["server"] for s in samples} - {s["server"] for s in voting}
-    # Under "require" a plain server's reply neither votes nor can be chosen: it cannot matter.
-    eligible = [i for i in outstanding if not require or i.nts]
+    # Under "require" a plain server's reply neither votes nor can be chosen, nor, near a leap second, one of
+    # the other timescale's: it cannot matter.
+    eligible = [i for i in outstanding if (not require or i.nts) and i.server not in apart]
     if not eligible:
         return Decision(False, "no outstanding server can vote: the chord's callback publishes it")
     blockers = _Blockers()

@@ -10,7 +10,8 @@ for ten servers.
 
 It keeps what a person, ``status``, ``plot`` and the exporter read -- every
 server's status, final reason, attempts and each attempt's reason (and any
-refused sample of a burst), offset, delay, uncertainty and stratum, and the
+refused sample of a burst), offset, delay, uncertainty, stratum and leap
+indicator (when not 0), and the
 worker that took it (once, when one worker took them all), and every field of
 the published measurement (``latest``: :data:`LATEST_FIELDS`) -- and drops
 what only the moment of measurement needed: the reasons' details, each
@@ -52,7 +53,8 @@ RECORD_BUDGET_BYTES = 2000
 
 #: A compact server entry's keys: long name -> stored name.
 SHORT = {"server": "s", "status": "st", "attempts": "n", "reason": "r", "history": "h", "offset_s": "o",
-         "delay_s": "d", "uncertainty_s": "u", "stratum": "k", "samples_taken": "m", "worker": "w", "nts": "a"}
+         "delay_s": "d", "uncertainty_s": "u", "stratum": "k", "samples_taken": "m", "worker": "w", "nts": "a",
+         "leap": "l"}
 LONG = {short: long for long, short in SHORT.items()}
 
 #: What a sample keeps in a compact record (its time is the round's).
@@ -66,7 +68,7 @@ SAMPLE_FIELDS = ("offset_s", "delay_s", "uncertainty_s", "stratum", "samples_tak
 #: ``nts`` are kept only when they are not 0 and false (:data:`LATEST_DEFAULTS`; absent: those, as in an
 #: entry written before ``leap`` was kept).
 LATEST_FIELDS = ("offset", "uncertainty", "precision", "measured_at", "nts", "leap", "root_delay",
-                 "root_dispersion", "address", "selection")
+                 "root_dispersion", "address", "selection", "legs")
 
 #: ... and for a combination (``selection: combine`` over more than one server), what is the
 #: combination's own rather than its primary server's; the servers combined are the entries
@@ -208,6 +210,8 @@ def compact_server(entry: dict[str, Any], shared_worker: str | None, *, exact: b
                     for key in SAMPLE_FIELDS if key in sample})
         if sample.get("nts"):
             out["a"] = True  # NTS-authenticated (absent: not)
+        if sample.get("leap"):
+            out["l"] = sample["leap"]  # the server's leap indicator (absent: 0, no leap second announced)
     return out
 
 
@@ -220,6 +224,7 @@ def expand_server(stored: dict[str, Any], shared_worker: str | None) -> dict[str
     sample = {key: long[key] for key in SAMPLE_FIELDS if key in long}
     if sample:
         sample["nts"] = bool(long.get("nts"))
+        sample["leap"] = int(long.get("leap", 0))
     history = long.get("history")
     if history is None:
         history = [None] if sample else []

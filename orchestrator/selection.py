@@ -382,7 +382,9 @@ def server_entries(outcomes: list[Json], *, falsetickers: set[str], unauthentica
 
     ``falsetickers``: the servers whose interval misses the agreed ``interval``
     (all of them when there is none); ``step``: the gate in force, whose
-    violations make a truechimer ``rejected``.
+    violations make a truechimer ``rejected``.  An outcome that is not ``ok``
+    but carries a sample is a reply set apart before the vote
+    (:func:`orchestrator.leap.set_apart`): ``rejected``, with its reason and sample.
     """
     used_names = {s["server"] for s in used}
     samples = [o["sample"] for o in outcomes if o["status"] == OutcomeStatus.OK]
@@ -392,6 +394,13 @@ def server_entries(outcomes: list[Json], *, falsetickers: set[str], unauthentica
     for outcome in sorted(outcomes, key=lambda o: o["server"]):
         entry = {"server": outcome["server"], "attempts": outcome["attempts"],
                  "history": outcome.get("history", []), "worker": outcome.get("worker")}
+        if outcome["status"] != OutcomeStatus.OK and outcome.get("sample"):
+            # A reply set apart before the vote (a server of the other timescale near a leap second,
+            # :mod:`orchestrator.leap`): refused, with its sample, as a plain reply under ``require`` is.
+            entry.update(status=REJECTED, sample=outcome["sample"], reason=outcome["reason"],
+                         detail=outcome.get("detail"))
+            servers.append(entry)
+            continue
         if outcome["status"] != OutcomeStatus.OK:
             entry.update(status=FAILED, reason=outcome["reason"], detail=outcome.get("detail"),
                          kiss_code=outcome.get("kiss_code"))

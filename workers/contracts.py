@@ -74,11 +74,13 @@ class Reason(StrEnum):
     ROUND_DEADLINE = "round_deadline"
     WRONG_NODE = "wrong_node"
     NO_RESULT = "no_result"
+    POLITENESS_LIMIT = "politeness_limit"  # the cluster's budget for a public server is spent: nothing sent
     # The selection's verdicts on a reply that arrived (orchestrator.selection).
     FALSETICKER = "falseticker"
     NOT_AUTHENTICATED = "not_authenticated"
     OVER_STRICT_THRESHOLDS = "over_strict_thresholds"
     OVER_RELAXED_THRESHOLDS = "over_relaxed_thresholds"
+    OTHER_TIMESCALE = "other_timescale"  # near a leap second: a smearing server among stepping ones, or back
 
 
 #: A Kiss-o'-Death's reason: this prefix and the lower-case kiss code.
