@@ -153,6 +153,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--client-burst", type=int, default=None, help="... after a burst of this many (default 8)")
     p.add_argument("--key-prefix", default="chronotick",
                    help="first part of the Redis keys the counts go to (with $CHRONOTICK_REDIS_URL)")
+    p = command("hub", cmd_hub, "the head node as the cluster's time hub: chronyd for the LAN and the hub "
+                "node's rounds against the public servers (ntp_service.hub)", node=False)
+    p.add_argument("--bind", required=True, help="the head's LAN address chronyd listens on")
+    p.add_argument("--allow", nargs="+", required=True, metavar="CIDR", help="the LAN networks chronyd answers")
+    p.add_argument("--chronyd", default=None, help="chronyd's path (default: chronyd on PATH, or /usr/sbin/chronyd)")
+    p.add_argument("--chronyd-user", default=None,
+                   help="the user chronyd drops to when started as root (default _chrony, else nobody)")
+    p.add_argument("--run-dir", default=None,
+                   help="where chronyd's configuration, pid and drift files go (default ./chronotick-hub)")
+    p = command("cluster", cmd_cluster, "each node's clock against a reference node, bounded by the LAN "
+                "(through ntp_service.hub)", node=False)
+    p.add_argument("--reference", default=None, help="the reference node (default: the hub node, else the first)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = command("up", cmd_up, "one box: a private Redis (unless one is configured), this node's worker, the beat "
                 "and the exporter; Ctrl-C stops all")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -361,8 +374,9 @@ def cmd_status(args) -> int:
     # Ages are Redis' clock now (read after every ``latest``) minus ``published_at``: never this host's
     # clock, nor the node's own (``measured_at``), which may be hours off.
     service_now = redis_now(store.client)
-    stale_after = stale_after_s(config.timing.normal_interval_s)
-    nodes = {node: targets.node_report(records, latest, now=service_now, stale_after_s=stale_after)
+    # The hub node's rounds are further apart (ntp_service.hub.measurement_interval): it is stale later.
+    nodes = {node: targets.node_report(records, latest, now=service_now,
+                                       stale_after_s=stale_after_s(config.normal_interval_of(node)))
              for node, (records, latest) in read.items()}
     ok = all(n["ok"] for n in nodes.values())
     if args.json:
@@ -383,7 +397,8 @@ def cmd_servers(args) -> int:
     store = store_for(config.service)
     now = time.time()
     records = store.history_since(node, now - args.hours * 3600)
-    report = servers.report(node, [s.name for s in config.ntp.servers], records, store.reach(node), now=now)
+    report = servers.report(node, [s.name for s in config.for_node(node).ntp.servers], records, store.reach(node),
+                            now=now)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -465,6 +480,74 @@ def cmd_worker(args) -> int:
     app.worker_main(worker_argv(config, node, concurrency=args.concurrency, events=args.events,
                                 loglevel=loglevel))
     return EXIT_OK
+
+
+def cmd_hub(args) -> int:
+    config = _load(args)
+    from pathlib import Path
+
+    from .timehub import HubError, TimeHub, find_chronyd, parse_allow
+
+    try:
+        hub = TimeHub(os.path.abspath(args.config), config, bind=args.bind, allow=parse_allow(args.allow),
+                      chronyd=find_chronyd(args.chronyd), run_dir=Path(args.run_dir or "chronotick-hub").resolve(),
+                      chronyd_user=args.chronyd_user)
+    except (HubError, KeyError) as exc:
+        raise CliError(f"hub: {exc}", EXIT_USAGE) from None
+    logging.getLogger("orchestrator").setLevel(logging.INFO)
+    settings = config.service.hub
+    assert settings is not None  # TimeHub refused a config without one
+    print(f"hub: chronyd serving {args.bind}:{settings.server.port} to {', '.join(args.allow)}; "
+          f"node {settings.node} measures {len(config.ntp.servers)} public server(s) at most every "
+          f"{config.normal_interval_of(settings.node):g} s, each within {settings.max_requests_per_minute} "
+          f"requests a minute and {settings.max_requests_per_10_minutes} in 10 minutes", flush=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, hub.stop)
+    hub.run()
+    return EXIT_OK
+
+
+def cmd_cluster(args) -> int:
+    config = _load(args)
+    from . import hub as hub_mod
+    from .store import store_for
+
+    settings = config.service.hub
+    nodes = list(config.service.nodes)
+    if not nodes:
+        raise CliError(f"{config.source}: ntp_service.nodes: empty, so there is no cluster to compare", EXIT_USAGE)
+    reference = args.reference or (settings.node if settings is not None else nodes[0])
+    if reference not in nodes:
+        raise CliError(f"--reference {reference!r}: not in ntp_service.nodes ({', '.join(nodes)})", EXIT_USAGE)
+    drift = settings.max_drift_ppm if settings is not None else hub_mod.DEFAULT_MAX_DRIFT_PPM
+    _check_broker(config)
+    store = store_for(config.service)
+    latest = {node: _latest_or_none(store, node) for node in nodes}
+    reference_latest = latest[reference]
+    if reference_latest is None:
+        raise CliError(f"the reference node {reference} has published no measurement", EXIT_USAGE)
+    rows = [hub_mod.relative(value, reference_latest, hub_node=settings.node if settings else None,
+                             max_drift_ppm=drift).as_dict()
+            for node, value in latest.items() if value is not None]
+    missing = [node for node, value in latest.items() if value is None]
+    if args.json:
+        print(json.dumps({"reference": reference, "nodes": rows, "missing": missing}, indent=2))
+        return EXIT_OK
+    print(f"each node's clock against {reference}'s (offset_to_reference = {reference}'s clock - the node's)")
+    print(f"{'node':<20} {'offset (ms)':>12} {'bound (ms)':>11}  measured")
+    for row in rows:
+        at = time.strftime("%H:%M:%S", time.gmtime(row["measured_at"])) + f".{int(row['measured_at'] % 1 * 1e3):03d}"
+        print(f"{row['node']:<20} {row['offset_to_reference'] * 1e3:>+12.3f} {row['uncertainty'] * 1e3:>11.3f}  {at}")
+    for node in missing:
+        print(f"{node:<20} {'-':>12} {'-':>11}  nothing published")
+    return EXIT_OK
+
+
+def _latest_or_none(store, node: str) -> dict | None:
+    try:
+        return store.latest(node)
+    except ValueError:  # not JSON: reported as nothing published
+        return None
 
 
 def cmd_beat(args) -> int:

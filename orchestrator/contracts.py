@@ -12,6 +12,7 @@ from typing import Any
 from workers.config import Config, ConfigError, NtpSettings, ServiceSettings, ntp_from_mapping, parse_server
 from workers.contracts import Reason
 from workers.quality import Thresholds
+from workers.redisclock import stale_after_s
 
 
 class Quality(StrEnum):
@@ -50,8 +51,9 @@ REASON_NO_RESULT = Reason.NO_RESULT
 
 #: Failures that say no request reached the server, or none was sent: nobody took the server's task
 #: (``no_result``: the worker gone, the node cut off from Redis), it started after the round's
-#: deadline (``round_deadline``), or the node's own stack refused it.  Alone, these make an outage.
-NOT_ASKED_REASONS = frozenset({Reason.NO_RESULT, Reason.ROUND_DEADLINE})
+#: deadline (``round_deadline``), or the cluster's politeness budget for the server was spent
+#: (``politeness_limit``, :mod:`workers.politeness`).  Alone, these make an outage.
+NOT_ASKED_REASONS = frozenset({Reason.NO_RESULT, Reason.ROUND_DEADLINE, Reason.POLITENESS_LIMIT})
 
 
 
@@ -134,15 +136,23 @@ class RoundMeta:
     ntp: NtpSettings
     history_hours: float = ServiceSettings.history_hours  # the service's defaults, not copies of them
     record_detail: str = ServiceSettings.record_detail
+    #: A node measured through the hub (issue #26): ``{"node", "max_drift_ppm", "stale_after_s"}`` -- the
+    #: hub node whose ``latest`` is the second leg, the drift bound, and when that leg is too old to use.
+    hub: dict[str, Any] | None = None
 
     @classmethod
     def for_round(cls, config: Config, *, round_id: str, node: str, dispatched_at: float,
                   deadline_at: float) -> RoundMeta:
         """A round's metadata, every setting from the validated config (``ntp_service`` and ``ntp``)."""
         service = config.service
+        hub = config.hub_leg_of(node)
+        leg = None if hub is None else {
+            "node": hub.node, "max_drift_ppm": hub.max_drift_ppm,
+            "stale_after_s": stale_after_s(config.normal_interval_of(hub.node))}
         return cls(round_id=round_id, node=node, dispatched_at=dispatched_at, deadline_at=deadline_at,
                    key_prefix=service.key_prefix, history_length=service.history_length,
-                   history_hours=service.history_hours, record_detail=service.record_detail, ntp=config.ntp)
+                   history_hours=service.history_hours, record_detail=service.record_detail,
+                   ntp=config.for_node(node).ntp, hub=leg)
 
     @property
     def servers(self) -> list[str]:
@@ -156,7 +166,7 @@ class RoundMeta:
         return {"round_id": self.round_id, "node": self.node, "dispatched_at": self.dispatched_at,
                 "deadline_at": self.deadline_at, "key_prefix": self.key_prefix,
                 "history_length": self.history_length, "history_hours": self.history_hours,
-                "record_detail": self.record_detail,
+                "record_detail": self.record_detail, "hub": self.hub,
                 "ntp": self.ntp.as_mapping()}
 
     @classmethod
@@ -164,5 +174,5 @@ class RoundMeta:
         return cls(round_id=data["round_id"], node=data["node"], dispatched_at=data["dispatched_at"],
                    deadline_at=data["deadline_at"], key_prefix=data["key_prefix"],
                    history_length=data["history_length"], history_hours=data["history_hours"],
-                   record_detail=data["record_detail"],
+                   record_detail=data["record_detail"], hub=data.get("hub"),
                    ntp=ntp_from_mapping(data["ntp"], source=f"round {data['round_id']}"))

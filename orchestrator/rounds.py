@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from celery import Signature, chain, chord
 from redis.client import PubSub
 
-from workers import chords, measure
+from workers import chords, measure, politeness
 from workers.app import app, queue_for, redis_url_of
 from workers.config import Config
 from workers.redisclock import clock_for
@@ -228,6 +228,7 @@ def plan_round(config: Config, node: str, *, now: float | None = None,
     object would only copy every signature once more.  ``now``: Redis' clock
     (:func:`dispatch` reads it); the deadline is on it too.
     """
+    config = config.for_node(node)  # through a hub, a node measures the hub's LAN server alone
     reach = reach or {}
     now = time.time() if now is None else now
     round_id = new_round_id(node, now)
@@ -240,6 +241,12 @@ def plan_round(config: Config, node: str, *, now: float | None = None,
                              key_prefix=config.service.key_prefix,
                              retry=not (s.name in reach and reach[s.name].unreachable))
             for s in config.ntp.servers]
+    hub = config.service.hub
+    if hub is not None and node == hub.node:
+        # The hub node asks the public servers for the whole cluster: every request within their budget.
+        budget = politeness.Budget(hub.max_requests_per_minute, hub.max_requests_per_10_minutes).as_job()
+        for job in jobs:
+            job["polite"] = budget
     if config.ntp.parallel_queries and expected_delays:
         # Longest first: a worker starts tasks in the order they arrive,
         # so the server that gates the round should not wait behind nine others.

@@ -19,7 +19,7 @@ from workers.config import NtpSettings
 from workers.contracts import OutcomeStatus
 from workers.tasks import reporter
 
-from . import display, early, outliers, selection
+from . import display, early, hub, leap, outliers, selection
 from .contracts import REASON_NO_RESULT, ClosedBy, Quality, RoundMeta, ServerStatus, outage_of
 from .store import Store, client_for
 
@@ -122,9 +122,10 @@ def decide_early(view: inflight.RoundView) -> inflight.Verdict:
     outstanding = [early.Outstanding(name, view.bounds.get(name, 0.0), context["nts"][name],
                                      retrying=name in view.retrying or name in view.unbounded)
                    for name in pending]
-    decision = early.decide(view.outcomes, outstanding, strict=context["strict"], enable_fallback=ntp.enable_fallback,
+    split = leap.one_timescale(view.outcomes, context["servers"], ntp, meta.dispatched_at)  # near a leap second
+    decision = early.decide(split.outcomes, outstanding, strict=context["strict"], enable_fallback=ntp.enable_fallback,
                             method=ntp.selection, groups=[list(g) for g in ntp.server_groups],
-                            auth_select=ntp.auth_select, parallel=ntp.parallel_queries)
+                            auth_select=ntp.auth_select, parallel=ntp.parallel_queries, apart=split.apart)
     if not decision.publish:
         if decision.needed_uncertainty_s is None:  # the decider's word: only more outcomes can decide it
             return inflight.Verdict(False, wait_for_outcomes=1)
@@ -160,7 +161,8 @@ def round_meta_of(data: dict) -> RoundMeta:
                 _NTP_PARSED.clear()
             _NTP_PARSED[key] = meta.ntp
         return meta
-    return RoundMeta(**{f.name: data[f.name] for f in dataclasses.fields(RoundMeta) if f.name != "ntp"}, ntp=ntp)
+    return RoundMeta(**{f.name: data.get(f.name, f.default) for f in dataclasses.fields(RoundMeta) if f.name != "ntp"},
+                     ntp=ntp)
 
 
 def _store(prefix: str) -> Store:
@@ -197,10 +199,18 @@ def finish(meta: RoundMeta, outcomes: list[dict], store: Store, *, closed_by: st
     whichever claims the round first publishes it, so a redelivered callback or
     a late one after the closer counts nothing twice.
     """
+    # The second leg, read before the round is claimed: the hub node's latest measurement of UTC.
+    hub_latest = None
+    if meta.hub is not None:
+        try:
+            hub_latest = store.latest(meta.hub["node"])
+        except ValueError:  # not JSON: no usable leg, said in the record (orchestrator.hub.compose)
+            hub_latest = None
+
     def build(window: list[list[float]], consecutive: int, finished_at: float) -> dict:
         record = build_record(meta, outcomes, finished_at=finished_at, window=window,
                               consecutive_outliers=consecutive, picked=picked, late=late,
-                              unreported_unknown=closed_by == CLOSED_BY_DEADLINE)
+                              unreported_unknown=closed_by == CLOSED_BY_DEADLINE, hub_latest=hub_latest)
         record["closed_by"] = closed_by
         return record
 
@@ -264,7 +274,7 @@ def _closed_with_unreported(meta: RoundMeta, outcomes: list[dict], unreported: l
 
 def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, window: list | None = None,
                  consecutive_outliers: int = 0, picked: dict | None = None, late: tuple[str, ...] = (),
-                 unreported_unknown: bool = False) -> dict:
+                 unreported_unknown: bool = False, hub_latest: dict | None = None) -> dict:
     """The round record (pure): every server's outcome, the choice, the new ``latest``.
 
     ``window`` and ``consecutive_outliers`` are the node's temporal-filter
@@ -272,8 +282,13 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
     decided early (:mod:`orchestrator.early`) -- its selection, and the
     servers still out, recorded ``late``.  ``unreported_unknown``: the round was
     closed at its deadline, and a server that never reported is an unknown vote,
-    not a failure (:func:`_closed_with_unreported`).
+    not a failure (:func:`_closed_with_unreported`).  ``hub_latest``: for a node
+    measured through the hub (``meta.hub``), the hub node's ``latest``, the
+    second leg (:mod:`orchestrator.hub`): the published offset is the two legs
+    composed, and the temporal filter judges that; with no usable hub leg the
+    round publishes nothing (an ``outage``: the node's path to UTC is down).
     """
+    outcomes = leap.one_timescale(outcomes, meta.servers, meta.ntp, meta.dispatched_at).outcomes  # near a leap
     answered = {o["server"] for o in outcomes}
     missing = [{"status": OutcomeStatus.FAILED, "server": name, "reason": REASON_NO_RESULT,
                 "detail": "the task did not report before the round closed", "attempts": 0, "history": []}
@@ -301,6 +316,18 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
         if why is not None:
             quality = OUTAGE
             picked = dict(picked, agreement=dict(picked["agreement"] or {}, outage=why))
+    composed: hub.Composed | None = None
+    if chosen is not None and meta.hub is not None:
+        leg = hub.compose(lan_offset_s=chosen["offset_s"], lan_uncertainty_s=chosen["uncertainty_s"],
+                          lan_round_id=meta.round_id, lan_server=chosen["server"], hub_node=meta.hub["node"],
+                          hub_latest=hub_latest, now=finished_at, max_drift_ppm=meta.hub["max_drift_ppm"],
+                          stale_after_s=meta.hub["stale_after_s"])
+        if isinstance(leg, str):
+            quality, chosen = OUTAGE, None
+            picked = dict(picked, agreement=dict(picked["agreement"] or {}, outage=leg))
+        else:
+            composed = leg
+            chosen = dict(chosen, offset_s=leg.offset_s, uncertainty_s=leg.uncertainty_s)
     verdict = None
     if chosen is not None:
         verdict = outliers.judge(chosen["offset_s"], chosen["uncertainty_s"], chosen["measured_at"],
@@ -334,6 +361,8 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
         }
         if len(chosen.get("combined", [])) > 1:
             latest["combined"] = chosen["combined"]
+        if composed is not None:
+            latest["legs"] = composed.legs
     return {
         "round_id": meta.round_id,
         "node": meta.node,
@@ -351,7 +380,7 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
         "candidate": None if chosen is None else {"server": chosen["server"], "offset": chosen["offset_s"],
                                                   "uncertainty": chosen["uncertainty_s"],
                                                   "measured_at": chosen["measured_at"]},
-        "latest": latest,
+        "latest": latest,  # through the hub: with its ``legs`` (orchestrator.hub)
     }
 
 

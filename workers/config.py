@@ -20,7 +20,7 @@ import math
 import os
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -350,7 +350,8 @@ class ServiceSettings:
         10.0, types=_NUMBER, check=lambda v: 1 <= v <= MAX_LEASE_S, problem=f"must be from 1 to {MAX_LEASE_S:g} s",
         doc="how long a beat's lease lasts; a standby takes over after it (s)")
     warm_up_cooldown_seconds: float = option(
-        600.0, types=_NUMBER, check=lambda v: 0 <= v <= MAX_INTERVAL_S, problem=f"must be from 0 to {MAX_INTERVAL_S:g} s",
+        600.0, types=_NUMBER, check=lambda v: 0 <= v <= MAX_INTERVAL_S,
+        problem=f"must be from 0 to {MAX_INTERVAL_S:g} s",
         doc="after a node's warm-up, none again for this long (s); the length of one is the service's "
             "`warm_up.duration_seconds`, never a consumer's")
     hub: HubSettings | None = option(
@@ -372,6 +373,32 @@ class Config:
     #: Sections of the file this package does not own, kept for tools that
     #: want them (the simulator reads ``simulator``).
     extra: dict = field(default_factory=dict)
+
+    def hub_leg_of(self, node: str) -> HubSettings | None:
+        """The hub ``node``'s rounds go through, or ``None``: no hub, or ``node`` is the hub node itself."""
+        hub = self.service.hub
+        return hub if hub is not None and node != hub.node else None
+
+    def normal_interval_of(self, node: str) -> float:
+        """``node``'s normal interval (s): the hub node's rounds at least ``hub.measurement_interval`` apart."""
+        hub = self.service.hub
+        if hub is not None and node == hub.node:
+            return max(self.timing.normal_interval_s, hub.measurement_interval)
+        return self.timing.normal_interval_s
+
+    def for_node(self, node: str) -> Config:
+        """This configuration as ``node``'s rounds use it (issue #26).
+
+        With a hub, every node but the hub node measures one server, the hub's
+        LAN address (``ntp_service.hub.address``), with the same gates, mode
+        and retries; the hub node measures ``clock_measurement.ntp.servers``.
+        Without a hub, every node measures those.
+        """
+        hub = self.hub_leg_of(node)
+        if hub is None:
+            return self
+        ntp = replace(self.ntp, servers=(hub.server,), server_groups=(), smearing_servers=())
+        return replace(self, ntp=ntp)
 
 
 #: RFC 4330 asks clients not to poll a server more often than this (s).

@@ -33,10 +33,11 @@ from __future__ import annotations
 import os
 import threading
 
+import redis
 from celery import signals
 from celery.utils.log import get_task_logger
 
-from . import inflight, kod, measure, redisurl
+from . import inflight, kod, measure, politeness, redisurl
 from .app import app, redis_url_of
 from .config import ENV_NODE
 from .contracts import OutcomeStatus, Reason
@@ -52,6 +53,9 @@ QUERY_TASK = "chronotick.query_server"
 
 #: A job for another node reached this worker (set ``CHRONOTICK_NODE`` to arm the check).
 REASON_WRONG_NODE = Reason.WRONG_NODE
+
+#: The cluster's politeness budget for a public server is spent (:mod:`workers.politeness`).
+REASON_POLITENESS_LIMIT = Reason.POLITENESS_LIMIT
 
 #: How much of an outcome's repr Celery keeps for the task-succeeded event (Flower's result column)
 #: (characters): the summary, the status and the server.  The whole outcome is in the round's record.
@@ -136,6 +140,11 @@ def query_server(self, *carried, job: dict, history: list | None = None):
     if refusal:
         # Not a packet to a server that told us to stay away; not an attempt either.
         return _done(job, carried, _failed(job, history, *refusal, worker=self.request.hostname))
+    refusal = _over_budget(job, attempt_no)
+    if refusal:
+        # The cluster's budget for this public server is spent (or cannot be checked): no packet, no attempt.
+        log.warning("[POLITE] %s for %s: %s", job["server"], job["node"], refusal[1])
+        return _done(job, carried, _failed(job, history, *refusal, worker=self.request.hostname))
     try:
         try:
             first_started_at = history[0]["started_at"] if history else started_at
@@ -182,6 +191,27 @@ def query_server(self, *carried, job: dict, history: list | None = None):
     return _done(job, carried, {"summary": summarise_ok(sample, attempt_no), "status": OutcomeStatus.OK,
                             "server": job["server"], "sample": sample, "attempts": attempt_no,
                             "history": history, "worker": self.request.hostname})
+
+
+def _over_budget(job: dict, attempt_no: int) -> tuple[str, str] | None:
+    """``(reason, detail)`` if this attempt's requests find no room in the server's politeness window.
+
+    Only a hub node's jobs carry a budget (``polite``: :mod:`workers.politeness`); the whole attempt
+    (every sample of a burst) takes its places at once, or sends nothing.  A budget that cannot be
+    checked (Redis away) is not spent on a guess: nothing is sent.
+    """
+    budget = politeness.Budget.from_job(job.get("polite"))
+    if budget is None:
+        return None
+    try:
+        answer = politeness.take(app.backend.client, job["key_prefix"], job["server"], job["samples"], budget,
+                                 holder=f"{job['node']}:{job['round_id']}:{attempt_no}")
+    except redis.RedisError as exc:
+        return REASON_POLITENESS_LIMIT, (f"the cluster's budget could not be checked ({type(exc).__name__}); "
+                                         "no request sent")
+    if answer.granted:
+        return None
+    return REASON_POLITENESS_LIMIT, answer.refusal(job["server"], budget, job["samples"])
 
 
 def _may_retry(job: dict, attempt_no: int, *, first_started_at: float) -> bool:

@@ -1,0 +1,157 @@
+"""Two legs through the hub: a node's offset to UTC is its LAN leg composed with the hub's (issue #26).
+
+With ``ntp_service.hub`` the head node measures the public servers for the
+whole cluster and serves its own clock on the LAN (chronyd, ``chronotick-ntp
+hub``); every other node measures only that LAN server.  This is the NTP
+hierarchy (RFC 5905 section 3: a stratum-n+1 client of a stratum-n server)
+made explicit, so that each leg's error can be told apart:
+
+    node -> hub   the node's LAN round: o_lan = hub clock - node clock, bound u_lan
+                  (half the LAN round trip plus chronyd's dispersion: sub-millisecond)
+    hub  -> UTC   the hub node's latest round: o_hub = UTC - hub clock, bound u_hub
+                  (half a WAN round trip: 10-50 ms), measured age_s before
+
+    offset       = o_lan + o_hub
+    uncertainty  = u_lan + u_hub + max_drift * age_s
+
+The last term is RFC 5905's PHI: the hub's clock may have drifted since its
+round at the drift bound (15 ppm by default), so the truth stays inside the
+bound however old the hub's round is, up to its staleness limit, past which
+nothing is published.  Bounds add (they are worst cases, not variances).
+
+Node-to-node time needs only the LAN legs: node a's clock minus node b's is
+``o_lan(b) - o_lan(a)``, the hub's leg cancelling, bounded by the two LAN
+bounds plus both clocks' drift over the time between the two measurements
+(:func:`relative`).  Against the hub node itself there is no second LAN leg:
+its clock *is* the hub's.
+
+Pure: no Redis, no Celery (the reader uses :func:`relative`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from workers.config import HubSettings
+
+#: ppm as a fraction.
+PPM = 1e-6
+#: RFC 5905's PHI, the frequency tolerance (ppm): ``ntp_service.hub.max_drift_ppm``'s default.
+DEFAULT_MAX_DRIFT_PPM: float = HubSettings.max_drift_ppm
+
+
+@dataclass(frozen=True)
+class Composed:
+    """A node's published offset through the hub, and what each leg contributed (the record's ``legs``)."""
+
+    offset_s: float
+    uncertainty_s: float
+    legs: dict[str, Any]
+
+
+def hub_age_s(hub_latest: Mapping[str, Any], now: float) -> float:
+    """How old the hub's measurement is at ``now`` (Redis' clock), never less than the truth.
+
+    ``now - published_at`` is on Redis' clock alone; the round's own length
+    (``published_at - measured_at``, the head's clock against Redis', both on
+    the head) is added, so the age covers the whole time since the sample.
+    """
+    published = float(hub_latest["published_at"])
+    return max(0.0, now - published) + max(0.0, published - float(hub_latest["measured_at"]))
+
+
+def compose(*, lan_offset_s: float, lan_uncertainty_s: float, lan_round_id: str, lan_server: str,
+            hub_node: str, hub_latest: Mapping[str, Any] | None, now: float, max_drift_ppm: float,
+            stale_after_s: float) -> Composed | str:
+    """The node's offset to UTC through the hub, or why there is none (a sentence).
+
+    ``hub_latest``: the hub node's ``latest`` (``None``: it has none).  A hub
+    measurement older than ``stale_after_s`` is not used: the node publishes
+    nothing rather than a bound grown past what its consumers expect.
+    """
+    if hub_latest is None:
+        return f"no hub leg: the hub node {hub_node} has no measurement of UTC"
+    try:
+        age_s = hub_age_s(hub_latest, now)
+        hub_offset_s = float(hub_latest["offset"])
+        hub_uncertainty_s = float(hub_latest["uncertainty"])
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"no hub leg: the hub node {hub_node}'s latest is unreadable ({type(exc).__name__}: {exc})"
+    if age_s > stale_after_s:
+        return (f"no hub leg: the hub node {hub_node}'s measurement of UTC is {age_s:.1f} s old "
+                f"(stale after {stale_after_s:g} s)")
+    drift_s = max_drift_ppm * PPM * age_s
+    legs = {
+        "lan": {"round_id": lan_round_id, "server": lan_server, "offset": lan_offset_s,
+                "uncertainty": lan_uncertainty_s},
+        "hub": {"node": hub_node, "round_id": hub_latest.get("round_id"), "offset": hub_offset_s,
+                "uncertainty": hub_uncertainty_s, "measured_at": hub_latest.get("measured_at"),
+                "age": age_s, "drift": drift_s, "leap": hub_latest.get("leap", 0)},
+    }
+    return Composed(offset_s=lan_offset_s + hub_offset_s,
+                    uncertainty_s=lan_uncertainty_s + hub_uncertainty_s + drift_s, legs=legs)
+
+
+@dataclass(frozen=True)
+class Relative:
+    """Node ``node``'s clock against ``reference``'s: ``offset_to_reference`` = reference clock - node clock."""
+
+    node: str
+    reference: str
+    offset_to_reference: float
+    uncertainty: float
+    measured_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "offset_to_reference": self.offset_to_reference,
+                "uncertainty": self.uncertainty, "measured_at": self.measured_at}
+
+
+def lan_leg(latest: Mapping[str, Any], *, hub_node: str | None) -> tuple[float, float, float]:
+    """``(offset, uncertainty, measured_at)`` of a node's clock against the hub's, from its ``latest``.
+
+    A node measured through the hub: its LAN leg.  The hub node: exactly 0 (its
+    clock is the hub's).  Without a hub (no ``legs``): the whole offset, against
+    UTC -- two such nodes still compare, with WAN-sized bounds.
+    """
+    measured_at = float(latest["measured_at"])
+    legs = latest.get("legs")
+    if isinstance(legs, Mapping) and isinstance(legs.get("lan"), Mapping):
+        lan = legs["lan"]
+        return float(lan["offset"]), float(lan["uncertainty"]), measured_at
+    if hub_node is not None and latest.get("node") == hub_node:
+        return 0.0, 0.0, measured_at
+    return float(latest["offset"]), float(latest["uncertainty"]), measured_at
+
+
+def hub_node_of(latest: Mapping[str, Any]) -> str | None:
+    """The hub node a ``latest`` was measured through (its ``legs``), if any."""
+    legs = latest.get("legs")
+    if isinstance(legs, Mapping) and isinstance(legs.get("hub"), Mapping):
+        return str(legs["hub"].get("node")) or None
+    return None
+
+
+def relative(node_latest: Mapping[str, Any], reference_latest: Mapping[str, Any], *, hub_node: str | None,
+             max_drift_ppm: float) -> Relative:
+    """Node's clock against the reference's, bounded by the two LAN legs plus their time apart.
+
+    offset_to_reference = reference clock - node clock = o_lan(node) - o_lan(reference)
+    (each ``o_lan`` = hub clock - that node's clock).  The two legs were
+    measured ``|t_node - t_reference|`` apart; over that time both clocks may
+    drift at the bound, so the bound grows by twice ``max_drift`` times it.
+    Against the hub node (its leg is exactly 0) nothing grows: the node's
+    LAN leg *is* its clock against the hub's.
+    """
+    node = str(node_latest.get("node"))
+    reference = str(reference_latest.get("node"))
+    hub_node = hub_node or hub_node_of(node_latest) or hub_node_of(reference_latest)
+    o_n, u_n, t_n = lan_leg(node_latest, hub_node=hub_node)
+    o_r, u_r, t_r = lan_leg(reference_latest, hub_node=hub_node)
+    apart_s = 0.0 if (reference == hub_node or node == reference) else abs(t_n - t_r)
+    if node == reference:
+        return Relative(node, reference, 0.0, 0.0, t_n)
+    drift_s = 2 * max_drift_ppm * PPM * apart_s
+    return Relative(node, reference, o_n - o_r, u_n + u_r + drift_s, t_n)
