@@ -1,0 +1,270 @@
+"""The head node as the cluster's time hub (issue #26), on a cluster of its own.
+
+The head runs ``chronotick-ntp hub`` (chronyd serving the LAN, and the hub
+node's worker measuring the "Internet"), Redis, the beat and the exporter;
+each compute node runs its worker under libfaketime with its clock off by a
+known amount; the "Internet" serves four honest servers 20 ms away and one
+falseticker 250 ms off, counted at the servers themselves (the simulator runs
+in this process, its sockets in the Internet's namespace).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.store import Store
+from simulator.local import chronyd_binary
+from simulator.server import Behaviour, NtpSimulator
+
+from .bed import (
+    HEAD_ADDRESS,
+    INET_ADDRESS,
+    KEY_PREFIX,
+    LAN_CIDR,
+    SIMULATOR_FIRST_PORT,
+    Bed,
+    BedError,
+    NamespacesUnavailable,
+    chronotick_argv,
+    ip_binary,
+    poll,
+)
+from .conftest import KEEP_LOGS, _skip
+
+#: Each compute node's clock error (s): its worker runs under ``faketime -f "+X s"``; truth = -error.
+SKEWS_S = {"node1": 0.005, "node2": -0.003, "node3": 0.002, "node4": 0.0}
+HUB_NODE = "head"
+HUB_PORT = 123
+#: The hub node's rounds at least this far apart (s): 3 samples a round keeps 9 requests a minute.
+HUB_INTERVAL_S = 20.0
+HONEST = 4
+FALSETICKER_OFFSET_S = 0.25
+WAN_DELAY_S = 0.02
+NORMAL_INTERVAL_S = 2.0
+#: How long the hub's chronyd is stopped (s), as the issue asks.
+HUB_DOWN_S = 60.0
+
+
+class HubBed(Bed):
+    """The bed with a hub: the nodes measure the head's chronyd, the head measures the Internet."""
+
+    simulator: NtpSimulator | None = None
+
+    @property
+    def public_ports(self) -> list[int]:
+        return [SIMULATOR_FIRST_PORT + i for i in range(HONEST + 1)]
+
+    @property
+    def falseticker(self) -> str:
+        return f"{INET_ADDRESS}:{self.public_ports[-1]}"
+
+    def write_files(self, **ntp_overrides) -> None:
+        super().write_files()
+        ntp = {"servers": [f"{INET_ADDRESS}:{port}" for port in self.public_ports], "timeout_seconds": 0.5,
+               "max_retries": 2, "retry_delay": 0.5, "max_acceptable_uncertainty": 0.1, "max_delay": 0.1,
+               "measurement_mode": "advanced", "advanced_samples": 3, "selection": "combine"}
+        self.config_path.write_text(yaml.safe_dump({
+            "clock_measurement": {
+                "ntp": ntp,
+                "timing": {"warm_up": {"duration_seconds": 4, "measurement_interval": 1},
+                           "normal_operation": {"measurement_interval": NORMAL_INTERVAL_S}}},
+            "ntp_service": {"key_prefix": KEY_PREFIX, "nodes": [HUB_NODE, *self.nodes], "history_length": 2000,
+                            "hub": {"address": f"{HEAD_ADDRESS}:{HUB_PORT}", "node": HUB_NODE,
+                                    "measurement_interval": HUB_INTERVAL_S}}}))
+
+    def start_cluster(self) -> None:
+        self.write_files()
+        behaviours = {port: Behaviour(delay_s=WAN_DELAY_S, jitter_s=0.001) for port in self.public_ports[:-1]}
+        behaviours[self.public_ports[-1]] = Behaviour(delay_s=WAN_DELAY_S, jitter_s=0.001,
+                                                      offset_s=FALSETICKER_OFFSET_S)
+        # Bound in the Internet's namespace (the thread that makes the sockets joins it); served from here.
+        self.simulator = self.call_in("inet", lambda: NtpSimulator(behaviours, host=INET_ADDRESS, seed=26).__enter__())
+        self.start_redis()
+        self.start_hub()
+        for node, skew in SKEWS_S.items():
+            self.start_skewed_worker(node, skew)
+        self.start_beat()
+        for node in (HUB_NODE, *self.nodes):
+            self.wait_published(node, after=0.0, timeout_s=90.0)
+
+    def start_hub(self):
+        binary = chronyd_binary()
+        if binary is None:
+            raise BedError("no chronyd: run scripts/bootstrap")
+        return self.start("hub", "head", [*chronotick_argv(), "hub", "--config", str(self.config_path),
+                                           "--bind", HEAD_ADDRESS, "--allow", LAN_CIDR, "--chronyd", binary,
+                                           "--run-dir", str(self.directory / "hub")],
+                          ready=lambda s: bool(self._live_workers(f"ntp.{HUB_NODE}")))
+
+    def start_skewed_worker(self, node: str, skew_s: float):
+        """The node's worker unit with its clock ``skew_s`` off: libfaketime preloaded (``FAKETIME="+X s"``).
+
+        The thread-safe library, preloaded directly (no ``faketime`` wrapper process between the bed and the
+        worker), with the monotonic clock left true as a skewed node's is.  libfaketime 0.9.10 then makes
+        ``time.sleep`` (an absolute ``clock_nanosleep``) fail with EINVAL; the bed's ``sitecustomize``
+        sleeps with ``select`` instead (tests/cluster/faketime_site/, on this process's PYTHONPATH only:
+        the bed's artefact, never on the service's path).
+        """
+        library = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")
+                                   + glob.glob("/usr/lib/faketime/libfaketimeMT.so.1"))), None)
+        if library is None:
+            raise BedError("libfaketime is not installed (Debian package faketime): run scripts/bootstrap")
+        env = self.environment(CHRONOTICK_NODE=node, LD_PRELOAD=library, FAKETIME=f"{skew_s:+g}s",
+                               FAKETIME_DONT_FAKE_MONOTONIC="1")
+        env["PYTHONPATH"] = f"{Path(__file__).parent / 'faketime_site'}:{env['PYTHONPATH']}"
+        return self.start(f"worker-{node}", node,
+                          [*chronotick_argv(), "worker", "--config", str(self.config_path), "--node", node], env=env,
+                          ready=lambda s: bool(self._live_workers(f"ntp.{node}")))
+
+    def chronyd_pid(self) -> int:
+        return int((self.directory / "hub" / "chronyd.pid").read_text().split()[0])
+
+    def teardown(self) -> list[str]:
+        problems = super().teardown()
+        if self.simulator is not None:
+            self.simulator.__exit__(None, None, None)
+        return problems
+
+
+@pytest.fixture(scope="module")
+def hub_bed():
+    if ip_binary() is None:
+        _skip("no `ip` command (Debian package iproute2)")
+    directory = Path(tempfile.mkdtemp(prefix="ct-hub-"))
+    cluster = HubBed(directory, nodes=tuple(SKEWS_S))
+    try:
+        try:
+            cluster.build()
+        except NamespacesUnavailable as exc:
+            _skip(f"{exc}; run as root (CI does)")
+        cluster.start_cluster()
+        yield cluster
+    finally:
+        problems = cluster.teardown()
+        keep = os.environ.get(KEEP_LOGS)
+        if keep and (directory / "logs").is_dir():
+            shutil.copytree(directory / "logs", Path(keep) / cluster.prefix)
+        shutil.rmtree(directory, ignore_errors=True)
+        assert not problems, f"tearing the bed down: {problems}"
+
+
+def _truth(node: str) -> float:
+    """The true offset (true time - the node's clock) of ``node``: minus its fake skew; the head's is 0."""
+    return -SKEWS_S.get(node, 0.0)
+
+
+def _published(store: Store, node: str, since: float) -> list[dict]:
+    return [r["latest"] for r in store.history_since(node, since) if r.get("latest")]
+
+
+def _cluster_json(bed: HubBed) -> dict:
+    done = bed.run("head", [*chronotick_argv(), "cluster", "--config", str(bed.config_path), "--json"],
+                   env=bed.environment())
+    return json.loads(done.stdout)
+
+
+def _worst_windows(arrivals_ns: list[int]) -> tuple[int, int]:
+    """The most requests in any 60 s and in any 600 s (sliding windows over the arrivals)."""
+    times = sorted(t / 1e9 for t in arrivals_ns)
+
+    def worst(width_s: float) -> int:
+        best, j = 0, 0
+        for i, t in enumerate(times):
+            while times[j] <= t - width_s:
+                j += 1
+            best = max(best, i - j + 1)
+        return best
+    return worst(60.0), worst(600.0)
+
+
+def test_each_node_publishes_both_legs_and_holds_the_truth_the_hub_rejecting_the_falseticker(hub_bed):
+    bed = hub_bed
+    store = Store(bed.redis(), prefix=KEY_PREFIX)
+    start = bed.redis_time()
+    for node in bed.nodes:  # a few rounds each, all composed after the start
+        poll(lambda n=node: len(_published(store, n, start)) >= 3, timeout_s=30.0, what=f"{node}'s rounds")
+    misses, legs_missing = {}, {}
+    for node in bed.nodes:
+        for latest in _published(store, node, start):
+            error = abs(latest["offset"] - _truth(node))
+            if error > latest["uncertainty"]:
+                misses.setdefault(node, []).append((latest["offset"], latest["uncertainty"]))
+            legs = latest.get("legs") or {}
+            if legs.get("hub", {}).get("node") != HUB_NODE or "lan" not in legs:
+                legs_missing.setdefault(node, []).append(latest["round_id"])
+    head = [r for r in store.history_since(HUB_NODE, 0.0) if r.get("latest")]
+    combined = {s["server"]: s["status"] for r in head for s in r["servers"] if s["server"] == bed.falseticker}
+    sample = bed.latest("node1")
+    print(f"\nnode1 latest: offset {sample['offset'] * 1e3:+.3f} ms ±{sample['uncertainty'] * 1e3:.3f} "
+          f"(lan {sample['legs']['lan']['offset'] * 1e3:+.3f} ±{sample['legs']['lan']['uncertainty'] * 1e3:.3f}, "
+          f"hub {sample['legs']['hub']['offset'] * 1e3:+.3f} ±{sample['legs']['hub']['uncertainty'] * 1e3:.3f} "
+          f"aged {sample['legs']['hub']['age']:.1f} s); the falseticker at the head: {combined}")
+    assert not misses, f"published offsets missing the truth: {misses}"
+    assert not legs_missing, f"records without both legs: {legs_missing}"
+    assert head and set(combined.values()) <= {"falseticker", "failed"}, combined
+
+
+def test_node_to_node_offsets_are_bounded_by_the_lan_not_the_wan(hub_bed):
+    bed = hub_bed
+    report = _cluster_json(bed)
+    assert report["reference"] == HUB_NODE
+    rows = {row["node"]: row for row in report["nodes"]}
+    absolute = {node: bed.latest(node)["uncertainty"] for node in bed.nodes}
+    wrong = {node: (rows[node]["offset_to_reference"], -SKEWS_S[node]) for node in bed.nodes
+             if abs(rows[node]["offset_to_reference"] - (-SKEWS_S[node])) > 0.001}
+    print("\nagainst the hub: " + ", ".join(
+        f"{node} {rows[node]['offset_to_reference'] * 1e3:+.3f} ±{rows[node]['uncertainty'] * 1e3:.3f} ms "
+        f"(truth {-SKEWS_S[node] * 1e3:+.1f}, absolute ±{absolute[node] * 1e3:.1f})" for node in bed.nodes))
+    assert not wrong, f"node-to-node offsets off the truth by more than 1 ms: {wrong}"
+    assert all(rows[node]["uncertainty"] <= 0.002 for node in bed.nodes), rows
+    assert all(rows[node]["offset_to_reference"] - rows[node]["uncertainty"] <= -SKEWS_S[node]
+               <= rows[node]["offset_to_reference"] + rows[node]["uncertainty"] for node in bed.nodes), rows
+    assert all(u >= 0.010 for u in absolute.values()), f"absolute bounds under 10 ms: {absolute}"
+
+
+def test_each_public_server_gets_at_most_12_requests_a_minute_from_the_whole_cluster(hub_bed):
+    bed = hub_bed
+    assert bed.simulator is not None
+    worst = {port: _worst_windows(stats.arrivals_ns) for port, stats in bed.simulator.stats.items()}
+    total = {port: stats.received for port, stats in bed.simulator.stats.items()}
+    print("\nper public server (worst 60 s, worst 600 s; total): "
+          + ", ".join(f"{port}: {w[0]}, {w[1]}; {total[port]}" for port, w in worst.items()))
+    assert all(n > 0 for n in total.values()), total
+    assert all(w[0] <= 12 and w[1] <= 40 for w in worst.values()), worst
+
+
+def test_the_hubs_ntp_server_stopped_for_60_s_publishes_nothing_wrong_and_resumes(hub_bed):
+    bed = hub_bed
+    store = Store(bed.redis(), prefix=KEY_PREFIX)
+    pid = bed.chronyd_pid()
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = bed.redis_time()
+    try:
+        time.sleep(HUB_DOWN_S)  # the fault's length, not a wait for anything
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    back_at = bed.redis_time()
+    during = {node: _published(store, node, stopped_at + 1.0) for node in bed.nodes}
+    during = {node: [p for p in published if p["published_at"] <= back_at] for node, published in during.items()}
+    took = {node: bed.wait_published(node, after=back_at, timeout_s=4 * NORMAL_INTERVAL_S) - back_at
+            for node in bed.nodes}
+    stale = {node: back_at - max([p["published_at"] for p in during[node]] or [stopped_at]) for node in bed.nodes}
+    print(f"\nhub's chronyd stopped {back_at - stopped_at:.1f} s: published meanwhile "
+          f"{({n: len(p) for n, p in during.items()})}; stale for {({n: round(s, 1) for n, s in stale.items()})} s; "
+          f"published again {({n: round(t, 2) for n, t in took.items()})} s after")
+    assert not any(during.values()), f"published while the hub's NTP server was stopped: {during}"
+    assert all(s > 3 * NORMAL_INTERVAL_S for s in stale.values()), stale
+    assert max(took.values()) <= NORMAL_INTERVAL_S + 1.0, f"resumed after {took} s"
+    for node in bed.nodes:
+        latest = bed.latest(node)
+        assert abs(latest["offset"] - _truth(node)) <= latest["uncertainty"], (node, latest)
