@@ -13,9 +13,14 @@ Each mapping may also carry (this project's, optional):
     What the relay sends that upstream, all clients together: a token bucket
     of ``upstream_burst`` requests, refilled by one every ``min_interval_s``.
     The head node is *one* client to a public server, however many nodes
-    stand behind it; requests over the cap get nothing.  Absent: the
-    defaults below, sized (docs/operations.md, "the relay's arithmetic") so that the
-    ARES nodes' warm-up passes whole while the long-run rate stays polite.
+    stand behind it.  Absent: the defaults below, within the public servers'
+    published rules -- a start-up burst of 4 (chrony's ``iburst``), then one
+    request every 4 s at most (NIST: never more often than once every 4 s).
+    A request over the budget is not forwarded: the relay answers it with a
+    RATE kiss of its own (RFC 5905 section 7.4), counted ``policy_refused``,
+    and the node's worker backs that server off (``workers/kod.py``).
+    docs/operations.md ("Politeness: the arithmetic") has the numbers for
+    10, 100 and 1,000 nodes; warm-ups belong on the hub, not here.
 ``rate_backoff_s``
     How long the relay leaves the upstream alone after it sent a RATE kiss
     (default :data:`DEFAULT_RATE_BACKOFF_S`).
@@ -45,11 +50,16 @@ DEFAULT_CLIENT_INTERVAL_S = 0.25
 #: ... after a burst of this many requests: a round's 3 samples and a retry's 3, with room.
 DEFAULT_CLIENT_BURST = 8
 #: All clients together, one request per this many seconds to an upstream in the long run (s):
-#: 50 nodes polling one sample every 2 minutes fit (one every 2.4 s).
-DEFAULT_MIN_INTERVAL_S = 2.0
-#: ... after a burst of this many: two ARES nodes' advanced warm-up at once
-#: (2 nodes x 60 rounds x 3 samples = 360), with room for retries.
-DEFAULT_UPSTREAM_BURST = 400
+#: NIST's rule for its servers, "never query more frequently than once every 4 seconds".  Ten ARES
+#: nodes in normal operation (3 samples every 120 s each) fit exactly; more are policy-refused.
+DEFAULT_MIN_INTERVAL_S = 4.0
+#: ... after a start-up burst of this many: chrony's ``iburst`` (4 requests), room for one
+#: advanced-mode round (3 samples).  A warm-up (3 a second) is policy-refused after it.
+DEFAULT_UPSTREAM_BURST = 4
+#: The published rules the defaults keep, for the start-up warning about a mapping set past them:
+#: NIST's 4 s, and a start-up burst no larger than chrony's ``iburst``.
+POLITE_MIN_INTERVAL_S = 4.0
+POLITE_BURST = 4
 #: A request whose reply has not come by then is given up (its reply, if it comes, is dropped) (s).
 DEFAULT_TIMEOUT_S = 4.0
 #: The longest ``--timeout`` and ``--client-interval`` accepted (s): beyond, requests would be
@@ -126,6 +136,25 @@ class RelaySettings:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
         return any(ip.version == net.version and ip in net for net in self.allow)
+
+
+def impolite(mapping: Mapping) -> list[str]:
+    """What a mapping sets past the public servers' published rules (empty: nothing); the relay warns once."""
+    problems = []
+    if mapping.min_interval_s < POLITE_MIN_INTERVAL_S:
+        problems.append(f"min_interval_s {mapping.min_interval_s:g} s: NIST asks for at most one request every "
+                        f"{POLITE_MIN_INTERVAL_S:g} s")
+    if mapping.upstream_burst > POLITE_BURST:
+        problems.append(f"upstream_burst {mapping.upstream_burst}: a start-up burst above chrony's iburst "
+                        f"({POLITE_BURST})")
+    return problems
+
+
+def describe(mapping: Mapping) -> str:
+    """A mapping's limit in words, for the relay's start-up lines."""
+    return (f"upstream at most {mapping.upstream_burst} requests at once, then one per {mapping.min_interval_s:g} s; "
+            f"over that, a RATE kiss from the relay (policy_refused); {mapping.rate_backoff_s:g} s of silence after "
+            "the upstream's own RATE")
 
 
 def load_mappings(path: str | Path) -> tuple[Mapping, ...]:

@@ -5,6 +5,11 @@ request takes one, or is refused when none is left.  So a client may send
 ``burst`` requests at once, then one every ``interval_s``, sustained -- the
 shape of chrony's ``ratelimit interval ... burst ...``.  Time is passed in
 (monotonic seconds): the arithmetic is pure, and tested so.
+
+:class:`UpstreamLimit` is what one upstream is sent by all clients together:
+its bucket, and silence after the upstream's own RATE kiss.  The relay
+(:mod:`relay.server`) and the politeness benchmark (``bench/politeness.py``,
+on simulated time) both decide with it.
 """
 
 from __future__ import annotations
@@ -90,3 +95,41 @@ class ClientLimits:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+#: What :meth:`UpstreamLimit.admit` decides for a request.
+FORWARD = "forward"
+#: The upstream's bucket is empty: a policy refusal (the relay answers with a RATE kiss of its own).
+OVER_BUDGET = "over_budget"
+#: The upstream sent RATE not long ago: nothing is sent it until its back-off is over.
+BACKING_OFF = "backing_off"
+
+
+class UpstreamLimit:
+    """What one upstream is sent, all clients together: ``burst`` requests at once, then one every
+    ``interval_s``; nothing for ``backoff_s`` after it sent a RATE kiss (:meth:`kissed`)."""
+
+    def __init__(self, interval_s: float, burst: int, backoff_s: float, *, now: float = 0.0):
+        if not backoff_s > 0:
+            raise ValueError(f"backoff_s must be > 0 (got {backoff_s})")
+        self.bucket = TokenBucket(interval_s, burst, updated_at=now)
+        self.backoff_s = backoff_s
+        self.backoff_until = float("-inf")
+
+    def backing_off(self, now: float) -> bool:
+        """Whether the upstream's RATE back-off still runs at ``now``."""
+        return now < self.backoff_until
+
+    def take(self, now: float) -> bool:
+        """Spend one of the upstream's requests at ``now``, if its budget has one; whether it had."""
+        return self.bucket.take(now)
+
+    def admit(self, now: float) -> str:
+        """:data:`FORWARD` (a request spent), :data:`BACKING_OFF` or :data:`OVER_BUDGET`, at ``now``."""
+        if self.backing_off(now):
+            return BACKING_OFF
+        return FORWARD if self.take(now) else OVER_BUDGET
+
+    def kissed(self, now: float) -> None:
+        """The upstream answered RATE at ``now``: send it nothing for ``backoff_s``."""
+        self.backoff_until = now + self.backoff_s

@@ -19,12 +19,23 @@ What ChronoTick's ``ntp_proxy.py`` did wrong, and what happens here instead:
   address (loopback unless told), answers only ``--allow`` networks, and
   forwards only client requests (mode 3, version 1-4, 48 bytes or more).
 - Nothing limited a client.  Here each client has a token bucket per port
-  (one request every 2 s sustained, a burst of 4, as chrony's
-  ``ratelimit``); a mapping's ``min_interval_s`` caps what all of them
-  together send upstream, so the head node stays *one* polite client.
-- A RATE kiss (RFC 5905 section 7.4) goes to the client that asked; for the
-  mapping's back-off the relay then sends nothing upstream and answers each
-  request with a RATE kiss of its own, carrying the requester's origin, so
+  (``--client-interval`` 0.25 s sustained after a burst of ``--client-burst``
+  8, chrony's ``ratelimit`` shape); what a client sends past it gets nothing.
+- Nothing limited what the cluster sent a public server, which sees the head
+  node as *one* client however many nodes stand behind it.  Here each
+  mapping's upstream gets, all clients together, a start-up burst of
+  ``upstream_burst`` (default 4, chrony's ``iburst``), then at most one
+  request every ``min_interval_s`` (default 4 s: NIST asks never to query
+  more often).  A request over that budget is a *policy refusal*: it is not
+  forwarded, the relay answers it with a RATE Kiss-o'-Death of its own
+  (RFC 5905 section 7.4) carrying the request's origin, and counts it
+  ``policy_refused``, apart from every upstream failure.  The node's worker
+  takes the kiss as from the server itself (``workers/kod.py``: no retry,
+  the server backed off, reason ``kod_rate`` then ``kod_backoff``), so at
+  the node it is a refusal it can name, never a silent timeout.
+- A RATE kiss from the upstream (RFC 5905 section 7.4) goes to the client
+  that asked; for the mapping's ``rate_backoff_s`` the relay then sends
+  nothing upstream and answers each request with a RATE kiss of its own, so
   the whole cluster backs off as the upstream sees it: as one client.
 
 Upstream names are resolved at start and again every ``resolve_every_s`` in
@@ -47,8 +58,8 @@ from typing import Any
 
 from workers.ntp import packet
 
-from .config import Mapping, RelaySettings
-from .limits import ClientLimits, TokenBucket
+from .config import Mapping, RelaySettings, describe, impolite
+from .limits import ClientLimits, UpstreamLimit
 from .stats import PortStats
 
 log = logging.getLogger(__name__)
@@ -104,8 +115,9 @@ class PortRelay:
         self._failing_since: float | None = None
         self.stats = PortStats(port=mapping.listen_port, upstream=mapping.upstream)
         self.clients = ClientLimits(settings.client_interval_s, settings.client_burst)
-        self.upstream_budget = TokenBucket(mapping.min_interval_s, mapping.upstream_burst)
-        self.backoff_until = 0.0
+        #: The upstream's budget and its RATE back-off, all clients together (:class:`relay.limits.UpstreamLimit`).
+        self.upstream_limit = UpstreamLimit(mapping.min_interval_s, mapping.upstream_burst, mapping.rate_backoff_s,
+                                            now=time.monotonic())
         self.upstream_address: tuple | None = None
         self._pending: dict[bytes, _Pending] = {}
         self._expired: dict[bytes, float] = {}
@@ -212,8 +224,8 @@ class PortRelay:
             stats.refused_rate += 1
             return
         transmit = data[_TRANSMIT]
-        if now < self.backoff_until:
-            self._kiss(data, client)
+        if self.upstream_limit.backing_off(now):
+            self._kiss(data, client)  # the upstream said RATE: the whole cluster backs off, as one client
             return
         if transmit == _NO_TIMESTAMP or transmit in self._pending:
             stats.refused_duplicate += 1  # a reply could not tell these requests apart
@@ -224,8 +236,9 @@ class PortRelay:
         if len(self._pending) >= MAX_PENDING:
             stats.refused_busy += 1  # bounded memory, whatever the upstream's cap allows
             return
-        if not self.upstream_budget.take(now):
-            stats.refused_upstream_rate += 1
+        if not self.upstream_limit.take(now):
+            stats.policy_refused += 1  # over the upstream's budget: refused by policy, told so with RATE
+            self._kiss(data, client)
             return
         forwarded_ns = time.monotonic_ns()
         self._pending[transmit] = _Pending(client, now + self.settings.timeout_s, received_ns, forwarded_ns)
@@ -248,7 +261,7 @@ class PortRelay:
             return
         if data[1] == 0 and _REF_ID.unpack_from(data, 12)[0] == _RATE:
             stats.kisses_received += 1
-            self.backoff_until = arrived_ns / 1e9 + self.mapping.rate_backoff_s
+            self.upstream_limit.kissed(arrived_ns / 1e9)
             log.warning("relay port %d: RATE kiss from %s; sending it nothing for %g s", self.mapping.listen_port,
                         self.mapping.upstream, self.mapping.rate_backoff_s)
         assert self._listener is not None
@@ -258,7 +271,8 @@ class PortRelay:
         stats.add_delay(((pending.forwarded_ns - pending.received_ns) + (sent_ns - arrived_ns)) / 1e9)
 
     def _kiss(self, request: bytes, client: tuple) -> None:
-        """Answer a request with a RATE kiss of the relay's own, carrying its origin."""
+        """Answer a request with a RATE kiss of the relay's own, carrying its origin (so the client's origin
+        check passes and its worker backs the server off: ``workers/kod.py``)."""
         now_ntp = packet.unix_ns_to_ntp(time.time_ns())
         reply = packet.build_reply(leap=3, version=(request[0] >> 3) & 0x7, stratum=0, poll=request[2],
                                    precision_log2=0, ref_id=_RATE, origin_ts=int.from_bytes(request[_TRANSMIT]),
@@ -309,6 +323,11 @@ class Relay:
         self._stop, self.ready = asyncio.Event(), asyncio.Event()
         for port in self.ports:
             await port.start()
+            log.info("relay port %d -> %s: %s", port.mapping.listen_port, port.mapping.upstream,
+                     describe(port.mapping))
+            for problem in impolite(port.mapping):
+                log.warning("relay port %d -> %s: %s (past the public servers' published rules)",
+                            port.mapping.listen_port, port.mapping.upstream, problem)
         self.ready.set()
         loop = asyncio.get_running_loop()
         # Each port looks its name up on its own schedule: soon after a failure, else every resolve_every_s.

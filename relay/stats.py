@@ -9,10 +9,15 @@ Counters (all since start):
 ``late``         replies that came after their request's deadline
 ``timeouts``     requests whose reply never came by the deadline
 ``refused_allow``, ``refused_size``, ``refused_mode``, ``refused_rate``,
-``refused_upstream_rate``, ``refused_duplicate``, ``refused_unresolved``, ``refused_busy``
-                 requests answered with nothing, by reason
+``refused_duplicate``, ``refused_unresolved``, ``refused_busy``
+                 requests answered with nothing, by reason (``refused`` is their sum)
+``policy_refused``   requests over the upstream's budget (its burst, then one per
+                 ``min_interval_s``): not forwarded, answered with the relay's
+                 own RATE kiss.  Politeness, not a failure: the upstream never
+                 saw them, and the node's worker backs off as the kiss asks
 ``kisses_received``  RATE kisses from upstream (passed to the client that asked)
-``kisses_sent``      RATE kisses the relay sent itself while backing off
+``kisses_sent``      RATE kisses the relay sent itself: every policy refusal, and
+                 every request during the back-off after an upstream's RATE
 
 The added delay of a reply is the time the relay held the request (in to
 forwarded) plus the time it held the reply (in to sent): what the hop costs
@@ -25,8 +30,8 @@ import random
 from dataclasses import dataclass, field
 
 COUNTERS = ("requests", "forwarded", "answered", "unmatched", "late", "timeouts", "refused_allow",
-            "refused_size", "refused_mode", "refused_rate", "refused_upstream_rate", "refused_duplicate",
-            "refused_unresolved", "refused_busy", "kisses_received", "kisses_sent")
+            "refused_size", "refused_mode", "refused_rate", "refused_duplicate", "refused_unresolved",
+            "refused_busy", "policy_refused", "kisses_received", "kisses_sent")
 
 #: Added delays kept for the quantiles (a uniform sample of all of them).
 RESERVOIR_SIZE = 2048
@@ -46,10 +51,10 @@ class PortStats:
     refused_size: int = 0
     refused_mode: int = 0
     refused_rate: int = 0
-    refused_upstream_rate: int = 0
     refused_duplicate: int = 0
     refused_unresolved: int = 0
     refused_busy: int = 0
+    policy_refused: int = 0
     kisses_received: int = 0
     kisses_sent: int = 0
     added_delays_s: list[float] = field(default_factory=list)
@@ -88,7 +93,8 @@ class PortStats:
         p50, p99 = self.quantile(0.5), self.quantile(0.99)
         hop = f"hop +{p50 * 1e3:.2f}/{p99 * 1e3:.2f} ms (p50/p99)" if p50 is not None and p99 is not None else "hop -"
         return (f"port {self.port} -> {self.upstream}: {self.requests} requests, {self.forwarded} forwarded, "
-                f"{self.answered} answered, {self.refused} refused, {self.timeouts} timeouts, "
+                f"{self.answered} answered, {self.refused} refused, "
+                f"{self.policy_refused} policy-refused (over budget: RATE), {self.timeouts} timeouts, "
                 f"{self.unmatched} unmatched, {self.late} late, {self.kisses_received} RATE in / "
                 f"{self.kisses_sent} out; {hop}")
 

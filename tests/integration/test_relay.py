@@ -52,6 +52,10 @@ class RunningRelay:
         return self.relay.ports[i].stats
 
 
+#: An upstream budget no test of concurrency or of the per-client limit reaches (the defaults forward 4 at once).
+UNCAPPED = {"min_interval_s": 0.001, "upstream_burst": 10_000}
+
+
 def relay_to(upstream_port: int, *, allow=("127.0.0.0/8",), **options) -> tuple[RelaySettings, int]:
     listen = free_udp_ports(1)[0]
     mapping = Mapping(listen_port=listen, ntp_server="127.0.0.1", ntp_port=upstream_port,
@@ -79,7 +83,7 @@ def receive(sock: socket.socket, timeout_s: float) -> bytes | None:
 def test_twenty_clients_at_once_each_get_their_own_reply_in_the_upstreams_time(simulator):
     sim, servers = simulator({"slow": Behaviour(delay_s=0.2)})
     upstream = int(servers["slow"].rsplit(":", 1)[1])
-    settings, listen = relay_to(upstream)
+    settings, listen = relay_to(upstream, **UNCAPPED)
     with RunningRelay(settings) as running:
         socks = [client(2 + i) for i in range(20)]
         sent = {}
@@ -156,7 +160,7 @@ def test_control_queries_short_packets_and_strangers_get_nothing(simulator):
 def test_a_client_over_its_rate_is_refused_and_the_upstream_sees_at_most_the_limit(simulator):
     sim, servers = simulator({"s": Behaviour()})
     upstream = int(servers["s"].rsplit(":", 1)[1])
-    settings, listen = relay_to(upstream)  # defaults: a burst of 8, then four a second
+    settings, listen = relay_to(upstream, **UNCAPPED)  # the client's defaults: a burst of 8, then four a second
     with RunningRelay(settings) as running:
         eager = client(2)
         for _ in range(10):
@@ -170,28 +174,44 @@ def test_a_client_over_its_rate_is_refused_and_the_upstream_sees_at_most_the_lim
         eager.close()
 
 
-def test_two_nodes_warming_up_in_advanced_mode_get_no_refusal_with_the_defaults(simulator):
-    """ChronoTick's ARES warm-up shape (3 samples 0.1 s apart, every 1 s) from two nodes at once, default limits."""
+def _kiss_for(sock: socket.socket, transmit: int) -> bool:
+    """Whether ``sock`` got a RATE kiss carrying ``transmit`` as its origin (the requester's own)."""
+    data = receive(sock, 1.0)
+    if data is None:
+        return False
+    reply = packet.parse(data)
+    return (reply.stratum, reply.ref_id, reply.origin_ts) == (0, packet.kiss_code_to_ref_id("RATE"), transmit)
+
+
+def test_over_the_upstreams_budget_a_request_gets_the_relays_rate_kiss_counted_as_policy(simulator):
+    """The defaults: a burst of 4 reaches the upstream; the rest are told RATE by the relay, not dropped."""
     sim, servers = simulator({"s": Behaviour()})
     upstream = int(servers["s"].rsplit(":", 1)[1])
     settings, listen = relay_to(upstream)
-    rounds, samples = 5, 3
+    assert (settings.mappings[0].upstream_burst, settings.mappings[0].min_interval_s) == (4, 4.0)
     with RunningRelay(settings) as running:
         nodes = [client(2), client(3)]
-        answered = 0
-        start = time.monotonic()
-        for k in range(rounds):
-            for i in range(samples):  # the load's shape, paced by the clock: the two nodes' bursts interleave
-                at = start + k * 1.0 + i * 0.1
-                time.sleep(max(0.0, at - time.monotonic()))
-                for sock in nodes:
-                    sock.sendto(packet.make_request()[0], ("127.0.0.1", listen))
-                for sock in nodes:
-                    answered += receive(sock, 1.0) is not None
+        sent = []
+        for _ in range(3):  # one advanced-mode round from each of two nodes: 6 requests at once
+            for sock in nodes:
+                request, transmit = packet.make_request()
+                sock.sendto(request, ("127.0.0.1", listen))
+                sent.append((sock, transmit))
+                time.sleep(0.01)  # in this order at the relay
+        kissed = []
+        for sock, transmit in sent:
+            data = receive(sock, 1.0)
+            assert data is not None, "every request is answered: by the upstream, or by the relay's kiss"
+            reply = packet.parse(data)
+            assert reply.origin_ts == transmit
+            if reply.stratum == 0:
+                assert reply.ref_id == packet.kiss_code_to_ref_id("RATE")
+                kissed.append(transmit)
+        assert kissed == [t for _, t in sent[4:]]  # the two past the burst
         stats = running.stats()
-        assert answered == 2 * rounds * samples
-        assert (stats.refused_rate, stats.refused_upstream_rate) == (0, 0)
-        assert sim.stats[upstream].received == 2 * rounds * samples
+        assert (stats.forwarded, stats.answered, stats.policy_refused, stats.kisses_sent) == (4, 4, 2, 2)
+        assert stats.refused == 0 and stats.timeouts == 0  # a policy refusal is neither a refusal nor a failure
+        assert sim.stats[upstream].received == 4
         for sock in nodes:
             sock.close()
 
@@ -202,11 +222,16 @@ def test_min_interval_caps_what_all_clients_together_send_upstream(simulator):
     settings, listen = relay_to(upstream, min_interval_s=60.0, upstream_burst=1)
     with RunningRelay(settings) as running:
         socks = [client(2 + i) for i in range(5)]
+        transmits = []
         for sock in socks:
-            sock.sendto(packet.make_request()[0], ("127.0.0.1", listen))
-        replies = sum(receive(sock, 0.5) is not None for sock in socks)
+            request, transmit = packet.make_request()
+            sock.sendto(request, ("127.0.0.1", listen))
+            transmits.append(transmit)
+            time.sleep(0.01)
+        assert receive(socks[0], 1.0) is not None  # the one forwarded
+        assert all(_kiss_for(sock, transmit) for sock, transmit in zip(socks[1:], transmits[1:], strict=True))
         assert sim.stats[upstream].received == 1  # one request a minute, whoever asks
-        assert replies == 1 and running.stats().refused_upstream_rate == 4
+        assert running.stats().policy_refused == 4
         for sock in socks:
             sock.close()
 
@@ -298,6 +323,35 @@ def test_a_whole_round_through_the_relay_publishes(worker, simulator, tmp_path, 
                  what="the third server's reply through the relay")
 
 
+def test_a_node_past_the_budget_is_told_rate_and_names_it_kod_rate_not_a_timeout(worker, simulator, tmp_path,
+                                                                                 key_prefix, capsys):
+    """What the node sees of a policy refusal: a RATE kiss its worker takes as the server's (``kod_rate``, no
+    retry, the server backed off), never a silence that would read as a dead server."""
+    sim, servers = simulator({f"s{i}": Behaviour(delay_s=0.002) for i in range(3)})
+    mappings, ports = [], []
+    for address in servers.values():
+        listen = free_udp_ports(1)[0]
+        ports.append(listen)
+        mappings.append(Mapping(listen_port=listen, ntp_server="127.0.0.1", ntp_port=int(address.rsplit(":", 1)[1]),
+                                min_interval_s=600.0, upstream_burst=1))
+    with RunningRelay(RelaySettings(mappings=tuple(mappings))) as running:
+        other = client(2)  # another node spends each upstream's budget first
+        for listen in ports:
+            other.sendto(packet.make_request()[0], ("127.0.0.1", listen))
+            assert receive(other, 1.0) is not None
+        other.close()
+        path = write_config(tmp_path, [f"127.0.0.1:{p}" for p in ports], key_prefix=key_prefix)
+        cli.main(["measure", "--config", str(path), "--node", TEST_NODE, "--json"])
+        record = json.loads(capsys.readouterr().out)
+        assert record["latest"] is None
+        for entry in record["servers"]:
+            assert (entry["status"], entry["reason"], entry["kiss_code"], entry["attempts"]) == (
+                "failed", "kod_rate", "RATE", 1), entry  # told, and not retried
+        assert all(sim.stats[int(a.rsplit(":", 1)[1])].received == 1 for a in servers.values())
+        assert [port.stats.policy_refused for port in running.relay.ports] == [1, 1, 1]
+        assert sum(port.stats.timeouts for port in running.relay.ports) == 0
+
+
 def test_the_cli_loads_chronoticks_file_and_refuses_an_open_bind(tmp_path):
     chronotick_file = REPO / "tests" / "data" / "ntp_proxy_config.yaml"
     run = [sys.executable, "-m", "orchestrator.cli", "relay", "--config"]
@@ -318,7 +372,7 @@ def test_the_relay_writes_its_counts_to_redis_and_the_exporter_shows_them(redis_
     listen = free_udp_ports(1)[0]
     proxy = tmp_path / "proxy.yaml"
     proxy.write_text(f"proxy_mappings:\n  - listen_port: {listen}\n    ntp_server: 127.0.0.1\n"
-                     f"    ntp_port: {upstream}\n")
+                     f"    ntp_port: {upstream}\n    upstream_burst: 1\n    min_interval_s: 600\n")
     prefix = f"relay{free_tcp_port()}"
     env = {"PATH": "/usr/bin:/bin", "CHRONOTICK_REDIS_URL": redis_url, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "relay", "--config", str(proxy),
@@ -331,8 +385,12 @@ def test_the_relay_writes_its_counts_to_redis_and_the_exporter_shows_them(redis_
         wait_for(lambda: read_all(redis_client, prefix), what="the relay's first report")
         asker.sendto(packet.make_request()[0], ("127.0.0.1", listen))
         assert receive(asker, 1.0) is not None
-        wait_for(lambda: any(r.get("answered") == "1" for r in read_all(redis_client, prefix)), timeout_s=20,
-                 what="the answered count in Redis")
+        request, transmit = packet.make_request()
+        asker.sendto(request, ("127.0.0.1", listen))  # past the budget of one: the relay's RATE kiss
+        assert _kiss_for(asker, transmit)
+        wait_for(lambda: any((r.get("answered"), r.get("policy_refused")) == ("1", "1")
+                             for r in read_all(redis_client, prefix)), timeout_s=20,
+                 what="the answered and policy-refused counts in Redis")
         asker.close()
         from prometheus_client import generate_latest
 
@@ -342,7 +400,14 @@ def test_the_relay_writes_its_counts_to_redis_and_the_exporter_shows_them(redis_
         answered = [line for line in text.splitlines()
                     if line.startswith("chronotick_ntp_relay_answered_total{") and f'port="{listen}"' in line]
         assert len(answered) == 1 and answered[0].endswith(" 1.0"), answered
+        refused = [line for line in text.splitlines()
+                   if line.startswith("chronotick_ntp_relay_policy_refused_total{") and f'port="{listen}"' in line]
+        assert len(refused) == 1 and refused[0].endswith(" 1.0"), refused
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0, out
+    # What it said at start: the limit, and what a request past it gets.
+    assert f"relay port {listen} -> 127.0.0.1:{upstream}: upstream at most 1 requests at once, then one per 600 s; " \
+           "over that, a RATE kiss from the relay (policy_refused)" in out, out
+    assert "1 policy-refused (over budget: RATE)" in out, out

@@ -73,3 +73,17 @@ def test_allow_is_loopback_by_default_and_networks_when_given():
     assert ares.allows("172.20.3.4") and ares.allows("::ffff:172.20.3.4") and not ares.allows("10.0.0.1")
     with pytest.raises(ValueError, match="not-a-net"):
         parse_allow(["not-a-net"])
+
+
+def test_a_mapping_past_the_published_rules_is_named_and_the_defaults_are_not():
+    from relay.config import Mapping, describe, impolite
+
+    assert impolite(Mapping(listen_port=8123, ntp_server="time.nist.gov")) == []
+    assert impolite(Mapping(listen_port=8123, ntp_server="a", min_interval_s=4.0, upstream_burst=4)) == []
+    assert len(impolite(Mapping(listen_port=8123, ntp_server="a", upstream_burst=5))) == 1  # just past each rule
+    assert len(impolite(Mapping(listen_port=8123, ntp_server="a", min_interval_s=3.9))) == 1
+    problems = impolite(Mapping(listen_port=8123, ntp_server="time.nist.gov", min_interval_s=2.0, upstream_burst=400))
+    assert len(problems) == 2 and "min_interval_s 2 s" in problems[0] and "upstream_burst 400" in problems[1]
+    assert describe(Mapping(listen_port=8123, ntp_server="a")) == (
+        "upstream at most 4 requests at once, then one per 4 s; over that, a RATE kiss from the relay "
+        "(policy_refused); 64 s of silence after the upstream's own RATE")

@@ -54,3 +54,25 @@ def test_client_limits_forget_clients_whose_bucket_refilled():
     assert len(limits) == 100  # each took one token, 2 s to refill
     limits.prune(2.0)
     assert len(limits) == 0
+
+
+def test_an_upstream_limit_forwards_its_burst_then_one_per_interval():
+    from relay.limits import FORWARD, OVER_BUDGET, UpstreamLimit
+
+    limit = UpstreamLimit(4.0, 4, 64.0, now=0.0)
+    verdicts = [limit.admit(t * 0.5) for t in range(121)]  # a request every 0.5 s for 60 s
+    forwarded = [t * 0.5 for t, v in enumerate(verdicts) if v == FORWARD]
+    assert forwarded == [0.0, 0.5, 1.0, 1.5] + [4.0 * k for k in range(1, 16)]  # the burst, then 4, 8 ... 60 s
+    assert all(v == OVER_BUDGET for v in verdicts if v != FORWARD)
+    # After the burst, the forwarded requests are 4 s apart: never more often, as NIST asks.
+    assert all(b - a >= 4.0 for a, b in zip(forwarded[4:], forwarded[5:], strict=False))
+
+
+def test_an_upstream_limit_backs_off_after_a_kiss_without_spending_its_budget():
+    from relay.limits import BACKING_OFF, FORWARD, UpstreamLimit
+
+    limit = UpstreamLimit(4.0, 4, 64.0, now=0.0)
+    assert limit.admit(0.0) == FORWARD
+    limit.kissed(0.0)
+    assert [limit.admit(t) for t in (1.0, 30.0, 63.9)] == [BACKING_OFF] * 3
+    assert [limit.admit(64.0) for _ in range(4)] == [FORWARD] * 4  # the bucket refilled meanwhile, whole
