@@ -51,9 +51,14 @@ REASON_NO_RESULT = Reason.NO_RESULT
 
 #: Failures that say no request reached the server, or none was sent: nobody took the server's task
 #: (``no_result``: the worker gone, the node cut off from Redis), it started after the round's
-#: deadline (``round_deadline``), or the cluster's politeness budget for the server was spent
-#: (``politeness_limit``, :mod:`workers.politeness`).  Alone, these make an outage.
-NOT_ASKED_REASONS = frozenset({Reason.NO_RESULT, Reason.ROUND_DEADLINE, Reason.POLITENESS_LIMIT})
+#: deadline (``round_deadline``).  Alone, these make an outage.
+NOT_ASKED_REASONS = frozenset({Reason.NO_RESULT, Reason.ROUND_DEADLINE})
+
+#: Failures that are a policy saying "not now", not a server failing: a RATE Kiss-o'-Death (from the
+#: server, or from the relay when its per-upstream budget is spent), the back-off that follows it,
+#: and the hub's own politeness budget (``politeness_limit``, :mod:`workers.politeness`).  Alone, with
+#: the not-asked ones, these make an outage: a policy refusal is not NTP starvation (issue #26).
+POLICY_REASONS = frozenset({Reason.KOD_RATE, Reason.KOD_BACKOFF, Reason.POLITENESS_LIMIT})
 
 
 
@@ -72,6 +77,8 @@ def outage_of(servers: list[dict[str, Any]]) -> str | None:
     - every attempt's reason is in :data:`NOT_ASKED_REASONS`: no worker took
       the round's tasks, the node was cut off from Redis, or its tasks started
       past the deadline; or
+    - every attempt's reason is one of those or a policy refusal
+      (:data:`POLICY_REASONS`: RATE, its back-off, the hub's budget); or
     - every server is on one host (the configured name: a relay's ports, or
       the hub), every attempt got no reply (:data:`SILENT_REASONS`, or one of
       the above) and that host answered at least one request with ICMP port
@@ -91,11 +98,13 @@ def outage_of(servers: list[dict[str, Any]]) -> str | None:
     reasons: dict[str, int] = {}
     hosts: set[str] = set()
     for entry in servers:
-        if entry.get("sample") or entry.get("status") != ServerStatus.FAILED or entry.get("kiss_code"):
+        if entry.get("sample") or entry.get("status") != ServerStatus.FAILED or entry.get("kiss_code") not in (
+                None, "RATE"):
             return None
         # Each attempt's reason, and an advanced-mode burst's refusals before its last request.
         seen = [str(r.get("reason")) for a in entry.get("history", []) for r in [a, *a.get("refusals", [])]]
-        if any(r not in NOT_ASKED_REASONS and r not in SILENT_REASONS for r in [str(entry.get("reason")), *seen]):
+        known = NOT_ASKED_REASONS | SILENT_REASONS | POLICY_REASONS
+        if any(r not in known for r in [str(entry.get("reason")), *seen]):
             return None
         for reason in seen or [str(entry.get("reason"))]:
             reasons[reason] = reasons.get(reason, 0) + 1
@@ -103,7 +112,10 @@ def outage_of(servers: list[dict[str, Any]]) -> str | None:
     said = ", ".join(f"{reason} x{count}" for reason, count in sorted(reasons.items()))
     if all(reason in NOT_ASKED_REASONS for reason in reasons):
         return f"no server was asked ({said}): no worker took the round's tasks in time"
-    if len(hosts) == 1 and Reason.PORT_UNREACHABLE in reasons:
+    if all(reason in NOT_ASKED_REASONS or reason in POLICY_REASONS for reason in reasons):
+        return (f"no server was asked beyond its budget ({said}): a policy refusal -- a RATE kiss from the server "
+                "or the relay, the back-off after one, or the hub's politeness budget -- not NTP starvation")
+    if len(hosts) == 1 and Reason.PORT_UNREACHABLE in reasons and not reasons.keys() & POLICY_REASONS:
         return (f"no server was asked ({said}): nothing listens at {next(iter(hosts))}, the one host every "
                 "server is reached through (its relay or NTP server is down)")
     return None

@@ -209,6 +209,24 @@ def test_one_host_refusing_with_icmp_is_an_outage_several_silent_hosts_are_not()
                         finished_at=1.0)["quality"] == "outage"
 
 
+def test_every_server_refused_by_policy_is_an_outage_not_starvation():
+    """Issue #26: over-budget requests -- the relay's RATE kiss, the back-off after it, the hub's own
+    budget -- are policy refusals, counted apart from NTP starvation; DENY and timeouts are not."""
+    meta = _meta(["a", "b", "c"])
+    rate = failed("a", "kod_rate", 1)
+    rate["kiss_code"] = "RATE"
+    record = build_record(meta, [rate, failed("b", "kod_backoff", 0), failed("c", "politeness_limit", 0)],
+                          finished_at=1.0)
+    assert record["quality"] == "outage" and "policy refusal" in record["agreement"]["outage"]
+    assert "starvation" not in round_counters(record)
+    deny = failed("a", "kod_deny", 1)
+    deny["kiss_code"] = "DENY"
+    assert build_record(meta, [deny, failed("b", "kod_backoff", 0), failed("c", "kod_backoff", 0)],
+                        finished_at=1.0)["quality"] == "starvation"
+    assert build_record(meta, [rate, failed("b"), failed("c", "kod_backoff", 0)],
+                        finished_at=1.0)["quality"] == "starvation"
+
+
 def test_starvation_stays_starvation_when_any_server_answered_or_only_one_timed_out():
     meta = _meta(["a", "b", "c"])
     # A refused reply, a kiss: the path works, the servers said no.
