@@ -130,7 +130,8 @@ class Store:
                                     history_hours=history_hours, detail=detail, complete=not late)
                 if record["quality"] != Quality.OUTAGE:  # an outage asked no server: no bit from any
                     self._queue_reach(pipe, node, {s["server"]: s.get("sample") is not None
-                                                   for s in record["servers"] if s["status"] != ServerStatus.LATE})
+                                                   for s in record["servers"] if s["status"] != ServerStatus.LATE
+                                                   and not _not_asked(s)})
                 # The whole record, for whoever waits for this round (``measure``): the history keeps less.
                 pipe.publish(self.keys.round_events(node), json.dumps({"round_id": round_id, "state": state["state"],
                                                                        "record": record}))
@@ -176,7 +177,8 @@ class Store:
                                   now=int(seconds) + int(micros) / 1e6, hours=history_hours, length=history_length)
                 for name, amount in late_counters(late).items():
                     pipe.hincrby(self.keys.stats(node), name, amount)
-                self._queue_reach(pipe, node, {e["server"]: e.get("sample") is not None for e in late})
+                self._queue_reach(pipe, node, {e["server"]: e.get("sample") is not None for e in late
+                                               if not _not_asked(e)})
                 self._queue_close(pipe, node, round_id)
                 pipe.publish(self.keys.round_events(node), json.dumps({"round_id": round_id, "state": COMPLETE,
                                                                        "late": late}))
@@ -622,3 +624,11 @@ def _json_kind(value: Any) -> str:
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _not_asked(entry: dict) -> bool:
+    """A server entry whose server was never asked (no outcome reported, or started past the deadline):
+    it says nothing of the server's reachability, so it shifts no bit into its reach register (RFC 5905's
+    reach counts polls sent; issue #25's adversarial review: a node cut off mid-round cost reach bits)."""
+    return entry.get("sample") is None and entry.get("reason") in (Reason.NO_RESULT, Reason.ROUND_DEADLINE) and all(
+        a.get("reason") in (Reason.NO_RESULT, Reason.ROUND_DEADLINE) for a in entry.get("history", []))

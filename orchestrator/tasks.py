@@ -269,7 +269,14 @@ def _closed_with_unreported(meta: RoundMeta, outcomes: list[dict], unreported: l
                             groups=[list(g) for g in ntp.server_groups], auth_select=ntp.auth_select)
     agreement = dict(held["agreement"], undecided=f"{len(unreported)} servers never reported, and they could "
                                                   f"have changed the result: {decision.why}")
-    return dict(held, quality=Quality.STARVATION, chosen=None, servers_used=0, agreement=agreement)
+    if held["chosen"] is None:  # the answers in hand passed no gate: NTP starvation (or an outage_of one)
+        return dict(held, quality=Quality.STARVATION, chosen=None, servers_used=0, agreement=agreement)
+    # Answers in hand passed a gate; only the servers that never reported -- the node cut off, its worker
+    # gone -- kept the round undecided: an outage, not NTP starvation, and nothing is marked as chosen.
+    servers = [dict(e, status=ServerStatus.ACCEPTED) if e.get("status") in (ServerStatus.CHOSEN, ServerStatus.COMBINED)
+               else e for e in held["servers"]]
+    return dict(held, quality=Quality.OUTAGE, chosen=None, servers_used=0, servers=servers,
+                agreement=dict(agreement, outage=f"undecided: {agreement['undecided']}"))
 
 
 def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, window: list | None = None,

@@ -95,8 +95,13 @@ def test_a_round_closed_at_its_deadline_counts_servers_that_never_reported_as_un
                      history_length=10, ntp=ntp)
     liar = [ok("liar", delay=0.002, unc=0.001, offset=1000.0)]
     closed = build_record(meta, liar, finished_at=12.0, unreported_unknown=True)
-    assert closed["latest"] is None and closed["quality"] == selection.STARVATION
+    # Undecided only because servers never reported (issue #25's review: a node cut off mid-round): an
+    # outage, not NTP starvation, and the liar is not left marked chosen in a round that published nothing.
+    assert closed["latest"] is None and closed["quality"] == "outage"
     assert "2 servers never reported" in closed["agreement"]["undecided"]
+    assert "never reported" in closed["agreement"]["outage"]
+    assert {s["status"] for s in closed["servers"] if s["server"] == "liar"} == {"accepted"}
+    assert "starvation" not in round_counters(closed)
     assert {s["server"]: s.get("reason") for s in closed["servers"]} == {"liar": None, "h1": "no_result",
                                                                          "h2": "no_result"}
     # With enough in hand to outvote them, it is published as any round is.
