@@ -95,6 +95,8 @@ class Box:
     #: The URL the services are given (the private Redis': no password in it), or the configured one.
     redis_url: str = ""
     redis_process: subprocess.Popen | None = None
+    #: Redis's exit code if it had already exited when the services were stopped (a group-wide SIGTERM).
+    redis_gone_first: int | None = None
     children: dict[str, subprocess.Popen] = field(default_factory=dict)
     #: The stop signal received, if any.
     stop_signal: int | None = None
@@ -132,6 +134,11 @@ class Box:
         if exited is not None:
             name, code = exited
             raise ServiceFailed(f"{name} exited on its own ({_how_it_ended(code)}); up stopped the rest")
+        if self.redis_gone_first is not None:
+            # SIGTERM to the whole group (systemd's KillMode=control-group): Redis went with the services,
+            # so what they handed back may not have reached it.  Not a clean stop; run up with KillMode=mixed.
+            raise ServiceFailed(f"redis-server stopped before the services ({_how_it_ended(self.redis_gone_first)}): "
+                                "messages they handed back may be lost; signal up alone (systemd: KillMode=mixed)")
         _say("up: stopped")
 
     def request_stop(self, signum: int, _frame: object = None) -> None:
@@ -157,6 +164,7 @@ class Box:
         for proc in self.children.values():
             _reap(proc, deadline)
         if self.redis_process is not None:
+            self.redis_gone_first = self.redis_process.poll()
             self._shutdown_redis()
         if self._lock is not None:
             self._lock.close()  # releases the flock
