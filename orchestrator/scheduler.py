@@ -6,7 +6,10 @@ and every warm-up interval while the node warms up: a warm-up is asked for when
 a consumer starts collecting for the node, when its worker starts with nothing
 fresh, or when a beat takes the lease and the node has nothing fresh
 (:mod:`workers.warmup`); the leading beat reads the requests once a second,
-whatever the beat's own age.  Nodes are spread across the
+whatever the beat's own age.  Which requests become warm-ups is the leading
+beat's policy (its nodes, its warm-up length, the cooldown, the staleness
+limit, the hub), which it publishes when it takes the lease and keeps alive at
+each poll; the request script enforces it (issue #26 item 5).  Nodes are spread across the
 interval so that a cluster does not hit the public servers in the same
 second: node i of n has its normal rounds at the *phase* i/n of the interval,
 the times ``k * interval + i/n * interval`` on Redis' clock
@@ -14,7 +17,16 @@ the times ``k * interval + i/n * interval`` on Redis' clock
 warm-up ends (the first phase slot from its end) and when a beat takes the
 lease -- so a restarted beat, or a standby taking over, keeps the phases the
 last one had (issue #25: after a warm-up every node was dispatched in the same
-second until a beat re-took the lease).  A node's next round is not
+second until a beat re-took the lease).  Warm-up rounds keep the phase too:
+node i of n warms up at the times ``k * w + i/n * w`` (``w`` the warm-up
+interval), so nodes warming up together are spread over each warm-up interval
+rather than dispatched in the same instant.
+
+With a hub (``ntp_service.hub``), the hub node measures the public servers for
+the whole cluster: it never warms up (the policy refuses it, and a listed
+warm-up of it is ignored), and its interval is ``max(normal interval,
+hub.measurement_interval)``, at its phase i/n of that interval, never two of
+its rounds closer than that.  A node's next round is not
 sent while its previous one is still running; a round whose callback has not
 come by its deadline is closed with what its tasks reported
 (:func:`orchestrator.rounds.close`), so no chord is waited on forever and
@@ -53,6 +65,10 @@ redisurl.outages.absorb(log)
 
 #: How often a leading beat looks for rounds other processes left open, and for warm-ups asked for (s).
 ADOPT_EVERY_S = 1.0
+
+#: How late after its slot the hub node's round may have been sent for the next phase slot to count as an
+#: interval after it (s): a pass and a dispatch take milliseconds; the hub's interval is at least 16 s.
+HUB_SEND_SLACK_S = 1.0
 
 
 def phase_slot(after: float, index: int, count: int, interval: float, *, strictly: bool = True) -> float:
@@ -96,19 +112,20 @@ def mark_without_worker(config: Config, node: str, state: dict | None) -> None:
         client.set(key, json.dumps(state, sort_keys=True), ex=ttl_s)
 
 
-def warm_ups(config: Config) -> dict[str, float]:
-    """``{node: seconds of warm-up left}`` under the config's prefix (one script call)."""
-    return warmup.active(service_client(config.service), config.service.key_prefix)
-
-
 def warm_up_nodes_without_fresh_measurement(config: Config, nodes: list[str]) -> list[str]:
-    """Ask for a warm-up of each of ``nodes`` with nothing fresh; the nodes asked for.
+    """Ask for a warm-up of each of ``nodes`` with nothing fresh (never the hub node's); the nodes asked for.
 
     Fresh is judged on Redis' clock (one MGET and one TIME, :func:`workers.warmup.nodes_without_fresh_measurement`):
     a node whose clock is hours off is fresh right after its round, and stale three intervals after its last.
+    The published policy decides (:func:`workers.warmup.request`); each answer is logged, a refusal with its reason.
     """
-    return warmup.warm_up_if_not_fresh(service_client(config.service), config.service.key_prefix, nodes,
-                                       config.timing)
+    hub = config.service.hub
+    candidates = [node for node in nodes if hub is None or node != hub.node]
+    answers = warmup.warm_up_if_not_fresh(service_client(config.service), config.service.key_prefix, candidates,
+                                          config.timing)
+    for answer in answers.values():
+        warmup.log_answer(log, answer, f"{answer.node}: nothing fresh: ")
+    return list(answers)
 
 
 class Scheduler:
@@ -131,11 +148,13 @@ class Scheduler:
         left open in Redis and due to be closed, closed here
         (:func:`orchestrator.rounds.overdue_handles`).
     warm_ups:
-        ``warm_ups(config) -> {node: seconds left}``: the warm-ups asked for
-        (:func:`warm_ups`).
+        ``warm_ups(config) -> {node: seconds left}``: the warm-ups asked for.
+        By default the leader's poll of Redis (:func:`workers.warmup.poll`),
+        which also keeps the published policy alive.
     on_lead:
         ``on_lead(config, nodes)``, called when this beat starts to dispatch:
-        by default it asks for a warm-up of the nodes with nothing fresh.
+        by default it publishes the warm-up policy (:attr:`policy`) and asks for
+        a warm-up of the nodes with nothing fresh.
     clock:
         ``clock() -> Unix s`` on the clock rounds' deadlines are set on: Redis'
         (:mod:`workers.redisclock`) by default.
@@ -149,8 +168,7 @@ class Scheduler:
     """
 
     def __init__(self, config: Config, nodes: list[str], *, dispatch=rounds.dispatch_fanned_out, lease=None,
-                 overdue_handles=rounds.overdue_handles, warm_ups=warm_ups,
-                 on_lead=warm_up_nodes_without_fresh_measurement, clock=None,
+                 overdue_handles=rounds.overdue_handles, warm_ups=None, on_lead=None, clock=None,
                  waiting_without_worker=waiting_without_worker, mark_without_worker=mark_without_worker):
         if not nodes:
             raise ValueError("no nodes to schedule: list them in ntp_service.nodes or pass --node")
@@ -169,9 +187,23 @@ class Scheduler:
         self._lease_renewed_at = float("-inf")
         #: (close_at Unix s on Redis' clock, round_id, node) of every round this beat dispatched.
         self._closing: list[tuple[float, str, str]] = []
-        self._warm_ups = warm_ups
+        #: What this beat publishes when it leads: every warm-up request is judged by it (:mod:`workers.warmup`).
+        self.policy = warmup.Policy.of(config, self.nodes)
+        self._warm_ups = warm_ups if warm_ups is not None else self._poll_redis
         self._clock = clock if clock is not None else clock_for(service_client(config.service)).now
-        self._on_lead = on_lead
+        self._on_lead = on_lead if on_lead is not None else self._publish_policy_and_warm_up
+        self._index = {node: i for i, node in enumerate(self.nodes)}
+        hub = config.service.hub
+        #: The hub node, when it is one of ours: it never warms up, and has its own interval.
+        self.hub_node = hub.node if hub is not None and hub.node in self._index else None
+        #: Each node's interval between normal rounds (s): the hub's at least ``hub.measurement_interval``.
+        self.intervals = {node: config.timing.normal_interval_s for node in self.nodes}
+        if hub is not None and self.hub_node is not None:
+            self.intervals[self.hub_node] = max(config.timing.normal_interval_s, hub.measurement_interval)
+        #: When (monotonic s) each node's last round was sent, for the hub's spacing.
+        self._last_sent: dict[str, float] = {}
+        #: Nodes whose listed warm-up this beat ignores (the hub), said once each.
+        self._ignored_warm_ups: set[str] = set()
         #: Until when (monotonic s) each node warms up.
         self.warm_until: dict[str, float] = {}
         #: Warm-ups this beat has started running, per node.
@@ -203,12 +235,14 @@ class Scheduler:
             if not due:
                 self._started_leading()
                 # Each node at its phase on Redis' clock: the slots the previous leader had.
-                due = [(self.next_normal_slot(i, now, strictly=False), i, node, self._generation[node])
-                       for i, node in enumerate(self.nodes)]
+                due = [(self._spaced(node, i, self.next_normal_slot(i, now, strictly=False)), i, node,
+                        self._generation[node]) for i, node in enumerate(self.nodes)]
                 heapq.heapify(due)
-            for node in self._poll_warm_ups(now):  # a new warm-up: its first round now, not at the old slot
+            for node in self._poll_warm_ups(now):  # a new warm-up: its first round at its first warm-up slot
                 self._generation[node] += 1
-                heapq.heappush(due, (now, self.nodes.index(node), node, self._generation[node]))
+                i = self._index[node]
+                heapq.heappush(due, (self.next_warm_up_slot(i, now, strictly=False), i, node,
+                                     self._generation[node]))
             self._close_overdue()
             while due and due[0][0] <= now:
                 at, i, node, generation = heapq.heappop(due)
@@ -228,43 +262,79 @@ class Scheduler:
         if self.lease is not None and self.leading:
             self.lease.release()  # hand over at once rather than after the time to live
 
-    def next_normal_slot(self, index: int, after: float, *, strictly: bool = True) -> float:
-        """Node ``index``'s first phase slot after ``after`` (monotonic s), as a monotonic time.
+    def _slot(self, index: int, after: float, every: float, strictly: bool) -> float:
+        """Node ``index``'s first slot of period ``every`` after ``after`` (monotonic s), as a monotonic time.
 
         The phase is on Redis' clock (:func:`phase_slot`); the heap runs on the monotonic clock.
         """
         offset = self._clock() - time.monotonic()  # Redis' clock minus the monotonic one
-        every = self.config.timing.normal_interval_s
         return phase_slot(after + offset, index, len(self.nodes), every, strictly=strictly) - offset
+
+    def next_normal_slot(self, index: int, after: float, *, strictly: bool = True) -> float:
+        """Node ``index``'s first normal phase slot after ``after`` (monotonic s), as a monotonic time: at i/n
+        of its interval (:attr:`intervals`: the normal one, the hub's at least ``hub.measurement_interval``)."""
+        return self._slot(index, after, self.intervals[self.nodes[index]], strictly)
+
+    def next_warm_up_slot(self, index: int, after: float, *, strictly: bool = True) -> float:
+        """Node ``index``'s first warm-up slot after ``after`` (monotonic s): at i/n of the warm-up interval, so
+        that nodes warming up together are spread over it, not dispatched in the same instant."""
+        return self._slot(index, after, self.config.timing.warm_up_interval_s, strictly)
 
     def next_due(self, node: str, index: int, at: float, now: float) -> float:
         """When ``node`` (``index`` in the nodes) is next due after its slot ``at`` ran at ``now`` (monotonic s).
 
-        While it warms up, every warm-up interval from ``at`` (the next one, never a burst of missed ones);
-        after that, and in normal operation, its next phase slot -- the first at or after the warm-up's end,
-        so that nodes warmed up together part again.  After a normal slot the next is at least half an
-        interval on, so a clock estimate that moves a little never repeats a slot.
+        While it warms up, its next warm-up slot (:meth:`next_warm_up_slot`: the one after ``at``, or the
+        first after ``now`` when late -- never a burst of missed ones); after that, and in normal operation,
+        its next phase slot -- the first at or after the warm-up's end, so that nodes warmed up together
+        part again.  After a slot the next is at least half an interval on, so a clock estimate that moves a
+        little never repeats a slot; the hub node's never comes sooner than its interval after its last round.
         """
-        timing = self.config.timing
         warm_until = self.warm_until.get(node, 0.0)
         if now < warm_until:
-            step = timing.warm_up_interval_s
-            following = at + step * max(1, math.floor((now - at) / step) + 1)
+            step = self.config.timing.warm_up_interval_s
+            following = self.next_warm_up_slot(index, max(at + step / 2, now))
             if following < warm_until:
                 return following
             return self.next_normal_slot(index, warm_until, strictly=False)
-        return self.next_normal_slot(index, max(at, now) + min(timing.normal_interval_s / 2, 1.0))
+        every = self.intervals[node]
+        return self._spaced(node, index, self.next_normal_slot(index, max(at, now) + min(every / 2, 1.0)))
+
+    def _spaced(self, node: str, index: int, slot: float) -> float:
+        """``slot``, unless it is the hub node's and comes sooner than its interval after its last round.
+
+        Phase slots are an interval apart on Redis' clock, and a round is sent a little after its slot
+        (:data:`HUB_SEND_SLACK_S` at most, in practice milliseconds), so a slot that early is the next one
+        in phase.  Sooner than that (Redis' clock estimate stepped: a failover to a Redis whose clock is
+        off), the hub waits for its first phase slot a whole interval after its last round: it is never
+        moved off its phase, and its rounds never crowd the public servers.
+        """
+        if node != self.hub_node or node not in self._last_sent:
+            return slot
+        earliest = self._last_sent[node] + self.intervals[node]
+        if slot >= earliest - HUB_SEND_SLACK_S:
+            return slot
+        return self.next_normal_slot(index, earliest, strictly=False)
+
+    def _publish_policy_and_warm_up(self, config: Config, nodes: list[str]) -> list[str]:
+        """The default ``on_lead``: publish :attr:`policy`, then ask for the warm-ups of nodes with nothing fresh."""
+        warmup.publish_policy(service_client(config.service), config.service.key_prefix, self.policy,
+                              warmup.policy_ttl_s(config.service))
+        return warm_up_nodes_without_fresh_measurement(config, nodes)
+
+    def _poll_redis(self, config: Config) -> dict[str, float]:
+        """The default ``warm_ups``: the running warm-ups, renewing (or restoring) the published policy."""
+        return warmup.poll(service_client(config.service), config.service.key_prefix, self.policy,
+                           warmup.policy_ttl_s(config.service))
 
     def _started_leading(self) -> None:
-        """This beat starts to dispatch: nodes with nothing fresh get a warm-up (read at the next poll)."""
+        """This beat starts to dispatch: it publishes its warm-up policy, and nodes with nothing fresh get a
+        warm-up (each answer logged; the warm-ups are read at the next poll)."""
         self._next_warm_up_poll = 0.0
         try:
-            asked = self._on_lead(self.config, self.nodes)
-        except Exception as exc:  # Redis away: the workers and consumers still ask for themselves
-            log.error("[WARM-UP] cannot check the nodes' measurements (%s: %s)", type(exc).__name__, exc)
-            return
-        if asked:
-            log.info("[WARM-UP] nothing fresh for %s: warm-up asked for", ", ".join(asked))
+            self._on_lead(self.config, self.nodes)
+        except Exception as exc:  # Redis away: the poll publishes the policy again once Redis answers
+            log.error("[WARM-UP] cannot publish the warm-up policy or check the nodes' measurements (%s: %s)",
+                      type(exc).__name__, exc)
 
     def _poll_warm_ups(self, now: float) -> list[str]:
         """Read the warm-ups asked for, once a second; the nodes whose warm-up starts now."""
@@ -280,6 +350,12 @@ class Scheduler:
         for node, left_s in remaining.items():
             if node not in self._generation:
                 continue  # another beat's node
+            if node == self.hub_node:  # listed under an older policy: the hub's rounds stay at its interval
+                if node not in self._ignored_warm_ups:
+                    self._ignored_warm_ups.add(node)
+                    log.warning("[WARM-UP] %s is the hub node: its listed warm-up is ignored (it measures the "
+                                "public servers at most every %g s)", node, self.intervals[node])
+                continue
             if self.warm_until.get(node, 0.0) <= now:
                 starting.append(node)
                 self.warm_ups_started[node] += 1
@@ -372,6 +448,7 @@ class Scheduler:
             return
         try:
             handle = self._dispatch(self.config, node)
+            self._last_sent[node] = time.monotonic()
             self.in_flight[node] = handle
             heapq.heappush(self._closing, (handle.close_at, handle.round_id, node))
             self.dispatched[node] += 1

@@ -114,6 +114,21 @@ class Keys:
         """
         return f"{self.prefix}:ntp:warm_up"
 
+    def warm_up_ended(self) -> str:
+        """Internal: a sorted set, node -> when its last warm-up ends or ended (ms on Redis' clock), for the
+        cooldown (:mod:`workers.warmup`).  One member per node of the policy; members whose cooldown is over
+        are dropped at the next request, and the key expires a cooldown after the last warm-up's end."""
+        return f"{self.prefix}:ntp:warm_up_ended"
+
+    def warm_up_policy(self) -> str:
+        """Internal: the leading beat's warm-up policy, JSON (``nodes``, ``hub``, ``duration_ms``,
+        ``cooldown_ms``, ``stale_after_ms``): what every warm-up request is judged by (:mod:`workers.warmup`).
+
+        Published when a beat takes the lease; its expiry is renewed at each of the leader's polls, so it
+        lapses a while after no beat leads (requests are then refused: nobody would run the warm-up).
+        """
+        return f"{self.prefix}:ntp:warm_up_policy"
+
     def relay_port(self, relay: str, port: int) -> str:
         """A relay port's counts (:mod:`relay.counts`): a hash, ``relay`` the head node's short name."""
         return f"{self.prefix}:relay:{relay}:{port}"

@@ -438,7 +438,10 @@ class Bed:
                 "ntp": ntp,
                 "timing": {"warm_up": {"duration_seconds": 4, "measurement_interval": 1},
                            "normal_operation": {"measurement_interval": 2}}},
-            "ntp_service": {"key_prefix": KEY_PREFIX, "nodes": list(self.nodes), "history_length": 2000}}))
+            # No cooldown between a node's warm-ups: the bed's tests restart the same node's worker (production
+            # keeps the 10-minute default, issue #26).
+            "ntp_service": {"key_prefix": KEY_PREFIX, "nodes": list(self.nodes), "history_length": 2000,
+                            "warm_up_cooldown_seconds": 0}}))
         upstreams = [(INET_ADDRESS, SIMULATOR_FIRST_PORT + i) for i in range(SIMULATED_SERVERS)]
         upstreams.append((INET_ADDRESS, CHRONYD_PORT))
         self.proxy_path.write_text(yaml.safe_dump({"proxy_mappings": [

@@ -13,8 +13,10 @@ does, with its collector swapped by one import line:
 6. ``stop_collection()`` at shutdown.
 
 This file drives exactly that sequence (written from ChronoTick's behaviour,
-not its code), with the beat started long before, and a Redis stall in the
-middle.  The cluster here uses a short warm-up (8 s at 0.25 s) and a 3 s
+not its code), with ChronoTick starting as its node's service does (its node
+has nothing fresh, so it gets a warm-up, which it joins), and a Redis stall in
+the middle.  Warm-ups are bounded (issue #26 item 5): a consumer restarted on a
+fresh node gets none.  The cluster here uses a short warm-up (8 s at 0.25 s) and a 3 s
 normal interval so the test fits in CI; ChronoTick's 60 s at 1 s is the same
 shape.
 """
@@ -161,13 +163,15 @@ def _history_len(client) -> int:
     return client.xlen(f"swap:ntp:{NODE}:history")
 
 
+def _beat_leads(client) -> bool:
+    """The beat has taken the lease: its warm-up policy is published (and the node's warm-up asked for)."""
+    return bool(client.exists(Keys("swap").warm_up_policy()))
+
+
 def test_chronotick_pipeline_runs_on_the_service_through_a_redis_stall(cluster, caplog):
     client = cluster["client"]
-    # The beat started long before: the warm-up its start brought is over, and it runs the normal interval.
-    wait_for(lambda: _history_len(client) >= 5, timeout_s=30, what="the cluster's first warm-up rounds")
-    wait_for(lambda: not warmup.active(client, "swap"), timeout_s=30, what="the cluster's warm-up to end")
-    assert client.ttl("swap:ntp:warm_up") == -2  # no schedule key outlives its warm-up
-    assert not [k for k in client.keys("swap:*") if client.ttl(k) == -1 and b"beat" in k]  # nothing forever
+    # ChronoTick starts with its node's service: the node has nothing fresh, and its warm-up is asked for.
+    wait_for(lambda: _beat_leads(client), what="the beat to take the lease")
 
     caplog.set_level(logging.INFO, logger="orchestrator.consumer")
     collector = ClockMeasurementCollector(cluster["path"])  # the path alone: node from $CHRONOTICK_NODE
@@ -194,7 +198,7 @@ def test_chronotick_pipeline_runs_on_the_service_through_a_redis_stall(cluster, 
         # Its first check passes, on measurements taken for it (the earlier ones would be outside
         # its 500 s window in a cluster that had run for longer than this test can wait).
         assert calls.warm_up_complete and calls.served[0] >= MIN_DATASET_SIZE, (calls.checks, calls.served)
-        assert collector.warm_up is not None and collector.warm_up[0] is True  # this consumer's warm-up
+        assert collector.warm_up is not None and collector.warm_up.outcome in ("started", "joined")
         assert collector.has_new_measurement() is True and collector.has_new_measurement() is False
         stats = collector.ntp_client.get_measurement_statistics()  # get_stats()'s call
         assert stats["status"] == "active" and stats["recent_count"] == 10
@@ -232,29 +236,46 @@ def test_chronotick_pipeline_runs_on_the_service_through_a_redis_stall(cluster, 
     stopped = time.monotonic()
     collector.stop_collection()
     assert time.monotonic() - stopped < CALL_BUDGET_S and not collector.collecting
+    wait_for(lambda: not warmup.active(client, "swap"), timeout_s=30, what="the warm-up to end")
+    assert client.ttl("swap:ntp:warm_up") == -2  # no schedule key outlives its warm-up
+    assert not [k for k in client.keys("swap:*") if client.ttl(k) == -1 and b"beat" in k]  # nothing forever
 
 
 def collector_servers(path: str) -> list[str]:
     return [s.name for s in config_mod.load(path).ntp.servers]
 
 
-def test_consumers_on_one_node_share_one_warm_up(cluster):
+def test_consumers_on_one_node_share_one_warm_up_and_a_restart_on_a_fresh_node_gets_none(cluster, caplog):
     client = cluster["client"]
-    wait_for(lambda: not warmup.active(client, "swap") and _history_len(client) >= 1, timeout_s=30,
-             what="the cluster's warm-up to end")
+    wait_for(lambda: warmup.active(client, "swap"), what="the node's warm-up")
+    ends = client.zscore("swap:ntp:warm_up", NODE)
     first, second = ClockMeasurementCollector(cluster["path"]), ClockMeasurementCollector(cluster["path"])
     try:
         first.start_collection()
-        wait_for(lambda: first.warm_up is not None, what="the first consumer's warm-up")
+        wait_for(lambda: first.warm_up is not None, what="the first consumer's answer")
         second.start_collection()
-        wait_for(lambda: second.warm_up is not None, what="the second consumer's warm-up")
-        assert first.warm_up[0] is True and second.warm_up[0] is False  # joined, not extended
-        assert second.warm_up[1] <= first.warm_up[1]
+        wait_for(lambda: second.warm_up is not None, what="the second consumer's answer")
+        assert first.warm_up.outcome == second.warm_up.outcome == "joined"  # one warm-up, not extended
+        assert second.warm_up.remaining_s <= first.warm_up.remaining_s
         assert list(warmup.active(client, "swap")) == [NODE]
+        assert client.zscore("swap:ntp:warm_up", NODE) == ends
         assert 0 < client.pttl("swap:ntp:warm_up") <= WARM_UP_S * 1000
     finally:
         first.stop_collection()
         second.stop_collection()
+    # After it, a consumer restarted (a crash loop under systemd) finds the node fresh: told so, no warm-up.
+    wait_for(lambda: not warmup.active(client, "swap"), timeout_s=30, what="the warm-up to end")
+    caplog.set_level(logging.INFO, logger="orchestrator.consumer")
+    again = ClockMeasurementCollector(cluster["path"])
+    try:
+        again.start_collection()
+        wait_for(lambda: again.warm_up is not None, what="the restarted consumer's answer")
+        assert again.warm_up.outcome == "refused" and again.warm_up.reason == "fresh"
+        assert "refused (fresh)" in caplog.text
+        wait_for(lambda: again.get_latest_offset() is not None, what="the restarted consumer's measurements")
+    finally:
+        again.stop_collection()
+    assert not warmup.active(client, "swap")
 
 
 def test_a_worker_starting_with_nothing_fresh_asks_for_a_warm_up(redis_client, key_prefix):
@@ -262,7 +283,9 @@ def test_a_worker_starting_with_nothing_fresh_asks_for_a_warm_up(redis_client, k
     import json
 
     timing = config_mod.TimingSettings(warm_up_duration_s=5.0, warm_up_interval_s=1.0, normal_interval_s=10.0)
-    assert warmup.warm_up_if_not_fresh(redis_client, key_prefix, ["w1"], timing) == ["w1"]
+    warmup.publish_policy(redis_client, key_prefix, warmup.Policy(nodes=("w1", "w2", "w3"), duration_s=5.0,
+                                                                  cooldown_s=600.0, stale_after_s=30.0))
+    assert list(warmup.warm_up_if_not_fresh(redis_client, key_prefix, ["w1"], timing)) == ["w1"]
     assert 0 < warmup.active(redis_client, key_prefix)["w1"] <= 5.0
     # Ages are on Redis' clock (published_at), never the node's own (measured_at): w2's node is 2 h behind,
     # w3's 2 h ahead.
@@ -271,14 +294,17 @@ def test_a_worker_starting_with_nothing_fresh_asks_for_a_warm_up(redis_client, k
                      json.dumps({"measured_at": now - 5 - 7200, "published_at": now - 5}))
     redis_client.set(f"{key_prefix}:ntp:w3:latest",
                      json.dumps({"measured_at": now - 31 + 7200, "published_at": now - 31}))  # > 3 intervals
-    assert warmup.warm_up_if_not_fresh(redis_client, key_prefix, ["w2", "w3"], timing) == ["w3"]
+    assert list(warmup.warm_up_if_not_fresh(redis_client, key_prefix, ["w2", "w3"], timing)) == ["w3"]
     assert set(warmup.active(redis_client, key_prefix)) == {"w1", "w3"}
 
 
 def test_a_real_worker_starting_for_a_node_with_nothing_fresh_asks_for_its_warm_up(tmp_path, redis_url,
                                                                                     redis_client, simulator):
-    """``chronotick-ntp worker`` for a node that was never measured: its warm-up is in Redis, no beat needed."""
+    """``chronotick-ntp worker`` for a node that was never measured: its warm-up is in Redis (with the policy a
+    beat published; the beat itself need not run yet)."""
     prefix = f"wk{os.getpid()}"
+    warmup.publish_policy(redis_client, prefix, warmup.Policy(nodes=("freshnode",), duration_s=60.0,
+                                                              cooldown_s=600.0, stale_after_s=360.0))
     _, servers = simulator({"s": Behaviour()})
     path = tmp_path / "worker.yaml"
     path.write_text(yaml.safe_dump({
