@@ -59,6 +59,7 @@ from workers import config as config_mod
 from workers import redisclock, redisurl, warmup
 from workers.keys import Keys
 
+from . import hub
 from .store import BadRecord, Store, record_of
 
 log = logging.getLogger(__name__)
@@ -295,6 +296,23 @@ class NtpReader:
         """Every node that has published a round."""
         return self._call(self._store.nodes)
 
+    def relative_offset(self, a: str, b: str, *, max_drift_ppm: float = hub.DEFAULT_MAX_DRIFT_PPM) -> hub.Relative:
+        """Node ``a``'s clock against node ``b``'s, from their latest LAN legs (issue #26, :mod:`orchestrator.hub`).
+
+        ``offset_to_reference`` is b's clock minus a's (add it to a reading of
+        a's clock to get b's); ``uncertainty`` bounds it by the two LAN legs plus
+        both clocks' drift at ``max_drift_ppm`` over the time between the two
+        measurements (nothing against the hub node, whose clock is the hub's).
+        Nodes measured without a hub compare their offsets to UTC, with their
+        WAN-sized bounds.  Raises :class:`LookupError` if either node has
+        published nothing.
+        """
+        values = [self._call(self._store.latest, node) for node in (a, b)]
+        for node, value in zip((a, b), values, strict=True):
+            if value is None:
+                raise LookupError(f"node {node!r} has published no measurement")
+        return hub.relative(values[0], values[1], hub_node=None, max_drift_ppm=max_drift_ppm)
+
     # -- waiting ------------------------------------------------------------
 
     def wait_for_update(self, node: str, timeout_s: float = 5.0) -> Measurement | None:
@@ -438,9 +456,12 @@ class ClockMeasurementSource:
     ``$CHRONOTICK_REDIS_PASSWORD`` as everywhere).
 
     ``start_collection()`` asks the service for the node's warm-up (rounds
-    every ``warm_up.measurement_interval`` for ``warm_up.duration_seconds``,
-    shared with any other consumer of the node, :mod:`workers.warmup`) and
-    starts one thread that follows the node's history stream.  Every other
+    every warm-up interval, shared with any other consumer of the node, for at
+    most the *service's* ``warm_up.duration_seconds``, :mod:`workers.warmup`)
+    and starts one thread that follows the node's history stream.  The service
+    may refuse (the node is fresh or in its cooldown, the node is unknown or
+    the hub, no beat leads): the refusal is logged with its reason (an unknown
+    node as an error) and in :attr:`warm_up`, and collection goes on.  Every other
     call answers from what that thread has read: none waits on Redis, and
     none raises when Redis is away.  The thread logs one warning when an
     outage starts and one when it ends, and catches up on what was published
@@ -503,8 +524,9 @@ class ClockMeasurementSource:
         self._outage_since: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        #: The warm-up the service answered with: (started, seconds remaining), or None before.
-        self.warm_up: tuple[bool, float] | None = None
+        #: The service's answer to this consumer's warm-up request (:class:`workers.warmup.Answer`: ``[0]``
+        #: started, ``[1]`` seconds remaining, ``outcome``, ``reason`` when refused), or None before.
+        self.warm_up: warmup.Answer | None = None
 
     @classmethod
     def from_config(cls, path: str, node: str | None = None, **kwargs) -> ClockMeasurementSource:
@@ -609,10 +631,7 @@ class ClockMeasurementSource:
 
     def _read_once(self) -> None:
         if self._warm_up_wanted:
-            self.warm_up = warmup.request(self._client, self._prefix, self.node, self.warm_up_duration)
-            self._warm_up_wanted = False
-            log.info("warm-up for %s: %s, %.0f s left", self.node, "started" if self.warm_up[0] else "joined",
-                     self.warm_up[1])
+            self._ask_for_warm_up()
         self._measure_clock()
         if self._last_id is None:  # the newest records first, then only what is new
             self._read_from_start()
@@ -639,6 +658,23 @@ class ClockMeasurementSource:
             if entries:
                 self._last_id = _text(entries[-1][0])
                 self._ingest(entries)
+
+    def _ask_for_warm_up(self) -> None:
+        """Ask the service for the node's warm-up, once per ``start_collection``; say what it answered.
+
+        A refusal (the node is fresh, in its cooldown, unknown to the beat, the
+        hub, or no beat leads) is logged -- an unknown node as an error -- and
+        collection goes on: ChronoTick measures on with what is published.
+        Raises redis' errors only (the follower retries).
+        """
+        answer = warmup.request(self._client, self._prefix, self.node, self.warm_up_duration)
+        self.warm_up = answer
+        self._warm_up_wanted = False
+        capped = ""
+        if answer.started and answer.remaining_s < self.warm_up_duration - 0.5:
+            capped = (f" (this config asks for {self.warm_up_duration:g} s; the service's own "
+                      "warm_up.duration_seconds caps it)")
+        warmup.log_answer(log, answer, "consumer: ", capped)
 
     def _read_from_start(self) -> None:
         """Read the stream's newest :data:`KEEP_MEASUREMENTS` entries, and follow it from the newest.
