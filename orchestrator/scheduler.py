@@ -169,7 +169,8 @@ class Scheduler:
 
     def __init__(self, config: Config, nodes: list[str], *, dispatch=rounds.dispatch_fanned_out, lease=None,
                  overdue_handles=rounds.overdue_handles, warm_ups=None, on_lead=None, clock=None,
-                 waiting_without_worker=waiting_without_worker, mark_without_worker=mark_without_worker):
+                 waiting_without_worker=waiting_without_worker, mark_without_worker=mark_without_worker,
+                 rounds_now=None):
         if not nodes:
             raise ValueError("no nodes to schedule: list them in ntp_service.nodes or pass --node")
         self.config = config
@@ -197,9 +198,7 @@ class Scheduler:
         #: The hub node, when it is one of ours: it never warms up, and has its own interval.
         self.hub_node = hub.node if hub is not None and hub.node in self._index else None
         #: Each node's interval between normal rounds (s): the hub's at least ``hub.measurement_interval``.
-        self.intervals = {node: config.timing.normal_interval_s for node in self.nodes}
-        if hub is not None and self.hub_node is not None:
-            self.intervals[self.hub_node] = max(config.timing.normal_interval_s, hub.measurement_interval)
+        self.intervals = {node: config.normal_interval_of(node) for node in self.nodes}
         #: When (monotonic s) each node's last round was sent, for the hub's spacing.
         self._last_sent: dict[str, float] = {}
         #: Nodes whose listed warm-up this beat ignores (the hub), said once each.
@@ -209,6 +208,12 @@ class Scheduler:
         #: Warm-ups this beat has started running, per node.
         self.warm_ups_started: dict[str, int] = {node: 0 for node in self.nodes}
         self._next_warm_up_poll = 0.0
+        #: Rounds asked for at once, by workers back from an outage (``rounds_now(config) -> [node]``); without
+        #: a warm-ups source of its own (tests on a fake clock), none.
+        self._rounds_now = rounds_now if rounds_now is not None else (
+            self._rounds_now_from_redis if warm_ups is None else (lambda config: []))
+        self._next_round_now_poll = 0.0
+        self._last_round_now: dict[str, float] = {}
         self._waiting_without_worker = waiting_without_worker
         self._mark_without_worker = mark_without_worker
         #: Nodes whose queue holds a round no live worker takes: ``{node: since (Redis' clock)}``.
@@ -243,6 +248,9 @@ class Scheduler:
                 i = self._index[node]
                 heapq.heappush(due, (self.next_warm_up_slot(i, now, strictly=False), i, node,
                                      self._generation[node]))
+            for node in self._poll_rounds_now(now):  # back from an outage: one round now, then its phase
+                self._generation[node] += 1
+                heapq.heappush(due, (now, self._index[node], node, self._generation[node]))
             self._close_overdue()
             while due and due[0][0] <= now:
                 at, i, node, generation = heapq.heappop(due)
@@ -363,6 +371,32 @@ class Scheduler:
                          self.config.timing.warm_up_interval_s, left_s)
             self.warm_until[node] = now + left_s
         return starting
+
+    def _poll_rounds_now(self, now: float) -> list[str]:
+        """The nodes whose worker asked for a round at once (:func:`workers.warmup.ask_round_now`): read at
+        the warm-up poll's pace; each of ours gets one, unless it warms up (its rounds are a second apart),
+        is the hub node (its rounds stay an interval apart), or had one less than an interval ago."""
+        if now < self._next_round_now_poll:
+            return []
+        self._next_round_now_poll = now + ADOPT_EVERY_S
+        try:
+            asked = self._rounds_now(self.config)
+        except Exception as exc:  # Redis away: the slots go on as they are
+            log.error("[CATCH-UP] cannot read the rounds asked for (%s: %s)", type(exc).__name__, exc)
+            return []
+        granted = []
+        for node in asked:
+            if node not in self._generation or node == self.hub_node or self.warm_until.get(node, 0.0) > now:
+                continue
+            if now - self._last_round_now.get(node, float("-inf")) < self.intervals[node]:
+                continue
+            self._last_round_now[node] = now
+            granted.append(node)
+            log.info("[CATCH-UP] %s: its worker is back on Redis; a round now, then its phase", node)
+        return granted
+
+    def _rounds_now_from_redis(self, config: Config) -> list[str]:
+        return warmup.rounds_asked_now(service_client(config.service), config.service.key_prefix)
 
     def _lead(self) -> bool:
         """Whether this beat dispatches now (always, without a lease).

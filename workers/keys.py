@@ -120,6 +120,12 @@ class Keys:
         are dropped at the next request, and the key expires a cooldown after the last warm-up's end."""
         return f"{self.prefix}:ntp:warm_up_ended"
 
+    def round_now(self) -> str:
+        """Internal: a sorted set of nodes whose worker asked for one round at once -- its link to Redis
+        came back after an outage (:func:`workers.warmup.ask_round_now`).  The leading beat takes them all at
+        its next poll; the key expires a minute after the last ask."""
+        return f"{self.prefix}:ntp:round_now"
+
     def warm_up_policy(self) -> str:
         """Internal: the leading beat's warm-up policy, JSON (``nodes``, ``hub``, ``duration_ms``,
         ``cooldown_ms``, ``stale_after_ms``): what every warm-up request is judged by (:mod:`workers.warmup`).

@@ -445,3 +445,60 @@ def _warm_up_on_start(sender=None, **_) -> None:
             client.close()
     except redis.RedisError as exc:  # Redis away: the beat's own check covers the node when it leads
         log.warning("[WARM-UP] could not ask for a warm-up (%s: %s)", type(exc).__name__, exc)
+
+
+#: A catch-up round asked for and never taken (no beat leads) is forgotten after this (s).
+ROUND_NOW_TTL_S = 60
+
+#: Take every node asked for, emptying the set.
+_TAKE_ROUNDS_NOW = """
+local nodes = redis.call('ZRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+return nodes
+"""
+
+
+def ask_round_now(client: redis.Redis, prefix: str, nodes: list[str]) -> None:
+    """Ask the leading beat for one round of each of ``nodes`` at once, then their phase as before.
+
+    A worker whose link to Redis came back after an outage asks this (issue #25: its next slot may be a
+    whole interval away, 120 s on ARES, and its node published nothing while it was cut off).  Asking
+    again before the beat took it is one ask.  Raises redis' errors.
+    """
+    if not nodes:
+        return
+    key = Keys(prefix).round_now()
+    with client.pipeline(transaction=False) as pipe:
+        pipe.zadd(key, {node: 0 for node in nodes})
+        pipe.expire(key, ROUND_NOW_TTL_S)
+        pipe.execute()
+
+
+def rounds_asked_now(client: redis.Redis, prefix: str) -> list[str]:
+    """The nodes asked for by :func:`ask_round_now` since the last call (the set emptied).  Raises redis' errors."""
+    return [_text(node) for node in client.eval(_TAKE_ROUNDS_NOW, 1, Keys(prefix).round_now())]
+
+
+def round_now_after_outage(broker_url: str, master_name: str, queues: list[str]) -> list[str]:
+    """A worker's link to Redis is back after an outage: ask a round at once for each node it serves.
+
+    ``queues``: the queues it consumes (``ntp.<node>``).  Said once in the log; a failure to ask is
+    said too (the node then waits for its next slot).  Returns the nodes asked for.
+    """
+    nodes = [q[len(QUEUE_PREFIX):] for q in queues if q.startswith(QUEUE_PREFIX)]
+    if not nodes:
+        return []
+    config = _worker_config()
+    prefix = (config.service if config is not None else config_mod.ServiceSettings()).key_prefix
+    try:
+        client = redisurl.connect(broker_url, master_name)
+        try:
+            ask_round_now(client, prefix, nodes)
+        finally:
+            client.close()
+    except redis.RedisError as exc:
+        log.warning("[CATCH-UP] %s: could not ask for a round at once (%s: %s); the next slot will do",
+                    ", ".join(nodes), type(exc).__name__, exc)
+        return []
+    log.warning("[CATCH-UP] %s: back on Redis; asked the beat for a round at once", ", ".join(nodes))
+    return nodes

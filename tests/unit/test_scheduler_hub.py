@@ -74,7 +74,7 @@ def _config(*, normal_s: float, warm_up_s: float = 0.0, warm_up_every_s: float =
         "ntp_service": service}, environ={})
 
 
-def _run(monkeypatch, config, nodes, *, for_s: float, warm_ups=None, steps=()):
+def _run(monkeypatch, config, nodes, *, for_s: float, warm_ups=None, steps=(), rounds_now=None):
     """Run the beat for ``for_s`` simulated seconds; ``[(Redis time, monotonic time, node)]`` of each dispatch.
 
     ``warm_ups``: ``{node: (start, end)}`` in simulated monotonic seconds from the start: what Redis lists.
@@ -93,9 +93,17 @@ def _run(monkeypatch, config, nodes, *, for_s: float, warm_ups=None, steps=()):
     def read_warm_ups(cfg):
         return {node: end - sim.mono for node, (start, end) in listed.items() if start <= sim.mono < end}
 
+    asked = sorted((1000.0 + at, node) for node, at in (rounds_now or {}).items())
+
+    def read_rounds_now(cfg):
+        taken = [node for at, node in asked if at <= sim.mono]
+        asked[:] = [(at, node) for at, node in asked if at > sim.mono]
+        return taken
+
     beat = Scheduler(config, list(nodes), dispatch=dispatch, overdue_handles=lambda cfg, now: [],
                      warm_ups=read_warm_ups, on_lead=lambda cfg, n: [], clock=sim.redis,
-                     waiting_without_worker=lambda cfg, node: 0, mark_without_worker=lambda *a: None)
+                     waiting_without_worker=lambda cfg, node: 0, mark_without_worker=lambda *a: None,
+                     rounds_now=read_rounds_now)
     beat._stop = sim  # type: ignore[assignment]
     beat.run()
     return beat, sent
@@ -202,3 +210,27 @@ def test_a_step_of_redis_clock_never_brings_the_hubs_rounds_closer(monkeypatch):
     # On Redis' clock, back at its phase from the slot after the one already planned when the clock stepped.
     settled = [t for t, mono in head if not any(1000 + at <= mono < 1000 + at + 64 + 64 for at in (300, 600))]
     assert len(settled) >= len(head) - 4 and all(_phase_error(t, 0, 2, 64.0) < 1e-6 for t in settled)
+
+
+# -- a worker back from an outage gets a round at once (issue #25) ----------------------------------------------
+
+def test_a_worker_back_on_redis_gets_a_round_within_a_poll_then_its_phase_again(monkeypatch):
+    """ARES' 120-s interval: a node whose link returns 10 s after its slot would wait 110 s for the next; its
+    worker asks, and the beat sends one round at its next poll (a second), then keeps the node's phase.  The
+    hub node's rounds stay an interval apart, and a second ask within an interval gets nothing."""
+    nodes = ["head", "a", "b"]
+    config = _config(normal_s=120.0, nodes=nodes, hub={"address": "10.0.0.1:123", "node": "head"})
+    beat, sent = _run(monkeypatch, config, nodes, for_s=400.0,
+                      rounds_now={"a": 130.2, "head": 131.0, "b": 250.0})
+    times = {node: [mono - 1000.0 for _, mono, n in sent if n == node] for node in nodes}
+    catch_up = {"a": (130.2, 131.5), "b": (250.0, 251.5), "head": (0.0, 0.0)}
+    assert len([t for t in times["a"] if catch_up["a"][0] <= t < catch_up["a"][1]]) == 1, times["a"]
+    assert len([t for t in times["b"] if catch_up["b"][0] <= t < catch_up["b"][1]]) == 1, times["b"]
+    for i, node in enumerate(nodes):  # every other round at the node's phase of its interval
+        low, high = catch_up[node]
+        regular = [t for t, mono, n in sent if n == node and not low <= mono - 1000.0 < high]
+        assert len(regular) >= 2, (node, regular)
+        assert all(_phase_error(t, i, len(nodes), beat.intervals[node]) < 1e-6 for t in regular), (node, regular)
+    # The hub node asked too: nothing extra, its rounds stay at least its interval apart.
+    gaps = [b - a for a, b in zip(times["head"], times["head"][1:], strict=False)]
+    assert all(g >= beat.intervals["head"] - 1.0 for g in gaps), gaps
