@@ -162,6 +162,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the user chronyd drops to when started as root (default _chrony, else nobody)")
     p.add_argument("--run-dir", default=None,
                    help="where chronyd's configuration, pid and drift files go (default ./chronotick-hub)")
+    p.add_argument("--worker-user", default=None,
+                   help="started as root (chronyd needs it), the hub node's worker runs as this user "
+                        "(default chronotick; root only if named)")
     p = command("cluster", cmd_cluster, "each node's clock against a reference node, bounded by the LAN "
                 "(through ntp_service.hub)", node=False)
     p.add_argument("--reference", default=None, help="the reference node (default: the hub node, else the first)")
@@ -491,7 +494,7 @@ def cmd_hub(args) -> int:
     try:
         hub = TimeHub(os.path.abspath(args.config), config, bind=args.bind, allow=parse_allow(args.allow),
                       chronyd=find_chronyd(args.chronyd), run_dir=Path(args.run_dir or "chronotick-hub").resolve(),
-                      chronyd_user=args.chronyd_user)
+                      chronyd_user=args.chronyd_user, worker_user=args.worker_user)
     except (HubError, KeyError) as exc:
         raise CliError(f"hub: {exc}", EXIT_USAGE) from None
     logging.getLogger("orchestrator").setLevel(logging.INFO)

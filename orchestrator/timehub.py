@@ -15,6 +15,9 @@ Two supervised children:
   second, from every node.
 - **the hub node's worker** (``chronotick-ntp worker --node <hub.node>``):
   its rounds measure ``clock_measurement.ntp.servers``, the public ones.
+  chronyd will not start unless root (it then drops to ``_chrony``), so the
+  hub is started as root and runs its worker as ``--worker-user`` (default
+  ``chronotick``): never root unless named.
 
 A child that exits is logged loudly and started again after a back-off (1 s,
 doubling to 30 s, reset after a minute up).  SIGTERM or SIGINT stops the
@@ -103,13 +106,19 @@ class Child:
     name: str
     argv: list[str]
     env: dict[str, str] | None = None
+    #: Run as this user (the parent is root), with its groups; ``None``: as the parent.
+    user: str | None = None
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
     restart_delay_s: float = FIRST_RESTART_DELAY_S
     restarts: int = 0
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+        drop: dict = {}
+        if self.user is not None and self.user != "root":
+            entry = pwd.getpwnam(self.user)
+            drop = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+        self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True, **drop)
         self.started_at = time.monotonic()
         log.info("[HUB] %s started (pid %d): %s", self.name, self.proc.pid, " ".join(self.argv))
 
@@ -137,6 +146,9 @@ class TimeHub:
     chronyd: str
     run_dir: Path
     chronyd_user: str | None = None
+    #: Started as root (chronyd insists on it), the hub node's worker runs as this user: ``chronotick`` by
+    #: default; ``root`` only when named (said once in the log).
+    worker_user: str | None = None
     children: list[Child] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -160,7 +172,10 @@ class TimeHub:
             chronyd_argv[1:1] = ["-u", user]
         worker_argv = [sys.executable, "-m", "orchestrator.cli", "worker", "--config", self.config_path,
                        "--node", hub.node, "--loglevel", "INFO"]
-        self.children = [Child("chronyd", chronyd_argv), Child(f"worker {hub.node}", worker_argv)]
+        worker = Child(f"worker {hub.node}", worker_argv)
+        if os.geteuid() == 0:
+            worker.user = _worker_user(self.worker_user)
+        self.children = [Child("chronyd", chronyd_argv), worker]
 
     def run(self) -> None:
         """Start both children and keep them running until :meth:`stop`."""
@@ -201,6 +216,20 @@ def _unprivileged_user() -> str:
             continue
         return name
     raise HubError("no unprivileged user for chronyd (_chrony or nobody): give --chronyd-user")
+
+
+def _worker_user(named: str | None) -> str:
+    """Who the hub node's worker runs as when the hub is started as root: never root unless named."""
+    name = named or "chronotick"
+    if name == "root":
+        log.warning("[HUB] the hub node's worker runs as root, as --worker-user root asks")
+        return name
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        raise HubError(f"--worker-user {name}: no such user (started as root, the hub runs its worker as an "
+                       "unprivileged user: create `chronotick` as docs/operations.md shows, or name one)") from None
+    return name
 
 
 def _how(code: int | None) -> str:

@@ -1,11 +1,14 @@
 """The head node as the cluster's time hub (issue #26), on a cluster of its own.
 
 The head runs ``chronotick-ntp hub`` (chronyd serving the LAN, and the hub
-node's worker measuring the "Internet"), Redis, the beat and the exporter;
-each compute node runs its worker under libfaketime with its clock off by a
-known amount; the "Internet" serves four honest servers 20 ms away and one
-falseticker 250 ms off, counted at the servers themselves (the simulator runs
-in this process, its sockets in the Internet's namespace).
+node's worker measuring the "Internet"), Redis and the beat; each of eight
+compute nodes runs its worker under libfaketime with its clock off by a known
+fraction of a millisecond or more, and a ChronoTick consumer
+(``ClockMeasurementSource``) restarted every 30 s; the "Internet" serves four
+honest servers 20 ms away and one falseticker 250 ms off, counted at the
+servers themselves (the simulator runs in this process, its sockets in the
+Internet's namespace).  The beat starts last, so every node warms up at once:
+a minute of rounds every second, ChronoTick's ARES warm-up.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import json
 import os
 import shutil
 import signal
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +47,8 @@ from .bed import (
 from .conftest import KEEP_LOGS, _skip
 
 #: Each compute node's clock error (s): its worker runs under ``faketime -f "+X s"``; truth = -error.
-SKEWS_S = {"node1": 0.005, "node2": -0.003, "node3": 0.002, "node4": 0.0}
+SKEWS_S = {"node1": 0.005, "node2": -0.003, "node3": 0.002, "node4": 0.0, "node5": 0.0015, "node6": -0.001,
+           "node7": 0.004, "node8": -0.0025}
 HUB_NODE = "head"
 HUB_PORT = 123
 #: The hub node's rounds at least this far apart (s): 3 samples a round keeps 9 requests a minute.
@@ -51,6 +57,30 @@ HONEST = 4
 FALSETICKER_OFFSET_S = 0.25
 WAN_DELAY_S = 0.02
 NORMAL_INTERVAL_S = 2.0
+#: ChronoTick's ARES warm-up: every second for a minute.
+WARM_UP_S = 60.0
+WARM_UP_INTERVAL_S = 1.0
+#: A consumer on every node is restarted this often (s).
+CONSUMER_RESTART_S = 30.0
+#: One node's ChronoTick: ClockMeasurementSource started, run CONSUMER_RESTART_S, stopped, again, until SIGTERM.
+CONSUMER = """
+import logging, signal, sys, time
+from orchestrator.consumer import ClockMeasurementSource
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+config, node, every = sys.argv[1], sys.argv[2], float(sys.argv[3])
+runs = 0
+while not stop:
+    source = ClockMeasurementSource.from_config(config, node)
+    source.start_collection()
+    runs += 1
+    print(f"consumer start {runs}", flush=True)
+    end = time.monotonic() + every
+    while not stop and time.monotonic() < end:
+        time.sleep(0.2)
+    source.stop_collection()
+"""
 #: How long the hub's chronyd is stopped (s), as the issue asks.
 HUB_DOWN_S = 60.0
 
@@ -59,6 +89,7 @@ class HubBed(Bed):
     """The bed with a hub: the nodes measure the head's chronyd, the head measures the Internet."""
 
     simulator: NtpSimulator | None = None
+    beat_started_at: float = 0.0
 
     @property
     def public_ports(self) -> list[int]:
@@ -76,7 +107,7 @@ class HubBed(Bed):
         self.config_path.write_text(yaml.safe_dump({
             "clock_measurement": {
                 "ntp": ntp,
-                "timing": {"warm_up": {"duration_seconds": 4, "measurement_interval": 1},
+                "timing": {"warm_up": {"duration_seconds": WARM_UP_S, "measurement_interval": WARM_UP_INTERVAL_S},
                            "normal_operation": {"measurement_interval": NORMAL_INTERVAL_S}}},
             "ntp_service": {"key_prefix": KEY_PREFIX, "nodes": [HUB_NODE, *self.nodes], "history_length": 2000,
                             "hub": {"address": f"{HEAD_ADDRESS}:{HUB_PORT}", "node": HUB_NODE,
@@ -93,9 +124,19 @@ class HubBed(Bed):
         self.start_hub()
         for node, skew in SKEWS_S.items():
             self.start_skewed_worker(node, skew)
-        self.start_beat()
+        for node, skew in SKEWS_S.items():
+            self.start_consumer(node, skew)
+        self.beat_started_at = self.redis_time()
+        self.start_beat()  # it takes the lease: every node has nothing fresh, so every node warms up at once
         for node in (HUB_NODE, *self.nodes):
             self.wait_published(node, after=0.0, timeout_s=90.0)
+
+    def start_consumer(self, node: str, skew_s: float):
+        """ChronoTick on ``node``, with the node's clock, restarted every :data:`CONSUMER_RESTART_S`."""
+        env = self._skewed_env(node, skew_s)
+        return self.start(f"consumer-{node}", node, [sys.executable, "-c", CONSUMER, str(self.config_path), node,
+                                                     str(CONSUMER_RESTART_S)], env=env,
+                          ready=lambda s: "consumer start 1" in s.log())
 
     def start_hub(self):
         binary = chronyd_binary()
@@ -103,7 +144,10 @@ class HubBed(Bed):
             raise BedError("no chronyd: run scripts/bootstrap")
         return self.start("hub", "head", [*chronotick_argv(), "hub", "--config", str(self.config_path),
                                            "--bind", HEAD_ADDRESS, "--allow", LAN_CIDR, "--chronyd", binary,
-                                           "--run-dir", str(self.directory / "hub")],
+                                           "--run-dir", str(self.directory / "hub"),
+                                           # This machine's interpreter lives under /root (mode 700): an
+                                           # unprivileged user could not run it.  On a head node: chronotick.
+                                           "--worker-user", "root"],
                           ready=lambda s: bool(self._live_workers(f"ntp.{HUB_NODE}")))
 
     def start_skewed_worker(self, node: str, skew_s: float):
@@ -115,6 +159,12 @@ class HubBed(Bed):
         sleeps with ``select`` instead (tests/cluster/faketime_site/, on this process's PYTHONPATH only:
         the bed's artefact, never on the service's path).
         """
+        env = self._skewed_env(node, skew_s)
+        return self.start(f"worker-{node}", node,
+                          [*chronotick_argv(), "worker", "--config", str(self.config_path), "--node", node], env=env,
+                          ready=lambda s: bool(self._live_workers(f"ntp.{node}")))
+
+    def _skewed_env(self, node: str, skew_s: float) -> dict[str, str]:
         library = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")
                                    + glob.glob("/usr/lib/faketime/libfaketimeMT.so.1"))), None)
         if library is None:
@@ -122,9 +172,7 @@ class HubBed(Bed):
         env = self.environment(CHRONOTICK_NODE=node, LD_PRELOAD=library, FAKETIME=f"{skew_s:+g}s",
                                FAKETIME_DONT_FAKE_MONOTONIC="1")
         env["PYTHONPATH"] = f"{Path(__file__).parent / 'faketime_site'}:{env['PYTHONPATH']}"
-        return self.start(f"worker-{node}", node,
-                          [*chronotick_argv(), "worker", "--config", str(self.config_path), "--node", node], env=env,
-                          ready=lambda s: bool(self._live_workers(f"ntp.{node}")))
+        return env
 
     def chronyd_pid(self) -> int:
         return int((self.directory / "hub" / "chronyd.pid").read_text().split()[0])
@@ -212,6 +260,32 @@ def test_each_node_publishes_both_legs_and_holds_the_truth_the_hub_rejecting_the
     assert not misses, f"published offsets missing the truth: {misses}"
     assert not legs_missing, f"records without both legs: {legs_missing}"
     assert head and set(combined.values()) <= {"falseticker", "failed"}, combined
+
+
+def test_every_node_warming_up_at_once_gets_50_measurements_in_its_minute_while_consumers_restart(hub_bed):
+    """Every node warmed up at once from the beat's start (nothing fresh anywhere), consumers restarting every
+    30 s: each node's warm-up minute holds at least 50 published measurements, at its own phase, and a consumer's
+    restart neither restarts nor extends it."""
+    bed = hub_bed
+    store = Store(bed.redis(), prefix=KEY_PREFIX)
+    end = bed.beat_started_at + WARM_UP_S + 2.0
+    poll(lambda: bed.redis_time() > end + NORMAL_INTERVAL_S, timeout_s=WARM_UP_S + 60.0,
+         what="every node's warm-up minute to end", interval_s=0.5)
+    counts, gaps, phases = {}, {}, {}
+    for node in bed.nodes:
+        records = store.history_since(node, bed.beat_started_at)
+        first = min(r["dispatched_at"] for r in records)
+        minute = [r for r in records if first <= r["dispatched_at"] < first + WARM_UP_S - 0.5]
+        counts[node] = sum(1 for r in minute if r.get("latest"))
+        at = sorted(r["dispatched_at"] for r in minute)
+        gaps[node] = max((b - a for a, b in zip(at, at[1:], strict=False)), default=0.0)
+        phases[node] = round(statistics.median(t % WARM_UP_INTERVAL_S for t in at), 3)
+    restarts = {node: len(bed.services[f"consumer-{node}"].lines(r"consumer start")) for node in bed.nodes}
+    print(f"\nwarm-up measurements published in each node's minute {counts}; longest gap {gaps}; "
+          f"phase in the second {phases}; consumer starts {restarts}")
+    assert all(n >= 50 for n in counts.values()), f"warm-ups with fewer than 50 measurements: {counts}"
+    assert len(set(phases.values())) > len(bed.nodes) // 2, f"warm-up rounds not staggered: {phases}"
+    assert all(n >= 2 for n in restarts.values()), restarts
 
 
 def test_node_to_node_offsets_are_bounded_by_the_lan_not_the_wan(hub_bed):
