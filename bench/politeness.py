@@ -19,20 +19,35 @@ relay   Every node measures the public server through the head node's relay
         (``workers.kod.KissMemory`` on the simulated clock).  The upstream
         answers whatever reaches it.
 hub     Only the head node (``ntp_service.hub.node``) measures the public
-        server: a round every ``hub.measurement_interval`` (64 s), warm-up or
-        not, 3 samples a round.  The nodes measure the hub's LAN server alone.
-        Twice: every request answered; and the worst case, every attempt
-        unanswered and retried at 5 and 15 s (ARES: ``retry_delay`` 5 s,
-        ``max_retries`` 3; attempts start at 0, 5 and 15 s).
+        server, 3 samples a round, and it never warms up: its rounds come
+        every ``max(normal interval, hub.measurement_interval)``
+        (``Config.normal_interval_of``).  ChronoTick's ARES file has no hub,
+        so ``HubSettings``' defaults: 64 s, and with ARES' 120 s normal
+        interval the head's rounds are 120 s apart.  The nodes measure the
+        hub's LAN server alone.  Before an attempt of the head's sends
+        anything, it takes places for its whole burst in the public server's
+        window (:func:`take_places`, the rule of workers/politeness.py's Redis
+        script): at most ``hub.max_requests_per_minute`` (12) in any 60 s and
+        ``hub.max_requests_per_10_minutes`` (40) in any 10 minutes, all or
+        nothing; an attempt that finds no room sends nothing and fails
+        ``politeness_limit``, not retried.  Three rows: every request
+        answered; the worst case, every attempt unanswered and retried at 5
+        and 15 s (ARES: ``retry_delay`` 5 s, ``max_retries`` 3; attempts start
+        at 0, 5 and 15 s); and that worst case without the budget: what the
+        head would send if the budget were not enforced, which is not what
+        happens.  The reach register, which stops retrying a server silent
+        for 8 rounds (orchestrator/servers.py), is left out: the worst case.
 
 Columns: the nodes' requests in the worst 60 s (to the relay's port for that
 server, or to the hub's LAN server); what the public server receives in the
-worst 60 s and the worst 10 minutes (any window, not calendar minutes), with
-the hub's limits beside them (``hub.max_requests_per_minute`` 12,
-``hub.max_requests_per_10_minutes`` 40); the relay's forwarded and
-policy-refused requests over the whole run; and a node's warm-up: its rounds
-with a sample from this server, the median node.  Deterministic: the figures
-are counts of one run, not measurements.
+worst 60 s and the worst 10 minutes (any window, not calendar minutes; times
+counted in whole ms), with the hub's limits beside them
+(``hub.max_requests_per_minute`` 12, ``hub.max_requests_per_10_minutes`` 40);
+the relay's forwarded and policy-refused requests over the whole run; the
+head's attempts the budget refused, and its rounds whose first attempt got out
+(was not refused), over the whole run; and a node's warm-up: its rounds with a
+sample from this server, the median node.  Deterministic: the figures are
+counts of one run, not measurements.
 
 Run:  python bench/politeness.py [--minutes 30] [--nodes 10 100 1000] [--burst N --min-interval S]
 """
@@ -58,6 +73,7 @@ from workers import config as config_mod  # noqa: E402
 from workers.config import Config, HubSettings  # noqa: E402
 from workers.kod import RATE, KissMemory  # noqa: E402
 from workers.measure import ADVANCED_SAMPLE_SPACING_S, attempt_offsets_s  # noqa: E402
+from workers.politeness import MINUTE_MS, TEN_MINUTES_MS, Budget  # noqa: E402  (no redis: the rule is mirrored)
 
 ARES = REPO / "configs" / "config_ares_2min_ntp.yaml"
 PROXY = REPO / "configs" / "ntp_proxy_config.yaml"
@@ -75,6 +91,10 @@ class Run:
     warm_up_answered: list[int] = field(default_factory=list)  # per node, warm-up rounds with a sample
     normal_rounds: list[int] = field(default_factory=list)     # per node, rounds after its warm-up
     normal_answered: list[int] = field(default_factory=list)   # ... and those with a sample
+    hub_rounds: int = 0                                  # the head's rounds
+    hub_first_out: int = 0                               # ... whose first attempt was sent
+    hub_attempts: int = 0                                # the head's attempts (those the budget refused included)
+    budget_refused: int = 0                              # ... that the budget refused: nothing sent
 
     def answered_share(self) -> float:
         """The median node's share of its rounds after the warm-up that got a sample (%)."""
@@ -146,15 +166,46 @@ def through_relay(config: Config, mapping: Mapping, nodes: int, horizon_s: float
     return run
 
 
-def from_hub(config: Config, hub: HubSettings, nodes: int, horizon_s: float, *, retried: bool) -> Run:
-    """The head alone measures the public server; the nodes' rounds go to the hub's LAN server."""
+def take_places(window: tuple[int, ...], now_ms: int, requests: int,
+                budget: Budget) -> tuple[bool, tuple[int, ...]]:
+    """``(granted, the window after)``: the rule of the Redis script in workers/politeness.py (``_TAKE``), pure.
+
+    ``window`` holds when each request still counted took its place (ms, as the sorted set's scores).
+    Places taken 10 minutes or more before ``now_ms`` are dropped (``ZREMRANGEBYSCORE -inf now-600000``);
+    the last minute counts from ``now_ms`` - 60,000, that instant included (``ZCOUNT now-60000 +inf``).
+    If ``requests`` more fit in both the minute's and the 10 minutes' budget, all of them take a place at
+    ``now_ms``; else none does, and the attempt sends nothing.
+    """
+    kept = tuple(t for t in window if t > now_ms - TEN_MINUTES_MS)
+    in_minute = sum(t >= now_ms - MINUTE_MS for t in kept)
+    if in_minute + requests > budget.per_minute or len(kept) + requests > budget.per_10_minutes:
+        return False, kept
+    return True, kept + (now_ms,) * requests
+
+
+def from_hub(config: Config, hub: HubSettings, nodes: int, horizon_s: float, *, retried: bool,
+             budgeted: bool = True) -> Run:
+    """The head alone measures the public server, within its budget unless not ``budgeted``; the nodes'
+    rounds go to the hub's LAN server."""
     samples = samples_of(config)
     run = Run(warm_up_answered=[0] * nodes, normal_rounds=[0] * nodes, normal_answered=[0] * nodes)
     offsets = attempt_offsets_s(config.ntp.retry_waits_s) if retried else [0.0]
-    start = 0.0
-    while start < horizon_s:  # the head's rounds, warm-up or not, one measurement_interval apart
-        run.received += [start + offset + k * ADVANCED_SAMPLE_SPACING_S for offset in offsets for k in range(samples)]
-        start += hub.measurement_interval
+    budget = Budget(hub.max_requests_per_minute, hub.max_requests_per_10_minutes)
+    window: tuple[int, ...] = ()
+    start, interval_s = 0.0, hub_interval_s(config, hub)
+    while start < horizon_s:  # the head's rounds, one interval apart: it never warms up
+        run.hub_rounds += 1
+        for no, offset in enumerate(offsets):  # worst case (retried): every attempt unanswered
+            at = start + offset
+            run.hub_attempts += 1
+            if budgeted:
+                granted, window = take_places(window, round(at * 1000), samples, budget)
+                if not granted:
+                    run.budget_refused += 1
+                    break  # politeness_limit: nothing sent, not retried
+            run.hub_first_out += no == 0
+            run.received += [at + k * ADVANCED_SAMPLE_SPACING_S for k in range(samples)]
+        start += interval_s
     for i in range(nodes):
         for t, warm in round_starts(config, i, nodes, horizon_s):
             run.asked += [t + k * ADVANCED_SAMPLE_SPACING_S for k in range(samples)]
@@ -165,11 +216,17 @@ def from_hub(config: Config, hub: HubSettings, nodes: int, horizon_s: float, *, 
     return run
 
 
+def hub_interval_s(config: Config, hub: HubSettings) -> float:
+    """How far apart the head's rounds are: the service's rule (``Config.normal_interval_of``) with ``hub``."""
+    return replace(config, service=replace(config.service, hub=hub)).normal_interval_of(hub.node)
+
+
 def most_in_any(times: list[float], window_s: float) -> int:
-    """The most of ``times`` in any window ``[t, t + window_s)``."""
-    ordered, most, first = sorted(times), 0, 0
+    """The most of ``times`` in any window ``[t, t + window_s)``, counted in whole ms (as Redis' scores are):
+    in float seconds, 1080.1 - 600 falls just short of 480.1, and a window would hold one request too many."""
+    ordered, span, most, first = sorted(round(t * 1000) for t in times), round(window_s * 1000), 0, 0
     for last, t in enumerate(ordered):
-        while ordered[first] <= t - window_s:
+        while ordered[first] <= t - span:
             first += 1
         most = max(most, last - first + 1)
     return most
@@ -187,41 +244,55 @@ def main() -> None:
     mapping = load_mappings(PROXY)[0]  # every mapping of ChronoTick's file has the relay's defaults
     mapping = replace(mapping, upstream_burst=args.burst or mapping.upstream_burst,
                       min_interval_s=args.min_interval or mapping.min_interval_s)
-    hub = config.service.hub or HubSettings(address="hub.invalid", node="head")
+    hub, hub_from = config.service.hub, "the config's ntp_service.hub"
+    if hub is None:
+        hub, hub_from = HubSettings(address="hub.invalid", node="head"), "HubSettings' defaults: the file has no hub"
     horizon_s = args.minutes * 60
     timing = config.timing
     warm_rounds = int(timing.warm_up_duration_s / timing.warm_up_interval_s)
+    samples, offsets = samples_of(config), attempt_offsets_s(config.ntp.retry_waits_s)
     print(f"requests one public server receives from the whole cluster: relay against hub "
           f"({args.minutes:g} simulated minutes from a cold start)")
-    print(f"ChronoTick's ARES timing: {config.ntp.measurement_mode}, {samples_of(config)} samples "
+    print(f"ChronoTick's ARES timing: {config.ntp.measurement_mode}, {samples} samples "
           f"{ADVANCED_SAMPLE_SPACING_S:g} s apart a server a round; warm-up every {timing.warm_up_interval_s:g} s "
           f"for {timing.warm_up_duration_s:g} s, then every {timing.normal_interval_s:g} s; every node warming up "
           "at once")
-    print(f"relay: burst {mapping.upstream_burst}, then one per {mapping.min_interval_s:g} s, RATE kiss past it; "
-          f"hub: the head's round every {hub.measurement_interval:g} s, worst-case retries at "
-          f"{', '.join(f'{o:g}' for o in attempt_offsets_s(config.ntp.retry_waits_s))} s\n")
+    print(f"relay: burst {mapping.upstream_burst}, then one per {mapping.min_interval_s:g} s, RATE kiss past it")
+    print(f"hub ({hub_from}): hub.measurement_interval {hub.measurement_interval:g} s, so the head's round every "
+          f"max({timing.normal_interval_s:g}, {hub.measurement_interval:g}) = {hub_interval_s(config, hub):g} s, "
+          f"no warm-up; worst-case retries at {', '.join(f'{o:g}' for o in offsets)} s")
+    print(f"hub budget, enforced in Redis (workers/politeness.py): each attempt takes places for its {samples} "
+          f"requests in any 60 s ({hub.max_requests_per_minute}) and any 10 minutes "
+          f"({hub.max_requests_per_10_minutes}), all or nothing; no room: nothing sent, politeness_limit, "
+          "not retried\n")
     print(f"{'':>34}{'nodes send':>12}{'public server receives':>27}{'within':>9}{'relay: forwarded /':>21}"
-          f"{'a node, median: rounds answered':>34}")
+          f"{'hub: attempts':>16}{'hub: rounds, 1st':>18}{'a node, median: rounds answered':>34}")
     print(f"{'nodes':>6}  {'path':<26}{'worst 60 s':>12}{'worst 60 s':>13}{'worst 10 min':>14}{'12 / 40':>9}"
-          f"{'policy-refused':>21}{'in its warm-up':>17}{'after it':>17}")
+          f"{'policy-refused':>21}{'budget-refused':>16}{'attempt out':>18}{'in its warm-up':>17}{'after it':>17}")
     limit_minute, limit_ten = hub.max_requests_per_minute, hub.max_requests_per_10_minutes
     for nodes in args.nodes:
         rows = [("relay", through_relay(config, mapping, nodes, horizon_s)),
                 ("hub, every reply", from_hub(config, hub, nodes, horizon_s, retried=False)),
-                ("hub, worst-case retries", from_hub(config, hub, nodes, horizon_s, retried=True))]
+                ("hub, worst-case retries", from_hub(config, hub, nodes, horizon_s, retried=True)),
+                ("hub, retries, no budget *", from_hub(config, hub, nodes, horizon_s, retried=True, budgeted=False))]
         for name, run in rows:
             minute, ten = most_in_any(run.received, MINUTE_S), most_in_any(run.received, TEN_MINUTES_S)
             within = "yes" if minute <= limit_minute and ten <= limit_ten else "NO"
             refused = f"{len(run.received):,} / {run.policy_refused:,}" if name == "relay" else "-"
+            budgeted = name.startswith("hub") and not name.endswith("*")
+            budget_refused = f"{run.budget_refused} of {run.hub_attempts}" if budgeted else "-"
+            first_out = f"{100 * run.hub_first_out / run.hub_rounds:.0f} % of {run.hub_rounds}" if budgeted else "-"
             lan = "" if name == "relay" else " (LAN)"
             warm_up = f"{statistics.median(run.warm_up_answered):g} of {warm_rounds}{lan}"
             after = f"{run.answered_share():.0f} %{lan}"
             print(f"{nodes:>6,}  {name:<26}{most_in_any(run.asked, MINUTE_S):>12,}{minute:>13,}{ten:>14,}{within:>9}"
-                  f"{refused:>21}{warm_up:>17}{after:>17}")
+                  f"{refused:>21}{budget_refused:>16}{first_out:>18}{warm_up:>17}{after:>17}")
             if run.silent:
                 print(f"{'':>8}({run.silent:,} requests got nothing: over the client's own limit)")
     print(f"{'':>6}  {'the hub limits (item 2)':<26}{'':>12}{limit_minute:>13}{limit_ten:>14}")
-    print("\nthe public servers' rules: NIST, never more than once every 4 s (15 a minute, 150 in 10 minutes); "
+    print("\n* not what happens: what the head would send if its budget were not enforced "
+          "(workers/politeness.py refuses the attempts past it)")
+    print("the public servers' rules: NIST, never more than once every 4 s (15 a minute, 150 in 10 minutes); "
           "chrony, not below 64 s (minpoll 6) to a public server; the Pool answers fast clients with RATE")
 
 
