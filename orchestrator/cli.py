@@ -423,6 +423,8 @@ def cmd_exporter(args) -> int:
     collector = NtpCollector(service_client(config.service), prefix=config.service.key_prefix,
                              nodes=config.service.nodes,
                              stale_after_s=stale_after_s(config.timing.normal_interval_s),
+                             stale_after_by_node={node: stale_after_s(config.normal_interval_of(node))
+                                                  for node in config.service.nodes},
                              beat_lease_s=config.service.beat_lease_seconds)
     where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     try:

@@ -77,13 +77,17 @@ class NtpCollector(Collector):
     stale_after_s:
         Exported as ``chronotick_ntp_stale_after_seconds`` so the stale-node
         alert needs no number of its own.
+    stale_after_by_node:
+        Nodes whose limit differs (the hub node's rounds are further apart:
+        ``ntp_service.hub.measurement_interval``).
     beat_lease_s:
         ``ntp_service.beat_lease_seconds``: the lease's age is this minus its
         remaining time to live (:mod:`orchestrator.leader`).
     """
 
     def __init__(self, client: redis.Redis, *, prefix: str = "chronotick", nodes: tuple[str, ...] = (),
-                 stale_after_s: float = 360.0, beat_lease_s: float = ServiceSettings.beat_lease_seconds):
+                 stale_after_s: float = 360.0, beat_lease_s: float = ServiceSettings.beat_lease_seconds,
+                 stale_after_by_node: dict[str, float] | None = None):
         self.client = client
         client.set_retry(Retry(NoBackoff(), SCRAPE_RETRIES))  # the exporter's client: its scrapes' policy
         # Each scrape reads Redis: the probe that says, once each, that it lost Redis and that it is back.
@@ -91,6 +95,7 @@ class NtpCollector(Collector):
         self.keys = Keys(prefix)
         self.configured_nodes = tuple(nodes)
         self.stale_after_s = stale_after_s
+        self.stale_after_by_node = dict(stale_after_by_node or {})
         self.beat_lease_s = beat_lease_s
         #: The lease's holder and remaining time to live (s), as the last scrape read them.
         self.lease: tuple[str | None, float | None] = (None, None)
@@ -273,7 +278,7 @@ class NtpCollector(Collector):
                         "measures the node)")
 
         for node, data in snapshot.items():
-            stale_after.add_metric([node], self.stale_after_s)
+            stale_after.add_metric([node], self.stale_after_by_node.get(node, self.stale_after_s))
             workers.add_metric([node], data["live_workers"])
             latest = data["latest"]
             if latest is not None:
