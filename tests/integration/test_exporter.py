@@ -55,8 +55,8 @@ def test_collector_exports_the_contract_and_counters_only_grow(worker, simulator
                             "liar": Behaviour(delay_s=0.002, bad_origin=True)})
     path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix, max_retries=2, retry_delay=0.1)
     config = config_mod.load(path)
-    registry = registry_for(NtpCollector(redis_client, prefix=key_prefix, nodes=("configured-only",),
-                                         stale_after_s=360))
+    registry = registry_for(NtpCollector(redis_client, prefix=key_prefix, nodes=("configured-only", "the-hub"),
+                                         stale_after_s=360, stale_after_by_node={"the-hub": 1920}))
     records = [rounds.dispatch(config, TEST_NODE).wait(complete=True) for _ in range(2)]
     store = Store(redis_client, prefix=key_prefix)
     latest, stats = store.latest(TEST_NODE), store.stats(TEST_NODE)
@@ -110,6 +110,8 @@ def test_collector_exports_the_contract_and_counters_only_grow(worker, simulator
     assert ("chronotick_ntp_server_offset_seconds", frozenset({*node, ("server", servers["liar"])})) not in m
     # A configured node that never ran is exported (so "stale" can fire) with no offset.
     assert m[("chronotick_ntp_stale_after_seconds", frozenset({("node", "configured-only")}))] == 360
+    # The hub node's rounds are further apart: its own limit (issue #26).
+    assert m[("chronotick_ntp_stale_after_seconds", frozenset({("node", "the-hub")}))] == 1920
     assert ("chronotick_ntp_offset_seconds", frozenset({("node", "configured-only")})) not in m
     assert ("chronotick_ntp_last_measurement_age_seconds", frozenset({("node", "configured-only")})) not in m
 
