@@ -12,12 +12,18 @@ made explicit, so that each leg's error can be told apart:
                   (half a WAN round trip: 10-50 ms), measured age_s before
 
     offset       = o_lan + o_hub
-    uncertainty  = u_lan + u_hub + max_drift * age_s
+    uncertainty  = u_lan + u_hub + max_drift * apart_s
 
-The last term is RFC 5905's PHI: the hub's clock may have drifted since its
-round at the drift bound (15 ppm by default), so the truth stays inside the
-bound however old the hub's round is, up to its staleness limit, past which
-nothing is published.  Bounds add (they are worst cases, not variances).
+The last term is RFC 5905's PHI: the hub's clock may have drifted between
+its sample and the node's at the drift bound (15 ppm by default), so the
+truth stays inside the bound however old the hub's round is, up to its
+staleness limit, past which nothing is published.  ``apart_s`` is read on
+the *hub's* clock, the one both samples can be put on: the hub's sample at
+its ``measured_at``, the node's at its own ``measured_at`` plus its LAN
+offset (node clock + (hub clock - node clock)) -- never one host's clock
+against another's.  It is at least the leg's age on Redis' clock (a round
+finished later than its sample).  Bounds add (they are worst cases, not
+variances).
 
 Node-to-node time needs only the LAN legs: node a's clock minus node b's is
 ``o_lan(b) - o_lan(a)``, the hub's leg cancelling, bounded by the two LAN
@@ -62,14 +68,19 @@ def hub_age_s(hub_latest: Mapping[str, Any], now: float) -> float:
     return max(0.0, now - published) + max(0.0, published - float(hub_latest["measured_at"]))
 
 
-def compose(*, lan_offset_s: float, lan_uncertainty_s: float, lan_round_id: str, lan_server: str,
-            hub_node: str, hub_latest: Mapping[str, Any] | None, now: float, max_drift_ppm: float,
+def compose(*, lan_offset_s: float, lan_uncertainty_s: float, lan_measured_at: float, lan_round_id: str,
+            lan_server: str, hub_node: str, hub_latest: Mapping[str, Any] | None, now: float, max_drift_ppm: float,
             stale_after_s: float) -> Composed | str:
     """The node's offset to UTC through the hub, or why there is none (a sentence).
 
+    ``lan_measured_at``: the LAN sample's time on the node's own clock.
     ``hub_latest``: the hub node's ``latest`` (``None``: it has none).  A hub
-    measurement older than ``stale_after_s`` is not used: the node publishes
-    nothing rather than a bound grown past what its consumers expect.
+    measurement older than ``stale_after_s`` (Redis' clock) is not used: the
+    node publishes nothing rather than a bound grown past what its consumers
+    expect.  The drift term covers the larger of that age and the time
+    between the two samples on the hub's clock (the module's docstring),
+    padded by the LAN leg's own error in that time (``lan_uncertainty_s``)
+    and by the hub clock's rate over it.
     """
     if hub_latest is None:
         return f"no hub leg: the hub node {hub_node} has no measurement of UTC"
@@ -77,18 +88,22 @@ def compose(*, lan_offset_s: float, lan_uncertainty_s: float, lan_round_id: str,
         age_s = hub_age_s(hub_latest, now)
         hub_offset_s = float(hub_latest["offset"])
         hub_uncertainty_s = float(hub_latest["uncertainty"])
+        # Both samples on the hub's clock: the node's LAN sample is node clock + (hub clock - node clock).
+        apart_s = abs(lan_measured_at + lan_offset_s - float(hub_latest["measured_at"]))
     except (KeyError, TypeError, ValueError) as exc:
         return f"no hub leg: the hub node {hub_node}'s latest is unreadable ({type(exc).__name__}: {exc})"
     if age_s > stale_after_s:
         return (f"no hub leg: the hub node {hub_node}'s measurement of UTC is {age_s:.1f} s old "
                 f"(stale after {stale_after_s:g} s)")
-    drift_s = max_drift_ppm * PPM * age_s
+    # The gap as read is short by at most the LAN leg's error, and by the hub clock's own rate over it.
+    phi = max_drift_ppm * PPM
+    drift_s = phi * max(age_s, (apart_s + lan_uncertainty_s) * (1 + 2 * phi))
     legs = {
         "lan": {"round_id": lan_round_id, "server": lan_server, "offset": lan_offset_s,
                 "uncertainty": lan_uncertainty_s},
         "hub": {"node": hub_node, "round_id": hub_latest.get("round_id"), "offset": hub_offset_s,
                 "uncertainty": hub_uncertainty_s, "measured_at": hub_latest.get("measured_at"),
-                "age": age_s, "drift": drift_s, "leap": hub_latest.get("leap", 0)},
+                "age": age_s, "apart": apart_s, "drift": drift_s, "leap": hub_latest.get("leap", 0)},
     }
     return Composed(offset_s=lan_offset_s + hub_offset_s,
                     uncertainty_s=lan_uncertainty_s + hub_uncertainty_s + drift_s, legs=legs)
@@ -110,27 +125,36 @@ class Relative:
 
 
 def lan_leg(latest: Mapping[str, Any], *, hub_node: str | None) -> tuple[float, float, float]:
-    """``(offset, uncertainty, measured_at)`` of a node's clock against the hub's, from its ``latest``.
+    """``(offset, uncertainty, when)`` of a node's clock against the hub's, from its ``latest``.
 
-    A node measured through the hub: its LAN leg.  The hub node: exactly 0 (its
-    clock is the hub's).  Without a hub (no ``legs``): the whole offset, against
-    UTC -- two such nodes still compare, with WAN-sized bounds.
+    ``when`` is the sample's time on the hub's clock (the node's ``measured_at`` plus its LAN offset), so
+    two nodes' samples compare on one clock.  A node measured through the hub: its LAN leg.  The hub node:
+    exactly 0, at its own ``measured_at`` (its clock is the hub's).  Raises ``ValueError`` for a ``latest``
+    with neither (:func:`relative` then compares offsets to UTC).
     """
     measured_at = float(latest["measured_at"])
     legs = latest.get("legs")
     if isinstance(legs, Mapping) and isinstance(legs.get("lan"), Mapping):
         lan = legs["lan"]
-        return float(lan["offset"]), float(lan["uncertainty"]), measured_at
+        offset = float(lan["offset"])
+        return offset, float(lan["uncertainty"]), measured_at + offset
     if hub_node is not None and latest.get("node") == hub_node:
         return 0.0, 0.0, measured_at
-    return float(latest["offset"]), float(latest["uncertainty"]), measured_at
+    raise ValueError(f"{latest.get('node')!r} has no LAN leg")
+
+
+def utc_leg(latest: Mapping[str, Any]) -> tuple[float, float, float]:
+    """``(offset, uncertainty, when)`` against UTC: the whole published offset, at its sample's UTC time."""
+    offset = float(latest["offset"])
+    return offset, float(latest["uncertainty"]), float(latest["measured_at"]) + offset
 
 
 def hub_node_of(latest: Mapping[str, Any]) -> str | None:
     """The hub node a ``latest`` was measured through (its ``legs``), if any."""
     legs = latest.get("legs")
     if isinstance(legs, Mapping) and isinstance(legs.get("hub"), Mapping):
-        return str(legs["hub"].get("node")) or None
+        node = legs["hub"].get("node")
+        return str(node) if node else None
     return None
 
 
@@ -140,18 +164,28 @@ def relative(node_latest: Mapping[str, Any], reference_latest: Mapping[str, Any]
 
     offset_to_reference = reference clock - node clock = o_lan(node) - o_lan(reference)
     (each ``o_lan`` = hub clock - that node's clock).  The two legs were
-    measured ``|t_node - t_reference|`` apart; over that time both clocks may
-    drift at the bound, so the bound grows by twice ``max_drift`` times it.
-    Against the hub node (its leg is exactly 0) nothing grows: the node's
-    LAN leg *is* its clock against the hub's.
+    measured some time apart -- on the hub's clock, where both can be put
+    (:func:`lan_leg`), never one node's clock against another's -- and over
+    that time both clocks may drift at the bound, so the bound grows by twice
+    ``max_drift`` times it.  Against the hub node (its leg is exactly 0)
+    nothing grows: the node's LAN leg *is* its clock against the hub's, at
+    the node's ``measured_at``, the time the result is stated at.  When either
+    has no LAN leg (no hub, or a node measured before it had one), both are
+    compared against UTC instead, with their whole (WAN-sized) bounds: never a
+    hub-based offset against a UTC-based one.
     """
     node = str(node_latest.get("node"))
     reference = str(reference_latest.get("node"))
-    hub_node = hub_node or hub_node_of(node_latest) or hub_node_of(reference_latest)
-    o_n, u_n, t_n = lan_leg(node_latest, hub_node=hub_node)
-    o_r, u_r, t_r = lan_leg(reference_latest, hub_node=hub_node)
-    apart_s = 0.0 if (reference == hub_node or node == reference) else abs(t_n - t_r)
     if node == reference:
-        return Relative(node, reference, 0.0, 0.0, t_n)
-    drift_s = 2 * max_drift_ppm * PPM * apart_s
-    return Relative(node, reference, o_n - o_r, u_n + u_r + drift_s, t_n)
+        return Relative(node, reference, 0.0, 0.0, float(node_latest["measured_at"]))
+    hub_node = hub_node or hub_node_of(node_latest) or hub_node_of(reference_latest)
+    try:
+        o_n, u_n, t_n = lan_leg(node_latest, hub_node=hub_node)
+        o_r, u_r, t_r = lan_leg(reference_latest, hub_node=hub_node)
+    except ValueError:
+        (o_n, u_n, t_n), (o_r, u_r, t_r) = utc_leg(node_latest), utc_leg(reference_latest)
+    phi = max_drift_ppm * PPM
+    # The gap as read is short by at most the two legs' errors, and by the hub clock's own rate over it.
+    apart_s = 0.0 if reference == hub_node else (abs(t_n - t_r) + u_n + u_r) * (1 + 2 * phi)
+    drift_s = 2 * phi * apart_s
+    return Relative(node, reference, o_n - o_r, u_n + u_r + drift_s, float(node_latest["measured_at"]))

@@ -326,7 +326,8 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
     composed: hub.Composed | None = None
     if chosen is not None and meta.hub is not None:
         leg = hub.compose(lan_offset_s=chosen["offset_s"], lan_uncertainty_s=chosen["uncertainty_s"],
-                          lan_round_id=meta.round_id, lan_server=chosen["server"], hub_node=meta.hub["node"],
+                          lan_measured_at=chosen["measured_at"], lan_round_id=meta.round_id,
+                          lan_server=chosen["server"], hub_node=meta.hub["node"],
                           hub_latest=hub_latest, now=finished_at, max_drift_ppm=meta.hub["max_drift_ppm"],
                           stale_after_s=meta.hub["stale_after_s"])
         if isinstance(leg, str):
