@@ -475,6 +475,18 @@ def from_mapping(document: Any, *, source: str = "<config>",
     ntp = _parse_ntp(ntp_raw, source)
     timing = _parse_timing(_section(clock, "timing", source, prefix="clock_measurement."), source)
     service = _parse_service(_section(document, "ntp_service", source), source, environ)
+    if service.hub is not None:
+        burst = ntp.advanced_samples if ntp.measurement_mode == MeasurementMode.ADVANCED.value else 1
+        for key, budget in (("max_requests_per_minute", service.hub.max_requests_per_minute),
+                            ("max_requests_per_10_minutes", service.hub.max_requests_per_10_minutes)):
+            if budget < burst:  # an attempt takes its whole burst's places or none: it could never be sent
+                raise ConfigError(source, f"ntp_service.hub.{key}",
+                                  f"{budget} is less than one attempt's {burst} requests "
+                                  "(clock_measurement.ntp.advanced_samples): the hub node could never ask")
+        if service.hub.max_requests_per_10_minutes < service.hub.max_requests_per_minute:
+            raise ConfigError(source, "ntp_service.hub.max_requests_per_10_minutes",
+                              f"{service.hub.max_requests_per_10_minutes} is less than max_requests_per_minute "
+                              f"{service.hub.max_requests_per_minute}")
     extra = {k: v for k, v in document.items() if k not in ("clock_measurement", "ntp_service")}
     return Config(source=source, ntp=ntp, timing=timing, service=service, extra=extra)
 

@@ -31,6 +31,7 @@ reports in batches.
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 
 import redis
@@ -205,7 +206,7 @@ def _over_budget(job: dict, attempt_no: int) -> tuple[str, str] | None:
         return None
     try:
         answer = politeness.take(app.backend.client, job["key_prefix"], job["server"], job["samples"], budget,
-                                 holder=f"{job['node']}:{job['round_id']}:{attempt_no}")
+                                 holder=f"{job['node']}:{job['round_id']}:{attempt_no}:{secrets.token_hex(4)}")
     except redis.RedisError as exc:
         return REASON_POLITENESS_LIMIT, (f"the cluster's budget could not be checked ({type(exc).__name__}); "
                                          "no request sent")
