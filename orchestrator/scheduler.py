@@ -325,8 +325,13 @@ class Scheduler:
 
     def _publish_policy_and_warm_up(self, config: Config, nodes: list[str]) -> list[str]:
         """The default ``on_lead``: publish :attr:`policy`, then ask for the warm-ups of nodes with nothing fresh."""
-        warmup.publish_policy(service_client(config.service), config.service.key_prefix, self.policy,
-                              warmup.policy_ttl_s(config.service))
+        client = service_client(config.service)
+        warmup.publish_policy(client, config.service.key_prefix, self.policy, warmup.policy_ttl_s(config.service))
+        if self.hub_node is not None and warmup.nodes_without_fresh_measurement(
+                client, config.service.key_prefix, [self.hub_node], self.intervals[self.hub_node]):
+            # The hub node never warms up, and its next slot may be an interval away: every other node's
+            # rounds need its leg, so it gets one round at once (then its interval, and its budget, hold).
+            warmup.ask_round_now(client, config.service.key_prefix, [self.hub_node])
         return warm_up_nodes_without_fresh_measurement(config, nodes)
 
     def _poll_redis(self, config: Config) -> dict[str, float]:
@@ -373,9 +378,10 @@ class Scheduler:
         return starting
 
     def _poll_rounds_now(self, now: float) -> list[str]:
-        """The nodes whose worker asked for a round at once (:func:`workers.warmup.ask_round_now`): read at
-        the warm-up poll's pace; each of ours gets one, unless it warms up (its rounds are a second apart),
-        is the hub node (its rounds stay an interval apart), or had one less than an interval ago."""
+        """The nodes asked for a round at once (:func:`workers.warmup.ask_round_now`: a worker back from an
+        outage; a beat taking the lease while the hub node has nothing fresh): read at the warm-up poll's
+        pace; each of ours gets one, unless it warms up (its rounds are a second apart), had one less than
+        an interval ago, or is the hub node with a round sent less than its interval ago."""
         if now < self._next_round_now_poll:
             return []
         self._next_round_now_poll = now + ADOPT_EVERY_S
@@ -386,10 +392,12 @@ class Scheduler:
             return []
         granted = []
         for node in asked:
-            if node not in self._generation or node == self.hub_node or self.warm_until.get(node, 0.0) > now:
+            if node not in self._generation or self.warm_until.get(node, 0.0) > now:
                 continue
             if now - self._last_round_now.get(node, float("-inf")) < self.intervals[node]:
                 continue
+            if node == self.hub_node and now - self._last_sent.get(node, float("-inf")) < self.intervals[node]:
+                continue  # the hub node's rounds stay an interval apart: the public servers' budget
             self._last_round_now[node] = now
             granted.append(node)
             log.info("[CATCH-UP] %s: its worker is back on Redis; a round now, then its phase", node)

@@ -234,3 +234,15 @@ def test_a_worker_back_on_redis_gets_a_round_within_a_poll_then_its_phase_again(
     # The hub node asked too: nothing extra, its rounds stay at least its interval apart.
     gaps = [b - a for a, b in zip(times["head"], times["head"][1:], strict=False)]
     assert all(g >= beat.intervals["head"] - 1.0 for g in gaps), gaps
+
+
+def test_the_hub_node_with_nothing_fresh_gets_a_round_at_once_then_keeps_its_interval(monkeypatch):
+    """Every other node's rounds need the hub's leg: a beat taking the lease while the hub node has nothing
+    fresh asks a round of it at once (its slot may be an interval away), and its rounds stay an interval apart."""
+    nodes = ["a", "head"]
+    config = _config(normal_s=2.0, nodes=nodes, hub={"address": "10.0.0.1:123", "node": "head",
+                                                       "measurement_interval": 20.0})
+    beat, sent = _run(monkeypatch, config, nodes, for_s=70.0, rounds_now={"head": 0.3})
+    head = [mono - 1000.0 for _, mono, n in sent if n == "head"]
+    assert head and head[0] < 1.5, head  # not at its phase slot, 10 s in
+    assert all(b - a >= 20.0 - HUB_SEND_SLACK_S for a, b in zip(head, head[1:], strict=False)), head
