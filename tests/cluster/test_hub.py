@@ -103,7 +103,11 @@ class HubBed(Bed):
         super().write_files()
         ntp = {"servers": [f"{INET_ADDRESS}:{port}" for port in self.public_ports], "timeout_seconds": 0.5,
                "max_retries": 2, "retry_delay": 0.5, "max_acceptable_uncertainty": 0.1, "max_delay": 0.1,
-               "measurement_mode": "advanced", "advanced_samples": 3, "selection": "combine"}
+               # Simple mode: libfaketime makes each skewed worker's CPU about eight times a true one's (it is
+               # in every clock read), and eight of them bursting three samples a second saturate this
+               # machine's two cores: rounds took 0.6 s instead of 0.2 and the warm-ups lost slots.  Advanced
+               # bursts through the hub are the unit and integration tests' (and this file's history's).
+               "measurement_mode": "simple", "selection": "combine"}
         self.config_path.write_text(yaml.safe_dump({
             "clock_measurement": {
                 "ntp": ntp,
@@ -306,17 +310,6 @@ def test_node_to_node_offsets_are_bounded_by_the_lan_not_the_wan(hub_bed):
     assert all(u >= 0.010 for u in absolute.values()), f"absolute bounds under 10 ms: {absolute}"
 
 
-def test_each_public_server_gets_at_most_12_requests_a_minute_from_the_whole_cluster(hub_bed):
-    bed = hub_bed
-    assert bed.simulator is not None
-    worst = {port: _worst_windows(stats.arrivals_ns) for port, stats in bed.simulator.stats.items()}
-    total = {port: stats.received for port, stats in bed.simulator.stats.items()}
-    print("\nper public server (worst 60 s, worst 600 s; total): "
-          + ", ".join(f"{port}: {w[0]}, {w[1]}; {total[port]}" for port, w in worst.items()))
-    assert all(n > 0 for n in total.values()), total
-    assert all(w[0] <= 12 and w[1] <= 40 for w in worst.values()), worst
-
-
 def test_the_hubs_ntp_server_stopped_for_60_s_publishes_nothing_wrong_and_resumes(hub_bed):
     bed = hub_bed
     store = Store(bed.redis(), prefix=KEY_PREFIX)
@@ -342,3 +335,16 @@ def test_the_hubs_ntp_server_stopped_for_60_s_publishes_nothing_wrong_and_resume
     for node in bed.nodes:
         latest = bed.latest(node)
         assert abs(latest["offset"] - _truth(node)) <= latest["uncertainty"], (node, latest)
+
+
+def test_each_public_server_gets_at_most_12_requests_a_minute_from_the_whole_cluster(hub_bed):
+    """Last, so that it counts the whole module's traffic: eight nodes warming up at once, consumers restarting,
+    the hub's server stopped and back -- every request the "Internet" received, counted at the servers."""
+    bed = hub_bed
+    assert bed.simulator is not None
+    worst = {port: _worst_windows(stats.arrivals_ns) for port, stats in bed.simulator.stats.items()}
+    total = {port: stats.received for port, stats in bed.simulator.stats.items()}
+    print("\nper public server (worst 60 s, worst 600 s; total): "
+          + ", ".join(f"{port}: {w[0]}, {w[1]}; {total[port]}" for port, w in worst.items()))
+    assert all(n > 0 for n in total.values()), total
+    assert all(w[0] <= 12 and w[1] <= 40 for w in worst.values()), worst
