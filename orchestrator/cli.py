@@ -280,6 +280,13 @@ def cmd_check_config(args) -> int:
           f"then every {timing.normal_interval_s:g} s")
     print(f"  redis: {service.redis_url_redacted}, key prefix {service.key_prefix!r}")
     print(f"  nodes: {', '.join(service.nodes) or '(this host only)'}")
+    if service.hub is not None:
+        hub = service.hub
+        print(f"  hub: every node but {hub.node} measures {hub.address} on the LAN; {hub.node} measures the "
+              f"{len(ntp.servers)} server(s) above every {config.normal_interval_of(hub.node):g} s, never warming "
+              f"up, each within {hub.max_requests_per_minute} requests a minute and "
+              f"{hub.max_requests_per_10_minutes} in 10 minutes (enforced in Redis); its leg's drift bound "
+              f"{hub.max_drift_ppm:g} ppm")
     return EXIT_OK
 
 

@@ -409,12 +409,18 @@ def warnings_for(config: Config) -> list[str]:
     """Things that are allowed but unkind: polling public servers faster than RFC 4330 asks."""
     public = [s.name for s in config.ntp.servers if is_public(s.host)]
     found = []
-    for what, interval in (("timing.warm_up.measurement_interval", config.timing.warm_up_interval_s),
-                           ("timing.normal_operation.measurement_interval", config.timing.normal_interval_s)):
+    hub = config.service.hub
+    polls: tuple[tuple[str, float], ...] = (
+        ("timing.warm_up.measurement_interval", config.timing.warm_up_interval_s),
+        ("timing.normal_operation.measurement_interval", config.timing.normal_interval_s))
+    if hub is not None:  # only the hub node asks them, never warming up, at least its own interval apart
+        polls = (("ntp_service.hub.measurement_interval", config.normal_interval_of(hub.node)),)
+    for what, interval in polls:
         if public and interval < MIN_PUBLIC_POLL_S:
             if what.startswith("timing.warm_up") and config.timing.warm_up_duration_s == 0:
                 continue
-            found.append(f"{config.source}: clock_measurement.{what}: {interval:g} s polls {len(public)} public "
+            key = what if what.startswith("ntp_service.") else f"clock_measurement.{what}"
+            found.append(f"{config.source}: {key}: {interval:g} s polls {len(public)} public "
                          f"server(s) faster than once per {MIN_PUBLIC_POLL_S:g} s (RFC 4330); they may send "
                          "Kiss-o'-Death RATE or block this host")
     return found

@@ -428,7 +428,7 @@ class Bed:
             f"RELAY_ALLOW={LAN_CIDR}",
             ""]))
         self.env_path.chmod(0o600)
-        # configs/config_ares_2min_ntp.yaml's shape -- nodes query the head's relay ports -- on a
+        # configs/config_ares_relay_2min_ntp.yaml's shape -- nodes query the head's relay ports -- on a
         # test's timing: a round every 2 s (warm-up every 1 s for 4 s), exchanges of 0.5 s.
         ntp = {"servers": self.servers, "timeout_seconds": 0.5, "max_retries": 2, "retry_delay": 0.2,
                "max_acceptable_uncertainty": 0.1, "max_delay": 0.1, "measurement_mode": "simple",

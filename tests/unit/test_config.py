@@ -34,7 +34,7 @@ def test_original_chronotick_files_load_unchanged(name):
 
 
 @pytest.mark.parametrize("name", ["config_homelab_2min_ntp.yaml", "config_ares_2min_ntp.yaml",
-                                  "config_homelab_nts.yaml",
+                                  "config_ares_relay_2min_ntp.yaml", "config_homelab_nts.yaml",
                                   "config_local_demo.yaml"])
 def test_shipped_configs_pass_check_config(name, capsys):
     assert cli.main(["check-config", str(CONFIGS / name)]) == 0

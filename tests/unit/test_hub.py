@@ -647,3 +647,9 @@ def test_a_budget_that_could_never_send_an_attempt_is_refused_naming_its_key(bud
     # One sample a request (simple mode): a budget of 2 sends.
     if key == "max_requests_per_minute" and "max_requests_per_10_minutes" not in budget:
         assert _config({**HUB, **budget}).service.hub.max_requests_per_minute == 2
+
+
+def test_with_a_hub_the_warm_ups_1_s_rounds_are_no_warning_about_public_servers():
+    """Through the hub the nodes' 1-s warm-ups reach only the LAN: check-config's RFC 4330 warning would be false."""
+    assert any("warm_up.measurement_interval" in w for w in config_mod.warnings_for(_config(None)))
+    assert config_mod.warnings_for(_config(HUB)) == []

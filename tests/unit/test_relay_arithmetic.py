@@ -1,6 +1,6 @@
 """The relay's default limits against ChronoTick's ARES schedule: each upstream stays within the published rules.
 
-The demand comes from the shipped files (configs/config_ares_2min_ntp.yaml and
+The demand comes from the shipped files (configs/config_ares_relay_2min_ntp.yaml and
 configs/ntp_proxy_config.yaml); the limits are the relay's own
 (relay/limits.py), fed with the times each request would arrive, in the
 order :meth:`relay.server.PortRelay.from_client` applies them: the client's
@@ -80,7 +80,7 @@ def test_the_defaults_are_the_published_rules():
 
 
 def test_each_upstream_gets_a_small_burst_then_one_per_4_s_whatever_the_cluster_asks():
-    config = config_mod.load(CONFIGS / "config_ares_2min_ntp.yaml")
+    config = config_mod.load(CONFIGS / "config_ares_relay_2min_ntp.yaml")
     assert config.ntp.measurement_mode == "advanced"
     mapping = load_mappings(CONFIGS / "ntp_proxy_config.yaml")[0]
     for count in (2, 10, 100, 1000):
@@ -97,7 +97,7 @@ def test_each_upstream_gets_a_small_burst_then_one_per_4_s_whatever_the_cluster_
 def test_ares_nodes_in_normal_operation_pass_whole_up_to_ten():
     """ChronoTick's ARES config keeps working through the relay after its warm-up: 3 samples every 120 s a node,
     ten nodes at their phases, is one request per 4 s -- the budget exactly, and no refusal."""
-    config = config_mod.load(CONFIGS / "config_ares_2min_ntp.yaml")
+    config = config_mod.load(CONFIGS / "config_ares_relay_2min_ntp.yaml")
     mapping = load_mappings(CONFIGS / "ntp_proxy_config.yaml")[0]
     for count in (len(config.service.nodes), 10):
         arrivals = [(t, f"node-{i}") for i in range(count)
@@ -107,7 +107,7 @@ def test_ares_nodes_in_normal_operation_pass_whole_up_to_ten():
 
 
 def test_a_warm_up_through_the_relay_is_refused_by_policy_after_the_burst():
-    config = config_mod.load(CONFIGS / "config_ares_2min_ntp.yaml")
+    config = config_mod.load(CONFIGS / "config_ares_relay_2min_ntp.yaml")
     mapping = load_mappings(CONFIGS / "ntp_proxy_config.yaml")[0]
     arrivals = [(t, "ares-comp-11") for t in _requests(config, 0, 1, normal_rounds=0)]
     assert len(arrivals) == 60 * 3
