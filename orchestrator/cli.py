@@ -169,6 +169,8 @@ def _parser() -> argparse.ArgumentParser:
                 "(through ntp_service.hub)", node=False)
     p.add_argument("--reference", default=None, help="the reference node (default: the hub node, else the first)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw every node's offset to the reference over time")
+    p.add_argument("--hours", type=_positive_float, default=1.0, help="the plot's window (default 1)")
     p = command("up", cmd_up, "one box: a private Redis (unless one is configured), this node's worker, the beat "
                 "and the exporter; Ctrl-C stops all")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -542,6 +544,8 @@ def cmd_cluster(args) -> int:
                              max_drift_ppm=drift).as_dict()
             for node, value in latest.items() if value is not None]
     missing = [node for node, value in latest.items() if value is None]
+    if args.plot:
+        _plot_cluster(store, nodes, reference, args, hub_node=settings.node if settings else None, drift_ppm=drift)
     if args.json:
         print(json.dumps({"reference": reference, "nodes": rows, "missing": missing}, indent=2))
         return EXIT_OK
@@ -553,6 +557,25 @@ def cmd_cluster(args) -> int:
     for node in missing:
         print(f"{node:<20} {'-':>12} {'-':>11}  nothing published")
     return EXIT_OK
+
+
+def _plot_cluster(store, nodes: list[str], reference: str, args, *, hub_node: str | None, drift_ppm: float) -> None:
+    try:
+        from .plot import plot_cluster
+    except ImportError as exc:
+        raise CliError(f"--plot needs matplotlib ({exc}); pip install 'chronotick-ntp[plot]'", EXIT_USAGE) from None
+    from . import hub as hub_mod
+
+    since = time.time() - args.hours * 3600
+    published = {node: [r["latest"] for r in store.history_since(node, since) if r.get("latest")] for node in nodes}
+    series = {node: hub_mod.relative_series(points, published[reference], hub_node=hub_node, max_drift_ppm=drift_ppm)
+              for node, points in published.items() if node != reference}
+    try:
+        plot_cluster(series, reference=reference, output=args.plot, hours=args.hours)
+    except OSError as exc:
+        raise CliError(f"cannot write {args.plot}: {exc.strerror or exc}", EXIT_USAGE) from None
+    print(f"{args.plot}: {sum(map(len, series.values()))} points of {len(series)} node(s) against {reference} "
+          f"over {args.hours:g} h", file=sys.stderr)
 
 
 def _latest_or_none(store, node: str) -> dict | None:

@@ -189,3 +189,29 @@ def relative(node_latest: Mapping[str, Any], reference_latest: Mapping[str, Any]
     apart_s = 0.0 if reference == hub_node else (abs(t_n - t_r) + u_n + u_r) * (1 + 2 * phi)
     drift_s = 2 * phi * apart_s
     return Relative(node, reference, o_n - o_r, u_n + u_r + drift_s, float(node_latest["measured_at"]))
+
+
+def relative_series(node_latests: list[Mapping[str, Any]], reference_latests: list[Mapping[str, Any]], *,
+                    hub_node: str | None, max_drift_ppm: float) -> list[Relative]:
+    """A node's clock against the reference's over time: each of the node's published measurements (oldest
+    first) against the reference's nearest one in time (on the hub's clock, :func:`lan_leg`), by
+    :func:`relative` -- so each point's bound is its two legs plus their drift over the time between them.
+    Against the hub node every point is the node's LAN leg alone."""
+    if not node_latests or not reference_latests:
+        return []
+    hub_node = hub_node or hub_node_of(node_latests[-1]) or hub_node_of(reference_latests[-1])
+
+    def when(latest: Mapping[str, Any]) -> float:
+        try:
+            return lan_leg(latest, hub_node=hub_node)[2]
+        except ValueError:
+            return utc_leg(latest)[2]
+
+    references = sorted(reference_latests, key=when)
+    times = [when(r) for r in references]
+    out = []
+    for latest in node_latests:
+        t = when(latest)
+        i = min(range(len(times)), key=lambda k: abs(times[k] - t))
+        out.append(relative(latest, references[i], hub_node=hub_node, max_drift_ppm=max_drift_ppm))
+    return out

@@ -1,6 +1,6 @@
 """Pictures of a node's rounds (matplotlib, Agg: no display needed).
 
-Three panels from the round records of a window:
+:func:`plot_node`: three panels from the round records of a window:
 
 1. the published offset with its ±uncertainty band, each round coloured by
    quality (strict, relaxed), rounds that published nothing (starvation,
@@ -9,6 +9,10 @@ Three panels from the round records of a window:
    so a liar shows as a line apart);
 3. the distribution of round times, with ChronoTick's 500 ms mean and 2 s p99
    targets drawn in.
+
+:func:`plot_cluster`: every node's clock against a reference node over time
+(``chronotick-ntp cluster --plot``), each point with its bound
+(:func:`orchestrator.hub.relative_series`).
 """
 
 from __future__ import annotations
@@ -103,4 +107,30 @@ def plot_node(records: list[dict], *, node: str, output: str, hours: float | Non
     ax_time.legend(loc="best", fontsize=8)
     ax_time.grid(alpha=0.3)
     fig.savefig(output, dpi=100)
+    plt.close(fig)
+
+
+def plot_cluster(series: dict[str, list], *, reference: str, output: str, hours: float | None = None) -> None:
+    """Draw each node's ``offset_to_reference`` (ms) with its bound over time to the PNG ``output``.
+
+    ``series``: node -> :class:`orchestrator.hub.Relative` points, oldest first.
+    """
+    fig, ax = plt.subplots(1, 1, figsize=(11, 6), constrained_layout=True)
+    window = f"last {hours:g} h" if hours else "history"
+    fig.suptitle(f"chronotick-ntp: each node's clock against {reference}'s ({window})")
+    for node, points in sorted(series.items()):
+        if not points:
+            continue
+        xs: list = [_time(p.measured_at) for p in points]  # datetimes: matplotlib's dates
+        ys = [p.offset_to_reference * 1e3 for p in points]
+        err = [p.uncertainty * 1e3 for p in points]
+        line = ax.plot(xs, ys, ".-", ms=3, lw=0.7, label=f"{node} ({len(points)})")[0]
+        low, high = [y - e for y, e in zip(ys, err, strict=True)], [y + e for y, e in zip(ys, err, strict=True)]
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, lw=0)
+    ax.set_ylabel(f"{reference}'s clock - node's clock (ms), ± bound")
+    ax.set_title("node-to-node offsets, bounded by the LAN legs (the hub's leg cancels)")
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.savefig(output, dpi=110)
     plt.close(fig)

@@ -219,8 +219,8 @@ def _published(store: Store, node: str, since: float) -> list[dict]:
     return [r["latest"] for r in store.history_since(node, since) if r.get("latest")]
 
 
-def _cluster_json(bed: HubBed) -> dict:
-    done = bed.run("head", [*chronotick_argv(), "cluster", "--config", str(bed.config_path), "--json"],
+def _cluster_json(bed: HubBed, *extra: str) -> dict:
+    done = bed.run("head", [*chronotick_argv(), "cluster", "--config", str(bed.config_path), "--json", *extra],
                    env=bed.environment())
     return json.loads(done.stdout)
 
@@ -294,8 +294,13 @@ def test_every_node_warming_up_at_once_gets_50_measurements_in_its_minute_while_
 
 def test_node_to_node_offsets_are_bounded_by_the_lan_not_the_wan(hub_bed):
     bed = hub_bed
-    report = _cluster_json(bed)
+    picture = bed.directory / "cluster.png"
+    report = _cluster_json(bed, "--plot", str(picture), "--hours", "1")
     assert report["reference"] == HUB_NODE
+    assert picture.stat().st_size > 20_000, "the node-to-node plot was not drawn"
+    if os.environ.get(KEEP_LOGS):  # for a person to look at, with the logs
+        Path(os.environ[KEEP_LOGS]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(picture, Path(os.environ[KEEP_LOGS]) / "cluster.png")
     rows = {row["node"]: row for row in report["nodes"]}
     absolute = {node: bed.latest(node)["uncertainty"] for node in bed.nodes}
     wrong = {node: (rows[node]["offset_to_reference"], -SKEWS_S[node]) for node in bed.nodes

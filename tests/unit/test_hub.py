@@ -653,3 +653,19 @@ def test_with_a_hub_the_warm_ups_1_s_rounds_are_no_warning_about_public_servers(
     """Through the hub the nodes' 1-s warm-ups reach only the LAN: check-config's RFC 4330 warning would be false."""
     assert any("warm_up.measurement_interval" in w for w in config_mod.warnings_for(_config(None)))
     assert config_mod.warnings_for(_config(HUB)) == []
+
+
+def test_a_series_pairs_each_measurement_with_the_references_nearest_in_time():
+    """The plot's points: each of a node's latests against the reference's nearest (on the hub's clock)."""
+    a = [_node_latest("a", lan=0.001 * i, u=0.0001, at=1000.0 + 10 * i) for i in range(5)]
+    b = [_node_latest("b", lan=-0.002, u=0.0002, at=1003.0 + 20 * i) for i in range(3)]
+    series = hub.relative_series(a, b, hub_node=HUB_NODE, max_drift_ppm=15.0)
+    assert [p.offset_to_reference for p in series] == pytest.approx([0.001 * i + 0.002 for i in range(5)])
+    nearest = [min(b, key=lambda r, t=x["measured_at"] + x["legs"]["lan"]["offset"]:
+                   abs(r["measured_at"] + r["legs"]["lan"]["offset"] - t)) for x in a]
+    assert [p.uncertainty for p in series] == [relative(x, r, hub_node=HUB_NODE, max_drift_ppm=15.0).uncertainty
+                                              for x, r in zip(a, nearest, strict=True)]
+    # Against the hub node: the LAN legs alone, whatever the hub's own rounds' times.
+    against_hub = hub.relative_series(a, [_hub_latest(at=500.0)], hub_node=HUB_NODE, max_drift_ppm=15.0)
+    assert [p.uncertainty for p in against_hub] == [0.0001] * 5
+    assert hub.relative_series([], b, hub_node=HUB_NODE, max_drift_ppm=15.0) == []
