@@ -371,6 +371,9 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
             latest["combined"] = chosen["combined"]
         if composed is not None:
             latest["legs"] = composed.legs
+            # UTC's leap second is announced upstream: the hub's leg carries it to the node (its LAN server,
+            # the hub's chronyd, knows of none), end to end.
+            latest["leap"] = int(composed.legs["hub"].get("leap") or 0) or latest["leap"]
     return {
         "round_id": meta.round_id,
         "node": meta.node,

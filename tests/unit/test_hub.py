@@ -669,3 +669,13 @@ def test_a_series_pairs_each_measurement_with_the_references_nearest_in_time():
     against_hub = hub.relative_series(a, [_hub_latest(at=500.0)], hub_node=HUB_NODE, max_drift_ppm=15.0)
     assert [p.uncertainty for p in against_hub] == [0.0001] * 5
     assert hub.relative_series([], b, hub_node=HUB_NODE, max_drift_ppm=15.0) == []
+
+
+def test_a_leap_second_announced_upstream_reaches_the_nodes_through_the_hubs_leg():
+    """The hub's chronyd announces none; the public servers do.  The leap indicator is kept end to end."""
+    meta = _meta(_config(HUB), "n1")
+    for leap in (1, 2):
+        hub_latest = _latest(offset=0.25, uncertainty=0.02, measured_at=940.0, published_at=940.5, leap=leap)
+        assert build_record(meta, [_lan_ok()], finished_at=1000.0, hub_latest=hub_latest)["latest"]["leap"] == leap
+    quiet = _latest(offset=0.25, uncertainty=0.02, measured_at=940.0, published_at=940.5)
+    assert build_record(meta, [_lan_ok()], finished_at=1000.0, hub_latest=quiet)["latest"]["leap"] == 0
