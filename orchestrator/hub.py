@@ -36,7 +36,7 @@ Pure: no Redis, no Celery (the reader uses :func:`relative`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,9 @@ from workers.config import HubSettings
 
 #: ppm as a fraction.
 PPM = 1e-6
+#: How near a leap second two samples' UTC times may come before a leg is refused across it (s): their
+#: times are known to the legs' bounds, far under this.
+LEAP_MARGIN_S = 1.0
 #: RFC 5905's PHI, the frequency tolerance (ppm): ``ntp_service.hub.max_drift_ppm``'s default.
 DEFAULT_MAX_DRIFT_PPM: float = HubSettings.max_drift_ppm
 
@@ -70,7 +73,7 @@ def hub_age_s(hub_latest: Mapping[str, Any], now: float) -> float:
 
 def compose(*, lan_offset_s: float, lan_uncertainty_s: float, lan_measured_at: float, lan_round_id: str,
             lan_server: str, hub_node: str, hub_latest: Mapping[str, Any] | None, now: float, max_drift_ppm: float,
-            stale_after_s: float) -> Composed | str:
+            stale_after_s: float, leap_seconds: Sequence[float] = (), stepping: bool = True) -> Composed | str:
     """The node's offset to UTC through the hub, or why there is none (a sentence).
 
     ``lan_measured_at``: the LAN sample's time on the node's own clock.
@@ -81,6 +84,14 @@ def compose(*, lan_offset_s: float, lan_uncertainty_s: float, lan_measured_at: f
     between the two samples on the hub's clock (the module's docstring),
     padded by the LAN leg's own error in that time (``lan_uncertainty_s``)
     and by the hub clock's rate over it.
+
+    **A leap second between the two samples** (``stepping``: UTC steps; a
+    smeared timescale does not) makes the hub's leg wrong by a whole second:
+    neither clock (chronyd ``-x`` serves the head's clock as it is) nor the
+    leg has stepped with UTC.  So a leg is not used across one -- from
+    ``leap_seconds`` (Unix times, the ``leap-seconds.list`` instants), or, as
+    the hub's own reply says, when its leap indicator announces one and the
+    two samples lie on different UTC days -- until the hub measures again.
     """
     if hub_latest is None:
         return f"no hub leg: the hub node {hub_node} has no measurement of UTC"
@@ -92,6 +103,14 @@ def compose(*, lan_offset_s: float, lan_uncertainty_s: float, lan_measured_at: f
         apart_s = abs(lan_measured_at + lan_offset_s - float(hub_latest["measured_at"]))
     except (KeyError, TypeError, ValueError) as exc:
         return f"no hub leg: the hub node {hub_node}'s latest is unreadable ({type(exc).__name__}: {exc})"
+    if stepping:
+        t_hub = float(hub_latest["measured_at"]) + hub_offset_s            # the hub's sample, in UTC
+        t_lan = lan_measured_at + lan_offset_s + hub_offset_s              # the node's, in UTC
+        low, high = min(t_hub, t_lan) - LEAP_MARGIN_S, max(t_hub, t_lan) + LEAP_MARGIN_S
+        announced = int(hub_latest.get("leap") or 0) in (1, 2) and int(low // 86400) != int(high // 86400)
+        if announced or any(low <= at <= high for at in leap_seconds):
+            return (f"no hub leg: a leap second lies between the hub node {hub_node}'s sample and this one; "
+                    "the leg is not used across it until the hub measures again")
     if age_s > stale_after_s:
         return (f"no hub leg: the hub node {hub_node}'s measurement of UTC is {age_s:.1f} s old "
                 f"(stale after {stale_after_s:g} s)")

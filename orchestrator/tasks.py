@@ -238,6 +238,12 @@ def finish(meta: RoundMeta, outcomes: list[dict], store: Store, *, closed_by: st
     return record
 
 
+def _leap_seconds(ntp: NtpSettings) -> tuple[float, ...]:
+    """The leap seconds the system's ``leap-seconds.list`` knows (past ones stay facts when it expires)."""
+    table = leap.load(ntp.leap_seconds_file)
+    return table.leaps if table is not None else ()
+
+
 def _how_closed(closed_by: str, late: tuple[str, ...]) -> str:
     if closed_by == CLOSED_BY_DEADLINE:
         return ", closed at its deadline"
@@ -329,7 +335,8 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
                           lan_measured_at=chosen["measured_at"], lan_round_id=meta.round_id,
                           lan_server=chosen["server"], hub_node=meta.hub["node"],
                           hub_latest=hub_latest, now=finished_at, max_drift_ppm=meta.hub["max_drift_ppm"],
-                          stale_after_s=meta.hub["stale_after_s"])
+                          stale_after_s=meta.hub["stale_after_s"], leap_seconds=_leap_seconds(ntp),
+                          stepping=ntp.leap_timescale != "smear")
         if isinstance(leg, str):
             quality, chosen = OUTAGE, None
             picked = dict(picked, agreement=dict(picked["agreement"] or {}, outage=leg))

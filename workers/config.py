@@ -397,7 +397,10 @@ class Config:
         hub = self.hub_leg_of(node)
         if hub is None:
             return self
-        ntp = replace(self.ntp, servers=(hub.server,), server_groups=(), smearing_servers=())
+        # The hub's LAN server keeps the timescale the hub node selects (``leap_timescale``): near a leap it
+        # must never be set apart as the other one, or every node would publish nothing for a day.
+        smearing = (hub.server.name,) if self.ntp.leap_timescale == "smear" else ()
+        ntp = replace(self.ntp, servers=(hub.server,), server_groups=(), smearing_servers=smearing)
         return replace(self, ntp=ntp)
 
 

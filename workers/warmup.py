@@ -234,10 +234,8 @@ local last = tonumber(redis.call('ZSCORE', KEYS[3], node) or '')
 if last and last + cooldown > now then
     return {'refused', 'cooldown', last + cooldown - now, last + cooldown, now}
 end
-local asked = math.floor(tonumber(ARGV[2]) or 0)
-if asked > 0 and asked < duration then
-    duration = asked
-end
+-- The service's length, whatever the asker's (ARGV[2] is only its wish, logged): a short ask would start a
+-- warm-up of no rounds and then hold every other asker off for the whole cooldown.
 redis.call('ZADD', KEYS[2], now + duration, node)
 if redis.call('PTTL', KEYS[2]) < duration then
     redis.call('PEXPIRE', KEYS[2], duration)

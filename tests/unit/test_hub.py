@@ -679,3 +679,50 @@ def test_a_leap_second_announced_upstream_reaches_the_nodes_through_the_hubs_leg
         assert build_record(meta, [_lan_ok()], finished_at=1000.0, hub_latest=hub_latest)["latest"]["leap"] == leap
     quiet = _latest(offset=0.25, uncertainty=0.02, measured_at=940.0, published_at=940.5)
     assert build_record(meta, [_lan_ok()], finished_at=1000.0, hub_latest=quiet)["latest"]["leap"] == 0
+
+
+# -- a leap second between the legs (review of #26) -------------------------------------------------------------
+
+LEAP_2017 = 1483228800.0  # 2017-01-01T00:00:00Z: the last leap second
+
+
+def _across_the_leap(*, leap_seconds=(), hub_leap: int = 1, stepping: bool = True, after_s: float = 30.0):
+    """The hub measured 30 s before the leap; the node's LAN sample ``after_s`` after it, its clock 5 ms ahead."""
+    hub_latest = _latest(offset=0.0, uncertainty=0.02, measured_at=LEAP_2017 - 30.0,
+                         published_at=LEAP_2017 - 29.5, leap=hub_leap)
+    return compose(lan_offset_s=-0.005, lan_uncertainty_s=0.0002, lan_measured_at=LEAP_2017 + after_s + 0.005,
+                   lan_round_id="r", lan_server=LAN, hub_node=HUB_NODE, hub_latest=hub_latest,
+                   now=LEAP_2017 + after_s + 0.5, max_drift_ppm=15.0, stale_after_s=360.0,
+                   leap_seconds=leap_seconds, stepping=stepping)
+
+
+def test_a_leg_is_never_used_across_a_leap_second():
+    """Neither clock steps with UTC (chronyd -x serves the head's clock as it is): a leg measured before the leap
+    is a whole second wrong after it.  Known from the list, or from the hub's own leap indicator."""
+    for why in (_across_the_leap(leap_seconds=(LEAP_2017,), hub_leap=0), _across_the_leap(hub_leap=1),
+                _across_the_leap(hub_leap=2)):
+        assert isinstance(why, str) and "leap second" in why
+    # No leap known, or both samples on one side of it, or a smeared timescale (continuous): used.
+    assert isinstance(_across_the_leap(hub_leap=0), Composed)
+    assert isinstance(_across_the_leap(leap_seconds=(LEAP_2017 - 86400 * 180,), hub_leap=0), Composed)
+    assert isinstance(_across_the_leap(leap_seconds=(LEAP_2017,), stepping=False), Composed)
+    assert isinstance(_across_the_leap(leap_seconds=(LEAP_2017,), after_s=-10.0, hub_leap=0), Composed)
+
+
+def test_near_a_leap_a_smearing_hub_leaves_its_nodes_lan_server_in_its_timescale(tmp_path):
+    """leap_timescale smear: the hub's LAN server is the smeared timescale the hub node selects, never set
+    apart as a stepping server (every node would publish nothing for a day)."""
+    leaps = tmp_path / "leap-seconds.list"
+    ntp_1900 = 2208988800
+    leaps.write_text(f"#@\t{int(LEAP_2017 + 86400 * 100 + ntp_1900)}\n"
+                     f"{int(LEAP_2017 - 86400 * 184 + ntp_1900)}\t36\n{int(LEAP_2017 + ntp_1900)}\t37\n")
+    for timescale in ("smear", "step"):
+        config = _config(HUB, leap_timescale=timescale, leap_seconds_file=str(leaps))
+        assert config.for_node("n1").ntp.smearing_servers == ((LAN,) if timescale == "smear" else ())
+        meta = RoundMeta.for_round(config, round_id="r1", node="n1", dispatched_at=LEAP_2017 - 3600.0,
+                                   deadline_at=LEAP_2017 - 3590.0)
+        hub_latest = _latest(offset=0.0, uncertainty=0.02, measured_at=LEAP_2017 - 3630.0,
+                             published_at=LEAP_2017 - 3629.5)
+        record = build_record(meta, [_lan_ok(measured_at=LEAP_2017 - 3599.9)], finished_at=LEAP_2017 - 3599.5,
+                              hub_latest=hub_latest)
+        assert record["quality"] == "strict" and record["latest"] is not None, (timescale, record["servers"])

@@ -88,7 +88,7 @@ def test_a_service_length_of_zero_refuses_every_warm_up(redis_client, key_prefix
 
 # -- the length: the service's, never the consumer's ---------------------------------------------------------
 
-@pytest.mark.parametrize("asked, granted", [(86400.0, 60.0), (None, 60.0), (5.0, 5.0)])
+@pytest.mark.parametrize("asked, granted", [(86400.0, 60.0), (None, 60.0), (5.0, 60.0), (0.001, 60.0)])
 def test_the_length_is_capped_by_the_services_policy(published, asked, granted):
     client, prefix = published
     answer = warmup.request(client, prefix, "n1", asked)
