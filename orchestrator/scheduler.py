@@ -71,13 +71,22 @@ ADOPT_EVERY_S = 1.0
 HUB_SEND_SLACK_S = 1.0
 
 
-def phase_slot(after: float, index: int, count: int, interval: float, *, strictly: bool = True) -> float:
+#: Through a hub, the nodes' normal rounds are this far apart (s), not spread over the whole interval: they
+#: ask only the hub's chronyd (thousands of requests a second), and node-to-node time needs the nodes measured
+#: close together -- two legs an interval apart would add both clocks' drift over it (3.6 ms at 15 ppm and
+#: 120 s) to a LAN-sized bound.  1,000 nodes then take 10 s of each interval.
+HUB_SPACING_S = 0.01
+
+
+def phase_slot(after: float, index: int, count: int, interval: float, *, strictly: bool = True,
+               spacing_s: float | None = None) -> float:
     """Node ``index`` of ``count``'s first normal slot after ``after`` (Unix s on Redis' clock; at or after
-    it unless ``strictly``): a time ``k * interval + index / count * interval``.
+    it unless ``strictly``): a time ``k * interval + index / count * interval`` -- or, with ``spacing_s``,
+    ``k * interval + index * spacing_s`` (wrapped within the interval).
 
     Anchored on the epoch of Redis' clock, not on when a beat started: every beat computes the same slots.
     """
-    phase = interval * index / count
+    phase = interval * index / count if spacing_s is None else (index * spacing_s) % interval
     k = math.floor((after - phase) / interval)
     slot = k * interval + phase
     while slot < after or (strictly and slot <= after):
@@ -270,18 +279,22 @@ class Scheduler:
         if self.lease is not None and self.leading:
             self.lease.release()  # hand over at once rather than after the time to live
 
-    def _slot(self, index: int, after: float, every: float, strictly: bool) -> float:
+    def _slot(self, index: int, after: float, every: float, strictly: bool, spacing_s: float | None = None) -> float:
         """Node ``index``'s first slot of period ``every`` after ``after`` (monotonic s), as a monotonic time.
 
         The phase is on Redis' clock (:func:`phase_slot`); the heap runs on the monotonic clock.
         """
         offset = self._clock() - time.monotonic()  # Redis' clock minus the monotonic one
-        return phase_slot(after + offset, index, len(self.nodes), every, strictly=strictly) - offset
+        return phase_slot(after + offset, index, len(self.nodes), every, strictly=strictly,
+                          spacing_s=spacing_s) - offset
 
     def next_normal_slot(self, index: int, after: float, *, strictly: bool = True) -> float:
         """Node ``index``'s first normal phase slot after ``after`` (monotonic s), as a monotonic time: at i/n
         of its interval (:attr:`intervals`: the normal one, the hub's at least ``hub.measurement_interval``)."""
-        return self._slot(index, after, self.intervals[self.nodes[index]], strictly)
+        node = self.nodes[index]
+        # Through a hub, the nodes close together (HUB_SPACING_S); the hub node at its i/n phase.
+        through_hub = self.config.service.hub is not None and node != self.config.service.hub.node
+        return self._slot(index, after, self.intervals[node], strictly, HUB_SPACING_S if through_hub else None)
 
     def next_warm_up_slot(self, index: int, after: float, *, strictly: bool = True) -> float:
         """Node ``index``'s first warm-up slot after ``after`` (monotonic s): at i/n of the warm-up interval, so
