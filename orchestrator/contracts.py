@@ -151,6 +151,9 @@ class RoundMeta:
     #: A node measured through the hub (issue #26): ``{"node", "max_drift_ppm", "stale_after_s"}`` -- the
     #: hub node whose ``latest`` is the second leg, the drift bound, and when that leg is too old to use.
     hub: dict[str, Any] | None = None
+    #: The node's staleness limit (s, 3 of its normal intervals): the temporal filter's window is not
+    #: extrapolated over a longer gap (:func:`orchestrator.outliers.judge`'s ``max_gap_s``).
+    stale_after_s: float | None = None
 
     @classmethod
     def for_round(cls, config: Config, *, round_id: str, node: str, dispatched_at: float,
@@ -164,7 +167,8 @@ class RoundMeta:
         return cls(round_id=round_id, node=node, dispatched_at=dispatched_at, deadline_at=deadline_at,
                    key_prefix=service.key_prefix, history_length=service.history_length,
                    history_hours=service.history_hours, record_detail=service.record_detail,
-                   ntp=config.for_node(node).ntp, hub=leg)
+                   ntp=config.for_node(node).ntp, hub=leg,
+                   stale_after_s=stale_after_s(config.normal_interval_of(node)))
 
     @property
     def servers(self) -> list[str]:
@@ -178,7 +182,7 @@ class RoundMeta:
         return {"round_id": self.round_id, "node": self.node, "dispatched_at": self.dispatched_at,
                 "deadline_at": self.deadline_at, "key_prefix": self.key_prefix,
                 "history_length": self.history_length, "history_hours": self.history_hours,
-                "record_detail": self.record_detail, "hub": self.hub,
+                "record_detail": self.record_detail, "hub": self.hub, "stale_after_s": self.stale_after_s,
                 "ntp": self.ntp.as_mapping()}
 
     @classmethod
@@ -186,5 +190,5 @@ class RoundMeta:
         return cls(round_id=data["round_id"], node=data["node"], dispatched_at=data["dispatched_at"],
                    deadline_at=data["deadline_at"], key_prefix=data["key_prefix"],
                    history_length=data["history_length"], history_hours=data["history_hours"],
-                   record_detail=data["record_detail"], hub=data.get("hub"),
+                   record_detail=data["record_detail"], hub=data.get("hub"), stale_after_s=data.get("stale_after_s"),
                    ntp=ntp_from_mapping(data["ntp"], source=f"round {data['round_id']}"))

@@ -37,7 +37,7 @@ ACCEPT_AFTER_OUTLIERS = 3
 
 
 def judge(offset_s: float, uncertainty_s: float, measured_at: float, window: list[list[float]], *,
-          sigma_threshold: float, consecutive_outliers: int = 0) -> dict:
+          sigma_threshold: float, consecutive_outliers: int = 0, max_gap_s: float | None = None) -> dict:
     """Decide whether a result is an outlier against ``window``.
 
     Parameters
@@ -50,6 +50,11 @@ def judge(offset_s: float, uncertainty_s: float, measured_at: float, window: lis
         ``outlier_sigma_threshold``.
     consecutive_outliers:
         How many rounds in a row were refused just before this one.
+    max_gap_s:
+        A window whose newest result is older than this before the candidate
+        (the node's staleness limit) predicts nothing: it restarts from the
+        candidate (``reset``).  Extrapolated over a minute's outage, a line
+        fitted to a few seconds of results refused the first good rounds back.
 
     Returns
     -------
@@ -57,6 +62,9 @@ def judge(offset_s: float, uncertainty_s: float, measured_at: float, window: lis
     ``reset`` means the window should restart from this result.
     """
     verdict: dict[str, Any] = {"outlier": False, "reset": False, "predicted_s": None, "scale_s": None, "z": None}
+    if window and max_gap_s is not None and measured_at - max(t for t, _ in window) > max_gap_s:
+        verdict["reset"] = True
+        return verdict
     if len(window) < MIN_SAMPLES:
         return verdict
     times = [t for t, _ in window]

@@ -347,7 +347,7 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
     if chosen is not None:
         verdict = outliers.judge(chosen["offset_s"], chosen["uncertainty_s"], chosen["measured_at"],
                                  window or [], sigma_threshold=ntp.outlier_sigma_threshold,
-                                 consecutive_outliers=consecutive_outliers)
+                                 consecutive_outliers=consecutive_outliers, max_gap_s=meta.stale_after_s)
         if verdict["outlier"]:
             quality = OUTLIER
     latest = None

@@ -263,7 +263,8 @@ def test_each_node_publishes_both_legs_and_holds_the_truth_the_hub_rejecting_the
           f"aged {sample['legs']['hub']['age']:.1f} s); the falseticker at the head: {combined}")
     assert not misses, f"published offsets missing the truth: {misses}"
     assert not legs_missing, f"records without both legs: {legs_missing}"
-    assert head and set(combined.values()) <= {"falseticker", "failed"}, combined
+    # Outvoted, or still out when the head's round was decided without it: never part of a published time.
+    assert head and set(combined.values()) <= {"falseticker", "late", "failed"}, combined
 
 
 def test_every_node_warming_up_at_once_gets_50_measurements_in_its_minute_while_consumers_restart(hub_bed):

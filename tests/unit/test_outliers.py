@@ -39,3 +39,14 @@ def test_the_homelab_sigma_lets_what_the_default_refuses_through():
     assert not outliers.judge(0.1, 1e-4, 1200.0, window, sigma_threshold=10000.0)["outlier"]
 
 
+
+
+def test_a_window_older_than_the_staleness_limit_predicts_nothing():
+    """After an outage longer than the node's staleness limit the window restarts from the first round back: a
+    line fitted before the gap, extrapolated over it, refused the first good rounds (#26's hub bed)."""
+    window = _window(10, spacing=2.0, noise=(1e-5, -1e-5))  # the last at 18 s
+    after_gap = outliers.judge(0.05, 1e-4, 18.0 + 61.0, window, sigma_threshold=5, max_gap_s=60.0)
+    assert not after_gap["outlier"] and after_gap["reset"]
+    # Within the limit the same jump is an outlier, as before; without a limit, too.
+    assert outliers.judge(0.05, 1e-4, 18.0 + 59.0, window, sigma_threshold=5, max_gap_s=60.0)["outlier"]
+    assert outliers.judge(0.05, 1e-4, 18.0 + 61.0, window, sigma_threshold=5)["outlier"]
