@@ -23,7 +23,8 @@ answers with an :class:`Answer`:
 
 - ``joined``: N's warm-up is running; the request joins it (consumers on one
   node share one warm-up) and does not extend it;
-- ``started``: a warm-up of ``min(asked, policy's length)``;
+- ``started``: a warm-up of the policy's length, whatever was asked (a
+  short ask would start one of no rounds, then a cooldown for everyone);
 - ``refused`` with a named reason: ``no_policy`` (no beat has published one:
   none would run the warm-up), ``unknown_node`` (not among the policy's nodes:
   a misspelt node is told so), ``hub`` (the hub node measures the public
@@ -181,7 +182,7 @@ def _utc(unix_s: float | None) -> str:
 
 #: Judge a warm-up request, atomically, on Redis' clock.
 #: KEYS: policy, running warm-ups (node -> end ms), last ends (node -> end ms), the node's ``latest``.
-#: ARGV: node, ms asked for (0: the policy's length).
+#: ARGV: node.  The length is always the policy's.
 #: Returns {outcome, reason, a, b, now ms}: started/joined: a = ms remaining; fresh: a = age ms, b = limit ms;
 #: cooldown: a = ms until it may run, b = when (ms); unknown_node: a = nodes in the policy.
 _REQUEST = """
@@ -234,8 +235,6 @@ local last = tonumber(redis.call('ZSCORE', KEYS[3], node) or '')
 if last and last + cooldown > now then
     return {'refused', 'cooldown', last + cooldown - now, last + cooldown, now}
 end
--- The service's length, whatever the asker's (ARGV[2] is only its wish, logged): a short ask would start a
--- warm-up of no rounds and then hold every other asker off for the whole cooldown.
 redis.call('ZADD', KEYS[2], now + duration, node)
 if redis.call('PTTL', KEYS[2]) < duration then
     redis.call('PEXPIRE', KEYS[2], duration)
@@ -299,14 +298,14 @@ def request(client: redis.Redis, prefix: str, node: str, duration_s: float | Non
     """Ask for up to ``duration_s`` of warm-up rounds for ``node`` (``None``: the service's length).
 
     Judged by the published :class:`Policy` on Redis' clock (:data:`_REQUEST`):
-    the answer is ``started`` (for at most the service's length), ``joined``
+    the answer is ``started`` (for the service's length, whatever ``duration_s``
+    asks: the caller logs a difference), ``joined``
     (a warm-up of ``node`` runs; not extended) or ``refused`` with a named
     reason (:data:`REASONS`).  Raises redis' errors only.
     """
     if duration_s is not None and duration_s <= 0:
         raise ValueError(f"a warm-up of {duration_s:g} s: ask for more than 0 s, or None for the service's length")
-    asked_ms = 0 if duration_s is None else max(1, _ms(duration_s))
-    reply = client.register_script(_REQUEST)(keys=_request_keys(prefix, node), args=[node, asked_ms])
+    reply = client.register_script(_REQUEST)(keys=_request_keys(prefix, node), args=[node])
     return _answer(node, reply)
 
 
@@ -317,11 +316,10 @@ def request_many(client: redis.Redis, prefix: str, nodes: list[str],
         return {}
     if duration_s is not None and duration_s <= 0:
         raise ValueError(f"a warm-up of {duration_s:g} s: ask for more than 0 s, or None for the service's length")
-    asked_ms = 0 if duration_s is None else max(1, _ms(duration_s))
     script = client.register_script(_REQUEST)
     with client.pipeline(transaction=False) as pipe:
         for node in nodes:
-            script(keys=_request_keys(prefix, node), args=[node, asked_ms], client=pipe)
+            script(keys=_request_keys(prefix, node), args=[node], client=pipe)
         replies = pipe.execute()
     return {node: _answer(node, reply) for node, reply in zip(nodes, replies, strict=True)}
 

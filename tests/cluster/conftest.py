@@ -27,10 +27,16 @@ _skipped: list[str] = []
 @pytest.fixture(scope="session")
 def bed():
     """The cluster (tests/cluster/bed.py), every node publishing; deleted at the end of the session."""
+    yield from running_bed(Bed, "ct-bed-")
+
+
+def running_bed(kind: type[Bed], prefix: str, **kwargs):
+    """Build a ``kind`` bed (``kwargs`` to its constructor), start its cluster, yield it; tear it down whatever
+    happens, copying the logs to ``$CHRONOTICK_BED_LOGS`` first.  Skipped only where namespaces cannot be made."""
     if ip_binary() is None:
         _skip("no `ip` command (Debian package iproute2)")
-    directory = Path(tempfile.mkdtemp(prefix="ct-bed-"))
-    cluster = Bed(directory)
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    cluster = kind(directory, **kwargs)
     try:
         try:
             cluster.build()

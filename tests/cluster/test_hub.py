@@ -20,7 +20,6 @@ import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,12 +38,10 @@ from .bed import (
     SIMULATOR_FIRST_PORT,
     Bed,
     BedError,
-    NamespacesUnavailable,
     chronotick_argv,
-    ip_binary,
     poll,
 )
-from .conftest import KEEP_LOGS, _skip
+from .conftest import KEEP_LOGS, running_bed
 
 #: Each compute node's clock error (s): its worker runs under ``faketime -f "+X s"``; truth = -error.
 SKEWS_S = {"node1": 0.005, "node2": -0.003, "node3": 0.002, "node4": 0.0, "node5": 0.0015, "node6": -0.001,
@@ -190,24 +187,7 @@ class HubBed(Bed):
 
 @pytest.fixture(scope="module")
 def hub_bed():
-    if ip_binary() is None:
-        _skip("no `ip` command (Debian package iproute2)")
-    directory = Path(tempfile.mkdtemp(prefix="ct-hub-"))
-    cluster = HubBed(directory, nodes=tuple(SKEWS_S))
-    try:
-        try:
-            cluster.build()
-        except NamespacesUnavailable as exc:
-            _skip(f"{exc}; run as root (CI does)")
-        cluster.start_cluster()
-        yield cluster
-    finally:
-        problems = cluster.teardown()
-        keep = os.environ.get(KEEP_LOGS)
-        if keep and (directory / "logs").is_dir():
-            shutil.copytree(directory / "logs", Path(keep) / cluster.prefix)
-        shutil.rmtree(directory, ignore_errors=True)
-        assert not problems, f"tearing the bed down: {problems}"
+    yield from running_bed(HubBed, "ct-hub-", nodes=tuple(SKEWS_S))
 
 
 def _truth(node: str) -> float:
