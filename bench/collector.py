@@ -2,7 +2,7 @@
 
 ChronoTick's pipeline calls ``get_recent_measurements(500)`` and
 ``get_latest_offset()`` on every correction (about once a second).  The
-drop-in (:class:`orchestrator.consumer.ClockMeasurementSource`) answers both
+drop-in (:class:`orchestrator.reader.ClockMeasurementSource`) answers both
 from memory while one thread follows the node's history stream.  This bench
 publishes 1,000 three-server rounds (the most the collector keeps, all inside
 ChronoTick's 500 s window) into a private Redis, then times each call:
@@ -34,11 +34,11 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from orchestrator.consumer import KEEP_MEASUREMENTS, ClockMeasurementSource  # noqa: E402
-from orchestrator.contracts import RoundMeta  # noqa: E402
+from orchestrator.callback import build_record  # noqa: E402
+from orchestrator.outcomes import RoundMeta  # noqa: E402
+from orchestrator.reader import KEEP_MEASUREMENTS, ClockMeasurementSource  # noqa: E402
 from orchestrator.store import Store  # noqa: E402
-from orchestrator.tasks import build_record  # noqa: E402
-from simulator.local import RedisProcess  # noqa: E402
+from simulator.processes import RedisProcess  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 
 NODE = "ares-comp-11"
@@ -46,7 +46,7 @@ PREFIX = "bench"
 
 
 def _record(i: int, now: float) -> dict:
-    """A three-server round as the callback builds it (orchestrator.tasks.build_record), measured at ``now``."""
+    """A three-server round as the callback builds it (orchestrator.callback.build_record), measured at ``now``."""
     servers = [f"172.20.1.1:{8123 + k}" for k in range(3)]
     meta = RoundMeta(round_id=f"{NODE}-r{i}", node=NODE, dispatched_at=now - 0.05, deadline_at=now + 30,
                      key_prefix=PREFIX, history_length=5000, ntp=config_mod.ntp_from_mapping({"servers": servers}))

@@ -41,8 +41,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from simulator.local import RedisProcess, start_node_worker, stop_process  # noqa: E402
-from simulator.server import Behaviour, NtpSimulator  # noqa: E402
+from simulator.ntpserver import Behaviour, NtpSimulator  # noqa: E402
+from simulator.processes import RedisProcess, start_node_worker, stop_process  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 
 NODE = "homelab"

@@ -26,7 +26,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from simulator.local import ChronydNts, RedisProcess, chronyd_binary, start_node_worker, stop_process  # noqa: E402
+from simulator.processes import ChronydNts, RedisProcess, chronyd_binary, start_node_worker, stop_process  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 from workers.ntp import client, nts, packet  # noqa: E402
 

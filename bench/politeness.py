@@ -36,7 +36,7 @@ hub     Only the head node (``ntp_service.hub.node``) measures the public
         at 0, 5 and 15 s); and that worst case without the budget: what the
         head would send if the budget were not enforced, which is not what
         happens.  The reach register, which stops retrying a server silent
-        for 8 rounds (orchestrator/servers.py), is left out: the worst case.
+        for 8 rounds (orchestrator/sources.py), is left out: the worst case.
 
 Columns: the nodes' requests in the worst 60 s (to the relay's port for that
 server, or to the hub's LAN server); what the public server receives in the
@@ -67,8 +67,8 @@ sys.path.insert(0, str(REPO))
 
 from orchestrator.rounds import RATE_BACKOFF_INTERVALS  # noqa: E402
 from orchestrator.scheduler import phase_slot  # noqa: E402
-from relay.config import DEFAULT_CLIENT_BURST, DEFAULT_CLIENT_INTERVAL_S, Mapping, load_mappings  # noqa: E402
 from relay.limits import FORWARD, OVER_BUDGET, ClientLimits, UpstreamLimit  # noqa: E402
+from relay.settings import DEFAULT_CLIENT_BURST, DEFAULT_CLIENT_INTERVAL_S, Mapping, load_mappings  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 from workers.config import Config, HubSettings  # noqa: E402
 from workers.kod import RATE, KissMemory  # noqa: E402

@@ -28,8 +28,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from simulator.local import RedisProcess, start_node_worker, stop_process  # noqa: E402
-from simulator.server import Behaviour, NtpSimulator  # noqa: E402
+from simulator.ntpserver import Behaviour, NtpSimulator  # noqa: E402
+from simulator.processes import RedisProcess, start_node_worker, stop_process  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 
 NODE = "profiled"
@@ -40,11 +40,11 @@ PARTS = (
     ("Celery: storing a task's result", "Backend.store_result"),
     ("Celery: saferepr of each result", "saferepr"),
     ("ours: the early decider (early.decide)", "decide (orchestrator/early.py"),
-    ("ours: deciding early, the rest (meta, publishing early)", "decide_early (orchestrator/tasks.py"),
+    ("ours: deciding early, the rest (meta, publishing early)", "decide_early (orchestrator/callback.py"),
     ("ours: the tracker (requests out, when to ask)", "workers/inflight.py"),
     ("ours: the NTP exchange and its checks", "attempt (workers/measure.py"),
     ("ours: the reporter thread (reports for the closer)", "Reporter._run"),
-    ("ours: the chord callback (selection, publication)", "finish_round (orchestrator/tasks.py"),
+    ("ours: the chord callback (selection, publication)", "finish_round (orchestrator/callback.py"),
     ("ours: the fan-out (sending the round's messages)", "_send_frozen"),
     ("Celery: the consumer thread (BRPOP, decoding, hand-off)", "MainThread"),
     ("Celery: the rest of running a task", "trace_task"),

@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from orchestrator import rounds  # noqa: E402
 from orchestrator.store import ROUND_CLAIM_TTL_S, Keys  # noqa: E402
-from simulator.local import RedisProcess, start_node_worker, stop_process  # noqa: E402
-from simulator.server import Behaviour, NtpSimulator  # noqa: E402
+from simulator.ntpserver import Behaviour, NtpSimulator  # noqa: E402
+from simulator.processes import RedisProcess, start_node_worker, stop_process  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 
 NODE = "ares-comp-11"

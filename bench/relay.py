@@ -37,8 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from simulator.local import stop_process  # noqa: E402
-from simulator.server import Behaviour, NtpSimulator, free_udp_ports  # noqa: E402
+from simulator.ntpserver import Behaviour, NtpSimulator, free_udp_ports  # noqa: E402
+from simulator.processes import stop_process  # noqa: E402
 from workers.ntp import packet  # noqa: E402
 
 

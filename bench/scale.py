@@ -41,8 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from orchestrator.store import Keys  # noqa: E402
-from simulator.local import RedisProcess, stop_process  # noqa: E402
-from simulator.server import Behaviour, NtpSimulator  # noqa: E402
+from simulator.ntpserver import Behaviour, NtpSimulator  # noqa: E402
+from simulator.processes import RedisProcess, stop_process  # noqa: E402
 from workers import config as config_mod  # noqa: E402
 from workers.heartbeat import HEARTBEAT_INTERVAL_S  # noqa: E402
 

@@ -349,7 +349,7 @@ def cmd_latest(args) -> int:
 
 def _follow(config: config_mod.Config, node: str, *, as_json: bool, service_clock: RedisClock) -> int:
     """Print each measurement published for ``node`` until interrupted (or SIGTERM); ages on Redis' clock."""
-    from .consumer import NtpReader, ServiceUnavailable
+    from .reader import NtpReader, ServiceUnavailable
 
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"following {node!r}: each new measurement as it is published (Ctrl-C to stop)",
@@ -403,13 +403,13 @@ def cmd_servers(args) -> int:
     config = _load(args)
     node = _node(args)
     _check_broker(config)
-    from . import servers
+    from . import sources
     from .store import store_for
 
     store = store_for(config.service)
     now = time.time()
     records = store.history_since(node, now - args.hours * 3600)
-    report = servers.report(node, [s.name for s in config.for_node(node).ntp.servers], records, store.reach(node),
+    report = sources.report(node, [s.name for s in config.for_node(node).ntp.servers], records, store.reach(node),
                             now=now)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
@@ -648,7 +648,7 @@ def cmd_relay(args) -> int:
     import ipaddress
     import socket
 
-    from relay import config as relay_config
+    from relay import settings as relay_config
     from relay.counts import RedisReport
     from relay.server import Relay
 
@@ -702,7 +702,7 @@ def cmd_relay(args) -> int:
 
 def cmd_simulate(args) -> int:
     config = config_mod.load(args.config)
-    from simulator.server import from_config
+    from simulator.ntpserver import from_config
 
     section = config.extra.get("simulator")
     if not isinstance(section, dict):
@@ -726,21 +726,21 @@ def cmd_simulate(args) -> int:
 def cmd_up(args) -> int:
     from pathlib import Path
 
-    from .box import DEFAULT_DATA_DIR, DEFAULT_REDIS_PORT, Box, BoxError, InUse, ServiceFailed
+    from .supervisor import DEFAULT_DATA_DIR, DEFAULT_REDIS_PORT, InUse, ServiceFailed, Supervisor, SupervisorError
 
     config = _load(args)
     node = _node(args)
     _warn(config)
-    box = Box(os.path.abspath(args.config), node, Path(args.data_dir or DEFAULT_DATA_DIR),
+    supervisor = Supervisor(os.path.abspath(args.config), node, Path(args.data_dir or DEFAULT_DATA_DIR),
               exporter_port=args.exporter_port,
               redis_port=DEFAULT_REDIS_PORT if args.redis_port is None else args.redis_port)
     try:
-        box.run(config, dict(os.environ))  # until a stop signal, or a service's death
+        supervisor.run(config, dict(os.environ))  # until a stop signal, or a service's death
     except InUse as exc:
         raise CliError(str(exc), EXIT_IN_USE) from None
     except ServiceFailed as exc:
         raise CliError(str(exc), EXIT_SERVICE_FAILED) from None
-    except BoxError as exc:
+    except SupervisorError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     return EXIT_OK
 

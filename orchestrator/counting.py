@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from workers.contracts import Reason
 
-from .contracts import ClosedBy, ServerStatus
+from .outcomes import ClosedBy, ServerStatus
 
 #: Counters every node's stats hash has (zero until first counted).  ``queries`` counts attempts and
 #: ``requests`` the request packets they sent (an advanced-mode attempt is a burst): see docs/contract.md.
 #: ``starvation`` is NTP starvation only; ``outage`` counts rounds no server could be asked or reached in
-#: (:func:`orchestrator.contracts.outage_of`), apart.
+#: (:func:`orchestrator.outcomes.outage_of`), apart.
 COUNTERS = ("rounds", "strict", "relaxed", "starvation", "outlier", "outage", "queries", "requests", "retries",
             "replies", "rejected", "falsetickers", "early", "late")
 

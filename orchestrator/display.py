@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from workers.redisclock import latest_age_s
 
-from .contracts import Quality, ServerStatus
+from .outcomes import Quality, ServerStatus
 from .targets import TARGETS
 
 
@@ -140,7 +140,7 @@ def summarise_result(result: dict) -> str:
 
     ``result`` as :func:`orchestrator.store.brief_result` keeps it (``server``
     ``None``: nothing published).  The same line the callback of a round shows in
-    Flower (``orchestrator.tasks.summarise_round``).
+    Flower (``orchestrator.callback.summarise_round``).
     """
     used = f"{result['servers_used']}/{result['servers_total']} servers"
     if result.get("server") is None:

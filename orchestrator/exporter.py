@@ -32,10 +32,10 @@ from workers.config import ServiceSettings
 from workers.keys import QUEUE_PREFIX
 from workers.redisclock import latest_age_s, time_of
 
-from . import records, servers
-from .contracts import Quality
+from . import records, sources
 from .counting import COUNTERS, ROUND_DURATION_BUCKETS_S
-from .servers import Reach
+from .outcomes import Quality
+from .sources import Reach
 from .store import Keys
 
 log = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ class NtpCollector(Collector):
                 if reach is not None:
                     server_reach.add_metric([node, name], reach.register)
                     server_reachable.add_metric([node, name], 1 if reach.register else 0)
-                state = servers.state_of(entries.get(name), reach)
+                state = sources.state_of(entries.get(name), reach)
                 server_state.add_metric([node, name, state], 1)
             for server in (record or {}).get("servers", []):
                 sample = server.get("sample")

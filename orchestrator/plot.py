@@ -26,7 +26,7 @@ import matplotlib.dates as mdates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker as mticker  # noqa: E402
 
-from .contracts import Quality  # noqa: E402
+from .outcomes import Quality  # noqa: E402
 from .targets import ROUND_TIME_AVG, ROUND_TIME_P99, TARGETS  # noqa: E402
 
 #: Colours by round quality.

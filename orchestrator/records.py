@@ -40,12 +40,12 @@ import json
 import math
 from typing import Any
 
-from .contracts import ClosedBy, ServerStatus
+from .outcomes import ClosedBy, ServerStatus
 
 COMPACT = "compact"
 VERBOSE = "verbose"
 
-#: Who finished a round when a record does not say (see orchestrator.tasks.CLOSED_BY_CALLBACK).
+#: Who finished a round when a record does not say (see orchestrator.callback.CLOSED_BY_CALLBACK).
 CLOSED_BY_CALLBACK = ClosedBy.CALLBACK
 
 #: Redis keeps a stream entry of up to about 2,000 bytes two to a node: see the module doc.

@@ -26,10 +26,10 @@ from workers.redisclock import clock_for
 from workers.tasks import describe, query_server
 
 from . import records
-from .contracts import RoundMeta
-from .servers import Reach
+from .callback import CLOSED_BY_DEADLINE, complete, finish, finish_round
+from .outcomes import RoundMeta
+from .sources import Reach
 from .store import COMPLETE, PUBLISHED, UNANSWERED_DELAY_S, Keys, Store, client_for, store_for
-from .tasks import CLOSED_BY_DEADLINE, complete, finish, finish_round
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from typing import Any
 from workers.contracts import AuthSelect, OutcomeStatus, Reason, Selection
 from workers.quality import Thresholds
 
-from .contracts import Quality, ServerStatus
+from .outcomes import Quality, ServerStatus
 
 #: A sample, an outcome or a round's part of one, as the JSON it travels as.
 Json = dict[str, Any]

@@ -52,9 +52,9 @@ from workers.keys import Keys
 from workers.redisclock import clock_for
 
 from . import records, selection
-from .contracts import Quality, ServerStatus
 from .counting import COUNTERS, duration_fields, late_counters, round_counters
-from .servers import Reach
+from .outcomes import Quality, ServerStatus
+from .sources import Reach
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Store:
         self.keys = Keys(prefix)
         self._skipped: OrderedDict[tuple[str, str], None] = OrderedDict()  # bad entries warned about
 
-    def finish_round(self, node: str, round_id: str, build: Callable[[list[list[float]], int, float], dict], *,
+    def record_round(self, node: str, round_id: str, build: Callable[[list[list[float]], int, float], dict], *,
                      history_length: int, window_size: int, history_hours: float = DEFAULT_HISTORY_HOURS,
                      detail: str = records.COMPACT) -> dict | None:
         """Finish a round once, atomically: claim it and publish it in one transaction.
@@ -153,13 +153,13 @@ class Store:
         those of its late servers are kept in the ``late`` stream, counted
         (``late``, and their queries, retries, replies and failures), and fill
         their reach bit.  A late server with no outcome here counts as
-        ``no_result``.  Once, atomically, as :meth:`finish_round`.
+        ``no_result``.  Once, atomically, as :meth:`record_round`.
         """
         claim = self.keys.round_claim(node, round_id)
         with self.client.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(claim)
-                # The claim and Redis' clock in one round trip, after the WATCH (as in finish_round).
+                # The claim and Redis' clock in one round trip, after the WATCH (as in record_round).
                 with self.client.pipeline(transaction=False) as reads:
                     reads.get(claim)
                     reads.time()

@@ -32,8 +32,8 @@ from typing import Any
 
 from workers.redisclock import is_stale, latest_age_s
 
-from .contracts import Quality
 from .counting import round_counters
+from .outcomes import Quality
 
 ROUND_TIME_AVG = "round_time_avg_s"
 ROUND_TIME_P99 = "round_time_p99_s"

@@ -58,8 +58,8 @@ from typing import Any
 
 from workers.ntp import packet
 
-from .config import Mapping, RelaySettings, describe, impolite
 from .limits import ClientLimits, UpstreamLimit
+from .settings import Mapping, RelaySettings, describe, impolite
 from .stats import PortStats
 
 log = logging.getLogger(__name__)

@@ -17,14 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestrator import display, rounds, servers, targets
-from orchestrator.consumer import STALE_INTERVALS
+from orchestrator import display, rounds, sources, targets
+from orchestrator.reader import STALE_INTERVALS
 from orchestrator.store import store_for
 from workers import config as config_mod
 from workers.app import app, configure
 
-from .local import RedisProcess, start_node_worker, stop_process
-from .server import Behaviour, NtpSimulator, from_config
+from .ntpserver import Behaviour, NtpSimulator, from_config
+from .processes import RedisProcess, start_node_worker, stop_process
 
 #: The demo's configuration, relative to the repository.
 DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config_local_demo.yaml"
@@ -128,7 +128,7 @@ def run_demo(config_path: str | None, *, rounds_to_run: int = 4, plot: str | Non
             for line in explain_misses(figures, without, bad):
                 print(line)
             print("\n--- chronotick-ntp servers: each server's state and reach ---")
-            print(display.format_servers(servers.report(node, [s.name for s in config.ntp.servers], records,
+            print(display.format_servers(sources.report(node, [s.name for s in config.ntp.servers], records,
                                                         store.reach(node), now=now)))
             if plot:
                 from orchestrator.plot import plot_node

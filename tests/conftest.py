@@ -21,8 +21,8 @@ import pytest
 import redis
 import yaml
 
-from simulator.local import RedisProcess, chronyd_binary, stop_process
-from simulator.server import Behaviour, NtpSimulator, free_udp_ports
+from simulator.ntpserver import Behaviour, NtpSimulator, free_udp_ports
+from simulator.processes import RedisProcess, chronyd_binary, stop_process
 from workers import config as config_mod
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,7 +110,7 @@ def _restore_app_redis(request):
 
 def start_worker(redis_url: str, node: str, log_path: Path, *, concurrency: int = 16) -> subprocess.Popen:
     """A real ``celery worker`` subprocess serving ``node``'s queue: the launcher the demo and benches use."""
-    from simulator.local import start_node_worker
+    from simulator.processes import start_node_worker
 
     env = {**os.environ, config_mod.ENV_REDIS_URL: redis_url}
     env.pop(config_mod.ENV_CONFIG, None)

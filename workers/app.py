@@ -28,7 +28,7 @@ from . import (
 from .keys import QUEUE_PREFIX, Keys
 
 #: Task modules every worker registers.
-TASK_MODULES = ("workers.tasks", "workers.chords", "orchestrator.tasks")
+TASK_MODULES = ("workers.tasks", "workers.chords", "orchestrator.callback")
 
 #: Chord state only needs to outlive a round.  No task of a round stores a result
 #: (the query tasks' outcomes travel in the chord's join, the callback's record is

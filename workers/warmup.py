@@ -6,7 +6,7 @@ ten measurements at once (``real_data_pipeline.py``, ``_mark_warm_up_complete``)
 A cluster's beat runs for months, so a warm-up tied to the beat's age would
 serve only the first minute of the cluster.  Instead a warm-up is asked for:
 
-- by a consumer starting collection for node N (:class:`orchestrator.consumer.ClockMeasurementSource`);
+- by a consumer starting collection for node N (:class:`orchestrator.reader.ClockMeasurementSource`);
 - by N's worker starting while N has no fresh measurement (the hook below);
 - by a beat taking the lease, for its nodes that have none.
 

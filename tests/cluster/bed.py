@@ -57,7 +57,7 @@ from typing import Any
 import redis
 import yaml
 
-from simulator.local import chronyd_binary
+from simulator.processes import chronyd_binary
 from workers.keys import Keys
 
 REPO = Path(__file__).resolve().parents[2]

@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from orchestrator.store import Store
-from simulator.local import chronyd_binary
-from simulator.server import Behaviour, NtpSimulator
+from simulator.ntpserver import Behaviour, NtpSimulator
+from simulator.processes import chronyd_binary
 
 from .bed import (
     HEAD_ADDRESS,
@@ -62,7 +62,7 @@ CONSUMER_RESTART_S = 30.0
 #: One node's ChronoTick: ClockMeasurementSource started, run CONSUMER_RESTART_S, stopped, again, until SIGTERM.
 CONSUMER = """
 import logging, signal, sys, time
-from orchestrator.consumer import ClockMeasurementSource
+from orchestrator.reader import ClockMeasurementSource
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
 stop = []
 signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

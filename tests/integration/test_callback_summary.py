@@ -13,9 +13,9 @@ import uuid
 import pytest
 
 from orchestrator import rounds, selection
+from orchestrator.callback import CLOSED_BY_EARLY, finish, finish_round
 from orchestrator.flowerconfig import format_task
 from orchestrator.store import Store
-from orchestrator.tasks import CLOSED_BY_EARLY, finish, finish_round
 from workers import config as config_mod
 
 from ..conftest import write_config

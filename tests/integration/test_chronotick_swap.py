@@ -36,8 +36,8 @@ import redis
 import yaml
 
 from orchestrator.consumer import ClockMeasurementSource as ClockMeasurementCollector  # ChronoTick's one line
-from simulator.local import RedisProcess, stop_process
-from simulator.server import Behaviour
+from simulator.ntpserver import Behaviour
+from simulator.processes import RedisProcess, stop_process
 from workers import config as config_mod
 from workers import heartbeat, warmup
 from workers.app import queue_for
@@ -173,7 +173,7 @@ def test_chronotick_pipeline_runs_on_the_service_through_a_redis_stall(cluster, 
     # ChronoTick starts with its node's service: the node has nothing fresh, and its warm-up is asked for.
     wait_for(lambda: _beat_leads(client), what="the beat to take the lease")
 
-    caplog.set_level(logging.INFO, logger="orchestrator.consumer")
+    caplog.set_level(logging.INFO, logger="orchestrator.reader")
     collector = ClockMeasurementCollector(cluster["path"])  # the path alone: node from $CHRONOTICK_NODE
     assert collector.node == NODE
     assert collector.warm_up_duration == WARM_UP_S  # ChronoTick reads it for its timer
@@ -265,7 +265,7 @@ def test_consumers_on_one_node_share_one_warm_up_and_a_restart_on_a_fresh_node_g
         second.stop_collection()
     # After it, a consumer restarted (a crash loop under systemd) finds the node fresh: told so, no warm-up.
     wait_for(lambda: not warmup.active(client, "swap"), timeout_s=30, what="the warm-up to end")
-    caplog.set_level(logging.INFO, logger="orchestrator.consumer")
+    caplog.set_level(logging.INFO, logger="orchestrator.reader")
     again = ClockMeasurementCollector(cluster["path"])
     try:
         again.start_collection()

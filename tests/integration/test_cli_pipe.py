@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from orchestrator import cli, rounds
+from orchestrator.callback import CLOSED_BY_CALLBACK, finish
 from orchestrator.store import Store
-from orchestrator.tasks import CLOSED_BY_CALLBACK, finish
 from workers import config as config_mod
 
 from ..conftest import REPO, wait_for, write_config

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from simulator.server import Behaviour
+from simulator.ntpserver import Behaviour
 from workers import measure
 from workers.ntp import client, sanity
 from workers.ntp.client import QueryFailed

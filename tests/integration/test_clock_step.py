@@ -58,7 +58,7 @@ def read(tag):
     after = clock.now()
     wall = time.time()
     return {"tag": tag, "before": before, "exact": exact, "after": after, "took": took,
-            "reader": wall + clock.offset_s,  # how orchestrator.consumer reads it: time.time() + offset_s
+            "reader": wall + clock.offset_s,  # how orchestrator.reader reads it: time.time() + offset_s
             "from_local": clock.from_local(wall), "wall": wall, "error_s": clock.error_s}
 
 

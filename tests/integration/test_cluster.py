@@ -17,8 +17,8 @@ import redis
 import yaml
 
 from orchestrator.store import Store
-from simulator.local import RedisProcess, stop_process
-from simulator.server import Behaviour
+from simulator.ntpserver import Behaviour
+from simulator.processes import RedisProcess, stop_process
 from workers import config as config_mod
 
 from ..conftest import REPO, wait_for

@@ -52,7 +52,7 @@ def test_services_run_the_documented_commands(rendered):
         assert args.config == "/app/configs/config_homelab_2min_ntp.yaml"
     assert parser.parse_args(rendered["worker"]["command"][1:]).node == "ares-comp-11"
     relay = parser.parse_args(rendered["relay"]["command"][1:])
-    assert (relay.config, relay.bind) == ("/app/configs/ntp_proxy_config.yaml", "127.0.0.1")  # loopback unless told
+    assert (relay.settings, relay.bind) == ("/app/configs/ntp_proxy_config.yaml", "127.0.0.1")  # loopback unless told
     assert rendered["worker"]["environment"]["CHRONOTICK_NODE"] == "ares-comp-11"
 
 
@@ -105,7 +105,7 @@ def test_the_image_installs_from_exactly_what_its_dockerfile_copies(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("workers/tasks.py", "orchestrator/cli.py", "relay/server.py", "simulator/server.py"):
+    for module in ("workers/tasks.py", "orchestrator/cli.py", "relay/server.py", "simulator/ntpserver.py"):
         assert module in names, module
 
 
@@ -117,7 +117,7 @@ def test_compose_redis_keeps_history_across_a_restart(rendered, tmp_path):
     import redis as redis_py
 
     from orchestrator.store import Store
-    from simulator.local import free_tcp_port, stop_process
+    from simulator.processes import free_tcp_port, stop_process
 
     script = rendered["redis"]["command"][-1]
     args = shlex.split(script.split("exec redis-server /tmp/redis.conf", 1)[1])

@@ -8,9 +8,9 @@ import threading
 import pytest
 
 from orchestrator import rounds
-from orchestrator.consumer import ClockMeasurementSource, NtpReader, ServiceUnavailable
-from simulator.local import RedisProcess, free_tcp_port
-from simulator.server import Behaviour
+from orchestrator.reader import ClockMeasurementSource, NtpReader, ServiceUnavailable
+from simulator.ntpserver import Behaviour
+from simulator.processes import RedisProcess, free_tcp_port
 from workers import config as config_mod
 
 from ..conftest import REPO, TEST_NODE, wait_for, write_config

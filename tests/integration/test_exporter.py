@@ -15,8 +15,8 @@ from orchestrator import rounds
 from orchestrator.counting import ROUND_DURATION_BUCKETS_S
 from orchestrator.exporter import NtpCollector, registry_for
 from orchestrator.store import Store
-from simulator.local import RedisProcess, free_tcp_port, stop_process
-from simulator.server import Behaviour
+from simulator.ntpserver import Behaviour
+from simulator.processes import RedisProcess, free_tcp_port, stop_process
 from workers import config as config_mod
 
 from ..conftest import REPO, TEST_NODE, tool, wait_for, write_config

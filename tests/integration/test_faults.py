@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator import cli, rounds
 from orchestrator.store import Store
-from simulator.server import Behaviour
+from simulator.ntpserver import Behaviour
 from workers import config as config_mod
 from workers.ntp import sanity
 

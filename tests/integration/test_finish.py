@@ -8,8 +8,8 @@ import pytest
 import redis
 
 from orchestrator import rounds
+from orchestrator.callback import CLOSED_BY_CALLBACK, CLOSED_BY_DEADLINE, finish
 from orchestrator.store import Store
-from orchestrator.tasks import CLOSED_BY_CALLBACK, CLOSED_BY_DEADLINE, finish
 from workers import config as config_mod
 
 from ..conftest import write_config
@@ -90,7 +90,7 @@ def test_a_connection_lost_at_exec_leaves_the_round_for_the_closer(redis_server,
 
 def test_a_round_leaves_no_celery_result_no_report_and_no_subscription(worker, simulator, tmp_path, key_prefix,
                                                                        redis_client):
-    from simulator.server import Behaviour
+    from simulator.ntpserver import Behaviour
 
     from ..conftest import TEST_NODE, wait_for
 
@@ -156,9 +156,9 @@ def test_an_outage_round_takes_no_reach_bit_and_is_exported_apart(redis_client, 
     """Issue #25: a round no worker took (its node cut off) cost every server a reach bit and counted as starvation."""
     from prometheus_client import generate_latest
 
-    from orchestrator.contracts import RoundMeta
     from orchestrator.exporter import NtpCollector, registry_for
     from orchestrator.leader import Lease
+    from orchestrator.outcomes import RoundMeta
     from workers import heartbeat
     from workers.keys import Keys
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator import cli, rounds
-from simulator.local import free_tcp_port, stop_process
-from simulator.server import Behaviour
+from simulator.ntpserver import Behaviour
+from simulator.processes import free_tcp_port, stop_process
 from workers import config as config_mod
 
 from ..conftest import REPO, TEST_NODE, wait_for, write_config

@@ -5,7 +5,7 @@ import signal
 import pytest
 import redis
 
-from simulator.local import start_node_worker, stop_process
+from simulator.processes import start_node_worker, stop_process
 from workers import config as config_mod
 from workers import heartbeat
 from workers.app import queue_for, workers_for_queue

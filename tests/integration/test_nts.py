@@ -19,8 +19,8 @@ import pytest
 
 from orchestrator import cli
 from orchestrator.store import Store
-from simulator.local import ChronydNts, chronyd_binary, free_tcp_port, make_certificate
-from simulator.server import Behaviour
+from simulator.ntpserver import Behaviour
+from simulator.processes import ChronydNts, chronyd_binary, free_tcp_port, make_certificate
 from workers.ntp import packet
 
 from ..conftest import TEST_NODE, write_config

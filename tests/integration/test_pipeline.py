@@ -10,7 +10,7 @@ import pytest
 import workers.app
 from orchestrator import cli, rounds, selection
 from orchestrator.store import Store
-from simulator.server import Behaviour
+from simulator.ntpserver import Behaviour
 from workers import chords
 from workers import config as config_mod
 

@@ -32,10 +32,10 @@ import redis
 import yaml
 
 from orchestrator import records, rounds
-from orchestrator.consumer import KEEP_MEASUREMENTS, ClockMeasurementSource, Measurement, NtpReader
+from orchestrator.reader import KEEP_MEASUREMENTS, ClockMeasurementSource, Measurement, NtpReader
 from orchestrator.store import Store
-from simulator.local import RedisProcess
-from simulator.server import Behaviour
+from simulator.ntpserver import Behaviour
+from simulator.processes import RedisProcess
 from workers import config as config_mod
 
 from ..conftest import REPO, TEST_NODE, wait_for, write_config
@@ -539,7 +539,7 @@ def _faketime(off_s: float) -> list[str]:
 
 READ_UNDER_A_WRONG_CLOCK = """
 import json, select, sys, time
-from orchestrator.consumer import ClockMeasurementSource, NtpReader
+from orchestrator.reader import ClockMeasurementSource, NtpReader
 url, prefix, path = sys.argv[1:4]
 with NtpReader(url, prefix=prefix, stale_after_s=60) as reader:
     m = reader.latest("readernode")

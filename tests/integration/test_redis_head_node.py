@@ -15,7 +15,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from simulator.local import free_tcp_port, stop_process
+from simulator.processes import free_tcp_port, stop_process
 
 from ..conftest import REPO
 

@@ -20,10 +20,10 @@ import time
 import pytest
 
 from orchestrator import cli
-from relay.config import DEFAULT_MIN_INTERVAL_S, DEFAULT_UPSTREAM_BURST, Mapping, RelaySettings, parse_allow
 from relay.server import Relay
-from simulator.local import free_tcp_port
-from simulator.server import Behaviour, free_udp_ports
+from relay.settings import DEFAULT_MIN_INTERVAL_S, DEFAULT_UPSTREAM_BURST, Mapping, RelaySettings, parse_allow
+from simulator.ntpserver import Behaviour, free_udp_ports
+from simulator.processes import free_tcp_port
 from workers.ntp import packet
 
 from ..conftest import REPO, TEST_NODE, wait_for, write_config

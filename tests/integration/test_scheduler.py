@@ -12,7 +12,7 @@ import yaml
 from orchestrator import rounds
 from orchestrator.scheduler import Scheduler
 from orchestrator.store import Store
-from simulator.server import Behaviour
+from simulator.ntpserver import Behaviour
 from workers import config as config_mod
 
 from ..conftest import TEST_NODE, wait_for

@@ -7,7 +7,7 @@ import pytest
 from kombu import Connection
 
 from orchestrator import cli
-from simulator.local import stop_process
+from simulator.processes import stop_process
 from workers import config as config_mod
 
 from ..conftest import REPO, wait_for, write_config
@@ -51,7 +51,7 @@ def test_everything_listens_on_loopback_by_default():
     parser = cli._parser()
     assert parser.parse_args(["flower", "--config", "f"]).address == "127.0.0.1"
     assert config_mod.DEFAULT_REDIS_URL.startswith("redis://127.0.0.1:")
-    from simulator.server import NtpSimulator
+    from simulator.ntpserver import NtpSimulator
 
     assert NtpSimulator({}).host == "127.0.0.1"
 
@@ -85,7 +85,7 @@ def test_no_setting_shows_the_redis_password_to_flower_or_inspect(tmp_path, monk
 
     import redis as redis_py
 
-    from simulator.local import RedisProcess, start_node_worker
+    from simulator.processes import RedisProcess, start_node_worker
     from workers.app import app
 
     secret = f"pw-{uuid.uuid4().hex}"

@@ -17,10 +17,10 @@ import time
 import pytest
 import yaml
 
-from orchestrator.consumer import NtpReader
+from orchestrator.reader import NtpReader
 from orchestrator.store import Store
-from simulator.local import SentinelGroup, stop_process
-from simulator.server import Behaviour
+from simulator.ntpserver import Behaviour
+from simulator.processes import SentinelGroup, stop_process
 from workers import config as config_mod
 from workers import redisurl
 

@@ -23,10 +23,10 @@ import pytest
 import yaml
 
 from orchestrator import rounds
-from orchestrator.consumer import NtpReader
+from orchestrator.reader import NtpReader
 from orchestrator.store import Store
-from simulator.local import free_tcp_port, stop_process
-from simulator.server import Behaviour
+from simulator.ntpserver import Behaviour
+from simulator.processes import free_tcp_port, stop_process
 from workers import config as config_mod
 
 from ..conftest import REPO, wait_for

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from orchestrator import cli, rounds
-from simulator.local import free_tcp_port
-from simulator.server import Behaviour
+from simulator.ntpserver import Behaviour
+from simulator.processes import free_tcp_port
 from workers import config as config_mod
 
 from ..conftest import TEST_NODE, write_config

@@ -9,7 +9,7 @@ fail here.
 import pytest
 
 from orchestrator import rounds
-from simulator.server import Behaviour
+from simulator.ntpserver import Behaviour
 from workers import config as config_mod
 
 from ..conftest import TEST_NODE, write_config

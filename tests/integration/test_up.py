@@ -27,9 +27,9 @@ import yaml
 from celery import Celery
 
 from orchestrator.cli import EXIT_IN_USE, EXIT_OK, EXIT_SERVICE_FAILED, EXIT_USAGE
-from orchestrator.consumer import NtpReader
-from simulator.local import RedisProcess, free_tcp_port, stop_process
-from simulator.server import Behaviour
+from orchestrator.reader import NtpReader
+from simulator.ntpserver import Behaviour
+from simulator.processes import RedisProcess, free_tcp_port, stop_process
 from workers import config as config_mod
 from workers import redisurl
 

@@ -2,8 +2,8 @@
 
 import json
 
-from orchestrator import contracts as orchestrator_contracts
-from orchestrator.contracts import Quality, ServerStatus
+from orchestrator import outcomes as orchestrator_contracts
+from orchestrator.outcomes import Quality, ServerStatus
 from workers import kod, measure, tasks
 from workers.contracts import OutcomeStatus
 from workers.ntp import sanity
@@ -30,7 +30,7 @@ def test_every_reason_is_named_once_and_documented():
     """One vocabulary: each module's REASON_* is a Reason member, and every Reason is in the docs."""
     import pathlib
 
-    from orchestrator import contracts as orchestrator_contracts
+    from orchestrator import outcomes as orchestrator_contracts
     from orchestrator import selection
     from workers import kod, measure, tasks
     from workers.contracts import Reason, kiss_reason

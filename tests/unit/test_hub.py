@@ -1,7 +1,7 @@
 """Two legs through the hub (issue #26): a node's offset is its LAN leg plus the hub's, bounded by both and the drift.
 
 Pure: :mod:`orchestrator.hub` against random oracles of true clocks, and the hub's place in the config, the round
-metadata and the round record (:func:`orchestrator.tasks.build_record`).
+metadata and the round record (:func:`orchestrator.callback.build_record`).
 
 Sign conventions (as the service's): an offset is reference clock minus clock, so ``o_lan = hub clock - node
 clock`` and ``o_hub = UTC - hub clock``.  In the oracles a clock's *error* is ``UTC - clock``: node ``n``, hub
@@ -16,9 +16,9 @@ import random
 import pytest
 
 from orchestrator import hub
-from orchestrator.contracts import RoundMeta
+from orchestrator.callback import build_record
 from orchestrator.hub import PPM, Composed, compose, hub_age_s, hub_node_of, lan_leg, relative, utc_leg
-from orchestrator.tasks import build_record
+from orchestrator.outcomes import RoundMeta
 from workers import config as config_mod
 from workers.config import ConfigError, ServerAddress
 from workers.redisclock import stale_after_s

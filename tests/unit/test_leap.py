@@ -1,8 +1,8 @@
 """Leap seconds and smearing (orchestrator/leap.py): the list, the window, the timescales, and rounds near a leap.
 
 The oracle test runs thousands of seeded random rounds through the production
-paths (the chord callback's :func:`orchestrator.tasks.build_record` and the
-worker's :func:`orchestrator.tasks.decide_early`) and holds them to the slow,
+paths (the chord callback's :func:`orchestrator.callback.build_record` and the
+worker's :func:`orchestrator.callback.decide_early`) and holds them to the slow,
 obvious rule: inside a leap window nothing published ever mixes timescales --
 it is plain selection over the servers of ``leap_timescale`` alone -- and
 outside one the result is plain selection, unchanged.
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import early, leap, selection, tasks
-from orchestrator.consumer import Measurement
-from orchestrator.contracts import RoundMeta
+from orchestrator import callback, early, leap, selection
 from orchestrator.counting import round_counters
+from orchestrator.outcomes import RoundMeta
+from orchestrator.reader import Measurement
 from orchestrator.records import compact, compact_server, expand, late_of
 from orchestrator.store import late_entry, record_of
 from workers import config as config_mod
@@ -344,7 +344,7 @@ def test_no_published_round_ever_mixes_timescales_inside_a_window(leap_files):
     kinds = set()
     for _ in range(ROUNDS):
         meta, outcomes, inside, timescale = _round(rng, leap_files)
-        record = tasks.build_record(meta, outcomes, finished_at=meta.dispatched_at + 0.5)
+        record = callback.build_record(meta, outcomes, finished_at=meta.dispatched_at + 0.5)
         if record["latest"] is not None:
             kinds.add((meta.ntp.leap_timescale, meta.ntp.selection, inside))
         if not inside:
@@ -374,13 +374,13 @@ def test_the_early_decider_never_mixes_timescales_either(leap_files, monkeypatch
     for _ in range(ROUNDS):
         meta, outcomes, inside, timescale = _round(rng, leap_files)
         store = _FakeStore(meta)
-        monkeypatch.setattr(tasks, "_store", lambda prefix, store=store: store)
+        monkeypatch.setattr(callback, "_store", lambda prefix, store=store: store)
         hand = [o for o in outcomes if rng.random() < 0.7]
         out = [n for n in meta.servers if n not in {o["server"] for o in hand}]
         bounds = {n: rng.choice([0.0, rng.uniform(0.0, 0.06)]) for n in out}
         view = inflight.RoundView("chronotick", meta.node, meta.round_id, hand, bounds, {},
                                   retrying=frozenset(n for n in out if rng.random() < 0.2))
-        verdict = tasks.decide_early(view)
+        verdict = callback.decide_early(view)
         if not verdict.published:
             assert not store.records
             continue
@@ -412,7 +412,7 @@ class _FakeStore:
     def open_round_entry(self, node, round_id):
         return self.entry
 
-    def finish_round(self, node, round_id, build, **kw):
+    def record_round(self, node, round_id, build, **kw):
         record = build([], 0, self.entry["meta"]["dispatched_at"] + 0.5)
         self.records.append(record)
         return record
@@ -478,7 +478,7 @@ def test_the_leap_indicator_survives_compact_history_and_every_reader(method, in
                 for n in names]
     meta = RoundMeta(round_id="n1-1", node="n1", dispatched_at=1795998582.0, deadline_at=1795998612.0,
                      key_prefix="chronotick", history_length=100, ntp=ntp)
-    record = tasks.build_record(meta, outcomes, finished_at=1795998582.5)
+    record = callback.build_record(meta, outcomes, finished_at=1795998582.5)
     assert record["latest"]["leap"] == indicator
     stored = compact(record)
     if not indicator:

@@ -5,11 +5,11 @@ import random
 
 import pytest
 
-from orchestrator.contracts import RoundMeta
+from orchestrator.callback import build_record
 from orchestrator.counting import round_counters
 from orchestrator.display import format_round
+from orchestrator.outcomes import RoundMeta
 from orchestrator.records import RECORD_BUDGET_BYTES, compact, expand
-from orchestrator.tasks import build_record
 from workers import config as config_mod
 
 REAL_NAMES = ["time.google.com", "time1.google.com", "time2.google.com", "time3.google.com", "time.cloudflare.com",

@@ -115,7 +115,7 @@ def test_a_step_of_the_wall_clock_does_not_move_the_estimate(host, step_s):
     host.step(step_s)
     host.advance(0.001)
     assert clock.now() == pytest.approx(fake.truth(), abs=2e-6)
-    # The reader's form (orchestrator.consumer): the wall clock plus the offset, which follows the step.
+    # The reader's form (orchestrator.reader): the wall clock plus the offset, which follows the step.
     assert clock.offset_s == pytest.approx(offset_before - step_s, abs=1e-5)
     assert host.time() + clock.offset_s == pytest.approx(fake.truth(), abs=2e-6)
     # A host time read after the step converts to the Redis time it was read at; one read 5 s earlier, 5 s earlier.

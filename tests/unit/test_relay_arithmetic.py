@@ -13,14 +13,14 @@ policy after the burst, and the node is told so.
 
 from pathlib import Path
 
-from relay.config import (
+from relay.limits import FORWARD, OVER_BUDGET, ClientLimits, UpstreamLimit
+from relay.settings import (
     DEFAULT_CLIENT_BURST,
     DEFAULT_CLIENT_INTERVAL_S,
     DEFAULT_MIN_INTERVAL_S,
     DEFAULT_UPSTREAM_BURST,
     load_mappings,
 )
-from relay.limits import FORWARD, OVER_BUDGET, ClientLimits, UpstreamLimit
 from workers import config as config_mod
 from workers.measure import ADVANCED_SAMPLE_SPACING_S
 

@@ -8,9 +8,9 @@ This drives the real PortRelay logic; only the upstream socket is a recorder.
 
 import pytest
 
-from relay.config import Mapping, RelaySettings, parse_allow
 from relay.limits import DEFAULT_MAX_CLIENTS, ClientLimits
 from relay.server import MAX_PENDING, PortRelay
+from relay.settings import Mapping, RelaySettings, parse_allow
 from workers.ntp import packet
 
 #: Far past every bound (the report's 300,000 behave the same, three times slower).

@@ -1,10 +1,10 @@
-"""relay.config: ChronoTick's proxy file loads unchanged; bad input names the key."""
+"""relay.settings: ChronoTick's proxy file loads unchanged; bad input names the key."""
 
 from pathlib import Path
 
 import pytest
 
-from relay.config import (
+from relay.settings import (
     DEFAULT_MIN_INTERVAL_S,
     DEFAULT_RATE_BACKOFF_S,
     DEFAULT_UPSTREAM_BURST,
@@ -76,7 +76,7 @@ def test_allow_is_loopback_by_default_and_networks_when_given():
 
 
 def test_a_mapping_past_the_published_rules_is_named_and_the_defaults_are_not():
-    from relay.config import Mapping, describe, impolite
+    from relay.settings import Mapping, describe, impolite
 
     assert impolite(Mapping(listen_port=8123, ntp_server="time.nist.gov")) == []
     assert impolite(Mapping(listen_port=8123, ntp_server="a", min_interval_s=4.0, upstream_burst=4)) == []

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from relay.config import DEFAULT_RESOLVE_EVERY_S, DEFAULT_RESOLVE_RETRY_S, Mapping, RelaySettings
 from relay.server import PortRelay, Relay, resolve_delay_s
+from relay.settings import DEFAULT_RESOLVE_EVERY_S, DEFAULT_RESOLVE_RETRY_S, Mapping, RelaySettings
 
 
 class FakeResolver:

@@ -3,9 +3,9 @@
 import json
 
 from orchestrator import selection
-from orchestrator.contracts import RoundMeta
+from orchestrator.callback import build_record
 from orchestrator.counting import round_counters
-from orchestrator.tasks import build_record
+from orchestrator.outcomes import RoundMeta
 from workers import config as config_mod
 from workers.quality import Thresholds
 

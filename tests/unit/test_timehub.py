@@ -23,8 +23,8 @@ import yaml
 
 from orchestrator import timehub
 from orchestrator.timehub import Child, HubError, TimeHub, chrony_conf, find_chronyd, parse_allow
-from simulator.local import chronyd_binary
-from simulator.server import free_udp_ports
+from simulator.ntpserver import free_udp_ports
+from simulator.processes import chronyd_binary
 from workers import config as config_mod
 from workers import heartbeat
 from workers.app import queue_for

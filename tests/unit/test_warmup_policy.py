@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from orchestrator import scheduler
-from orchestrator.consumer import ClockMeasurementSource
+from orchestrator.reader import ClockMeasurementSource
 from workers import config as config_mod
 from workers import warmup
 from workers.keys import Keys
@@ -269,7 +269,7 @@ def test_a_consumer_told_no_logs_why_and_keeps_collecting(published, redis_url, 
         "clock_measurement": {"ntp": {"servers": ["127.0.0.1"]},
                               "timing": {"warm_up": {"duration_seconds": 86400, "measurement_interval": 1}}},
         "ntp_service": {"key_prefix": prefix, "redis_url": redis_url}}))
-    caplog.set_level(logging.INFO, logger="orchestrator.consumer")
+    caplog.set_level(logging.INFO, logger="orchestrator.reader")
     source = ClockMeasurementSource(str(path), node, environ={})
     source.start_collection()
     try:
@@ -291,7 +291,7 @@ def test_a_consumer_asking_for_a_day_gets_the_services_length(published, redis_u
         "clock_measurement": {"ntp": {"servers": ["127.0.0.1"]},
                               "timing": {"warm_up": {"duration_seconds": 86400, "measurement_interval": 1}}},
         "ntp_service": {"key_prefix": prefix, "redis_url": redis_url}}))
-    caplog.set_level(logging.INFO, logger="orchestrator.consumer")
+    caplog.set_level(logging.INFO, logger="orchestrator.reader")
     source = ClockMeasurementSource(str(path), "n3", environ={})
     source.start_collection()
     try:

@@ -50,7 +50,7 @@ class RedisProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> RedisProcess:
-        from orchestrator.box import wait_for_redis
+        from orchestrator.supervisor import wait_for_redis
 
         persistence = (["--appendonly", "yes", "--appendfsync", "always"] if self.append_only
                        else ["--appendonly", "no"])

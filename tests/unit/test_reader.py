@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from orchestrator.consumer import CHRONOTICK_FIELDS, DRIFT_BOUND, Measurement, NtpReader
+from orchestrator.reader import CHRONOTICK_FIELDS, DRIFT_BOUND, Measurement, NtpReader
 
 LATEST = {"node": "n1", "round_id": "r", "offset": 0.0125, "uncertainty": 0.004, "delay": 0.02, "stratum": 2,
           "leap": 0, "root_delay": 0.001, "root_dispersion": 0.0005, "precision": 2 ** -20, "server": "a:123",

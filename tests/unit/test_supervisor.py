@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import box as box_mod
 from orchestrator import cli
+from orchestrator import supervisor as supervisor
 from workers import config as config_mod
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
-def _box(data_dir: Path) -> box_mod.Box:
-    return box_mod.Box("unused.yaml", "n", data_dir)
+def _supervisor(data_dir: Path) -> supervisor.Supervisor:
+    return supervisor.Supervisor("unused.yaml", "n", data_dir)
 
 
 @pytest.mark.parametrize(("file_service", "environ", "configured"), [
@@ -34,13 +34,13 @@ def test_a_redis_is_configured_only_when_one_is_named(tmp_path, file_service, en
     path = tmp_path / "c.yaml"
     path.write_text("clock_measurement: {ntp: {servers: [127.0.0.1]}}\n"
                     + (f"ntp_service: {{redis_url: '{file_service['redis_url']}'}}\n" if file_service else ""))
-    assert box_mod._redis_configured(str(path), environ) is configured
+    assert supervisor._redis_configured(str(path), environ) is configured
 
 
 def test_the_data_dir_is_locked_for_one_up_at_a_time(tmp_path):
-    first, second = _box(tmp_path / "data"), _box(tmp_path / "data")
+    first, second = _supervisor(tmp_path / "data"), _supervisor(tmp_path / "data")
     first._lock_data_dir()
-    with pytest.raises(box_mod.InUse, match=rf"{re.escape(str(tmp_path / 'data'))} is in use .*pid {os.getpid()}\)"):
+    with pytest.raises(supervisor.InUse, match=rf"{re.escape(str(tmp_path / 'data'))} is in use .*pid {os.getpid()}\)"):
         second._lock_data_dir()
     first.stop()  # releases it
     second._lock_data_dir()
@@ -50,9 +50,9 @@ def test_the_data_dir_is_locked_for_one_up_at_a_time(tmp_path):
 def test_a_data_dir_that_is_a_file_is_a_box_error(tmp_path):
     (tmp_path / "data").write_text("")
     for where in (tmp_path / "data", tmp_path / "data" / "sub"):
-        with pytest.raises(box_mod.BoxError) as caught:
-            _box(where)._lock_data_dir()
-        assert type(caught.value) is box_mod.BoxError and str(where) in str(caught.value)
+        with pytest.raises(supervisor.SupervisorError) as caught:
+            _supervisor(where)._lock_data_dir()
+        assert type(caught.value) is supervisor.SupervisorError and str(where) in str(caught.value)
 
 
 def test_a_port_in_use_names_its_holder():
@@ -60,9 +60,9 @@ def test_a_port_in_use_names_its_holder():
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        with pytest.raises(box_mod.InUse, match=rf"127\.0\.0\.1:{port} is in use by .*\(pid {os.getpid()}\)"):
-            box_mod._check_free("127.0.0.1", port, "the test's port", "advice")
-    box_mod._check_free("127.0.0.1", port, "the test's port", "advice")  # free again
+        with pytest.raises(supervisor.InUse, match=rf"127\.0\.0\.1:{port} is in use by .*\(pid {os.getpid()}\)"):
+            supervisor._check_free("127.0.0.1", port, "the test's port", "advice")
+    supervisor._check_free("127.0.0.1", port, "the test's port", "advice")  # free again
 
 
 def test_up_exit_codes_are_in_the_contract_and_in_its_help():

@@ -17,7 +17,7 @@ For a single machine, a homelab or a first try: what docker-compose.yml runs, wi
   (SIGKILL) gets SIGTERM from the kernel (Linux' parent-death signal), so none is left behind.
 - **A service that exits by itself** stops the box the same way, and ``up`` names it.
 
-Every refusal is a :class:`BoxError` (or a subclass) with a one-line message; the CLI maps each class to
+Every refusal is a :class:`SupervisorError` (or a subclass) with a one-line message; the CLI maps each class to
 an exit code (``chronotick-ntp up --help``).
 """
 
@@ -66,24 +66,24 @@ STOP_S = 20.0
 #: The signals that ask ``up`` to stop: a terminal's Ctrl-C, systemd's (or kill's) SIGTERM, a closed terminal.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-#: How often :meth:`Box.wait` looks at the children when no signal wakes it (s).
+#: How often :meth:`Supervisor.wait` looks at the children when no signal wakes it (s).
 POLL_S = 0.5
 
 
-class BoxError(RuntimeError):
+class SupervisorError(RuntimeError):
     """``up`` cannot run as asked (a bad data directory, no redis-server): what is wrong, in one line."""
 
 
-class InUse(BoxError):
+class InUse(SupervisorError):
     """A port ``up`` needs, or its data directory, is held by another process."""
 
 
-class ServiceFailed(BoxError):
+class ServiceFailed(SupervisorError):
     """A service or Redis exited by itself (or Redis did not come up); ``up`` stopped the rest."""
 
 
 @dataclass
-class Box:
+class Supervisor:
     """The processes of one box: :meth:`run` starts them, waits for a stop signal or a death, and stops them."""
 
     config_path: str
@@ -110,7 +110,7 @@ class Box:
     def run(self, config: config_mod.Config, environ: dict[str, str]) -> None:
         """Start everything, wait for a stop signal (return) or a death (:class:`ServiceFailed`), stop all.
 
-        Raises :class:`BoxError` (or :class:`InUse`) before anything has started when it cannot start.
+        Raises :class:`SupervisorError` (or :class:`InUse`) before anything has started when it cannot start.
         """
         self._catch_stop_signals()
         exited = None
@@ -192,22 +192,22 @@ class Box:
         try:  # where the exporter will listen: --exporter-port, else as it decides ($CHRONOTICK_EXPORTER_ADDRESS)
             host, port = listen_address(None, self.exporter_port, environ)
         except ValueError as exc:
-            raise BoxError(str(exc)) from None
+            raise SupervisorError(str(exc)) from None
         _check_free(host, port, "the exporter's port", "choose another with --exporter-port")
         return private
 
     def _lock_data_dir(self) -> None:
         where = self.data_dir
         if where.exists() and not where.is_dir():
-            raise BoxError(f"--data-dir {where} is not a directory")
+            raise SupervisorError(f"--data-dir {where} is not a directory")
         try:
             where.mkdir(parents=True, exist_ok=True)
             fd = os.open(where / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise BoxError(f"--data-dir {where}: {exc.strerror or exc}") from None
+            raise SupervisorError(f"--data-dir {where}: {exc.strerror or exc}") from None
         if not os.access(where, os.W_OK | os.X_OK):  # Redis makes its files there
             os.close(fd)
-            raise BoxError(f"--data-dir {where}: not writable")
+            raise SupervisorError(f"--data-dir {where}: not writable")
         lock = os.fdopen(fd, "r+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -236,7 +236,7 @@ class Box:
                  "--maxmemory-policy", "noeviction"],
                 stdin=subprocess.PIPE, stdout=log, stderr=log)
         except FileNotFoundError:
-            raise BoxError("redis-server is not installed (apt-get install redis-server), and no Redis is "
+            raise SupervisorError("redis-server is not installed (apt-get install redis-server), and no Redis is "
                            f"configured (${config_mod.ENV_REDIS_URL})") from None
         finally:
             log.close()
@@ -368,14 +368,14 @@ def _check_free(host: str, port: int, what: str, advice: str) -> None:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except OSError as exc:
-        raise BoxError(f"{what} {where}: {exc.strerror or exc}") from None
+        raise SupervisorError(f"{what} {where}: {exc.strerror or exc}") from None
     with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(address)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
-                raise BoxError(f"{what} {where}: {exc.strerror or exc}") from None
+                raise SupervisorError(f"{what} {where}: {exc.strerror or exc}") from None
             holder = _listener(port)
             raise InUse(f"{what} {where} is in use{f' by {holder}' if holder else ''}: {advice}") from None
 

@@ -20,7 +20,7 @@ from workers.contracts import OutcomeStatus
 from workers.tasks import reporter
 
 from . import display, early, hub, leap, outliers, selection
-from .contracts import REASON_NO_RESULT, ClosedBy, Quality, RoundMeta, ServerStatus, outage_of
+from .outcomes import REASON_NO_RESULT, ClosedBy, Quality, RoundMeta, ServerStatus, outage_of
 from .store import Store, client_for
 
 log = get_task_logger(__name__)
@@ -214,7 +214,7 @@ def finish(meta: RoundMeta, outcomes: list[dict], store: Store, *, closed_by: st
         record["closed_by"] = closed_by
         return record
 
-    record = store.finish_round(meta.node, meta.round_id, build, history_length=meta.history_length,
+    record = store.record_round(meta.node, meta.round_id, build, history_length=meta.history_length,
                                 history_hours=meta.history_hours, detail=meta.record_detail,
                                 window_size=meta.ntp.outlier_window_size)
     if record is None:
@@ -261,7 +261,7 @@ def _closed_with_unreported(meta: RoundMeta, outcomes: list[dict], unreported: l
     answers in hand do not decide the round, nothing is published: NTP
     starvation here, which :func:`build_record` makes an outage when nothing
     at all was reported, or nothing but failures the node's path explains
-    (:func:`orchestrator.contracts.outage_of`).
+    (:func:`orchestrator.outcomes.outage_of`).
     """
     ntp = meta.ntp
     nts = {s.name: s.nts for s in ntp.servers}
@@ -404,5 +404,5 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
 
 #: The round quality when the temporal filter refused the chosen result.
 OUTLIER = Quality.OUTLIER
-#: The round quality when no server could be asked or reached (:func:`orchestrator.contracts.outage_of`).
+#: The round quality when no server could be asked or reached (:func:`orchestrator.outcomes.outage_of`).
 OUTAGE = Quality.OUTAGE

@@ -32,8 +32,8 @@ from typing import Any
 
 from workers.contracts import KOD_PREFIX
 
-from .contracts import Quality, ServerStatus
 from .counting import NO_REPLY_REASONS
+from .outcomes import Quality, ServerStatus
 
 
 class ServerState(StrEnum):
