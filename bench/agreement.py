@@ -24,6 +24,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from workers.contracts import Selection
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator import selection  # noqa: E402
@@ -59,7 +61,7 @@ def deepest_rule(samples: list[dict]) -> dict | None:
 
 def majority_rule(samples: list[dict]) -> dict | None:
     outcomes = [{"status": "ok", "server": s["server"], "sample": s, "attempts": 1, "history": []} for s in samples]
-    return selection.select(outcomes, LOOSE, enable_fallback=False)["chosen"]
+    return selection.select(outcomes, LOOSE, enable_fallback=False, method=Selection.BEST)["chosen"]
 
 
 def sample(name: str, offset: float, unc: float) -> dict:

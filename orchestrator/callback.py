@@ -16,11 +16,11 @@ from celery.utils.log import get_task_logger
 from workers import inflight
 from workers.app import app, redis_url_of
 from workers.config import NtpSettings
-from workers.contracts import OutcomeStatus
+from workers.contracts import OutcomeStatus, Reason
 from workers.tasks import reporter
 
 from . import display, early, hub, leap, outliers, selection
-from .outcomes import REASON_NO_RESULT, ClosedBy, Quality, RoundMeta, ServerStatus, outage_of
+from .outcomes import ClosedBy, Quality, RoundMeta, ServerStatus, outage_of
 from .store import Store, client_for
 
 log = get_task_logger(__name__)
@@ -53,7 +53,7 @@ def finish_round(self, results: list, meta: dict) -> dict:
     reporter.drain()  # this process's reports first: none may land after the publication deletes them
     outcomes = selection.flatten(results)
     inflight.tracker.forget(meta["key_prefix"], meta["node"], meta["round_id"])
-    record = finish(round_meta, outcomes, store, closed_by=CLOSED_BY_CALLBACK)
+    record = finish(round_meta, outcomes, store, closed_by=ClosedBy.CALLBACK)
     if record is None:
         published = store.published_result(round_meta.node, round_meta.round_id)  # before complete() ends it
         late = complete(round_meta, outcomes, store)
@@ -131,7 +131,7 @@ def decide_early(view: inflight.RoundView) -> inflight.Verdict:
             return inflight.Verdict(False, wait_for_outcomes=1)
         every_bound_grows = all(name in view.bounds or name in view.retrying for name in pending)
         return inflight.Verdict(False, decision.needed_uncertainty_s if every_bound_grows else None)
-    record = finish(meta, view.outcomes, _store(view.key_prefix), closed_by=CLOSED_BY_EARLY,
+    record = finish(meta, view.outcomes, _store(view.key_prefix), closed_by=ClosedBy.EARLY,
                     picked=decision.picked, late=decision.late)
     if record is not None:
         log.info("[EARLY] %s round %s: %s", meta.node, meta.round_id, decision.why)
@@ -183,10 +183,6 @@ def summarise_round(record: dict) -> str:
     return f"{record['quality']}: nothing published, {used}"
 
 
-#: Who finished a round (``closed_by`` in its record).
-CLOSED_BY_CALLBACK = ClosedBy.CALLBACK
-CLOSED_BY_DEADLINE = ClosedBy.DEADLINE
-CLOSED_BY_EARLY = ClosedBy.EARLY
 
 
 def finish(meta: RoundMeta, outcomes: list[dict], store: Store, *, closed_by: str, picked: dict | None = None,
@@ -210,7 +206,7 @@ def finish(meta: RoundMeta, outcomes: list[dict], store: Store, *, closed_by: st
     def build(window: list[list[float]], consecutive: int, finished_at: float) -> dict:
         record = build_record(meta, outcomes, finished_at=finished_at, window=window,
                               consecutive_outliers=consecutive, picked=picked, late=late,
-                              unreported_unknown=closed_by == CLOSED_BY_DEADLINE, hub_latest=hub_latest)
+                              unreported_unknown=closed_by == ClosedBy.DEADLINE, hub_latest=hub_latest)
         record["closed_by"] = closed_by
         return record
 
@@ -223,7 +219,7 @@ def finish(meta: RoundMeta, outcomes: list[dict], store: Store, *, closed_by: st
     if record["quality"] == "outlier":
         log.warning("[NTP_OUTLIER] %s round %s: %s is %.1f sigma from the recent results; not published",
                     meta.node, meta.round_id, record["candidate"]["server"], record["filter"]["z"])
-    elif record["quality"] == OUTAGE:
+    elif record["quality"] == Quality.OUTAGE:
         log.error("[NTP_OUTAGE] %s round %s: %s (%d servers); not NTP starvation, no reach bit taken",
                   meta.node, meta.round_id, record["agreement"].get("outage", "no server could be asked"),
                   record["servers_total"])
@@ -245,9 +241,9 @@ def _leap_seconds(ntp: NtpSettings) -> tuple[float, ...]:
 
 
 def _how_closed(closed_by: str, late: tuple[str, ...]) -> str:
-    if closed_by == CLOSED_BY_DEADLINE:
+    if closed_by == ClosedBy.DEADLINE:
         return ", closed at its deadline"
-    return f", decided with {len(late)} late" if closed_by == CLOSED_BY_EARLY else ""
+    return f", decided with {len(late)} late" if closed_by == ClosedBy.EARLY else ""
 
 
 def _closed_with_unreported(meta: RoundMeta, outcomes: list[dict], unreported: list[str]) -> dict:
@@ -303,7 +299,7 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
     """
     outcomes = leap.one_timescale(outcomes, meta.servers, meta.ntp, meta.dispatched_at).outcomes  # near a leap
     answered = {o["server"] for o in outcomes}
-    missing = [{"status": OutcomeStatus.FAILED, "server": name, "reason": REASON_NO_RESULT,
+    missing = [{"status": OutcomeStatus.FAILED, "server": name, "reason": Reason.NO_RESULT,
                 "detail": "the task did not report before the round closed", "attempts": 0, "history": []}
                for name in meta.servers if name not in answered and name not in late]
     ntp = meta.ntp
@@ -327,7 +323,7 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
         # No server asked or reached (the worker gone, the node cut off, its path down): not starvation.
         why = outage_of(picked["servers"])
         if why is not None:
-            quality = OUTAGE
+            quality = Quality.OUTAGE
             picked = dict(picked, agreement=dict(picked["agreement"] or {}, outage=why))
     composed: hub.Composed | None = None
     if chosen is not None and meta.hub is not None:
@@ -338,7 +334,7 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
                           stale_after_s=meta.hub["stale_after_s"], leap_seconds=_leap_seconds(ntp),
                           stepping=ntp.leap_timescale != "smear")
         if isinstance(leg, str):
-            quality, chosen = OUTAGE, None
+            quality, chosen = Quality.OUTAGE, None
             picked = dict(picked, agreement=dict(picked["agreement"] or {}, outage=leg))
         else:
             composed = leg
@@ -349,9 +345,9 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
                                  window or [], sigma_threshold=ntp.outlier_sigma_threshold,
                                  consecutive_outliers=consecutive_outliers, max_gap_s=meta.stale_after_s)
         if verdict["outlier"]:
-            quality = OUTLIER
+            quality = Quality.OUTLIER
     latest = None
-    if chosen is not None and quality != OUTLIER:
+    if chosen is not None and quality != Quality.OUTLIER:
         latest = {
             "node": meta.node,
             "round_id": meta.round_id,
@@ -402,7 +398,3 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
     }
 
 
-#: The round quality when the temporal filter refused the chosen result.
-OUTLIER = Quality.OUTLIER
-#: The round quality when no server could be asked or reached (:func:`orchestrator.outcomes.outage_of`).
-OUTAGE = Quality.OUTAGE

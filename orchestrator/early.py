@@ -178,7 +178,7 @@ class _Blockers:
 
 
 def decide(outcomes: list[dict], outstanding: list[Outstanding], *, strict: Thresholds, enable_fallback: bool,
-           method: str = Selection.BEST, groups: list[list[str]] | None = None,
+           method: str, groups: list[list[str]] | None = None,
            auth_select: str = AuthSelect.MIX, parallel: bool = True, apart: Collection[str] = ()) -> Decision:
     """Whether the round of ``outcomes`` (so far) is decided with ``outstanding`` still out (module doc).
 

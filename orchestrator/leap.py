@@ -73,8 +73,6 @@ NTP_UNIX_OFFSET_S = 2_208_988_800
 #: Half the window around a leap second: Google's smear runs from noon to noon UTC, 24 h.
 HALF_WINDOW_S = 12 * 3600.0
 
-#: Why a reply was set apart: its server keeps the other timescale, near a leap second.
-REASON_OTHER_TIMESCALE = Reason.OTHER_TIMESCALE
 
 #: Google Public NTP's names: every ``*.google.com`` NTP server smears (https://developers.google.com/time/smear).
 GOOGLE_DOMAIN = "google.com"
@@ -341,7 +339,7 @@ def set_apart(outcome: Json, kept: Timescale, window: tuple[float, float]) -> Js
         return outcome
     other = Timescale.SMEAR if kept == Timescale.STEP else Timescale.STEP
     start, end = (datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M") for t in window)
-    return dict(outcome, status=OutcomeStatus.FAILED, reason=REASON_OTHER_TIMESCALE,
+    return dict(outcome, status=OutcomeStatus.FAILED, reason=Reason.OTHER_TIMESCALE,
                 detail=f"a {_KIND[other]} server: from {start} to {end} UTC, around a leap second, only "
                        f"{_KIND[kept]} servers vote (leap_timescale: {kept.value})")
 

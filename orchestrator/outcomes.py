@@ -46,8 +46,6 @@ class ServerStatus(StrEnum):
     LATE = "late"                 # still out when the round was published early; its outcome is in ``late``
 
 
-#: A server that reported nothing before its round was closed at the deadline.
-REASON_NO_RESULT = Reason.NO_RESULT
 
 #: Failures that say no request reached the server, or none was sent: nobody took the server's task
 #: (``no_result``: the worker gone, the node cut off from Redis), it started after the round's

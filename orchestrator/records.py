@@ -45,8 +45,6 @@ from .outcomes import ClosedBy, ServerStatus
 COMPACT = "compact"
 VERBOSE = "verbose"
 
-#: Who finished a round when a record does not say (see orchestrator.callback.CLOSED_BY_CALLBACK).
-CLOSED_BY_CALLBACK = ClosedBy.CALLBACK
 
 #: Redis keeps a stream entry of up to about 2,000 bytes two to a node: see the module doc.
 RECORD_BUDGET_BYTES = 2000
@@ -100,7 +98,7 @@ def compact(record: dict[str, Any]) -> dict[str, Any]:
         out["mode"], out["parallel"] = record["mode"], record["parallel"]  # only when not the default
     out["dispatched_at"], out["finished_at"] = record["dispatched_at"], record["finished_at"]
     out["duration_s"] = round(record["duration_s"], US_DIGITS)
-    if record.get("closed_by", CLOSED_BY_CALLBACK) != CLOSED_BY_CALLBACK:
+    if record.get("closed_by", ClosedBy.CALLBACK) != ClosedBy.CALLBACK:
         out["closed_by"] = record["closed_by"]
     workers = {s.get("worker") for s in record["servers"]}
     shared = workers.pop() if len(workers) == 1 else None
@@ -142,7 +140,7 @@ def expand(stored: dict[str, Any]) -> dict[str, Any]:
     record = dict(stored)
     record.setdefault("mode", "simple")
     record.setdefault("parallel", True)
-    record.setdefault("closed_by", CLOSED_BY_CALLBACK)
+    record.setdefault("closed_by", ClosedBy.CALLBACK)
     record.setdefault("filter", None)
     record.setdefault("candidate", None)
     agreement = record.get("agreement")

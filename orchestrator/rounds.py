@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from celery import Signature, chain, chord
 from redis.client import PubSub
 
+from orchestrator.outcomes import ClosedBy
 from workers import chords, measure, politeness
 from workers.app import app, queue_for, redis_url_of
 from workers.config import Config
@@ -26,7 +27,7 @@ from workers.redisclock import clock_for
 from workers.tasks import describe, query_server
 
 from . import records
-from .callback import CLOSED_BY_DEADLINE, complete, finish, finish_round
+from .callback import complete, finish, finish_round
 from .outcomes import RoundMeta
 from .sources import Reach
 from .store import COMPLETE, PUBLISHED, UNANSWERED_DELAY_S, Keys, Store, client_for, store_for
@@ -155,7 +156,7 @@ def close(handle: RoundHandle) -> dict | None:
     except Exception as exc:  # a hiccup must not stop the round being closed
         log.warning("round %s: cannot read the reported outcomes (%s)", handle.round_id, exc)
         outcomes = []
-    record = finish(handle.meta, outcomes, store, closed_by=CLOSED_BY_DEADLINE)
+    record = finish(handle.meta, outcomes, store, closed_by=ClosedBy.DEADLINE)
     if record is None and complete(handle.meta, outcomes, store) is None:
         store.forget_open_round(handle.node, handle.round_id)  # finished by someone else meanwhile
     handle.release()

@@ -43,14 +43,9 @@ from .outcomes import Quality, ServerStatus
 #: A sample, an outcome or a round's part of one, as the JSON it travels as.
 Json = dict[str, Any]
 
-STRICT, RELAXED, STARVATION = Quality.STRICT, Quality.RELAXED, Quality.STARVATION
 
-BEST = Selection.BEST
-COMBINE = Selection.COMBINE
 
 #: Per-server statuses in a round record (see :class:`ServerStatus`).
-CHOSEN, COMBINED, ACCEPTED = ServerStatus.CHOSEN, ServerStatus.COMBINED, ServerStatus.ACCEPTED
-REJECTED, FALSETICKER, FAILED = ServerStatus.REJECTED, ServerStatus.FALSETICKER, ServerStatus.FAILED
 
 #: chrony's ``combinelimit``: sources further than this many times the best
 #: one's distance are not combined.
@@ -234,8 +229,6 @@ def combine(samples: list[Json]) -> Json:
     return result
 
 
-#: Why a plain sample was not used under ``auth_select: require``.
-REASON_NOT_AUTHENTICATED = Reason.NOT_AUTHENTICATED
 
 
 @dataclass(frozen=True)
@@ -256,7 +249,7 @@ class GateStep:
 
 def gate_steps(strict: Thresholds, *, enable_fallback: bool, auth_select: str = AuthSelect.MIX) -> list[GateStep]:
     """The steps in order: strict, then relaxed if ``enable_fallback``; under ``prefer``, authenticated first."""
-    gates = [(STRICT, strict)] + ([(RELAXED, strict.relaxed())] if enable_fallback else [])
+    gates = [(Quality.STRICT, strict)] + ([(Quality.RELAXED, strict.relaxed())] if enable_fallback else [])
     pools = [True, False] if auth_select == AuthSelect.PREFER else [False]
     return [GateStep(quality, thresholds, nts_only) for nts_only in pools for quality, thresholds in gates]
 
@@ -301,7 +294,7 @@ def choose(passing: list[Json], interval: list[float], method: str) -> tuple[Jso
     The choice's ``uncertainty_s`` is the published one (covering ``interval``);
     ``sample_uncertainty_s`` is its own.
     """
-    if method == COMBINE:
+    if method == Selection.COMBINE:
         tightest = min(passing, key=best_key)
         used = [s for s in passing if s["uncertainty_s"] <= COMBINE_LIMIT * tightest["uncertainty_s"]]
         chosen = combine(used) if len(used) > 1 else dict(tightest, combined=[tightest["server"]])
@@ -312,7 +305,7 @@ def choose(passing: list[Json], interval: list[float], method: str) -> tuple[Jso
                 uncertainty_s=covering_uncertainty(chosen, interval)), used
 
 
-def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, method: str = BEST,
+def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, method: str,
            groups: list[list[str]] | None = None, auth_select: str = AuthSelect.MIX) -> Json:
     """Reject falsetickers, apply the strict then the relaxed gate, and choose.
 
@@ -345,7 +338,7 @@ def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, m
     has one entry per server with its status and reasons, in name order;
     ``agreement`` is :func:`intersect`'s answer.
     """
-    if method not in (BEST, COMBINE):
+    if method not in (Selection.BEST, Selection.COMBINE):
         raise ValueError(f"unknown selection method {method!r}")
     outcomes = unique_by_server(outcomes)
     samples = [o["sample"] for o in outcomes if o["status"] == OutcomeStatus.OK]
@@ -354,7 +347,7 @@ def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, m
     interval = agreement["interval"]
     truechimers = [s for s in samples if s["server"] in set(agreement["truechimers"])]
     steps = gate_steps(strict, enable_fallback=enable_fallback, auth_select=auth_select)
-    quality: str = STARVATION
+    quality: str = Quality.STARVATION
     step, passed = steps[-1], []
     if interval is not None:
         for candidate in steps:
@@ -370,7 +363,7 @@ def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, m
                                   unauthenticated=unauthenticated, step=step, interval=interval,
                                   chosen=chosen, used=used),
         "servers_used": len(passed),
-        "servers_combined": len(used) if method == COMBINE else None,
+        "servers_combined": len(used) if method == Selection.COMBINE else None,
         "servers_total": len(outcomes),
         "agreement": agreement,
     }
@@ -397,38 +390,39 @@ def server_entries(outcomes: list[Json], *, falsetickers: set[str], unauthentica
         if outcome["status"] != OutcomeStatus.OK and outcome.get("sample"):
             # A reply set apart before the vote (a server of the other timescale near a leap second,
             # :mod:`orchestrator.leap`): refused, with its sample, as a plain reply under ``require`` is.
-            entry.update(status=REJECTED, sample=outcome["sample"], reason=outcome["reason"],
+            entry.update(status=ServerStatus.REJECTED, sample=outcome["sample"], reason=outcome["reason"],
                          detail=outcome.get("detail"))
             servers.append(entry)
             continue
         if outcome["status"] != OutcomeStatus.OK:
-            entry.update(status=FAILED, reason=outcome["reason"], detail=outcome.get("detail"),
+            entry.update(status=ServerStatus.FAILED, reason=outcome["reason"], detail=outcome.get("detail"),
                          kiss_code=outcome.get("kiss_code"))
             servers.append(entry)
             continue
         sample = outcome["sample"]
         entry["sample"] = sample
         if sample["server"] in unauthenticated:
-            entry.update(status=REJECTED, reason=REASON_NOT_AUTHENTICATED,
+            entry.update(status=ServerStatus.REJECTED, reason=Reason.NOT_AUTHENTICATED,
                          detail="auth_select: require, and this reply was not NTS-authenticated")
         elif sample["server"] in falsetickers or interval is None:
             detail = ("no majority of servers agrees" if interval is None else
                       f"interval {sample['offset_s'] - sample['uncertainty_s']:+.6f}..."
                       f"{sample['offset_s'] + sample['uncertainty_s']:+.6f} s misses the interval a majority "
                       f"agrees on, {interval[0]:+.6f}...{interval[1]:+.6f} s")
-            entry.update(status=FALSETICKER, reason=Reason.FALSETICKER, detail=detail)
+            entry.update(status=ServerStatus.FALSETICKER, reason=Reason.FALSETICKER, detail=detail)
         else:
             reasons = [] if sample["server"] in clean else gate_violations(sample, step.thresholds, interval)
             if not step.admits(sample) and not reasons:
                 reasons = ["auth_select: prefer, and an authenticated truechimer passed"]
             if sample["server"] == (chosen or {}).get("server") and sample["server"] in used_names:
-                entry["status"] = CHOSEN
+                entry["status"] = ServerStatus.CHOSEN
             elif sample["server"] in used_names:
-                entry["status"] = COMBINED
+                entry["status"] = ServerStatus.COMBINED
             else:
-                entry["status"] = REJECTED if reasons else ACCEPTED
+                entry["status"] = ServerStatus.REJECTED if reasons else ServerStatus.ACCEPTED
             if reasons:
-                over = Reason.OVER_STRICT_THRESHOLDS if step.quality == STRICT else Reason.OVER_RELAXED_THRESHOLDS
+                strict_gate = step.quality == Quality.STRICT
+                over = Reason.OVER_STRICT_THRESHOLDS if strict_gate else Reason.OVER_RELAXED_THRESHOLDS
                 entry.update(reason=over, detail="; ".join(reasons))
         servers.append(entry)
     return servers

@@ -31,7 +31,7 @@ class AuthSelect(StrEnum):
 class Reason(StrEnum):
     """Every named reason a query fails or a reply is refused: a round record's ``reason``, ``stats``'
     ``failed:<reason>`` and ``rejected:<reason>``.  Named once here; the modules that decide each keep
-    an alias (``sanity.REASON_TIMEOUT is Reason.TIMEOUT``).  A Kiss-o'-Death other than these is
+    an alias (``Reason.TIMEOUT is Reason.TIMEOUT``).  A Kiss-o'-Death other than these is
     ``kod_`` plus its lower-case code (:func:`kiss_reason`).
     """
 

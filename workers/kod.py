@@ -33,9 +33,6 @@ ACTED_ON = DEMOBILISING | {RATE}
 #: Longest RATE back-off (s).
 MAX_RATE_BACKOFF_S = 86_400.0
 
-#: Reasons a query task gives for not sending a packet at all.
-REASON_KOD_BACKOFF = Reason.KOD_BACKOFF
-REASON_KOD_DEMOBILISED = Reason.KOD_DEMOBILISED
 
 
 @dataclass(frozen=True)
@@ -85,11 +82,11 @@ class KissMemory:
                 if kiss.config_id != config_id:
                     del self._kisses[server]  # the configuration changed: start afresh
                     return None
-                return REASON_KOD_DEMOBILISED, (f"sent {kiss.code} at {_clock_text(kiss.received_at)}; not queried "
+                return Reason.KOD_DEMOBILISED, (f"sent {kiss.code} at {_clock_text(kiss.received_at)}; not queried "
                                             "until the worker restarts or the configuration changes")
             if now >= kiss.until:
                 return None  # back-off over; the count stays in case it kisses again
-            return REASON_KOD_BACKOFF, (f"sent RATE at {_clock_text(kiss.received_at)} ({kiss.count} in a row); "
+            return Reason.KOD_BACKOFF, (f"sent RATE at {_clock_text(kiss.received_at)} ({kiss.count} in a row); "
                                     f"not queried for another {kiss.until - now:.0f} s")
 
 

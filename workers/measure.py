@@ -28,12 +28,7 @@ from .ntp.sanity import Rejection
 #: Pause between the samples of an advanced-mode burst (ChronoTick used 0.1 s).
 ADVANCED_SAMPLE_SPACING_S = 0.1
 
-#: The reason when an attempt failed in a way no other reason names (a bug, or input no check
-#: foresaw): the task still ends with an outcome, so the round's chord still calls back.
-REASON_QUERY_ERROR = Reason.QUERY_ERROR
 
-#: The reason when the round's deadline leaves no time for another attempt.
-REASON_ROUND_DEADLINE = Reason.ROUND_DEADLINE
 
 class BurstFailed(QueryFailed):
     """An attempt failed; ``earlier`` are the refusals of its burst before the last one (advanced mode)."""
@@ -324,10 +319,10 @@ def _resolve(host: str, port: int, *, timeout_s: float) -> tuple[int, tuple]:
     except socket.gaierror:
         pass
     except UnicodeError as exc:  # an empty or over-long label: no resolver can answer it
-        raise QueryFailed(Rejection(sanity.REASON_DNS_ERROR, f"cannot resolve {host!r}: {exc}")) from None
+        raise QueryFailed(Rejection(Reason.DNS_ERROR, f"cannot resolve {host!r}: {exc}")) from None
     future = _resolver.submit(client.resolve, host, port)
     try:
         return future.result(timeout=timeout_s)
     except FutureTimeout:
-        raise QueryFailed(Rejection(sanity.REASON_DNS_ERROR,
+        raise QueryFailed(Rejection(Reason.DNS_ERROR,
                                     f"resolving {host!r} took longer than {timeout_s} s")) from None

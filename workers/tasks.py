@@ -52,11 +52,7 @@ log = get_task_logger(__name__)
 #: The registered name (what Flower shows).
 QUERY_TASK = "chronotick.query_server"
 
-#: A job for another node reached this worker (set ``CHRONOTICK_NODE`` to arm the check).
-REASON_WRONG_NODE = Reason.WRONG_NODE
 
-#: The cluster's politeness budget for a public server is spent (:mod:`workers.politeness`).
-REASON_POLITENESS_LIMIT = Reason.POLITENESS_LIMIT
 
 #: How much of an outcome's repr Celery keeps for the task-succeeded event (Flower's result column)
 #: (characters): the summary, the status and the server.  The whole outcome is in the round's record.
@@ -121,13 +117,13 @@ def query_server(self, *carried, job: dict, history: list | None = None):
     if own_node and own_node != job["node"]:
         # Routing sends a node's jobs only to its queue; if one strays here
         # anyway, measuring it would describe the wrong machine's clock.
-        return _done(job, carried, _failed(job, history, REASON_WRONG_NODE,
+        return _done(job, carried, _failed(job, history, Reason.WRONG_NODE,
                                        f"worker {self.request.hostname} measures node {own_node!r}",
                                        worker=self.request.hostname))
     if started_at > job["deadline_at"]:
         log.warning("[LATE] %s for %s: round %s is past its deadline; no packet sent", job["server"], job["node"],
                     job["round_id"])
-        outcome = _failed(job, history, measure.REASON_ROUND_DEADLINE,
+        outcome = _failed(job, history, Reason.ROUND_DEADLINE,
                           f"attempt {attempt_no} would start after the round's deadline",
                           worker=self.request.hostname)
         return _done(job, carried, outcome)
@@ -156,7 +152,7 @@ def query_server(self, *carried, job: dict, history: list | None = None):
             raise
         except Exception as exc:  # never a crashed task: the chord would wait for its deadline
             log.exception("[QUERY] %s for %s: attempt %d failed unexpectedly", job["server"], job["node"], attempt_no)
-            raise QueryFailed(Rejection(measure.REASON_QUERY_ERROR, f"{type(exc).__name__}: {exc}")) from exc
+            raise QueryFailed(Rejection(Reason.QUERY_ERROR, f"{type(exc).__name__}: {exc}")) from exc
     except QueryFailed as exc:
         rejection = exc.rejection
         entry = {"attempt": attempt_no, "started_at": started_at, "reason": rejection.reason,
@@ -208,11 +204,11 @@ def _over_budget(job: dict, attempt_no: int) -> tuple[str, str] | None:
         answer = politeness.take(app.backend.client, job["key_prefix"], job["server"], job["samples"], budget,
                                  holder=f"{job['node']}:{job['round_id']}:{attempt_no}:{secrets.token_hex(4)}")
     except redis.RedisError as exc:
-        return REASON_POLITENESS_LIMIT, (f"the cluster's budget could not be checked ({type(exc).__name__}); "
+        return Reason.POLITENESS_LIMIT, (f"the cluster's budget could not be checked ({type(exc).__name__}); "
                                          "no request sent")
     if answer.granted:
         return None
-    return REASON_POLITENESS_LIMIT, answer.refusal(job["server"], budget, job["samples"])
+    return Reason.POLITENESS_LIMIT, answer.refusal(job["server"], budget, job["samples"])
 
 
 def _may_retry(job: dict, attempt_no: int, *, first_started_at: float) -> bool:

@@ -13,8 +13,9 @@ import uuid
 import pytest
 
 from orchestrator import rounds, selection
-from orchestrator.callback import CLOSED_BY_EARLY, finish, finish_round
+from orchestrator.callback import finish, finish_round
 from orchestrator.flowerconfig import format_task
+from orchestrator.outcomes import ClosedBy
 from orchestrator.store import Store
 from workers import config as config_mod
 
@@ -39,7 +40,7 @@ def test_the_callback_of_a_round_decided_early_summarises_its_result_first(redis
     answered = [ok(servers[0], delay=0.010, unc=0.005, offset=0.0031), ok(servers[1], delay=0.012, unc=0.006,
                                                                        offset=0.0032)]
     picked = selection.select(answered, meta.strict, enable_fallback=True, method="best")
-    record = finish(meta, answered, store, closed_by=CLOSED_BY_EARLY, picked=picked, late=(servers[2],))
+    record = finish(meta, answered, store, closed_by=ClosedBy.EARLY, picked=picked, late=(servers[2],))
     latest = record["latest"]
     assert record["closed_by"] == "early" and latest is not None
 

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from orchestrator import cli, rounds
-from orchestrator.callback import CLOSED_BY_CALLBACK, finish
+from orchestrator.callback import finish
+from orchestrator.outcomes import ClosedBy
 from orchestrator.store import Store
 from workers import config as config_mod
 
@@ -32,7 +33,7 @@ def _publish(config, node: str, store: Store) -> dict:
     """One round of ``node``, finished as the callback finishes it: latest, history, stats, updates."""
     _, meta = rounds.build_round(config, node)
     return finish(meta, [ok(SERVERS[0], delay=0.010, unc=0.005), ok(SERVERS[1], delay=0.012, unc=0.006)], store,
-                  closed_by=CLOSED_BY_CALLBACK)
+                  closed_by=ClosedBy.CALLBACK)
 
 
 @pytest.fixture

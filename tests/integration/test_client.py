@@ -7,7 +7,8 @@ import pytest
 
 from simulator.ntpserver import Behaviour
 from workers import measure
-from workers.ntp import client, sanity
+from workers.contracts import Reason
+from workers.ntp import client
 from workers.ntp.client import QueryFailed
 
 pytestmark = pytest.mark.integration
@@ -47,14 +48,14 @@ def test_uncertainty_is_root_distance(simulator):
 @pytest.mark.parametrize("behaviour, reason", [
     (Behaviour(kod="RATE"), "kod_rate"),
     (Behaviour(kod="DENY"), "kod_deny"),
-    (Behaviour(leap=3), sanity.REASON_UNSYNCHRONISED_LEAP),
-    (Behaviour(stratum=16), sanity.REASON_UNSYNCHRONISED_STRATUM),
-    (Behaviour(bad_origin=True), sanity.REASON_BOGUS_ORIGIN),
-    (Behaviour(zero_transmit=True), sanity.REASON_ZERO_TRANSMIT),
-    (Behaviour(truncate=True), sanity.REASON_TRUNCATED),
-    (Behaviour(wrong_port=True), sanity.REASON_WRONG_SOURCE),
-    (Behaviour(mode=5), sanity.REASON_BAD_MODE),
-    (Behaviour(loss=1.0), sanity.REASON_TIMEOUT),
+    (Behaviour(leap=3), Reason.UNSYNCHRONISED_LEAP),
+    (Behaviour(stratum=16), Reason.UNSYNCHRONISED_STRATUM),
+    (Behaviour(bad_origin=True), Reason.BOGUS_ORIGIN),
+    (Behaviour(zero_transmit=True), Reason.ZERO_TRANSMIT),
+    (Behaviour(truncate=True), Reason.TRUNCATED),
+    (Behaviour(wrong_port=True), Reason.WRONG_SOURCE),
+    (Behaviour(mode=5), Reason.BAD_MODE),
+    (Behaviour(loss=1.0), Reason.TIMEOUT),
 ])
 def test_misbehaving_server_is_rejected_with_its_reason(simulator, behaviour, reason):
     _, servers = simulator({"bad": behaviour})
@@ -93,15 +94,15 @@ def test_advanced_mode_records_a_refused_sample_of_a_burst_that_succeeds(simulat
     _, servers = simulator({"lies_once": Behaviour(delay_s=0.004, bad_origin_first=1)})
     result = measure.attempt(_advanced_job(servers["lies_once"]))
     assert result["samples_taken"] == 2
-    assert [r["reason"] for r in result["refusals"]] == [sanity.REASON_BOGUS_ORIGIN]
+    assert [r["reason"] for r in result["refusals"]] == [Reason.BOGUS_ORIGIN]
 
 
 def test_advanced_mode_keeps_every_refusal_of_a_burst_that_fails(simulator):
     _, servers = simulator({"liar": Behaviour(delay_s=0.004, bad_origin=True)})
     with pytest.raises(measure.BurstFailed) as caught:
         measure.attempt(_advanced_job(servers["liar"]))
-    assert caught.value.rejection.reason == sanity.REASON_BOGUS_ORIGIN
-    assert [r.reason for r in caught.value.earlier] == [sanity.REASON_BOGUS_ORIGIN] * 2
+    assert caught.value.rejection.reason == Reason.BOGUS_ORIGIN
+    assert [r.reason for r in caught.value.earlier] == [Reason.BOGUS_ORIGIN] * 2
 
 
 def test_unresolvable_name_is_a_named_dns_error():
@@ -109,7 +110,7 @@ def test_unresolvable_name_is_a_named_dns_error():
            "samples": 1}
     with pytest.raises(QueryFailed) as caught:
         measure.attempt(job)
-    assert caught.value.rejection.reason == sanity.REASON_DNS_ERROR
+    assert caught.value.rejection.reason == Reason.DNS_ERROR
 
 
 def _closed_udp_port(host: str = "127.0.0.1") -> int:
@@ -127,7 +128,7 @@ def test_nothing_listening_is_a_named_port_unreachable_at_once():
     with pytest.raises(QueryFailed) as caught:
         _exchange(f"127.0.0.1:{port}", timeout_s=2.0)
     took = time.monotonic() - started
-    assert caught.value.rejection.reason == sanity.REASON_PORT_UNREACHABLE
+    assert caught.value.rejection.reason == Reason.PORT_UNREACHABLE
     assert f"127.0.0.1:{port}" in caught.value.rejection.detail
     assert took < 1.0, f"waited {took:.2f} s for a refusal the kernel reported at once"
 
@@ -139,7 +140,7 @@ def test_a_worker_armed_with_its_node_refuses_another_nodes_job(monkeypatch):
     job = {"server": "127.0.0.1:9", "host": "127.0.0.1", "port": 9, "node": "ares-comp-12", "round_id": "r",
            "timeout_s": 0.1, "samples": 1, "retry_waits_s": [], "deadline_at": 4e9}
     outcome = tasks.query_server.apply(kwargs={"job": job}).get()
-    assert outcome["status"] == "failed" and outcome["reason"] == tasks.REASON_WRONG_NODE
+    assert outcome["status"] == "failed" and outcome["reason"] == Reason.WRONG_NODE
     assert outcome["attempts"] == 0  # not a packet sent
 
 
@@ -153,4 +154,4 @@ def test_a_spoofed_packet_ahead_of_the_reply_does_not_cost_the_exchange(simulato
     _, only = simulator({"only": Behaviour(bad_origin=True)})
     with pytest.raises(QueryFailed) as caught:
         _exchange(only["only"], timeout_s=0.3)
-    assert caught.value.rejection.reason == sanity.REASON_BOGUS_ORIGIN
+    assert caught.value.rejection.reason == Reason.BOGUS_ORIGIN

@@ -13,7 +13,7 @@ from orchestrator import cli, rounds
 from orchestrator.store import Store
 from simulator.ntpserver import Behaviour
 from workers import config as config_mod
-from workers.ntp import sanity
+from workers.contracts import Reason
 
 from ..conftest import TEST_NODE, write_config
 
@@ -27,25 +27,25 @@ FAULTS = {
     "kod_rate": (Behaviour(kod="RATE"), {"kod_rate"}),
     "kod_deny": (Behaviour(kod="DENY"), {"kod_deny"}),
     "kod_rstr": (Behaviour(kod="RSTR"), {"kod_rstr"}),
-    "leap3": (Behaviour(leap=3), {sanity.REASON_UNSYNCHRONISED_LEAP}),
-    "stratum0": (Behaviour(stratum=0), {sanity.REASON_UNSYNCHRONISED_STRATUM}),
-    "stratum16": (Behaviour(stratum=16), {sanity.REASON_UNSYNCHRONISED_STRATUM}),
-    "bad_origin": (Behaviour(bad_origin=True), {sanity.REASON_BOGUS_ORIGIN}),
-    "zero_transmit": (Behaviour(zero_transmit=True), {sanity.REASON_ZERO_TRANSMIT}),
-    "rx_after_tx": (Behaviour(receive_after_transmit=True), {sanity.REASON_RECEIVE_AFTER_TRANSMIT}),
-    "truncated": (Behaviour(truncate=True), {sanity.REASON_TRUNCATED}),
+    "leap3": (Behaviour(leap=3), {Reason.UNSYNCHRONISED_LEAP}),
+    "stratum0": (Behaviour(stratum=0), {Reason.UNSYNCHRONISED_STRATUM}),
+    "stratum16": (Behaviour(stratum=16), {Reason.UNSYNCHRONISED_STRATUM}),
+    "bad_origin": (Behaviour(bad_origin=True), {Reason.BOGUS_ORIGIN}),
+    "zero_transmit": (Behaviour(zero_transmit=True), {Reason.ZERO_TRANSMIT}),
+    "rx_after_tx": (Behaviour(receive_after_transmit=True), {Reason.RECEIVE_AFTER_TRANSMIT}),
+    "truncated": (Behaviour(truncate=True), {Reason.TRUNCATED}),
     # Random bytes: almost always the wrong mode, else (1 in 8) a wrong origin.
-    "garbage": (Behaviour(garbage=True), {sanity.REASON_BAD_MODE, sanity.REASON_BOGUS_ORIGIN}),
-    "wrong_port": (Behaviour(wrong_port=True), {sanity.REASON_WRONG_SOURCE}),
-    "mode3": (Behaviour(mode=3), {sanity.REASON_BAD_MODE}),
-    "version3": (Behaviour(version=3), {sanity.REASON_BAD_VERSION}),
-    "long_hold": (Behaviour(claimed_hold_s=5.0), {sanity.REASON_SERVER_PROCESSING_TOO_LONG}),
-    "negative_delay": (Behaviour(delay_s=0.002, claimed_hold_s=0.5), {sanity.REASON_NEGATIVE_DELAY}),
-    "root_delay": (Behaviour(root_delay_s=2.0), {sanity.REASON_ROOT_DELAY_OUT_OF_RANGE}),
-    "root_dispersion": (Behaviour(root_dispersion_s=1.5), {sanity.REASON_ROOT_DISPERSION_OUT_OF_RANGE}),
-    "stale_reference": (Behaviour(stale_reference=True), {sanity.REASON_STALE_REFERENCE}),
-    "future_reference": (Behaviour(future_reference=True), {sanity.REASON_REFERENCE_AFTER_TRANSMIT}),
-    "dead": (Behaviour(loss=1.0), {sanity.REASON_TIMEOUT}),
+    "garbage": (Behaviour(garbage=True), {Reason.BAD_MODE, Reason.BOGUS_ORIGIN}),
+    "wrong_port": (Behaviour(wrong_port=True), {Reason.WRONG_SOURCE}),
+    "mode3": (Behaviour(mode=3), {Reason.BAD_MODE}),
+    "version3": (Behaviour(version=3), {Reason.BAD_VERSION}),
+    "long_hold": (Behaviour(claimed_hold_s=5.0), {Reason.SERVER_PROCESSING_TOO_LONG}),
+    "negative_delay": (Behaviour(delay_s=0.002, claimed_hold_s=0.5), {Reason.NEGATIVE_DELAY}),
+    "root_delay": (Behaviour(root_delay_s=2.0), {Reason.ROOT_DELAY_OUT_OF_RANGE}),
+    "root_dispersion": (Behaviour(root_dispersion_s=1.5), {Reason.ROOT_DISPERSION_OUT_OF_RANGE}),
+    "stale_reference": (Behaviour(stale_reference=True), {Reason.STALE_REFERENCE}),
+    "future_reference": (Behaviour(future_reference=True), {Reason.REFERENCE_AFTER_TRANSMIT}),
+    "dead": (Behaviour(loss=1.0), {Reason.TIMEOUT}),
 }
 
 
@@ -123,7 +123,7 @@ def test_a_spoofed_kiss_is_ignored(worker, simulator, tmp_path, key_prefix, caps
     path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix, max_retries=2, retry_delay=0.1)
     _, first = _round(path, capsys)
     spoofed = _server(first, servers["spoof"])
-    assert spoofed["reason"] == sanity.REASON_BOGUS_ORIGIN and spoofed["attempts"] == 2  # retried as usual
+    assert spoofed["reason"] == Reason.BOGUS_ORIGIN and spoofed["attempts"] == 2  # retried as usual
     _round(path, capsys)
     assert sim.stats[port].received == 4  # and queried again next round
 
@@ -193,7 +193,7 @@ def test_advanced_mode_records_and_counts_a_refusal_inside_a_burst(worker, simul
     record = rounds.dispatch(config_mod.load(path), TEST_NODE).wait()
     entry = next(s for s in record["servers"] if s["server"] == servers["lies_once"])
     assert entry["attempts"] == 1 and entry["sample"]["samples_taken"] == 2
-    assert [r["reason"] for r in entry["history"][0]["refusals"]] == [sanity.REASON_BOGUS_ORIGIN]
+    assert [r["reason"] for r in entry["history"][0]["refusals"]] == [Reason.BOGUS_ORIGIN]
     stats = Store(redis_client, prefix=key_prefix).stats(TEST_NODE)
     assert stats["rejected:bogus_origin"] == 1 and stats["rejected"] == 1
     assert stats["replies"] == 2 + 1 + 3  # lies_once: 2 kept and 1 refused; honest: 3
@@ -233,7 +233,7 @@ def test_a_malformed_host_name_is_a_named_failure_and_the_config_refuses_it(tmp_
 
     config = config_mod.from_mapping({"clock_measurement": {"ntp": {"servers": ["127.0.0.1"],
                                                                     "max_retries": 1}}}, environ={})
-    cases = {("time..google.com", 123): sanity.REASON_DNS_ERROR, ("a" * 64 + ".example", 123): sanity.REASON_DNS_ERROR}
+    cases = {("time..google.com", 123): Reason.DNS_ERROR, ("a" * 64 + ".example", 123): Reason.DNS_ERROR}
     for (host, port), reason in cases.items():
         job = make_job(server=config_mod.ServerAddress(host, port), node=TEST_NODE, round_id="r", ntp=config.ntp,
                        deadline_at=time.time() + 30, rate_backoff_s=0.0)

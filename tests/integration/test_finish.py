@@ -8,7 +8,8 @@ import pytest
 import redis
 
 from orchestrator import rounds
-from orchestrator.callback import CLOSED_BY_CALLBACK, CLOSED_BY_DEADLINE, finish
+from orchestrator.callback import finish
+from orchestrator.outcomes import ClosedBy
 from orchestrator.store import Store
 from workers import config as config_mod
 
@@ -68,7 +69,7 @@ def test_a_connection_lost_at_exec_leaves_the_round_for_the_closer(redis_server,
     try:
         cut_store = Store(redis.Redis(port=proxy.port, socket_timeout=5), prefix=key_prefix)
         with pytest.raises(redis.ConnectionError):
-            finish(meta, outcomes, cut_store, closed_by=CLOSED_BY_CALLBACK)
+            finish(meta, outcomes, cut_store, closed_by=ClosedBy.CALLBACK)
         assert proxy.cut.is_set()
     finally:
         proxy.close()
@@ -80,11 +81,11 @@ def test_a_connection_lost_at_exec_leaves_the_round_for_the_closer(redis_server,
     handle = rounds.RoundHandle(round_id=meta.round_id, node=node, deadline_at=meta.deadline_at,
                                 callback_id=str(uuid.uuid4()), meta=meta)
     record = rounds.close(handle)
-    assert record is not None and record["closed_by"] == CLOSED_BY_DEADLINE
+    assert record is not None and record["closed_by"] == ClosedBy.DEADLINE
     assert [r["round_id"] for r in store.history(node)] == [meta.round_id]
     assert store.stats(node)["rounds"] == 1
     # And once finished, nobody finishes it again.
-    assert finish(meta, outcomes, store, closed_by=CLOSED_BY_CALLBACK) is None
+    assert finish(meta, outcomes, store, closed_by=ClosedBy.CALLBACK) is None
     assert len(store.history(node)) == 1
 
 
@@ -173,10 +174,10 @@ def test_an_outage_round_takes_no_reach_bit_and_is_exported_apart(redis_client, 
                                           deadline_at=now + 1)
 
     ok_a = dict(ok("a", delay=0.01, unc=0.005), sample=dict(ok("a", delay=0.01, unc=0.005)["sample"], port=123))
-    finish(meta("r1"), [ok_a, failed("b")], store, closed_by=CLOSED_BY_CALLBACK)
+    finish(meta("r1"), [ok_a, failed("b")], store, closed_by=ClosedBy.CALLBACK)
     before = {name: r.register for name, r in store.reach("cut").items()}
     assert before == {"a": 1, "b": 0}
-    record = finish(meta("r2"), [], store, closed_by=CLOSED_BY_DEADLINE)  # nothing reported: nobody asked
+    record = finish(meta("r2"), [], store, closed_by=ClosedBy.DEADLINE)  # nothing reported: nobody asked
     assert record is not None and record["quality"] == "outage"
     assert {name: r.register for name, r in store.reach("cut").items()} == before  # no bit shifted in
     stats = store.stats("cut")

@@ -5,6 +5,8 @@ import random
 import pytest
 
 from orchestrator import selection
+from orchestrator.outcomes import Quality
+from workers.contracts import Selection
 from workers.quality import Thresholds
 
 from .samples import ok
@@ -19,7 +21,7 @@ def honest(name, offset=0.0, delay=0.030):
 def test_the_liar_with_the_lowest_delay_is_a_falseticker():
     liar = ok("liar", delay=0.002, unc=0.0015, offset=0.5)
     outcomes = [honest(f"h{i}", offset=0.001 * i, delay=0.020 + 0.005 * i) for i in range(4)] + [liar]
-    result = selection.select(outcomes, LOOSE, enable_fallback=True)
+    result = selection.select(outcomes, LOOSE, enable_fallback=True, method=Selection.BEST)
     agreement = result["agreement"]
     assert agreement["majority"] and agreement["falsetickers"] == ["liar"] and agreement["needed"] == 3
     low, high = agreement["interval"]
@@ -39,7 +41,7 @@ def test_an_ambiguous_agreement_never_publishes_the_liar_confidently():
     wide = ok("wide", delay=0.020, unc=0.010, offset=0.0)        # [-10, +10] ms: honest
     honest_ = ok("honest", delay=0.006, unc=0.003, offset=-0.005)  # [-8, -2] ms: honest
     liar = ok("liar", delay=0.002, unc=0.001, offset=0.004)        # [+3, +5] ms: the tightest, and wrong
-    result = selection.select([wide, honest_, liar], LOOSE, enable_fallback=True)
+    result = selection.select([wide, honest_, liar], LOOSE, enable_fallback=True, method=Selection.BEST)
     agreement = result["agreement"]
     assert agreement["ambiguous"] and agreement["deepest"] == [[pytest.approx(-0.008), pytest.approx(-0.002)],
                                                                [pytest.approx(0.003), pytest.approx(0.005)]]
@@ -51,8 +53,8 @@ def test_an_ambiguous_agreement_never_publishes_the_liar_confidently():
 
 def test_no_majority_publishes_nothing():
     result = selection.select([ok("a", delay=0.01, unc=0.005, offset=0.0), ok("b", delay=0.01, unc=0.005, offset=0.1)],
-                              LOOSE, enable_fallback=True)
-    assert result["quality"] == selection.STARVATION and result["chosen"] is None
+                              LOOSE, enable_fallback=True, method=Selection.BEST)
+    assert result["quality"] == Quality.STARVATION and result["chosen"] is None
     assert result["agreement"]["majority"] is False
     assert all(s["status"] == "falseticker" for s in result["servers"])
 
@@ -60,9 +62,10 @@ def test_no_majority_publishes_nothing():
 def test_a_correlated_group_votes_once():
     smeared = [ok(f"g{i}", delay=0.004, unc=0.003, offset=0.4) for i in range(3)]
     others = [honest("cloudflare"), honest("nist", offset=0.002)]
-    without = selection.select(smeared + others, LOOSE, enable_fallback=True)
+    without = selection.select(smeared + others, LOOSE, enable_fallback=True, method=Selection.BEST)
     assert without["chosen"]["server"].startswith("g")  # three agreeing votes outvote two
-    grouped = selection.select(smeared + others, LOOSE, enable_fallback=True, groups=[["g0", "g1", "g2"]])
+    grouped = selection.select(smeared + others, LOOSE, enable_fallback=True, groups=[["g0", "g1", "g2"]],
+                               method=Selection.BEST)
     assert grouped["agreement"]["votes"] == 3
     assert grouped["chosen"]["server"] == "cloudflare"
     assert grouped["agreement"]["falsetickers"] == ["g0", "g1", "g2"]
@@ -78,7 +81,7 @@ def test_combine_weights_by_inverse_uncertainty_and_bounds_the_error():
     a = ok("a", delay=0.010, unc=0.005, offset=0.010)
     b = ok("b", delay=0.020, unc=0.010, offset=0.013)
     far = ok("far", delay=0.1, unc=0.016, offset=0.012)  # over 3x the tightest's uncertainty: not combined
-    result = selection.select([a, b, far], LOOSE, enable_fallback=True, method=selection.COMBINE)
+    result = selection.select([a, b, far], LOOSE, enable_fallback=True, method=Selection.COMBINE)
     chosen = result["chosen"]
     assert chosen["combined"] == ["a", "b"] and result["servers_combined"] == 2
     assert chosen["offset_s"] == pytest.approx((0.010 / 0.005 + 0.013 / 0.010) / (1 / 0.005 + 1 / 0.010))
@@ -109,7 +112,7 @@ def test_the_combined_bound_holds_for_any_errors_within_each_members_bound():
 
 
 def test_combine_of_one_is_that_one():
-    result = selection.select([honest("only")], LOOSE, enable_fallback=True, method=selection.COMBINE)
+    result = selection.select([honest("only")], LOOSE, enable_fallback=True, method=Selection.COMBINE)
     assert result["chosen"]["server"] == "only" and result["chosen"]["combined"] == ["only"]
 
 
@@ -181,7 +184,7 @@ def test_agreement_and_choice_match_a_brute_force_reference_on_random_sets():
             assert set(agreement["truechimers"]) == meets
             assert set(agreement["falsetickers"]) == {s["server"] for s in samples} - meets
 
-        for method in (selection.BEST, selection.COMBINE):
+        for method in (Selection.BEST, Selection.COMBINE):
             result = selection.select(outcomes, gate, enable_fallback=True, method=method, groups=groups)
             chosen = result["chosen"]
             honest = sum(abs(v["offset_s"] - truth) <= v["uncertainty_s"] for v in voters)
@@ -197,9 +200,9 @@ def test_agreement_and_choice_match_a_brute_force_reference_on_random_sets():
                 majority_honest += 1
                 assert abs(chosen["offset_s"] - truth) <= chosen["uncertainty_s"] + 1e-12
             # A label is honest: what is published is within the uncertainty of the gate it is labelled with.
-            labelled = gate if result["quality"] == selection.STRICT else gate.relaxed()
+            labelled = gate if result["quality"] == Quality.STRICT else gate.relaxed()
             assert chosen["uncertainty_s"] <= labelled.max_uncertainty_s + 1e-12
-            if method == selection.BEST:
+            if method == Selection.BEST:
                 for strictness in (gate, gate.relaxed()):
                     passing = [s for s in samples if s["server"] in agreement["truechimers"]
                                and not strictness.violations(s)
@@ -209,6 +212,6 @@ def test_agreement_and_choice_match_a_brute_force_reference_on_random_sets():
                 expected = min(passing, key=lambda s: (selection.covering_uncertainty(s, [low, high]),
                                                        *selection.best_key(s)))
                 assert chosen["server"] == expected["server"]
-                assert result["quality"] == (selection.STRICT if strictness is gate else selection.RELAXED)
+                assert result["quality"] == (Quality.STRICT if strictness is gate else Quality.RELAXED)
     # The sets really exercise the cases that matter.
     assert published > 1000 and majority_honest > 1000 and ambiguous > 50

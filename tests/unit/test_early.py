@@ -23,7 +23,8 @@ import random
 import pytest
 
 from orchestrator import early, selection
-from workers.contracts import AuthSelect
+from orchestrator.outcomes import Quality
+from workers.contracts import AuthSelect, Selection
 from workers.quality import Thresholds
 
 from .samples import failed, ok
@@ -45,7 +46,8 @@ ROUNDS = int(os.environ.get("CHRONOTICK_EARLY_ROUNDS", "10000"))
 
 def _decide(outcomes, outstanding, **kw):
     return early.decide(outcomes, outstanding, strict=kw.pop("strict", GATE),
-                        enable_fallback=kw.pop("enable_fallback", True), **kw)
+                        enable_fallback=kw.pop("enable_fallback", True),
+                        method=kw.pop("method", Selection.BEST), **kw)
 
 
 def _with(outcome, **sample):
@@ -77,7 +79,7 @@ def test_a_group_member_waiting_for_its_retry_holds_its_groups_vote():
     decision = _decide(answered, [early.Outstanding("g2:123", retrying=True)], groups=groups)
     assert not decision.publish
     waited = selection.select(answered + [ok("g2:123", delay=0.012, unc=0.006, offset=0.0)], GATE,
-                              enable_fallback=True, groups=groups)
+                              enable_fallback=True, groups=groups, method=Selection.BEST)
     assert waited["chosen"]["offset_s"] == 0.0  # what waiting publishes: g2's vote made fast a falseticker
 
 
@@ -95,7 +97,8 @@ def test_a_dead_and_a_slow_server_do_not_hold_a_decided_round():
     outstanding = [early.Outstanding("dead:123", 0.030), early.Outstanding("slow:123", 0.030)]
     decision = _decide(answered, outstanding)
     assert decision.publish and decision.late == ("dead:123", "slow:123")
-    waited = selection.select(answered + [failed("dead:123"), failed("slow:123")], GATE, enable_fallback=True)
+    waited = selection.select(answered + [failed("dead:123"), failed("slow:123")], GATE, enable_fallback=True,
+                              method=Selection.BEST)
     chosen = decision.picked["chosen"]
     assert abs(chosen["offset_s"] - waited["chosen"]["offset_s"]) <= chosen["uncertainty_s"]
     assert decision.picked["agreement"]["outstanding_votes"] == 2
@@ -139,7 +142,7 @@ def test_a_strict_label_never_carries_an_uncertainty_over_the_strict_gate():
     decision = _decide(answered, [early.Outstanding("o:123", 1.0)], enable_fallback=False)
     if decision.publish:
         assert decision.picked["chosen"]["uncertainty_s"] <= GATE.max_uncertainty_s
-    waited = selection.select(answered, GATE, enable_fallback=False)
+    waited = selection.select(answered, GATE, enable_fallback=False, method=Selection.BEST)
     if waited["chosen"] is not None:
         assert waited["chosen"]["uncertainty_s"] <= GATE.max_uncertainty_s
 
@@ -272,7 +275,7 @@ def _check(seed: int) -> bool:
         return False
     picked = decision.picked
     published = picked["chosen"]
-    labelled = gate if picked["quality"] == selection.STRICT else gate.relaxed()
+    labelled = gate if picked["quality"] == Quality.STRICT else gate.relaxed()
     assert published["uncertainty_s"] <= labelled.max_uncertainty_s + TOLERANCE_S, (seed, "label over its gate")
     members = set(published.get("combined") or [published["server"]])
     called_false = set(picked["agreement"]["falsetickers"])

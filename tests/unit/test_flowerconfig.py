@@ -3,14 +3,12 @@
 import pytest
 from celery.utils.saferepr import saferepr
 
-from orchestrator import outcomes, selection
 from orchestrator.flowerconfig import format_task
-from workers import kod, measure, tasks
-from workers.ntp import sanity
+from workers import tasks
+from workers.contracts import Reason
 
 #: Every reason a query can fail with.
-REASONS = sorted({value for module in (sanity, kod, measure, tasks, outcomes, selection)
-                  for name, value in vars(module).items() if name.startswith("REASON_") and isinstance(value, str)})
+REASONS = sorted(Reason)
 
 
 class _Task:

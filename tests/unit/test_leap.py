@@ -28,7 +28,7 @@ from orchestrator.records import compact, compact_server, expand, late_of
 from orchestrator.store import late_entry, record_of
 from workers import config as config_mod
 from workers import inflight
-from workers.contracts import Reason
+from workers.contracts import Reason, Selection
 from workers.quality import Thresholds
 
 SYSTEM_FILE = "/usr/share/zoneinfo/leap-seconds.list"
@@ -435,12 +435,13 @@ def test_a_server_still_out_of_the_other_timescale_does_not_vote_and_is_recorded
         split.outcomes[3]["detail"]
     gate = Thresholds(max_delay_s=0.1, max_uncertainty_s=0.03, min_stratum=1, max_stratum=15)
     still_out = [early.Outstanding("time1.google.com", 0.0, retrying=True), early.Outstanding("d.example", 0.02)]
-    decided = early.decide(split.outcomes, still_out, strict=gate, enable_fallback=False, apart=split.apart)
+    decided = early.decide(split.outcomes, still_out, strict=gate, enable_fallback=False, apart=split.apart,
+                           method=Selection.BEST)
     assert decided.publish and decided.late == ("d.example", "time1.google.com")  # both recorded late
     agreement = decided.picked["agreement"]
     assert (agreement["votes"], agreement["outstanding_votes"]) == (4, 1)  # a, b, c and d: never Google's
     only_google = early.decide(split.outcomes, still_out[:1], strict=gate, enable_fallback=False,
-                               apart=split.apart)
+                               apart=split.apart, method=Selection.BEST)
     assert not only_google.publish and "no outstanding server can vote" in only_google.why  # the callback's
 
 

@@ -12,6 +12,7 @@ import struct
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
+from workers.contracts import Reason
 from workers.ntp import nts, packet
 
 
@@ -63,8 +64,8 @@ def test_every_single_bit_flip_is_refused():
         altered[bit // 8] ^= 1 << (bit % 8)
         with pytest.raises(nts.NtsError) as caught:
             nts.open_reply(bytes(altered), unique_id=unique_id, s2c=s2c)
-        assert caught.value.reason in (nts.REASON_NTS_AUTH_FAILED, nts.REASON_NTS_BAD_UNIQUE_ID,
-                                       nts.REASON_NTS_NO_AUTHENTICATOR)
+        assert caught.value.reason in (Reason.NTS_AUTH_FAILED, Reason.NTS_BAD_UNIQUE_ID,
+                                       Reason.NTS_NO_AUTHENTICATOR)
 
 
 def test_refusals_are_named():
@@ -72,11 +73,11 @@ def test_refusals_are_named():
     request, unique_id = nts.build_request(packet.make_request()[0], c2s=os.urandom(32), cookie=b"x" * 100,
                                            placeholders=0)
     reply = _server_reply(request, s2c, [b"n" * 100])
-    with pytest.raises(nts.NtsError, match=nts.REASON_NTS_NO_AUTHENTICATOR):
+    with pytest.raises(nts.NtsError, match=Reason.NTS_NO_AUTHENTICATOR):
         nts.open_reply(reply[:48], unique_id=unique_id, s2c=s2c)
-    with pytest.raises(nts.NtsError, match=nts.REASON_NTS_BAD_UNIQUE_ID):
+    with pytest.raises(nts.NtsError, match=Reason.NTS_BAD_UNIQUE_ID):
         nts.open_reply(reply, unique_id=os.urandom(32), s2c=s2c)
-    with pytest.raises(nts.NtsError, match=nts.REASON_NTS_AUTH_FAILED):
+    with pytest.raises(nts.NtsError, match=Reason.NTS_AUTH_FAILED):
         nts.open_reply(reply, unique_id=unique_id, s2c=os.urandom(32))
 
 
@@ -111,4 +112,4 @@ def test_ke_response_records():
 def test_bad_ke_responses_are_named(response, words):
     with pytest.raises(nts.NtsError) as caught:
         nts.parse_ke_response(response, default_host="h")
-    assert caught.value.reason == nts.REASON_NTS_KE_FAILED and words in caught.value.detail
+    assert caught.value.reason == Reason.NTS_KE_FAILED and words in caught.value.detail

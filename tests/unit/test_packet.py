@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from workers.contracts import Reason
 from workers.ntp import packet, sanity
 from workers.ntp.packet import NS_PER_S
 
@@ -66,15 +67,15 @@ def test_a_good_reply_passes():
 
 
 @pytest.mark.parametrize("overrides, reason", [
-    ({"mode": 3}, sanity.REASON_BAD_MODE),
-    ({"origin_ts": 0x9999}, sanity.REASON_BOGUS_ORIGIN),
-    ({"version": 3}, sanity.REASON_BAD_VERSION),
-    ({"transmit_ts": 0}, sanity.REASON_ZERO_TRANSMIT),
-    ({"receive_ts": 0}, sanity.REASON_ZERO_RECEIVE),
-    ({"leap": 3}, sanity.REASON_UNSYNCHRONISED_LEAP),
-    ({"stratum": 16}, sanity.REASON_UNSYNCHRONISED_STRATUM),
-    ({"root_delay_s": 1.5}, sanity.REASON_ROOT_DELAY_OUT_OF_RANGE),
-    ({"root_dispersion_s": 1.0}, sanity.REASON_ROOT_DISPERSION_OUT_OF_RANGE),
+    ({"mode": 3}, Reason.BAD_MODE),
+    ({"origin_ts": 0x9999}, Reason.BOGUS_ORIGIN),
+    ({"version": 3}, Reason.BAD_VERSION),
+    ({"transmit_ts": 0}, Reason.ZERO_TRANSMIT),
+    ({"receive_ts": 0}, Reason.ZERO_RECEIVE),
+    ({"leap": 3}, Reason.UNSYNCHRONISED_LEAP),
+    ({"stratum": 16}, Reason.UNSYNCHRONISED_STRATUM),
+    ({"root_delay_s": 1.5}, Reason.ROOT_DELAY_OUT_OF_RANGE),
+    ({"root_dispersion_s": 1.0}, Reason.ROOT_DISPERSION_OUT_OF_RANGE),
 ])
 def test_each_bad_field_is_rejected_with_its_name(overrides, reason):
     rejection = _check(_good(**overrides))
@@ -83,14 +84,14 @@ def test_each_bad_field_is_rejected_with_its_name(overrides, reason):
 
 def test_receive_after_transmit_and_long_hold():
     now = packet.unix_ns_to_ntp(time.time_ns())
-    assert _check(_good(receive_ts=now + 10, transmit_ts=now)).reason == sanity.REASON_RECEIVE_AFTER_TRANSMIT
-    assert _check(_good(receive_ts=now, transmit_ts=now + (5 << 32))).reason == sanity.REASON_SERVER_PROCESSING_TOO_LONG
+    assert _check(_good(receive_ts=now + 10, transmit_ts=now)).reason == Reason.RECEIVE_AFTER_TRANSMIT
+    assert _check(_good(receive_ts=now, transmit_ts=now + (5 << 32))).reason == Reason.SERVER_PROCESSING_TOO_LONG
 
 
 def test_reference_time_checks():
     now = packet.unix_ns_to_ntp(time.time_ns())
-    assert _check(_good(ref_ts=now + (10 << 32))).reason == sanity.REASON_REFERENCE_AFTER_TRANSMIT
-    assert _check(_good(ref_ts=now - ((2 ** 17 + 10) << 32))).reason == sanity.REASON_STALE_REFERENCE
+    assert _check(_good(ref_ts=now + (10 << 32))).reason == Reason.REFERENCE_AFTER_TRANSMIT
+    assert _check(_good(ref_ts=now - ((2 ** 17 + 10) << 32))).reason == Reason.STALE_REFERENCE
 
 
 def test_kiss_of_death_is_read_only_after_the_origin_check():
@@ -98,15 +99,15 @@ def test_kiss_of_death_is_read_only_after_the_origin_check():
     genuine = _check(_good(**kod))
     assert genuine.reason == "kod_deny" and genuine.kiss_code == "DENY"
     spoofed = _check(_good(origin_ts=0x9999, **kod))
-    assert spoofed.reason == sanity.REASON_BOGUS_ORIGIN and spoofed.kiss_code is None
+    assert spoofed.reason == Reason.BOGUS_ORIGIN and spoofed.kiss_code is None
 
 
 def test_root_limits_are_configurable():
     reply = _good(root_delay_s=0.3)
     assert _check(reply) is None
-    assert _check(reply, max_root_delay_s=0.2).reason == sanity.REASON_ROOT_DELAY_OUT_OF_RANGE
+    assert _check(reply, max_root_delay_s=0.2).reason == Reason.ROOT_DELAY_OUT_OF_RANGE
 
 
 def test_negative_delay_is_named():
-    assert sanity.check_delay(-1).reason == sanity.REASON_NEGATIVE_DELAY
+    assert sanity.check_delay(-1).reason == Reason.NEGATIVE_DELAY
     assert sanity.check_delay(0) is None

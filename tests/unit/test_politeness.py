@@ -17,6 +17,7 @@ import pytest
 
 from workers import config as config_mod
 from workers import measure
+from workers.contracts import Reason
 from workers.politeness import MINUTE_MS, TEN_MINUTES_MS, Budget, key, sent, take
 
 SERVER = "time.example.org"
@@ -253,7 +254,7 @@ def test_a_hub_jobs_attempt_past_the_budget_fails_politeness_limit_and_sends_not
         assert redis_client.zcard(window) == 3
         # The next burst would make six in the minute: refused whole, before any packet.
         second = tasks.query_server.apply(kwargs={"job": job("r2")}).get()
-        assert second["status"] == "failed" and second["reason"] == tasks.REASON_POLITENESS_LIMIT
+        assert second["status"] == "failed" and second["reason"] == Reason.POLITENESS_LIMIT
         assert second["attempts"] == 0 and second["history"] == []
         assert f"budget for 127.0.0.1:{port} is spent: 3 of 4 requests in the last minute" in second["detail"]
         assert second["detail"].endswith("no request sent")

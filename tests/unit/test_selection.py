@@ -5,8 +5,9 @@ import json
 from orchestrator import selection
 from orchestrator.callback import build_record
 from orchestrator.counting import round_counters
-from orchestrator.outcomes import RoundMeta
+from orchestrator.outcomes import Quality, RoundMeta
 from workers import config as config_mod
+from workers.contracts import Selection
 from workers.quality import Thresholds
 
 from .samples import failed, ok
@@ -16,8 +17,8 @@ STRICT = Thresholds(max_delay_s=0.100, max_uncertainty_s=0.010, min_stratum=1, m
 
 def test_strict_picks_lowest_uncertainty_not_lowest_delay():
     result = selection.select([ok("a", delay=0.010, unc=0.009), ok("b", delay=0.014, unc=0.007),
-                               ok("c", delay=0.2, unc=0.1)], STRICT, enable_fallback=True)
-    assert result["quality"] == selection.STRICT
+                               ok("c", delay=0.2, unc=0.1)], STRICT, enable_fallback=True, method=Selection.BEST)
+    assert result["quality"] == Quality.STRICT
     assert result["chosen"]["server"] == "b"
     assert result["servers_used"] == 2
     status = {s["server"]: s["status"] for s in result["servers"]}
@@ -26,41 +27,43 @@ def test_strict_picks_lowest_uncertainty_not_lowest_delay():
 
 def test_ties_prefer_the_lower_stratum():
     result = selection.select([ok("s3", delay=0.01, unc=0.005, stratum=3),
-                               ok("s1", delay=0.01, unc=0.005, stratum=1)], STRICT, enable_fallback=False)
+                               ok("s1", delay=0.01, unc=0.005,
+                                  stratum=1)], STRICT, enable_fallback=False, method=Selection.BEST)
     assert result["chosen"]["server"] == "s1"
 
 
 def test_stratum_range_is_honoured_and_never_relaxed():
     result = selection.select([ok("far", delay=0.01, unc=0.001, stratum=14)],
-                              Thresholds(0.1, 0.01, 1, 13), enable_fallback=True)
-    assert result["quality"] == selection.STARVATION
+                              Thresholds(0.1, 0.01, 1, 13), enable_fallback=True, method=Selection.BEST)
+    assert result["quality"] == Quality.STARVATION
     assert "stratum 14 outside 1-13" in result["servers"][0]["detail"]
 
 
 def test_relaxed_fallback_reuses_the_same_samples():
     outcomes = [ok("a", delay=0.150, unc=0.012), ok("b", delay=0.120, unc=0.015), ok("c", delay=0.25, unc=0.01)]
-    result = selection.select(outcomes, STRICT, enable_fallback=True)
-    assert result["quality"] == selection.RELAXED
+    result = selection.select(outcomes, STRICT, enable_fallback=True, method=Selection.BEST)
+    assert result["quality"] == Quality.RELAXED
     assert result["chosen"]["server"] == "a"
     c = next(s for s in result["servers"] if s["server"] == "c")
     assert c["status"] == "rejected" and c["reason"] == "over_relaxed_thresholds"
 
 
 def test_no_fallback_means_starvation():
-    result = selection.select([ok("a", delay=0.150, unc=0.012)], STRICT, enable_fallback=False)
-    assert result["quality"] == selection.STARVATION and result["chosen"] is None
+    result = selection.select([ok("a", delay=0.150, unc=0.012)], STRICT, enable_fallback=False, method=Selection.BEST)
+    assert result["quality"] == Quality.STARVATION and result["chosen"] is None
 
 
 def test_all_failed_is_starvation_with_reasons():
-    result = selection.select([failed("a"), failed("b", "kod_rate", 1)], STRICT, enable_fallback=True)
-    assert result["quality"] == selection.STARVATION
+    result = selection.select([failed("a"), failed("b", "kod_rate", 1)], STRICT, enable_fallback=True,
+                              method=Selection.BEST)
+    assert result["quality"] == Quality.STARVATION
     assert [s["reason"] for s in result["servers"]] == ["timeout", "kod_rate"]
 
 
 def test_duplicate_outcomes_count_once():
     outcomes = [ok("a", delay=0.01, unc=0.005), ok("a", delay=0.01, unc=0.004), failed("b"),
                 ok("b", delay=0.02, unc=0.006)]
-    result = selection.select(outcomes, STRICT, enable_fallback=True)
+    result = selection.select(outcomes, STRICT, enable_fallback=True, method=Selection.BEST)
     assert len(result["servers"]) == 2
     assert result["servers_used"] == 2  # b's success wins over its duplicate failure
 
@@ -129,17 +132,22 @@ def test_auth_select_require_prefer_mix():
     nts_wide = _nts(ok("nts", delay=0.004, unc=0.005))
     nts_wider = _nts(ok("nts2", delay=0.006, unc=0.006))
     outcomes = [plain_tight, nts_wide, nts_wider]
-    assert select(outcomes, strict, enable_fallback=True)["chosen"]["server"] == "plain"  # mix: alike
-    assert select(outcomes, strict, enable_fallback=True, auth_select="ignore")["chosen"]["server"] == "plain"
-    assert select(outcomes, strict, enable_fallback=True, auth_select="prefer")["chosen"]["server"] == "nts"
-    required = select(outcomes, strict, enable_fallback=True, auth_select="require")
+    assert select(outcomes, strict, enable_fallback=True,
+                  method=Selection.BEST)["chosen"]["server"] == "plain"  # mix: alike
+    assert select(outcomes, strict, enable_fallback=True, method=Selection.BEST,
+                  auth_select="ignore")["chosen"]["server"] == "plain"
+    assert select(outcomes, strict, enable_fallback=True, method=Selection.BEST,
+                  auth_select="prefer")["chosen"]["server"] == "nts"
+    required = select(outcomes, strict, enable_fallback=True, method=Selection.BEST, auth_select="require")
     assert required["chosen"]["server"] == "nts"
     plain = next(s for s in required["servers"] if s["server"] == "plain")
     assert (plain["status"], plain["reason"]) == ("rejected", "not_authenticated")
     # prefer: plain samples when no authenticated one passes; require: never.
     only_plain = [plain_tight, failed("nts")]
-    assert select(only_plain, strict, enable_fallback=True, auth_select="prefer")["chosen"]["server"] == "plain"
-    assert select(only_plain, strict, enable_fallback=True, auth_select="require")["quality"] == "starvation"
+    assert select(only_plain, strict, enable_fallback=True, method=Selection.BEST,
+                  auth_select="prefer")["chosen"]["server"] == "plain"
+    assert select(only_plain, strict, enable_fallback=True, method=Selection.BEST,
+                  auth_select="require")["quality"] == "starvation"
 
 
 def _meta(servers):

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..contracts import Reason
 from . import packet, sanity
 from .sanity import Rejection
 
@@ -130,7 +131,7 @@ def resolve(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
     try:
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     except (socket.gaierror, UnicodeError) as exc:
-        raise QueryFailed(Rejection(sanity.REASON_DNS_ERROR, f"cannot resolve {host!r}: {exc}")) from None
+        raise QueryFailed(Rejection(Reason.DNS_ERROR, f"cannot resolve {host!r}: {exc}")) from None
     family, _, _, _, sockaddr = infos[0]
     return family, sockaddr
 
@@ -149,7 +150,7 @@ class NtsRequest:
 #: Refusals that say a packet is not the answer to this request (it cannot be parsed, is no
 #: server reply, or does not echo our random transmit timestamp): set aside, and the wait goes
 #: on until the timeout; named only if no genuine reply follows.
-NOT_OUR_REPLY = frozenset({sanity.REASON_TRUNCATED, sanity.REASON_BAD_MODE, sanity.REASON_BOGUS_ORIGIN})
+NOT_OUR_REPLY = frozenset({Reason.TRUNCATED, Reason.BAD_MODE, Reason.BOGUS_ORIGIN})
 
 
 def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: float,
@@ -216,9 +217,9 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
                     if refused:
                         raise QueryFailed(refused)
                     if stray:
-                        raise QueryFailed(Rejection(sanity.REASON_WRONG_SOURCE, stray))
+                        raise QueryFailed(Rejection(Reason.WRONG_SOURCE, stray))
                     waited = timeout_s if cut is None or cut >= deadline else now - mono1_ns / 1e9
-                    raise QueryFailed(Rejection(sanity.REASON_TIMEOUT, f"no reply within {waited:.3g} s"))
+                    raise QueryFailed(Rejection(Reason.TIMEOUT, f"no reply within {waited:.3g} s"))
                 sock.settimeout(remaining if give_up_at is None else min(remaining, GIVE_UP_POLL_S))
                 try:
                     data, ancdata, _flags, source = sock.recvmsg(MAX_REPLY_BYTES, ANCILLARY_SIZE)
@@ -228,7 +229,7 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
                     # ICMP port unreachable for our request (the socket sent to nothing else): no NTP
                     # service at that address and port, so no reply can follow.
                     raise QueryFailed(Rejection(
-                        sanity.REASON_PORT_UNREACHABLE,
+                        Reason.PORT_UNREACHABLE,
                         f"ICMP port unreachable from {sockaddr[0]}:{sockaddr[1]}: nothing listens there")) from None
                 mono4_ns = time.monotonic_ns()
                 wall4_ns = time.time_ns()
@@ -240,7 +241,7 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
 
                     if nts_mod.is_nak(data, nts.unique_id):
                         nts.association.forget()
-                        raise QueryFailed(Rejection(sanity.REASON_NTS_NAK, "NTS NAK: the server cannot use the "
+                        raise QueryFailed(Rejection(Reason.NTS_NAK, "NTS NAK: the server cannot use the "
                                                     "cookie; new keys at the next attempt"))
                     try:
                         cookies = nts_mod.open_reply(data, unique_id=nts.unique_id, s2c=nts.s2c)
@@ -251,7 +252,7 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
                 try:
                     reply = packet.parse(data)
                 except packet.MalformedPacket as exc:
-                    refused = Rejection(sanity.REASON_TRUNCATED, str(exc))
+                    refused = Rejection(Reason.TRUNCATED, str(exc))
                     continue  # not a reply to anyone: set aside until the timeout, in case ours follows
                 rejection = sanity.check_reply(
                     reply, sent_transmit=transmit, sent_version=packet.NTP_VERSION,
@@ -263,7 +264,7 @@ def exchange(server: str, family: int, sockaddr: tuple[Any, ...], *, timeout_s: 
                     continue
                 break
     except OSError as exc:
-        raise QueryFailed(Rejection(sanity.REASON_SOCKET_ERROR, f"{type(exc).__name__}: {exc}")) from None
+        raise QueryFailed(Rejection(Reason.SOCKET_ERROR, f"{type(exc).__name__}: {exc}")) from None
 
     elapsed_ns = mono4_ns - mono1_ns
     rx_ns = kernel_rx_ns(ancdata) if kernel_ts else None

@@ -56,13 +56,8 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 
+from ..contracts import Reason
 from . import packet
-from .sanity import (
-    REASON_NTS_AUTH_FAILED,
-    REASON_NTS_BAD_UNIQUE_ID,
-    REASON_NTS_KE_FAILED,
-    REASON_NTS_NO_AUTHENTICATOR,
-)
 
 ALPN = b"ntske/1"
 EXPORTER_LABEL = b"EXPORTER-network-time-security"
@@ -93,7 +88,7 @@ _U16x2 = struct.Struct("!HH")
 
 
 class NtsError(Exception):
-    """An NTS step failed; ``reason`` is one of the ``REASON_NTS_*`` names."""
+    """An NTS step failed; ``reason`` is one of the ``Reason.NTS_*`` names."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
@@ -129,21 +124,21 @@ def parse_ke_response(data: bytes, *, default_host: str) -> tuple[list[bytes], s
     offset = 0
     while True:
         if offset + 4 > len(data):
-            raise NtsError(REASON_NTS_KE_FAILED, "the response ended before its End of Message record")
+            raise NtsError(Reason.NTS_KE_FAILED, "the response ended before its End of Message record")
         word, length = _U16x2.unpack_from(data, offset)
         body = data[offset + 4:offset + 4 + length]
         if len(body) != length:
-            raise NtsError(REASON_NTS_KE_FAILED, "a record runs past the end of the response")
+            raise NtsError(Reason.NTS_KE_FAILED, "a record runs past the end of the response")
         offset += 4 + length
         kind, critical = word & 0x7FFF, bool(word & CRITICAL)
         if kind == REC_END:
             break
         if kind == REC_ERROR:
             code = _U16.unpack(body)[0] if len(body) == 2 else -1
-            raise NtsError(REASON_NTS_KE_FAILED, f"the server sent Error {code} "
+            raise NtsError(Reason.NTS_KE_FAILED, f"the server sent Error {code} "
                                                  "(0 unrecognised critical record, 1 bad request, 2 internal)")
         if kind == REC_WARNING:
-            raise NtsError(REASON_NTS_KE_FAILED, "the server sent a Warning record (none is defined)")
+            raise NtsError(Reason.NTS_KE_FAILED, "the server sent a Warning record (none is defined)")
         if kind == REC_NEXT_PROTOCOL:
             protocol = _U16.unpack(body)[0] if len(body) == 2 else None
         elif kind == REC_AEAD:
@@ -155,13 +150,13 @@ def parse_ke_response(data: bytes, *, default_host: str) -> tuple[list[bytes], s
         elif kind == REC_PORT and len(body) == 2:
             port = _U16.unpack(body)[0]
         elif critical:
-            raise NtsError(REASON_NTS_KE_FAILED, f"unknown critical record type {kind}")
+            raise NtsError(Reason.NTS_KE_FAILED, f"unknown critical record type {kind}")
     if protocol != PROTOCOL_NTPV4:
-        raise NtsError(REASON_NTS_KE_FAILED, f"the server did not agree to NTPv4 (next protocol {protocol})")
+        raise NtsError(Reason.NTS_KE_FAILED, f"the server did not agree to NTPv4 (next protocol {protocol})")
     if aead != AEAD_AES_SIV_CMAC_256:
-        raise NtsError(REASON_NTS_KE_FAILED, f"the server did not agree to AEAD 15 (it offered {aead})")
+        raise NtsError(Reason.NTS_KE_FAILED, f"the server did not agree to AEAD 15 (it offered {aead})")
     if not cookies:
-        raise NtsError(REASON_NTS_KE_FAILED, "the server sent no cookie")
+        raise NtsError(Reason.NTS_KE_FAILED, "the server sent no cookie")
     return cookies, host, port
 
 
@@ -184,7 +179,7 @@ def key_exchange(host: str, port: int = packet.NTS_KE_PORT, *, ca_file: str | No
     try:
         raw = socket.create_connection((host, port), timeout=timeout_s)
     except OSError as exc:
-        raise NtsError(REASON_NTS_KE_FAILED, f"cannot connect to {host}:{port}: {exc}") from None
+        raise NtsError(Reason.NTS_KE_FAILED, f"cannot connect to {host}:{port}: {exc}") from None
     raw.setblocking(False)
     conn = SSL.Connection(context, raw)
     conn.set_connect_state()
@@ -193,14 +188,14 @@ def key_exchange(host: str, port: int = packet.NTS_KE_PORT, *, ca_file: str | No
     try:
         _until(conn.do_handshake, conn, deadline)
         if conn.get_alpn_proto_negotiated() != ALPN:
-            raise NtsError(REASON_NTS_KE_FAILED, f"the server did not agree to ALPN {ALPN.decode()}")
+            raise NtsError(Reason.NTS_KE_FAILED, f"the server did not agree to ALPN {ALPN.decode()}")
         try:
             if address is not None:
                 verify_ip_address(conn, str(address))
             else:
                 verify_hostname(conn, host)
         except VerificationError as exc:
-            raise NtsError(REASON_NTS_KE_FAILED, f"certificate does not name {host}: {exc}") from None
+            raise NtsError(Reason.NTS_KE_FAILED, f"certificate does not name {host}: {exc}") from None
         _until(lambda: conn.sendall(ke_request()), conn, deadline)
         response = b""
         while not _complete(response):
@@ -212,14 +207,14 @@ def key_exchange(host: str, port: int = packet.NTS_KE_PORT, *, ca_file: str | No
                 break
             response += chunk
             if len(response) > KE_MAX_MESSAGE:
-                raise NtsError(REASON_NTS_KE_FAILED, f"response longer than {KE_MAX_MESSAGE} bytes")
+                raise NtsError(Reason.NTS_KE_FAILED, f"response longer than {KE_MAX_MESSAGE} bytes")
         cookies, ntp_host, ntp_port = parse_ke_response(response, default_host=host)
         c2s = conn.export_keying_material(EXPORTER_LABEL, KEY_LENGTH, _exporter_context(0))
         s2c = conn.export_keying_material(EXPORTER_LABEL, KEY_LENGTH, _exporter_context(1))
     except SSL.Error as exc:
-        raise NtsError(REASON_NTS_KE_FAILED, f"TLS: {_tls_text(exc)}") from None
+        raise NtsError(Reason.NTS_KE_FAILED, f"TLS: {_tls_text(exc)}") from None
     except OSError as exc:
-        raise NtsError(REASON_NTS_KE_FAILED, f"{type(exc).__name__}: {exc}") from None
+        raise NtsError(Reason.NTS_KE_FAILED, f"{type(exc).__name__}: {exc}") from None
     finally:
         try:
             conn.shutdown()
@@ -255,7 +250,7 @@ def _until(step: Callable[[], Any], conn: SSL.Connection, deadline: float) -> An
             wanted = ([], [conn])
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not any(select.select(*wanted, [], remaining)[:2]):
-            raise NtsError(REASON_NTS_KE_FAILED, "timed out")
+            raise NtsError(Reason.NTS_KE_FAILED, "timed out")
 
 
 def _tls_text(exc: SSL.Error) -> str:
@@ -309,22 +304,22 @@ def open_reply(data: bytes, *, unique_id: bytes, s2c: bytes) -> list[bytes]:
     fields = extension_fields(data)
     auth = next(((offset, body) for kind, offset, body in fields if kind == EF_AUTHENTICATOR), None)
     if auth is None:
-        raise NtsError(REASON_NTS_NO_AUTHENTICATOR, "no NTS authenticator in the reply to an NTS request")
+        raise NtsError(Reason.NTS_NO_AUTHENTICATOR, "no NTS authenticator in the reply to an NTS request")
     if not any(kind == EF_UNIQUE_ID and body == unique_id for kind, offset, body in fields if offset < auth[0]):
-        raise NtsError(REASON_NTS_BAD_UNIQUE_ID, "the reply does not carry this request's unique identifier")
+        raise NtsError(Reason.NTS_BAD_UNIQUE_ID, "the reply does not carry this request's unique identifier")
     offset, body = auth
     if len(body) < 4:
-        raise NtsError(REASON_NTS_AUTH_FAILED, "authenticator field too short")
+        raise NtsError(Reason.NTS_AUTH_FAILED, "authenticator field too short")
     nonce_length, ciphertext_length = _U16x2.unpack_from(body)
     nonce = body[4:4 + nonce_length]
     start = 4 + nonce_length + (-nonce_length % 4)
     ciphertext = body[start:start + ciphertext_length]
     if len(nonce) != nonce_length or len(ciphertext) != ciphertext_length:
-        raise NtsError(REASON_NTS_AUTH_FAILED, "authenticator lengths run past the field")
+        raise NtsError(Reason.NTS_AUTH_FAILED, "authenticator lengths run past the field")
     try:
         plaintext = AESSIV(s2c).decrypt(ciphertext, [data[:offset], nonce])
     except (InvalidTag, ValueError):
-        raise NtsError(REASON_NTS_AUTH_FAILED, "the authenticator does not verify: the reply was altered "
+        raise NtsError(Reason.NTS_AUTH_FAILED, "the authenticator does not verify: the reply was altered "
                                                "or not made with this association's key") from None
     return [body for kind, _, body in extension_fields(plaintext, 0) if kind == EF_COOKIE]
 

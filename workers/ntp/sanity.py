@@ -16,38 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..contracts import KOD_PREFIX, Reason, kiss_reason
+from ..contracts import Reason, kiss_reason
 from .packet import LEAP_UNSYNCHRONISED, MODE_SERVER, NS_PER_S, Reply
 
 # The reasons this module and the client decide, as aliases of :class:`workers.contracts.Reason`.
-REASON_TIMEOUT = Reason.TIMEOUT
-REASON_SOCKET_ERROR = Reason.SOCKET_ERROR
-REASON_PORT_UNREACHABLE = Reason.PORT_UNREACHABLE
-REASON_DNS_ERROR = Reason.DNS_ERROR
-REASON_WRONG_SOURCE = Reason.WRONG_SOURCE
-REASON_TRUNCATED = Reason.TRUNCATED
-REASON_BAD_MODE = Reason.BAD_MODE
-REASON_BOGUS_ORIGIN = Reason.BOGUS_ORIGIN
-REASON_BAD_VERSION = Reason.BAD_VERSION
-REASON_ZERO_TRANSMIT = Reason.ZERO_TRANSMIT
-REASON_ZERO_RECEIVE = Reason.ZERO_RECEIVE
-REASON_RECEIVE_AFTER_TRANSMIT = Reason.RECEIVE_AFTER_TRANSMIT
-REASON_SERVER_PROCESSING_TOO_LONG = Reason.SERVER_PROCESSING_TOO_LONG
-REASON_UNSYNCHRONISED_LEAP = Reason.UNSYNCHRONISED_LEAP
-REASON_UNSYNCHRONISED_STRATUM = Reason.UNSYNCHRONISED_STRATUM
-REASON_ROOT_DELAY_OUT_OF_RANGE = Reason.ROOT_DELAY_OUT_OF_RANGE
-REASON_ROOT_DISPERSION_OUT_OF_RANGE = Reason.ROOT_DISPERSION_OUT_OF_RANGE
-REASON_REFERENCE_AFTER_TRANSMIT = Reason.REFERENCE_AFTER_TRANSMIT
-REASON_STALE_REFERENCE = Reason.STALE_REFERENCE
-REASON_NEGATIVE_DELAY = Reason.NEGATIVE_DELAY
-#: A Kiss-o'-Death reason is this prefix plus the lower-case kiss code.
-REASON_KOD_PREFIX = KOD_PREFIX
 # NTS (RFC 8915; :mod:`workers.ntp.nts` explains each).
-REASON_NTS_KE_FAILED = Reason.NTS_KE_FAILED
-REASON_NTS_AUTH_FAILED = Reason.NTS_AUTH_FAILED
-REASON_NTS_BAD_UNIQUE_ID = Reason.NTS_BAD_UNIQUE_ID
-REASON_NTS_NO_AUTHENTICATOR = Reason.NTS_NO_AUTHENTICATOR
-REASON_NTS_NAK = Reason.NTS_NAK
 
 #: chrony's MAX_SERVER_INTERVAL: a server that held our request longer than
 #: this has timestamps we cannot pair up with any confidence.
@@ -102,41 +75,41 @@ def check_reply(
         Upper bounds (exclusive) for the server's root delay and dispersion.
     """
     if reply.mode != MODE_SERVER:
-        return Rejection(REASON_BAD_MODE, f"mode {reply.mode}, a server reply has mode {MODE_SERVER}")
+        return Rejection(Reason.BAD_MODE, f"mode {reply.mode}, a server reply has mode {MODE_SERVER}")
     if reply.origin_ts != sent_transmit:
-        return Rejection(REASON_BOGUS_ORIGIN,
+        return Rejection(Reason.BOGUS_ORIGIN,
                          f"origin {reply.origin_ts:#018x} is not our transmit {sent_transmit:#018x}")
     code = reply.kiss_code
     if code is not None:
         return Rejection(kiss_reason(code), f"Kiss-o'-Death {code}", kiss_code=code)
     if reply.version != sent_version:
-        return Rejection(REASON_BAD_VERSION, f"version {reply.version}, we sent {sent_version}")
+        return Rejection(Reason.BAD_VERSION, f"version {reply.version}, we sent {sent_version}")
     if reply.transmit_ts == 0:
-        return Rejection(REASON_ZERO_TRANSMIT, "transmit timestamp is zero")
+        return Rejection(Reason.ZERO_TRANSMIT, "transmit timestamp is zero")
     if reply.receive_ts == 0:
-        return Rejection(REASON_ZERO_RECEIVE, "receive timestamp is zero")
+        return Rejection(Reason.ZERO_RECEIVE, "receive timestamp is zero")
     if reply.receive_ts > reply.transmit_ts:
-        return Rejection(REASON_RECEIVE_AFTER_TRANSMIT,
+        return Rejection(Reason.RECEIVE_AFTER_TRANSMIT,
                          f"receive is {_ts_diff_s(reply.receive_ts, reply.transmit_ts):.6f} s after transmit")
     processing_s = _ts_diff_s(reply.transmit_ts, reply.receive_ts)
     if processing_s > MAX_SERVER_PROCESSING_S:
-        return Rejection(REASON_SERVER_PROCESSING_TOO_LONG,
+        return Rejection(Reason.SERVER_PROCESSING_TOO_LONG,
                          f"server held the request {processing_s:.3f} s (limit {MAX_SERVER_PROCESSING_S} s)")
     if reply.leap == LEAP_UNSYNCHRONISED:
-        return Rejection(REASON_UNSYNCHRONISED_LEAP, "leap indicator 3: server clock not synchronised")
+        return Rejection(Reason.UNSYNCHRONISED_LEAP, "leap indicator 3: server clock not synchronised")
     if not 1 <= reply.stratum <= 15:
-        return Rejection(REASON_UNSYNCHRONISED_STRATUM, f"stratum {reply.stratum}: server not synchronised")
+        return Rejection(Reason.UNSYNCHRONISED_STRATUM, f"stratum {reply.stratum}: server not synchronised")
     if not 0 <= reply.root_delay_s < max_root_delay_s:
-        return Rejection(REASON_ROOT_DELAY_OUT_OF_RANGE,
+        return Rejection(Reason.ROOT_DELAY_OUT_OF_RANGE,
                          f"root delay {reply.root_delay_s:.6f} s (limit {max_root_delay_s} s)")
     if not 0 <= reply.root_dispersion_s < max_root_dispersion_s:
-        return Rejection(REASON_ROOT_DISPERSION_OUT_OF_RANGE,
+        return Rejection(Reason.ROOT_DISPERSION_OUT_OF_RANGE,
                          f"root dispersion {reply.root_dispersion_s:.6f} s (limit {max_root_dispersion_s} s)")
     if reply.ref_ts > reply.transmit_ts:
-        return Rejection(REASON_REFERENCE_AFTER_TRANSMIT, "reference time is after transmit time")
+        return Rejection(Reason.REFERENCE_AFTER_TRANSMIT, "reference time is after transmit time")
     age_s = _ts_diff_s(reply.transmit_ts, reply.ref_ts)
     if age_s > MAX_REFERENCE_AGE_S:
-        return Rejection(REASON_STALE_REFERENCE,
+        return Rejection(Reason.STALE_REFERENCE,
                          f"reference time is {age_s:.0f} s old (limit {MAX_REFERENCE_AGE_S} s)")
     return None
 
@@ -149,5 +122,5 @@ def _ts_diff_s(later: int, earlier: int) -> float:
 def check_delay(delay_ns: int) -> Rejection | None:
     """A negative round trip means the server's timestamps are inconsistent."""
     if delay_ns < 0:
-        return Rejection(REASON_NEGATIVE_DELAY, f"delay {delay_ns / NS_PER_S:.6f} s is negative")
+        return Rejection(Reason.NEGATIVE_DELAY, f"delay {delay_ns / NS_PER_S:.6f} s is negative")
     return None
