@@ -105,7 +105,9 @@ class Outstanding:
     long the requests of its last attempt have been out.  ``retrying``: nothing
     bounds what it will say -- its attempt failed with a retry to come, or the
     attempt out is not its last (a request out a while may have been lost, and
-    the retry that follows could answer with any delay), or its task has not
+    the retry that follows could answer with any delay), as the server's retry
+    policy answered its task (:class:`workers.retry.RetryPolicy`, through
+    :meth:`workers.inflight.RoundView.retry_may_follow`); or its task has not
     started: a bound of 0 that does not grow.  ``nts``: whether its replies are
     NTS-authenticated.
     """

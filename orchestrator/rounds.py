@@ -24,6 +24,7 @@ from workers import chords, measure, politeness
 from workers.app import app, queue_for, redis_url_of
 from workers.config import Config
 from workers.redisclock import clock_for
+from workers.retry import RetryPolicy, rate_backoff_for
 from workers.tasks import describe, query_server
 
 from . import records
@@ -37,10 +38,6 @@ log = logging.getLogger(__name__)
 #: Time allowed for messages to reach the worker and the callback to run,
 #: on top of the query schedule itself.
 DISPATCH_SLACK_S = 2.0
-
-#: A RATE kiss keeps a server unqueried for this many normal intervals
-#: (chrony adds four poll intervals).
-RATE_BACKOFF_INTERVALS = 4
 
 
 #: How long after its deadline a round's callback may still arrive before
@@ -200,13 +197,12 @@ def round_budget_s(config: Config) -> float:
     """How long a round may take before it is given up on (seconds).
 
     Each server may use its whole retry schedule: the waits plus every
-    attempt's worst case.  In sequential mode the servers take turns.
+    attempt's worst case (:attr:`workers.retry.RetryPolicy.server_budget_s`).
+    In sequential mode the servers take turns.
     """
     ntp = config.ntp
-    attempt_s = measure.attempt_budget_s(timeout_s=ntp.timeout_seconds, samples=measure.samples_per_attempt(ntp))
-    per_server = sum(ntp.retry_waits_s) + ntp.attempts * attempt_s
     servers = 1 if ntp.parallel_queries else len(ntp.servers)
-    return per_server * servers + DISPATCH_SLACK_S
+    return RetryPolicy.from_settings(ntp).server_budget_s * servers + DISPATCH_SLACK_S
 
 
 def build_round(config: Config, node: str, *, now: float | None = None,
@@ -235,7 +231,7 @@ def plan_round(config: Config, node: str, *, now: float | None = None,
     round_id = new_round_id(node, now)
     deadline_at = now + round_budget_s(config)
     queue = queue_for(node)
-    rate_backoff_s = RATE_BACKOFF_INTERVALS * config.timing.normal_interval_s
+    rate_backoff_s = rate_backoff_for(config.timing.normal_interval_s)
     report_to = Keys(config.service.key_prefix).outcomes(node, round_id)
     jobs = [measure.make_job(server=s, node=node, round_id=round_id, ntp=config.ntp, deadline_at=deadline_at,
                              rate_backoff_s=rate_backoff_s, report_to=report_to,

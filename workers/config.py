@@ -27,9 +27,10 @@ from typing import Any
 
 import yaml
 
-from . import redisurl
+from . import redisclock, redisurl
 from .contracts import AuthSelect, MeasurementMode, Selection
 from .ntp import packet
+from .retry import RetryPolicy
 
 #: Overrides ``ntp_service.redis_url``.
 ENV_REDIS_URL = "CHRONOTICK_REDIS_URL"
@@ -161,7 +162,8 @@ class NtpSettings:
     server (0 and 1 both mean a single attempt), as it was in ChronoTick;
     ``retry_delay`` is the first wait, doubled after each further failure; the
     waits separate the attempts' *starts*, counted from the first attempt's
-    start (0, 5, 15 s with ChronoTick's 5 s), whatever the timeout.
+    start (0, 5, 15 s with ChronoTick's 5 s), whatever the timeout.  The
+    schedule they make is :meth:`workers.retry.RetryPolicy.from_settings`'s.
     """
 
     servers: tuple[ServerAddress, ...] = option(
@@ -251,16 +253,6 @@ class NtpSettings:
         """A short fingerprint of these settings: a change lifts DENY/RSTR demobilisation."""
         return hashlib.sha256(repr(self).encode()).hexdigest()[:12]
 
-    @property
-    def attempts(self) -> int:
-        return max(1, self.max_retries)
-
-    @property
-    def retry_waits_s(self) -> tuple[float, ...]:
-        """Waits between attempts' starts: retry_delay, 2*retry_delay, ... (0, 5, 15 s starts after the first's
-        start: :func:`workers.measure.attempt_offsets_s`)."""
-        return tuple(self.retry_delay * 2 ** i for i in range(self.attempts - 1))
-
 
 @dataclass(frozen=True)
 class TimingSettings:
@@ -278,6 +270,11 @@ class TimingSettings:
         120.0, key="normal_operation.measurement_interval", types=_NUMBER,
         check=lambda v: 0 < v <= MAX_INTERVAL_S, problem=_INTERVAL_PROBLEM,
         doc="interval between rounds afterwards (s)")
+
+
+#: A node's staleness limit under the default timing (s): :func:`workers.redisclock.stale_after_s` of the
+#: default normal interval; what a reader or an exporter given no config judges by.
+DEFAULT_STALE_AFTER_S = redisclock.stale_after_s(TimingSettings.normal_interval_s)
 
 
 @dataclass(frozen=True)
@@ -386,6 +383,15 @@ class Config:
             return max(self.timing.normal_interval_s, hub.measurement_interval)
         return self.timing.normal_interval_s
 
+    def stale_after_s(self, node: str | None = None) -> float:
+        """How old ``node``'s ``latest`` may get before it is stale (s): :func:`workers.redisclock.stale_after_s`
+        of its normal interval (:meth:`normal_interval_of`: the hub node's is longer).  Without a node, any
+        node's but the hub node's.  ``status``, the exporter, the beat's and a worker's warm-up checks, the
+        hub's leg and the reader all judge by it.
+        """
+        return redisclock.stale_after_s(self.timing.normal_interval_s if node is None
+                                        else self.normal_interval_of(node))
+
     def for_node(self, node: str) -> Config:
         """This configuration as ``node``'s rounds use it (issue #26).
 
@@ -485,7 +491,7 @@ def from_mapping(document: Any, *, source: str = "<config>",
     timing = _parse_timing(_section(clock, "timing", source, prefix="clock_measurement."), source)
     service = _parse_service(_section(document, "ntp_service", source), source, environ)
     if service.hub is not None:
-        burst = ntp.advanced_samples if ntp.measurement_mode == MeasurementMode.ADVANCED.value else 1
+        burst = RetryPolicy.from_settings(ntp).samples
         for key, budget in (("max_requests_per_minute", service.hub.max_requests_per_minute),
                             ("max_requests_per_10_minutes", service.hub.max_requests_per_10_minutes)):
             if budget < burst:  # an attempt takes its whole burst's places or none: it could never be sent

@@ -19,7 +19,14 @@ request leaving does not wait for the answer: its bound is zero, as it was
 before it left, so what it changes is only whether every bound now grows (a
 timer can be set); the question goes to the timer thread, the request goes
 out at once.  A round it has published is *decided*: its failed attempts are
-not retried (:meth:`Tracker.decided`).
+not retried (:meth:`Tracker.decided`; the rule is
+:attr:`workers.retry.NotRetried.ROUND_DECIDED`).
+
+Whether a retry follows is not decided here: the query task asks its retry
+policy (:class:`workers.retry.RetryPolicy`) and tells the tracker -- whether an
+attempt is *final* (no retry can follow it) when its first request leaves,
+and whether a failed one is ``retrying`` -- and the decider is given the
+policy's answer as it stands (:meth:`RoundView.retry_may_follow`).
 
 What it cannot see it takes as the worst case: a server whose task has not
 started here (queued, or run by another process on the same queue) has a
@@ -102,6 +109,11 @@ class RoundView:
     #: Servers whose attempt out is not their last: a retry could follow it, so nothing bounds what they say.
     #: (A server with no attempt here yet, or a burst not all sent, may still get a bound: it is in neither.)
     unbounded: frozenset[str] = frozenset()
+
+    def retry_may_follow(self, server: str) -> bool:
+        """Whether, as the retry policy answered the task, ``server`` is still to be asked again in this round:
+        its retry is to come, or one may follow its attempt out.  Then nothing bounds what it can say."""
+        return server in self.retrying or server in self.unbounded
 
 
 @dataclass

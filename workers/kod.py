@@ -2,7 +2,8 @@
 
 RFC 5905 section 7.4: on RATE a client must poll less often; on DENY or RSTR
 it must stop sending to that server.  chrony acts on RATE by adding four poll
-intervals to the next transmission.  So here:
+intervals to the next transmission.  How long each kiss keeps a server away is
+the retry policy's (:meth:`workers.retry.RetryPolicy.kiss_backoff_s`):
 
 * ``RATE`` -- the server gets no packet for a back-off period: four times the
   normal measurement interval, doubled for each further RATE (capped at a
@@ -10,7 +11,7 @@ intervals to the next transmission.  So here:
 * ``DENY`` / ``RSTR`` -- the server gets no packet until this worker restarts
   or the configuration changes (a new ``config_id``).
 
-A kiss counts only if it passed the origin check (see
+This module remembers them.  A kiss counts only if it passed the origin check (see
 :mod:`workers.ntp.sanity`), so a blind spoofer cannot trigger any of this.
 The memory is per worker process, which is what "until the worker is
 restarted" asks for; the round record and the stats show every refusal.
@@ -23,16 +24,7 @@ import time
 from dataclasses import dataclass
 
 from .contracts import Reason
-
-#: Kiss codes that change how we treat a server.  Others (INIT, STEP, ...)
-#: are just a rejected reply.
-RATE = "RATE"
-DEMOBILISING = frozenset({"DENY", "RSTR"})
-ACTED_ON = DEMOBILISING | {RATE}
-
-#: Longest RATE back-off (s).
-MAX_RATE_BACKOFF_S = 86_400.0
-
+from .retry import ACTED_ON, DEMOBILISING, RATE, RetryPolicy
 
 
 @dataclass(frozen=True)
@@ -55,18 +47,16 @@ class KissMemory:
         self._lock = threading.Lock()
         self._kisses: dict[str, Kiss] = {}
 
-    def record(self, server: str, code: str, *, config_id: str, rate_backoff_s: float) -> Kiss | None:
-        """Remember a kiss; returns what was stored (``None`` for codes not acted on)."""
+    def record(self, server: str, code: str, *, config_id: str, policy: RetryPolicy) -> Kiss | None:
+        """Remember a kiss, kept for as long as ``policy`` says; returns what was stored (``None`` for codes
+        not acted on)."""
         if code not in ACTED_ON:
             return None
         now = self._clock()
         with self._lock:
             previous = self._kisses.get(server)
-            if code == RATE:
-                count = previous.count + 1 if previous and previous.code == RATE else 1
-                until = now + min(rate_backoff_s * 2 ** (count - 1), MAX_RATE_BACKOFF_S)
-            else:
-                count, until = 1, float("inf")
+            count = previous.count + 1 if code == RATE and previous and previous.code == RATE else 1
+            until = now + policy.kiss_backoff_s(code, count)
             kiss = Kiss(code=code, received_at=self._wall(), until=until, config_id=config_id, count=count)
             self._kisses[server] = kiss
             return kiss

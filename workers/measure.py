@@ -6,7 +6,8 @@ job: resolve the name within a bounded time, take one sample (``simple``) or a
 short burst keeping the minimum-delay sample (``advanced``: RFC 5905's
 clock-filter idea, since the lowest-delay exchange is the one least disturbed
 by queueing), and check the result against the loosest gate that could still
-publish it.  Retrying is the task's business, not this module's.
+publish it.  Whether and when an attempt is retried is :mod:`workers.retry`'s
+to say, and the task's to do.
 """
 
 from __future__ import annotations
@@ -24,10 +25,7 @@ from .contracts import Reason
 from .ntp import client, packet, sanity
 from .ntp.client import QueryFailed
 from .ntp.sanity import Rejection
-
-#: Pause between the samples of an advanced-mode burst (ChronoTick used 0.1 s).
-ADVANCED_SAMPLE_SPACING_S = 0.1
-
+from .retry import ADVANCED_SAMPLE_SPACING_S, RetryPolicy
 
 
 class BurstFailed(QueryFailed):
@@ -69,7 +67,7 @@ def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_
     deadline_at:
         Unix time after which no attempt may start.
     rate_backoff_s:
-        How long a server that sent a RATE kiss is left alone (see :mod:`workers.kod`).
+        How long a server that sent a RATE kiss is left alone (:func:`workers.retry.rate_backoff_for`).
     report_to:
         The Redis hash the task writes its outcome to, for whoever closes the
         round if its callback never comes (the orchestrator names it; none:
@@ -79,68 +77,25 @@ def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_
         (:mod:`workers.inflight`).
     retry:
         ``False`` for a server unreachable for eight rounds (its reach register is 0): probed
-        with one request a round (no burst), not retried, until it answers again.
+        as :meth:`workers.retry.RetryPolicy.probe` says, one request a round, not retried.
     """
+    policy = RetryPolicy.from_settings(ntp, rate_backoff_s=rate_backoff_s)
     return {
         "server": server.name,
         "host": server.host,
         "port": server.port,
         "node": node,
         "round_id": round_id,
-        "timeout_s": ntp.timeout_seconds,
-        "samples": samples_per_attempt(ntp) if retry else 1,  # an unreachable server: one request
-        "retry_waits_s": list(ntp.retry_waits_s) if retry else [],
+        **(policy if retry else policy.probe()).as_job(),  # timeout_s, samples, retry_waits_s, rate_backoff_s
         "deadline_at": deadline_at,
         "max_root_delay_s": ntp.max_root_delay,
         "max_root_dispersion_s": ntp.max_root_dispersion,
         "config_id": ntp.config_id,
         "nts": server.nts,
         "nts_ca_file": ntp.nts_ca_file if server.nts else None,
-        "rate_backoff_s": rate_backoff_s,
         "report_to": report_to,
         "key_prefix": key_prefix,
     }
-
-
-def samples_per_attempt(ntp) -> int:
-    """Exchanges per attempt: ``advanced_samples`` in advanced mode, else one."""
-    return ntp.advanced_samples if ntp.measurement_mode == "advanced" else 1
-
-
-def attempt_budget_s(*, timeout_s: float, samples: int) -> float:
-    """The longest one attempt can take: a DNS look-up and ``samples`` exchanges, each up to ``timeout_s``."""
-    return timeout_s * (samples + 1) + ADVANCED_SAMPLE_SPACING_S * (samples - 1)
-
-
-def attempt_offsets_s(waits_s) -> list[float]:
-    """When each attempt starts, in seconds after the first attempt's start: 0, then the waits' running sums.
-
-    With ChronoTick's ``retry_delay`` of 5 s the waits are 5 and 10 s, so attempts start at 0, 5 and 15 s,
-    whatever the timeout: a wait counts from the first attempt's start, not from the failure.  An attempt
-    that fails after its successor's start is retried at once.
-    """
-    offsets = [0.0]
-    for wait_s in waits_s:
-        offsets.append(offsets[-1] + wait_s)
-    return offsets
-
-
-def retry_starts_at(job: dict, attempt_no: int, *, first_started_at: float, now: float) -> float | None:
-    """When attempt ``attempt_no + 1`` (attempts from 1) starts, on Redis' clock: its offset after the first
-    attempt's start (:func:`attempt_offsets_s`), or ``now`` if that is past.  ``None``: no attempt follows."""
-    offsets = attempt_offsets_s(job["retry_waits_s"])
-    if attempt_no >= len(offsets):
-        return None
-    return max(now, first_started_at + offsets[attempt_no])
-
-
-def latest_attempt_starts_s(waits_s, attempt_s: float) -> list[float]:
-    """The latest each attempt can start after the first one's start, when every attempt before it takes its
-    whole budget ``attempt_s``: what a round's budget must allow for."""
-    starts: list[float] = []
-    for offset in attempt_offsets_s(waits_s):
-        starts.append(offset if not starts else max(offset, starts[-1] + attempt_s))
-    return starts
 
 
 def attempt(job: dict, *, on_exchange: Callable[[int], None] | None = None,

@@ -1,13 +1,10 @@
 """The query task: one NTP server, one measurement, retried by Celery.
 
-A failed attempt is retried with Celery's own machinery (``self.retry``) at its
-place in the job's schedule: attempt k starts the sum of the first k-1 waits
-(retry_delay, then twice that) after the *first* attempt started, so attempts
-start at 0, 5 and 15 s with ChronoTick's defaults, whatever the timeout
-(:func:`workers.measure.attempt_offsets_s`).  The countdown is that start, on
-Redis' clock, minus now (never below 0).  It is computed here, not left to
-``retry_backoff``, which truncates fractional factors, adds random jitter and
-counts from the failure.
+Whether and when a failed attempt is retried is the job's retry policy's to say
+(:class:`workers.retry.RetryPolicy`, carried in the job): this task asks it and
+does what it says, with Celery's own machinery (``self.retry``), the countdown
+being the next attempt's start on Redis' clock minus now -- 0, 5 and 15 s after
+the first attempt's start with ChronoTick's defaults, whatever the timeout.
 
 A server that sent a RATE, DENY or RSTR Kiss-o'-Death is not retried and, while
 :mod:`workers.kod` says so, not even queried.  Nor is a failed attempt retried
@@ -46,6 +43,7 @@ from .ntp.client import QueryFailed
 from .ntp.sanity import Rejection
 from .outcome_reports import Reporter
 from .redisclock import RedisClock
+from .retry import NotRetried, RetryPolicy
 
 log = get_task_logger(__name__)
 
@@ -113,6 +111,7 @@ def query_server(self, *carried, job: dict, history: list | None = None):
     history = list(history or [])
     started_at = service_now()  # deadlines are Redis' clock: a node whose own clock is off is still measured
     attempt_no = len(history) + 1
+    policy = RetryPolicy.from_job(job)
     own_node = os.environ.get(ENV_NODE)
     if own_node and own_node != job["node"]:
         # Routing sends a node's jobs only to its queue; if one strays here
@@ -120,14 +119,16 @@ def query_server(self, *carried, job: dict, history: list | None = None):
         return _done(job, carried, _failed(job, history, Reason.WRONG_NODE,
                                        f"worker {self.request.hostname} measures node {own_node!r}",
                                        worker=self.request.hostname))
-    if started_at > job["deadline_at"]:
+    refused = policy.start_refused(attempt_no, now=started_at, deadline_at=job["deadline_at"],
+                                   round_decided=bool(history) and inflight.tracker.decided(job))
+    if refused == NotRetried.PAST_DEADLINE:
         log.warning("[LATE] %s for %s: round %s is past its deadline; no packet sent", job["server"], job["node"],
                     job["round_id"])
         outcome = _failed(job, history, Reason.ROUND_DEADLINE,
                           f"attempt {attempt_no} would start after the round's deadline",
                           worker=self.request.hostname)
         return _done(job, carried, outcome)
-    if history and inflight.tracker.decided(job):
+    if refused == NotRetried.ROUND_DECIDED:
         # The round was published while this retry waited: nothing it could measure would change it.
         last = history[-1]
         return _done(job, carried, _failed(job, history, last["reason"],
@@ -145,7 +146,9 @@ def query_server(self, *carried, job: dict, history: list | None = None):
     try:
         try:
             first_started_at = history[0]["started_at"] if history else started_at
-            final = not _may_retry(job, attempt_no, first_started_at=first_started_at)
+            # Final: no retry can follow it, whatever it fails with (the early decider's bound: workers.inflight).
+            final = not policy.next_attempt(attempt_no, first_started_at=first_started_at, now=service_now(),
+                                            deadline_at=job["deadline_at"]).retried
             sample = measure.attempt(job, on_exchange=lambda i: inflight.tracker.exchange_started(job, i, final=final),
                                      on_done=lambda i, delay_s: inflight.tracker.exchange_done(job, i, delay_s))
         except QueryFailed:
@@ -160,21 +163,21 @@ def query_server(self, *carried, job: dict, history: list | None = None):
         if isinstance(exc, measure.BurstFailed) and exc.earlier:
             entry["refusals"] = [{"reason": r.reason, "detail": r.detail} for r in exc.earlier]
         history.append(entry)
-        kissed = rejection.kiss_code and kod.memory.record(
-            job["server"], rejection.kiss_code, config_id=job.get("config_id", ""),
-            rate_backoff_s=job.get("rate_backoff_s", 0.0))
-        waits = job["retry_waits_s"]
-        first_started_at = history[0]["started_at"]
-        retry = not kissed and _may_retry(job, attempt_no, first_started_at=first_started_at)
-        wait_s = _retry_countdown_s(job, attempt_no, first_started_at=first_started_at) if retry else 0.0
+        if rejection.kiss_code:
+            kod.memory.record(job["server"], rejection.kiss_code, config_id=job.get("config_id", ""), policy=policy)
+        now = service_now()
+        retry = policy.next_attempt(attempt_no, first_started_at=history[0]["started_at"], now=now,
+                                    deadline_at=job["deadline_at"], reason=rejection.reason)
         # Told first: the round may be decided without this server's next attempt (it has none out).
         # Retried only while the round is undecided: once it is published, no reply can change it.
-        inflight.tracker.attempt_ended(job, retrying=retry)
-        if retry and not inflight.tracker.decided(job):
+        inflight.tracker.attempt_ended(job, retrying=retry.retried)
+        retry = retry.given(round_decided=inflight.tracker.decided(job))
+        if retry.retried:
+            wait_s = retry.countdown_s(now)
             log.info("[RETRY] %s for %s: attempt %d/%d failed (%s), next in %.3g s",
-                     job["server"], job["node"], attempt_no, len(waits) + 1, rejection.reason, wait_s)
+                     job["server"], job["node"], attempt_no, policy.attempts, rejection.reason, wait_s)
             raise self.retry(kwargs={"job": job, "history": history}, countdown=wait_s,
-                             max_retries=len(waits), argsrepr="()",
+                             max_retries=policy.attempts - 1, argsrepr="()",
                              kwargsrepr=describe(job, attempt=attempt_no + 1)) from None
         log.warning("[FAILED] %s for %s after %d attempt(s): %s", job["server"], job["node"],
                     attempt_no, rejection.reason)
@@ -209,26 +212,6 @@ def _over_budget(job: dict, attempt_no: int) -> tuple[str, str] | None:
     if answer.granted:
         return None
     return Reason.POLITENESS_LIMIT, answer.refusal(job["server"], budget, job["samples"])
-
-
-def _may_retry(job: dict, attempt_no: int, *, first_started_at: float) -> bool:
-    """Whether attempt ``attempt_no`` (from 1), if it fails, can be retried: an attempt is left in the schedule
-    and, started at its place (``first_started_at`` plus its offset, or now if that is past:
-    :func:`workers.measure.retry_starts_at`), it ends before the round's deadline (on Redis' clock).  One rule
-    for the retry and for the early decider, which takes only a final attempt's requests as bounding its
-    server's outcome (:mod:`workers.inflight`)."""
-    starts_at = measure.retry_starts_at(job, attempt_no, first_started_at=first_started_at, now=service_now())
-    if starts_at is None:
-        return False
-    budget_s = measure.attempt_budget_s(timeout_s=job["timeout_s"], samples=job["samples"])
-    return starts_at + budget_s <= job["deadline_at"]
-
-
-def _retry_countdown_s(job: dict, attempt_no: int, *, first_started_at: float) -> float:
-    """Seconds from now until the retry of attempt ``attempt_no`` starts at its place in the schedule."""
-    now = service_now()
-    starts_at = measure.retry_starts_at(job, attempt_no, first_started_at=first_started_at, now=now)
-    return 0.0 if starts_at is None else max(0.0, starts_at - now)
 
 
 def summarise_ok(sample: dict, attempts: int) -> str:

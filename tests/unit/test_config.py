@@ -8,6 +8,7 @@ import yaml
 from orchestrator import cli
 from workers import config as config_mod
 from workers.config import ConfigError
+from workers.retry import RetryPolicy
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -22,7 +23,7 @@ def test_original_chronotick_files_load_unchanged(name):
     assert ntp.max_stratum == 16 and ntp.min_stratum == 1
     assert ntp.max_delay == 0.100  # absent from the file: the documented default
     assert ntp.measurement_mode == "advanced" and ntp.parallel_queries and ntp.max_workers == 10
-    assert ntp.retry_waits_s == (5.0, 10.0)  # attempts start at 0, 5, 15 s
+    assert RetryPolicy.from_settings(ntp).waits_s == (5.0, 10.0)  # attempts start at 0, 5, 15 s
     # Not in ChronoTick's files: defaults.  `combine`, as ChronoTick averages servers (its Experiment-11).
     assert ntp.selection == "combine" and ntp.server_groups == ()
     assert config.timing.warm_up_duration_s == 60 and config.timing.warm_up_interval_s == 1
@@ -68,8 +69,8 @@ def test_defaults_where_keys_are_absent():
 def test_max_retries_counts_attempts_and_fractional_delays_work(max_retries, waits):
     ntp = {"servers": ["a"], "max_retries": max_retries, "retry_delay": 0.5}
     config = config_mod.from_mapping({"clock_measurement": {"ntp": ntp}}, environ={})
-    assert config.ntp.retry_waits_s == waits
-    assert config.ntp.attempts == max(1, max_retries)
+    assert RetryPolicy.from_settings(config.ntp).waits_s == waits
+    assert RetryPolicy.from_settings(config.ntp).attempts == max(1, max_retries)
 
 
 @pytest.mark.parametrize("text, host, port", [
@@ -295,19 +296,18 @@ def test_bad_nts_options_name_the_key(tmp_path):
 
 def test_attempts_start_at_their_offsets_from_the_first_attempts_start_whatever_the_timeout():
     """Issue #25 item 4: 0, 5 and 15 s after the first start (they were 0, 7.2 and 19.2 s with a 2 s timeout)."""
-    from workers import measure
-
     ntp = config_mod.from_mapping({"clock_measurement": {"ntp": {"servers": ["a"]}}}, environ={}).ntp
-    assert measure.attempt_offsets_s(ntp.retry_waits_s) == [0.0, 5.0, 15.0]
-    job = {"retry_waits_s": list(ntp.retry_waits_s)}
+    policy = RetryPolicy.from_settings(ntp)
+    assert policy.offsets_s == [0.0, 5.0, 15.0]
+    carried = RetryPolicy.from_job(policy.as_job())  # as the job carries it to the task
     # Attempt 1 started at 100 and failed at 102 (its 2 s timeout): attempt 2 at 105, not 107.
-    assert measure.retry_starts_at(job, 1, first_started_at=100.0, now=102.0) == 105.0
-    assert measure.retry_starts_at(job, 2, first_started_at=100.0, now=107.0) == 115.0
-    assert measure.retry_starts_at(job, 3, first_started_at=100.0, now=117.0) is None  # no fourth attempt
+    assert carried.next_attempt(1, first_started_at=100.0, now=102.0, deadline_at=1e9).starts_at == 105.0
+    assert carried.next_attempt(2, first_started_at=100.0, now=107.0, deadline_at=1e9).starts_at == 115.0
+    assert carried.next_attempt(3, first_started_at=100.0, now=117.0, deadline_at=1e9).starts_at is None  # no fourth
     # An attempt that fails past its successor's place: the successor starts at once.
-    assert measure.retry_starts_at(job, 1, first_started_at=100.0, now=106.0) == 106.0
-    assert measure.latest_attempt_starts_s([5.0, 10.0], 2.0) == [0.0, 5.0, 15.0]
-    assert measure.latest_attempt_starts_s([5.0, 10.0], 8.2) == pytest.approx([0.0, 8.2, 16.4])
+    assert carried.next_attempt(1, first_started_at=100.0, now=106.0, deadline_at=1e9).starts_at == 106.0
+    assert RetryPolicy(2.0 / 2, (5.0, 10.0)).latest_starts_s == [0.0, 5.0, 15.0]  # attempts of 2 s
+    assert RetryPolicy(8.2 / 2, (5.0, 10.0)).latest_starts_s == pytest.approx([0.0, 8.2, 16.4])  # of 8.2 s
 
 
 def test_check_config_prints_the_attempt_starts_the_worker_uses(tmp_path, capsys):

@@ -107,3 +107,141 @@ def test_a_burst_has_no_bound_until_its_last_request_is_out():
     assert attempt.bound(0.3) == pytest.approx((0.1 - HOLD_ALLOWANCE_S) / 2)  # the youngest request: out 0.1 s
     attempt.best_delay_s = 0.02
     assert attempt.bound(0.3) == pytest.approx((0.02 - HOLD_ALLOWANCE_S) / 2)  # a reply in hand caps it
+
+
+def test_the_decider_is_told_which_servers_the_retry_policy_may_still_ask_again():
+    """``RoundView.retry_may_follow``: a retry to come, or an attempt out that is not final (as the task's
+    :class:`workers.retry.RetryPolicy` said); not a final attempt, nor a server whose task has not started."""
+    clock = Clock()
+    tracker = Tracker(clock=clock)
+    tracker._schedule = lambda due, key: None  # no timer thread: the test asks itself
+    views = []
+    tracker.install(lambda view: views.append(view) or Verdict(False))
+    job = {"key_prefix": "t", "node": "n", "round_id": "r", "samples": 1}
+    tracker.outcome({**job, "server": "done:123"}, {"server": "done:123", "status": "ok"})
+    tracker.exchange_started({**job, "server": "final:123"}, 0, final=True)
+    tracker.exchange_started({**job, "server": "more:123"}, 0, final=False)
+    tracker.exchange_started({**job, "server": "failed:123"}, 0, final=False)
+    tracker.attempt_ended({**job, "server": "failed:123"}, retrying=True)  # asks the decider
+    view = views[-1]
+    assert [s for s in ("final:123", "more:123", "failed:123", "queued:123") if view.retry_may_follow(s)] == [
+        "more:123", "failed:123"]
+    tracker.exchange_started({**job, "server": "failed:123"}, 0, final=True)  # its retry, the last, leaves
+    tracker._evaluate(("t", "n", "r"))
+    assert not views[-1].retry_may_follow("failed:123")
+
+
+# -- the tracker's life cycle: who is asked, when, and when no more ----------------------------------------
+
+JOB = {"key_prefix": "t", "node": "n", "round_id": "r", "samples": 1}
+
+
+def _job(server: str, round_id: str = "r") -> dict:
+    return {**JOB, "server": server, "round_id": round_id}
+
+
+def _asking(*verdicts: Verdict, clock=None) -> tuple[Tracker, list]:
+    """A tracker whose decider answers ``verdicts`` in turn (then the last again), and the views it was given."""
+    tracker = Tracker(clock=clock or Clock())
+    tracker._schedule = lambda due, key: None  # no timer thread: these tests ask themselves
+    views: list = []
+
+    def decider(view):
+        views.append(view)
+        return verdicts[min(len(views), len(verdicts)) - 1]
+
+    tracker.install(decider)
+    return tracker, views
+
+
+def test_without_a_decider_nothing_is_kept_and_nothing_is_decided():
+    tracker = Tracker(clock=Clock())
+    tracker.exchange_started(_job("a:123"), 0, final=True)
+    tracker.outcome(_job("a:123"), {"server": "a:123", "status": "ok"})
+    assert not tracker.decided(_job("a:123")), "no decider: no round is decided early"
+    assert tracker._rounds == {}, "no decider: nothing kept"
+
+
+def test_a_published_round_is_decided_asked_no_more_and_forgotten_once_complete():
+    tracker, views = _asking(Verdict(True))
+    tracker.outcome(_job("a:123"), {"server": "a:123", "status": "ok"})
+    assert len(views) == 1 and tracker.decided(_job("a:123")), "published at the first outcome"
+    tracker.outcome(_job("b:123"), {"server": "b:123", "status": "ok"})
+    tracker.attempt_ended(_job("c:123"), retrying=True)
+    assert len(views) == 1, "a published round is not asked about again"
+    assert tracker.decided(_job("c:123")), "its failed attempts are not retried"
+    tracker.forget("t", "n", "r")
+    assert not tracker.decided(_job("a:123")), "forgotten once its callback ran"
+
+
+def test_only_more_outcomes_are_waited_for_when_the_decider_says_so():
+    tracker, views = _asking(Verdict(False, wait_for_outcomes=2), Verdict(False))
+    tracker.outcome(_job("a:123"), {"server": "a:123", "status": "ok"})
+    tracker.exchange_started(_job("b:123"), 0, final=True)
+    tracker._evaluate(("t", "n", "r"))  # as a timer would
+    tracker.outcome(_job("c:123"), {"server": "c:123", "status": "ok"})
+    assert len(views) == 1, "neither a request leaving, a timer, nor one outcome asks before two more are in"
+    tracker.outcome(_job("d:123"), {"server": "d:123", "status": "ok"})
+    assert len(views) == 2, "the second outcome asks"
+    assert {o["server"] for o in views[-1].outcomes} == {"a:123", "c:123", "d:123"}, "with every outcome in hand"
+
+
+def test_a_failed_attempt_with_a_retry_to_come_always_asks_again():
+    tracker, views = _asking(Verdict(False, wait_for_outcomes=5))
+    tracker.outcome(_job("a:123"), {"server": "a:123", "status": "ok"})
+    tracker.exchange_started(_job("b:123"), 0)
+    tracker.attempt_ended(_job("b:123"), retrying=True)
+    assert len(views) == 2, "a retry to come reopens the question"
+    assert views[-1].retrying == frozenset({"b:123"}) and "b:123" not in views[-1].bounds, \
+        "the server waiting for its retry has no request out: no bound"
+
+
+def test_a_decider_that_fails_costs_only_the_early_decision():
+    calls = []
+
+    def broken(view):
+        calls.append(view)
+        raise RuntimeError("boom")
+
+    tracker = Tracker(clock=Clock())
+    tracker.install(broken)
+    tracker.outcome(_job("a:123"), {"server": "a:123", "status": "ok"})  # must not raise into the task
+    tracker.outcome(_job("b:123"), {"server": "b:123", "status": "ok"})
+    assert len(calls) == 2 and not tracker.decided(_job("a:123")), "asked again; the callback decides the round"
+
+
+def test_a_round_whose_callback_never_ran_here_is_forgotten_after_an_hour():
+    clock = Clock()
+    tracker, _ = _asking(Verdict(True), clock=clock)
+    tracker.outcome(_job("a:123", "old"), {"server": "a:123", "status": "ok"})
+    assert tracker.decided(_job("a:123", "old"))
+    clock.now += 3599.0
+    tracker.outcome(_job("a:123", "newer"), {"server": "a:123", "status": "ok"})
+    assert tracker.decided(_job("a:123", "old")), "kept for an hour: longer than any round's retry schedule"
+    clock.now += 2.0
+    tracker.outcome(_job("a:123", "new"), {"server": "a:123", "status": "ok"})  # a new round is seen
+    assert not tracker.decided(_job("a:123", "old")), "dropped when a newer round arrives after the hour"
+    assert tracker.decided(_job("a:123", "new"))
+
+
+def test_the_timer_asks_again_once_the_bounds_have_grown_enough():
+    """Real time: the decider needs 20 ms of uncertainty; the timer thread asks again once the request out
+    has been out 2 x 20 ms (+ the hold allowance), and the decider then sees a bound of at least 20 ms."""
+    asked: list[tuple[float, dict[str, float]]] = []
+    tracker = Tracker()
+
+    def decider(view):
+        asked.append((inflight.time.monotonic(), dict(view.bounds)))
+        return Verdict(len(asked) > 1, needed_uncertainty_s=0.020)
+
+    tracker.install(decider)
+    tracker.exchange_started(_job("slow:123"), 0, final=True)
+    sent = inflight.time.monotonic()
+    tracker.outcome(_job("a:123"), {"server": "a:123", "status": "ok"})
+    deadline = sent + 5.0
+    while not tracker.decided(_job("a:123")) and inflight.time.monotonic() < deadline:
+        inflight.time.sleep(0.005)
+    assert tracker.decided(_job("a:123")), f"the timer asked again and the round was published: {asked}"
+    at, bounds = asked[-1]
+    assert at - sent >= 2 * 0.020 + HOLD_ALLOWANCE_S, f"not before the bound could have grown: {at - sent:.4f} s"
+    assert bounds["slow:123"] >= 0.020, f"the bound it was given: {bounds}"

@@ -2,6 +2,7 @@
 
 from workers.contracts import Reason
 from workers.kod import KissMemory
+from workers.retry import RetryPolicy
 
 
 class Clock:
@@ -15,11 +16,11 @@ class Clock:
 def test_rate_backs_off_and_doubles():
     clock = Clock()
     memory = KissMemory(clock=clock)
-    memory.record("s", "RATE", config_id="c1", rate_backoff_s=480)
+    memory.record("s", "RATE", config_id="c1", policy=RetryPolicy(1.0, rate_backoff_s=480))
     assert memory.refusal("s", config_id="c1")[0] == Reason.KOD_BACKOFF
     clock.now += 481
     assert memory.refusal("s", config_id="c1") is None
-    memory.record("s", "RATE", config_id="c1", rate_backoff_s=480)  # again: twice as long
+    memory.record("s", "RATE", config_id="c1", policy=RetryPolicy(1.0, rate_backoff_s=480))  # again: twice as long
     clock.now += 900
     assert memory.refusal("s", config_id="c1")[0] == Reason.KOD_BACKOFF
     clock.now += 61
@@ -28,8 +29,8 @@ def test_rate_backs_off_and_doubles():
 
 def test_deny_and_rstr_last_until_the_config_changes():
     memory = KissMemory(clock=Clock())
-    memory.record("d", "DENY", config_id="c1", rate_backoff_s=1)
-    memory.record("r", "RSTR", config_id="c1", rate_backoff_s=1)
+    memory.record("d", "DENY", config_id="c1", policy=RetryPolicy(1.0, rate_backoff_s=1))
+    memory.record("r", "RSTR", config_id="c1", policy=RetryPolicy(1.0, rate_backoff_s=1))
     assert memory.refusal("d", config_id="c1")[0] == Reason.KOD_DEMOBILISED
     assert memory.refusal("r", config_id="c1")[0] == Reason.KOD_DEMOBILISED
     assert memory.refusal("d", config_id="c2") is None  # a new configuration: try again
@@ -37,7 +38,7 @@ def test_deny_and_rstr_last_until_the_config_changes():
 
 def test_other_kiss_codes_are_not_acted_on():
     memory = KissMemory(clock=Clock())
-    assert memory.record("s", "INIT", config_id="c1", rate_backoff_s=1) is None
+    assert memory.record("s", "INIT", config_id="c1", policy=RetryPolicy(1.0, rate_backoff_s=1)) is None
     assert memory.refusal("s", config_id="c1") is None
 
 

@@ -22,7 +22,7 @@ from relay.settings import (
     load_mappings,
 )
 from workers import config as config_mod
-from workers.measure import ADVANCED_SAMPLE_SPACING_S
+from workers.retry import ADVANCED_SAMPLE_SPACING_S
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
