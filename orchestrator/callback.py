@@ -16,10 +16,10 @@ from celery.utils.log import get_task_logger
 from workers import inflight
 from workers.app import app, redis_url_of
 from workers.config import NtpSettings
-from workers.contracts import OutcomeStatus, Reason
+from workers.contracts import OutcomeStatus
 from workers.tasks import reporter
 
-from . import display, early, hub, leap, outliers, selection
+from . import display, early, hub, leap, outliers, records, selection
 from .outcomes import ClosedBy, Quality, RoundMeta, ServerStatus, outage_of
 from .store import Store, client_for
 
@@ -77,8 +77,8 @@ def summarise_late(late: list[dict]) -> str:
 
 def complete(meta: RoundMeta, outcomes: list[dict], store: Store) -> list[dict] | None:
     """Record the late servers' outcomes of a round published early (``None``: it was not, or is done)."""
-    late = store.complete_round(meta.node, meta.round_id, outcomes, history_length=meta.history_length,
-                                history_hours=meta.history_hours)
+    late = store.complete_round(meta.node, meta.round_id, selection.unique_by_server(outcomes),
+                                history_length=meta.history_length, history_hours=meta.history_hours)
     if late:
         log.info("[LATE] %s round %s: %s", meta.node, meta.round_id, summarise_late(late))
     return late
@@ -117,10 +117,10 @@ def decide_early(view: inflight.RoundView) -> inflight.Verdict:
     if not ntp.server_groups and answered < len(pending):
         # Too few votes to outvote the rest: not before (pending - answered) / 2 more answers, at the least.
         return inflight.Verdict(False, wait_for_outcomes=(len(pending) - answered + 1) // 2)
-    # A server whose attempt out a retry could follow could still say anything: to the decider it is a retry
+    # A server the retry policy may still ask again could still say anything: to the decider it is a retry
     # to come.  One with no bound yet (its task not started, a burst not all sent) may get one soon: bound 0.
     outstanding = [early.Outstanding(name, view.bounds.get(name, 0.0), context["nts"][name],
-                                     retrying=name in view.retrying or name in view.unbounded)
+                                     retrying=view.retry_may_follow(name))
                    for name in pending]
     split = leap.one_timescale(view.outcomes, context["servers"], ntp, meta.dispatched_at)  # near a leap second
     decision = early.decide(split.outcomes, outstanding, strict=context["strict"], enable_fallback=ntp.enable_fallback,
@@ -275,8 +275,8 @@ def _closed_with_unreported(meta: RoundMeta, outcomes: list[dict], unreported: l
         return dict(held, quality=Quality.STARVATION, chosen=None, servers_used=0, agreement=agreement)
     # Answers in hand passed a gate; only the servers that never reported -- the node cut off, its worker
     # gone -- kept the round undecided: an outage, not NTP starvation, and nothing is marked as chosen.
-    servers = [dict(e, status=ServerStatus.ACCEPTED) if e.get("status") in (ServerStatus.CHOSEN, ServerStatus.COMBINED)
-               else e for e in held["servers"]]
+    servers = [records.with_status(e, ServerStatus.ACCEPTED)
+               if e.get("status") in (ServerStatus.CHOSEN, ServerStatus.COMBINED) else e for e in held["servers"]]
     return dict(held, quality=Quality.OUTAGE, chosen=None, servers_used=0, servers=servers,
                 agreement=dict(agreement, outage=f"undecided: {agreement['undecided']}"))
 
@@ -284,7 +284,8 @@ def _closed_with_unreported(meta: RoundMeta, outcomes: list[dict], unreported: l
 def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, window: list | None = None,
                  consecutive_outliers: int = 0, picked: dict | None = None, late: tuple[str, ...] = (),
                  unreported_unknown: bool = False, hub_latest: dict | None = None) -> dict:
-    """The round record (pure): every server's outcome, the choice, the new ``latest``.
+    """The round record (pure): every server's outcome, the choice, the new ``latest`` -- decided here, built
+    by :mod:`orchestrator.records` (:func:`~orchestrator.records.round_record`, :class:`~orchestrator.records.Latest`).
 
     ``window`` and ``consecutive_outliers`` are the node's temporal-filter
     state (see :mod:`orchestrator.outliers`).  ``picked`` and ``late``: a round
@@ -299,9 +300,7 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
     """
     outcomes = leap.one_timescale(outcomes, meta.servers, meta.ntp, meta.dispatched_at).outcomes  # near a leap
     answered = {o["server"] for o in outcomes}
-    missing = [{"status": OutcomeStatus.FAILED, "server": name, "reason": Reason.NO_RESULT,
-                "detail": "the task did not report before the round closed", "attempts": 0, "history": []}
-               for name in meta.servers if name not in answered and name not in late]
+    missing = [records.unreported_outcome(name) for name in meta.servers if name not in answered and name not in late]
     ntp = meta.ntp
     groups = [list(g) for g in ntp.server_groups]
     if picked is None and missing and unreported_unknown:
@@ -311,12 +310,9 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
                                   method=ntp.selection, groups=groups, auth_select=ntp.auth_select)
     else:  # decided without some servers: the late ones' places, and the unreported ones', in name order
         named = {s["server"] for s in picked["servers"]}
-        waiting: list[dict] = [
-            {"server": name, "status": ServerStatus.LATE, "attempts": 0, "history": [], "worker": None,
-             "detail": "still out when the round was decided: it could not change the result"} for name in late]
-        absent = [dict(m, worker=None) for m in missing if m["server"] not in named]
+        waiting = [records.waiting_entry(name) for name in late]
+        absent = [records.unreported_entry(m["server"]) for m in missing if m["server"] not in named]
         picked = dict(picked, servers=sorted(picked["servers"] + waiting + absent, key=lambda s: s["server"]))
-    servers_total = len(meta.servers)
     chosen = picked["chosen"]
     quality = picked["quality"]
     if chosen is None:
@@ -348,53 +344,11 @@ def build_record(meta: RoundMeta, outcomes: list[dict], *, finished_at: float, w
             quality = Quality.OUTLIER
     latest = None
     if chosen is not None and quality != Quality.OUTLIER:
-        latest = {
-            "node": meta.node,
-            "round_id": meta.round_id,
-            "offset": chosen["offset_s"],
-            "uncertainty": chosen["uncertainty_s"],
-            "sample_uncertainty": chosen.get("sample_uncertainty_s", chosen["uncertainty_s"]),
-            "delay": chosen["delay_s"],
-            "stratum": chosen["stratum"],
-            "leap": chosen["leap"],
-            "root_delay": chosen["root_delay_s"],
-            "root_dispersion": chosen["root_dispersion_s"],
-            "precision": chosen["precision_s"],
-            "server": chosen["server"],
-            "address": f"{chosen['address']}:{chosen['port']}",
-            "quality": picked["quality"],
-            "measured_at": chosen["measured_at"],
-            "published_at": finished_at,
-            "servers_used": picked["servers_used"],
-            "servers_total": servers_total,
-            "selection": ntp.selection,
-            "nts": bool(chosen.get("nts")),
-        }
-        if len(chosen.get("combined", [])) > 1:
-            latest["combined"] = chosen["combined"]
-        if composed is not None:
-            latest["legs"] = composed.legs
-            # UTC's leap second is announced upstream: the hub's leg carries it to the node (its LAN server,
-            # the hub's chronyd, knows of none), end to end.
-            latest["leap"] = int(composed.legs["hub"].get("leap") or 0) or latest["leap"]
-    return {
-        "round_id": meta.round_id,
-        "node": meta.node,
-        "quality": quality,
-        "dispatched_at": meta.dispatched_at,
-        "finished_at": finished_at,
-        "duration_s": finished_at - meta.dispatched_at,
-        "mode": ntp.measurement_mode,
-        "parallel": ntp.parallel_queries,
-        "servers_used": picked["servers_used"],
-        "servers_total": servers_total,
-        "servers": picked["servers"],
-        "agreement": picked["agreement"],
-        "filter": None if verdict is None else {**verdict, "window": len(window or [])},
-        "candidate": None if chosen is None else {"server": chosen["server"], "offset": chosen["offset_s"],
-                                                  "uncertainty": chosen["uncertainty_s"],
-                                                  "measured_at": chosen["measured_at"]},
-        "latest": latest,  # through the hub: with its ``legs`` (orchestrator.hub)
-    }
+        latest = records.Latest.published(chosen, node=meta.node, round_id=meta.round_id, quality=picked["quality"],
+                                          published_at=finished_at, servers_used=picked["servers_used"],
+                                          servers_total=len(meta.servers), selection=ntp.selection,
+                                          legs=None if composed is None else composed.legs)
+    return records.round_record(meta, quality=quality, finished_at=finished_at, picked=picked, candidate=chosen,
+                                verdict=verdict, window_length=len(window or []), latest=latest)
 
 

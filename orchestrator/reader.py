@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import statistics
 import threading
 import time
@@ -59,7 +58,7 @@ from workers import config as config_mod
 from workers import redisclock, redisurl, warmup
 from workers.keys import Keys
 
-from . import hub
+from . import hub, records
 from .store import BadRecord, Store, record_of
 
 log = logging.getLogger(__name__)
@@ -67,14 +66,6 @@ log = logging.getLogger(__name__)
 #: How fast an offset may go stale: RFC 5905's PHI, the frequency tolerance
 #: NTP assumes of a local clock (s of error per s of age, 15 ppm).
 DRIFT_BOUND = 15e-6
-
-#: A measurement older than this many normal measurement intervals is stale
-#: (the default of :meth:`NtpReader.from_config`; a worker starting asks for a
-#: warm-up when its node has nothing fresher).
-STALE_INTERVALS = warmup.STALE_INTERVALS
-
-#: Without a config, ChronoTick's normal interval is 120 s: 3 of them (s).
-DEFAULT_STALE_AFTER_S = 360.0
 
 #: How long one Redis command may take before the reader gives up (s).
 SOCKET_TIMEOUT_S = 5.0
@@ -140,10 +131,11 @@ class Measurement:
     root_dispersion: float = 0.0
     servers_used: int = 0
     servers_total: int = 0
-    selection: str = "best"
+    selection: str = records.DEFAULT_SELECTION
     combined: tuple[str, ...] = ()
-    #: From the reader: when this measurement counts as stale (s).
-    stale_after_s: float = DEFAULT_STALE_AFTER_S
+    #: From the reader: when this measurement counts as stale (s; without a config, the declared default
+    #: interval's: :data:`workers.config.DEFAULT_STALE_AFTER_S`).
+    stale_after_s: float = config_mod.DEFAULT_STALE_AFTER_S
     #: From the reader: how fast the uncertainty grows with age (s/s).
     drift_bound: float = DRIFT_BOUND
     #: The published JSON, every field (for fields newer than this class).
@@ -152,33 +144,24 @@ class Measurement:
     #: without asking Redis); ages are read on it.  Default: this host's clock, taken for Redis'.
     clock: Callable[[], float] = field(default=time.time, repr=False, compare=False)
 
-    #: The fields that must be finite numbers: a NaN offset handed to ChronoTick would poison its model.
-    FINITE = ("offset", "uncertainty", "delay", "precision", "measured_at", "published_at", "root_delay",
-              "root_dispersion")
-
     @classmethod
-    def from_latest(cls, value: dict, *, stale_after_s: float = DEFAULT_STALE_AFTER_S,
+    def from_latest(cls, value: dict, *, stale_after_s: float = config_mod.DEFAULT_STALE_AFTER_S,
                     drift_bound: float = DRIFT_BOUND, clock: Callable[[], float] = time.time) -> Measurement:
-        """From a ``latest`` value as the service publishes it (or as a history record gives it back).
+        """From a published measurement: the ``latest`` key's value, an ``updates`` message, or a history
+        record's ``latest`` -- each read by the one parser, :meth:`orchestrator.records.Latest.from_json`.
 
         Fields newer than a value (an old history entry's) take their
         defaults.  Raises ``KeyError``, ``TypeError`` or ``ValueError`` (a
         number that is not finite) for a value that is no measurement.
         """
-        m = cls(node=value["node"], offset=float(value["offset"]), uncertainty=float(value["uncertainty"]),
-                delay=float(value["delay"]), stratum=int(value["stratum"]), precision=float(value["precision"]),
-                server=value["server"], quality=value["quality"], measured_at=float(value["measured_at"]),
-                published_at=float(value["published_at"]), round_id=value.get("round_id", ""),
-                address=value.get("address", ""), leap=int(value.get("leap", 0)),
-                root_delay=float(value.get("root_delay", 0.0)),
-                root_dispersion=float(value.get("root_dispersion", 0.0)),
-                servers_used=int(value.get("servers_used", 0)), servers_total=int(value.get("servers_total", 0)),
-                selection=value.get("selection", "best"), combined=tuple(value.get("combined", ())),
-                stale_after_s=stale_after_s, drift_bound=drift_bound, raw=dict(value), clock=clock)
-        for name in cls.FINITE:
-            if not math.isfinite(getattr(m, name)):
-                raise ValueError(f"{name} is not a finite number ({getattr(m, name)!r})")
-        return m
+        latest = records.Latest.from_json(value)
+        return cls(node=latest.node, offset=latest.offset, uncertainty=latest.uncertainty, delay=latest.delay,
+                   stratum=latest.stratum, precision=latest.precision, server=latest.server, quality=latest.quality,
+                   measured_at=latest.measured_at, published_at=latest.published_at, round_id=latest.round_id,
+                   address=latest.address, leap=latest.leap, root_delay=latest.root_delay,
+                   root_dispersion=latest.root_dispersion, servers_used=latest.servers_used,
+                   servers_total=latest.servers_total, selection=latest.selection, combined=latest.combined,
+                   stale_after_s=stale_after_s, drift_bound=drift_bound, raw=dict(value), clock=clock)
 
     def age_at(self, now: float) -> float:
         """Seconds from publication to ``now`` (Unix s on the service's clock: see the class doc)."""
@@ -226,13 +209,15 @@ class NtpReader:
     prefix:
         ``ntp_service.key_prefix``.
     stale_after_s:
-        When a measurement is stale (s); :meth:`from_config` uses
-        :data:`STALE_INTERVALS` normal intervals.
+        When a measurement is stale (s); :meth:`from_config` uses the config's
+        (:meth:`workers.config.Config.stale_after_s`: 3 normal intervals), and
+        without one it is the declared default interval's
+        (:data:`workers.config.DEFAULT_STALE_AFTER_S`).
     drift_bound:
         How fast a measurement's uncertainty grows with age (s/s).
     """
 
-    def __init__(self, url: str, prefix: str = "chronotick", stale_after_s: float = DEFAULT_STALE_AFTER_S, *,
+    def __init__(self, url: str, prefix: str = "chronotick", stale_after_s: float = config_mod.DEFAULT_STALE_AFTER_S, *,
                  drift_bound: float = DRIFT_BOUND, socket_timeout_s: float = SOCKET_TIMEOUT_S,
                  master_name: str = redisurl.DEFAULT_MASTER_NAME):
         if stale_after_s <= 0:
@@ -252,7 +237,7 @@ class NtpReader:
     def from_config(cls, path: str, **kwargs) -> NtpReader:
         """A reader for the service a config file describes (the environment's Redis URL wins)."""
         config = config_mod.load(path)
-        kwargs.setdefault("stale_after_s", STALE_INTERVALS * config.timing.normal_interval_s)
+        kwargs.setdefault("stale_after_s", config.stale_after_s())
         kwargs.setdefault("master_name", config.service.redis_master_name)
         return cls(config.service.redis_url, prefix=config.service.key_prefix, **kwargs)
 
@@ -498,8 +483,9 @@ class ClockMeasurementSource:
         self.warm_up_duration = timing.warm_up_duration_s
         self.warm_up_interval = timing.warm_up_interval_s
         self.normal_interval = timing.normal_interval_s
-        #: A measurement older than this is never handed out (s; default :data:`STALE_INTERVALS` intervals).
-        self.stale_after_s = STALE_INTERVALS * timing.normal_interval_s if stale_after_s is None else stale_after_s
+        #: A measurement older than this is never handed out (s; default: the node's staleness limit,
+        #: :meth:`workers.config.Config.stale_after_s`).
+        self.stale_after_s = config.stale_after_s(self.node) if stale_after_s is None else stale_after_s
         self.drift_bound = drift_bound
         self.url = config.service.redis_url_redacted
         self.ntp_client = SourceStatistics(self)
@@ -651,12 +637,12 @@ class ClockMeasurementSource:
         if not int(held):
             log.warning("the history stream of %s changed under the reader: %s; reading it again from its "
                         "start, keeping only rounds published after every round read", self.node,
-                        _why_gone(self._last_id, _text(first), _text(last)))
+                        _why_gone(self._last_id, str(first), str(last)))
             self._read_from_start()
             return
         for _, entries in reply or ():
             if entries:
-                self._last_id = _text(entries[-1][0])
+                self._last_id = str(entries[-1][0])
                 self._ingest(entries)
 
     def _ask_for_warm_up(self) -> None:
@@ -690,7 +676,7 @@ class ClockMeasurementSource:
             found, now = pipe.execute()
         newest: list = list(found or [])
         newest.reverse()
-        self._last_id = _text(newest[-1][0]) if newest else EMPTY_STREAM_ID
+        self._last_id = str(newest[-1][0]) if newest else EMPTY_STREAM_ID
         if self._newest_read is not None:
             self._clock_due = 0.0
         self._ingest(newest, redis_now=redisclock.time_of(now))
@@ -759,7 +745,7 @@ class ClockMeasurementSource:
                 continue
             except Exception as exc:  # one bad entry must cost only itself, whatever is wrong with it
                 log.warning("skipping history entry %s of %s: its measurement is not one ChronoTick can use "
-                            "(%s: %s)", _text(entry[0]), self.node, type(exc).__name__, exc)
+                            "(%s: %s)", entry[0], self.node, type(exc).__name__, exc)
                 continue
             read.append((record["round_id"], record["finished_at"] if measurement is None else measurement.published_at,
                          measurement))
@@ -793,10 +779,6 @@ class ClockMeasurementSource:
             self._outage_since = time.monotonic()
             log.warning("cannot read the NTP service at %s (%s: %s); answering from the %d measurements read "
                         "before", self.url, type(exc).__name__, exc, len(self._measurements))
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _stream_id(text: str) -> tuple[int, int]:

@@ -38,6 +38,7 @@ from typing import Any
 from workers.contracts import AuthSelect, OutcomeStatus, Reason, Selection
 from workers.quality import Thresholds
 
+from . import records
 from .outcomes import Quality, ServerStatus
 
 #: A sample, an outcome or a round's part of one, as the JSON it travels as.
@@ -371,7 +372,8 @@ def select(outcomes: list[Json], strict: Thresholds, *, enable_fallback: bool, m
 
 def server_entries(outcomes: list[Json], *, falsetickers: set[str], unauthenticated: set[str], step: GateStep,
                    interval: list[float] | None, chosen: Json | None, used: list[Json]) -> list[Json]:
-    """One entry per server, in name order: its status (:class:`ServerStatus`) and why.
+    """One entry per server, in name order: its status (:class:`ServerStatus`) and why (each built by
+    :mod:`orchestrator.records`).
 
     ``falsetickers``: the servers whose interval misses the agreed ``interval``
     (all of them when there is none); ``step``: the gate in force, whose
@@ -385,44 +387,34 @@ def server_entries(outcomes: list[Json], *, falsetickers: set[str], unauthentica
     clean = {s["server"] for s in passing(samples, gate_only, interval)} if interval is not None else set()
     servers = []
     for outcome in sorted(outcomes, key=lambda o: o["server"]):
-        entry = {"server": outcome["server"], "attempts": outcome["attempts"],
-                 "history": outcome.get("history", []), "worker": outcome.get("worker")}
-        if outcome["status"] != OutcomeStatus.OK and outcome.get("sample"):
-            # A reply set apart before the vote (a server of the other timescale near a leap second,
-            # :mod:`orchestrator.leap`): refused, with its sample, as a plain reply under ``require`` is.
-            entry.update(status=ServerStatus.REJECTED, sample=outcome["sample"], reason=outcome["reason"],
-                         detail=outcome.get("detail"))
-            servers.append(entry)
-            continue
         if outcome["status"] != OutcomeStatus.OK:
-            entry.update(status=ServerStatus.FAILED, reason=outcome["reason"], detail=outcome.get("detail"),
-                         kiss_code=outcome.get("kiss_code"))
-            servers.append(entry)
+            # With a sample: a reply set apart before the vote (a server of the other timescale near a leap
+            # second, :mod:`orchestrator.leap`), refused as a plain reply under ``require`` is.
+            servers.append(records.set_apart_entry(outcome) if outcome.get("sample") else records.failed_entry(outcome))
             continue
         sample = outcome["sample"]
-        entry["sample"] = sample
         if sample["server"] in unauthenticated:
-            entry.update(status=ServerStatus.REJECTED, reason=Reason.NOT_AUTHENTICATED,
-                         detail="auth_select: require, and this reply was not NTS-authenticated")
+            servers.append(records.answered_entry(
+                outcome, ServerStatus.REJECTED, reason=Reason.NOT_AUTHENTICATED,
+                detail="auth_select: require, and this reply was not NTS-authenticated"))
         elif sample["server"] in falsetickers or interval is None:
             detail = ("no majority of servers agrees" if interval is None else
                       f"interval {sample['offset_s'] - sample['uncertainty_s']:+.6f}..."
                       f"{sample['offset_s'] + sample['uncertainty_s']:+.6f} s misses the interval a majority "
                       f"agrees on, {interval[0]:+.6f}...{interval[1]:+.6f} s")
-            entry.update(status=ServerStatus.FALSETICKER, reason=Reason.FALSETICKER, detail=detail)
+            servers.append(records.answered_entry(outcome, ServerStatus.FALSETICKER, reason=Reason.FALSETICKER,
+                                                  detail=detail))
         else:
             reasons = [] if sample["server"] in clean else gate_violations(sample, step.thresholds, interval)
             if not step.admits(sample) and not reasons:
                 reasons = ["auth_select: prefer, and an authenticated truechimer passed"]
             if sample["server"] == (chosen or {}).get("server") and sample["server"] in used_names:
-                entry["status"] = ServerStatus.CHOSEN
+                status = ServerStatus.CHOSEN
             elif sample["server"] in used_names:
-                entry["status"] = ServerStatus.COMBINED
+                status = ServerStatus.COMBINED
             else:
-                entry["status"] = ServerStatus.REJECTED if reasons else ServerStatus.ACCEPTED
-            if reasons:
-                strict_gate = step.quality == Quality.STRICT
-                over = Reason.OVER_STRICT_THRESHOLDS if strict_gate else Reason.OVER_RELAXED_THRESHOLDS
-                entry.update(reason=over, detail="; ".join(reasons))
-        servers.append(entry)
+                status = ServerStatus.REJECTED if reasons else ServerStatus.ACCEPTED
+            over = Reason.OVER_STRICT_THRESHOLDS if step.quality == Quality.STRICT else Reason.OVER_RELAXED_THRESHOLDS
+            servers.append(records.answered_entry(outcome, status, reason=over if reasons else None,
+                                                  detail="; ".join(reasons) if reasons else None))
     return servers

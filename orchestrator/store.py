@@ -47,11 +47,11 @@ import redis
 
 from workers import redisurl
 from workers.config import ServiceSettings
-from workers.contracts import OutcomeStatus, Reason
+from workers.contracts import Reason
 from workers.keys import Keys
 from workers.redisclock import clock_for
 
-from . import records, selection
+from . import records
 from .counting import COUNTERS, duration_fields, late_counters, round_counters
 from .outcomes import Quality, ServerStatus
 from .sources import Reach
@@ -74,7 +74,8 @@ class Store:
     Parameters
     ----------
     client:
-        A ``redis.Redis`` (``decode_responses`` either way).
+        A ``redis.Redis`` that reads text (``decode_responses``), as every
+        client :func:`workers.redisurl.connect` makes.
     prefix:
         The key prefix (``ntp_service.key_prefix``).
     """
@@ -149,8 +150,9 @@ class Store:
                        history_hours: float = DEFAULT_HISTORY_HOURS) -> list[dict] | None:
         """Record what a round published early heard after it; ``None`` unless it is waiting for that.
 
-        ``outcomes``: every outcome the round has (from its chord, or as reported);
-        those of its late servers are kept in the ``late`` stream, counted
+        ``outcomes``: every outcome the round has (from its chord, or as reported),
+        one per server (:func:`orchestrator.selection.unique_by_server`, the
+        caller's); those of its late servers are kept in the ``late`` stream, counted
         (``late``, and their queries, retries, replies and failures), and fill
         their reach bit.  A late server with no outcome here counts as
         ``no_result``.  Once, atomically, as :meth:`record_round`.
@@ -167,8 +169,8 @@ class Store:
                 state = _claim_state(raw)
                 if state.get("state") != PUBLISHED:
                     return None
-                by_server = {o["server"]: o for o in selection.unique_by_server(outcomes)}
-                late = [late_entry(by_server.get(server), server) for server in state["late"]]
+                by_server = {o["server"]: o for o in outcomes}
+                late = [records.late_entry(by_server.get(server), server) for server in state["late"]]
                 pipe.multi()
                 pipe.set(claim, json.dumps({"state": COMPLETE}), ex=ROUND_CLAIM_TTL_S)
                 stored = [records.compact_server(entry, None) for entry in late]
@@ -220,7 +222,7 @@ class Store:
             pipe.hgetall(self.keys.server_delay(node))
             pipe.hgetall(self.keys.reach(node))
             delays, reach = pipe.execute()
-        return {_text(k): float(v) for k, v in delays.items()}, Reach.registers(reach)
+        return {str(k): float(v) for k, v in delays.items()}, Reach.registers(reach)
 
     def late_outcomes(self, node: str, round_id: str, *, search: int = 50) -> dict[str, dict]:
         """The late servers' entries (by server) of a recent round published early (empty: none recorded)."""
@@ -300,7 +302,7 @@ class Store:
         return json.loads(raw) if raw else None
 
     def open_round_entries(self, node: str) -> dict[str, dict]:
-        return {_text(k): json.loads(v) for k, v in self.client.hgetall(self.keys.open_rounds(node)).items()}
+        return {str(k): json.loads(v) for k, v in self.client.hgetall(self.keys.open_rounds(node)).items()}
 
     def overdue_open_rounds(self, now: float) -> list[tuple[str, str, dict | None]]:
         """``(node, round_id, entry)`` of every open round of any node due to be closed by ``now``.
@@ -309,7 +311,7 @@ class Store:
         a beat asks this every second whatever the number of nodes.  ``entry``
         is ``None`` for a round finished meanwhile.
         """
-        due = [_text(m).split(" ", 1) for m in self.client.zrangebyscore(self.keys.open_by_close_time(), "-inf", now)]
+        due = [str(m).split(" ", 1) for m in self.client.zrangebyscore(self.keys.open_by_close_time(), "-inf", now)]
         if not due:
             return []
         with self.client.pipeline(transaction=False) as pipe:
@@ -346,7 +348,7 @@ class Store:
 
     def stats(self, node: str) -> dict[str, int]:
         raw = self.client.hgetall(self.keys.stats(node))
-        counts = {_text(k): int(v) for k, v in raw.items()}
+        counts = {str(k): int(v) for k, v in raw.items()}
         return {**{name: 0 for name in COUNTERS}, **counts}
 
     def history(self, node: str, *, count: int = 10) -> list[dict]:
@@ -354,7 +356,7 @@ class Store:
         return self._newest(node, "-", count)
 
     def nodes(self) -> list[str]:
-        return sorted(_text(n) for n in self.client.smembers(self.keys.nodes()))
+        return sorted(str(n) for n in self.client.smembers(self.keys.nodes()))
 
     def history_since(self, node: str, since: float | None = None, *, limit: int | None = None) -> list[dict]:
         """Round records finished at or after ``since`` (Unix s on *this* host's clock), oldest first.
@@ -406,7 +408,7 @@ class Store:
             found += self.records_in(key, entries)
             if len(entries) < wanted:
                 break  # the stream's start (or ``low``)
-            high = "(" + _text(entries[-1][0])  # exclusive: Redis 6.2 and later
+            high = "(" + str(entries[-1][0])  # exclusive: Redis 6.2 and later
         return found
 
     def _with_late(self, node: str, history: list[dict], low: str = "-") -> list[dict]:
@@ -419,7 +421,7 @@ class Store:
             try:
                 round_id, said = records.late_of(fields or {})
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                self._skip(key, BadRecord(_text(entry_id), f"not a round's late outcomes ({type(exc).__name__}: "
+                self._skip(key, BadRecord(str(entry_id), f"not a round's late outcomes ({type(exc).__name__}: "
                                                            f"{exc})"))
                 continue
             late[round_id] = said
@@ -428,7 +430,7 @@ class Store:
         return history
 
     def server_delays(self, node: str) -> dict[str, float]:
-        return {_text(k): float(v) for k, v in self.client.hgetall(self.keys.server_delay(node)).items()}
+        return {str(k): float(v) for k, v in self.client.hgetall(self.keys.server_delay(node)).items()}
 
 
 #: A round's claim says one of these: published early with late outcomes to come, or complete.
@@ -467,27 +469,12 @@ def _queue_capped_add(pipe, stream: str, fields: dict, *, now: float, hours: flo
     pipe.xtrim(stream, maxlen=length, approximate=False)
 
 
-def late_entry(outcome: dict | None, server: str) -> dict:
-    """A late server's entry (status ``late``), as a round record's server entries look."""
-    if outcome is None:
-        return {"server": server, "status": ServerStatus.LATE, "reason": Reason.NO_RESULT, "attempts": 0,
-                "history": [], "worker": None}
-    entry = {"server": server, "status": ServerStatus.LATE, "attempts": outcome["attempts"],
-             "history": outcome.get("history", []), "worker": outcome.get("worker")}
-    if outcome["status"] == OutcomeStatus.OK:
-        entry["sample"] = outcome["sample"]
-    else:
-        entry.update(reason=outcome["reason"], detail=outcome.get("detail"), kiss_code=outcome.get("kiss_code"))
-    return entry
-
-
 def _claim_state(raw) -> dict:
     """A claim's value: JSON, or the ``1`` of a claim set before rounds could be published early."""
-    text = _text(raw) if raw is not None else ""
-    if not text:
+    if not raw:
         return {}
     try:
-        value = json.loads(text)
+        value = json.loads(raw)
     except ValueError:
         return {"state": COMPLETE}
     return value if isinstance(value, dict) else {"state": COMPLETE}
@@ -557,12 +544,11 @@ def record_of(entry: Any) -> dict[str, Any]:
     :func:`orchestrator.records.expand`.
     """
     entry_id, fields = entry
-    entry_id = _text(entry_id)
-    raw = fields.get(b"record", fields.get("record")) if isinstance(fields, Mapping) else None
+    raw = fields.get("record") if isinstance(fields, Mapping) else None
     if raw is None:
         raise BadRecord(entry_id, "it has no 'record' field")
     try:
-        stored = json.loads(_text(raw))
+        stored = json.loads(raw)
     except ValueError as exc:
         raise BadRecord(entry_id, f"its record is not JSON ({exc})") from None
     if not isinstance(stored, dict):
@@ -620,10 +606,6 @@ def _json_kind(value: Any) -> str:
         return "null"
     return {bool: "true/false", int: "a number", float: "a number", str: "a string", list: "an array",
             dict: "an object"}.get(type(value), type(value).__name__)
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _not_asked(entry: dict) -> bool:

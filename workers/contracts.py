@@ -30,8 +30,8 @@ class AuthSelect(StrEnum):
 
 class Reason(StrEnum):
     """Every named reason a query fails or a reply is refused: a round record's ``reason``, ``stats``'
-    ``failed:<reason>`` and ``rejected:<reason>``.  Named once here; the modules that decide each keep
-    an alias (``Reason.TIMEOUT is Reason.TIMEOUT``).  A Kiss-o'-Death other than these is
+    ``failed:<reason>`` and ``rejected:<reason>``.  Named once here, and only here: every module says
+    ``Reason.TIMEOUT`` (no alias: ``tests/unit/test_contracts.py``).  A Kiss-o'-Death other than these is
     ``kod_`` plus its lower-case code (:func:`kiss_reason`).
     """
 
@@ -111,7 +111,12 @@ class MeasurementMode(StrEnum):
 
 
 class SampleDict(TypedDict):
-    """One accepted exchange (:meth:`workers.ntp.client.Sample.as_dict`), seconds and Unix seconds."""
+    """One accepted exchange (:meth:`workers.ntp.client.Sample.as_dict`), seconds and Unix seconds.
+
+    The names the round record is built from: :mod:`orchestrator.records` reads a sample by these
+    (``FROM_CHOSEN``: ``offset_s`` is published as ``offset``; ``SAMPLE_FIELDS``: what a compact record
+    keeps), and ``tests/unit/test_records.py`` holds both those names and the client's sample to this.
+    """
 
     server: str
     address: str

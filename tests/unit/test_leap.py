@@ -24,8 +24,8 @@ from orchestrator import callback, early, leap, selection
 from orchestrator.counting import round_counters
 from orchestrator.outcomes import RoundMeta
 from orchestrator.reader import Measurement
-from orchestrator.records import compact, compact_server, expand, late_of
-from orchestrator.store import late_entry, record_of
+from orchestrator.records import compact, compact_server, expand, late_entry, late_of
+from orchestrator.store import record_of
 from workers import config as config_mod
 from workers import inflight
 from workers.contracts import Reason, Selection
@@ -484,7 +484,7 @@ def test_the_leap_indicator_survives_compact_history_and_every_reader(method, in
     stored = compact(record)
     if not indicator:
         assert "leap" not in stored["latest"] and all("l" not in s for s in stored["servers"])  # costs nothing
-    entry = ("1795998582500-0", {b"record": json.dumps(stored).encode()})
+    entry = ("1795998582500-0", {"record": json.dumps(stored)})
     read = record_of(entry)  # what Store.history, NtpReader.history and the follower read
     assert read["latest"]["leap"] == indicator == Measurement.from_latest(read["latest"]).leap
     assert read["latest"] == record["latest"]
@@ -492,5 +492,5 @@ def test_the_leap_indicator_survives_compact_history_and_every_reader(method, in
     assert expand(json.loads(json.dumps(compact(record)))) == read
     # A late server's reply keeps its indicator too (the ``late`` stream).
     late = late_entry(outcomes[0], "a.example")
-    fields = {b"round": b"n1-1", b"servers": json.dumps([compact_server(late, None)]).encode()}
+    fields = {"round": "n1-1", "servers": json.dumps([compact_server(late, None)])}
     assert late_of(fields)[1]["a.example"]["sample"]["leap"] == indicator

@@ -5,6 +5,7 @@ import time
 import pytest
 
 from orchestrator.reader import CHRONOTICK_FIELDS, DRIFT_BOUND, Measurement, NtpReader
+from workers.config import NtpSettings
 
 LATEST = {"node": "n1", "round_id": "r", "offset": 0.0125, "uncertainty": 0.004, "delay": 0.02, "stratum": 2,
           "leap": 0, "root_delay": 0.001, "root_dispersion": 0.0005, "precision": 2 ** -20, "server": "a:123",
@@ -52,7 +53,8 @@ def test_a_value_that_is_no_measurement_is_refused_clearly():
         Measurement.from_latest({k: v for k, v in LATEST.items() if k != "offset"})
     old = Measurement.from_latest({k: v for k, v in LATEST.items()
                                    if k not in ("leap", "root_delay", "root_dispersion", "address", "selection")})
-    assert (old.leap, old.root_delay, old.root_dispersion, old.address, old.selection) == (0, 0.0, 0.0, "", "best")
+    assert (old.leap, old.root_delay, old.root_dispersion, old.address) == (0, 0.0, 0.0, "")
+    assert old.selection == NtpSettings.selection == "combine"  # the config's declared default, not a second one
 
 
 def test_as_chronotick_has_exactly_ntpmeasurements_fields():

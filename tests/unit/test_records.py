@@ -1,15 +1,30 @@
-"""Compact round records (orchestrator/records.py): small, and every count survives."""
+"""Round records (orchestrator/records.py): one builder, compact and small, every count and field survives."""
 
 import json
 import random
 
 import pytest
 
+from orchestrator import selection as selection_mod
 from orchestrator.callback import build_record
 from orchestrator.counting import round_counters
 from orchestrator.display import format_round
 from orchestrator.outcomes import RoundMeta
-from orchestrator.records import RECORD_BUDGET_BYTES, compact, expand
+from orchestrator.reader import Measurement
+from orchestrator.records import (
+    FROM_CHOSEN,
+    FROM_RECORD,
+    FROM_SAMPLE,
+    LATEST_FIELDS,
+    LATEST_KEYS,
+    LONG,
+    RECORD_BUDGET_BYTES,
+    SAMPLE_FIELDS,
+    SHORT,
+    Latest,
+    compact,
+    expand,
+)
 from workers import config as config_mod
 
 REAL_NAMES = ["time.google.com", "time1.google.com", "time2.google.com", "time3.google.com", "time.cloudflare.com",
@@ -198,10 +213,10 @@ def test_an_entry_that_is_no_round_record_is_named_with_why(raw, reason):
 
     good = json.dumps(compact(_published()))
     with pytest.raises(BadRecord, match=reason) as raised:
-        record_of((b"1700000000000-1", {b"record": raw.encode()}))
+        record_of(("1700000000000-1", {"record": raw}))
     assert raised.value.entry_id == "1700000000000-1" and reason in raised.value.reason
     skipped = []
-    entries = [(b"1-0", {b"record": good}), (b"2-0", {b"record": raw}), (b"3-0", {"record": good})]
+    entries = [("1-0", {"record": good}), ("2-0", {"record": raw}), ("3-0", {"record": good})]
     assert len(records_of(entries, skip=lambda stream, bad: skipped.append(bad.entry_id))) == 2
     assert skipped == ["2-0"]
 
@@ -211,3 +226,144 @@ def test_an_entry_without_a_record_field_is_named():
 
     with pytest.raises(BadRecord, match="no 'record' field"):
         record_of(("5-0", {"other": "x"}))
+
+
+# -- one record, one builder (issue #27) ------------------------------------------------------------------------
+
+HUB_LEG = {"node": "head", "max_drift_ppm": 15.0, "stale_after_s": 360.0}
+
+
+def _varied_round(rng: random.Random, i: int) -> dict:
+    """A round as the callback builds it, of any kind a node publishes: best or combine, NTS, leap indicators,
+    servers failed, outvoted or set apart, a node through the hub, decided early with servers late, closed at
+    its deadline with servers unreported, after a filter window."""
+    names = rng.sample(REAL_NAMES, rng.randint(1, 8))
+    selection = rng.choice(["best", "combine"])
+    outcomes = []
+    for name in names:
+        if rng.random() < 0.15:
+            outcomes.append(_outcome(name, rng, fail_first=rng.randint(1, 3), failed=True))
+            continue
+        outcome = _outcome(name, rng, fail_first=rng.choice([0, 0, 1]), refusals=rng.choice([0, 0, 1]))
+        delay = rng.uniform(0.001, 0.05)
+        outcome["sample"].update(offset_s=rng.uniform(-1e-4, 1e-4) if rng.random() < 0.85 else rng.uniform(-1, 1),
+                                 leap=rng.choice([0, 0, 1, 2]), nts=rng.random() < 0.3, delay_s=delay,
+                                 uncertainty_s=delay / 2 + rng.uniform(0, 0.002))
+        if rng.random() < 0.05:  # a reply set apart before the vote (near a leap second)
+            outcome.update(status="failed", reason="other_timescale", detail="the other timescale")
+        outcomes.append(outcome)
+    ntp = config_mod.ntp_from_mapping({"servers": names, "selection": selection,
+                                       "auth_select": rng.choice(["mix", "mix", "require", "prefer"])})
+    through_hub = rng.random() < 0.3
+    meta = RoundMeta(round_id=f"n1-{i}", node="n1", dispatched_at=1795998582.1, deadline_at=1795998612.0,
+                     key_prefix="chronotick", history_length=100, ntp=ntp, hub=HUB_LEG if through_hub else None)
+    hub_latest = {"node": "head", "round_id": "head-1", "offset": rng.uniform(-0.3, 0.3), "uncertainty": 0.002,
+                  "measured_at": 1795998500.0, "published_at": 1795998500.5, "leap": rng.choice([0, 1])}
+    kwargs: dict = {}
+    kind = rng.random()
+    if kind < 0.2 and len(outcomes) > 1:  # decided with the first k outcomes in hand; the rest late
+        k = rng.randint(1, len(outcomes) - 1)
+        late, outcomes = tuple(o["server"] for o in outcomes[k:]), outcomes[:k]
+        kwargs = {"picked": selection_mod.select(outcomes, meta.strict, enable_fallback=True, method=selection,
+                                                 auth_select=ntp.auth_select), "late": late}
+    elif kind < 0.35:  # closed at its deadline with one server unreported
+        outcomes = outcomes[1:]
+        kwargs = {"unreported_unknown": True}
+    window = [[1795998000.0 + j, rng.uniform(-1e-4, 1e-4)] for j in range(rng.choice([0, 5, 20]))]
+    record = build_record(meta, outcomes, finished_at=1795998582.3, window=window,
+                          hub_latest=hub_latest if through_hub else None, **kwargs)
+    record["closed_by"] = "early" if "late" in kwargs else rng.choice(["callback", "deadline"])
+    return record
+
+
+def _stored(record: dict, detail: str) -> dict:
+    """``record`` as a reader gets it back from the history stream (:func:`orchestrator.store.record_of`)."""
+    from orchestrator.store import record_of
+
+    stored = record if detail == "verbose" else compact(record)
+    return record_of(("1795998582300-0", {"record": json.dumps(stored, sort_keys=True, separators=(",", ":"))}))
+
+
+@pytest.mark.parametrize("detail", ["compact", "verbose"])
+def test_every_field_of_latest_and_the_chosen_entry_come_back_from_the_history(detail):
+    """Many seeded rounds of every kind: the history's ``latest`` is the ``latest`` key's, every field exact,
+    the chosen sample's numbers too, and the reader's one parser makes one measurement of both."""
+    rng = random.Random(27)
+    kinds = {"published": 0, "combined": 0, "legs": 0, "nts": 0, "leap": 0, "late": 0}
+    for i in range(1500):
+        record = _varied_round(rng, i)
+        latest_key = json.loads(json.dumps(record["latest"], sort_keys=True))  # as the latest key keeps it
+        back = _stored(record, detail)
+        assert back["latest"] == latest_key, i
+        kinds["late"] += any(s["status"] == "late" for s in back["servers"])
+        if latest_key is None:
+            continue
+        kinds["published"] += 1
+        for key in ("combined", "legs", "nts", "leap"):
+            kinds[key] += bool(latest_key.get(key))
+        assert set(back["latest"]) == set(latest_key)
+        assert all(type(back["latest"][k]) is type(v) for k, v in latest_key.items()), i  # 0 is no 0.0
+        from_key = Measurement.from_latest(latest_key)
+        from_history = Measurement.from_latest({"round_id": back["round_id"], **back["latest"]})
+        assert from_history == from_key and from_history.raw == from_key.raw
+        assert Latest.from_json(back["latest"]) == Latest.from_json(latest_key)
+        chosen = [(s, c) for s, c in zip(back["servers"], record["servers"], strict=True) if c["status"] == "chosen"]
+        for entry, built in chosen:
+            assert entry["server"] == built["server"] == latest_key["server"]
+            if "combined" not in latest_key:  # one server's measurement: its sample's numbers exact
+                for key in SAMPLE_FIELDS:
+                    assert entry["sample"].get(key) == built["sample"].get(key), (i, key)
+    assert min(kinds.values()) >= 20, kinds  # each kind of round was there to be checked
+
+
+def test_the_builders_json_reads_back_through_the_one_parser():
+    rng = random.Random(3)
+    for i in range(300):
+        latest = _varied_round(rng, i)["latest"]
+        if latest is not None:
+            parsed = Latest.from_json(latest)
+            assert parsed.to_json() == latest and list(parsed.to_json()) == list(latest)
+
+
+def test_every_field_of_the_measurement_is_kept_or_said_by_its_record():
+    """No field of :class:`Latest` can be added without the compact form keeping it (the bug of issue #24)."""
+    assert "address" in LATEST_FIELDS and "leap" in LATEST_FIELDS and "root_delay" in LATEST_FIELDS
+    said = set(LATEST_FIELDS) | set(FROM_RECORD) | set(FROM_SAMPLE) | {"server", "combined"}
+    assert said == set(LATEST_KEYS) and not set(LATEST_FIELDS) & (set(FROM_RECORD) | set(FROM_SAMPLE))
+
+
+def test_a_sample_is_read_by_the_names_its_contract_gives():
+    """The sample's names the record module reads are :class:`SampleDict`'s, and the NTP client's sample has
+    exactly those (``offset_s`` is published as ``offset``, stored compact as ``o``: one table each)."""
+    from typing import NotRequired, get_origin, get_type_hints
+
+    from workers.contracts import SampleDict
+    from workers.ntp.client import Sample
+
+    hints = get_type_hints(SampleDict, include_extras=True)
+    declared = set(hints)
+    always = {key for key, hint in hints.items() if get_origin(hint) is not NotRequired}  # advanced mode's: not
+    read = set(FROM_CHOSEN.values()) | set(FROM_SAMPLE.values()) | set(SAMPLE_FIELDS) | {"address", "port", "nts"}
+    assert read <= declared, read - declared
+    made = Sample(server="s", address="192.0.2.1", port=123, offset_s=0.001, delay_s=0.01, uncertainty_s=0.006,
+                  stratum=2, leap=0, precision_s=2 ** -20, root_delay_s=0.0, root_dispersion_s=0.0, ref_id="GPS",
+                  t1_ns=1, t4_ns=3, kernel_rx_timestamp=True).as_dict()
+    assert set(made) == always
+    assert {LONG[SHORT[key]] for key in SAMPLE_FIELDS} == set(SAMPLE_FIELDS)
+
+
+def test_an_old_measurement_takes_the_declared_defaults():
+    """Fields added after a value was stored: the contract's defaults; ``selection``, the config's own."""
+    from workers.config import NtpSettings
+
+    old = {"node": "n1", "offset": 0.001, "uncertainty": 0.002, "delay": 0.01, "stratum": 2, "precision": 1e-6,
+           "server": "a", "quality": "strict", "measured_at": 1.0, "published_at": 2.0}
+    latest = Latest.from_json(old)
+    assert (latest.round_id, latest.address, latest.leap, latest.root_delay, latest.nts) == ("", "", 0, 0.0, False)
+    assert latest.selection == NtpSettings.selection and latest.sample_uncertainty is None
+    assert "sample_uncertainty" not in latest.to_json() and "combined" not in latest.to_json()
+    with pytest.raises(ValueError, match="delay is not a finite number"):
+        Latest.from_json({**old, "delay": float("inf")})
+    for not_one in (None, [], "x"):  # an ``updates`` message of ``null``: refused as no measurement, by name
+        with pytest.raises(TypeError, match="a measurement is a JSON object"):
+            Latest.from_json(not_one)  # type: ignore[arg-type]
