@@ -21,25 +21,22 @@ import time
 import redis
 
 from workers import config as config_mod
-from workers import measure, redisurl
-from workers.redisclock import RedisClock, clock_for, redis_now, stale_after_s
+from workers import redisurl
+from workers.redisclock import RedisClock, clock_for, redis_now
+from workers.retry import RetryPolicy
 
-from . import display
-
-EXIT_OK, EXIT_STARVATION, EXIT_USAGE, EXIT_NO_WORKER, EXIT_NO_BROKER, EXIT_IN_USE = 0, 1, 2, 3, 4, 5
-#: ``up``: a service or Redis exited by itself (``up`` stopped the rest): 1, the code of an outcome that failed.
-EXIT_SERVICE_FAILED = EXIT_STARVATION
-#: stdout's reader went away (``chronotick-ntp latest | head -1``): 128 + SIGPIPE, what a shell reports for
-#: a program SIGPIPE ends, so ``set -o pipefail`` sees the same as with any Unix tool; no traceback.
-EXIT_CLOSED_PIPE = 128 + signal.SIGPIPE
-
-
-class CliError(Exception):
-    """A failure to report in one line and exit with ``code``."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
+from . import commands, display
+from .commands import (  # every command's exit codes and one-line failure, the plug-ins' too
+    EXIT_CLOSED_PIPE,
+    EXIT_IN_USE,
+    EXIT_NO_BROKER,
+    EXIT_NO_WORKER,
+    EXIT_OK,
+    EXIT_SERVICE_FAILED,
+    EXIT_STARVATION,
+    EXIT_USAGE,
+    CliError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +87,12 @@ def _discard_stdout() -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # Every default a help names comes from where it is declared (or is argparse's own, %(default)s):
+    # tests/unit/test_cli_help.py holds each help to its option's default.
+    from relay import settings as relay_settings
+
+    from . import exporter, supervisor, timehub
+
     parser = argparse.ArgumentParser(prog="chronotick-ntp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -99,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--config", required=True, help="YAML configuration file")
         if node:
             p.add_argument("--node", help=f"node to measure (default ${config_mod.ENV_NODE}, else the host name)")
-        p.add_argument("--loglevel", default="WARNING", help="logging level (default WARNING)")
+        p.add_argument("--loglevel", default="WARNING", help="logging level (default %(default)s)")
         p.set_defaults(func=func)
         return p
 
@@ -112,19 +115,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true",
                    help="then print each new measurement as it is published (until interrupted)")
     p = command("status", cmd_status, "each node's figures over the last hours against ChronoTick's targets")
-    p.add_argument("--hours", type=_positive_float, default=24.0, help="window (default 24)")
+    p.add_argument("--hours", type=_positive_float, default=24.0, help="window (default %(default)g)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = command("servers", cmd_servers, "each server of a node: state, reach, last sample, failures "
                 "(like chronyc sources)")
     p.add_argument("--hours", type=_positive_float, default=1.0,
-                   help="window of rounds the failures and last samples are read from (default 1)")
+                   help="window of rounds the failures and last samples are read from (default %(default)g)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = command("exporter", cmd_exporter, "serve Prometheus metrics for every node from Redis", node=False)
     p.add_argument("--address", default=None,
-                   help="HOST or HOST:PORT to bind (default $CHRONOTICK_EXPORTER_ADDRESS, else 127.0.0.1)")
-    p.add_argument("--port", type=_port, default=None, help="port (default: the address's, else 9124)")
+                   help=f"HOST or HOST:PORT to bind (default ${exporter.ENV_ADDRESS}, else {exporter.DEFAULT_ADDRESS})")
+    p.add_argument("--port", type=_port, default=None,
+                   help=f"port (default: the address's, else {exporter.DEFAULT_PORT})")
     p = command("plot", cmd_plot, "draw a node's offsets, servers and round times to a PNG")
-    p.add_argument("--hours", type=_positive_float, default=24.0, help="window (default 24)")
+    p.add_argument("--hours", type=_positive_float, default=24.0, help="window (default %(default)g)")
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
     p = sub.add_parser("check-config", help="validate a configuration file and summarise it")
     p.add_argument("file")
@@ -134,8 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--events", action="store_true", help="send task events (for Flower)")
     p = command("beat", cmd_beat, "run rounds for every configured node on the configured timing")
     p = command("flower", cmd_flower, "start Flower on this config's Redis, behind basic auth", node=False)
-    p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=_port, default=5555, help="port (default 5555)")
+    p.add_argument("--address", default="127.0.0.1", help="address to bind (default %(default)s)")
+    p.add_argument("--port", type=_port, default=5555, help="port (default %(default)s)")
     p.add_argument("--allow-control", action="store_true",
                    help="let Flower users revoke, terminate and apply tasks (default: read-only)")
     p.add_argument("--insecure-no-auth", action="store_true",
@@ -144,33 +148,39 @@ def _parser() -> argparse.ArgumentParser:
     p = command("relay", cmd_relay, "relay NTP for nodes without Internet (ChronoTick's ntp_proxy_config.yaml)",
                 config=False, node=False)
     p.add_argument("--config", required=True, help="ChronoTick's proxy file (proxy_mappings)")
-    p.add_argument("--bind", default=None, help="the one address to listen on (default 127.0.0.1)")
+    p.add_argument("--bind", default=None,
+                   help=f"the one address to listen on (default {relay_settings.DEFAULT_BIND})")
     p.add_argument("--allow", nargs="+", metavar="CIDR", help="clients answered (default: loopback only)")
     p.add_argument("--timeout", type=_positive_float, default=None,
-                   help="seconds a request waits for its reply (default 4)")
+                   help=f"seconds a request waits for its reply (default {relay_settings.DEFAULT_TIMEOUT_S:g})")
     p.add_argument("--client-interval", type=_positive_float, default=None,
-                   help="per client and port, at most one request per this many seconds, sustained (default 0.25)")
-    p.add_argument("--client-burst", type=int, default=None, help="... after a burst of this many (default 8)")
-    p.add_argument("--key-prefix", default="chronotick",
-                   help="first part of the Redis keys the counts go to (with $CHRONOTICK_REDIS_URL)")
+                   help="per client and port, at most one request per this many seconds, sustained "
+                        f"(default {relay_settings.DEFAULT_CLIENT_INTERVAL_S:g})")
+    p.add_argument("--client-burst", type=int, default=None,
+                   help=f"... after a burst of this many (default {relay_settings.DEFAULT_CLIENT_BURST})")
+    p.add_argument("--key-prefix", default=config_mod.ServiceSettings.key_prefix,
+                   help=f"first part of the Redis keys the counts go to (with ${config_mod.ENV_REDIS_URL}; "
+                        "default %(default)s)")
     p = command("hub", cmd_hub, "the head node as the cluster's time hub: chronyd for the LAN and the hub "
                 "node's rounds against the public servers (ntp_service.hub)", node=False)
     p.add_argument("--bind", required=True, help="the head's LAN address chronyd listens on")
     p.add_argument("--allow", nargs="+", required=True, metavar="CIDR", help="the LAN networks chronyd answers")
-    p.add_argument("--chronyd", default=None, help="chronyd's path (default: chronyd on PATH, or /usr/sbin/chronyd)")
+    p.add_argument("--chronyd", default=None,
+                   help=f"chronyd's path (default: chronyd on PATH, or {timehub.DEFAULT_CHRONYD})")
     p.add_argument("--chronyd-user", default=None,
-                   help="the user chronyd drops to when started as root (default _chrony, else nobody)")
+                   help="the user chronyd drops to when started as root (default: the first of "
+                        f"{', '.join(timehub.CHRONYD_USERS)} that exists)")
     p.add_argument("--run-dir", default=None,
-                   help="where chronyd's configuration, pid and drift files go (default ./chronotick-hub)")
+                   help=f"where chronyd's configuration, pid and drift files go (default ./{timehub.DEFAULT_RUN_DIR})")
     p.add_argument("--worker-user", default=None,
                    help="started as root (chronyd needs it), the hub node's worker runs as this user "
-                        "(default chronotick; root only if named)")
+                        f"(default {timehub.DEFAULT_WORKER_USER}; root only if named)")
     p = command("cluster", cmd_cluster, "each node's clock against a reference node, bounded by the LAN "
                 "(through ntp_service.hub)", node=False)
     p.add_argument("--reference", default=None, help="the reference node (default: the hub node, else the first)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="also draw every node's offset to the reference over time")
-    p.add_argument("--hours", type=_positive_float, default=1.0, help="the plot's window (default 1)")
+    p.add_argument("--hours", type=_positive_float, default=1.0, help="the plot's window (default %(default)g)")
     p = command("up", cmd_up, "one box: a private Redis (unless one is configured), this node's worker, the beat "
                 "and the exporter; Ctrl-C stops all")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -180,16 +190,14 @@ def _parser() -> argparse.ArgumentParser:
                 f"  {EXIT_IN_USE}  in use: the private Redis' or the exporter's port, or the data directory (another "
                 "up)\nnothing is started before the checks behind 2 and 5 pass.")
     p.add_argument("--data-dir", default=None,
-                   help="where the private Redis keeps its data, locked while up runs (default ./chronotick-data)")
-    p.add_argument("--exporter-port", type=_port, default=None, help="the exporter's port (default 9124)")
+                   help="where the private Redis keeps its data, locked while up runs "
+                        f"(default ./{supervisor.DEFAULT_DATA_DIR})")
+    p.add_argument("--exporter-port", type=_port, default=None,
+                   help=f"the exporter's port (default: ${exporter.ENV_ADDRESS}'s, else {exporter.DEFAULT_PORT})")
     p.add_argument("--redis-port", type=lambda text: 0 if text.strip() == "0" else _port(text), default=None,
-                   help="the private Redis' loopback port (default 6390; 0: any free port)")
-    p = command("simulate", cmd_simulate, "serve the config's simulated NTP servers on loopback", node=False)
-    p = command("demo", cmd_demo, "offline demo: local Redis, simulated servers, a worker, a few rounds",
-                config=False)
-    p.add_argument("--config", default=None, help="demo config (default configs/config_local_demo.yaml)")
-    p.add_argument("--rounds", type=int, default=4, help="rounds to run (default 4)")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw the demo's rounds to this PNG")
+                   help=f"the private Redis' loopback port (default {supervisor.DEFAULT_REDIS_PORT}; 0: any free port)")
+    for plugin in commands.discovered():  # other packages' commands (the simulator's demo and simulate)
+        plugin.arguments(command(plugin.name, plugin.run, plugin.help, config=plugin.config, node=plugin.node))
     return parser
 
 
@@ -270,10 +278,9 @@ def cmd_check_config(args) -> int:
     print(f"  temporal filter: {ntp.outlier_window_size} results, {ntp.outlier_sigma_threshold:g} sigma")
     print(f"  mode: {ntp.measurement_mode}, {'parallel' if ntp.parallel_queries else 'sequential'}, "
           f"timeout {ntp.timeout_seconds:g} s")
-    starts = measure.attempt_offsets_s(ntp.retry_waits_s)
-    attempt_s = measure.attempt_budget_s(timeout_s=ntp.timeout_seconds, samples=measure.samples_per_attempt(ntp))
-    latest = measure.latest_attempt_starts_s(ntp.retry_waits_s, attempt_s)
-    print(f"  attempts per server: {ntp.attempts}, starting at {', '.join(f'{s:g}' for s in starts)} s "
+    retry = RetryPolicy.from_settings(ntp)
+    starts, attempt_s, latest = retry.offsets_s, retry.attempt_s, retry.latest_starts_s
+    print(f"  attempts per server: {retry.attempts}, starting at {', '.join(f'{s:g}' for s in starts)} s "
           "after the first attempt's start"
           + ("" if latest == starts else
              f" (at the latest {', '.join(f'{s:g}' for s in latest)} s: an attempt takes up to {attempt_s:g} s, "
@@ -388,7 +395,7 @@ def cmd_status(args) -> int:
     service_now = redis_now(store.client)
     # The hub node's rounds are further apart (ntp_service.hub.measurement_interval): it is stale later.
     nodes = {node: targets.node_report(records, latest, now=service_now,
-                                       stale_after_s=stale_after_s(config.normal_interval_of(node)))
+                                       stale_after_s=config.stale_after_s(node))
              for node, (records, latest) in read.items()}
     ok = all(n["ok"] for n in nodes.values())
     if args.json:
@@ -422,19 +429,14 @@ def cmd_exporter(args) -> int:
     config = _load(args)
     from prometheus_client import start_http_server
 
-    from .exporter import NtpCollector, listen_address, registry_for
+    from .exporter import collector_for, listen_address, registry_for
     from .store import service_client
 
     try:  # the flags, else $CHRONOTICK_EXPORTER_ADDRESS (the systemd unit's env file), else 127.0.0.1:9124
         address, port = listen_address(args.address, args.port, os.environ)
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
-    collector = NtpCollector(service_client(config.service), prefix=config.service.key_prefix,
-                             nodes=config.service.nodes,
-                             stale_after_s=stale_after_s(config.timing.normal_interval_s),
-                             stale_after_by_node={node: stale_after_s(config.normal_interval_of(node))
-                                                  for node in config.service.nodes},
-                             beat_lease_s=config.service.beat_lease_seconds)
+    collector = collector_for(config, service_client(config.service))
     where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     try:
         server, thread = start_http_server(port, addr=address, registry=registry_for(collector))
@@ -500,11 +502,11 @@ def cmd_hub(args) -> int:
     config = _load(args)
     from pathlib import Path
 
-    from .timehub import HubError, TimeHub, find_chronyd, parse_allow
+    from .timehub import DEFAULT_RUN_DIR, HubError, TimeHub, find_chronyd, parse_allow
 
     try:
         hub = TimeHub(os.path.abspath(args.config), config, bind=args.bind, allow=parse_allow(args.allow),
-                      chronyd=find_chronyd(args.chronyd), run_dir=Path(args.run_dir or "chronotick-hub").resolve(),
+                      chronyd=find_chronyd(args.chronyd), run_dir=Path(args.run_dir or DEFAULT_RUN_DIR).resolve(),
                       chronyd_user=args.chronyd_user, worker_user=args.worker_user)
     except (HubError, KeyError) as exc:
         raise CliError(f"hub: {exc}", EXIT_USAGE) from None
@@ -645,32 +647,19 @@ def cmd_flower(args) -> int:
 
 def cmd_relay(args) -> int:
     import asyncio
-    import ipaddress
     import socket
 
-    from relay import settings as relay_config
+    from relay import settings as relay_settings
     from relay.counts import RedisReport
     from relay.server import Relay
 
-    try:
-        mappings = relay_config.load_mappings(args.config)
-        allow = relay_config.parse_allow(args.allow)
-    except (relay_config.RelayConfigError, ValueError) as exc:
+    try:  # every check of the file and the flags is relay.settings'
+        settings = relay_settings.from_arguments(args.config, bind=args.bind, allow=args.allow,
+                                                 timeout_s=args.timeout, client_interval_s=args.client_interval,
+                                                 client_burst=args.client_burst)
+    except relay_settings.RelayConfigError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
-    bind = args.bind or relay_config.DEFAULT_BIND
-    try:
-        bind_ip = ipaddress.ip_address(bind)
-    except ValueError:
-        raise CliError(f"--bind {bind!r}: not an IP address (the relay binds one address)", EXIT_USAGE) from None
-    if not bind_ip.is_loopback and not args.allow:
-        raise CliError(f"--bind {bind} without --allow would answer only loopback clients, which cannot reach "
-                       "it: give the nodes' network, e.g. --allow 172.20.0.0/16", EXIT_USAGE)
-    given = {"timeout_s": args.timeout, "client_interval_s": args.client_interval, "client_burst": args.client_burst}
-    try:
-        settings = relay_config.RelaySettings(mappings=mappings, bind=bind, allow=allow,
-                                              **{k: v for k, v in given.items() if v is not None})
-    except ValueError as exc:
-        raise CliError(f"relay: {exc}", EXIT_USAGE) from None
+    mappings, bind, allow = settings.mappings, settings.bind, settings.allow
     report = None
     url = os.environ.get(config_mod.ENV_REDIS_URL)
     if url:
@@ -700,29 +689,6 @@ def cmd_relay(args) -> int:
     return EXIT_OK
 
 
-def cmd_simulate(args) -> int:
-    config = config_mod.load(args.config)
-    from simulator.ntpserver import from_config
-
-    section = config.extra.get("simulator")
-    if not isinstance(section, dict):
-        raise config_mod.ConfigError(args.config, "simulator", "missing section (ports and behaviours)")
-    try:
-        sim = from_config(section, source=args.config)
-    except ValueError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from None
-    with sim:
-        print(f"simulating {len(sim.behaviours)} NTP servers: {', '.join(sim.servers())}", flush=True)
-        stop = []
-        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-        try:
-            while not stop:
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            pass
-    return EXIT_OK
-
-
 def cmd_up(args) -> int:
     from pathlib import Path
 
@@ -743,16 +709,6 @@ def cmd_up(args) -> int:
     except SupervisorError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     return EXIT_OK
-
-
-def cmd_demo(args) -> int:
-    from simulator.demo import DemoError, run_demo  # development tooling: only when asked for
-
-    try:
-        published = run_demo(args.config, rounds_to_run=args.rounds, plot=args.plot)
-    except DemoError as exc:
-        raise CliError(str(exc), EXIT_USAGE if exc.missing_tool else EXIT_NO_WORKER) from None
-    return EXIT_OK if published else EXIT_STARVATION
 
 
 if __name__ == "__main__":

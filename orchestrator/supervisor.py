@@ -44,6 +44,8 @@ import yaml
 from workers import config as config_mod
 from workers import redisurl
 
+from .redisserver import Fsync, RedisServer
+
 #: Where ``up`` keeps Redis' data when not told (relative to the working directory).
 DEFAULT_DATA_DIR = "chronotick-data"
 
@@ -226,27 +228,20 @@ class Supervisor:
     def _start_redis(self) -> subprocess.Popen:
         port = self.redis_port or _free_port()
         data = self.data_dir.resolve()
+        # The append-only file, fsynced every second; the password on stdin, never the command line.
+        server = RedisServer(port, data, append_fsync=Fsync.EVERYSEC, password=self._password)
         log = open(data / REDIS_LOG, "ab")
         logged_before = log.tell()
         try:
-            proc = self.redis_process = _popen(
-                # "-": more configuration on stdin, where the password goes (never the command line).
-                ["redis-server", "-", "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "yes",
-                 "--dir", str(data), "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
-                 "--maxmemory-policy", "noeviction"],
-                stdin=subprocess.PIPE, stdout=log, stderr=log)
+            proc = self.redis_process = server.start(popen=_popen, stdout=log, stderr=log)
         except FileNotFoundError:
             raise SupervisorError("redis-server is not installed (apt-get install redis-server), and no Redis is "
                            f"configured (${config_mod.ENV_REDIS_URL})") from None
         finally:
             log.close()
-        assert proc.stdin is not None
-        with proc.stdin as stdin:
-            if self._password:
-                stdin.write(f"requirepass {_redis_quoted(self._password)}\n".encode())
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
-        if wait_for_redis(port, proc, timeout_s=REDIS_START_S, password=self._password,
-                          stop=lambda: self.stop_signal is not None) or self.stop_signal is not None:
+        self.redis_url = server.url
+        if server.wait(proc, timeout_s=REDIS_START_S, stop=lambda: self.stop_signal is not None) \
+                or self.stop_signal is not None:
             return proc
         said = _said_since(data / REDIS_LOG, logged_before)
         if any("Address already in use" in line for line in said):
@@ -318,29 +313,6 @@ class Supervisor:
         return [*self.children.items(), *([("redis-server", self.redis_process)] if self.redis_process else [])]
 
 
-def wait_for_redis(port: int, process: subprocess.Popen, *, timeout_s: float, password: str | None = None,
-                   stop: Callable[[], bool] | None = None) -> bool:
-    """Whether the redis-server ``process`` answers on loopback ``port`` within ``timeout_s``.
-
-    Only ``process`` itself counts (``INFO``'s ``process_id``): another Redis answering on the port is
-    not it.  False as soon as the process has exited, ``stop()`` is true, or at the deadline.
-    """
-    client = redis.Redis(port=port, password=password, socket_connect_timeout=0.5, socket_timeout=2)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                if int(client.info("server")["process_id"]) == process.pid:
-                    return True
-            except redis.RedisError:  # not listening yet, or another server without our password
-                pass
-            if process.poll() is not None or time.monotonic() > deadline or (stop is not None and stop()):
-                return False
-            time.sleep(0.05)
-    finally:
-        client.close()
-
-
 # -- helpers ------------------------------------------------------------------------------------------
 
 def _say(line: str) -> None:
@@ -410,11 +382,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _redis_quoted(text: str) -> str:
-    """``text`` as one argument of a Redis config line: double-quoted, every byte escaped."""
-    return '"' + "".join(f"\\x{byte:02x}" for byte in text.encode()) + '"'
 
 
 def _said_since(path: Path, offset: int) -> list[str]:

@@ -18,15 +18,19 @@ What ChronoTick's ``ntp_proxy.py`` did wrong, and what happens here instead:
   control queries included: an amplification vector).  Here it binds one
   address (loopback unless told), answers only ``--allow`` networks, and
   forwards only client requests (mode 3, version 1-4, 48 bytes or more).
-- Nothing limited a client.  Here each client has a token bucket per port
-  (``--client-interval`` 0.25 s sustained after a burst of ``--client-burst``
-  8, chrony's ``ratelimit`` shape); what a client sends past it gets nothing.
+- Nothing limited a client.  Here each client has a token bucket per port,
+  chrony's ``ratelimit`` shape: one request per ``--client-interval``
+  sustained, after a burst of ``--client-burst`` (defaults
+  :data:`~relay.settings.DEFAULT_CLIENT_INTERVAL_S` and
+  :data:`~relay.settings.DEFAULT_CLIENT_BURST`, with room for a ChronoTick
+  node's warm-up); what a client sends past it gets nothing.
 - Nothing limited what the cluster sent a public server, which sees the head
   node as *one* client however many nodes stand behind it.  Here each
   mapping's upstream gets, all clients together, a start-up burst of
-  ``upstream_burst`` (default 4, chrony's ``iburst``), then at most one
-  request every ``min_interval_s`` (default 4 s: NIST asks never to query
-  more often).  A request over that budget is a *policy refusal*: it is not
+  ``upstream_burst`` (default :data:`~relay.settings.DEFAULT_UPSTREAM_BURST`,
+  chrony's ``iburst``), then at most one request every ``min_interval_s``
+  (default :data:`~relay.settings.DEFAULT_MIN_INTERVAL_S`: NIST asks never
+  to query more often than every 4 s).  A request over that budget is a *policy refusal*: it is not
   forwarded, the relay answers it with a RATE Kiss-o'-Death of its own
   (RFC 5905 section 7.4) carrying the request's origin, and counts it
   ``policy_refused``, apart from every upstream failure.  The node's worker

@@ -71,6 +71,10 @@ DEFAULT_RESOLVE_EVERY_S = 300.0
 #: After a failed look-up the name is asked again this soon (s), the wait doubling after each failure up to
 #: ``resolve_every_s``: a relay started before DNS works serves seconds after it does, not minutes.
 DEFAULT_RESOLVE_RETRY_S = 1.0
+#: The longest a setting in seconds may be: :data:`MAX_TIMEOUT_S`, :data:`MAX_CLIENT_INTERVAL_S`, a day for the
+#: look-ups' intervals.
+_MOST_S = {"timeout_s": MAX_TIMEOUT_S, "client_interval_s": MAX_CLIENT_INTERVAL_S, "resolve_every_s": 86_400.0,
+           "resolve_retry_s": 86_400.0}
 #: What the relay binds, unless told: loopback only.
 DEFAULT_BIND = "127.0.0.1"
 #: Who it answers, unless told: loopback only.
@@ -79,11 +83,19 @@ DEFAULT_ALLOW = ("127.0.0.0/8", "::1/128")
 _MAPPING_KEYS = ("listen_port", "ntp_server", "ntp_port", "min_interval_s", "upstream_burst", "rate_backoff_s")
 
 
+#: :attr:`RelayConfigError.source` of a problem of the command line: its key is the flag (``--bind``).
+COMMAND_LINE = ""
+
+
 class RelayConfigError(ValueError):
-    """A relay configuration that must not be used, with where and why."""
+    """A relay configuration that must not be used, with where and why.
+
+    ``source``: the proxy file, and ``key`` the place in it (``proxy_mappings[0].listen_port``); or
+    :data:`COMMAND_LINE`, and ``key`` the flag (``--bind``).
+    """
 
     def __init__(self, source: str, key: str, problem: str):
-        super().__init__(f"{source}: {key}: {problem}")
+        super().__init__(f"{source}: {key}: {problem}" if source else f"{key}: {problem}")
         self.source, self.key, self.problem = source, key, problem
 
 
@@ -118,14 +130,13 @@ class RelaySettings:
     resolve_retry_s: float = DEFAULT_RESOLVE_RETRY_S
 
     def __post_init__(self) -> None:
-        for name, value, most in (("timeout_s", self.timeout_s, MAX_TIMEOUT_S),
-                                  ("client_interval_s", self.client_interval_s, MAX_CLIENT_INTERVAL_S),
-                                  ("resolve_every_s", self.resolve_every_s, 86_400.0),
-                                  ("resolve_retry_s", self.resolve_retry_s, 86_400.0)):
-            if not (isinstance(value, int | float) and math.isfinite(value) and 0 < value <= most):
-                raise ValueError(f"{name} must be a finite number of seconds > 0 and <= {most:g}, not {value!r}")
-        if self.client_burst < 1:
-            raise ValueError(f"client_burst must be at least 1, not {self.client_burst!r}")
+        for name, most in _MOST_S.items():
+            problem = _seconds_problem(getattr(self, name), most)
+            if problem:
+                raise ValueError(f"{name} {problem}")
+        problem = _burst_problem(self.client_burst)
+        if problem:
+            raise ValueError(f"client_burst {problem}")
 
     def allows(self, address: str) -> bool:
         """Whether a client at ``address`` may use the relay."""
@@ -195,7 +206,7 @@ def load_mappings(path: str | Path) -> tuple[Mapping, ...]:
 
 
 def parse_allow(values: list[str] | None) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """``--allow`` CIDRs (default: loopback only); a bad one raises ValueError naming it."""
+    """``--allow`` CIDRs (default: loopback only); a bad one raises :class:`RelayConfigError` naming it."""
     if not values:
         return tuple(ipaddress.ip_network(n) for n in DEFAULT_ALLOW)
     nets = []
@@ -203,8 +214,55 @@ def parse_allow(values: list[str] | None) -> tuple[ipaddress.IPv4Network | ipadd
         try:
             nets.append(ipaddress.ip_network(value, strict=False))
         except ValueError:
-            raise ValueError(f"--allow {value!r}: not an address or CIDR (e.g. 172.20.0.0/16)") from None
+            raise RelayConfigError(COMMAND_LINE, "--allow",
+                                   f"{value!r} is not an address or CIDR (e.g. 172.20.0.0/16)") from None
     return tuple(nets)
+
+
+def from_arguments(config: str | Path, *, bind: str | None = None, allow: list[str] | None = None,
+                   timeout_s: float | None = None, client_interval_s: float | None = None,
+                   client_burst: int | None = None) -> RelaySettings:
+    """What ``chronotick-ntp relay`` runs with: the proxy file ``config`` and the flags (``None``: not given,
+    the default).
+
+    Every problem, found before any socket is opened, is one :class:`RelayConfigError`: a key of the file, or
+    the flag (``--bind``, ``--allow``, ``--timeout``, ``--client-interval``, ``--client-burst``).  A ``bind``
+    other than loopback needs ``allow``: the default answers only loopback clients, which could not reach it.
+    """
+    mappings = load_mappings(config)
+    nets = parse_allow(allow)
+    bind = bind or DEFAULT_BIND
+    try:
+        address = ipaddress.ip_address(bind)
+    except ValueError:
+        raise RelayConfigError(COMMAND_LINE, "--bind",
+                               f"{bind!r} is not an IP address (the relay binds one address)") from None
+    if not address.is_loopback and not allow:
+        raise RelayConfigError(COMMAND_LINE, "--bind", f"{bind} without --allow would answer only loopback "
+                               "clients, which cannot reach it: give the nodes' network, e.g. --allow 172.20.0.0/16")
+    given: dict[str, Any] = {}
+    for flag, name, value in (("--timeout", "timeout_s", timeout_s),
+                              ("--client-interval", "client_interval_s", client_interval_s),
+                              ("--client-burst", "client_burst", client_burst)):
+        if value is None:
+            continue
+        problem = _burst_problem(value) if name == "client_burst" else _seconds_problem(value, _MOST_S[name])
+        if problem:
+            raise RelayConfigError(COMMAND_LINE, flag, problem)
+        given[name] = value
+    return RelaySettings(mappings=mappings, bind=bind, allow=nets, **given)
+
+
+def _seconds_problem(value: Any, most: float) -> str | None:
+    """What is wrong with ``value`` as a setting in seconds of at most ``most`` (``None``: nothing)."""
+    if isinstance(value, int | float) and math.isfinite(value) and 0 < value <= most:
+        return None
+    return f"must be a finite number of seconds > 0 and <= {most:g}, not {value!r}"
+
+
+def _burst_problem(value: Any) -> str | None:
+    """What is wrong with ``value`` as a client burst (``None``: nothing)."""
+    return None if isinstance(value, int) and value >= 1 else f"must be at least 1, not {value!r}"
 
 
 def _port(item: dict, key: str, source: str, where: str, *, required: bool) -> int:

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from orchestrator import display, rounds, sources, targets
-from orchestrator.reader import STALE_INTERVALS
 from orchestrator.store import store_for
 from workers import config as config_mod
 from workers.app import app, configure
@@ -85,8 +84,9 @@ def explain_misses(figures: dict, without: dict, bad: dict[str, str]) -> list[st
     return lines
 
 
-def run_demo(config_path: str | None, *, rounds_to_run: int = 4, plot: str | None = None) -> bool:
-    """Run the demo; True if the last round published a measurement."""
+def run_demo(config_path: str | None, *, rounds_to_run: int, plot: str | None = None) -> bool:
+    """Run the demo (``rounds_to_run``: ``chronotick-ntp demo --rounds``); True if the last round published a
+    measurement."""
     path = str(config_path or DEFAULT_DEMO_CONFIG)
     config = config_mod.load(path)
     if shutil.which("redis-server") is None:
@@ -119,7 +119,7 @@ def run_demo(config_path: str | None, *, rounds_to_run: int = 4, plot: str | Non
             print("\n--- chronotick-ntp status: ChronoTick's targets (the demo's servers are faulty on purpose) ---")
             now = time.time()
             records = store.history_since(node, now - 3600)
-            stale_after_s = STALE_INTERVALS * config.timing.normal_interval_s
+            stale_after_s = config.stale_after_s(node)
             figures = targets.node_report(records, latest, now=now, stale_after_s=stale_after_s)
             print(display.format_status({node: figures}, hours=1, color=sys.stdout.isatty()))
             bad = deliberately_bad(sim, config)

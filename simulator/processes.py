@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from orchestrator.redisserver import Fsync, RedisServer
+
 REPO = Path(__file__).resolve().parent.parent
 
 #: How long to wait for a private Redis to come up (s).
@@ -32,7 +34,8 @@ def stop_process(proc: subprocess.Popen, *, timeout_s: float = 15.0) -> None:
 
 
 class RedisProcess:
-    """A private ``redis-server`` on a free loopback port.
+    """A private ``redis-server`` on a free loopback port, started as ``up`` starts its own
+    (:mod:`orchestrator.redisserver`).
 
     Nothing is saved to disk, unless ``append_only``: then every write goes to
     an append-only file, fsynced before it is acknowledged (``appendfsync
@@ -49,20 +52,17 @@ class RedisProcess:
         self.replica_of = replica_of
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> RedisProcess:
-        from orchestrator.supervisor import wait_for_redis
+    @property
+    def server(self) -> RedisServer:
+        """How it runs (:class:`orchestrator.redisserver.RedisServer`, as ``up``'s): its files named after its
+        port, so that a primary and its replica share the directory."""
+        return RedisServer(self.port, self.directory, append_fsync=Fsync.ALWAYS if self.append_only else None,
+                           replica_of=self.replica_of or None, files_by_port=True)
 
-        persistence = (["--appendonly", "yes", "--appendfsync", "always"] if self.append_only
-                       else ["--appendonly", "no"])
-        if self.replica_of:
-            persistence += ["--replicaof", "127.0.0.1", str(self.replica_of)]
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
-             "--dir", str(self.directory), "--maxmemory-policy", "noeviction",
-             "--dbfilename", f"dump-{self.port}.rdb", "--appendfilename", f"appendonly-{self.port}.aof",
-             "--appenddirname", f"aof-{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not wait_for_redis(self.port, self.process, timeout_s=STARTUP_TIMEOUT_S):
+    def start(self) -> RedisProcess:
+        server = self.server
+        self.process = server.start(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not server.wait(self.process, timeout_s=STARTUP_TIMEOUT_S):
             raise RuntimeError(f"redis-server on port {self.port} did not start")
         return self
 

@@ -18,12 +18,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-import redis
 import yaml
 
 from simulator.ntpserver import Behaviour, NtpSimulator, free_udp_ports
 from simulator.processes import RedisProcess, chronyd_binary, stop_process
 from workers import config as config_mod
+from workers import redisurl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,7 +133,8 @@ def worker(redis_url, tmp_path_factory):
 
 @pytest.fixture
 def redis_client(redis_url):
-    client = redis.Redis.from_url(redis_url)
+    """The session's Redis, as the service connects to it (:func:`workers.redisurl.connect`: replies as text)."""
+    client = redisurl.connect(redis_url)
     yield client
     client.close()
 

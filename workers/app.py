@@ -23,7 +23,7 @@ from . import config as config_mod
 from . import (
     heartbeat,  # noqa: F401  (connects the worker's heartbeat to Celery's signals)
     redisurl,
-    warmup,  # a worker starting for a node with nothing fresh asks for its warm-up; back from an outage, a round
+    worker_hooks,  # connects the start hook: a warm-up for a node with nothing fresh; after an outage, a round
 )
 from .keys import QUEUE_PREFIX, Keys
 
@@ -214,8 +214,9 @@ class Consumer(CeleryConsumer):
         if redisurl.outages.back():
             # Back after an outage: its node missed rounds and its next slot may be an interval away (issue
             # #25: published again within seconds of the link's return, not at the next 120-s slot).
-            warmup.round_now_after_outage(str(self.app.conf.broker_url), self.app.conf.chronotick_redis_master_name,
-                                          list(self.app.amqp.queues.consume_from or {}))
+            worker_hooks.round_now_after_outage(str(self.app.conf.broker_url),
+                                                self.app.conf.chronotick_redis_master_name,
+                                                list(self.app.amqp.queues.consume_from or {}))
         return conn
 
 

@@ -7,7 +7,7 @@ A cluster's beat runs for months, so a warm-up tied to the beat's age would
 serve only the first minute of the cluster.  Instead a warm-up is asked for:
 
 - by a consumer starting collection for node N (:class:`orchestrator.reader.ClockMeasurementSource`);
-- by N's worker starting while N has no fresh measurement (the hook below);
+- by N's worker starting while N has no fresh measurement (:mod:`workers.worker_hooks`);
 - by a beat taking the lease, for its nodes that have none.
 
 Warm-ups are bounded (issue #26 item 5), and the bounds are the *service's*:
@@ -47,18 +47,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple
 
 import redis
-from celery import signals
 
 from . import config as config_mod
-from . import redisurl
-from .keys import QUEUE_PREFIX, Keys
-from .redisclock import STALE_INTERVALS as STALE_INTERVALS  # judged on Redis' clock, so defined with it
+from .keys import Keys
 from .redisclock import is_stale, latest_age_s, stale_after_s, time_of
 
 log = logging.getLogger(__name__)
@@ -106,7 +102,7 @@ class Policy:
         hub = config.service.hub
         return cls(nodes=tuple(nodes), duration_s=config.timing.warm_up_duration_s,
                    cooldown_s=config.service.warm_up_cooldown_seconds,
-                   stale_after_s=stale_after_s(config.timing.normal_interval_s),
+                   stale_after_s=config.stale_after_s(),  # any node's but the hub's, which never warms up
                    hub=hub.node if hub is not None else "")
 
     def to_json(self) -> str:
@@ -265,10 +261,6 @@ return out
 """
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def publish_policy(client: redis.Redis, prefix: str, policy: Policy, ttl_s: float = POLICY_TTL_MIN_S) -> None:
     """Publish ``policy`` as the one every warm-up request is judged by, for ``ttl_s`` unless renewed
     (:func:`poll`).  Raises redis' errors."""
@@ -276,7 +268,7 @@ def publish_policy(client: redis.Redis, prefix: str, policy: Policy, ttl_s: floa
 
 
 def _answer(node: str, reply) -> Answer:
-    outcome, reason, a, b = _text(reply[0]), _text(reply[1]), int(reply[2]), int(reply[3])
+    outcome, reason, a, b = reply[0], reply[1], int(reply[2]), int(reply[3])
     if outcome in (STARTED, JOINED):
         return Answer(outcome == STARTED, a / 1000, outcome, node)
     if reason == FRESH:
@@ -325,7 +317,7 @@ def request_many(client: redis.Redis, prefix: str, nodes: list[str],
 
 
 def _running(flat) -> dict[str, float]:
-    return {_text(flat[i]): int(_text(flat[i + 1])) / 1000 for i in range(1, len(flat), 2)}
+    return {flat[i]: int(flat[i + 1]) / 1000 for i in range(1, len(flat), 2)}
 
 
 def active(client: redis.Redis, prefix: str) -> dict[str, float]:
@@ -348,8 +340,9 @@ def poll(client: redis.Redis, prefix: str, policy: Policy, ttl_s: float = POLICY
 
 
 def nodes_without_fresh_measurement(client: redis.Redis, prefix: str, nodes: list[str],
-                                    normal_interval_s: float) -> list[str]:
-    """Those of ``nodes`` whose ``latest`` is missing or older than :data:`STALE_INTERVALS` normal intervals.
+                                    stale_after: float) -> list[str]:
+    """Those of ``nodes`` whose ``latest`` is missing or older than ``stale_after`` (s: a node's
+    :meth:`workers.config.Config.stale_after_s`: :data:`workers.redisclock.STALE_INTERVALS` of its normal intervals).
 
     One MGET and one TIME in one round trip, whatever the number of nodes:
     the age is judged on Redis' clock (:func:`latest_age_s`), so the beat and
@@ -363,14 +356,13 @@ def nodes_without_fresh_measurement(client: redis.Redis, prefix: str, nodes: lis
         pipe.time()
         values, now = pipe.execute()
     service_now = time_of(now)
-    limit = stale_after_s(normal_interval_s)
     stale = []
     for node, raw in zip(nodes, values, strict=True):
         try:
             latest = json.loads(raw) if raw is not None else None
         except ValueError:
             latest = None
-        if is_stale(latest_age_s(latest if isinstance(latest, dict) else None, service_now), limit):
+        if is_stale(latest_age_s(latest if isinstance(latest, dict) else None, service_now), stale_after):
             stale.append(node)
     return stale
 
@@ -385,7 +377,7 @@ def warm_up_if_not_fresh(client: redis.Redis, prefix: str, nodes: list[str],
     """
     if timing.warm_up_duration_s <= 0:
         return {}
-    stale = nodes_without_fresh_measurement(client, prefix, nodes, timing.normal_interval_s)
+    stale = nodes_without_fresh_measurement(client, prefix, nodes, stale_after_s(timing.normal_interval_s))
     return request_many(client, prefix, stale, timing.warm_up_duration_s)
 
 
@@ -400,47 +392,6 @@ def log_answer(logger: logging.Logger, answer: Answer, before: str = "", after: 
         logger.warning("%s", text)
     else:
         logger.log(granted_level, "%s", text)
-
-
-def _worker_config() -> config_mod.Config | None:
-    path = os.environ.get(config_mod.ENV_CONFIG)
-    if not path:
-        return None
-    try:
-        return config_mod.load(path)
-    except config_mod.ConfigError as exc:  # the CLI checked it already; a plain celery worker may not have
-        log.error("[WARM-UP] %s", exc)
-        return None
-
-
-@signals.worker_ready.connect
-def _warm_up_on_start(sender=None, **_) -> None:
-    """A worker starting for node N while N has nothing fresh asks for N's warm-up.
-
-    The node is the one of each ``ntp.<node>`` queue it consumes (not the hub
-    node's: it never warms up); the key prefix and timing come from
-    ``$CHRONOTICK_CONFIG`` (the ``worker`` command sets it), else the defaults.
-    The service's published policy decides (:func:`request`); its answer is
-    logged, a refusal with its reason.
-    """
-    config = _worker_config()
-    service = config.service if config is not None else config_mod.ServiceSettings()
-    timing = config.timing if config is not None else config_mod.TimingSettings()
-    hub = service.hub.node if service.hub is not None else ""
-    nodes = [q.name[len(QUEUE_PREFIX):] for q in sender.task_consumer.queues
-             if q.name.startswith(QUEUE_PREFIX) and q.name[len(QUEUE_PREFIX):] != hub]  # the hub never warms up
-    if not nodes:
-        return
-    try:
-        client = redisurl.connect(str(sender.app.conf.broker_url), sender.app.conf.chronotick_redis_master_name)
-        try:
-            for answer in warm_up_if_not_fresh(client, service.key_prefix, nodes, timing).values():
-                log_answer(log, answer, f"{answer.node}: no fresh measurement; asked for a warm-up: ",
-                           granted_level=logging.WARNING)
-        finally:
-            client.close()
-    except redis.RedisError as exc:  # Redis away: the beat's own check covers the node when it leads
-        log.warning("[WARM-UP] could not ask for a warm-up (%s: %s)", type(exc).__name__, exc)
 
 
 #: A catch-up round asked for and never taken (no beat leads) is forgotten after this (s).
@@ -472,29 +423,4 @@ def ask_round_now(client: redis.Redis, prefix: str, nodes: list[str]) -> None:
 
 def rounds_asked_now(client: redis.Redis, prefix: str) -> list[str]:
     """The nodes asked for by :func:`ask_round_now` since the last call (the set emptied).  Raises redis' errors."""
-    return [_text(node) for node in client.eval(_TAKE_ROUNDS_NOW, 1, Keys(prefix).round_now())]
-
-
-def round_now_after_outage(broker_url: str, master_name: str, queues: list[str]) -> list[str]:
-    """A worker's link to Redis is back after an outage: ask a round at once for each node it serves.
-
-    ``queues``: the queues it consumes (``ntp.<node>``).  Said once in the log; a failure to ask is
-    said too (the node then waits for its next slot).  Returns the nodes asked for.
-    """
-    nodes = [q[len(QUEUE_PREFIX):] for q in queues if q.startswith(QUEUE_PREFIX)]
-    if not nodes:
-        return []
-    config = _worker_config()
-    prefix = (config.service if config is not None else config_mod.ServiceSettings()).key_prefix
-    try:
-        client = redisurl.connect(broker_url, master_name)
-        try:
-            ask_round_now(client, prefix, nodes)
-        finally:
-            client.close()
-    except redis.RedisError as exc:
-        log.warning("[CATCH-UP] %s: could not ask for a round at once (%s: %s); the next slot will do",
-                    ", ".join(nodes), type(exc).__name__, exc)
-        return []
-    log.warning("[CATCH-UP] %s: back on Redis; asked the beat for a round at once", ", ".join(nodes))
-    return nodes
+    return list(client.eval(_TAKE_ROUNDS_NOW, 1, Keys(prefix).round_now()))

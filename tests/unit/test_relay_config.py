@@ -1,15 +1,23 @@
-"""relay.settings: ChronoTick's proxy file loads unchanged; bad input names the key."""
+"""relay.settings: ChronoTick's proxy file loads unchanged; bad input names the key, or the flag."""
 
 from pathlib import Path
 
 import pytest
 
 from relay.settings import (
+    COMMAND_LINE,
+    DEFAULT_BIND,
+    DEFAULT_CLIENT_BURST,
+    DEFAULT_CLIENT_INTERVAL_S,
     DEFAULT_MIN_INTERVAL_S,
     DEFAULT_RATE_BACKOFF_S,
+    DEFAULT_TIMEOUT_S,
     DEFAULT_UPSTREAM_BURST,
+    MAX_CLIENT_INTERVAL_S,
+    MAX_TIMEOUT_S,
     RelayConfigError,
     RelaySettings,
+    from_arguments,
     load_mappings,
     parse_allow,
 )
@@ -87,3 +95,49 @@ def test_a_mapping_past_the_published_rules_is_named_and_the_defaults_are_not():
     assert describe(Mapping(listen_port=8123, ntp_server="a")) == (
         "upstream at most 4 requests at once, then one per 4 s; over that, a RATE kiss from the relay "
         "(policy_refused); 64 s of silence after the upstream's own RATE")
+
+
+# -- chronotick-ntp relay's flags (relay.settings.from_arguments) -----------------------------------------------
+
+CHRONOTICK_FILE = DATA / "ntp_proxy_config.yaml"
+
+
+def test_the_flags_not_given_are_the_defaults():
+    settings = from_arguments(CHRONOTICK_FILE)
+    assert settings == RelaySettings(mappings=load_mappings(CHRONOTICK_FILE))
+    assert (settings.bind, settings.timeout_s, settings.client_interval_s, settings.client_burst) == (
+        DEFAULT_BIND, DEFAULT_TIMEOUT_S, DEFAULT_CLIENT_INTERVAL_S, DEFAULT_CLIENT_BURST)
+
+
+def test_the_flags_given_are_the_settings():
+    settings = from_arguments(CHRONOTICK_FILE, bind="172.20.1.1", allow=["172.20.0.0/16"], timeout_s=2.0,
+                              client_interval_s=1.0, client_burst=3)
+    assert (settings.bind, settings.allow, settings.timeout_s, settings.client_interval_s, settings.client_burst) == (
+        "172.20.1.1", parse_allow(["172.20.0.0/16"]), 2.0, 1.0, 3)
+    assert from_arguments(CHRONOTICK_FILE, bind="::1").bind == "::1"  # loopback: no --allow needed
+
+
+@pytest.mark.parametrize("flags, flag, words", [
+    ({"bind": "localhost"}, "--bind", "'localhost' is not an IP address"),
+    ({"bind": "172.20.1.1"}, "--bind", "without --allow would answer only loopback clients"),
+    ({"bind": "0.0.0.0"}, "--bind", "e.g. --allow 172.20.0.0/16"),
+    ({"allow": ["172.20.0.0/16", "not-a-net"]}, "--allow", "'not-a-net' is not an address or CIDR"),
+    ({"timeout_s": MAX_TIMEOUT_S + 1}, "--timeout", f"<= {MAX_TIMEOUT_S:g}"),
+    ({"timeout_s": float("inf")}, "--timeout", "finite"),
+    ({"client_interval_s": MAX_CLIENT_INTERVAL_S * 2}, "--client-interval", f"<= {MAX_CLIENT_INTERVAL_S:g}"),
+    ({"client_interval_s": 0.0}, "--client-interval", "> 0"),
+    ({"client_burst": 0}, "--client-burst", "at least 1"),
+])
+def test_a_bad_flag_is_named(flags, flag, words):
+    with pytest.raises(RelayConfigError) as caught:
+        from_arguments(CHRONOTICK_FILE, **flags)
+    assert (caught.value.source, caught.value.key) == (COMMAND_LINE, flag) and words in caught.value.problem
+    assert str(caught.value).startswith(f"{flag}: ")  # the CLI's line: "error: --bind: ..."
+
+
+def test_the_file_is_read_before_the_flags_and_names_its_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("proxy_mappings:\n  - listen_port: 99999\n    ntp_server: time.google.com\n")
+    with pytest.raises(RelayConfigError) as caught:
+        from_arguments(bad, bind="localhost")
+    assert (caught.value.source, caught.value.key) == (str(bad), "proxy_mappings[0].listen_port")
