@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from typing import cast
 
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -28,7 +29,7 @@ from redis.retry import Retry
 from relay.counts import read_all as read_relays
 from relay.stats import COUNTERS as RELAY_COUNTERS
 from workers import redisurl
-from workers.config import ServiceSettings
+from workers.config import DEFAULT_STALE_AFTER_S, Config, ServiceSettings
 from workers.keys import QUEUE_PREFIX
 from workers.redisclock import latest_age_s, time_of
 
@@ -68,7 +69,7 @@ class NtpCollector(Collector):
     Parameters
     ----------
     client:
-        A ``redis.Redis`` on the service's Redis.
+        A ``redis.Redis`` on the service's Redis (:func:`workers.redisurl.connect`'s: replies as text).
     prefix:
         ``ntp_service.key_prefix``.
     nodes:
@@ -76,7 +77,8 @@ class NtpCollector(Collector):
         every node in Redis' node set is exported too.
     stale_after_s:
         Exported as ``chronotick_ntp_stale_after_seconds`` so the stale-node
-        alert needs no number of its own.
+        alert needs no number of its own (:meth:`workers.config.Config.stale_after_s`;
+        :func:`collector_for` gives each node its own).
     stale_after_by_node:
         Nodes whose limit differs (the hub node's rounds are further apart:
         ``ntp_service.hub.measurement_interval``).
@@ -86,7 +88,7 @@ class NtpCollector(Collector):
     """
 
     def __init__(self, client: redis.Redis, *, prefix: str = "chronotick", nodes: tuple[str, ...] = (),
-                 stale_after_s: float = 360.0, beat_lease_s: float = ServiceSettings.beat_lease_seconds,
+                 stale_after_s: float = DEFAULT_STALE_AFTER_S, beat_lease_s: float = ServiceSettings.beat_lease_seconds,
                  stale_after_by_node: dict[str, float] | None = None):
         self.client = client
         client.set_retry(Retry(NoBackoff(), SCRAPE_RETRIES))  # the exporter's client: its scrapes' policy
@@ -156,7 +158,8 @@ class NtpCollector(Collector):
 
     def _read(self) -> tuple[dict[str, dict], float]:
         """Every node's data, and Redis' clock (``TIME``) read in the same pipeline, after their ``latest``."""
-        nodes = sorted({*self.configured_nodes, *(_text(n) for n in self.client.smembers(self.keys.nodes()))})
+        found = cast(set[str], self.client.smembers(self.keys.nodes()))  # text: workers.redisurl.connect
+        nodes = sorted({*self.configured_nodes, *found})
         pipe = self.client.pipeline(transaction=False)
         for node in nodes:
             pipe.get(self.keys.latest(node))
@@ -170,25 +173,25 @@ class NtpCollector(Collector):
         pipe.pttl(self.keys.beat())
         pipe.time()
         *replies, holder, lease_ttl_ms, now = pipe.execute()
-        heartbeats = {node: sorted(_text(h) for h in replies[7 * i + 6]) for i, node in enumerate(nodes)}
+        heartbeats = {node: sorted(replies[7 * i + 6]) for i, node in enumerate(nodes)}
         alive = self._alive(heartbeats)
         snapshot = {}
         for i, node in enumerate(nodes):
             latest, stats, durations, newest, reach, late = replies[7 * i:7 * i + 6]
-            record = records.expand(json.loads(_text(_field(newest[0][1], "record")))) if newest else None
+            record = records.expand(json.loads(newest[0][1]["record"])) if newest else None
             if record is not None and late:
                 round_id, said = records.late_of(late[0][1])
                 if round_id == record["round_id"]:
                     records.with_late(record, said)
             snapshot[node] = {
                 "latest": json.loads(latest) if latest else None,
-                "stats": {_text(k): int(v) for k, v in stats.items()},
-                "durations": {_text(k): float(v) for k, v in durations.items()},
+                "stats": {k: int(v) for k, v in stats.items()},
+                "durations": {k: float(v) for k, v in durations.items()},
                 "record": record,
                 "reach": Reach.registers(reach),
                 "live_workers": alive[node],
             }
-        self.lease = (None if holder is None else _text(holder),
+        self.lease = (holder,
                       lease_ttl_ms / 1000 if isinstance(lease_ttl_ms, int) and lease_ttl_ms >= 0 else None)
         return snapshot, time_of(now)
 
@@ -337,19 +340,20 @@ class NtpCollector(Collector):
                     server_state, workers)
 
 
+def collector_for(config: Config, client: redis.Redis) -> NtpCollector:
+    """The collector ``chronotick-ntp exporter`` serves for ``config``: its nodes, each with its staleness limit."""
+    service = config.service
+    return NtpCollector(client, prefix=service.key_prefix, nodes=service.nodes,
+                        stale_after_s=config.stale_after_s(),
+                        stale_after_by_node={node: config.stale_after_s(node) for node in service.nodes},
+                        beat_lease_s=service.beat_lease_seconds)
+
+
 def registry_for(collector: NtpCollector) -> CollectorRegistry:
     """A registry with only this collector (no process metrics of the exporter itself)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     return registry
-
-
-def _field(fields: dict, name: str):
-    return fields.get(name.encode(), fields.get(name))
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def split_address(text: str, *, source: str) -> tuple[str, int | None]:

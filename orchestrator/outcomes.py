@@ -12,7 +12,6 @@ from typing import Any
 from workers.config import Config, ConfigError, NtpSettings, ServiceSettings, ntp_from_mapping, parse_server
 from workers.contracts import Reason
 from workers.quality import Thresholds
-from workers.redisclock import stale_after_s
 
 
 class Quality(StrEnum):
@@ -161,12 +160,12 @@ class RoundMeta:
         hub = config.hub_leg_of(node)
         leg = None if hub is None else {
             "node": hub.node, "max_drift_ppm": hub.max_drift_ppm,
-            "stale_after_s": stale_after_s(config.normal_interval_of(hub.node))}
+            "stale_after_s": config.stale_after_s(hub.node)}
         return cls(round_id=round_id, node=node, dispatched_at=dispatched_at, deadline_at=deadline_at,
                    key_prefix=service.key_prefix, history_length=service.history_length,
                    history_hours=service.history_hours, record_detail=service.record_detail,
                    ntp=config.for_node(node).ntp, hub=leg,
-                   stale_after_s=stale_after_s(config.normal_interval_of(node)))
+                   stale_after_s=config.stale_after_s(node))
 
     @property
     def servers(self) -> list[str]:

@@ -341,7 +341,7 @@ class Scheduler:
         client = service_client(config.service)
         warmup.publish_policy(client, config.service.key_prefix, self.policy, warmup.policy_ttl_s(config.service))
         if self.hub_node is not None and warmup.nodes_without_fresh_measurement(
-                client, config.service.key_prefix, [self.hub_node], self.intervals[self.hub_node]):
+                client, config.service.key_prefix, [self.hub_node], config.stale_after_s(self.hub_node)):
             # The hub node never warms up, and its next slot may be an interval away: every other node's
             # rounds need its leg, so it gets one round at once (then its interval, and its budget, hold).
             warmup.ask_round_now(client, config.service.key_prefix, [self.hub_node])

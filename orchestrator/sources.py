@@ -63,8 +63,8 @@ class Reach:
 
     @classmethod
     def registers(cls, raw: dict) -> dict[str, Reach]:
-        """A node's reach hash as Redis returns it: server -> register."""
-        return {(k.decode() if isinstance(k, bytes) else k): cls.decode(int(v)) for k, v in raw.items()}
+        """A node's reach hash as Redis returns it (text: :func:`workers.redisurl.connect`): server -> register."""
+        return {k: cls.decode(int(v)) for k, v in raw.items()}
 
     @property
     def unreachable(self) -> bool:

@@ -53,6 +53,14 @@ MAX_RESTART_DELAY_S = 30.0
 STABLE_AFTER_S = 60.0
 #: How long a stopping child gets before SIGKILL (s): the worker finishes its running tasks.
 STOP_GRACE_S = 20.0
+#: Where chronyd is looked for when it is not on PATH (where Debian puts it).
+DEFAULT_CHRONYD = "/usr/sbin/chronyd"
+#: The users chronyd drops to when started as root, the first that exists: Debian's, Fedora's, else nobody.
+CHRONYD_USERS = ("_chrony", "chrony", "nobody")
+#: Who the hub node's worker runs as when the hub is started as root (docs/operations.md creates it).
+DEFAULT_WORKER_USER = "chronotick"
+#: Where chronyd's configuration, pid and drift files go unless told (relative to the working directory).
+DEFAULT_RUN_DIR = "chronotick-hub"
 
 
 class HubError(RuntimeError):
@@ -60,14 +68,15 @@ class HubError(RuntimeError):
 
 
 def find_chronyd(explicit: str | None) -> str:
-    """``--chronyd PATH``, else ``chronyd`` on PATH, else /usr/sbin/chronyd (where Debian puts it)."""
+    """``--chronyd PATH``, else ``chronyd`` on PATH, else :data:`DEFAULT_CHRONYD`."""
     if explicit:
         if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
             raise HubError(f"--chronyd {explicit}: not an executable file")
         return explicit
-    found = shutil.which("chronyd") or ("/usr/sbin/chronyd" if os.access("/usr/sbin/chronyd", os.X_OK) else None)
+    found = shutil.which("chronyd") or (DEFAULT_CHRONYD if os.access(DEFAULT_CHRONYD, os.X_OK) else None)
     if found is None:
-        raise HubError("no chronyd on PATH or in /usr/sbin: install chrony (apt install chrony) or give --chronyd PATH")
+        raise HubError(f"no chronyd on PATH or in {os.path.dirname(DEFAULT_CHRONYD)}: install chrony "
+                       "(apt install chrony) or give --chronyd PATH")
     return found
 
 
@@ -208,8 +217,8 @@ class TimeHub:
 
 
 def _unprivileged_user() -> str:
-    """The user chronyd drops to when started as root: Debian's ``_chrony``, else ``nobody``."""
-    for name in ("_chrony", "chrony", "nobody"):
+    """The user chronyd drops to when started as root: the first of :data:`CHRONYD_USERS` that exists."""
+    for name in CHRONYD_USERS:
         try:
             pwd.getpwnam(name)
         except KeyError:
@@ -220,7 +229,7 @@ def _unprivileged_user() -> str:
 
 def _worker_user(named: str | None) -> str:
     """Who the hub node's worker runs as when the hub is started as root: never root unless named."""
-    name = named or "chronotick"
+    name = named or DEFAULT_WORKER_USER
     if name == "root":
         log.warning("[HUB] the hub node's worker runs as root, as --worker-user root asks")
         return name

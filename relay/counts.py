@@ -57,8 +57,9 @@ def read_all(client, prefix: str) -> list[dict]:
 
     Each with ``report_age_s``: seconds since the relay last wrote it, from
     the key's remaining TTL (so on Redis' clock, whatever the relay's says).
+    ``client`` replies as text (:func:`workers.redisurl.connect`).
     """
-    keys = sorted(_text(k) for k in client.smembers(index_key(prefix)))
+    keys = sorted(client.smembers(index_key(prefix)))
     if not keys:
         return []
     with client.pipeline(transaction=False) as pipe:
@@ -74,12 +75,8 @@ def read_all(client, prefix: str) -> list[dict]:
     for h, ttl_ms in zip(raw, ttls, strict=True):
         if not h:
             continue
-        report = {_text(k): _text(v) for k, v in h.items()}
+        report = dict(h)
         if isinstance(ttl_ms, int) and ttl_ms >= 0:
             report["report_age_s"] = max(0.0, REPORT_TTL_S - ttl_ms / 1000)
         out.append(report)
     return out
-
-
-def _text(value):
-    return value.decode() if isinstance(value, bytes) else value

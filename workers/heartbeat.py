@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import cast
 
 import redis
 from celery import signals
@@ -51,8 +52,9 @@ def beat(client: redis.Redis, keys: Keys, hostname: str, queues: list[str]) -> N
 
 
 def live_workers(client: redis.Redis, keys: Keys, queue: str) -> list[str]:
-    """Host names of the workers whose heartbeat on ``queue`` has not expired."""
-    members = sorted(m.decode() if isinstance(m, bytes) else m for m in client.smembers(keys.workers(queue)))
+    """Host names of the workers whose heartbeat on ``queue`` has not expired (``client``: text replies,
+    :func:`workers.redisurl.connect`)."""
+    members = sorted(cast(set[str], client.smembers(keys.workers(queue))))  # text: redisurl.connect
     if not members:
         return []
     pipe = client.pipeline(transaction=False)

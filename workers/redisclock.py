@@ -165,7 +165,9 @@ def redis_now(client: redis.Redis) -> float:
 
 #: A measurement older than this many normal intervals is not fresh: a worker
 #: starting then asks for a warm-up (:mod:`workers.warmup`), and ``status``,
-#: the exporter and readers call it stale.
+#: the exporter and readers call it stale.  The rule's one home: every limit
+#: is :func:`stale_after_s`, a node's through
+#: :meth:`workers.config.Config.stale_after_s`.
 STALE_INTERVALS = 3
 
 

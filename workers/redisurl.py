@@ -9,10 +9,15 @@ Two forms, the ones Celery itself accepts for its broker and result backend:
   ``ntp_service.redis_master_name``.  As in Celery, the password and database
   of the first entry are the data servers' own; the Sentinels take none.
 
-Every process of the service (worker, beat, CLI, exporter, consumer API)
+Every process of the service (worker, beat, CLI, exporter, reader library)
 connects through :func:`connect`, so each follows a failover the same way:
 redis-py's ``Sentinel.master_for`` asks the Sentinels for the master on every
 new connection, and a connection to a demoted master fails and is replaced.
+And each reads text: :func:`connect` sets ``decode_responses`` (UTF-8), so no
+caller decodes bytes.  Everything the service stores is text (JSON, names,
+numbers, stream ids); NTS keys and cookies never leave a worker's memory.
+Celery's own connections (broker, result backend) are kombu's and Celery's,
+made with their settings (:func:`celery_settings`), and keep their bytes.
 
 Passwords never come from YAML (:mod:`workers.config`) and never reach a log:
 print :func:`redact` of a URL, never the URL.
@@ -195,9 +200,11 @@ def connect(url: str, master_name: str = DEFAULT_MASTER_NAME, *, timeout_s: floa
     (and connecting, at most :data:`CONNECT_TIMEOUT_S`); a dead link is
     noticed by the kernel (:func:`socket_settings`).  ``retry=False``: a
     command that times out fails at once (redis-py otherwise tries it again,
-    so one call could block several timeouts).
+    so one call could block several timeouts).  Replies are text
+    (``decode_responses``), set here once for every client of the service.
     """
-    options: dict = {**socket_settings(url, timeout_s), "health_check_interval": health_check_interval_s}
+    options: dict = {**socket_settings(url, timeout_s), "health_check_interval": health_check_interval_s,
+                     "decode_responses": True}
     if not retry:
         options["retry"] = Retry(NoBackoff(), 0)
     if not is_sentinel(url):

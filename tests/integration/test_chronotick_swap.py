@@ -32,14 +32,13 @@ import threading
 import time
 
 import pytest
-import redis
 import yaml
 
 from orchestrator.consumer import ClockMeasurementSource as ClockMeasurementCollector  # ChronoTick's one line
 from simulator.ntpserver import Behaviour
 from simulator.processes import RedisProcess, stop_process
 from workers import config as config_mod
-from workers import heartbeat, warmup
+from workers import heartbeat, redisurl, warmup
 from workers.app import queue_for
 from workers.keys import Keys
 
@@ -143,7 +142,7 @@ def cluster(tmp_path, simulator, monkeypatch):
         env.pop(config_mod.ENV_CONFIG, None)
         monkeypatch.setenv(config_mod.ENV_REDIS_URL, redis_proc.url)
         monkeypatch.setenv(config_mod.ENV_NODE, NODE)
-        client = redis.Redis.from_url(redis_proc.url)
+        client = redisurl.connect(redis_proc.url)
         worker = _cli(["worker", "--config", path, "--node", NODE, "--concurrency", "6"], env, tmp_path / "worker.log")
         beat = None
         try:
@@ -238,7 +237,7 @@ def test_chronotick_pipeline_runs_on_the_service_through_a_redis_stall(cluster, 
     assert time.monotonic() - stopped < CALL_BUDGET_S and not collector.collecting
     wait_for(lambda: not warmup.active(client, "swap"), timeout_s=30, what="the warm-up to end")
     assert client.ttl("swap:ntp:warm_up") == -2  # no schedule key outlives its warm-up
-    assert not [k for k in client.keys("swap:*") if client.ttl(k) == -1 and b"beat" in k]  # nothing forever
+    assert not [k for k in client.keys("swap:*") if client.ttl(k) == -1 and "beat" in k]  # nothing forever
 
 
 def collector_servers(path: str) -> list[str]:

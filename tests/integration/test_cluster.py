@@ -280,7 +280,7 @@ def test_two_beats_one_dispatches_and_the_standby_takes_over(worker, redis_url, 
         both_from = time.time() + 1.0  # the second beat is up and standing by
         wait_for(lambda: any(r["dispatched_at"] > both_from + 4 for r in store.history("testnode", count=50)),
                  what="four seconds with both beats running")
-        holder = redis_client.get(f"{key_prefix}:ntp:beat").decode()
+        holder = redis_client.get(f"{key_prefix}:ntp:beat")
         leader = next(b for b in beats if f":{b.pid}:" in holder)
         standby = next(b for b in beats if b is not leader)
         os.kill(leader.pid, signal.SIGKILL)
@@ -289,7 +289,7 @@ def test_two_beats_one_dispatches_and_the_standby_takes_over(worker, redis_url, 
                  timeout_s=lease_s + interval + 10, what="the standby's first round")
         took_over_in = min(r["dispatched_at"] for r in store.history("testnode", count=50)
                            if r["dispatched_at"] > killed_at) - killed_at
-        assert f":{standby.pid}:" in redis_client.get(f"{key_prefix}:ntp:beat").decode()
+        assert f":{standby.pid}:" in redis_client.get(f"{key_prefix}:ntp:beat")
     finally:
         for beat in beats:
             stop_process(beat)

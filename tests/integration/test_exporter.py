@@ -7,7 +7,6 @@ import urllib.parse
 import urllib.request
 
 import pytest
-import redis
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,6 +17,7 @@ from orchestrator.store import Store
 from simulator.ntpserver import Behaviour
 from simulator.processes import RedisProcess, free_tcp_port, stop_process
 from workers import config as config_mod
+from workers import redisurl
 
 from ..conftest import REPO, TEST_NODE, tool, wait_for, write_config
 
@@ -124,7 +124,7 @@ def test_collector_exports_the_contract_and_counters_only_grow(worker, simulator
 
 def test_collector_says_redis_is_down_instead_of_failing(tmp_path):
     with RedisProcess(tmp_path) as proc:
-        client = redis.Redis.from_url(proc.url, socket_timeout=1, socket_connect_timeout=1)
+        client = redisurl.connect(proc.url, timeout_s=1)
         registry = registry_for(NtpCollector(client, prefix="x"))
         assert _samples(registry)[("chronotick_ntp_redis_up", frozenset())] == 1
         proc.stop()

@@ -3,11 +3,10 @@
 import signal
 
 import pytest
-import redis
 
 from simulator.processes import start_node_worker, stop_process
 from workers import config as config_mod
-from workers import heartbeat
+from workers import heartbeat, redisurl
 from workers.app import queue_for, workers_for_queue
 from workers.keys import Keys
 
@@ -20,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_a_running_worker_beats_on_its_queue(worker, redis_url):
-    client = redis.Redis.from_url(redis_url)
+    client = redisurl.connect(redis_url)
     alive = heartbeat.live_workers(client, KEYS, queue_for(TEST_NODE))
     assert len(alive) == 1 and alive[0].startswith(f"{TEST_NODE}@")
     assert workers_for_queue(queue_for(TEST_NODE)) == alive
@@ -28,7 +27,7 @@ def test_a_running_worker_beats_on_its_queue(worker, redis_url):
 
 
 def test_a_stopped_worker_is_gone_at_once_and_a_killed_one_after_its_ttl(redis_url, tmp_path):
-    client = redis.Redis.from_url(redis_url)
+    client = redisurl.connect(redis_url)
     queue = queue_for("beating")
     proc = start_worker(redis_url, "beating", tmp_path / "w1.log", concurrency=2)
     assert wait_for(lambda: heartbeat.live_workers(client, KEYS, queue), what="the worker's heartbeat")
@@ -51,7 +50,7 @@ def test_a_worker_beats_under_its_own_key_prefix_and_is_found_from_another(redis
     config = config_mod.load(path, environ={config_mod.ENV_REDIS_URL: redis_url})
     proc = start_node_worker(config, "prefixed", tmp_path / "w.log", environ={config_mod.ENV_REDIS_URL: redis_url})
     try:
-        client = redis.Redis.from_url(redis_url)
+        client = redisurl.connect(redis_url)
         queue = queue_for("prefixed")
         own = Keys(key_prefix)
         alive = heartbeat.live_workers(client, own, queue)

@@ -64,7 +64,7 @@ def test_an_attempt_is_taken_whole_or_not_at_all(redis_client, key_prefix):
     assert redis_client.zcard(key(key_prefix, SERVER)) == 10
     answer = take(redis_client, key_prefix, SERVER, 2, DEFAULT, holder="head:r7:2")
     assert answer.granted and (answer.in_minute, answer.in_10_minutes) == (12, 12)
-    members = {m.decode() for m in redis_client.zrange(key(key_prefix, SERVER), 0, -1)}
+    members = set(redis_client.zrange(key(key_prefix, SERVER), 0, -1))
     assert {"head:r7:2:1", "head:r7:2:2"} <= members
     assert not _take(redis_client, key_prefix).granted
 

@@ -187,3 +187,41 @@ def test_an_injected_monotonic_clock_is_used(host):
     clock.now()
     other.advance(30.0)  # only the injected clock runs: the estimate moves with it
     assert clock.now() - fake.truth() == pytest.approx(30.0, abs=0.01)  # the exchanges took no time on it
+
+
+# -- reading Redis' clock, and ages on it ------------------------------------------------------------------
+
+def test_a_time_reply_is_unix_seconds_whatever_types_redis_py_gives():
+    assert redisclock.time_of((1_800_000_000, 250_000)) == 1_800_000_000.25
+    assert redisclock.time_of((b"1800000000", b"5")) == pytest.approx(1_800_000_000.000005), "in a pipeline: bytes"
+
+
+def test_redis_now_is_the_servers_time_command(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    try:
+        before = redisclock.time_of(client.time())
+        now = redisclock.redis_now(client)
+        assert before <= now <= redisclock.time_of(client.time()), "read with TIME, between two TIMEs"
+    finally:
+        client.close()
+
+
+def test_one_clock_per_client_in_a_process():
+    client, other = redis.Redis(port=1), redis.Redis(port=2)
+    assert redisclock.clock_for(client) is redisclock.clock_for(client), "every thread reads one estimate"
+    assert redisclock.clock_for(other) is not redisclock.clock_for(client), "another Redis, another clock"
+
+
+def test_an_age_is_redis_now_minus_published_at_never_measured_at():
+    """The measuring node's own clock (``measured_at``) may be hours off: it never enters an age."""
+    latest = {"published_at": 1000.0, "measured_at": 1000.0 - 7200.0}
+    assert redisclock.latest_age_s(latest, 1030.0) == 30.0
+    assert redisclock.latest_age_s(None, 1030.0) is None, "no measurement: no age"
+    assert redisclock.latest_age_s({"measured_at": 1000.0}, 1030.0) is None, "no published_at: no age"
+    assert redisclock.latest_age_s({"published_at": "soon"}, 1030.0) is None, "an unreadable one: no age"
+
+
+def test_stale_is_past_the_limit_or_no_age_at_all():
+    assert not redisclock.is_stale(360.0, 360.0), "at the limit: still fresh"
+    assert redisclock.is_stale(360.001, 360.0)
+    assert redisclock.is_stale(None, 360.0), "no measurement is stale"

@@ -1,11 +1,15 @@
 """workers.redisurl: Redis and Sentinel locations, passwords kept out of sight."""
 
+import ast
+from pathlib import Path
+
 import pytest
 from redis.sentinel import SentinelConnectionPool
 
 from workers import config as config_mod
 from workers import redisurl
 
+REPO = Path(__file__).resolve().parents[2]
 SENTINELS = "sentinel://127.0.0.1:26379/2;sentinel://127.0.0.1:26380;sentinel://h3"
 
 
@@ -69,3 +73,59 @@ def test_a_sentinel_client_asks_the_sentinels_and_a_plain_one_does_not():
 def test_celery_gets_the_master_name_only_for_sentinels():
     assert redisurl.celery_transport_options(SENTINELS, "m")["master_name"] == "m"
     assert redisurl.celery_transport_options("redis://127.0.0.1:6379/0", "m") == {}
+
+
+# -- replies as text, set once (issue #27) ---------------------------------------------------------------
+
+SERVICE_PACKAGES = ("workers", "orchestrator", "relay")
+#: The calls that make a Redis client: only workers/redisurl.py makes one (``connect``), so every client reads text.
+CLIENT_MAKERS = {"Redis", "StrictRedis", "from_url", "Sentinel", "ConnectionPool", "SentinelConnectionPool"}
+
+
+def test_every_client_connect_makes_decodes_replies_sentinel_or_not():
+    for client in (redisurl.connect(SENTINELS, "ntp-master"), redisurl.connect("redis://127.0.0.1:6379/0"),
+                   redisurl.connect("unix:///run/redis.sock", retry=False)):
+        assert client.connection_pool.connection_kwargs["decode_responses"] is True
+        assert client.get_encoder().decode_responses
+
+
+def test_celerys_own_connections_keep_their_settings():
+    """The broker's and result backend's connections are kombu's and Celery's: no decode_responses from us."""
+    settings = redisurl.celery_settings("redis://127.0.0.1:6379/0")
+    assert "decode_responses" not in settings["broker_transport_options"]
+    assert not any("decode" in key for key in settings)
+
+
+def test_the_service_makes_no_redis_client_but_through_connect():
+    made = []
+    for package in SERVICE_PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            if path == REPO / "workers" / "redisurl.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call):
+                    name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+                    if name in CLIENT_MAKERS:
+                        made.append(f"{path.relative_to(REPO)}:{node.lineno}: {name}(...)")
+    assert not made, "a Redis client made outside workers.redisurl.connect:\n" + "\n".join(made)
+
+
+def test_a_connected_client_reads_text_from_every_kind_of_reply(redis_url, key_prefix):
+    """Strings, hashes, sets, streams, a script's reply and TIME: text (or numbers), never bytes."""
+    client = redisurl.connect(redis_url)
+    try:
+        key = f"{key_prefix}:text"
+        client.set(key, "v")
+        client.hset(f"{key}:h", mapping={"f": 1})
+        client.sadd(f"{key}:s", "m")
+        entry_id = client.xadd(f"{key}:x", {"record": "{}"})
+        assert client.get(key) == "v"
+        assert client.hgetall(f"{key}:h") == {"f": "1"}
+        assert client.smembers(f"{key}:s") == {"m"}
+        assert isinstance(entry_id, str) and client.xrange(f"{key}:x") == [(entry_id, {"record": "{}"})]
+        assert client.eval("return {KEYS[1], 7}", 1, "k") == ["k", 7]
+        seconds, micros = client.time()
+        assert isinstance(seconds, int) and isinstance(micros, int)
+    finally:
+        client.delete(*client.keys(f"{key_prefix}:*"))
+        client.close()
