@@ -13,23 +13,18 @@ Rows: rounds where a majority of servers is honest but some lie (the bound must
 still hold the truth: how often it does not), and all-honest rounds of
 internet-like servers (what the guarantee costs in published uncertainty).
 
-Run:  python bench/agreement.py [--rounds 5000]
+Run:  python -m bench.agreement [--rounds 5000]
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
-import sys
-from pathlib import Path
 
+from bench.harness import parser, quantile
+from orchestrator import selection
 from workers.contracts import Selection
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from orchestrator import selection  # noqa: E402
-from workers.quality import Thresholds  # noqa: E402
+from workers.quality import Thresholds
 
 LOOSE = Thresholds(max_delay_s=1.0, max_uncertainty_s=1.0, min_stratum=1, max_stratum=15)
 
@@ -77,10 +72,10 @@ def internet_server(rng, name, truth):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5000, help="random rounds per row (default 5000)")
-    parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args()
+    arguments = parser(__file__, __doc__)
+    arguments.add_argument("--rounds", type=int, default=5000, help="random rounds per row (default 5000)")
+    arguments.add_argument("--seed", type=int, default=1)
+    args = arguments.parse_args()
     rng = random.Random(args.seed)
     print(f"{args.rounds} random rounds per row, seed {args.seed}")
     print(f"\n  {'rounds with a majority honest, some lying':<46} {'published':>10} {'bound misses truth':>19}")
@@ -111,8 +106,7 @@ def main() -> None:
             ratios.append(major["uncertainty_s"] / deep["uncertainty_s"])
             err_deep.append(abs(deep["offset_s"]))
             err_major.append(abs(major["offset_s"]))
-        ratios.sort()
-        p90 = ratios[int(.9 * len(ratios))]
+        p90 = quantile(ratios, 0.9)
         print(f"  {n:2d} servers{'':<37} median {statistics.median(ratios):5.2f}x, p90 {p90:5.2f}x"
               f" {statistics.median(err_deep) * 1e3:11.2f} ms {statistics.median(err_major) * 1e3:12.2f} ms")
 

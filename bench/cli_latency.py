@@ -10,30 +10,19 @@ Also, in the same run: how long finding a live worker takes by its heartbeat
 (one Redis round trip) against the broadcast ``inspect().active_queues()``
 that ``measure`` used before (it waits out its whole timeout).
 
-Run:  python bench/cli_latency.py [--runs 9]
+Run:  python -m bench.cli_latency [--runs 9]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from simulator.ntpserver import Behaviour, NtpSimulator  # noqa: E402
-from simulator.processes import RedisProcess, start_node_worker, stop_process  # noqa: E402
-from workers import config as config_mod  # noqa: E402
+from bench.harness import REPO, bed, child_env, machine, parser
+from simulator.ntpserver import Behaviour
 
 NODE = "bench"
 
@@ -45,60 +34,54 @@ def timed(argv: list[str], env: dict) -> tuple[float, subprocess.CompletedProces
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=9, help="runs per command (default 9)")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ct-bench-") as tmp, RedisProcess(Path(tmp)) as redis_proc:
-        os.environ[config_mod.ENV_REDIS_URL] = redis_proc.url
-        sim = NtpSimulator.on_free_ports([Behaviour(delay_s=0.010 * (i + 1)) for i in range(10)]).start()
-        path = Path(tmp) / "bench.yaml"
-        path.write_text(yaml.safe_dump({
-            "clock_measurement": {"ntp": {"servers": sim.servers(), "timeout_seconds": 2.0, "max_delay": 0.5,
-                                          "max_acceptable_uncertainty": 0.5, "max_retries": 1}},
-            "ntp_service": {"key_prefix": "bench", "history_length": 100}}))
-        config = config_mod.load(path)
+    arguments = parser(__file__, __doc__)
+    arguments.add_argument("--runs", type=int, default=9, help="runs per command (default 9)")
+    args = arguments.parse_args()
+    with bed() as b:
+        sim = b.servers([Behaviour(delay_s=0.010 * (i + 1)) for i in range(10)])
+        config = b.config("bench.yaml", sim.servers(),
+                          ntp={"timeout_seconds": 2.0, "max_delay": 0.5, "max_acceptable_uncertainty": 0.5,
+                               "max_retries": 1},
+                          service={"key_prefix": "bench", "history_length": 100})
+        path = config.source
         from workers import heartbeat
         from workers.app import app, queue_for
         from workers.keys import Keys
 
-        worker = start_node_worker(config, NODE, Path(tmp) / "worker.log", timeout_s=30)
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        try:
-            cli = [sys.executable, "-m", "orchestrator.cli"]
-            rows = {"measure": [], "measure minus its round": [], "round (duration_s)": [], "latest": [],
-                    "status": [], "python -c 'import orchestrator.cli'": []}
-            checks = {"heartbeat": [], "inspect broadcast": []}
-            from orchestrator.store import client_for
+        b.worker(config, NODE, timeout_s=30)
+        env = child_env()
+        cli = [sys.executable, "-m", "orchestrator.cli"]
+        rows = {"measure": [], "measure minus its round": [], "round (duration_s)": [], "latest": [],
+                "status": [], "python -c 'import orchestrator.cli'": []}
+        checks = {"heartbeat": [], "inspect broadcast": []}
+        from orchestrator.store import client_for
 
-            client = client_for(redis_proc.url)
-            for i in range(args.runs + 1):  # one warm-up
-                wall, done = timed([*cli, "measure", "--config", str(path), "--node", NODE, "--json"], env)
-                if done.returncode != 0:
-                    raise SystemExit(f"measure failed ({done.returncode}): {done.stderr}")
-                record = json.loads(done.stdout)
-                others = {name: timed([*cli, name, "--config", str(path), "--node", NODE], env)[0]
-                          for name in ("latest", "status")}
-                imported = timed([sys.executable, "-c", "import orchestrator.cli"], env)[0]
-                start = time.perf_counter()
-                assert heartbeat.live_workers(client, Keys(config.service.key_prefix), queue_for(NODE))
-                beat_s = time.perf_counter() - start
-                start = time.perf_counter()
-                assert app.control.inspect(timeout=1.0).active_queues()
-                inspect_s = time.perf_counter() - start
-                if i == 0:
-                    continue
-                rows["measure"].append(wall)
-                rows["round (duration_s)"].append(record["duration_s"])
-                rows["measure minus its round"].append(wall - record["duration_s"])
-                rows["latest"].append(others["latest"])
-                rows["status"].append(others["status"])
-                rows["python -c 'import orchestrator.cli'"].append(imported)
-                checks["heartbeat"].append(beat_s)
-                checks["inspect broadcast"].append(inspect_s)
-        finally:
-            stop_process(worker)
-            sim.stop()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        client = client_for(b.url)
+        for i in range(args.runs + 1):  # one warm-up
+            wall, done = timed([*cli, "measure", "--config", str(path), "--node", NODE, "--json"], env)
+            if done.returncode != 0:
+                raise SystemExit(f"measure failed ({done.returncode}): {done.stderr}")
+            record = json.loads(done.stdout)
+            others = {name: timed([*cli, name, "--config", str(path), "--node", NODE], env)[0]
+                      for name in ("latest", "status")}
+            imported = timed([sys.executable, "-c", "import orchestrator.cli"], env)[0]
+            start = time.perf_counter()
+            assert heartbeat.live_workers(client, Keys(config.service.key_prefix), queue_for(NODE))
+            beat_s = time.perf_counter() - start
+            start = time.perf_counter()
+            assert app.control.inspect(timeout=1.0).active_queues()
+            inspect_s = time.perf_counter() - start
+            if i == 0:
+                continue
+            rows["measure"].append(wall)
+            rows["round (duration_s)"].append(record["duration_s"])
+            rows["measure minus its round"].append(wall - record["duration_s"])
+            rows["latest"].append(others["latest"])
+            rows["status"].append(others["status"])
+            rows["python -c 'import orchestrator.cli'"].append(imported)
+            checks["heartbeat"].append(beat_s)
+            checks["inspect broadcast"].append(inspect_s)
+    print(f"machine: {machine()}; "
           f"{args.runs} runs per command after 1 warm-up, 10 simulated servers (10..100 ms), "
           "each command a fresh process")
     print(f"\n  {'command (wall time, spawn to exit)':<40} {'median':>9} {'max':>9}")

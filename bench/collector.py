@@ -14,32 +14,23 @@ ChronoTick's 500 s window) into a private Redis, then times each call:
 
 Medians, p99 and the maximum, from one run.  Target: no call over 1 s.
 
-Run:  python bench/collector.py [--calls 2000] [--stall 5] [--rounds 50]
+Run:  python -m bench.collector [--calls 2000] [--stall 5] [--rounds 50]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-import redis
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from orchestrator.callback import build_record  # noqa: E402
-from orchestrator.outcomes import RoundMeta  # noqa: E402
-from orchestrator.reader import KEEP_MEASUREMENTS, ClockMeasurementSource  # noqa: E402
-from orchestrator.store import Store  # noqa: E402
-from simulator.processes import RedisProcess  # noqa: E402
-from workers import config as config_mod  # noqa: E402
+from bench.harness import bed, parser, quantile
+from orchestrator.callback import build_record
+from orchestrator.outcomes import RoundMeta
+from orchestrator.reader import KEEP_MEASUREMENTS, ClockMeasurementSource
+from orchestrator.store import Store
+from workers import config as config_mod
 
 NODE = "ares-comp-11"
 PREFIX = "bench"
@@ -65,9 +56,7 @@ def _record(i: int, now: float) -> dict:
 
 
 def _stats(samples: list[float]) -> tuple[float, float, float]:
-    ordered = sorted(samples)
-    return (statistics.median(ordered) * 1e3, ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3,
-            ordered[-1] * 1e3)
+    return statistics.median(samples) * 1e3, quantile(samples, 0.99) * 1e3, max(samples) * 1e3
 
 
 def _time_calls(source: ClockMeasurementSource, calls: int, until: float | None = None) -> dict[str, list[float]]:
@@ -86,26 +75,23 @@ def _time_calls(source: ClockMeasurementSource, calls: int, until: float | None 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=2000, help="calls of each kind with Redis up")
-    parser.add_argument("--stall", type=float, default=5.0, help="seconds Redis is stopped")
-    parser.add_argument("--rounds", type=int, default=50, help="rounds published one by one to time visibility")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ct-bench-") as tmp, RedisProcess(Path(tmp)) as proc:
-        config_path = Path(tmp) / "c.yaml"
-        config_path.write_text(yaml.safe_dump({
-            "clock_measurement": {"ntp": {"servers": ["172.20.1.1:8123"]},
-                                  "timing": {"warm_up": {"duration_seconds": 0, "measurement_interval": 1},
-                                             "normal_operation": {"measurement_interval": 120}}},
-            "ntp_service": {"key_prefix": PREFIX, "history_length": 5000}}))
-        os.environ[config_mod.ENV_REDIS_URL] = proc.url
-        client = redis.Redis.from_url(proc.url)
+    arguments = parser(__file__, __doc__)
+    arguments.add_argument("--calls", type=int, default=2000, help="calls of each kind with Redis up")
+    arguments.add_argument("--stall", type=float, default=5.0, help="seconds Redis is stopped")
+    arguments.add_argument("--rounds", type=int, default=50, help="rounds published one by one to time visibility")
+    args = arguments.parse_args()
+    with bed() as b:
+        config = b.config("c.yaml", ["172.20.1.1:8123"],
+                          timing={"warm_up": {"duration_seconds": 0, "measurement_interval": 1},
+                                  "normal_operation": {"measurement_interval": 120}},
+                          service={"key_prefix": PREFIX, "history_length": 5000})
+        client = b.client()
         store = Store(client, prefix=PREFIX)
         now = time.time()
         for i in range(KEEP_MEASUREMENTS):  # one every 0.4 s, ending now: all inside ChronoTick's 500 s window
             store.publish_round(_record(i, now - (KEEP_MEASUREMENTS - i) * 0.4), history_length=5000,
                                 window_size=20)
-        source = ClockMeasurementSource(str(config_path), NODE)
+        source = ClockMeasurementSource(str(config.source), NODE)
         source.start_collection()
         deadline = time.monotonic() + 10
         while len(source.get_recent_measurements(10 ** 6)) < KEEP_MEASUREMENTS and time.monotonic() < deadline:
@@ -125,16 +111,16 @@ def main() -> int:
             visible.append(time.perf_counter() - published)
 
         up = _time_calls(source, args.calls)
-        os.kill(proc.process.pid, signal.SIGSTOP)
+        redis_pid = b.redis.process.pid
+        os.kill(redis_pid, signal.SIGSTOP)
         try:
             stalled = _time_calls(source, 0, until=time.monotonic() + args.stall)
             reachable_during = source.reachable
         finally:
-            os.kill(proc.process.pid, signal.SIGCONT)
+            os.kill(redis_pid, signal.SIGCONT)
         stop_started = time.perf_counter()
         source.stop_collection()
         stop_s = time.perf_counter() - stop_started
-        client.close()
 
     print(f"drop-in collector: {held} measurements held; Redis up, then stopped (SIGSTOP) for {args.stall:g} s")
     print()

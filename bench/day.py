@@ -21,29 +21,22 @@ RATE kiss keeps its server away for the same four slots it would for real.  The 
 no falseticker published, every published offset within its bound of the truth, and the longest stretch
 of the day with no new measurement.
 
-Run:  python bench/day.py                      (writes docs/day.png)
-      python bench/day.py --slot 0.6 --plot /tmp/day.png
+Run:  python -m bench.day                      (writes docs/day.png)
+      python -m bench.day --slot 0.6 --plot /tmp/day.png
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import random
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from simulator.ntpserver import Behaviour, NtpSimulator  # noqa: E402
-from simulator.processes import RedisProcess, start_node_worker, stop_process  # noqa: E402
-from workers import config as config_mod  # noqa: E402
+from bench.harness import REPO, Bed, bed, parser
+from simulator.ntpserver import Behaviour
+from workers import config as config_mod
 
 NODE = "homelab"
 SLOTS = 720
@@ -83,7 +76,7 @@ def behaviour_for(index: int, slot: int, rng: random.Random) -> Behaviour:
     return Behaviour(offset_s=offset, delay_s=delay, jitter_s=0.002, loss=LOSS, stratum=1 if index < 6 else 2)
 
 
-def day_config(tmp: Path, servers: list[str], redis_url: str, slot_s: float) -> config_mod.Config:
+def day_config(b: Bed, servers: list[str], slot_s: float) -> config_mod.Config:
     """ChronoTick's homelab file, its servers on loopback and its times scaled to the compressed day."""
     document = yaml.safe_load((REPO / "configs" / "config_homelab_2min_ntp.yaml").read_text())
     ntp = document["clock_measurement"]["ntp"]
@@ -93,45 +86,37 @@ def day_config(tmp: Path, servers: list[str], redis_url: str, slot_s: float) -> 
     document["clock_measurement"]["timing"] = {"warm_up": {"duration_seconds": 0, "measurement_interval": slot_s},
                                                "normal_operation": {"measurement_interval": slot_s}}
     document["ntp_service"].update(key_prefix="day", nodes=[NODE], history_length=10_000, history_hours=24)
-    path = tmp / "day.yaml"
-    path.write_text(yaml.safe_dump(document))
-    return config_mod.load(path, environ={**os.environ, config_mod.ENV_REDIS_URL: redis_url})
+    return b.write_config("day.yaml", document)
 
 
-def run_day(tmp: Path, *, slot_s: float, seed: int, log=print) -> tuple[list[dict], dict]:
+def run_day(tmp: Path | None = None, *, slot_s: float, seed: int, log=print) -> tuple[list[dict], dict]:
+    """The day, in ``tmp`` (default: a temporary directory); its records and what the table needs besides."""
     from orchestrator import rounds
     from orchestrator.store import store_for
 
     rng = random.Random(seed)
-    with RedisProcess(tmp) as redis_proc:
-        os.environ[config_mod.ENV_REDIS_URL] = redis_proc.url
-        sim = NtpSimulator.on_free_ports([behaviour_for(i, 0, rng) for i in range(10)], seed=seed).start()
-        try:
-            config = day_config(tmp, sim.servers(), redis_proc.url, slot_s)
-            worker = start_node_worker(config, NODE, tmp / "worker.log")
-            try:
-                store = store_for(config.service)
-                start = time.monotonic()
-                for slot in range(SLOTS):
-                    for index, port in enumerate(sim.behaviours):
-                        sim.set_behaviour(port, behaviour_for(index, slot, rng))
-                    record = rounds.dispatch(config, NODE).wait()
-                    if record is None:
-                        log(f"slot {slot}: no record by the deadline")
-                    if slot % 60 == 59:
-                        log(f"  {slot + 1} of {SLOTS} slots ({(slot + 1) * SLOT_S / 3600:.0f}:00), "
-                            f"{time.monotonic() - start:.0f} s")
-                    next_at = start + (slot + 1) * slot_s
-                    time.sleep(max(0.0, next_at - time.monotonic()))
-                time.sleep(min(5.0, config.ntp.timeout_seconds * 2))  # the last rounds' late replies
-                records = store.history_since(NODE, None)
-                return records, {"latest": store.latest(NODE), "stats": store.stats(NODE),
-                                 "servers": config.ntp.servers, "sim": list(sim.behaviours),
-                                 "stale_after_s": 3 * slot_s, "elapsed_s": time.monotonic() - start}
-            finally:
-                stop_process(worker)
-        finally:
-            sim.stop()
+    with bed("chronotick-day-", directory=tmp) as b:
+        sim = b.servers([behaviour_for(i, 0, rng) for i in range(10)], seed=seed)
+        config = day_config(b, sim.servers(), slot_s)
+        b.worker(config, NODE)
+        store = store_for(config.service)
+        start = time.monotonic()
+        for slot in range(SLOTS):
+            for index, port in enumerate(sim.behaviours):
+                sim.set_behaviour(port, behaviour_for(index, slot, rng))
+            record = rounds.dispatch(config, NODE).wait()
+            if record is None:
+                log(f"slot {slot}: no record by the deadline")
+            if slot % 60 == 59:
+                log(f"  {slot + 1} of {SLOTS} slots ({(slot + 1) * SLOT_S / 3600:.0f}:00), "
+                    f"{time.monotonic() - start:.0f} s")
+            next_at = start + (slot + 1) * slot_s
+            time.sleep(max(0.0, next_at - time.monotonic()))
+        time.sleep(min(5.0, config.ntp.timeout_seconds * 2))  # the last rounds' late replies
+        records = store.history_since(NODE, None)
+        return records, {"latest": store.latest(NODE), "stats": store.stats(NODE),
+                         "servers": config.ntp.servers, "sim": list(sim.behaviours),
+                         "elapsed_s": time.monotonic() - start}
 
 
 def summarise(records: list[dict], extra: dict, *, slot_s: float) -> list[tuple[str, str, str, str]]:
@@ -181,14 +166,13 @@ def _hour(record: dict, records: list[dict], slot_s: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slot", type=float, default=1.0, help="real seconds per 2-minute slot (default 1)")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--plot", default=str(REPO / "docs" / "day.png"), help="PNG to write (default docs/day.png)")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="chronotick-day-") as tmp:
-        print(f"day: {SLOTS} slots, one every {args.slot:g} s (ChronoTick's homelab config, loopback servers)")
-        records, extra = run_day(Path(tmp), slot_s=args.slot, seed=args.seed)
+    arguments = parser(__file__, __doc__)
+    arguments.add_argument("--slot", type=float, default=1.0, help="real seconds per 2-minute slot (default 1)")
+    arguments.add_argument("--seed", type=int, default=1)
+    arguments.add_argument("--plot", default=str(REPO / "docs" / "day.png"), help="PNG to write (default docs/day.png)")
+    args = arguments.parse_args()
+    print(f"day: {SLOTS} slots, one every {args.slot:g} s (ChronoTick's homelab config, loopback servers)")
+    records, extra = run_day(slot_s=args.slot, seed=args.seed)
     rows = summarise(records, extra, slot_s=args.slot)
     width = max(len(r[0]) for r in rows)
     print(f"\n{'target':<{width}}  {'value':>14}  {'limit':>10}")

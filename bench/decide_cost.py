@@ -28,24 +28,19 @@ shared machine does not count); median and p99 are over the calls.
 Only the decider's public surface is used (``early.decide``, ``early.Outstanding``),
 so the benchmark measures whatever implementation is in place.
 
-Run:  python bench/decide_cost.py [--rounds 200] [--passes 7]
+Run:  python -m bench.decide_cost [--rounds 200] [--passes 7]
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from orchestrator.early import Outstanding, decide  # noqa: E402
-from workers import config as config_mod  # noqa: E402
-from workers.quality import Thresholds  # noqa: E402
+from bench.harness import REPO, parser, quantile
+from orchestrator.early import Outstanding, decide
+from workers import config as config_mod
+from workers.quality import Thresholds
 
 HOMELAB = REPO / "configs" / "config_homelab_2min_ntp.yaml"
 
@@ -158,11 +153,11 @@ def asked(rounds: list, strict: Thresholds, fallback: bool, method: str, groups:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=200, help="random rounds per case")
-    parser.add_argument("--passes", type=int, default=7, help="interleaved passes over every case's calls")
-    parser.add_argument("--seed", type=int, default=24)
-    args = parser.parse_args()
+    arguments = parser(__file__, __doc__)
+    arguments.add_argument("--rounds", type=int, default=200, help="random rounds per case")
+    arguments.add_argument("--passes", type=int, default=7, help="interleaved passes over every case's calls")
+    arguments.add_argument("--seed", type=int, default=24)
+    args = arguments.parse_args()
     strict, fallback, names, groups = homelab()
     rng = random.Random(args.seed)
     cases = {}  # (shape, servers, method) -> (calls, gate, enable_fallback, groups)
@@ -192,7 +187,7 @@ def main() -> None:
     for shape, n, method in sorted(timings, key=lambda k: (k[0] != "homelab", k[1], k[2])):
         per_call = timings[(shape, n, method)]
         ordered = sorted(statistics.median(passes) for passes in per_call)
-        p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+        p99 = quantile(ordered, 0.99)
         median = statistics.median(ordered)
         per_round = len(cases[(shape, n, method)][0]) / args.rounds
         print(f"  {shape:>7} {n:>7} {method:>8} {per_round:>12.1f} {median * 1e6:>7.1f} us {p99 * 1e6:>7.1f} us "

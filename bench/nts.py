@@ -7,72 +7,57 @@ and plain (``127.0.0.1:<ntp>``).  The first NTS round pays the NTS-KE
 handshake; it is reported on its own.  Below the rounds, the exchange alone:
 one protected request and reply against one plain one, in this process.
 
-Run:  python bench/nts.py [--rounds 30]
+Run:  python -m bench.nts [--rounds 30]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import socket
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from simulator.processes import ChronydNts, RedisProcess, chronyd_binary, start_node_worker, stop_process  # noqa: E402
-from workers import config as config_mod  # noqa: E402
-from workers.ntp import client, nts, packet  # noqa: E402
+from bench.harness import Bed, bed, parser
+from simulator.processes import ChronydNts, chronyd_binary, stop_process
+from workers import config as config_mod
+from workers.ntp import client, nts, packet
 
 NODE = "ntsbench"
 
 
-def write(tmp: Path, name: str, servers: list[str], ca: Path) -> config_mod.Config:
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({
-        "clock_measurement": {"ntp": {"servers": servers, "timeout_seconds": 1.0, "max_retries": 1,
-                                      "nts_ca_file": str(ca)}},
-        "ntp_service": {"key_prefix": "ntsbench", "nodes": [NODE]}}))
-    return config_mod.load(path)
+def write(b: Bed, name: str, servers: list[str], ca: Path) -> config_mod.Config:
+    return b.config(f"{name}.yaml", servers, ntp={"timeout_seconds": 1.0, "max_retries": 1, "nts_ca_file": str(ca)},
+                    service={"key_prefix": "ntsbench", "nodes": [NODE]})
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    args = parser.parse_args()
+    arguments = parser(__file__, __doc__)
+    arguments.add_argument("--rounds", type=int, default=30)
+    args = arguments.parse_args()
     binary = chronyd_binary()
     if binary is None:
         raise SystemExit("no chronyd: run scripts/bootstrap (it unpacks one into .venv/chrony)")
-    with tempfile.TemporaryDirectory(prefix="ct-nts-") as tmp_name, RedisProcess(Path(tmp_name)) as redis_proc, \
-            ChronydNts(binary) as chronyd:
-        tmp = Path(tmp_name)
-        os.environ[config_mod.ENV_REDIS_URL] = redis_proc.url
-        secured = write(tmp, "nts", [f"nts://127.0.0.1:{chronyd.ke_port}"], chronyd.cert)
-        plain = write(tmp, "plain", [f"127.0.0.1:{chronyd.ntp_port}"], chronyd.cert)
+    with bed("ct-nts-") as b:
+        chronyd = b.enter(ChronydNts(binary))
+        secured = write(b, "nts", [f"nts://127.0.0.1:{chronyd.ke_port}"], chronyd.cert)
+        plain = write(b, "plain", [f"127.0.0.1:{chronyd.ntp_port}"], chronyd.cert)
         from orchestrator import rounds
 
-        worker = start_node_worker(secured, NODE, tmp / "worker.log")
-        try:
-            def round_s(config) -> float:
-                record = rounds.dispatch(config, NODE).wait()
-                assert record and record["latest"], record
-                assert record["latest"]["nts"] == (config is secured)
-                return record["duration_s"]
+        worker = b.worker(secured, NODE)
 
-            first_nts = round_s(secured)  # the handshake
-            round_s(plain)
-            times = {"nts": [], "plain": []}
-            for _ in range(args.rounds):
-                times["nts"].append(round_s(secured))
-                times["plain"].append(round_s(plain))
-        finally:
-            stop_process(worker)
+        def round_s(config) -> float:
+            record = rounds.dispatch(config, NODE).wait()
+            assert record and record["latest"], record
+            assert record["latest"]["nts"] == (config is secured)
+            return record["duration_s"]
+
+        first_nts = round_s(secured)  # the handshake
+        round_s(plain)
+        times = {"nts": [], "plain": []}
+        for _ in range(args.rounds):
+            times["nts"].append(round_s(secured))
+            times["plain"].append(round_s(plain))
+        stop_process(worker)  # the exchange alone is measured without it
         # The exchange alone, in this process: what the cryptography costs.
         association = nts.Association("127.0.0.1", chronyd.ke_port, str(chronyd.cert))
         exchange = {"nts": [], "plain": []}

@@ -49,31 +49,25 @@ head's attempts the budget refused, and its rounds whose first attempt got out
 sample from this server, the median node.  Deterministic: the figures are
 counts of one run, not measurements.
 
-Run:  python bench/politeness.py [--minutes 30] [--nodes 10 100 1000] [--burst N --min-interval S]
+Run:  python -m bench.politeness [--minutes 30] [--nodes 10 100 1000] [--burst N --min-interval S]
 """
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import itertools
 import statistics
-import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from orchestrator.rounds import RATE_BACKOFF_INTERVALS  # noqa: E402
-from orchestrator.scheduler import phase_slot  # noqa: E402
-from relay.limits import FORWARD, OVER_BUDGET, ClientLimits, UpstreamLimit  # noqa: E402
-from relay.settings import DEFAULT_CLIENT_BURST, DEFAULT_CLIENT_INTERVAL_S, Mapping, load_mappings  # noqa: E402
-from workers import config as config_mod  # noqa: E402
-from workers.config import Config, HubSettings  # noqa: E402
-from workers.kod import RATE, KissMemory  # noqa: E402
-from workers.measure import ADVANCED_SAMPLE_SPACING_S, attempt_offsets_s  # noqa: E402
-from workers.politeness import MINUTE_MS, TEN_MINUTES_MS, Budget  # noqa: E402  (no redis: the rule is mirrored)
+from bench.harness import REPO, parser
+from orchestrator.scheduler import phase_slot
+from relay.limits import FORWARD, OVER_BUDGET, ClientLimits, UpstreamLimit
+from relay.settings import DEFAULT_CLIENT_BURST, DEFAULT_CLIENT_INTERVAL_S, Mapping, load_mappings
+from workers import config as config_mod
+from workers.config import Config, HubSettings
+from workers.kod import KissMemory
+from workers.politeness import MINUTE_MS, TEN_MINUTES_MS, Budget  # (no redis: the rule is mirrored)
+from workers.retry import ADVANCED_SAMPLE_SPACING_S, RATE, RetryPolicy, rate_backoff_for
 
 ARES = REPO / "configs" / "config_ares_2min_ntp.yaml"
 PROXY = REPO / "configs" / "ntp_proxy_config.yaml"
@@ -103,8 +97,7 @@ class Run:
 
 
 def samples_of(config: Config) -> int:
-    ntp = config.ntp
-    return ntp.advanced_samples if ntp.measurement_mode == "advanced" else 1
+    return RetryPolicy.from_settings(config.ntp).samples
 
 
 def round_starts(config: Config, index: int, nodes: int, horizon_s: float) -> list[tuple[float, bool]]:
@@ -128,7 +121,7 @@ def through_relay(config: Config, mapping: Mapping, nodes: int, horizon_s: float
     upstream = UpstreamLimit(mapping.min_interval_s, mapping.upstream_burst, mapping.rate_backoff_s, now=0.0)
     now = [0.0]
     memories = [KissMemory(clock=lambda: now[0], wall_clock=lambda: now[0]) for _ in range(nodes)]
-    rate_backoff_s = RATE_BACKOFF_INTERVALS * config.timing.normal_interval_s  # as orchestrator.rounds sets it
+    policy = RetryPolicy.from_settings(config.ntp, rate_backoff_s=rate_backoff_for(config.timing.normal_interval_s))
     server, config_id = f"{mapping.ntp_server}:{mapping.listen_port}", config.ntp.config_id
     order = itertools.count()
     events = [(t, next(order), i, 0, warm)  # when, order, node, sample of the burst, in the warm-up
@@ -154,7 +147,7 @@ def through_relay(config: Config, mapping: Mapping, nodes: int, horizon_s: float
             else:
                 assert verdict == OVER_BUDGET  # the upstream never kisses here
                 run.policy_refused += 1
-                memories[node].record(server, RATE, config_id=config_id, rate_backoff_s=rate_backoff_s)
+                memories[node].record(server, RATE, config_id=config_id, policy=policy)
                 continue  # the relay's RATE kiss ends the burst: the attempt fails kod_rate, not retried
         if k + 1 < samples:
             heapq.heappush(events, (at + ADVANCED_SAMPLE_SPACING_S, next(order), node, k + 1, warm))
@@ -189,7 +182,7 @@ def from_hub(config: Config, hub: HubSettings, nodes: int, horizon_s: float, *, 
     rounds go to the hub's LAN server."""
     samples = samples_of(config)
     run = Run(warm_up_answered=[0] * nodes, normal_rounds=[0] * nodes, normal_answered=[0] * nodes)
-    offsets = attempt_offsets_s(config.ntp.retry_waits_s) if retried else [0.0]
+    offsets = RetryPolicy.from_settings(config.ntp).offsets_s if retried else [0.0]
     budget = Budget(hub.max_requests_per_minute, hub.max_requests_per_10_minutes)
     window: tuple[int, ...] = ()
     start, interval_s = 0.0, hub_interval_s(config, hub)
@@ -233,13 +226,13 @@ def most_in_any(times: list[float], window_s: float) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=30.0, help="simulated time from a cold start (default 30)")
-    parser.add_argument("--nodes", type=int, nargs="+", default=[10, 100, 1000], help="cluster sizes")
-    parser.add_argument("--burst", type=int, default=None, help="the relay's upstream_burst (default: its default)")
-    parser.add_argument("--min-interval", type=float, default=None,
+    arguments = parser(__file__, __doc__)
+    arguments.add_argument("--minutes", type=float, default=30.0, help="simulated time from a cold start (default 30)")
+    arguments.add_argument("--nodes", type=int, nargs="+", default=[10, 100, 1000], help="cluster sizes")
+    arguments.add_argument("--burst", type=int, default=None, help="the relay's upstream_burst (default: its default)")
+    arguments.add_argument("--min-interval", type=float, default=None,
                         help="the relay's min_interval_s (default: its default)")
-    args = parser.parse_args()
+    args = arguments.parse_args()
     config = config_mod.load(ARES)
     mapping = load_mappings(PROXY)[0]  # every mapping of ChronoTick's file has the relay's defaults
     mapping = replace(mapping, upstream_burst=args.burst or mapping.upstream_burst,
@@ -250,7 +243,7 @@ def main() -> None:
     horizon_s = args.minutes * 60
     timing = config.timing
     warm_rounds = int(timing.warm_up_duration_s / timing.warm_up_interval_s)
-    samples, offsets = samples_of(config), attempt_offsets_s(config.ntp.retry_waits_s)
+    samples, offsets = samples_of(config), RetryPolicy.from_settings(config.ntp).offsets_s
     print(f"requests one public server receives from the whole cluster: relay against hub "
           f"({args.minutes:g} simulated minutes from a cold start)")
     print(f"ChronoTick's ARES timing: {config.ntp.measurement_mode}, {samples} samples "

@@ -7,30 +7,22 @@ py-spy (``pip install py-spy``; not a dependency of the service) samples the
 worker's GIL holder; each sample goes to the first part, in the order of the
 table, that appears in its stack.
 
-Run:  python bench/profile_worker.py [--servers 40] [--rounds 150] [--beat] [--rate 500] [--raw FILE]
+Run:  python -m bench.profile_worker [--servers 40] [--rounds 150] [--beat] [--rate 500] [--raw FILE]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from simulator.ntpserver import Behaviour, NtpSimulator  # noqa: E402
-from simulator.processes import RedisProcess, start_node_worker, stop_process  # noqa: E402
-from workers import config as config_mod  # noqa: E402
+from bench.harness import bed, parser
+from simulator.ntpserver import Behaviour
 
 NODE = "profiled"
 
@@ -78,59 +70,52 @@ def classify(raw: Path) -> tuple[Counter, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=150)
-    parser.add_argument("--beat", action="store_true", help="send rounds as the beat does (fanned out by the worker)")
-    parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
-    parser.add_argument("--raw", help="also keep py-spy's raw samples in this file (one stack a line)")
-    args = parser.parse_args()
+    arguments = parser(__file__, __doc__)
+    arguments.add_argument("--servers", type=int, default=40)
+    arguments.add_argument("--rounds", type=int, default=150)
+    arguments.add_argument("--beat", action="store_true",
+                           help="send rounds as the beat does (fanned out by the worker)")
+    arguments.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
+    arguments.add_argument("--raw", help="also keep py-spy's raw samples in this file (one stack a line)")
+    args = arguments.parse_args()
     spy_bin = py_spy()
-    with tempfile.TemporaryDirectory(prefix="ct-profile-") as tmp_name, RedisProcess(Path(tmp_name)) as redis_proc:
-        tmp = Path(tmp_name)
-        os.environ[config_mod.ENV_REDIS_URL] = redis_proc.url
-        sim = NtpSimulator.on_free_ports([Behaviour(delay_s=0.020) for _ in range(args.servers)]).start()
-        path = tmp / "profile.yaml"
-        path.write_text(yaml.safe_dump({
-            "clock_measurement": {"ntp": {"servers": sim.servers(), "timeout_seconds": 2.0, "max_delay": 0.5,
-                                          "max_acceptable_uncertainty": 0.5, "max_retries": 1}},
-            "ntp_service": {"key_prefix": "profile", "nodes": [NODE]}}))
-        config = config_mod.load(path)
-        worker = start_node_worker(config, NODE, tmp / "worker.log")
-        raw = tmp / "samples.txt"
-        try:
-            from orchestrator import rounds
+    with bed("ct-profile-") as b:
+        sim = b.servers([Behaviour(delay_s=0.020) for _ in range(args.servers)])
+        config = b.config("profile.yaml", sim.servers(),
+                          ntp={"timeout_seconds": 2.0, "max_delay": 0.5, "max_acceptable_uncertainty": 0.5,
+                               "max_retries": 1},
+                          service={"key_prefix": "profile", "nodes": [NODE]})
+        worker = b.worker(config, NODE)
+        raw = b.tmp / "samples.txt"
+        from orchestrator import rounds
 
-            def one_round() -> None:
-                if args.beat:
-                    handle = rounds.dispatch_fanned_out(config, NODE)
-                    deadline = time.monotonic() + 30
-                    while not handle.ready():
-                        if time.monotonic() > deadline:
-                            raise SystemExit(f"round {handle.round_id} did not finish")
-                        time.sleep(0.002)  # polling one EXISTS: this process is not the one profiled
-                elif rounds.dispatch(config, NODE).wait() is None:
-                    raise SystemExit("a round did not finish")
+        def one_round() -> None:
+            if args.beat:
+                handle = rounds.dispatch_fanned_out(config, NODE)
+                deadline = time.monotonic() + 30
+                while not handle.ready():
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"round {handle.round_id} did not finish")
+                    time.sleep(0.002)  # polling one EXISTS: this process is not the one profiled
+            elif rounds.dispatch(config, NODE).wait() is None:
+                raise SystemExit("a round did not finish")
 
-            for _ in range(3):
-                one_round()
-            spy = subprocess.Popen([spy_bin, "record", "--pid", str(worker.pid), "--rate", str(args.rate),
-                                    "--format", "raw", "--output", str(raw), "--gil", "--threads", "--nonblocking"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            started = time.perf_counter()
-            for _ in range(args.rounds):
-                one_round()
-            took = time.perf_counter() - started
-            spy.send_signal(signal.SIGINT)
-            _, err = spy.communicate(timeout=30)
-            if not raw.exists():
-                raise SystemExit(f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}")
-            parts, total = classify(raw)
-            if args.raw:
-                shutil.copyfile(raw, args.raw)
-        finally:
-            stop_process(worker)
-            sim.stop()
+        for _ in range(3):
+            one_round()
+        spy = b.process([spy_bin, "record", "--pid", str(worker.pid), "--rate", str(args.rate), "--format", "raw",
+                         "--output", str(raw), "--gil", "--threads", "--nonblocking"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        started = time.perf_counter()
+        for _ in range(args.rounds):
+            one_round()
+        took = time.perf_counter() - started
+        spy.send_signal(signal.SIGINT)
+        _, err = spy.communicate(timeout=30)
+        if not raw.exists():
+            raise SystemExit(f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}")
+        parts, total = classify(raw)
+        if args.raw:
+            shutil.copyfile(raw, args.raw)
     path_name = "the beat's (fanned out by the worker)" if args.beat else "measure's"
     print(f"{args.rounds} rounds of {args.servers} servers at 20 ms, sent on {path_name} path: "
           f"{took / args.rounds * 1e3:.1f} ms a round while sampled; {total} GIL samples at {args.rate} Hz\n")

@@ -10,77 +10,58 @@ Steady state with the defaults -- a round every 2 minutes, 24 hours of
 history -- is 720 records; the projection is bytes per history entry x 720
 plus the node's fixed keys, plus the claims of the last 2 hours.
 
-Run:  python bench/redis_memory.py [--rounds 200] [--detail compact|verbose]
+Run:  python -m bench.redis_memory [--rounds 200] [--detail compact|verbose]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import sys
-import tempfile
-from pathlib import Path
 
-import redis
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from orchestrator import rounds  # noqa: E402
-from orchestrator.store import ROUND_CLAIM_TTL_S, Keys  # noqa: E402
-from simulator.ntpserver import Behaviour, NtpSimulator  # noqa: E402
-from simulator.processes import RedisProcess, start_node_worker, stop_process  # noqa: E402
-from workers import config as config_mod  # noqa: E402
+from bench.harness import bed, parser
+from orchestrator import rounds
+from orchestrator.store import ROUND_CLAIM_TTL_S, Keys
+from simulator.ntpserver import Behaviour
 
 NODE = "ares-comp-11"
 ROUNDS_PER_DAY = 24 * 3600 // 120
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=200, help="rounds to run (default 200)")
-    parser.add_argument("--detail", default="compact", choices=("compact", "verbose"))
-    args = parser.parse_args()
+    arguments = parser(__file__, __doc__)
+    arguments.add_argument("--rounds", type=int, default=200, help="rounds to run (default 200)")
+    arguments.add_argument("--detail", default="compact", choices=("compact", "verbose"))
+    args = arguments.parse_args()
     behaviours = [Behaviour(delay_s=0.010 * (i + 1)) for i in range(8)] + [Behaviour(loss=1.0)] * 2
-    with tempfile.TemporaryDirectory(prefix="ct-mem-") as tmp, RedisProcess(Path(tmp)) as redis_proc:
-        os.environ[config_mod.ENV_REDIS_URL] = redis_proc.url
-        sim = NtpSimulator.on_free_ports(behaviours).start()
-        path = Path(tmp) / "mem.yaml"
-        path.write_text(yaml.safe_dump({
-            "clock_measurement": {"ntp": {"servers": sim.servers(), "timeout_seconds": 0.2, "retry_delay": 0.05,
-                                          "max_delay": 0.5, "max_acceptable_uncertainty": 0.5}},
-            "ntp_service": {"record_detail": args.detail}}))
-        config = config_mod.load(path)
-        worker = start_node_worker(config, NODE, Path(tmp) / "worker.log")
-        client = redis.Redis.from_url(redis_proc.url)
-        try:
-            before = client.info("memory")["used_memory"]
-            for _ in range(args.rounds):
-                if rounds.dispatch(config, NODE).wait() is None:
-                    raise SystemExit("a round did not finish")
-            keys = Keys(config.service.key_prefix)
-            history = keys.history(NODE)
-            entries = client.xrange(history)
-            record_bytes = [len(fields[b"record"]) for _, fields in entries]
-            history_bytes = client.memory_usage(history, samples=0)
-            node_keys = {name: client.memory_usage(key, samples=0) or 0 for name, key in (
-                ("latest", keys.latest(NODE)), ("stats", keys.stats(NODE)),
-                ("round_duration", keys.round_duration(NODE)), ("server_delay", keys.server_delay(NODE)),
-                ("filter_window", keys.filter_window(NODE)), ("filter_state", keys.filter_state(NODE)),
-                ("open", keys.open_rounds(NODE)))}
-            claims = list(client.scan_iter(match=keys.round_claim(NODE, "*"), count=1000))
-            claim_bytes = statistics.median(client.memory_usage(k, samples=0) for k in claims[:50])
-            celery_left = sum(1 for _ in client.scan_iter(match="celery-task-meta-*", count=1000))
-            reports_left = sum(1 for _ in client.scan_iter(match=keys.outcomes(NODE, "*"), count=1000))
-            chord_keys = list(client.scan_iter(match="celery-taskset-meta-*", count=1000))
-            chord_left = len(chord_keys)
-            chord_ttl = max((client.ttl(k) for k in chord_keys), default=0)
-            used = client.info("memory")["used_memory"] - before
-        finally:
-            stop_process(worker)
-            sim.stop()
+    with bed("ct-mem-") as b:
+        sim = b.servers(behaviours)
+        config = b.config("mem.yaml", sim.servers(),
+                          ntp={"timeout_seconds": 0.2, "retry_delay": 0.05, "max_delay": 0.5,
+                               "max_acceptable_uncertainty": 0.5},
+                          service={"record_detail": args.detail})
+        b.worker(config, NODE)
+        client = b.client()
+        before = client.info("memory")["used_memory"]
+        for _ in range(args.rounds):
+            if rounds.dispatch(config, NODE).wait() is None:
+                raise SystemExit("a round did not finish")
+        keys = Keys(config.service.key_prefix)
+        history = keys.history(NODE)
+        entries = client.xrange(history)
+        record_bytes = [len(fields[b"record"]) for _, fields in entries]
+        history_bytes = client.memory_usage(history, samples=0)
+        node_keys = {name: client.memory_usage(key, samples=0) or 0 for name, key in (
+            ("latest", keys.latest(NODE)), ("stats", keys.stats(NODE)),
+            ("round_duration", keys.round_duration(NODE)), ("server_delay", keys.server_delay(NODE)),
+            ("filter_window", keys.filter_window(NODE)), ("filter_state", keys.filter_state(NODE)),
+            ("open", keys.open_rounds(NODE)))}
+        claims = list(client.scan_iter(match=keys.round_claim(NODE, "*"), count=1000))
+        claim_bytes = statistics.median(client.memory_usage(k, samples=0) for k in claims[:50])
+        celery_left = sum(1 for _ in client.scan_iter(match="celery-task-meta-*", count=1000))
+        reports_left = sum(1 for _ in client.scan_iter(match=keys.outcomes(NODE, "*"), count=1000))
+        chord_keys = list(client.scan_iter(match="celery-taskset-meta-*", count=1000))
+        chord_left = len(chord_keys)
+        chord_ttl = max((client.ttl(k) for k in chord_keys), default=0)
+        used = client.info("memory")["used_memory"] - before
     per_entry = history_bytes / len(entries)
     fixed = sum(node_keys.values())
     claims_kept = ROUND_CLAIM_TTL_S / 120

@@ -17,29 +17,23 @@ to the upstream.
   several rounds.  ChronoTick's ntp_proxy.py forwarded one request per port
   at a time, so its figure would be 20 x 200 ms = 4 s (arithmetic, not run).
 
-Run:  python bench/relay.py [--queries 500] [--rounds 5]
+Run:  python -m bench.relay [--queries 500] [--rounds 5]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import re
 import select
 import socket
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from simulator.ntpserver import Behaviour, NtpSimulator, free_udp_ports  # noqa: E402
-from simulator.processes import stop_process  # noqa: E402
-from workers.ntp import packet  # noqa: E402
+from bench.harness import bed, child_env, parser, quantile
+from simulator.ntpserver import Behaviour, free_udp_ports
+from simulator.processes import stop_process
+from workers import config as config_mod
+from workers.ntp import packet
 
 
 def query(sock: socket.socket, address: tuple[str, int]) -> float:
@@ -77,30 +71,25 @@ def concurrent_round(address: tuple[str, int], clients: int) -> float:
     return took
 
 
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queries", type=int, default=500, help="sequential queries each way")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of 20 concurrent clients each way")
-    args = parser.parse_args()
-    fast = NtpSimulator.on_free_ports([Behaviour(delay_s=0.001), Behaviour(delay_s=0.2)]).start()
-    fast_port, slow_port = list(fast.behaviours)
-    listen_fast, listen_slow = free_udp_ports(2)
-    with tempfile.TemporaryDirectory(prefix="ct-relay-") as tmp:
-        proxy = Path(tmp) / "proxy.yaml"
+    arguments = parser(__file__, __doc__)
+    arguments.add_argument("--queries", type=int, default=500, help="sequential queries each way")
+    arguments.add_argument("--rounds", type=int, default=5, help="rounds of 20 concurrent clients each way")
+    args = arguments.parse_args()
+    with bed("ct-relay-", redis=False) as b:
+        fast = b.servers([Behaviour(delay_s=0.001), Behaviour(delay_s=0.2)])
+        fast_port, slow_port = list(fast.behaviours)
+        listen_fast, listen_slow = free_udp_ports(2)
+        proxy = b.tmp / "proxy.yaml"
         uncapped = "min_interval_s: 0.0001, upstream_burst: 100000"  # the hop's cost, not the budget's
         proxy.write_text("proxy_mappings:\n" + "".join(
             f"  - {{listen_port: {listen}, ntp_server: 127.0.0.1, ntp_port: {port}, {uncapped}}}\n"
             for listen, port in ((listen_fast, fast_port), (listen_slow, slow_port))))
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        env.pop("CHRONOTICK_REDIS_URL", None)
-        relay = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "relay", "--config", str(proxy),
-                                  "--client-interval", "0.0001", "--client-burst", "100000"],
-                                 env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = child_env()
+        env.pop(config_mod.ENV_REDIS_URL, None)
+        relay = b.process(["python", "-m", "orchestrator.cli", "relay", "--config", str(proxy),
+                           "--client-interval", "0.0001", "--client-burst", "100000"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.settimeout(0.5)
         deadline = time.monotonic() + 30
@@ -121,9 +110,8 @@ def main() -> None:
             rounds_direct.append(concurrent_round(("127.0.0.1", slow_port), 20))
             rounds_relayed.append(concurrent_round(("127.0.0.1", listen_slow), 20))
         sock.close()
-        stop_process(relay)
+        stop_process(relay)  # it prints its summary as it stops
         summary = relay.stdout.read() if relay.stdout else ""
-    fast.stop()
     hop = re.search(rf"port {listen_fast} .*hop \+([\d.]+)/([\d.]+) ms", summary)
     print(f"relay hop on loopback: {args.queries} sequential queries each way (upstream 1 ms), "
           f"{args.rounds} rounds of 20 clients at once (upstream 200 ms)\n")

@@ -8,80 +8,57 @@ when the slowest server's task started, the last t4, when the callback
 finished, and when the ``updates`` message reached a subscriber.  Medians over
 the rounds after two warm-up rounds.
 
-Run:  python bench/round_breakdown.py [--rounds 15] [--set stagger|same50]
+Run:  python -m bench.round_breakdown [--rounds 15] [--set stagger|same50]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-import redis
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from simulator.ntpserver import Behaviour, NtpSimulator  # noqa: E402
-from simulator.processes import RedisProcess, start_node_worker, stop_process  # noqa: E402
-from workers import config as config_mod  # noqa: E402
+from bench.harness import bed, parser
+from simulator.ntpserver import Behaviour
 
 NODE = "breakdown"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--set", choices=("stagger", "same50"), default="stagger")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ct-breakdown-") as tmp, RedisProcess(Path(tmp)) as redis_proc:
-        os.environ[config_mod.ENV_REDIS_URL] = redis_proc.url
+    arguments = parser(__file__, __doc__)
+    arguments.add_argument("--rounds", type=int, default=15)
+    arguments.add_argument("--set", choices=("stagger", "same50"), default="stagger")
+    args = arguments.parse_args()
+    with bed("ct-breakdown-") as b:
         delays = [0.050] * 10 if args.set == "same50" else [0.010 * (i + 1) for i in range(10)]
-        sim = NtpSimulator.on_free_ports([Behaviour(offset_s=0.25, delay_s=d) for d in delays])
-        sim.start()
-        path = Path(tmp) / "breakdown.yaml"
-        path.write_text(yaml.safe_dump({
-            "clock_measurement": {"ntp": {"servers": sim.servers(), "max_delay": 0.5,
-                                          "max_acceptable_uncertainty": 0.5, "max_retries": 1}},
-            "ntp_service": {"key_prefix": "breakdown"}}))
-        config = config_mod.load(path)
+        sim = b.servers([Behaviour(offset_s=0.25, delay_s=d) for d in delays])
+        config = b.config("breakdown.yaml", sim.servers(),
+                          ntp={"max_delay": 0.5, "max_acceptable_uncertainty": 0.5, "max_retries": 1},
+                          service={"key_prefix": "breakdown"})
         from orchestrator import rounds
 
-        worker = start_node_worker(config, NODE, Path(tmp) / "worker.log")
-        try:
-            pubsub = redis.Redis.from_url(redis_proc.url).pubsub()
-            pubsub.subscribe(f"breakdown:ntp:{NODE}:updates")
-            pubsub.get_message(timeout=1)
-            rows = []
-            for i in range(args.rounds + 2):
-                t0 = time.time()
-                handle = rounds.dispatch(config, NODE)
-                dispatched = time.time()
-                while True:
-                    message = pubsub.get_message(timeout=10)
-                    if message and message["type"] == "message" and \
-                            json.loads(message["data"])["round_id"] == handle.round_id:
-                        break
-                received = time.time()
-                record = handle.wait()
-                starts = sorted(s["history"][0]["started_at"] for s in record["servers"])
-                slowest = max(record["servers"], key=lambda s: s["sample"]["delay_s"])
-                last_t4 = max(s["sample"]["t4_ns"] for s in record["servers"]) / 1e9
-                if i >= 2:
-                    rows.append({"dispatch returned": dispatched, "first task started": starts[0],
-                                 "last task started": starts[-1],
-                                 "slowest server's task started": slowest["history"][0]["started_at"],
-                                 "last reply (t4)": last_t4, "callback finished": record["finished_at"],
-                                 "consumer got the update": received, "_t0": t0})
-        finally:
-            stop_process(worker)
-            sim.stop()
+        b.worker(config, NODE)
+        pubsub = b.updates(config, NODE)
+        rows = []
+        for i in range(args.rounds + 2):
+            t0 = time.time()
+            handle = rounds.dispatch(config, NODE)
+            dispatched = time.time()
+            while True:
+                message = pubsub.get_message(timeout=10)
+                if message and message["type"] == "message" and \
+                        json.loads(message["data"])["round_id"] == handle.round_id:
+                    break
+            received = time.time()
+            record = handle.wait(complete=True)  # with the servers still out when it was published early
+            starts = sorted(s["history"][0]["started_at"] for s in record["servers"])
+            slowest = max(record["servers"], key=lambda s: s["sample"]["delay_s"])
+            last_t4 = max(s["sample"]["t4_ns"] for s in record["servers"]) / 1e9
+            if i >= 2:
+                rows.append({"dispatch returned": dispatched, "first task started": starts[0],
+                             "last task started": starts[-1],
+                             "slowest server's task started": slowest["history"][0]["started_at"],
+                             "last reply (t4)": last_t4, "callback finished": record["finished_at"],
+                             "consumer got the update": received, "_t0": t0})
     rtts = "all 50 ms" if args.set == "same50" else "10..100 ms, slowest first"
     print(f"median over {args.rounds} rounds, ms after dispatch began (set {args.set}: RTTs {rtts}):")
     for name in rows[0]:

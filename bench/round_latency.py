@@ -18,32 +18,23 @@ at once (50 ms each), where a thread woken late reads t4 late.
 It also draws the round times of every method and set to a PNG (``--png``,
 default ``docs/round_latency.png``), beside the table.
 
-Run:  python bench/round_latency.py [--rounds 15] [--png FILE]
+Run:  python -m bench.round_latency [--rounds 15] [--png FILE]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ntplib
-import redis
-import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from simulator.ntpserver import Behaviour, NtpSimulator  # noqa: E402
-from simulator.processes import RedisProcess, start_node_worker, stop_process  # noqa: E402
-from workers import config as config_mod  # noqa: E402
+from bench.harness import REPO, Bed, bed, machine, parser, quantile
+from simulator.ntpserver import Behaviour
 
 TRUE_OFFSET_S = 0.25
 NODE = "bench"
@@ -99,18 +90,17 @@ def pipeline_round(config, pubsub):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15, help="measured rounds per method (default 15)")
-    parser.add_argument("--events", action="store_true", help="worker sends task events (as with Flower)")
-    parser.add_argument("--png", default=str(REPO / "docs" / "round_latency.png"),
+    arguments = parser(__file__, __doc__)
+    arguments.add_argument("--rounds", type=int, default=15, help="measured rounds per method (default 15)")
+    arguments.add_argument("--events", action="store_true", help="worker sends task events (as with Flower)")
+    arguments.add_argument("--png", default=str(REPO / "docs" / "round_latency.png"),
                         help="where to draw the comparison (default docs/round_latency.png)")
-    args = parser.parse_args()
+    args = arguments.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="ct-bench-") as tmp, RedisProcess(Path(tmp)) as redis_proc:
-        os.environ[config_mod.ENV_REDIS_URL] = redis_proc.url
+    with bed() as b:
         results = {}
         for set_name, delays in (("stagger", [0.010 * (i + 1) for i in range(10)]), ("same50", [0.050] * 10)):
-            results[set_name] = run_set(Path(tmp), redis_proc.url, delays, args)
+            results[set_name] = run_set(b, delays, args)
     print_report(results, args)
     write_png(results, args)
 
@@ -146,21 +136,17 @@ def write_png(results, args) -> None:
     print(f"\nwrote {args.png}")
 
 
-def run_set(tmp: Path, redis_url: str, delays, args):
-    sim = NtpSimulator.on_free_ports([Behaviour(offset_s=TRUE_OFFSET_S, delay_s=d) for d in delays]).start()
-    servers = sim.servers()
-    path = tmp / "bench.yaml"
-    path.write_text(yaml.safe_dump({
-        "clock_measurement": {"ntp": {"servers": servers, "timeout_seconds": 2.0, "max_delay": 0.5,
-                                      "max_acceptable_uncertainty": 0.5, "max_retries": 1}},
-        "ntp_service": {"key_prefix": "bench", "history_length": 100}}))
-    config = config_mod.load(path)
-    worker = start_node_worker(config, NODE, tmp / "worker.log", events=args.events, timeout_s=30)
-    try:
-        client = redis.Redis.from_url(redis_url)
-        pubsub = client.pubsub()
-        pubsub.subscribe(f"bench:ntp:{NODE}:updates")
-        pubsub.get_message(timeout=1)
+def run_set(b: Bed, delays, args):
+    """One set of servers, its worker stopped and its servers too before the next set starts."""
+    with b.scope() as this_set:
+        sim = this_set.servers([Behaviour(offset_s=TRUE_OFFSET_S, delay_s=d) for d in delays])
+        servers = sim.servers()
+        config = this_set.config("bench.yaml", servers,
+                                 ntp={"timeout_seconds": 2.0, "max_delay": 0.5, "max_acceptable_uncertainty": 0.5,
+                                      "max_retries": 1},
+                                 service={"key_prefix": "bench", "history_length": 100})
+        this_set.worker(config, NODE, events=args.events, timeout_s=30)
+        pubsub = this_set.updates(config, NODE)
         times = {"sequential": [], "threadpool": [], "pipeline": []}
         errors = {name: [] for name in ERROR_ROWS}
         for i in range(args.rounds + 2):  # two warm-up rounds
@@ -179,18 +165,10 @@ def run_set(tmp: Path, redis_url: str, delays, args):
                         times[method].append(elapsed)
                     errors[ERROR_ROW_OF[method]].extend(abs(o - TRUE_OFFSET_S) for o in offsets)
         return {"times": times, "errors": errors}
-    finally:
-        stop_process(worker)
-        sim.stop()
-
-
-def _pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 def print_report(results, args) -> None:
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+    print(f"machine: {machine()}, "
           f"{args.rounds} rounds per method after 2 warm-up, worker events {'on' if args.events else 'off'}")
     for set_name, data in results.items():
         times = data["times"]
@@ -200,11 +178,12 @@ def print_report(results, args) -> None:
         print(f"  {'method':<12} {'median':>8} {'p90':>8} {'vs threadpool':>14} {'vs sequential':>14}")
         for method, values in times.items():
             med = statistics.median(values)
-            print(f"  {method:<12} {med * 1e3:8.1f} {_pct(values, 0.9) * 1e3:8.1f} "
+            print(f"  {method:<12} {med * 1e3:8.1f} {quantile(values, 0.9) * 1e3:8.1f} "
                   f"{med / pool:13.2f}x {seq / med:13.2f}x faster")
         print("  |offset error| per server sample (ms)       p50      p95      max")
         for row, errs in data["errors"].items():
-            print(f"  {row:<40} {_pct(errs, .5) * 1e3:8.3f} {_pct(errs, .95) * 1e3:8.3f} {max(errs) * 1e3:8.3f}")
+            print(f"  {row:<40} {quantile(errs, .5) * 1e3:8.3f} {quantile(errs, .95) * 1e3:8.3f} "
+                  f"{max(errs) * 1e3:8.3f}")
 
 
 if __name__ == "__main__":

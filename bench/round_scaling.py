@@ -45,56 +45,34 @@ pipeline / thread pool; the per-server marginal cost (the slope from N = 5 to
 40) against the no-op chord's; N = 40 equal against the no-op chord of 40 plus
 the servers' 20 ms.
 
-Run:  python bench/round_scaling.py [--reps 15] [--quick] [--cli]
-      python bench/round_scaling.py --sweep [--rounds 11] [--processes 1 2] [--png docs/round_scaling.png]
+Run:  python -m bench.round_scaling [--reps 15] [--quick] [--cli]
+      python -m bench.round_scaling --sweep [--rounds 11] [--processes 1 2] [--png docs/round_scaling.png]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ntplib
-import redis
-import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from simulator.ntpserver import Behaviour, NtpSimulator  # noqa: E402
-from simulator.processes import RedisProcess, start_node_worker, stop_process  # noqa: E402
-from workers import config as config_mod  # noqa: E402
+from bench.harness import REPO, Bed, bed, child_env, cpu_s, parser, rss_mb
+from simulator.ntpserver import Behaviour
 
 NODE = "scaling"
 SIZES = (5, 10, 20, 40)
 EQUAL_DELAY_S = 0.020
-TICKS = os.sysconf("SC_CLK_TCK")
 
 #: Issue #24's sizes and targets: N = 40 within this many times the no-op chord of 40 ...
 ISSUE_SIZES = (10, 40)
 TARGET_NOOP_RATIO = 1.0
 #: ... and N = 10 within this much of the thread pool (s).
 TARGET_OVER_POOL_S = 0.020
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def delays_for(kind: str, n: int) -> list[float]:
@@ -118,30 +96,21 @@ def settle(config, round_id: str) -> None:
 class Bench:
     """Loopback servers for each (kind, N), a private Redis, and the ways to time a round against them."""
 
-    def __init__(self, tmp: Path, redis_url: str, keys: list[tuple[str, int]]):
-        self.tmp = tmp
-        self.redis_url = redis_url
-        os.environ[config_mod.ENV_REDIS_URL] = redis_url
-        self.sims = {key: NtpSimulator.on_free_ports([Behaviour(delay_s=d) for d in delays_for(*key)]).start()
-                     for key in keys}
+    def __init__(self, b: Bed, keys: list[tuple[str, int]]):
+        self.bed = b
         self.configs = {}
-        for (kind, n), sim in self.sims.items():
-            path = tmp / f"{kind}{n}.yaml"
-            path.write_text(yaml.safe_dump({
-                "clock_measurement": {"ntp": {"servers": sim.servers(), "timeout_seconds": 2.0, "max_delay": 0.5,
-                                              "max_acceptable_uncertainty": 0.5, "max_retries": 1}},
-                "ntp_service": {"key_prefix": "scaling", "nodes": [NODE]}}))
-            self.configs[(kind, n)] = config_mod.load(path)
+        for kind, n in keys:
+            sim = b.servers([Behaviour(delay_s=d) for d in delays_for(kind, n)])
+            self.configs[(kind, n)] = b.config(f"{kind}{n}.yaml", sim.servers(),
+                                               ntp={"timeout_seconds": 2.0, "max_delay": 0.5,
+                                                    "max_acceptable_uncertainty": 0.5, "max_retries": 1},
+                                               service={"key_prefix": "scaling", "nodes": [NODE]})
         self.updates = None
 
-    def stop(self) -> None:
-        for sim in self.sims.values():
-            sim.stop()
-
-    def start_workers(self, processes: int) -> list:
+    def start_workers(self, on: Bed, processes: int) -> list:
+        """``processes`` workers on the node's queue, started on ``on`` (they stop when it ends)."""
         largest = max(self.configs, key=lambda k: k[1])
-        return [start_node_worker(self.configs[largest], NODE, self.tmp / f"worker{i}.log", instance=i)
-                for i in range(processes)]
+        return [on.worker(self.configs[largest], NODE, log=f"worker{i}.log", instance=i) for i in range(processes)]
 
     def pipeline(self, config) -> tuple[float, float]:
         """One round as ``measure`` sends it: (wall time here, the record's ``duration_s``).
@@ -164,7 +133,7 @@ class Bench:
         """``chronotick-ntp measure --json`` in a fresh process: the record's ``duration_s``."""
         out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "measure", "--config", str(config.source),
                               "--node", NODE, "--json"], capture_output=True, text=True, cwd=str(REPO), timeout=60,
-                             env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+                             env=child_env(), check=False)
         if out.returncode:
             raise RuntimeError(f"measure failed ({out.returncode}): {out.stderr[-2000:]}")
         record = json.loads(out.stdout)
@@ -175,9 +144,7 @@ class Bench:
         from orchestrator import rounds
 
         if self.updates is None:
-            self.updates = redis.Redis.from_url(self.redis_url).pubsub()
-            self.updates.subscribe(f"scaling:ntp:{NODE}:updates")
-            self.updates.get_message(timeout=1)
+            self.updates = self.bed.updates(config, NODE)
         started = time.perf_counter()
         handle = rounds.dispatch_fanned_out(config, NODE)
         deadline = time.monotonic() + 30
@@ -219,17 +186,17 @@ class Bench:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions (issue table)")
-    parser.add_argument("--quick", action="store_true", help="5 repetitions, 1 warm-up (issue table)")
-    parser.add_argument("--cli", action="store_true",
+    arguments = parser(__file__, __doc__)
+    arguments.add_argument("--reps", type=int, default=15, help="interleaved repetitions (issue table)")
+    arguments.add_argument("--quick", action="store_true", help="5 repetitions, 1 warm-up (issue table)")
+    arguments.add_argument("--cli", action="store_true",
                         help="also `chronotick-ntp measure --json` in a fresh process each time (issue table)")
-    parser.add_argument("--sweep", action="store_true", help="the wider sweep instead (issue #12's table)")
-    parser.add_argument("--rounds", type=int, default=11, help="rounds per cell (--sweep)")
-    parser.add_argument("--png", default=str(REPO / "docs" / "round_scaling.png"), help="(--sweep)")
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2],
+    arguments.add_argument("--sweep", action="store_true", help="the wider sweep instead (issue #12's table)")
+    arguments.add_argument("--rounds", type=int, default=11, help="rounds per cell (--sweep)")
+    arguments.add_argument("--png", default=str(REPO / "docs" / "round_scaling.png"), help="(--sweep)")
+    arguments.add_argument("--processes", type=int, nargs="+", default=[1, 2],
                         help="worker processes on the node's queue, one sweep each (--sweep; the PNG shows the first)")
-    args = parser.parse_args()
+    args = arguments.parse_args()
     if args.sweep:
         sweep_main(args)
     else:
@@ -242,43 +209,36 @@ def issue_main(args) -> None:
     reps = 5 if args.quick else args.reps
     warmup = 1 if args.quick else 2
     keys = [("equal", n) for n in ISSUE_SIZES]
-    with tempfile.TemporaryDirectory(prefix="ct-scaling-") as tmp_name, RedisProcess(Path(tmp_name)) as redis_proc:
-        bench = Bench(Path(tmp_name), redis_proc.url, keys)
-        try:
-            workers = bench.start_workers(1)
-            try:
-                methods = {
-                    "pipeline": lambda key: bench.pipeline(bench.configs[key]),
-                    "threadpool": lambda key: bench.threadpool([s.name for s in bench.configs[key].ntp.servers]),
-                    "noop": lambda key: bench.noop(key[1]),
-                }
-                if args.cli:
-                    methods["measure"] = lambda key: bench.measure_cli(bench.configs[key])
-                for _ in range(warmup):  # the first rounds learn the slowest-first order; Celery warms up
-                    for key in keys:
-                        for run in methods.values():
-                            run(key)
-                times: dict[tuple, dict[str, list[float]]] = {
-                    key: {"pipeline_wall": [], **{name: [] for name in methods}} for key in keys}
-                order = list(methods)
-                cpu_before = cpu_s(workers[0].pid)
-                for rep in range(reps):
-                    rotated = order[rep % len(order):] + order[:rep % len(order)]
-                    for key in (keys if rep % 2 == 0 else keys[::-1]):
-                        for name in rotated:
-                            got = methods[name](key)
-                            if name == "pipeline":
-                                times[key]["pipeline_wall"].append(got[0])
-                                times[key]["pipeline"].append(got[1])
-                            else:
-                                times[key][name].append(got)
-                cpu = cpu_s(workers[0].pid) - cpu_before
-                rss = rss_mb(workers[0].pid)
-            finally:
-                for w in workers:
-                    stop_process(w)
-        finally:
-            bench.stop()
+    with bed("ct-scaling-") as b:
+        bench = Bench(b, keys)
+        workers = bench.start_workers(b, 1)
+        methods = {
+            "pipeline": lambda key: bench.pipeline(bench.configs[key]),
+            "threadpool": lambda key: bench.threadpool([s.name for s in bench.configs[key].ntp.servers]),
+            "noop": lambda key: bench.noop(key[1]),
+        }
+        if args.cli:
+            methods["measure"] = lambda key: bench.measure_cli(bench.configs[key])
+        for _ in range(warmup):  # the first rounds learn the slowest-first order; Celery warms up
+            for key in keys:
+                for run in methods.values():
+                    run(key)
+        times: dict[tuple, dict[str, list[float]]] = {
+            key: {"pipeline_wall": [], **{name: [] for name in methods}} for key in keys}
+        order = list(methods)
+        cpu_before = cpu_s(workers[0].pid)
+        for rep in range(reps):
+            rotated = order[rep % len(order):] + order[:rep % len(order)]
+            for key in (keys if rep % 2 == 0 else keys[::-1]):
+                for name in rotated:
+                    got = methods[name](key)
+                    if name == "pipeline":
+                        times[key]["pipeline_wall"].append(got[0])
+                        times[key]["pipeline"].append(got[1])
+                    else:
+                        times[key][name].append(got)
+        cpu = cpu_s(workers[0].pid) - cpu_before
+        rss = rss_mb(workers[0].pid)
     issue_report({key: {name: statistics.median(v) for name, v in t.items()} for key, t in times.items()},
                  reps=reps, cpu_s_total=cpu, rss=rss)
 
@@ -318,14 +278,14 @@ def issue_report(found: dict, *, reps: int, cpu_s_total: float, rss: float) -> N
 
 def sweep_main(args) -> None:
     keys = [(kind, n) for kind in ("equal", "stagger") for n in SIZES]
-    with tempfile.TemporaryDirectory(prefix="ct-scaling-") as tmp_name, RedisProcess(Path(tmp_name)) as redis_proc:
-        bench = Bench(Path(tmp_name), redis_proc.url, keys)
+    with bed("ct-scaling-") as b:
+        bench = Bench(b, keys)
         configs = bench.configs
 
         def sweep(processes: int) -> tuple[dict, list[float]]:
-            workers = bench.start_workers(processes)
-            found: dict[tuple[str, int], dict] = {}
-            try:
+            with b.scope() as this_sweep:
+                workers = bench.start_workers(this_sweep, processes)
+                found: dict[tuple[str, int], dict] = {}
                 for key in configs:
                     bench.pipeline(configs[key])  # warm-up: first round of each set (slowest-first order learnt)
                 for key, config in configs.items():
@@ -346,14 +306,8 @@ def sweep_main(args) -> None:
                     for name, seconds in cpu.items():
                         found[key][f"{name}_cpu_per_task_ms"] = seconds / (args.rounds * n) * 1e3
                 return found, [rss_mb(w.pid) for w in workers]
-            finally:
-                for w in workers:
-                    stop_process(w)
 
-        try:
-            sweeps = {p: sweep(p) for p in args.processes}
-        finally:
-            bench.stop()
+        sweeps = {p: sweep(p) for p in args.processes}
     for p, (results, rss) in sweeps.items():
         report(results, rss, args, processes=p, png=args.png if p == args.processes[0] else None)
 

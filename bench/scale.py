@@ -19,43 +19,30 @@ against Redis' own housekeeping with no client at the start.
 repository (``git archive``, same virtualenv), so the two columns and their
 ratio come from one run on one machine.
 
-Run:  python bench/scale.py [--nodes 50] [--interval 10] [--seconds 60] [--workers 2] [--baseline REV]
+Run:  python -m bench.scale [--nodes 50] [--interval 10] [--seconds 60] [--workers 2] [--baseline REV]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import redis
-import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from orchestrator.store import Keys  # noqa: E402
-from simulator.ntpserver import Behaviour, NtpSimulator  # noqa: E402
-from simulator.processes import RedisProcess, stop_process  # noqa: E402
-from workers import config as config_mod  # noqa: E402
-from workers.heartbeat import HEARTBEAT_INTERVAL_S  # noqa: E402
+from bench.harness import REPO, bed, child_env, cpu_s, parser, quantile
+from orchestrator.store import Keys
+from simulator.ntpserver import Behaviour
+from simulator.processes import stop_process
+from workers import config as config_mod
+from workers.heartbeat import HEARTBEAT_INTERVAL_S
 
 PREFIX = "scale"
-TICKS = os.sysconf("SC_CLK_TCK")
 #: How long the idle phase lasts (s).
 IDLE_SECONDS = 10.0
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def redis_cpu_s(client: redis.Redis) -> float:
@@ -67,20 +54,17 @@ def run_scale(tree: Path, *, nodes: int, interval_s: float, seconds: float, work
               idle_workers: int = 10, profile_beat: str | None = None) -> dict:
     """Run the load with the code in ``tree``; return its figures."""
     names = [f"n{i:04d}" for i in range(nodes)]
-    with tempfile.TemporaryDirectory(prefix="ct-scale-") as tmp, RedisProcess(Path(tmp)) as redis_proc:
-        sim = NtpSimulator.on_free_ports([Behaviour(delay_s=0.002 * (i + 1)) for i in range(10)]).start()
-        path = Path(tmp) / "scale.yaml"
-        path.write_text(yaml.safe_dump({
-            "clock_measurement": {
-                "ntp": {"servers": sim.servers(), "timeout_seconds": 1.0, "max_delay": 0.1},
-                "timing": {"warm_up": {"duration_seconds": 0, "measurement_interval": interval_s},
-                           "normal_operation": {"measurement_interval": interval_s}}},
-            "ntp_service": {"key_prefix": PREFIX, "nodes": names}}))
-        client = redis.Redis(port=redis_proc.port)
+    with bed("ct-scale-") as b:
+        sim = b.servers([Behaviour(delay_s=0.002 * (i + 1)) for i in range(10)])
+        path = b.config("scale.yaml", sim.servers(), ntp={"timeout_seconds": 1.0, "max_delay": 0.1},
+                        timing={"warm_up": {"duration_seconds": 0, "measurement_interval": interval_s},
+                                "normal_operation": {"measurement_interval": interval_s}},
+                        service={"key_prefix": PREFIX, "nodes": names}).source
+        client = b.client()
         bare0 = (redis_cpu_s(client), time.time())
         time.sleep(IDLE_SECONDS)  # Redis with no client but this one: its own housekeeping
         bare1 = (redis_cpu_s(client), time.time())
-        env = {**os.environ, config_mod.ENV_REDIS_URL: redis_proc.url, "PYTHONPATH": str(tree)}
+        env = child_env(**{config_mod.ENV_REDIS_URL: b.url, "PYTHONPATH": str(tree)})
         env.pop(config_mod.ENV_NODE, None)
         procs = []
         for w in range(workers):
@@ -88,13 +72,11 @@ def run_scale(tree: Path, *, nodes: int, interval_s: float, seconds: float, work
             # The README's plain worker, one per share of the node queues.
             argv = ["worker", "--queues", queues, "--hostname", f"scale{w}@%h", "--pool", "threads",
                     "--concurrency", "48", "--loglevel", "WARNING", "--without-gossip", "--without-mingle"]
-            procs.append(subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", *argv], env=env,
-                                          cwd=str(tree), stdout=subprocess.DEVNULL,
-                                          stderr=open(Path(tmp) / f"worker{w}.log", "ab")))
+            procs.append(b.process(["python", "-m", "celery", "-A", "workers.app", *argv], log=f"worker{w}.log",
+                                   cwd=tree, env=env))
         profile = ["-m", "cProfile", "-o", profile_beat] if profile_beat else []
-        beat = subprocess.Popen([sys.executable, *profile, "-m", "orchestrator.cli", "beat", "--config", str(path)],
-                                env=env, cwd=str(tree), stdout=subprocess.DEVNULL,
-                                stderr=open(Path(tmp) / "beat.log", "ab"))
+        beat = b.process(["python", *profile, "-m", "orchestrator.cli", "beat", "--config", str(path)],
+                         log="beat.log", cwd=tree, env=env)
         keys = Keys(PREFIX)
 
         def counts() -> dict[str, int]:
@@ -109,41 +91,36 @@ def run_scale(tree: Path, *, nodes: int, interval_s: float, seconds: float, work
                     "redis": redis_cpu_s(client), "counts": counts(),
                     "commands": int(client.info("stats")["total_commands_processed"])}
 
-        try:
-            time.sleep(interval_s + 5)  # warm-up: one whole interval, every node started (a run length)
-            start = sample()
-            time.sleep(seconds)  # the measured run (a length of time, not a synchronisation)
-            end = sample()
-            durations = []
-            for n in names:
-                for _, fields in client.xrange(keys.history(n), min=str(int(start["t"] * 1000))):
-                    durations.append(json.loads(fields[b"record"])["duration_s"])
-            used = client.info("memory")["used_memory"]
-            # Idle nodes: what Redis spends on nodes that do nothing -- each worker's BRPOP,
-            # heartbeat and connections -- which time compression cannot scale.  Measured with
-            # workers shaped as in a cluster, one node's queue each, and nothing else running.
-            stop_process(beat)
-            for p in procs:
-                stop_process(p)
-            procs = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--queues",
-                                       f"ntp.idle{i}", "--hostname", f"idle{i}@%h", "--pool", "threads",
-                                       "--concurrency", "12", "--loglevel", "WARNING", "--without-gossip",
-                                       "--without-mingle"], env=env, cwd=str(tree), stdout=subprocess.DEVNULL,
-                                      stderr=open(Path(tmp) / f"idle{i}.log", "ab"))
-                     for i in range(idle_workers)]
-            deadline = time.monotonic() + 120
-            while len(client.keys("chronotick-ntp:worker:ntp.idle*")) < idle_workers:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("idle workers did not start")
-                time.sleep(0.5)
-            idle0 = (redis_cpu_s(client), int(client.info("stats")["total_commands_processed"]), time.time())
-            time.sleep(IDLE_SECONDS)  # the idle measurement's length
-            idle1 = (redis_cpu_s(client), int(client.info("stats")["total_commands_processed"]), time.time())
-        finally:
-            stop_process(beat)
-            for p in procs:
-                stop_process(p)
-            sim.stop()
+        time.sleep(interval_s + 5)  # warm-up: one whole interval, every node started (a run length)
+        start = sample()
+        time.sleep(seconds)  # the measured run (a length of time, not a synchronisation)
+        end = sample()
+        durations = []
+        for n in names:
+            for _, fields in client.xrange(keys.history(n), min=str(int(start["t"] * 1000))):
+                durations.append(json.loads(fields[b"record"])["duration_s"])
+        used = client.info("memory")["used_memory"]
+        # Idle nodes: what Redis spends on nodes that do nothing -- each worker's BRPOP,
+        # heartbeat and connections -- which time compression cannot scale.  Measured with
+        # workers shaped as in a cluster, one node's queue each, and nothing else running.
+        stop_process(beat)
+        for p in procs:
+            stop_process(p)
+        procs = [b.process(["python", "-m", "celery", "-A", "workers.app", "worker", "--queues", f"ntp.idle{i}",
+                            "--hostname", f"idle{i}@%h", "--pool", "threads", "--concurrency", "12", "--loglevel",
+                            "WARNING", "--without-gossip", "--without-mingle"], log=f"idle{i}.log", cwd=tree,
+                           env=env)
+                 for i in range(idle_workers)]
+        deadline = time.monotonic() + 120
+        # Their heartbeats, under the prefix a worker without a config file has (the service's default).
+        beats = Keys(config_mod.service_from_environment(env).key_prefix).worker("ntp.idle*", "*")
+        while len(client.keys(beats)) < idle_workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError("idle workers did not start")
+            time.sleep(0.5)
+        idle0 = (redis_cpu_s(client), int(client.info("stats")["total_commands_processed"]), time.time())
+        time.sleep(IDLE_SECONDS)  # the idle measurement's length
+        idle1 = (redis_cpu_s(client), int(client.info("stats")["total_commands_processed"]), time.time())
     elapsed = end["t"] - start["t"]
     done = {k: end["counts"].get(k, 0) - start["counts"].get(k, 0) for k in end["counts"]}
     rounds = done.get("rounds", 0)
@@ -156,12 +133,11 @@ def run_scale(tree: Path, *, nodes: int, interval_s: float, seconds: float, work
     idle_cpu_s = (idle1[0] - idle0[0]) / idle_s
     per_node_commands_s = idle_commands_s / idle_workers  # this bench's INFO calls included
     idle_ms_per_node_s = max(0.0, idle_cpu_s - bare_cpu_s) / idle_workers * 1e3
-    durations.sort()
     return {
         "elapsed_s": elapsed, "due": nodes * elapsed / interval_s, "rounds": rounds,
         "published": done.get("strict", 0) + done.get("relaxed", 0), "starvation": done.get("starvation", 0),
         "p50_ms": statistics.median(durations) * 1e3 if durations else float("nan"),
-        "p99_ms": durations[int(0.99 * (len(durations) - 1))] * 1e3 if durations else float("nan"),
+        "p99_ms": quantile(durations, 0.99) * 1e3 if durations else float("nan"),
         **{f"{what}_ms": value for what, value in per_round.items()},
         "central_ms": central_ms, "commands_per_round": commands / max(1, rounds),
         "idle_commands_per_node_s": per_node_commands_s, "bare_ms_s": bare_cpu_s * 1e3,
@@ -192,15 +168,15 @@ RATIOS = {"beat CPU per round": "beat_ms", "Redis CPU per round": "redis_ms", "c
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=50)
-    parser.add_argument("--interval", type=float, default=10.0, help="each node's interval (s)")
-    parser.add_argument("--seconds", type=float, default=60.0, help="measured run after one interval's warm-up")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes sharing the node queues")
-    parser.add_argument("--idle-workers", type=int, default=10, help="single-queue workers measured idle")
-    parser.add_argument("--baseline", metavar="REV", help="also run this commit's code, first, for a ratio")
-    parser.add_argument("--profile-beat", metavar="FILE", help="run the beat under cProfile, stats written to FILE")
-    args = parser.parse_args()
+    arguments = parser(__file__, __doc__)
+    arguments.add_argument("--nodes", type=int, default=50)
+    arguments.add_argument("--interval", type=float, default=10.0, help="each node's interval (s)")
+    arguments.add_argument("--seconds", type=float, default=60.0, help="measured run after one interval's warm-up")
+    arguments.add_argument("--workers", type=int, default=2, help="worker processes sharing the node queues")
+    arguments.add_argument("--idle-workers", type=int, default=10, help="single-queue workers measured idle")
+    arguments.add_argument("--baseline", metavar="REV", help="also run this commit's code, first, for a ratio")
+    arguments.add_argument("--profile-beat", metavar="FILE", help="run the beat under cProfile, stats written to FILE")
+    args = arguments.parse_args()
     load = {"nodes": args.nodes, "interval_s": args.interval, "seconds": args.seconds, "workers": args.workers,
             "idle_workers": args.idle_workers}
     results: dict[str, dict] = {}

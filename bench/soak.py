@@ -11,73 +11,56 @@ At the end, every round the beat reports as dispatched (its log) and whose
 deadline has passed must be in history exactly once -- published, or closed at
 its deadline -- and no round twice.
 
-Run:  python bench/soak.py --rounds 1000                      (memory: history trimmed to --history-s)
-      python bench/soak.py --rounds 1000 --restarts 5         (exactly once through Redis restarts)
+Run:  python -m bench.soak --rounds 1000                      (memory: history trimmed to --history-s)
+      python -m bench.soak --rounds 1000 --restarts 5         (exactly once through Redis restarts)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import re
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import redis
-import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from orchestrator.store import Keys  # noqa: E402
-from simulator.ntpserver import Behaviour, NtpSimulator  # noqa: E402
-from simulator.processes import RedisProcess, start_node_worker, stop_process  # noqa: E402
-from workers import config as config_mod  # noqa: E402
+from bench.harness import bed, child_env, parser, rss_mb
+from orchestrator.store import Keys
+from simulator.ntpserver import Behaviour
+from simulator.processes import stop_process
+from workers import config as config_mod
 
 PREFIX = "soak"
 DISPATCHED = re.compile(r"\[ROUND\] (\S+): dispatched (\S+)")
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def run_soak(tmp: Path, *, rounds: int, nodes: int = 2, interval_s: float = 0.2, restarts: int = 0,
+def run_soak(tmp: Path | None = None, *, rounds: int, nodes: int = 2, interval_s: float = 0.2, restarts: int = 0,
              history_s: float | None = None, seed: int = 1, log=print) -> dict:
-    """Run the soak in ``tmp``; return its figures (see the module doc)."""
+    """Run the soak in ``tmp`` (default: a temporary directory); return its figures (see the module doc)."""
     rng = random.Random(seed)
     names = [f"soak{i}" for i in range(nodes)]
-    with RedisProcess(tmp, append_only=restarts > 0) as redis_proc:
-        sim = NtpSimulator.on_free_ports([Behaviour(delay_s=0.002 * (i + 1)) for i in range(3)]).start()
+    with bed("ct-soak-", directory=tmp, append_only=restarts > 0) as b:
+        sim = b.servers([Behaviour(delay_s=0.002 * (i + 1)) for i in range(3)])
         service = {"key_prefix": PREFIX, "nodes": names, "history_length": 1_000_000}
         if history_s is not None:
             service["history_hours"] = history_s / 3600
-        path = tmp / "soak.yaml"
-        path.write_text(yaml.safe_dump({
-            "clock_measurement": {
-                "ntp": {"servers": sim.servers(), "timeout_seconds": 0.3, "retry_delay": 0.1, "max_retries": 2},
-                "timing": {"warm_up": {"duration_seconds": 0, "measurement_interval": interval_s},
-                           "normal_operation": {"measurement_interval": interval_s}}},
-            "ntp_service": service}))
-        config = config_mod.load(path, environ={config_mod.ENV_REDIS_URL: redis_proc.url})
+        config = b.config("soak.yaml", sim.servers(),
+                          ntp={"timeout_seconds": 0.3, "retry_delay": 0.1, "max_retries": 2},
+                          timing={"warm_up": {"duration_seconds": 0, "measurement_interval": interval_s},
+                                  "normal_operation": {"measurement_interval": interval_s}},
+                          service=service, environ={config_mod.ENV_REDIS_URL: b.url})
         from orchestrator.rounds import CLOSE_GRACE_S, round_budget_s
-        env = {**os.environ, config_mod.ENV_REDIS_URL: redis_proc.url, "PYTHONPATH": str(REPO)}
+        env = child_env(**{config_mod.ENV_REDIS_URL: b.url})
         env.pop(config_mod.ENV_NODE, None)
         os.environ.pop(config_mod.ENV_NODE, None)
         # One plain worker for every node's queue, as the README documents.
-        worker = start_node_worker(config, names[0], tmp / "worker.log", concurrency=4 * nodes + 2, nodes=names,
-                                   hostname="soak@%h", environ={config_mod.ENV_REDIS_URL: redis_proc.url})
-        beat = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "beat", "--config", str(path)], env=env,
-                                cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=open(tmp / "beat.log", "ab"))
-        client = redis.Redis(port=redis_proc.port, socket_timeout=2, socket_connect_timeout=2)
+        worker = b.worker(config, names[0], concurrency=4 * nodes + 2, nodes=names, hostname="soak@%h",
+                          environ={config_mod.ENV_REDIS_URL: b.url})
+        beat = b.process(["python", "-m", "orchestrator.cli", "beat", "--config", str(config.source)], env=env,
+                         log="beat.log")
+        client = redis.Redis(port=b.redis.port, socket_timeout=2, socket_connect_timeout=2)
         keys = Keys(PREFIX)
         samples: list[dict] = []
         restart_at = sorted(rng.uniform(0.15, 0.85) * rounds for _ in range(restarts))
@@ -85,30 +68,27 @@ def run_soak(tmp: Path, *, rounds: int, nodes: int = 2, interval_s: float = 0.2,
         expected_s = rounds * interval_s / nodes
         deadline = time.monotonic() + 3 * expected_s + 60
         done = 0
-        try:
-            while done < rounds:
-                if time.monotonic() > deadline or worker.poll() is not None or beat.poll() is not None:
-                    raise RuntimeError(f"soak stalled at {done} of {rounds} rounds; see {tmp}")
-                try:
-                    done = sum(int(client.hget(keys.stats(n), "rounds") or 0) for n in names)
-                    samples.append({"rounds": done, "worker_mb": rss_mb(worker.pid), "beat_mb": rss_mb(beat.pid),
-                                    "redis_bytes": client.info("memory")["used_memory"]})
-                except redis.RedisError:
-                    pass  # restarting
-                if restart_at and done >= restart_at[0]:
-                    restart_at.pop(0)
-                    log(f"  round {done}: SIGKILL Redis and restart it from its append-only file")
-                    redis_proc.kill_and_restart()
-                time.sleep(0.5)  # the sampling period of a soak, not a synchronisation
-            cut = time.time() - budget_s  # rounds dispatched before this have had their deadline
-            settle = time.monotonic() + budget_s + 2
-            while time.monotonic() < settle:
-                time.sleep(0.2)  # let the beat close what is overdue, as it would in production
-        finally:
-            stop_process(beat)
-            stop_process(worker)
-            sim.stop()
-        dispatched = [(node, rid) for node, rid in DISPATCHED.findall((tmp / "beat.log").read_text())
+        while done < rounds:
+            if time.monotonic() > deadline or worker.poll() is not None or beat.poll() is not None:
+                raise RuntimeError(f"soak stalled at {done} of {rounds} rounds; see {b.tmp}")
+            try:
+                done = sum(int(client.hget(keys.stats(n), "rounds") or 0) for n in names)
+                samples.append({"rounds": done, "worker_mb": rss_mb(worker.pid), "beat_mb": rss_mb(beat.pid),
+                                "redis_bytes": client.info("memory")["used_memory"]})
+            except redis.RedisError:
+                pass  # restarting
+            if restart_at and done >= restart_at[0]:
+                restart_at.pop(0)
+                log(f"  round {done}: SIGKILL Redis and restart it from its append-only file")
+                b.redis.kill_and_restart()
+            time.sleep(0.5)  # the sampling period of a soak, not a synchronisation
+        cut = time.time() - budget_s  # rounds dispatched before this have had their deadline
+        settle = time.monotonic() + budget_s + 2
+        while time.monotonic() < settle:
+            time.sleep(0.2)  # let the beat close what is overdue, as it would in production
+        stop_process(beat)
+        stop_process(worker)
+        dispatched = [(node, rid) for node, rid in DISPATCHED.findall((b.tmp / "beat.log").read_text())
                       if _dispatched_at(rid) < cut]
         history: dict[str, list[str]] = {}
         for node in names:
@@ -137,21 +117,20 @@ def _dispatched_at(round_id: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=1000)
-    parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--interval", type=float, default=0.2, help="each node's interval (s)")
-    parser.add_argument("--restarts", type=int, default=0, help="SIGKILL and restart Redis this many times")
-    parser.add_argument("--history-s", type=float, default=None,
+    arguments = parser(__file__, __doc__)
+    arguments.add_argument("--rounds", type=int, default=1000)
+    arguments.add_argument("--nodes", type=int, default=2)
+    arguments.add_argument("--interval", type=float, default=0.2, help="each node's interval (s)")
+    arguments.add_argument("--restarts", type=int, default=0, help="SIGKILL and restart Redis this many times")
+    arguments.add_argument("--history-s", type=float, default=None,
                         help="history kept (s; default: the soak's length / 3, without restarts)")
-    args = parser.parse_args()
+    args = arguments.parse_args()
     history_s = args.history_s
     if history_s is None and args.restarts == 0:
         history_s = args.rounds * args.interval / args.nodes / 3
-    with tempfile.TemporaryDirectory(prefix="ct-soak-") as tmp:
-        started = time.monotonic()
-        r = run_soak(Path(tmp), rounds=args.rounds, nodes=args.nodes, interval_s=args.interval,
-                     restarts=args.restarts, history_s=history_s)
+    started = time.monotonic()
+    r = run_soak(rounds=args.rounds, nodes=args.nodes, interval_s=args.interval, restarts=args.restarts,
+                 history_s=history_s)
     took = time.monotonic() - started
     w0, w1 = r["worker_mb"]
     b0, b1 = r["beat_mb"]

@@ -8,12 +8,16 @@ others are recorded late, and nothing is retried.
 
 import json
 import statistics
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from orchestrator import cli, rounds
-from orchestrator.store import Store
-from simulator.ntpserver import Behaviour
+from orchestrator.sources import Reach
+from orchestrator.store import Store, store_for
+from simulator.ntpserver import Behaviour, NtpSimulator
 from workers import config as config_mod
 
 from ..conftest import TEST_NODE, write_config
@@ -30,56 +34,114 @@ def _timing(servers, key_prefix, tmp_path, name, **ntp):
                                         retry_delay=2.0, max_retries=2, **ntp))
 
 
-@pytest.mark.parametrize("selection", ["best", "combine"])
-def test_a_dead_and_a_slow_server_cost_no_round_time_and_no_retries(worker, simulator, tmp_path, key_prefix,
-                                                                    redis_client, capsys, selection):
-    _, servers = simulator({**HEALTHY, "dead": Behaviour(loss=1.0),
-                            "slow": Behaviour(offset_s=TRUTH_S, delay_s=0.400)})
-    healthy = _timing([servers[n] for n in HEALTHY], key_prefix + "h", tmp_path, "healthy.yaml", selection=selection)
-    faulty = _timing(list(servers.values()), key_prefix, tmp_path, "faulty.yaml", selection=selection)
-    # Interleaved, so that the machine's load falls on both alike.
-    healthy_s, faulty_records = [], []
-    for _ in range(ROUNDS):
-        healthy_s.append(rounds.dispatch(healthy, TEST_NODE).wait()["duration_s"])
-        faulty_records.append(rounds.dispatch(faulty, TEST_NODE).wait(complete=True))
-    faulty_s = [r["duration_s"] for r in faulty_records]
-    base, with_faults = statistics.median(healthy_s), statistics.median(faulty_s)
-    assert with_faults <= 1.5 * base + 0.050, (healthy_s, faulty_s)
+# -- a dead and a slow server among eight healthy ones: one run, each behaviour checked on its own ------------
 
-    store = Store(redis_client, prefix=key_prefix)
-    for record in faulty_records:
+@dataclass(frozen=True)
+class FaultyRun:
+    """Eight rounds of the eight healthy servers alone and of all ten, interleaved, as the issue measured them."""
+
+    selection: str
+    servers: dict[str, str]      # name -> host:port
+    config_path: Path            # the ten servers' config (the CLI's ``--config``)
+    healthy_s: list[float]       # each healthy round's duration_s
+    records: list[dict]          # each round of the ten, complete (its late servers in)
+    history: int                 # rounds of the ten in the node's history
+    stats: dict                  # the node's counters after them
+    reach: dict[str, Reach]      # each server's reach register after them
+
+
+@pytest.fixture(scope="module", params=["best", "combine"])
+def faulty(request, worker, tmp_path_factory) -> FaultyRun:
+    """The expensive part, once per selection method for every test of it (tests must not change its data)."""
+    selection = request.param
+    tmp_path = tmp_path_factory.mktemp(f"early-{selection}")
+    key_prefix = f"t{uuid.uuid4().hex[:10]}"
+    named = {**HEALTHY, "dead": Behaviour(loss=1.0), "slow": Behaviour(offset_s=TRUTH_S, delay_s=0.400)}
+    sim = NtpSimulator.on_free_ports(list(named.values()), seed=1).start()
+    servers = {name: f"127.0.0.1:{port}" for name, port in zip(named, sim.behaviours, strict=True)}
+    try:
+        healthy = _timing([servers[n] for n in HEALTHY], key_prefix + "h", tmp_path, "healthy.yaml",
+                          selection=selection)
+        faulty_config = _timing(list(servers.values()), key_prefix, tmp_path, "faulty.yaml", selection=selection)
+        # Interleaved, so that the machine's load falls on both alike.
+        healthy_s, records = [], []
+        for _ in range(ROUNDS):
+            healthy_s.append(rounds.dispatch(healthy, TEST_NODE).wait()["duration_s"])
+            records.append(rounds.dispatch(faulty_config, TEST_NODE).wait(complete=True))
+    finally:
+        sim.stop()
+    store = store_for(faulty_config.service)  # the service's own client of the tests' Redis
+    return FaultyRun(selection, servers, tmp_path / "faulty.yaml", healthy_s, records,
+                     len(store.history(TEST_NODE, count=50)), store.stats(TEST_NODE), store.reach(TEST_NODE))
+
+
+def test_a_dead_and_a_slow_server_cost_no_round_time(faulty):
+    base, with_faults = statistics.median(faulty.healthy_s), statistics.median(r["duration_s"] for r in faulty.records)
+    assert with_faults <= 1.5 * base + 0.050, \
+        f"round time with the dead and slow servers within 1.5 x healthy + 50 ms: {faulty.healthy_s}, " \
+        f"{[r['duration_s'] for r in faulty.records]}"
+
+
+def test_each_round_is_published_early_strict_and_true(faulty):
+    for record in faulty.records:
+        assert record["closed_by"] == "early", f"published early, not by its callback: {record['round_id']}"
+        assert record["quality"] == "strict", f"strict: {record['round_id']}"
+        latest = record["latest"]
+        assert abs(latest["offset"] - TRUTH_S) <= latest["uncertainty"], f"the truth within its bound: {latest}"
+
+
+def test_the_dead_and_slow_servers_are_recorded_late_and_never_published(faulty):
+    dead_name, slow_name = faulty.servers["dead"], faulty.servers["slow"]
+    for record in faulty.records:
         by_server = {s["server"]: s for s in record["servers"]}
-        assert record["closed_by"] == "early" and record["quality"] == "strict"
-        assert abs(record["latest"]["offset"] - TRUTH_S) <= record["latest"]["uncertainty"]
-        # Late, recorded with what each said, and never part of what was published.
-        dead, slow = by_server[servers["dead"]], by_server[servers["slow"]]
-        assert dead["status"] == "late" and dead["reason"] == "timeout" and dead["attempts"] == 1
-        assert slow["status"] == "late" and slow["sample"]["delay_s"] >= 0.39
-        assert servers["slow"] not in record["latest"].get("combined", [record["latest"]["server"]])
-    # Published once each, every request counted once, no retry anywhere.
-    stats = store.stats(TEST_NODE)
-    assert len(store.history(TEST_NODE, count=50)) == stats["rounds"] == stats["early"] == ROUNDS
-    late = sum(s["status"] == "late" for r in faulty_records for s in r["servers"])
-    assert stats["late"] == late >= 2 * ROUNDS  # the dead and slow ones at least: a healthy one may be late too
-    assert stats["queries"] == 10 * ROUNDS and stats["retries"] == 0
-    assert stats["failed:timeout"] == ROUNDS
-    # Reach, as chrony keeps it: the dead server unreachable, the slow one reachable (it answers, late).
-    reach = store.reach(TEST_NODE)
-    assert reach[servers["dead"]].register == 0 and reach[servers["dead"]].unreachable
-    assert reach[servers["slow"]].register == 0xFF and reach[servers["h0"]].register == 0xFF
+        dead, slow = by_server[dead_name], by_server[slow_name]
+        assert (dead["status"], dead["reason"], dead["attempts"]) == ("late", "timeout", 1), \
+            f"the dead server: late, its one attempt timed out: {dead}"
+        assert slow["status"] == "late" and slow["sample"]["delay_s"] >= 0.39, \
+            f"the slow server: late, with what it said: {slow}"
+        published = record["latest"].get("combined", [record["latest"]["server"]])
+        assert slow_name not in published, f"the slow server is not part of what was published: {published}"
 
-    path = tmp_path / "faulty.yaml"
-    assert cli.main(["servers", "--config", str(path), "--node", TEST_NODE, "--json"]) == cli.EXIT_OK
+
+def test_every_round_and_request_is_counted_once_and_nothing_is_retried(faulty):
+    stats = faulty.stats
+    assert faulty.history == ROUNDS, f"each round in history once: {faulty.history} of {ROUNDS}"
+    assert stats["rounds"] == stats["early"] == ROUNDS, f"rounds and early rounds counted once each: {stats}"
+    late = sum(s["status"] == "late" for r in faulty.records for s in r["servers"])
+    # The dead and slow ones at least: a healthy one may be late too.
+    assert stats["late"] == late >= 2 * ROUNDS, f"late servers counted as recorded ({late}): {stats}"
+    assert stats["queries"] == 10 * ROUNDS, f"one query per server per round: {stats}"
+    assert stats["retries"] == 0, f"no retry: {stats}"
+    assert stats["failed:timeout"] == ROUNDS, f"the dead server's timeout once a round: {stats}"
+
+
+def test_reach_marks_the_dead_server_unreachable_and_the_slow_one_reachable(faulty):
+    """As chrony keeps it: the slow server answers (late), so it is reachable."""
+    dead, slow, healthy = (faulty.reach[faulty.servers[n]] for n in ("dead", "slow", "h0"))
+    assert dead.register == 0 and dead.unreachable, f"the dead server unreachable after {ROUNDS} rounds: {dead}"
+    assert slow.register == 0xFF, f"the slow server reachable in every round: {slow}"
+    assert healthy.register == 0xFF, f"a healthy server reachable in every round: {healthy}"
+
+
+def test_servers_json_gives_each_servers_state_reach_and_failures(faulty, capsys):
+    code = cli.main(["servers", "--config", str(faulty.config_path), "--node", TEST_NODE, "--json"])
+    assert code == cli.EXIT_OK, "servers --json exits 0"
     report = json.loads(capsys.readouterr().out)
-    assert report["node"] == TEST_NODE
+    assert report["node"] == TEST_NODE, "the node it reports"
     states = {s["server"]: s for s in report["servers"]}
-    assert states[servers["dead"]]["state"] == "unreachable" and states[servers["dead"]]["reach"] == 0
-    assert states[servers["dead"]]["failures"] == {"timeout": ROUNDS}
-    assert states[servers["slow"]]["state"] == "late" and states[servers["slow"]]["reach"] == 255
-    assert states[servers["h0"]]["state"] == "ok" and states[servers["h0"]]["last_good_age_s"] < 60
-    assert cli.main(["servers", "--config", str(path), "--node", TEST_NODE]) == cli.EXIT_OK
+    dead, slow, healthy = (states[faulty.servers[n]] for n in ("dead", "slow", "h0"))
+    assert (dead["state"], dead["reach"]) == ("unreachable", 0), f"the dead server: {dead}"
+    assert dead["failures"] == {"timeout": ROUNDS}, f"the dead server's failures: {dead}"
+    assert (slow["state"], slow["reach"]) == ("late", 255), f"the slow server: {slow}"
+    assert healthy["state"] == "ok" and healthy["last_good_age_s"] < 60, f"a healthy server: {healthy}"
+
+
+def test_servers_table_shows_reach_in_octal_as_chronyc_does(faulty, capsys):
+    code = cli.main(["servers", "--config", str(faulty.config_path), "--node", TEST_NODE])
+    assert code == cli.EXIT_OK, "servers exits 0"
     table = capsys.readouterr().out
-    assert f"{servers['dead']}" in table and " 377 " in table and "unreachable" in table
+    assert faulty.servers["dead"] in table and "unreachable" in table, f"the dead server's line: {table}"
+    assert " 377 " in table, f"a full register in octal (377): {table}"
 
 
 def test_an_unreachable_server_is_probed_without_retries_and_used_once_it_answers(worker, simulator, tmp_path,

@@ -1,16 +1,21 @@
 """The whole pipeline: CLI -> chord on a real worker -> selection -> Redis, read back by a consumer."""
 
 import base64
+import contextlib
+import io
 import json
 import re
 import time
+import uuid
+from dataclasses import dataclass
 
 import pytest
+import redis
 
 import workers.app
 from orchestrator import cli, rounds, selection
-from orchestrator.store import Store
-from simulator.ntpserver import Behaviour
+from orchestrator.store import Store, store_for
+from simulator.ntpserver import Behaviour, NtpSimulator
 from workers import chords
 from workers import config as config_mod
 
@@ -39,35 +44,85 @@ def _expected_choice(record):
     return min(passing, key=lambda x: (selection.covering_uncertainty(x, interval), *selection.best_key(x)))
 
 
-def test_all_healthy_publishes_the_best_to_redis(worker, simulator, tmp_path, key_prefix, redis_client, capsys):
-    _, servers = simulator({f"s{i}": Behaviour(offset_s=TRUE_OFFSET_S, delay_s=0.002 * (i + 1)) for i in range(4)})
-    path = write_config(tmp_path, [*servers.values()], key_prefix=key_prefix)
-    pubsub = redis_client.pubsub()
-    pubsub.subscribe(f"{key_prefix}:ntp:{TEST_NODE}:updates")
-    code, record = _measure(path, capsys, "--complete")
-    assert code == cli.EXIT_OK
-    assert record["quality"] == "strict" and all(s.get("sample") for s in record["servers"])
+# -- four healthy servers: one `measure`, each thing it must do checked on its own --------------------------
+
+@dataclass(frozen=True)
+class HealthyRound:
+    """One ``measure --json --complete`` of four healthy servers, and what a subscriber to ``updates`` saw."""
+
+    code: int          # measure's exit status
+    record: dict       # what it printed: the round record, its late servers in
+    update: dict       # the first message on the node's updates channel
+    config: config_mod.Config
+
+
+@pytest.fixture(scope="module")
+def healthy(worker, redis_url, tmp_path_factory) -> HealthyRound:
+    """The round, once for every test of it (tests must not change its data)."""
+    sim = NtpSimulator.on_free_ports([Behaviour(offset_s=TRUE_OFFSET_S, delay_s=0.002 * (i + 1)) for i in range(4)],
+                                     seed=1).start()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        key_prefix = f"t{uuid.uuid4().hex[:10]}"
+        path = write_config(tmp_path_factory.mktemp("healthy"), sim.servers(), key_prefix=key_prefix)
+        pubsub = client.pubsub()
+        pubsub.subscribe(f"{key_prefix}:ntp:{TEST_NODE}:updates")
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = cli.main(["measure", "--config", str(path), "--node", TEST_NODE, "--json", "--complete"])
+        update = next(m for m in iter(lambda: pubsub.get_message(timeout=5), None) if m["type"] == "message")
+        pubsub.close()
+    finally:
+        client.close()
+        sim.stop()
+    return HealthyRound(code, json.loads(printed.getvalue()), json.loads(update["data"]), config_mod.load(path))
+
+
+def test_measure_exits_ok_with_a_strict_round_every_server_answered_in(healthy):
+    record = healthy.record
+    assert healthy.code == cli.EXIT_OK, "measure exits 0"
+    assert record["quality"] == "strict", f"a strict round: {record['quality']}"
+    assert all(s.get("sample") for s in record["servers"]), f"a sample from every server: {record['servers']}"
     # Published as soon as the replies in hand decided it: a server still out then is recorded late.
-    assert record["servers_used"] + sum(s["status"] == "late" for s in record["servers"]) == 4
-    latest = Store(redis_client, prefix=key_prefix).latest(TEST_NODE)
-    assert latest == record["latest"]
-    assert latest["server"] == _expected_choice(record)["server"]
+    late = sum(s["status"] == "late" for s in record["servers"])
+    assert record["servers_used"] + late == 4, f"every server used or late: {record['servers_used']} + {late}"
+
+
+def test_latest_is_the_rounds_published_measurement_with_every_contract_field(healthy):
+    latest = store_for(healthy.config.service).latest(TEST_NODE)
+    assert latest == healthy.record["latest"], "latest in Redis is the round's"
+    missing = {"node", "round_id", "offset", "uncertainty", "delay", "stratum", "server", "quality", "measured_at",
+               "published_at", "servers_used", "servers_total"} - set(latest)
+    assert not missing, f"the contract's fields of latest: {missing} missing"
+    assert latest["measured_at"] <= latest["published_at"], "measured before it was published"
+
+
+def test_the_published_server_is_the_documented_choice_and_its_bound_covers_the_agreement(healthy):
+    record, latest = healthy.record, healthy.record["latest"]
+    assert latest["server"] == _expected_choice(record)["server"], "the documented rule's choice"
     low, high = record["agreement"]["interval"]
-    assert latest["offset"] - latest["uncertainty"] <= low and latest["offset"] + latest["uncertainty"] >= high
-    assert latest["sample_uncertainty"] == _by_server(record)[latest["server"]]["sample"]["uncertainty_s"]
-    assert abs(latest["offset"] - TRUE_OFFSET_S) < 0.0005
-    assert abs(latest["offset"] - TRUE_OFFSET_S) <= latest["uncertainty"]
-    for key in ("node", "round_id", "offset", "uncertainty", "delay", "stratum", "server", "quality",
-                "measured_at", "published_at", "servers_used", "servers_total"):
-        assert key in latest
-    assert latest["measured_at"] <= latest["published_at"]
-    # The update went out on the channel, and the round is in history and counted.
-    message = next(m for m in iter(lambda: pubsub.get_message(timeout=5), None) if m["type"] == "message")
-    assert json.loads(message["data"]) == latest
-    store = Store(redis_client, prefix=key_prefix)
-    assert store.history(TEST_NODE)[0]["round_id"] == record["round_id"]
-    assert store.stats(TEST_NODE)["rounds"] == 1 and store.stats(TEST_NODE)["strict"] == 1
-    assert TEST_NODE in store.nodes()
+    assert latest["offset"] - latest["uncertainty"] <= low and latest["offset"] + latest["uncertainty"] >= high, \
+        f"the published bound covers the agreed interval [{low}, {high}]: {latest}"
+    assert latest["sample_uncertainty"] == _by_server(record)[latest["server"]]["sample"]["uncertainty_s"], \
+        "sample_uncertainty is the chosen sample's own"
+
+
+def test_the_published_offset_is_the_truth_within_its_bound(healthy):
+    latest = healthy.record["latest"]
+    assert abs(latest["offset"] - TRUE_OFFSET_S) < 0.0005, f"within 0.5 ms of the truth: {latest['offset']}"
+    assert abs(latest["offset"] - TRUE_OFFSET_S) <= latest["uncertainty"], f"the truth within its bound: {latest}"
+
+
+def test_the_update_goes_out_on_the_updates_channel(healthy):
+    assert healthy.update == healthy.record["latest"], "the updates message is latest, as published"
+
+
+def test_the_round_is_in_history_and_counted(healthy):
+    store = store_for(healthy.config.service)
+    assert store.history(TEST_NODE)[0]["round_id"] == healthy.record["round_id"], "the newest in history"
+    stats = store.stats(TEST_NODE)
+    assert stats["rounds"] == 1 and stats["strict"] == 1, f"counted once, strict: {stats}"
+    assert TEST_NODE in store.nodes(), "the node in the nodes set"
 
 
 def test_chronyd_takes_part_in_a_round(worker, simulator, tmp_path, key_prefix, capsys, chronyd):

@@ -1,4 +1,4 @@
-"""A short soak (the long one: bench/soak.py --rounds 1000): Redis SIGKILLed twice, every round recorded once."""
+"""A short soak (the long one: python -m bench.soak --rounds 1000): Redis SIGKILLed twice, every round recorded once."""
 
 import pytest
 
