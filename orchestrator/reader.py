@@ -131,7 +131,7 @@ class Measurement:
     root_dispersion: float = 0.0
     servers_used: int = 0
     servers_total: int = 0
-    selection: str = records.DEFAULT_SELECTION
+    selection: str = records.UNSAID_SELECTION
     combined: tuple[str, ...] = ()
     #: From the reader: when this measurement counts as stale (s; without a config, the declared default
     #: interval's: :data:`workers.config.DEFAULT_STALE_AFTER_S`).

@@ -65,7 +65,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from workers.config import NtpSettings
 from workers.contracts import OutcomeStatus, Reason, Selection
 
 from .outcomes import ClosedBy, RoundMeta, ServerStatus
@@ -160,9 +159,11 @@ FROM_CHOSEN = {"offset": "offset_s", "uncertainty": "uncertainty_s", "delay": "d
                "precision": "precision_s", "server": "server", "measured_at": "measured_at"}
 
 
-#: A measurement's ``selection`` when it does not say: the configuration's declared default
-#: (:class:`workers.config.NtpSettings`), never a second one.
-DEFAULT_SELECTION: str = NtpSettings.selection
+#: A stored measurement's ``selection`` when it does not say: it was written before the field was kept, by a
+#: round that published one server's sample, ``best`` (a combination says ``combine`` by its ``delay``:
+#: :data:`COMBINATION_DEFAULTS`).  A fact about records already written, not a configuration default: the
+#: configuration's (:class:`workers.config.NtpSettings`) is always written out, whatever it is.
+UNSAID_SELECTION: str = Selection.BEST.value
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,7 @@ class Latest:
         A field added after a value was stored takes its default: ``round_id``
         and ``address`` "", ``leap`` and the root delay and dispersion 0,
         ``servers_used`` and ``servers_total`` 0, ``nts`` false, ``selection``
-        :data:`DEFAULT_SELECTION`.  Raises ``KeyError`` (a field every
+        :data:`UNSAID_SELECTION`.  Raises ``KeyError`` (a field every
         measurement has is missing), ``TypeError`` or ``ValueError`` (a
         number that is none, or not finite).
         """
@@ -260,7 +261,7 @@ class Latest:
             precision=float(value["precision"]), server=value["server"], address=value.get("address", ""),
             quality=value["quality"], measured_at=float(value["measured_at"]),
             published_at=float(value["published_at"]), servers_used=int(value.get("servers_used", 0)),
-            servers_total=int(value.get("servers_total", 0)), selection=value.get("selection", DEFAULT_SELECTION),
+            servers_total=int(value.get("servers_total", 0)), selection=value.get("selection", UNSAID_SELECTION),
             nts=bool(value.get("nts", False)), combined=tuple(value.get("combined", ())),
             legs=dict(legs) if isinstance(legs, Mapping) else None)
         for name in cls.FINITE:

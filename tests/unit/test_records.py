@@ -353,14 +353,16 @@ def test_a_sample_is_read_by_the_names_its_contract_gives():
 
 
 def test_an_old_measurement_takes_the_declared_defaults():
-    """Fields added after a value was stored: the contract's defaults; ``selection``, the config's own."""
+    """Fields added after a value was stored: the contract's defaults; ``selection``, ``best`` -- such a value was
+    written before the field was kept, by a round that published one server's sample, whatever the configuration
+    says today."""
     from workers.config import NtpSettings
 
     old = {"node": "n1", "offset": 0.001, "uncertainty": 0.002, "delay": 0.01, "stratum": 2, "precision": 1e-6,
            "server": "a", "quality": "strict", "measured_at": 1.0, "published_at": 2.0}
     latest = Latest.from_json(old)
     assert (latest.round_id, latest.address, latest.leap, latest.root_delay, latest.nts) == ("", "", 0, 0.0, False)
-    assert latest.selection == NtpSettings.selection and latest.sample_uncertainty is None
+    assert latest.selection == "best" != NtpSettings.selection and latest.sample_uncertainty is None
     assert "sample_uncertainty" not in latest.to_json() and "combined" not in latest.to_json()
     with pytest.raises(ValueError, match="delay is not a finite number"):
         Latest.from_json({**old, "delay": float("inf")})
