@@ -13,12 +13,14 @@ import time
 
 from orchestrator.commands import EXIT_NO_WORKER, EXIT_OK, EXIT_STARVATION, EXIT_USAGE, CliError, Command
 
+from . import DEMO_CONFIG
+
 #: The rounds the demo runs unless told (``--rounds``).
 DEMO_ROUNDS = 4
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="demo config (default configs/config_local_demo.yaml)")
+    parser.add_argument("--config", default=None, help=f"demo config (default {DEMO_CONFIG})")
     parser.add_argument("--rounds", type=int, default=DEMO_ROUNDS, help="rounds to run (default %(default)s)")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the demo's rounds to this PNG")
 

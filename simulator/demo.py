@@ -22,11 +22,12 @@ from orchestrator.store import store_for
 from workers import config as config_mod
 from workers.app import app, configure
 
+from . import DEMO_CONFIG
 from .ntpserver import Behaviour, NtpSimulator, from_config
 from .processes import RedisProcess, start_node_worker, stop_process
 
-#: The demo's configuration, relative to the repository.
-DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config_local_demo.yaml"
+#: The demo's configuration, in the repository.
+DEFAULT_DEMO_CONFIG = Path(__file__).resolve().parent.parent / DEMO_CONFIG
 
 #: How long to wait for the worker to come up (s).
 STARTUP_TIMEOUT_S = 30.0

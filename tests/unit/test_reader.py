@@ -72,3 +72,21 @@ def test_reader_refuses_nonsense_settings():
         NtpReader("redis://127.0.0.1:1/0", stale_after_s=0)
     with pytest.raises(ValueError, match="drift_bound"):
         NtpReader("redis://127.0.0.1:1/0", drift_bound=-1)
+
+
+#: Every public name ``orchestrator.consumer`` had before the reader moved to ``orchestrator.reader`` (issue #27).
+CONSUMER_NAMES = ("CHRONOTICK_FIELDS", "DEFAULT_STALE_AFTER_S", "DRIFT_BOUND", "EMPTY_STREAM_ID", "FOLLOW_BLOCK_MS",
+                  "FOLLOW_RETRY_S", "FOLLOW_TIMEOUT_S", "HELD_ENTRY", "KEEP_MEASUREMENTS", "SEEN_REMEMBERED",
+                  "SOCKET_TIMEOUT_S", "STALE_INTERVALS", "STATISTICS_RECENT", "ClockMeasurementSource", "Measurement",
+                  "NtpReader", "ServiceUnavailable", "SourceStatistics")
+
+
+def test_chronoticks_import_path_keeps_every_name_it_had():
+    import orchestrator.consumer as consumer
+    import orchestrator.reader as reader
+    from orchestrator.consumer import ClockMeasurementSource as ClockMeasurementCollector  # ChronoTick's one line
+
+    assert ClockMeasurementCollector is reader.ClockMeasurementSource
+    assert sorted(consumer.__all__) == sorted(CONSUMER_NAMES)
+    for name in CONSUMER_NAMES:
+        assert getattr(consumer, name) is getattr(reader, name, getattr(consumer, name)), name
