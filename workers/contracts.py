@@ -140,6 +140,9 @@ class SampleDict(TypedDict):
     burst_delays_s: NotRequired[list[float]]
     jitter_s: NotRequired[float]
     spread_s: NotRequired[float]
+    #: The burst's samples refused before one was kept: taken out by the query task into the attempt's
+    #: :class:`AttemptDict` before the outcome leaves the worker (never part of a published sample).
+    refusals: NotRequired[list[RefusalDict]]
 
 
 class RefusalDict(TypedDict):

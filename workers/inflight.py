@@ -49,6 +49,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .contracts import OutcomeDict
+
 log = logging.getLogger(__name__)
 
 #: How long a server may hold a request (t3 - t2) without breaking the bound (s).  chronyd and ntpd
@@ -220,15 +222,15 @@ class Tracker:
         if retrying:
             self._evaluate(job)
 
-    def outcome(self, job: dict, outcome: dict) -> None:
-        """``job``'s task ended with ``outcome``."""
+    def outcome(self, job: dict, outcome: OutcomeDict) -> None:
+        """``job``'s task ended with ``outcome`` (kept as the plain dict the decider reads)."""
         if self._decider is None:
             return
         with self._lock:
             state = self._round(job)
             state.attempts.pop(job["server"], None)
             state.retrying.discard(job["server"])
-            state.outcomes[job["server"]] = outcome
+            state.outcomes[job["server"]] = dict(outcome)
         self._evaluate(job)
 
     def decided(self, job: dict) -> bool:

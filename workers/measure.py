@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from . import inflight
-from .contracts import Reason
+from .contracts import Reason, SampleDict
 from .ntp import client, packet, sanity
 from .ntp.client import QueryFailed
 from .ntp.sanity import Rejection
@@ -99,7 +99,7 @@ def make_job(*, server, node: str, round_id: str, ntp, deadline_at: float, rate_
 
 
 def attempt(job: dict, *, on_exchange: Callable[[int], None] | None = None,
-            on_done: Callable[[int, float | None], None] | None = None) -> dict:
+            on_done: Callable[[int, float | None], None] | None = None) -> SampleDict:
     """Run one attempt; return the accepted sample as a dict.
 
     ``on_exchange(i)`` is called just before the ``i``-th request is sent and
@@ -184,7 +184,7 @@ class _Burst:
         return None if best is None else sent_at + BURST_DELAY_RATIO * best + inflight.HOLD_ALLOWANCE_S
 
 
-def _run_burst(job: dict, request, one) -> dict:
+def _run_burst(job: dict, request, one) -> SampleDict:
     """An advanced-mode attempt: ``samples`` exchanges, one spacing apart, in :data:`_burst_pool`."""
     samples: list[client.Sample] = []
     refusals: list[Rejection] = []
@@ -245,7 +245,7 @@ def _nts_request(association, timeout_s: float) -> tuple[client.NtsRequest, tupl
     return client.NtsRequest(request, transmit, unique_id, s2c, association), ntp_address
 
 
-def _best_of(samples: list[client.Sample]) -> dict:
+def _best_of(samples: list[client.Sample]) -> SampleDict:
     """The minimum-delay sample, its uncertainty widened by the burst's jitter.
 
     Jitter is RFC 5905's: the RMS of the other samples' offsets from the
@@ -256,13 +256,11 @@ def _best_of(samples: list[client.Sample]) -> dict:
     others = [s.offset_s - best.offset_s for s in samples if s is not best]
     jitter_s = math.sqrt(sum(d * d for d in others) / len(others)) if others else 0.0
     offsets = [s.offset_s for s in samples]
-    result.update(
-        samples_taken=len(samples),
-        burst_delays_s=[s.delay_s for s in samples],
-        jitter_s=jitter_s,
-        spread_s=max(offsets) - min(offsets),
-        uncertainty_s=best.uncertainty_s + jitter_s,
-    )
+    result["samples_taken"] = len(samples)
+    result["burst_delays_s"] = [s.delay_s for s in samples]
+    result["jitter_s"] = jitter_s
+    result["spread_s"] = max(offsets) - min(offsets)
+    result["uncertainty_s"] = best.uncertainty_s + jitter_s
     return result
 
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import redis
 
+from .contracts import OutcomeDict
+
 log = logging.getLogger(__name__)
 
 #: How long after its round's deadline a report is kept if nobody publishes the round (s).  A
@@ -76,7 +78,7 @@ class Reporter:
         self.written = 0
         self.batches = 0
 
-    def report(self, job: dict, outcome: dict) -> None:
+    def report(self, job: dict, outcome: OutcomeDict) -> None:
         """Queue ``outcome`` for ``job["report_to"]`` (nothing to do without one); never blocks on Redis."""
         key = job.get("report_to")
         if not key:

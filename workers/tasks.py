@@ -38,7 +38,7 @@ from celery.utils.log import get_task_logger
 from . import inflight, kod, measure, politeness, redisurl
 from .app import app, redis_url_of
 from .config import ENV_NODE
-from .contracts import OutcomeStatus, Reason
+from .contracts import AttemptDict, OutcomeDict, OutcomeStatus, Reason, SampleDict
 from .ntp.client import QueryFailed
 from .ntp.sanity import Rejection
 from .outcome_reports import Reporter
@@ -188,9 +188,9 @@ def query_server(self, *carried, job: dict, history: list | None = None):
     if refusals:  # advanced mode: samples of this burst refused before one was kept
         entry["refusals"] = refusals
     history.append(entry)
-    return _done(job, carried, {"summary": summarise_ok(sample, attempt_no), "status": OutcomeStatus.OK,
-                            "server": job["server"], "sample": sample, "attempts": attempt_no,
-                            "history": history, "worker": self.request.hostname})
+    return _done(job, carried, OutcomeDict(summary=summarise_ok(sample, attempt_no), status=OutcomeStatus.OK,
+                                           server=job["server"], sample=sample, attempts=attempt_no,
+                                           history=history, worker=self.request.hostname))
 
 
 def _over_budget(job: dict, attempt_no: int) -> tuple[str, str] | None:
@@ -214,7 +214,7 @@ def _over_budget(job: dict, attempt_no: int) -> tuple[str, str] | None:
     return Reason.POLITENESS_LIMIT, answer.refusal(job["server"], budget, job["samples"])
 
 
-def summarise_ok(sample: dict, attempts: int) -> str:
+def summarise_ok(sample: SampleDict, attempts: int) -> str:
     """The outcome at a glance (first in the result, so Flower's result column starts with it)."""
     text = f"ok {sample['offset_s'] * 1e3:+.3f} ms ±{sample['uncertainty_s'] * 1e3:.3f} ms"
     return text + (f" (attempt {attempts})" if attempts > 1 else "")
@@ -234,14 +234,14 @@ def describe(job: dict, *, attempt: int = 1) -> str:
     return text + (f", attempt={attempt}}}" if attempt > 1 else "}")
 
 
-def _failed(job: dict, history: list, reason: str, detail: str, *, kiss_code: str | None = None,
-            worker: str | None = None) -> dict:
-    return {"summary": summarise_failure(reason, len(history)), "status": OutcomeStatus.FAILED, "server": job["server"],
-            "reason": reason, "detail": detail,
-            "kiss_code": kiss_code, "attempts": len(history), "history": history, "worker": worker}
+def _failed(job: dict, history: list[AttemptDict], reason: str, detail: str, *, kiss_code: str | None = None,
+            worker: str | None = None) -> OutcomeDict:
+    return OutcomeDict(summary=summarise_failure(reason, len(history)), status=OutcomeStatus.FAILED,
+                       server=job["server"], reason=reason, detail=detail, kiss_code=kiss_code,
+                       attempts=len(history), history=history, worker=worker)
 
 
-def _done(job: dict, carried: tuple, outcome: dict):
+def _done(job: dict, carried: tuple, outcome: OutcomeDict):
     """Report ``outcome`` to the round (for a closer, by :data:`reporter`) and to this process's
     tracker (which may find the round decided: :mod:`workers.inflight`), then return it."""
     reporter.report(job, outcome)
@@ -249,7 +249,7 @@ def _done(job: dict, carried: tuple, outcome: dict):
     return _carry(carried, outcome)
 
 
-def _carry(carried: tuple, outcome: dict):
+def _carry(carried: tuple, outcome: OutcomeDict):
     if not carried:
         return outcome
     before = carried[0]

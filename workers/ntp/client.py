@@ -25,10 +25,10 @@ import struct
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from ..contracts import Reason
+from ..contracts import Reason, SampleDict
 from . import packet, sanity
 from .sanity import Rejection
 
@@ -100,10 +100,13 @@ class Sample:
         """The instant the offset refers to: the midpoint of t1 and t4 (Unix s)."""
         return (self.t1_ns + self.t4_ns) / 2 / packet.NS_PER_S
 
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["measured_at"] = self.measured_at
-        return data
+    def as_dict(self) -> SampleDict:
+        """What crosses Celery for this sample: :class:`workers.contracts.SampleDict`, field by field."""
+        return SampleDict(server=self.server, address=self.address, port=self.port, offset_s=self.offset_s,
+                          delay_s=self.delay_s, uncertainty_s=self.uncertainty_s, stratum=self.stratum,
+                          leap=self.leap, root_delay_s=self.root_delay_s, root_dispersion_s=self.root_dispersion_s,
+                          precision_s=self.precision_s, ref_id=self.ref_id, t1_ns=self.t1_ns, t4_ns=self.t4_ns,
+                          kernel_rx_timestamp=self.kernel_rx_timestamp, nts=self.nts, measured_at=self.measured_at)
 
 
 #: How often an exchange with ``give_up_at`` asks it while waiting (s).
