@@ -81,6 +81,9 @@ class Store:
     """
 
     def __init__(self, client: redis.Redis, *, prefix: str = "chronotick"):
+        if not client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("a Store reads Redis' replies as text: give it a client made by "
+                             "workers.redisurl.connect (decode_responses=True)")
         self.client = client
         self.keys = Keys(prefix)
         self._skipped: OrderedDict[tuple[str, str], None] = OrderedDict()  # bad entries warned about

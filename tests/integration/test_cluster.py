@@ -20,6 +20,7 @@ from orchestrator.store import Store
 from simulator.ntpserver import Behaviour
 from simulator.processes import RedisProcess, stop_process
 from workers import config as config_mod
+from workers import redisurl
 
 from ..conftest import REPO, wait_for
 
@@ -144,7 +145,7 @@ def test_redis_restart_workers_and_beat_reconnect_and_rounds_resume(simulator, t
         path = cluster_config(tmp_path, list(servers.values()), [node], prefix=key_prefix, interval_s=interval)
         worker = cli_process(["worker", "--config", str(path), "--node", node], own.url, tmp_path / "worker.log")
         beat = None
-        client = redis.Redis.from_url(own.url)
+        client = redisurl.connect(own.url)
         store = Store(client, prefix=key_prefix)
         try:
             wait_for(lambda: queue_has_worker(own.url, node), what="the worker")

@@ -67,7 +67,7 @@ def test_a_connection_lost_at_exec_leaves_the_round_for_the_closer(redis_server,
     outcomes = [ok("127.0.0.1:9", delay=0.01, unc=0.005), ok("127.0.0.1:10", delay=0.02, unc=0.006)]
     proxy = CuttingProxy(redis_server.port)
     try:
-        cut_store = Store(redis.Redis(port=proxy.port, socket_timeout=5), prefix=key_prefix)
+        cut_store = Store(redis.Redis(port=proxy.port, socket_timeout=5, decode_responses=True), prefix=key_prefix)
         with pytest.raises(redis.ConnectionError):
             finish(meta, outcomes, cut_store, closed_by=ClosedBy.CALLBACK)
         assert proxy.cut.is_set()
