@@ -33,35 +33,15 @@ NOT_LOGIC = {
 
 #: Modules whose unit tests were named before the module (or by what they test): module -> test files.
 TESTED_UNDER_ANOTHER_NAME = {
-    "relay/settings.py": ("test_relay_config.py",),  # relay/config.py before issue #27's renames
     "relay/server.py": ("test_relay_resolve.py", "test_relay_bounds.py"),  # by aspect, without the module's name
     "workers/ntp/sanity.py": ("test_packet.py",),  # RFC 5905's checks, with the packets they check
 }
 
 #: Modules with logic that only integration tests exercise: module -> (why no unit test, the tests that do).
-INTEGRATION_ONLY = {
-    "workers/app.py": ("the Celery app: its settings, consumer and signals take effect in a worker process",
-                       ("test_pipeline.py", "test_heartbeat.py", "test_security.py")),
-    "workers/chords.py": ("sends a chord through Celery to a worker and its Redis backend",
-                          ("test_pipeline.py",)),
-    "workers/heartbeat.py": ("a running worker's heartbeat in Redis, and what the beat and measure read of it",
-                             ("test_heartbeat.py", "test_scheduler.py")),
-    "workers/measure.py": ("an attempt's exchanges with servers on sockets (its retry schedule: workers/retry.py)",
-                           ("test_client.py", "test_faults.py", "test_early.py")),
-    "workers/outcome_reports.py": ("a query task's report to Redis, which the closer reads",
-                                   ("test_outcome_reports.py",)),
-    "workers/tasks.py": ("the Celery query task, run by a worker", ("test_client.py", "test_pipeline.py")),
-    "workers/ntp/client.py": ("one NTP exchange over a UDP socket, against the simulator and chronyd",
-                              ("test_client.py", "test_nts.py")),
-    "orchestrator/callback.py": ("the chord callback, a Celery task run by a worker (its record: test_records.py)",
-                                 ("test_callback_summary.py", "test_finish.py", "test_pipeline.py")),
-    "orchestrator/plot.py": ("draws PNGs with matplotlib from a node's history", ("test_status.py", "test_demo.py")),
-    "orchestrator/rounds.py": ("dispatches a round through Celery and waits for its record in Redis",
-                               ("test_pipeline.py", "test_early.py", "test_finish.py")),
-    "orchestrator/store.py": ("every Redis transaction of a round: claims, publication, history, counters",
-                              ("test_pipeline.py", "test_finish.py", "test_early.py")),
-    "relay/counts.py": ("the relay's counts in Redis, as `relay status` reads them", ("test_relay.py",)),
-}
+#: None today: every module's logic is reached without a Redis, a worker or a socket beyond loopback (a Redis in
+#: memory, tests/unit/memory_redis.py; an NTP responder on 127.0.0.1, tests/unit/loopback_ntp.py; Celery's
+#: sending replaced by recorders).  A module listed here must say why a unit test cannot reach it.
+INTEGRATION_ONLY: dict[str, tuple[str, tuple[str, ...]]] = {}
 
 
 def _has_logic(path: Path) -> bool:
