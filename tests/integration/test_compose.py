@@ -52,7 +52,7 @@ def test_services_run_the_documented_commands(rendered):
         assert args.config == "/app/configs/config_homelab_2min_ntp.yaml"
     assert parser.parse_args(rendered["worker"]["command"][1:]).node == "ares-comp-11"
     relay = parser.parse_args(rendered["relay"]["command"][1:])
-    assert (relay.settings, relay.bind) == ("/app/configs/ntp_proxy_config.yaml", "127.0.0.1")  # loopback unless told
+    assert (relay.config, relay.bind) == ("/app/configs/ntp_proxy_config.yaml", "127.0.0.1")  # loopback unless told
     assert rendered["worker"]["environment"]["CHRONOTICK_NODE"] == "ares-comp-11"
 
 
@@ -133,7 +133,7 @@ def test_compose_redis_keeps_history_across_a_restart(rendered, tmp_path):
     def start():
         proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", *args],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis_py.Redis(port=port, socket_timeout=1)
+        client = redis_py.Redis(port=port, socket_timeout=1, decode_responses=True)  # as redisurl.connect makes them
         deadline = time.monotonic() + 20
         while True:
             try:

@@ -3,7 +3,7 @@
 ntplib checks nothing but the source address.  These are the packet tests of
 RFC 5905 section 8 (tests 1-7 of chrony's ``ntp_core.c``), RFC 4330 section 5's
 list for SNTP clients, and beevik/ntp's ``Validate()``.  Every rejection has a
-stable name (the ``REASON_*`` constants): round records, counters and log lines
+stable name (a :class:`workers.contracts.Reason`): round records, counters and log lines
 use it, so an operator can grep for it and a test can assert on it.
 
 Order matters.  A reply that is not an answer to *our* request (wrong mode,
@@ -41,7 +41,7 @@ class Rejection:
     Parameters
     ----------
     reason:
-        One of the ``REASON_*`` names.
+        A :class:`workers.contracts.Reason` (or ``kod_<code>``: :func:`workers.contracts.kiss_reason`).
     detail:
         A human sentence with the numbers involved.
     kiss_code:
