@@ -290,7 +290,7 @@ class ChronydNts:
 def start_node_worker(config, node: str, log_path: Path, *, loglevel: str = "WARNING", timeout_s: float = 60.0,
                       instance: int = 0, concurrency: int | None = None, events: bool = False,
                       nodes: list[str] | None = None, hostname: str | None = None,
-                      environ: dict[str, str] | None = None) -> subprocess.Popen:
+                      environ: dict[str, str] | None = None, celery_app=None) -> subprocess.Popen:
     """A plain ``celery -A workers.app worker`` for ``node``'s queue, as the README starts one; returns once it beats.
 
     The one way the tests, the demo and the benches start a worker.  It points this process's
@@ -298,12 +298,14 @@ def start_node_worker(config, node: str, log_path: Path, *, loglevel: str = "WAR
     the config file (``$CHRONOTICK_CONFIG``, when the config came from one): its key prefix, and
     so its heartbeat, are the config's.  ``instance`` > 0 starts another process on the same
     queue, under its own name; ``nodes`` serves several nodes' queues from one process (under
-    ``hostname``); ``environ``: more environment for the worker.
+    ``hostname``); ``environ``: more environment for the worker.  ``celery_app``: the app to point at the
+    config's Redis and ask with, instead of the shared one (a test whose Redis ends with it keeps the shared
+    app's broker pool off that Redis).
     """
     from workers import config as config_mod
     from workers.app import app, configure, queue_for, worker_argv, workers_for_queue
 
-    configure(app, config.service)
+    configure(celery_app or app, config.service)
     env = {**os.environ, "PYTHONPATH": str(REPO), **(environ or {})}
     if Path(config.source).is_file():
         env[config_mod.ENV_CONFIG] = str(Path(config.source).resolve())
@@ -317,7 +319,8 @@ def start_node_worker(config, node: str, log_path: Path, *, loglevel: str = "WAR
                               stdout=subprocess.DEVNULL, stderr=log)
     log.close()
     deadline = time.monotonic() + timeout_s
-    while len(workers_for_queue(queue_for(node), timeout_s=0.5, key_prefix=config.service.key_prefix)) < instance + 1:
+    while len(workers_for_queue(queue_for(node), timeout_s=0.5, key_prefix=config.service.key_prefix,
+                                through=celery_app)) < instance + 1:
         if time.monotonic() > deadline or worker.poll() is not None:
             stop_process(worker)
             raise RuntimeError(f"the worker for {node} did not start (exit {worker.returncode}): "

@@ -45,22 +45,26 @@ def queue_for(node: str) -> str:
     return QUEUE_PREFIX + node
 
 
-def workers_for_queue(queue: str, *, timeout_s: float = 1.0, key_prefix: str | None = None) -> list[str]:
+def workers_for_queue(queue: str, *, timeout_s: float = 1.0, key_prefix: str | None = None,
+                      through: Celery | None = None) -> list[str]:
     """Names of the live workers consuming ``queue``.
 
     Their heartbeats under ``key_prefix`` first (default: the app's; one Redis
     round trip, :mod:`workers.heartbeat`); only when none is there, the
     broadcast that waits out ``timeout_s``, for a worker that does not beat
-    there (another prefix, another version, another Celery app).
+    there (another prefix, another version, another Celery app).  ``through``:
+    the app to ask with (default: this module's :data:`app`; a broadcast makes
+    the app's broker pool, which then stays on that app's Redis).
     """
-    client = redisurl.connect(redis_url_of(app), app.conf.chronotick_redis_master_name)
+    asking = through or app
+    client = redisurl.connect(redis_url_of(asking), asking.conf.chronotick_redis_master_name)
     try:
-        alive = heartbeat.live_workers(client, Keys(key_prefix or app.conf.chronotick_key_prefix), queue)
+        alive = heartbeat.live_workers(client, Keys(key_prefix or asking.conf.chronotick_key_prefix), queue)
     finally:
         client.close()
     if alive:
         return alive
-    replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
+    replies = asking.control.inspect(timeout=timeout_s).active_queues() or {}
     return sorted(name for name, queues in replies.items() if any(q.get("name") == queue for q in queues))
 
 

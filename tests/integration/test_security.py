@@ -84,9 +84,9 @@ def test_no_setting_shows_the_redis_password_to_flower_or_inspect(tmp_path, monk
     import json
 
     import redis as redis_py
+    from celery import Celery
 
     from simulator.processes import RedisProcess, start_node_worker
-    from workers.app import app
 
     secret = f"pw-{uuid.uuid4().hex}"
     (tmp_path / "redis").mkdir()
@@ -96,14 +96,18 @@ def test_no_setting_shows_the_redis_password_to_flower_or_inspect(tmp_path, monk
         monkeypatch.setenv(config_mod.ENV_REDIS_PASSWORD, secret)
         config = config_mod.from_mapping({"clock_measurement": {"ntp": {"servers": ["127.0.0.1"]}}})
         assert secret in config.service.redis_url  # the worker really connects with it
-        worker = start_node_worker(config, "secretnode", tmp_path / "worker.log")
+        # Started and asked through an app of its own: the shared app's broker pool stays on the session's
+        # Redis, not on this one, which is gone when the test ends.
+        probe = Celery("probe", set_as_current=False)
+        worker = start_node_worker(config, "secretnode", tmp_path / "worker.log", celery_app=probe)
         try:
-            replies = wait_for(lambda: app.control.inspect(timeout=2).conf(), what="the worker's settings")
+            replies = wait_for(lambda: probe.control.inspect(timeout=2).conf(), what="the worker's settings")
             shown = json.dumps(replies)
             assert "broker_url" in shown and "chronotick_redis_master_name" in shown
             assert secret not in shown, [k for reply in replies.values() for k, v in reply.items()
                                          if secret in json.dumps(v)]
             from celery.app.utils import bugreport
-            assert secret not in bugreport(app)  # what `celery report` prints
+            assert secret not in bugreport(probe)  # what `celery report` prints, for an app on this Redis
         finally:
+            probe.close()
             stop_process(worker)
