@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ import redis
 import yaml
 
 from orchestrator.store import Store
-from simulator.ntpserver import Behaviour
+from simulator.ntpserver import Behaviour, NtpSimulator
 from simulator.processes import RedisProcess, stop_process
 from workers import config as config_mod
 from workers import redisurl
@@ -60,43 +62,93 @@ def queue_has_worker(url: str, node: str) -> bool:
         probe.close()
 
 
-def test_three_nodes_one_beat_each_node_measured_by_its_own_worker(redis_url, simulator, tmp_path, key_prefix,
-                                                                    redis_client):
-    nodes = ["ares-comp-11", "ares-comp-12", "ares-comp-13"]
-    _, servers = simulator({f"s{i}": Behaviour(offset_s=TRUTH_S, delay_s=0.003 + 0.002 * i) for i in range(3)})
+# -- three nodes, a worker each, one beat: one run, each behaviour checked on its own ------------------------
+
+NODES = ["ares-comp-11", "ares-comp-12", "ares-comp-13"]
+
+
+@dataclass(frozen=True)
+class ThreeNodes:
+    """Three nodes' rounds, a ``chronotick-ntp worker`` for each and one ``beat``: at least four rounds a node."""
+
+    interval_s: float
+    records: dict[str, list[dict]]   # each node's rounds, oldest first
+    latest: dict[str, dict]          # each node's latest key
+
+
+@pytest.fixture(scope="module")
+def three_nodes(redis_url, tmp_path_factory) -> ThreeNodes:
+    """The run, once for every test of it (tests must not change its data)."""
+    tmp_path = tmp_path_factory.mktemp("three-nodes")
+    key_prefix = f"t{uuid.uuid4().hex[:10]}"
     interval = 1.5
-    path = cluster_config(tmp_path, list(servers.values()), nodes, prefix=key_prefix, interval_s=interval)
-    workers = [cli_process(["worker", "--config", str(path), "--node", n], redis_url, tmp_path / f"{n}.log")
-               for n in nodes]
-    beat = None
+    sim = NtpSimulator.on_free_ports([Behaviour(offset_s=TRUTH_S, delay_s=0.003 + 0.002 * i) for i in range(3)],
+                                     seed=1).start()
+    client = redisurl.connect(redis_url)
+    store = Store(client, prefix=key_prefix)
     try:
-        for n in nodes:
-            wait_for(lambda n=n: queue_has_worker(redis_url, n), what=f"worker for {n}")
-        beat = cli_process(["beat", "--config", str(path)], redis_url, tmp_path / "beat.log")
-        store = Store(redis_client, prefix=key_prefix)
-        wait_for(lambda: all(store.stats(n)["rounds"] >= 4 for n in nodes), timeout_s=40, what="4 rounds per node")
+        path = cluster_config(tmp_path, sim.servers(), NODES, prefix=key_prefix, interval_s=interval)
+        workers = [cli_process(["worker", "--config", str(path), "--node", n], redis_url, tmp_path / f"{n}.log")
+                   for n in NODES]
+        beat = None
+        try:
+            for n in NODES:
+                wait_for(lambda n=n: queue_has_worker(redis_url, n), what=f"worker for {n}")
+            beat = cli_process(["beat", "--config", str(path)], redis_url, tmp_path / "beat.log")
+            wait_for(lambda: all(store.stats(n)["rounds"] >= 4 for n in NODES), timeout_s=40,
+                     what="4 rounds per node")
+        finally:
+            if beat:
+                stop_process(beat)
+            for w in workers:
+                stop_process(w)
+        records = {node: sorted(store.history(node, count=50), key=lambda r: r["dispatched_at"]) for node in NODES}
+        latest = {node: store.latest(node) for node in NODES}
     finally:
-        if beat:
-            stop_process(beat)
-        for w in workers:
-            stop_process(w)
-    firsts = {}
-    for node in nodes:
-        records = sorted(store.history(node, count=50), key=lambda r: r["dispatched_at"])
-        assert all(r["quality"] == "strict" for r in records)
+        client.close()
+        sim.stop()
+    return ThreeNodes(interval, records, latest)
+
+
+def test_every_round_of_every_node_is_strict(three_nodes):
+    for node, records in three_nodes.records.items():
+        assert all(r["quality"] == "strict" for r in records), \
+            f"{node}: every round strict: {[r['quality'] for r in records]}"
+
+
+def test_each_nodes_samples_are_taken_by_its_own_worker(three_nodes):
+    for node, records in three_nodes.records.items():
         for record in records:
             # Every sample of node X's rounds was taken by node X's worker.
             # (a server still out when the round was decided early is recorded late, with no worker yet)
             taken = {s["worker"].split("@")[0] for s in record["servers"] if s["status"] != "late"}
-            assert taken == {node}, record["servers"]
+            assert taken == {node}, f"{node}: its samples taken by its own worker: {record['servers']}"
+
+
+def test_each_nodes_rounds_are_one_interval_apart(three_nodes):
+    interval = three_nodes.interval_s
+    for node, records in three_nodes.records.items():
         gaps = [b["dispatched_at"] - a["dispatched_at"] for a, b in zip(records, records[1:], strict=False)]
-        assert all(interval - 0.4 <= g <= interval + 0.4 for g in gaps), (node, gaps)
-        assert sum(gaps) / len(gaps) == pytest.approx(interval, abs=0.15), (node, gaps)
-        assert store.latest(node)["round_id"] == records[-1]["round_id"]
-        firsts[node] = records[0]["dispatched_at"]
+        assert all(interval - 0.4 <= g <= interval + 0.4 for g in gaps), \
+            f"{node}: each gap within 0.4 s of the interval ({interval} s): {gaps}"
+        assert sum(gaps) / len(gaps) == pytest.approx(interval, abs=0.15), \
+            f"{node}: the mean gap within 0.15 s of the interval ({interval} s): {gaps}"
+
+
+def test_each_nodes_latest_is_its_newest_round(three_nodes):
+    for node, records in three_nodes.records.items():
+        assert three_nodes.latest[node]["round_id"] == records[-1]["round_id"], f"{node}: latest is its newest round"
+
+
+def test_the_nodes_are_spread_over_the_interval(three_nodes):
+    interval = three_nodes.interval_s
+    firsts = {node: records[0]["dispatched_at"] for node, records in three_nodes.records.items()}
     # The nodes are spread over the interval, not all in the same second.
     phases = sorted(t - min(firsts.values()) for t in firsts.values())
-    assert phases[1] == pytest.approx(interval / 3, abs=0.3) and phases[2] == pytest.approx(2 * interval / 3, abs=0.3)
+    assert phases[1] == pytest.approx(interval / 3, abs=0.3), \
+        f"the second node's first round 1/3 of the interval ({interval} s) after the first's: {phases}"
+    assert phases[2] == pytest.approx(2 * interval / 3, abs=0.3), \
+        f"the third node's first round 2/3 of the interval ({interval} s) after the first's: {phases}"
 
 
 def test_worker_killed_mid_round_round_closes_and_next_round_publishes(redis_url, simulator, tmp_path, key_prefix,

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
+import uuid
+from dataclasses import dataclass
 
 import pytest
 from prometheus_client import generate_latest
@@ -14,7 +16,7 @@ from orchestrator import rounds
 from orchestrator.counting import ROUND_DURATION_BUCKETS_S
 from orchestrator.exporter import NtpCollector, registry_for
 from orchestrator.store import Store
-from simulator.ntpserver import Behaviour
+from simulator.ntpserver import Behaviour, NtpSimulator
 from simulator.processes import RedisProcess, free_tcp_port, stop_process
 from workers import config as config_mod
 from workers import redisurl
@@ -47,79 +49,158 @@ def _samples(registry) -> dict:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+# -- two rounds of a good, a far and a lying server, scraped: one run, each metric family checked on its own --
+
+@dataclass(frozen=True)
+class ScrapedRounds:
+    """Two rounds on the real worker, one scrape of the collector after them, and one after a third round."""
+
+    servers: dict[str, str]  # name -> host:port
+    records: list[dict]      # the two rounds, complete (their late servers in)
+    latest: dict             # the node's latest key after them
+    stats: dict              # the node's counters after them
+    scrape: dict             # {(name, frozenset(labels)): value} after the two rounds
+    redis_now: float         # Redis' clock right after that scrape
+    after: dict              # a scrape after a third round
+
+    def get(self, name: str, **labels) -> float:
+        """The test node's sample ``name`` with ``labels``, from the scrape after the two rounds."""
+        return self.scrape[(name, frozenset({("node", TEST_NODE), *labels.items()}))]
+
+
+@pytest.fixture(scope="module")
+def scraped(worker, redis_url, tmp_path_factory) -> ScrapedRounds:
+    """The rounds and scrapes, once for every test of them (tests must not change their data)."""
+    named = {"good": Behaviour(delay_s=0.002, offset_s=0.004), "far": Behaviour(delay_s=0.006, offset_s=0.004),
+             "liar": Behaviour(delay_s=0.002, bad_origin=True)}
+    key_prefix = f"t{uuid.uuid4().hex[:10]}"
+    sim = NtpSimulator.on_free_ports(list(named.values()), seed=1).start()
+    client = redisurl.connect(redis_url)
+    try:
+        servers = {name: f"127.0.0.1:{port}" for name, port in zip(named, sim.behaviours, strict=True)}
+        path = write_config(tmp_path_factory.mktemp("exporter"), list(servers.values()), key_prefix=key_prefix,
+                            max_retries=2, retry_delay=0.1)
+        config = config_mod.load(path)
+        registry = registry_for(NtpCollector(client, prefix=key_prefix, nodes=("configured-only", "the-hub"),
+                                             stale_after_s=360, stale_after_by_node={"the-hub": 1920}))
+        records = [rounds.dispatch(config, TEST_NODE).wait(complete=True) for _ in range(2)]
+        store = Store(client, prefix=key_prefix)
+        latest, stats = store.latest(TEST_NODE), store.stats(TEST_NODE)
+        scrape = _samples(registry)
+        seconds, micros = client.time()
+        rounds.dispatch(config, TEST_NODE).wait()
+        after = _samples(registry)
+    finally:
+        client.close()
+        sim.stop()
+    return ScrapedRounds(servers, records, latest, stats, scrape, int(seconds) + int(micros) / 1e6, after)
+
+
 @pytest.mark.integration
-def test_collector_exports_the_contract_and_counters_only_grow(worker, simulator, tmp_path, key_prefix,
-                                                               redis_client):
-    _, servers = simulator({"good": Behaviour(delay_s=0.002, offset_s=0.004),
-                            "far": Behaviour(delay_s=0.006, offset_s=0.004),
-                            "liar": Behaviour(delay_s=0.002, bad_origin=True)})
-    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix, max_retries=2, retry_delay=0.1)
-    config = config_mod.load(path)
-    registry = registry_for(NtpCollector(redis_client, prefix=key_prefix, nodes=("configured-only", "the-hub"),
-                                         stale_after_s=360, stale_after_by_node={"the-hub": 1920}))
-    records = [rounds.dispatch(config, TEST_NODE).wait(complete=True) for _ in range(2)]
-    store = Store(redis_client, prefix=key_prefix)
-    latest, stats = store.latest(TEST_NODE), store.stats(TEST_NODE)
+def test_both_rounds_are_decided_early_and_the_liar_is_late(scraped):
     # good and far decide each round; the liar's bogus reply is set aside until its timeout: it is late,
     # and not retried, since nothing it could say would change a published round.
-    assert [r["closed_by"] for r in records] == ["early", "early"]
-    m = _samples(registry)
-    node = frozenset({("node", TEST_NODE)})
+    assert [r["closed_by"] for r in scraped.records] == ["early", "early"], "each round closed early"
+    assert scraped.get("chronotick_ntp_early_rounds_total") == 2, "early rounds counted"
+    assert scraped.get("chronotick_ntp_late_replies_total") == 2, "the liar's late reply counted once a round"
 
-    def get(name, **labels):
-        return m[(name, frozenset({("node", TEST_NODE), *labels.items()}))]
 
-    assert m[("chronotick_ntp_redis_up", frozenset())] == 1
-    assert get("chronotick_ntp_offset_seconds") == latest["offset"]
-    assert get("chronotick_ntp_uncertainty_seconds") == latest["uncertainty"]
-    assert get("chronotick_ntp_last_publish_timestamp_seconds") == latest["published_at"]
+@pytest.mark.integration
+def test_the_node_gauges_are_its_latest_measurement_aged_on_redis_clock(scraped):
+    get, latest = scraped.get, scraped.latest
+    assert scraped.scrape[("chronotick_ntp_redis_up", frozenset())] == 1, "redis_up 1"
+    assert get("chronotick_ntp_offset_seconds") == latest["offset"], "offset: latest's"
+    assert get("chronotick_ntp_uncertainty_seconds") == latest["uncertainty"], "uncertainty: latest's"
+    assert get("chronotick_ntp_last_publish_timestamp_seconds") == latest["published_at"], "last publish: latest's"
     # On Redis' clock, never the node's own measured_at (tests/integration/test_skew.py runs a node 2 h off).
-    assert get("chronotick_ntp_last_measurement_timestamp_seconds") == latest["published_at"]
-    seconds, micros = redis_client.time()
-    assert 0 <= get("chronotick_ntp_last_measurement_age_seconds") <= int(seconds) + int(micros) / 1e6 - latest[
-        "published_at"]
-    assert get("chronotick_ntp_rounds_total", quality="strict") == 2
-    assert get("chronotick_ntp_rounds_total", quality="starvation") == 0
-    assert get("chronotick_ntp_queries_total") == stats["queries"] == 2 * (1 + 1 + 1)
-    assert get("chronotick_ntp_requests_total") == stats["requests"] == 2 * (1 + 1 + 1)  # simple mode: one each
-    assert get("chronotick_ntp_retries_total") == stats["retries"] == 0
-    assert get("chronotick_ntp_replies_total") == stats["replies"] == 2 * 3
-    assert get("chronotick_ntp_rejections_total", reason="bogus_origin") == 2
-    assert get("chronotick_ntp_early_rounds_total") == 2 and get("chronotick_ntp_late_replies_total") == 2
-    liar = servers["liar"]
-    assert get("chronotick_ntp_server_reach", server=liar) == 0
-    assert get("chronotick_ntp_server_reach", server=servers["good"]) == 0b11
-    assert get("chronotick_ntp_server_reachable", server=servers["good"]) == 1
-    assert get("chronotick_ntp_server_state", server=liar, state="refused") == 1
-    assert get("chronotick_ntp_server_state", server=servers["good"], state="ok") == 1
-    assert get("chronotick_ntp_round_duration_seconds_count") == 2
-    assert get("chronotick_ntp_round_duration_seconds_sum") == pytest.approx(sum(r["duration_s"] for r in records))
-    assert get("chronotick_ntp_round_duration_seconds_bucket", le="+Inf") == 2
+    assert get("chronotick_ntp_last_measurement_timestamp_seconds") == latest["published_at"], \
+        "last measurement: latest's published_at (Redis' clock), not its measured_at"
+    assert 0 <= get("chronotick_ntp_last_measurement_age_seconds") <= scraped.redis_now - latest["published_at"], \
+        "age: at most the time since publication on Redis' clock"
+
+
+@pytest.mark.integration
+def test_round_and_query_counters_are_the_nodes_stats(scraped):
+    get, stats = scraped.get, scraped.stats
+    assert get("chronotick_ntp_rounds_total", quality="strict") == 2, "strict rounds"
+    assert get("chronotick_ntp_rounds_total", quality="starvation") == 0, "starvation rounds, exported at 0"
+    assert get("chronotick_ntp_queries_total") == stats["queries"] == 2 * (1 + 1 + 1), f"queries: {stats}"
+    assert get("chronotick_ntp_requests_total") == stats["requests"] == 2 * (1 + 1 + 1), \
+        f"requests, one each in simple mode: {stats}"
+    assert get("chronotick_ntp_retries_total") == stats["retries"] == 0, f"no retry: {stats}"
+    assert get("chronotick_ntp_replies_total") == stats["replies"] == 2 * 3, f"replies: {stats}"
+    assert get("chronotick_ntp_rejections_total", reason="bogus_origin") == 2, "the liar's replies refused by reason"
+
+
+@pytest.mark.integration
+def test_each_servers_reach_and_state(scraped):
+    get, servers = scraped.get, scraped.servers
+    assert get("chronotick_ntp_server_reach", server=servers["liar"]) == 0, "the liar: no reach bit"
+    assert get("chronotick_ntp_server_reach", server=servers["good"]) == 0b11, "the good server: reached twice"
+    assert get("chronotick_ntp_server_reachable", server=servers["good"]) == 1, "the good server reachable"
+    assert get("chronotick_ntp_server_state", server=servers["liar"], state="refused") == 1, "the liar: refused"
+    assert get("chronotick_ntp_server_state", server=servers["good"], state="ok") == 1, "the good server: ok"
+
+
+@pytest.mark.integration
+def test_round_duration_is_a_cumulative_histogram_of_the_rounds(scraped):
+    get, records = scraped.get, scraped.records
+    assert get("chronotick_ntp_round_duration_seconds_count") == 2, "count: the rounds"
+    assert get("chronotick_ntp_round_duration_seconds_sum") == pytest.approx(sum(r["duration_s"] for r in records)), \
+        "sum: the rounds' durations"
+    assert get("chronotick_ntp_round_duration_seconds_bucket", le="+Inf") == 2, "+Inf bucket: every round"
     for bound in ROUND_DURATION_BUCKETS_S:  # cumulative, as Prometheus reads a histogram
         within = sum(r["duration_s"] <= bound for r in records)
-        assert get("chronotick_ntp_round_duration_seconds_bucket", le=f"{float(bound)}") == within
-    assert get("chronotick_ntp_round_duration_seconds_bucket", le="5.0") == 2  # rounds here take < 1 s
-    for s in records[-1]["servers"]:  # per server, from the last round
+        assert get("chronotick_ntp_round_duration_seconds_bucket", le=f"{float(bound)}") == within, \
+            f"bucket le={bound}: the rounds within it ({within})"
+    assert get("chronotick_ntp_round_duration_seconds_bucket", le="5.0") == 2, "rounds here take < 1 s"
+
+
+@pytest.mark.integration
+def test_per_server_gauges_are_the_last_rounds_samples(scraped):
+    get = scraped.get
+    for s in scraped.records[-1]["servers"]:  # per server, from the last round
         if s.get("sample"):
             # From the compact history record: offsets to 100 ns, delays to the microsecond.
             assert get("chronotick_ntp_server_offset_seconds", server=s["server"]) == pytest.approx(
-                s["sample"]["offset_s"], abs=0.5e-7)
+                s["sample"]["offset_s"], abs=0.5e-7), f"{s['server']}: its sample's offset"
             assert get("chronotick_ntp_server_delay_seconds", server=s["server"]) == pytest.approx(
-                s["sample"]["delay_s"], abs=0.5e-6)
-            assert get("chronotick_ntp_server_stratum", server=s["server"]) == s["sample"]["stratum"]
-    assert ("chronotick_ntp_server_offset_seconds", frozenset({*node, ("server", servers["liar"])})) not in m
-    # A configured node that never ran is exported (so "stale" can fire) with no offset.
-    assert m[("chronotick_ntp_stale_after_seconds", frozenset({("node", "configured-only")}))] == 360
-    # The hub node's rounds are further apart: its own limit (issue #26).
-    assert m[("chronotick_ntp_stale_after_seconds", frozenset({("node", "the-hub")}))] == 1920
-    assert ("chronotick_ntp_offset_seconds", frozenset({("node", "configured-only")})) not in m
-    assert ("chronotick_ntp_last_measurement_age_seconds", frozenset({("node", "configured-only")})) not in m
+                s["sample"]["delay_s"], abs=0.5e-6), f"{s['server']}: its sample's delay"
+            assert get("chronotick_ntp_server_stratum", server=s["server"]) == s["sample"]["stratum"], \
+                f"{s['server']}: its sample's stratum"
+    node = frozenset({("node", TEST_NODE)})
+    assert ("chronotick_ntp_server_offset_seconds", frozenset({*node, ("server", scraped.servers["liar"])})) \
+        not in scraped.scrape, "no offset for the liar, which gave no sample"
 
-    rounds.dispatch(config, TEST_NODE).wait()
-    after = _samples(registry)
+
+@pytest.mark.integration
+def test_each_configured_node_is_exported_with_its_own_stale_limit(scraped):
+    m = scraped.scrape
+    # A configured node that never ran is exported (so "stale" can fire).
+    assert m[("chronotick_ntp_stale_after_seconds", frozenset({("node", "configured-only")}))] == 360, \
+        "a configured node that never ran: the service's limit"
+    # The hub node's rounds are further apart: its own limit (issue #26).
+    assert m[("chronotick_ntp_stale_after_seconds", frozenset({("node", "the-hub")}))] == 1920, \
+        "the hub node: its own limit"
+
+
+@pytest.mark.integration
+def test_a_configured_node_that_never_ran_has_no_offset_and_no_age(scraped):
+    m = scraped.scrape
+    assert ("chronotick_ntp_offset_seconds", frozenset({("node", "configured-only")})) not in m, "no offset"
+    assert ("chronotick_ntp_last_measurement_age_seconds", frozenset({("node", "configured-only")})) not in m, \
+        "no age"
+
+
+@pytest.mark.integration
+def test_counters_only_grow_over_another_round(scraped):
+    m, after = scraped.scrape, scraped.after
     counters = [k for k in m if k[0].endswith(("_total", "_count", "_bucket", "_sum"))]
-    assert counters and all(after[k] >= m[k] for k in counters)
-    assert after[("chronotick_ntp_rounds_total", frozenset({*node, ("quality", "strict")}))] == 3
+    assert counters and all(after[k] >= m[k] for k in counters), \
+        f"no counter went down: {[(k, m[k], after[k]) for k in counters if after[k] < m[k]]}"
+    node = frozenset({("node", TEST_NODE)})
+    assert after[("chronotick_ntp_rounds_total", frozenset({*node, ("quality", "strict")}))] == 3, \
+        "the third strict round counted"
 
 
 def test_collector_says_redis_is_down_instead_of_failing(tmp_path):

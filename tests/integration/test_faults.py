@@ -5,13 +5,17 @@ simulator and checks two things: the bad server's outcome carries the named
 reason, and nothing it said reached ``latest``.
 """
 
+import contextlib
+import io
 import json
+import uuid
+from dataclasses import dataclass
 
 import pytest
 
 from orchestrator import cli, rounds
-from orchestrator.store import Store
-from simulator.ntpserver import Behaviour
+from orchestrator.store import Store, store_for
+from simulator.ntpserver import Behaviour, NtpSimulator
 from workers import config as config_mod
 from workers.contracts import Reason
 
@@ -63,29 +67,71 @@ def _server(record, name):
     return next(s for s in record["servers"] if s["server"] == name)
 
 
-def test_every_sanity_check_and_kiss_code_refuses_and_nothing_wrong_is_published(
-        worker, simulator, tmp_path, key_prefix, redis_client, capsys):
+# -- every fault at once, beside one good server: one round, each behaviour checked on its own ------------
+
+@dataclass(frozen=True)
+class FaultyRound:
+    """One ``measure --json`` of a server for every fault and one good one, and the node's contract after it."""
+
+    servers: dict[str, str]  # name -> host:port
+    code: int                # measure's exit status
+    record: dict             # what it printed
+    latest: dict             # the node's latest key after it
+    stats: dict              # the node's counters after it
+
+
+@pytest.fixture(scope="module")
+def faulty(worker, tmp_path_factory) -> FaultyRound:
+    """The round, once for every test of it (tests must not change its data)."""
     named = {name: _lying(b) for name, (b, _) in FAULTS.items()}
     named["good"] = Behaviour(offset_s=TRUTH_S, delay_s=0.004)
-    _, servers = simulator(named)
-    path = write_config(tmp_path, list(servers.values()), key_prefix=key_prefix, max_retries=2,
-                        retry_delay=0.1, timeout_seconds=0.3)
-    code, record = _round(path, capsys)
-    assert code == cli.EXIT_OK
+    key_prefix = f"t{uuid.uuid4().hex[:10]}"
+    sim = NtpSimulator.on_free_ports(list(named.values()), seed=1).start()
+    try:
+        servers = {name: f"127.0.0.1:{port}" for name, port in zip(named, sim.behaviours, strict=True)}
+        path = write_config(tmp_path_factory.mktemp("faults"), list(servers.values()), key_prefix=key_prefix,
+                            max_retries=2, retry_delay=0.1, timeout_seconds=0.3)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = cli.main(["measure", "--config", str(path), "--node", TEST_NODE, "--json"])
+        store = store_for(config_mod.load(path).service)  # the service's own client of the tests' Redis
+        latest, stats = store.latest(TEST_NODE), store.stats(TEST_NODE)
+    finally:
+        sim.stop()
+    return FaultyRound(servers, code, json.loads(printed.getvalue()), latest, stats)
+
+
+def test_a_round_among_every_fault_exits_ok_and_publishes_the_good_server_only(faulty):
+    assert faulty.code == cli.EXIT_OK, "measure exits 0: the good server decides the round"
+    latest = faulty.latest
+    assert latest["server"] == faulty.servers["good"] and abs(latest["offset"] - TRUTH_S) < 0.001, \
+        f"latest is the good server's, within 1 ms of the truth: nothing a faulty server said: {latest}"
+
+
+def test_each_faulty_server_fails_with_its_named_reason(faulty):
     for name, (_, reasons) in FAULTS.items():
-        outcome = _server(record, servers[name])
-        assert outcome["status"] == "failed", (name, outcome)
-        assert outcome["reason"] in reasons, (name, outcome["reason"], outcome["detail"])
+        outcome = _server(faulty.record, faulty.servers[name])
+        assert outcome["status"] == "failed", f"{name}: failed: {outcome}"
+        assert outcome["reason"] in reasons, \
+            f"{name}: refused for one of {sorted(reasons)}: {outcome['reason']} ({outcome['detail']})"
+
+
+def test_a_kiss_of_death_is_named_and_never_retried(faulty):
+    for name in FAULTS:
         if name.startswith("kod_"):
-            assert outcome["attempts"] == 1 and outcome["kiss_code"] == name[4:].upper()  # never retried
-    store = Store(redis_client, prefix=key_prefix)
-    latest = store.latest(TEST_NODE)
-    assert latest["server"] == servers["good"] and abs(latest["offset"] - TRUTH_S) < 0.001
-    stats = store.stats(TEST_NODE)
+            outcome = _server(faulty.record, faulty.servers[name])
+            assert outcome["attempts"] == 1 and outcome["kiss_code"] == name[4:].upper(), \
+                f"{name}: one attempt, its kiss code named: {outcome}"
+
+
+def test_each_refusal_is_counted_by_its_reason(faulty):
+    stats = faulty.stats
     for name, (_, reasons) in FAULTS.items():
         if name != "dead":
-            assert sum(stats.get(f"rejected:{r}", 0) for r in reasons) >= 1, name
-    assert stats["rejected:kod_rate"] == 1 and stats["failed:kod_rate"] == 1
+            assert sum(stats.get(f"rejected:{r}", 0) for r in reasons) >= 1, \
+                f"{name}: a rejection counted for one of {sorted(reasons)}: {stats}"
+    assert stats["rejected:kod_rate"] == 1 and stats["failed:kod_rate"] == 1, \
+        f"the RATE kiss counted once as a rejection and once as a failure: {stats}"
 
 
 def test_rate_kiss_backs_the_server_off_for_later_rounds(worker, simulator, tmp_path, key_prefix, capsys):

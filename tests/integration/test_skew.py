@@ -11,6 +11,8 @@ trimmed its node's whole history (MINID on its own clock).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -18,16 +20,19 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
+from dataclasses import dataclass
 
 import pytest
 import yaml
 
-from orchestrator import rounds
+from orchestrator import cli, rounds, scheduler
 from orchestrator.reader import NtpReader
 from orchestrator.store import Store
-from simulator.ntpserver import Behaviour
+from simulator.ntpserver import Behaviour, NtpSimulator
 from simulator.processes import free_tcp_port, stop_process
 from workers import config as config_mod
+from workers import redisurl
 
 from ..conftest import REPO, wait_for
 from .test_cluster import queue_has_worker
@@ -123,83 +128,165 @@ def _scrape(port: int) -> dict | None:
             for s in family.samples}
 
 
-@pytest.mark.parametrize("skew_s", [7200.0, -7200.0])
-def test_a_skewed_node_is_fresh_after_its_round_and_stale_three_intervals_after_it(skew_s, redis_url, redis_client,
-                                                                                  simulator, tmp_path, key_prefix,
-                                                                                  capsys):
+# -- a node 2 h off, judged fresh then stale by every reader: one run per skew, each reader checked on its own --
+
+@dataclass(frozen=True)
+class Judged:
+    """What ``status`` (here and on the skewed node), a skewed exporter and the beat's freshness check said of a
+    node 2 h off: right after its rounds, and three intervals after its last (Redis' clock)."""
+
+    skew_s: float
+    node: str
+    stale_after_s: float
+    latest: dict                 # the last round's measurement
+    since_publish_s: float       # Redis' clock, from that round's publication to when the fresh reads were done
+    # Right after the rounds:
+    status_code: int             # ``status --json`` here: its exit status and the node's report
+    status: dict
+    on_node_code: int            # ``status --json`` run on the skewed node
+    on_node: dict
+    on_node_output: str
+    metrics: dict | None         # one scrape of the skewed exporter
+    warm_ups: list[str]          # the beat's freshness check
+    # Three intervals after the last round:
+    stale_status_code: int
+    stale_status: dict
+    stale_metrics: dict | None
+    stale_warm_ups: list[str]
+
+
+@pytest.fixture(scope="module", params=[7200.0, -7200.0], ids=["ahead", "behind"])
+def judged(request, redis_url, tmp_path_factory) -> Judged:
     """Ages are judged on Redis' clock: a node 2 h off is fresh after its round, stale three intervals later.
 
     Judged on the node's own clock (``measured_at``), a node 2 h behind was STALE (age 7,200 s) right after
     a fresh round, and one 2 h ahead had an age of -7,200 s and could not go stale for two hours.  The
     worker, an exporter and one ``status`` run 2 h off (libfaketime); this process, the other ``status``,
-    the beat's freshness check and Redis keep the true time.
+    the beat's freshness check and Redis keep the true time.  Once per skew for every test of it (tests
+    must not change its data).
     """
-    from orchestrator import cli, scheduler
-
+    skew_s = request.param
+    tmp_path = tmp_path_factory.mktemp(f"ages{'ahead' if skew_s > 0 else 'behind'}")
+    key_prefix = f"t{uuid.uuid4().hex[:10]}"
     node = f"age{'ahead' if skew_s > 0 else 'behind'}"
     interval_s = 3.0
     stale_after_s = 3 * interval_s  # three normal intervals
-    _, servers = simulator({f"s{i}": Behaviour(offset_s=TRUTH_S, delay_s=0.002 * (i + 1)) for i in range(3)})
-    path = tmp_path / "ages.yaml"
-    path.write_text(yaml.safe_dump({
-        # The gates of the tests' configs (conftest.write_config): a busy machine's delays refuse no reply,
-        # so ``status`` has only the age to judge.
-        "clock_measurement": {"ntp": {"servers": list(servers.values()), "timeout_seconds": 0.3,
-                                      "retry_delay": 0.1, "max_retries": 2, "selection": "best",
-                                      "max_delay": 0.1, "max_acceptable_uncertainty": 0.05},
-                              "timing": {"warm_up": {"duration_seconds": 5, "measurement_interval": 1},
-                                         "normal_operation": {"measurement_interval": interval_s}}},
-        "ntp_service": {"key_prefix": key_prefix, "nodes": [node]}}))
-    config = config_mod.load(path)
-    port = free_tcp_port()
-    exporter = _skewed_cli(skew_s, ["exporter", "--config", str(path), "--port", str(port)], redis_url,
-                           stdout=subprocess.DEVNULL, stderr=open(tmp_path / "exporter.log", "wb"))
+    sim = NtpSimulator.on_free_ports([Behaviour(offset_s=TRUTH_S, delay_s=0.002 * (i + 1)) for i in range(3)],
+                                     seed=1).start()
+    client = redisurl.connect(redis_url)
     try:
-        worker = _skewed_worker(skew_s, path, node, redis_url, tmp_path / "w.log")
-        try:
-            wait_for(lambda: _scrape(port), what="the skewed exporter to answer")
-            # Three rounds, so that a cold worker's slow first round cannot miss the round-time targets alone.
-            records = [rounds.dispatch(config, node).wait() for _ in range(3)]
-        finally:
-            stop_process(worker)
-        assert all(r is not None and r["quality"] == "strict" for r in records), \
-            (tmp_path / "w.log").read_text()[-2000:]
-        latest = records[-1]["latest"]
-        # The node's clock really is off: its measurement's own time is 2 h from its publish time on Redis'.
-        assert abs(latest["measured_at"] - latest["published_at"] - skew_s) < 60
+        path = tmp_path / "ages.yaml"
+        path.write_text(yaml.safe_dump({
+            # The gates of the tests' configs (conftest.write_config): a busy machine's delays refuse no reply,
+            # so ``status`` has only the age to judge.
+            "clock_measurement": {"ntp": {"servers": sim.servers(), "timeout_seconds": 0.3,
+                                          "retry_delay": 0.1, "max_retries": 2, "selection": "best",
+                                          "max_delay": 0.1, "max_acceptable_uncertainty": 0.05},
+                                  "timing": {"warm_up": {"duration_seconds": 5, "measurement_interval": 1},
+                                             "normal_operation": {"measurement_interval": interval_s}}},
+            "ntp_service": {"key_prefix": key_prefix, "nodes": [node]}}))
+        config = config_mod.load(path)
+        port = free_tcp_port()
 
         def status() -> tuple[int, dict]:
-            code = cli.main(["status", "--config", str(path), "--node", node, "--json"])
-            return code, json.loads(capsys.readouterr().out)["nodes"][node]
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                code = cli.main(["status", "--config", str(path), "--node", node, "--json"])
+            return code, json.loads(printed.getvalue())["nodes"][node]
 
-        # Right after the round: fresh, with an age no larger than the time since it was published.
-        on_node = _skewed_cli(skew_s, ["status", "--config", str(path), "--node", node, "--json"], redis_url,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        code, report = status()
-        metrics = _scrape(port)
-        warm_ups = scheduler.warm_up_nodes_without_fresh_measurement(config, [node])
-        out, err = on_node.communicate(timeout=30)
-        since_publish_s = _redis_now(redis_client) - latest["published_at"]
-        assert since_publish_s < stale_after_s, "the machine was too slow to see the node fresh"
-        assert code == cli.EXIT_OK and not report["stale"], json.dumps(report)
-        assert 0 <= report["latest_age_s"] <= since_publish_s, report
-        on_node_report = json.loads(out)["nodes"][node]  # status run on the skewed node: the same
-        assert on_node.returncode == cli.EXIT_OK and not on_node_report["stale"], out + err
-        assert 0 <= on_node_report["latest_age_s"] <= since_publish_s, on_node_report
-        assert metrics is not None and metrics[("chronotick_ntp_stale_after_seconds", node)] == stale_after_s
-        assert 0 <= metrics[("chronotick_ntp_last_measurement_age_seconds", node)] <= since_publish_s
-        assert metrics[("chronotick_ntp_last_measurement_timestamp_seconds", node)] == latest["published_at"]
-        assert warm_ups == []  # the beat's freshness check: fresh, so no warm-up
+        exporter = _skewed_cli(skew_s, ["exporter", "--config", str(path), "--port", str(port)], redis_url,
+                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "exporter.log", "wb"))
+        try:
+            worker = _skewed_worker(skew_s, path, node, redis_url, tmp_path / "w.log")
+            try:
+                wait_for(lambda: _scrape(port), what="the skewed exporter to answer")
+                # Three rounds, so that a cold worker's slow first round cannot miss the round-time targets alone.
+                records = [rounds.dispatch(config, node).wait() for _ in range(3)]
+            finally:
+                stop_process(worker)
+            assert all(r is not None and r["quality"] == "strict" for r in records), \
+                (tmp_path / "w.log").read_text()[-2000:]
+            latest = records[-1]["latest"]
 
-        # Three intervals after its last round, on Redis' clock: stale everywhere.
-        wait_for(lambda: _redis_now(redis_client) > latest["published_at"] + stale_after_s,
-                 timeout_s=stale_after_s + 5, what="three intervals to pass on Redis' clock", interval_s=0.1)
-        code, report = status()
-        assert code == cli.EXIT_STARVATION and report["stale"], report
-        assert stale_after_s < report["latest_age_s"] < stale_after_s + 30, report
-        metrics = _scrape(port)
-        assert metrics is not None
-        assert stale_after_s < metrics[("chronotick_ntp_last_measurement_age_seconds", node)] < stale_after_s + 30
-        assert scheduler.warm_up_nodes_without_fresh_measurement(config, [node]) == [node]
+            # Right after the round.
+            on_node = _skewed_cli(skew_s, ["status", "--config", str(path), "--node", node, "--json"], redis_url,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            code, report = status()
+            metrics = _scrape(port)
+            warm_ups = scheduler.warm_up_nodes_without_fresh_measurement(config, [node])
+            out, err = on_node.communicate(timeout=30)
+            since_publish_s = _redis_now(client) - latest["published_at"]
+            assert since_publish_s < stale_after_s, "the machine was too slow to see the node fresh"
+
+            # Three intervals after its last round, on Redis' clock.
+            wait_for(lambda: _redis_now(client) > latest["published_at"] + stale_after_s,
+                     timeout_s=stale_after_s + 5, what="three intervals to pass on Redis' clock", interval_s=0.1)
+            stale_code, stale_report = status()
+            stale_metrics = _scrape(port)
+            stale_warm_ups = scheduler.warm_up_nodes_without_fresh_measurement(config, [node])
+        finally:
+            stop_process(exporter)
     finally:
-        stop_process(exporter)
+        client.close()
+        sim.stop()
+    try:
+        on_node_report = json.loads(out)["nodes"][node]
+    except (ValueError, KeyError):  # no report: its test shows what it said
+        on_node_report = {}
+    return Judged(skew_s, node, stale_after_s, latest, since_publish_s, code, report, on_node.returncode,
+                  on_node_report, out + err, metrics, warm_ups, stale_code, stale_report, stale_metrics,
+                  stale_warm_ups)
+
+
+def test_the_nodes_own_clock_really_is_off(judged):
+    latest = judged.latest
+    assert abs(latest["measured_at"] - latest["published_at"] - judged.skew_s) < 60, \
+        f"its measurement's own time is {judged.skew_s:+g} s from its publish time on Redis': {latest}"
+
+
+def test_status_finds_the_node_fresh_right_after_its_round(judged):
+    report = judged.status
+    assert judged.status_code == cli.EXIT_OK and not report["stale"], f"status exits 0, not stale: {report}"
+    assert 0 <= report["latest_age_s"] <= judged.since_publish_s, \
+        f"an age no larger than the time since publication ({judged.since_publish_s} s): {report}"
+
+
+def test_status_run_on_the_skewed_node_finds_it_fresh_too(judged):
+    report = judged.on_node
+    assert judged.on_node_code == cli.EXIT_OK and not report["stale"], \
+        f"status on the skewed node exits 0, not stale: {judged.on_node_output}"
+    assert 0 <= report["latest_age_s"] <= judged.since_publish_s, \
+        f"an age no larger than the time since publication ({judged.since_publish_s} s): {report}"
+
+
+def test_a_skewed_exporter_ages_the_node_on_redis_clock(judged):
+    metrics, node = judged.metrics, judged.node
+    assert metrics is not None and metrics[("chronotick_ntp_stale_after_seconds", node)] == judged.stale_after_s, \
+        "the exporter answered, with the node's stale limit"
+    assert 0 <= metrics[("chronotick_ntp_last_measurement_age_seconds", node)] <= judged.since_publish_s, \
+        f"an age no larger than the time since publication ({judged.since_publish_s} s)"
+    assert metrics[("chronotick_ntp_last_measurement_timestamp_seconds", node)] == judged.latest["published_at"], \
+        "the last measurement's time: its publication on Redis' clock, not the node's measured_at"
+
+
+def test_the_beats_freshness_check_asks_no_warm_up_for_the_fresh_node(judged):
+    assert judged.warm_ups == [], f"fresh, so no warm-up: {judged.warm_ups}"
+
+
+def test_status_finds_the_node_stale_three_intervals_after_its_round(judged):
+    report, stale_after_s = judged.stale_status, judged.stale_after_s
+    assert judged.stale_status_code == cli.EXIT_STARVATION and report["stale"], f"status exits 1, stale: {report}"
+    assert stale_after_s < report["latest_age_s"] < stale_after_s + 30, \
+        f"an age past the stale limit ({stale_after_s} s), by seconds, not hours: {report}"
+
+
+def test_a_skewed_exporter_ages_the_node_past_its_stale_limit(judged):
+    metrics, stale_after_s = judged.stale_metrics, judged.stale_after_s
+    assert metrics is not None, "the exporter answered"
+    age = metrics[("chronotick_ntp_last_measurement_age_seconds", judged.node)]
+    assert stale_after_s < age < stale_after_s + 30, \
+        f"an age past the stale limit ({stale_after_s} s), by seconds, not hours: {age}"
+
+
+def test_the_beats_freshness_check_asks_a_warm_up_for_the_stale_node(judged):
+    assert judged.stale_warm_ups == [judged.node], f"stale, so a warm-up: {judged.stale_warm_ups}"
