@@ -22,17 +22,15 @@ COUNTERS = ("rounds", "strict", "relaxed", "starvation", "outlier", "outage", "q
 #: 500 ms on average and 2 s at p99, and up to a whole retry schedule.
 ROUND_DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
-#: Attempt failures that are not a reply we refused (nothing came back).
-NO_REPLY_REASONS = frozenset({Reason.TIMEOUT, Reason.SOCKET_ERROR, Reason.PORT_UNREACHABLE, Reason.DNS_ERROR,
-                              Reason.QUERY_ERROR, Reason.ROUND_DEADLINE, Reason.NO_RESULT, Reason.KOD_BACKOFF,
-                              Reason.KOD_DEMOBILISED, Reason.NTS_KE_FAILED, Reason.POLITENESS_LIMIT})
-
 #: Attempt failures before any request left: no name, no NTS keys, the worker's own error (taken as
-#: before the send), or a server the worker kept away from.  A ``socket_error`` counts as sent: the
-#: kernel refused the packet or reported its answer (ICMP), and a record cannot tell which.
+#: before the send), a job for another node, or a server the worker kept away from.  A ``socket_error``
+#: counts as sent: the kernel refused the packet or reported its answer (ICMP), and a record cannot tell which.
 NO_REQUEST_REASONS = frozenset({Reason.DNS_ERROR, Reason.NTS_KE_FAILED, Reason.QUERY_ERROR, Reason.ROUND_DEADLINE,
                                 Reason.NO_RESULT, Reason.WRONG_NODE, Reason.KOD_BACKOFF, Reason.KOD_DEMOBILISED,
                                 Reason.POLITENESS_LIMIT})
+
+#: Attempt failures that are not a reply we refused: nothing came back, whether or not a request left.
+NO_REPLY_REASONS = NO_REQUEST_REASONS | {Reason.TIMEOUT, Reason.SOCKET_ERROR, Reason.PORT_UNREACHABLE}
 
 
 def duration_fields(duration_s: float) -> list[str]:

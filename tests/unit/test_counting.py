@@ -9,7 +9,7 @@ attempt is a burst of ``advanced_samples`` requests, so replies outnumbered
 import re
 from pathlib import Path
 
-from orchestrator.counting import COUNTERS, late_counters, round_counters
+from orchestrator.counting import COUNTERS, NO_REPLY_REASONS, NO_REQUEST_REASONS, late_counters, round_counters
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,6 +65,16 @@ def test_simple_mode_sends_one_request_per_attempt():
     counts = round_counters(record)
     assert counts["queries"] == counts["requests"] == 4
     assert counts["replies"] == 2
+
+
+def test_a_failure_before_any_request_counts_no_reply_and_no_rejection():
+    """No request left (a job for another node, no name, kept away after a kiss, ...): so no reply came either."""
+    for reason in sorted(NO_REQUEST_REASONS):
+        record = _record(_server("a", "failed", [{"attempt": 1, "reason": reason}], reason=reason))
+        counts = round_counters(record)
+        assert (counts["queries"], counts["requests"], counts["replies"]) == (1, 0, 0), reason
+        assert counts.get("rejected", 0) == 0 and f"rejected:{reason}" not in counts, reason
+    assert NO_REQUEST_REASONS <= NO_REPLY_REASONS
 
 
 def test_late_servers_count_their_requests_when_their_outcomes_come():

@@ -218,3 +218,10 @@ def test_servers_no_longer_configured_are_left_out():
     report = sources.report("n1", ["a"], records, {"gone": Reach(1, 1), "a": Reach(1, 1)}, now=100.0)
     assert [s["server"] for s in report["servers"]] == ["a"], "only configured servers"
     assert report["reachable"] == 1 and report["majority"] == 1, "counted over configured servers"
+
+
+def test_a_job_for_another_node_is_no_refused_reply():
+    """``wrong_node``: the worker sent nothing, so the server failed to answer nothing -- not ``refused``."""
+    entry = {"server": "a", "status": ServerStatus.FAILED, "reason": Reason.WRONG_NODE, "attempts": 1,
+             "history": [{"attempt": 1, "reason": Reason.WRONG_NODE}]}
+    assert state_of(entry, None) == ServerState.FAILING
