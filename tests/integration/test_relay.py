@@ -352,17 +352,24 @@ def test_a_node_past_the_budget_is_told_rate_and_names_it_kod_rate_not_a_timeout
         assert sum(port.stats.timeouts for port in running.relay.ports) == 0
 
 
-def test_the_cli_loads_chronoticks_file_and_refuses_an_open_bind(tmp_path):
+#: ``chronotick-ntp relay --config``, as a process: what an operator runs.
+RELAY_COMMAND = [sys.executable, "-m", "orchestrator.cli", "relay", "--config"]
+
+
+def test_the_relay_refuses_a_bind_off_loopback_without_allow():
     chronotick_file = REPO / "tests" / "data" / "ntp_proxy_config.yaml"
-    run = [sys.executable, "-m", "orchestrator.cli", "relay", "--config"]
-    done = subprocess.run([*run, str(chronotick_file), "--bind", "172.20.1.1"], capture_output=True, text=True,
-                          cwd=str(REPO), timeout=60)
-    assert done.returncode == cli.EXIT_USAGE and "--allow" in done.stderr
+    done = subprocess.run([*RELAY_COMMAND, str(chronotick_file), "--bind", "172.20.1.1"], capture_output=True,
+                          text=True, cwd=str(REPO), timeout=60)
+    assert done.returncode == cli.EXIT_USAGE, "an open bind is a usage error"
+    assert "--allow" in done.stderr, "the refusal names --allow"
+
+
+def test_the_relay_refuses_a_bad_mapping_naming_its_key_and_value(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("proxy_mappings:\n  - listen_port: 99999\n    ntp_server: time.google.com\n")
-    done = subprocess.run([*run, str(bad)], capture_output=True, text=True, cwd=str(REPO), timeout=60)
-    assert done.returncode == cli.EXIT_USAGE
-    assert "proxy_mappings[0].listen_port" in done.stderr and "99999" in done.stderr
+    done = subprocess.run([*RELAY_COMMAND, str(bad)], capture_output=True, text=True, cwd=str(REPO), timeout=60)
+    assert done.returncode == cli.EXIT_USAGE, "a bad file is a usage error"
+    assert "proxy_mappings[0].listen_port" in done.stderr and "99999" in done.stderr, "the key and value are named"
 
 
 def test_the_relay_writes_its_counts_to_redis_and_the_exporter_shows_them(redis_url, redis_client, tmp_path,

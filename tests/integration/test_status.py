@@ -67,18 +67,28 @@ def test_status_fails_a_node_that_misses_and_says_which(worker, simulator, tmp_p
     assert lines["starvation rounds"].endswith("ok")
 
 
-def test_status_exit_codes_for_a_stale_node_usage_and_no_redis(worker, simulator, tmp_path, key_prefix, capsys,
-                                                               monkeypatch):
+def test_status_of_a_configured_node_that_never_published_is_stale_and_exits_1(worker, tmp_path, key_prefix,
+                                                                                   capsys):
+    """A configured node that never published is stale: a miss, not a pass."""
     path = write_config(tmp_path, ["127.0.0.1:9"], key_prefix=key_prefix)
-    # A configured node that never published is stale: a miss, not a pass.
     code, out = _status(path, capsys, "--node", "never-ran", "--json")
-    assert code == cli.EXIT_STARVATION and json.loads(out.out)["nodes"]["never-ran"]["stale"] is True
+    assert code == cli.EXIT_STARVATION, "a stale node is exit 1"
+    assert json.loads(out.out)["nodes"]["never-ran"]["stale"] is True, "the JSON says stale"
+
+
+def test_status_refuses_a_window_of_no_hours_as_usage(tmp_path, key_prefix):
+    path = write_config(tmp_path, ["127.0.0.1:9"], key_prefix=key_prefix)
     with pytest.raises(SystemExit) as usage:
         cli.main(["status", "--config", str(path), "--hours", "0"])
-    assert usage.value.code == cli.EXIT_USAGE
+    assert usage.value.code == cli.EXIT_USAGE, "--hours 0 is a usage error"
+
+
+def test_status_without_redis_exits_4_and_says_so(tmp_path, key_prefix, capsys, monkeypatch):
+    path = write_config(tmp_path, ["127.0.0.1:9"], key_prefix=key_prefix)
     monkeypatch.setenv(config_mod.ENV_REDIS_URL, f"redis://127.0.0.1:{free_tcp_port()}/0")
     code, out = _status(path, capsys)
-    assert code == cli.EXIT_NO_BROKER and "cannot reach Redis" in out.err
+    assert code == cli.EXIT_NO_BROKER, "no Redis is exit 4"
+    assert "cannot reach Redis" in out.err, "the one line names Redis"
 
 
 def test_plot_draws_a_png_of_the_window(worker, simulator, tmp_path, key_prefix, capsys):
