@@ -140,6 +140,26 @@ def redis_client(redis_url):
 
 
 @pytest.fixture
+def drop_in(redis_url, monkeypatch):
+    """``drop_in(config_path, node, url=None)``: ChronoTick's drop-in (``ClockMeasurementSource``) for ``node``,
+    collecting from ``url`` (default: the session's Redis); every one started is stopped after the test."""
+    from orchestrator.reader import ClockMeasurementSource
+
+    started = []
+
+    def start(config_path, node: str, url: str | None = None):
+        monkeypatch.setenv(config_mod.ENV_REDIS_URL, url or redis_url)
+        source = ClockMeasurementSource(str(config_path), node)
+        source.start_collection()
+        started.append(source)
+        return source
+
+    yield start
+    for source in started:
+        source.stop_collection()
+
+
+@pytest.fixture
 def key_prefix() -> str:
     """A fresh key prefix per test, so tests never see each other's rounds."""
     return f"t{uuid.uuid4().hex[:10]}"

@@ -116,20 +116,9 @@ def _warnings_naming(caplog, entry_id) -> list[str]:
 
 
 @pytest.fixture
-def source_for(tmp_path, redis_url, monkeypatch):
+def source_for(tmp_path, drop_in):
     """``source_for(prefix, url=None)``: a started drop-in for :data:`NODE`; stopped after the test."""
-    started = []
-
-    def start(prefix: str, url: str | None = None) -> ClockMeasurementSource:
-        monkeypatch.setenv(config_mod.ENV_REDIS_URL, url or redis_url)
-        source = ClockMeasurementSource(_config(tmp_path, prefix), NODE)
-        source.start_collection()
-        started.append(source)
-        return source
-
-    yield start
-    for source in started:
-        source.stop_collection()
+    return lambda prefix, url=None: drop_in(_config(tmp_path, prefix), NODE, url)
 
 
 # -- a bad entry costs only itself ------------------------------------------------------------------

@@ -32,7 +32,7 @@ import yaml
 
 from orchestrator import callback, selection
 from orchestrator.outcomes import ClosedBy, RoundMeta
-from orchestrator.reader import ClockMeasurementSource, Measurement, NtpReader
+from orchestrator.reader import Measurement, NtpReader
 from orchestrator.records import LATEST_KEYS
 from orchestrator.store import Store
 from workers import config as config_mod
@@ -126,30 +126,18 @@ def _as_stored(value):
     return json.loads(json.dumps(value))
 
 
-@pytest.fixture
-def drop_in(tmp_path, redis_url, monkeypatch):
-    """``drop_in(prefix, node)``: ChronoTick's drop-in, following ``node``; stopped after the test."""
-    started = []
-
-    def start(prefix: str, node: str) -> ClockMeasurementSource:
-        path = tmp_path / f"{node}.yaml"
-        path.write_text(yaml.safe_dump({
-            "clock_measurement": {"ntp": {"servers": ["127.0.0.1"]}, "timing": {"warm_up": {"duration_seconds": 0}}},
-            "ntp_service": {"key_prefix": prefix}}))
-        monkeypatch.setenv(config_mod.ENV_REDIS_URL, redis_url)
-        source = ClockMeasurementSource(str(path), node)
-        source.start_collection()
-        started.append(source)
-        return source
-
-    yield start
-    for source in started:
-        source.stop_collection()
+def _drop_in_config(tmp_path, prefix: str, node: str):
+    """The drop-in's config: ``prefix``'s keys, no warm-up."""
+    path = tmp_path / f"{node}.yaml"
+    path.write_text(yaml.safe_dump({
+        "clock_measurement": {"ntp": {"servers": ["127.0.0.1"]}, "timing": {"warm_up": {"duration_seconds": 0}}},
+        "ntp_service": {"key_prefix": prefix}}))
+    return path
 
 
 @pytest.mark.parametrize("detail", ["compact", "verbose"])
 def test_every_field_of_latest_comes_back_the_same_by_every_road(detail, redis_url, redis_client, key_prefix,
-                                                                  drop_in):
+                                                                  drop_in, tmp_path):
     store = Store(redis_client, prefix=key_prefix)
     published = _publish_every_kind(store, redis_client, key_prefix, detail)
     seen_kinds = set()
@@ -184,7 +172,7 @@ def test_every_field_of_latest_comes_back_the_same_by_every_road(detail, redis_u
         assert direct.address and direct.root_delay > 0 and direct.selection == latest_key["selection"]
 
         # ChronoTick's drop-in, which reads the history stream: the same measurements, in order.
-        source = drop_in(key_prefix, node)
+        source = drop_in(_drop_in_config(tmp_path, key_prefix, node), node)
         wait_for(lambda: len(source._snapshot()[0]) == len(measured), timeout_s=FOLLOW_WAIT_S,  # noqa: B023
                  what=f"the drop-in to read {node}'s rounds")
         held = source._snapshot()[0]
