@@ -25,7 +25,7 @@ from workers import redisurl
 from workers.redisclock import RedisClock, clock_for, redis_now
 from workers.retry import RetryPolicy
 
-from . import commands, display
+from . import commands, defaults, display
 from .commands import (  # every command's exit codes and one-line failure, the plug-ins' too
     EXIT_CLOSED_PIPE,
     EXIT_IN_USE,
@@ -40,8 +40,12 @@ from .commands import (  # every command's exit codes and one-line failure, the 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    ours: set[str] = set()
+    parser = _parser(plugins=False, names=ours)
+    if not words or words[0] not in ours:  # other packages' commands (entry points) only when asked for
+        parser = _parser()
+    args = parser.parse_args(words)
     logging.basicConfig(level=getattr(args, "loglevel", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -86,12 +90,11 @@ def _discard_stdout() -> None:
         os.close(devnull)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(*, plugins: bool = True, names: set[str] | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; ``plugins``: with other packages' commands; ``names`` collects the commands'."""
     # Every default a help names comes from where it is declared (or is argparse's own, %(default)s):
     # tests/unit/test_cli_help.py holds each help to its option's default.
     from relay import settings as relay_settings
-
-    from . import exporter, supervisor, timehub
 
     parser = argparse.ArgumentParser(prog="chronotick-ntp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,9 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = command("exporter", cmd_exporter, "serve Prometheus metrics for every node from Redis", node=False)
     p.add_argument("--address", default=None,
-                   help=f"HOST or HOST:PORT to bind (default ${exporter.ENV_ADDRESS}, else {exporter.DEFAULT_ADDRESS})")
+                   help=f"HOST or HOST:PORT to bind (default ${defaults.ENV_EXPORTER_ADDRESS}, "
+                        f"else {defaults.EXPORTER_ADDRESS})")
     p.add_argument("--port", type=_port, default=None,
-                   help=f"port (default: the address's, else {exporter.DEFAULT_PORT})")
+                   help=f"port (default: the address's, else {defaults.EXPORTER_PORT})")
     p = command("plot", cmd_plot, "draw a node's offsets, servers and round times to a PNG")
     p.add_argument("--hours", type=_positive_float, default=24.0, help="window (default %(default)g)")
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
@@ -166,15 +170,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", required=True, help="the head's LAN address chronyd listens on")
     p.add_argument("--allow", nargs="+", required=True, metavar="CIDR", help="the LAN networks chronyd answers")
     p.add_argument("--chronyd", default=None,
-                   help=f"chronyd's path (default: chronyd on PATH, or {timehub.DEFAULT_CHRONYD})")
+                   help=f"chronyd's path (default: chronyd on PATH, or {defaults.CHRONYD})")
     p.add_argument("--chronyd-user", default=None,
                    help="the user chronyd drops to when started as root (default: the first of "
-                        f"{', '.join(timehub.CHRONYD_USERS)} that exists)")
+                        f"{', '.join(defaults.CHRONYD_USERS)} that exists)")
     p.add_argument("--run-dir", default=None,
-                   help=f"where chronyd's configuration, pid and drift files go (default ./{timehub.DEFAULT_RUN_DIR})")
+                   help=f"where chronyd's configuration, pid and drift files go (default ./{defaults.HUB_RUN_DIR})")
     p.add_argument("--worker-user", default=None,
                    help="started as root (chronyd needs it), the hub node's worker runs as this user "
-                        f"(default {timehub.DEFAULT_WORKER_USER}; root only if named)")
+                        f"(default {defaults.HUB_WORKER_USER}; root only if named)")
     p = command("cluster", cmd_cluster, "each node's clock against a reference node, bounded by the LAN "
                 "(through ntp_service.hub)", node=False)
     p.add_argument("--reference", default=None, help="the reference node (default: the hub node, else the first)")
@@ -191,14 +195,18 @@ def _parser() -> argparse.ArgumentParser:
                 "up)\nnothing is started before the checks behind 2 and 5 pass.")
     p.add_argument("--data-dir", default=None,
                    help="where the private Redis keeps its data, locked while up runs "
-                        f"(default ./{supervisor.DEFAULT_DATA_DIR})")
+                        f"(default ./{defaults.DATA_DIR})")
     p.add_argument("--exporter-port", type=_port, default=None,
-                   help=f"the exporter's port (default: ${exporter.ENV_ADDRESS}'s, else {exporter.DEFAULT_PORT})")
+                   help=f"the exporter's port (default: ${defaults.ENV_EXPORTER_ADDRESS}'s, "
+                        f"else {defaults.EXPORTER_PORT})")
     p.add_argument("--redis-port", type=lambda text: 0 if text.strip() == "0" else _port(text), default=None,
-                   help=f"the private Redis' loopback port (default {supervisor.DEFAULT_REDIS_PORT}; 0: any free port)")
-    for plugin in commands.discovered():  # other packages' commands (the simulator's demo and simulate)
+                   help=f"the private Redis' loopback port (default {defaults.REDIS_PORT}; 0: any free port)")
+    for plugin in commands.discovered() if plugins else ():  # other packages' (the simulator's demo, simulate)
         plugin.arguments(command(plugin.name, plugin.run, plugin.help, config=plugin.config, node=plugin.node))
+    if names is not None:
+        names.update(sub.choices)
     return parser
+
 
 
 # -- helpers ------------------------------------------------------------------
@@ -502,11 +510,11 @@ def cmd_hub(args) -> int:
     config = _load(args)
     from pathlib import Path
 
-    from .timehub import DEFAULT_RUN_DIR, HubError, TimeHub, find_chronyd, parse_allow
+    from .timehub import HubError, TimeHub, find_chronyd, parse_allow
 
     try:
         hub = TimeHub(os.path.abspath(args.config), config, bind=args.bind, allow=parse_allow(args.allow),
-                      chronyd=find_chronyd(args.chronyd), run_dir=Path(args.run_dir or DEFAULT_RUN_DIR).resolve(),
+                      chronyd=find_chronyd(args.chronyd), run_dir=Path(args.run_dir or defaults.HUB_RUN_DIR).resolve(),
                       chronyd_user=args.chronyd_user, worker_user=args.worker_user)
     except (HubError, KeyError) as exc:
         raise CliError(f"hub: {exc}", EXIT_USAGE) from None
@@ -692,14 +700,14 @@ def cmd_relay(args) -> int:
 def cmd_up(args) -> int:
     from pathlib import Path
 
-    from .supervisor import DEFAULT_DATA_DIR, DEFAULT_REDIS_PORT, InUse, ServiceFailed, Supervisor, SupervisorError
+    from .supervisor import InUse, ServiceFailed, Supervisor, SupervisorError
 
     config = _load(args)
     node = _node(args)
     _warn(config)
-    supervisor = Supervisor(os.path.abspath(args.config), node, Path(args.data_dir or DEFAULT_DATA_DIR),
+    supervisor = Supervisor(os.path.abspath(args.config), node, Path(args.data_dir or defaults.DATA_DIR),
               exporter_port=args.exporter_port,
-              redis_port=DEFAULT_REDIS_PORT if args.redis_port is None else args.redis_port)
+              redis_port=defaults.REDIS_PORT if args.redis_port is None else args.redis_port)
     try:
         supervisor.run(config, dict(os.environ))  # until a stop signal, or a service's death
     except InUse as exc:

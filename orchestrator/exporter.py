@@ -33,7 +33,7 @@ from workers.config import DEFAULT_STALE_AFTER_S, Config, ServiceSettings
 from workers.keys import QUEUE_PREFIX
 from workers.redisclock import latest_age_s, time_of
 
-from . import records, sources
+from . import defaults, records, sources
 from .counting import COUNTERS, ROUND_DURATION_BUCKETS_S
 from .outcomes import Quality
 from .sources import Reach
@@ -42,14 +42,6 @@ from .store import Keys
 log = logging.getLogger(__name__)
 
 NAMESPACE = "chronotick_ntp"
-
-#: Default port of ``chronotick-ntp exporter`` (chrony_exporter's 9123, plus one).
-DEFAULT_PORT = 9124
-#: Default address: loopback only.  Another host's Prometheus needs ``--address`` or :data:`ENV_ADDRESS`.
-DEFAULT_ADDRESS = "127.0.0.1"
-#: Where the exporter listens, from the environment (the systemd unit's env file): ``HOST``, ``HOST:PORT``,
-#: ``[V6]`` or ``[V6]:PORT``.  ``--address`` replaces it whole; ``--port`` replaces its port.
-ENV_ADDRESS = "CHRONOTICK_EXPORTER_ADDRESS"
 
 #: The round qualities ``rounds_total`` is split by.
 QUALITIES = tuple(Quality)
@@ -383,7 +375,7 @@ def split_address(text: str, *, source: str) -> tuple[str, int | None]:
 
 
 def listen_address(address: str | None, port: int | None, environ: Mapping[str, str]) -> tuple[str, int]:
-    """Where the exporter listens: the flags win, then :data:`ENV_ADDRESS`, then 127.0.0.1:9124.
+    """Where the exporter listens: the flags win, then :data:`defaults.ENV_EXPORTER_ADDRESS`, then 127.0.0.1:9124.
 
     ``address`` (``--address``) replaces the variable whole; ``port``
     (``--port``) replaces whichever port the address gave.  ``--address
@@ -393,11 +385,12 @@ def listen_address(address: str | None, port: int | None, environ: Mapping[str, 
         host, given_port = split_address(address, source="--address")
         if port is not None and given_port is not None and port != given_port:
             raise ValueError(f"--address {address} says port {given_port}, --port says {port}")
-    elif environ.get(ENV_ADDRESS, "").strip():
-        host, given_port = split_address(environ[ENV_ADDRESS], source=f"${ENV_ADDRESS}")
+    elif environ.get(defaults.ENV_EXPORTER_ADDRESS, "").strip():
+        host, given_port = split_address(environ[defaults.ENV_EXPORTER_ADDRESS],
+                                         source=f"${defaults.ENV_EXPORTER_ADDRESS}")
     else:
-        host, given_port = DEFAULT_ADDRESS, None
+        host, given_port = defaults.EXPORTER_ADDRESS, None
     if port is not None:
         return host, port
-    return host, DEFAULT_PORT if given_port is None else given_port
+    return host, defaults.EXPORTER_PORT if given_port is None else given_port
 

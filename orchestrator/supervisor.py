@@ -44,14 +44,8 @@ import yaml
 from workers import config as config_mod
 from workers import redisurl
 
+from . import defaults
 from .redisserver import Fsync, RedisServer
-
-#: Where ``up`` keeps Redis' data when not told (relative to the working directory).
-DEFAULT_DATA_DIR = "chronotick-data"
-
-#: The private Redis' port unless told (loopback only): not 6379, which a system Redis may hold.
-#: Other commands reach it with CHRONOTICK_REDIS_URL=redis://127.0.0.1:6390/0.
-DEFAULT_REDIS_PORT = 6390
 
 #: The file in the data directory that ``up`` holds a lock on (and writes its pid to).
 LOCK_FILE = "up.lock"
@@ -93,7 +87,7 @@ class Supervisor:
     data_dir: Path
     exporter_port: int | None = None
     #: The private Redis' port (0: any free one).
-    redis_port: int = DEFAULT_REDIS_PORT
+    redis_port: int = defaults.REDIS_PORT
     #: The URL the services are given (the private Redis': no password in it), or the configured one.
     redis_url: str = ""
     redis_process: subprocess.Popen | None = None

@@ -41,6 +41,8 @@ from pathlib import Path
 
 from workers import config as config_mod
 
+from . import defaults
+
 log = logging.getLogger(__name__)
 
 #: The stratum chronyd serves its (unsynchronised, local) clock at: the head's clock is measured
@@ -53,29 +55,20 @@ MAX_RESTART_DELAY_S = 30.0
 STABLE_AFTER_S = 60.0
 #: How long a stopping child gets before SIGKILL (s): the worker finishes its running tasks.
 STOP_GRACE_S = 20.0
-#: Where chronyd is looked for when it is not on PATH (where Debian puts it).
-DEFAULT_CHRONYD = "/usr/sbin/chronyd"
-#: The users chronyd drops to when started as root, the first that exists: Debian's, Fedora's, else nobody.
-CHRONYD_USERS = ("_chrony", "chrony", "nobody")
-#: Who the hub node's worker runs as when the hub is started as root (docs/operations.md creates it).
-DEFAULT_WORKER_USER = "chronotick"
-#: Where chronyd's configuration, pid and drift files go unless told (relative to the working directory).
-DEFAULT_RUN_DIR = "chronotick-hub"
-
 
 class HubError(RuntimeError):
     """A hub that cannot start: the message names what is wrong."""
 
 
 def find_chronyd(explicit: str | None) -> str:
-    """``--chronyd PATH``, else ``chronyd`` on PATH, else :data:`DEFAULT_CHRONYD`."""
+    """``--chronyd PATH``, else ``chronyd`` on PATH, else :data:`defaults.CHRONYD`."""
     if explicit:
         if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
             raise HubError(f"--chronyd {explicit}: not an executable file")
         return explicit
-    found = shutil.which("chronyd") or (DEFAULT_CHRONYD if os.access(DEFAULT_CHRONYD, os.X_OK) else None)
+    found = shutil.which("chronyd") or (defaults.CHRONYD if os.access(defaults.CHRONYD, os.X_OK) else None)
     if found is None:
-        raise HubError(f"no chronyd on PATH or in {os.path.dirname(DEFAULT_CHRONYD)}: install chrony "
+        raise HubError(f"no chronyd on PATH or in {os.path.dirname(defaults.CHRONYD)}: install chrony "
                        "(apt install chrony) or give --chronyd PATH")
     return found
 
@@ -217,8 +210,8 @@ class TimeHub:
 
 
 def _unprivileged_user() -> str:
-    """The user chronyd drops to when started as root: the first of :data:`CHRONYD_USERS` that exists."""
-    for name in CHRONYD_USERS:
+    """The user chronyd drops to when started as root: the first of :data:`defaults.CHRONYD_USERS` that exists."""
+    for name in defaults.CHRONYD_USERS:
         try:
             pwd.getpwnam(name)
         except KeyError:
@@ -229,7 +222,7 @@ def _unprivileged_user() -> str:
 
 def _worker_user(named: str | None) -> str:
     """Who the hub node's worker runs as when the hub is started as root: never root unless named."""
-    name = named or DEFAULT_WORKER_USER
+    name = named or defaults.HUB_WORKER_USER
     if name == "root":
         log.warning("[HUB] the hub node's worker runs as root, as --worker-user root asks")
         return name

@@ -14,24 +14,24 @@ import re
 
 import pytest
 
-from orchestrator import cli, exporter, supervisor, timehub
+from orchestrator import cli, defaults, exporter
 from relay import settings as relay_settings
 from workers import config as config_mod
 
 #: Options whose argparse default is ``None`` because the value is resolved after parsing: what they resolve to.
 RESOLVED_LATER: dict[tuple[str, str], object] = {
-    ("exporter", "--address"): exporter.DEFAULT_ADDRESS,
-    ("exporter", "--port"): exporter.DEFAULT_PORT,
-    ("up", "--exporter-port"): exporter.DEFAULT_PORT,
-    ("up", "--redis-port"): supervisor.DEFAULT_REDIS_PORT,
-    ("up", "--data-dir"): supervisor.DEFAULT_DATA_DIR,
+    ("exporter", "--address"): defaults.EXPORTER_ADDRESS,
+    ("exporter", "--port"): defaults.EXPORTER_PORT,
+    ("up", "--exporter-port"): defaults.EXPORTER_PORT,
+    ("up", "--redis-port"): defaults.REDIS_PORT,
+    ("up", "--data-dir"): defaults.DATA_DIR,
     ("relay", "--bind"): relay_settings.DEFAULT_BIND,
     ("relay", "--timeout"): relay_settings.DEFAULT_TIMEOUT_S,
     ("relay", "--client-interval"): relay_settings.DEFAULT_CLIENT_INTERVAL_S,
     ("relay", "--client-burst"): relay_settings.DEFAULT_CLIENT_BURST,
-    ("hub", "--chronyd"): timehub.DEFAULT_CHRONYD,
-    ("hub", "--run-dir"): timehub.DEFAULT_RUN_DIR,
-    ("hub", "--worker-user"): timehub.DEFAULT_WORKER_USER,
+    ("hub", "--chronyd"): defaults.CHRONYD,
+    ("hub", "--run-dir"): defaults.HUB_RUN_DIR,
+    ("hub", "--worker-user"): defaults.HUB_WORKER_USER,
 }
 
 #: Numbers a help names that are not its default, and what they are.
@@ -92,7 +92,7 @@ def test_a_help_names_only_its_declared_default(command, action, help_text):
 
 def test_the_options_resolved_later_resolve_to_what_their_help_says():
     """The constants :data:`RESOLVED_LATER` holds the helps to are the ones the code uses."""
-    assert exporter.listen_address(None, None, {}) == (exporter.DEFAULT_ADDRESS, exporter.DEFAULT_PORT)
+    assert exporter.listen_address(None, None, {}) == (defaults.EXPORTER_ADDRESS, defaults.EXPORTER_PORT)
     settings = relay_settings.RelaySettings(mappings=())
     assert (settings.bind, settings.timeout_s, settings.client_interval_s, settings.client_burst) == (
         relay_settings.DEFAULT_BIND, relay_settings.DEFAULT_TIMEOUT_S, relay_settings.DEFAULT_CLIENT_INTERVAL_S,

@@ -2,8 +2,10 @@
 
 import pytest
 
-from orchestrator import cli
-from orchestrator.exporter import DEFAULT_PORT, ENV_ADDRESS, listen_address
+from orchestrator import cli, defaults
+from orchestrator.exporter import listen_address
+
+DEFAULT_PORT, ENV_ADDRESS = defaults.EXPORTER_PORT, defaults.ENV_EXPORTER_ADDRESS
 
 
 @pytest.mark.parametrize("address, port, environ, expected", [
