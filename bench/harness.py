@@ -43,6 +43,7 @@ import yaml
 from simulator.ntpserver import Behaviour, NtpSimulator
 from simulator.processes import RedisProcess, start_node_worker, stop_process
 from workers import config as config_mod
+from workers import redisurl
 from workers.keys import Keys
 
 #: The repository: where the benches' child processes run, and where configs/ and docs/ are.
@@ -124,9 +125,10 @@ class Bed:
         self._stack.callback(stop_process, proc)
         return proc
 
-    def client(self, **options: Any) -> redis.Redis:
-        """A client of the private Redis (redis-py's ``options``), closed on leaving."""
-        client = redis.Redis.from_url(self.url, **options)
+    def client(self) -> redis.Redis:
+        """A client of the private Redis, as the service makes them (:func:`workers.redisurl.connect`: replies
+        as text), closed on leaving."""
+        client = redisurl.connect(self.url)
         self._stack.callback(client.close)
         return client
 

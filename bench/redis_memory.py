@@ -47,7 +47,7 @@ def main() -> None:
         keys = Keys(config.service.key_prefix)
         history = keys.history(NODE)
         entries = client.xrange(history)
-        record_bytes = [len(fields[b"record"]) for _, fields in entries]
+        record_bytes = [len(fields["record"].encode()) for _, fields in entries]
         history_bytes = client.memory_usage(history, samples=0)
         node_keys = {name: client.memory_usage(key, samples=0) or 0 for name, key in (
             ("latest", keys.latest(NODE)), ("stats", keys.stats(NODE)),

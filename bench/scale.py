@@ -83,7 +83,7 @@ def run_scale(tree: Path, *, nodes: int, interval_s: float, seconds: float, work
             total: dict[str, int] = {}
             for n in names:
                 for k, v in client.hgetall(keys.stats(n)).items():
-                    total[k.decode()] = total.get(k.decode(), 0) + int(v)
+                    total[k] = total.get(k, 0) + int(v)
             return total
 
         def sample() -> dict:
@@ -98,7 +98,7 @@ def run_scale(tree: Path, *, nodes: int, interval_s: float, seconds: float, work
         durations = []
         for n in names:
             for _, fields in client.xrange(keys.history(n), min=str(int(start["t"] * 1000))):
-                durations.append(json.loads(fields[b"record"])["duration_s"])
+                durations.append(json.loads(fields["record"])["duration_s"])
         used = client.info("memory")["used_memory"]
         # Idle nodes: what Redis spends on nodes that do nothing -- each worker's BRPOP,
         # heartbeat and connections -- which time compression cannot scale.  Measured with
