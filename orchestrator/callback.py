@@ -183,8 +183,6 @@ def summarise_round(record: dict) -> str:
     return f"{record['quality']}: nothing published, {used}"
 
 
-
-
 def finish(meta: RoundMeta, outcomes: list[dict], store: Store, *, closed_by: str, picked: dict | None = None,
            late: tuple[str, ...] = ()) -> dict | None:
     """Finish a round once: select, filter, publish, log.  ``None`` if it was already finished.

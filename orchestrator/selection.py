@@ -44,10 +44,6 @@ from .outcomes import Quality, ServerStatus
 #: A sample, an outcome or a round's part of one, as the JSON it travels as.
 Json = dict[str, Any]
 
-
-
-#: Per-server statuses in a round record (see :class:`ServerStatus`).
-
 #: chrony's ``combinelimit``: sources further than this many times the best
 #: one's distance are not combined.
 COMBINE_LIMIT = 3.0
@@ -228,8 +224,6 @@ def combine(samples: list[Json]) -> Json:
         combined=sorted(s["server"] for s in samples),
     )
     return result
-
-
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,6 @@ log = get_task_logger(__name__)
 #: The registered name (what Flower shows).
 QUERY_TASK = "chronotick.query_server"
 
-
-
 #: How much of an outcome's repr Celery keeps for the task-succeeded event (Flower's result column)
 #: (characters): the summary, the status and the server.  The whole outcome is in the round's record.
 #: Celery builds this repr for every task at any log level, in pure Python: at 80 characters it costs a

@@ -287,7 +287,7 @@ def _request_keys(prefix: str, node: str) -> list[str]:
 
 
 def request(client: redis.Redis, prefix: str, node: str, duration_s: float | None = None) -> Answer:
-    """Ask for up to ``duration_s`` of warm-up rounds for ``node`` (``None``: the service's length).
+    """Ask for a warm-up of ``node``: always the service's length (``duration_s``, the caller's wish, only checked).
 
     Judged by the published :class:`Policy` on Redis' clock (:data:`_REQUEST`):
     the answer is ``started`` (for the service's length, whatever ``duration_s``

@@ -19,9 +19,6 @@ from dataclasses import dataclass
 from ..contracts import Reason, kiss_reason
 from .packet import LEAP_UNSYNCHRONISED, MODE_SERVER, NS_PER_S, Reply
 
-# The reasons this module and the client decide, as aliases of :class:`workers.contracts.Reason`.
-# NTS (RFC 8915; :mod:`workers.ntp.nts` explains each).
-
 #: chrony's MAX_SERVER_INTERVAL: a server that held our request longer than
 #: this has timestamps we cannot pair up with any confidence.
 MAX_SERVER_PROCESSING_S = 4.0
