@@ -48,7 +48,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -155,12 +155,8 @@ class Measurement:
         number that is not finite) for a value that is no measurement.
         """
         latest = records.Latest.from_json(value)
-        return cls(node=latest.node, offset=latest.offset, uncertainty=latest.uncertainty, delay=latest.delay,
-                   stratum=latest.stratum, precision=latest.precision, server=latest.server, quality=latest.quality,
-                   measured_at=latest.measured_at, published_at=latest.published_at, round_id=latest.round_id,
-                   address=latest.address, leap=latest.leap, root_delay=latest.root_delay,
-                   root_dispersion=latest.root_dispersion, servers_used=latest.servers_used,
-                   servers_total=latest.servers_total, selection=latest.selection, combined=latest.combined,
+        ours = {f.name for f in fields(cls)}  # every field of the published measurement this class has
+        return cls(**{f.name: getattr(latest, f.name) for f in fields(latest) if f.name in ours},
                    stale_after_s=stale_after_s, drift_bound=drift_bound, raw=dict(value), clock=clock)
 
     def age_at(self, now: float) -> float:
